@@ -1,0 +1,3 @@
+"""kubetune: memory-aware LLM fine-tuning on Kubernetes."""
+
+__version__ = "0.1.0"
