@@ -1,0 +1,676 @@
+"""The FineTuneJob API, kubetune.io/v1alpha1.
+
+These models are the single source of truth: the CRD in crds/ is generated from them
+(`kubetune crd`), the operator parses custom resources with them, and the trainer reads its
+rendered config through them. Descriptions here are what `kubectl explain` prints.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, WithJsonSchema
+
+from kubetune.api.base import KModel, Quantity, Rule, StatusModel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+
+# Job and pod names are derived from the FineTuneJob name (<name>-r<run>, then the Job
+# controller's pod suffix), and must stay within the 63-character label limit.
+MAX_NAME_LENGTH = 50
+
+HF_URI = r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$"
+S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
+PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?$"
+FILE_URI = r"^file:///[^\s]*$"
+
+
+def _any_of(*patterns: str) -> str:
+    return "^(" + "|".join(p.strip("^$") for p in patterns) + ")$"
+
+
+MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI, FILE_URI)
+DATA_URI = _any_of(S3_URI, PVC_URI, HF_URI, FILE_URI)
+S3_ONLY = S3_URI
+
+URI_HELP = (
+    "hf://org/name[@revision] (Hugging Face Hub), s3://bucket/prefix/ (S3 or an S3-compatible "
+    "store, see spec.storage), pvc://claim/path (a PersistentVolumeClaim in the job's namespace), "
+    "or file:///path (a path inside the trainer container)"
+)
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class ModelArchitecture(KModel):
+    """The transformer dimensions that drive the memory estimate. Field names are the camelCase
+    forms of the Hugging Face config.json keys, so an inline architecture and a config.json are
+    interchangeable."""
+
+    model_type: str = Field(
+        description="Architecture family as in config.json model_type: llama, mistral, qwen2, qwen3, "
+        "qwen2_moe, qwen3_moe, mixtral, gemma2, gemma3_text, phi3, gpt_neox, gpt2, bert, ...",
+        max_length=64,
+    )
+    hidden_size: int = Field(ge=1, description="Width of the residual stream (config.json hidden_size).")
+    num_hidden_layers: int = Field(ge=1, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(ge=1, description="Number of query heads.")
+    num_key_value_heads: int | None = Field(
+        None, ge=1, description="Number of key/value heads (grouped-query attention); defaults to numAttentionHeads."
+    )
+    head_dim: int | None = Field(None, ge=1, description="Per-head dimension; defaults to hiddenSize / numAttentionHeads.")
+    intermediate_size: int = Field(ge=1, description="Width of the MLP (per expert for MoE models).")
+    vocab_size: int = Field(ge=1, description="Vocabulary size; sets the size of the embeddings and the logits.")
+    tie_word_embeddings: bool = Field(False, description="Whether the output head shares the input embedding matrix.")
+    max_position_embeddings: int | None = Field(None, ge=1, description="Longest sequence the model was trained for.")
+    num_local_experts: int | None = Field(None, ge=1, description="MoE: experts per layer (Mixtral num_local_experts, Qwen num_experts).")
+    num_experts_per_tok: int | None = Field(None, ge=1, description="MoE: experts each token is routed to.")
+    moe_intermediate_size: int | None = Field(None, ge=1, description="MoE: MLP width of each expert when it differs from intermediateSize.")
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json equivalent (snake_case keys)."""
+        return self.model_dump(by_alias=False, exclude_none=True)
+
+
+class ModelSource(KModel):
+    """Where the base model comes from."""
+
+    uri: str = Field(
+        description=f"Base model location: {URI_HELP}. Examples: hf://meta-llama/Llama-3.1-8B, "
+        "s3://models/llama-3.1-8b/.",
+        pattern=MODEL_URI,
+        max_length=1024,
+    )
+    architecture: ModelArchitecture | None = Field(
+        None,
+        description="Inline architecture for the memory estimate, used when the model is not in kubetune's "
+        "catalog and its config.json cannot be read by the operator (e.g. a private pvc:// model).",
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the model (transformers trust_remote_code).")
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+
+
+class Dataset(KModel):
+    """Training data: JSON Lines, one example per line."""
+
+    uri: str = Field(
+        description=f"Training data (a .jsonl file, or a prefix holding .jsonl files): {URI_HELP}.",
+        pattern=DATA_URI,
+        max_length=1024,
+    )
+    format: Literal["auto", "alpaca", "chat", "text"] = Field(
+        "auto",
+        description="Line format. alpaca: {instruction, input?, output}; chat: {messages: [{role, content}]} "
+        "rendered with the tokenizer's chat template; text: {text}. auto detects it from the first line. "
+        "For alpaca and chat, only response tokens count in the loss.",
+    )
+    validation_uri: str | None = Field(
+        None, description=f"Separate validation data, same formats: {URI_HELP}.", pattern=DATA_URI, max_length=1024
+    )
+    validation_split: float | None = Field(
+        None, gt=0, lt=1, description="Fraction of the training data held out for validation (e.g. 0.05)."
+    )
+    max_seq_length: int = Field(
+        2048, ge=8, le=1048576, description="Longest tokenized example in tokens; longer examples are truncated."
+    )
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each sequence of maxSeqLength tokens (no padding, attention kept "
+        "within each example). Faster; the memory estimate assumes full-length sequences either way.",
+    )
+    on_bad_line: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What to do with a malformed line: fail (the run stops and names the file and line numbers) "
+        "or skip (the line is dropped and counted in status.result.metrics.skippedLines).",
+    )
+
+    rules: ClassVar = (
+        Rule(
+            cel="!(has(self.validationUri) && has(self.validationSplit))",
+            message="set dataset.validationUri or dataset.validationSplit, not both",
+            check=lambda d: not (d.validation_uri and d.validation_split),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# method
+
+
+class LoraSettings(KModel):
+    """Low-rank adapter settings (peft LoraConfig)."""
+
+    rank: int = Field(16, ge=1, le=1024, description="Adapter rank r.")
+    alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input. Non-zero costs activation memory.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, e.g. [q_proj, v_proj], or [all-linear] for every linear layer but the output head.",
+    )
+
+
+class Quantization(KModel):
+    """How QLoRA quantizes the frozen base weights (bitsandbytes)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, the QLoRA paper's setting) or 8 (LLM.int8).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; ignored for 8 bits.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+
+
+class FreezeSettings(KModel):
+    """Partial fine-tuning: everything is frozen except the top transformer blocks."""
+
+    trainable_layers: int = Field(ge=1, le=1024, description="Number of top transformer blocks to train (k).")
+    train_embeddings: bool = Field(False, description="Also train the input embeddings and the output head.")
+
+
+MethodType = Literal["full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning"]
+ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
+
+
+class Method(KModel):
+    """How the model is fine-tuned."""
+
+    type: MethodType = Field(
+        description="full: every weight; lora: low-rank adapters; qlora: adapters over a 4- or 8-bit base; "
+        "freeze: train only the top k blocks; prompt-tuning / prefix-tuning: learned virtual tokens."
+    )
+    lora: LoraSettings | None = Field(None, description="Adapter settings; only with type lora or qlora (defaults apply when omitted).")
+    quantization: Quantization | None = Field(None, description="Base-weight quantization; only with type qlora (defaults to 4-bit NF4).")
+    freeze: FreezeSettings | None = Field(None, description="Which layers train; required with type freeze.")
+    virtual_tokens: int | None = Field(
+        None, ge=1, le=4096, description="Number of virtual tokens; only with prompt-tuning or prefix-tuning (default 20)."
+    )
+
+    rules: ClassVar = (
+        Rule(
+            cel="!has(self.lora) || self.type in ['lora', 'qlora']",
+            message="method.lora is only valid with method.type lora or qlora",
+            check=lambda m: m.lora is None or m.type in ("lora", "qlora"),
+            field_path=".lora",
+        ),
+        Rule(
+            cel="!has(self.quantization) || self.type == 'qlora'",
+            message="method.quantization is only valid with method.type qlora",
+            check=lambda m: m.quantization is None or m.type == "qlora",
+            field_path=".quantization",
+        ),
+        Rule(
+            cel="(self.type == 'freeze') == has(self.freeze)",
+            message="method.freeze (with trainableLayers) is required for method.type freeze and invalid otherwise",
+            check=lambda m: (m.type == "freeze") == (m.freeze is not None),
+        ),
+        Rule(
+            cel="!has(self.virtualTokens) || self.type in ['prompt-tuning', 'prefix-tuning']",
+            message="method.virtualTokens is only valid with method.type prompt-tuning or prefix-tuning",
+            check=lambda m: m.virtual_tokens is None or m.type in ("prompt-tuning", "prefix-tuning"),
+            field_path=".virtualTokens",
+        ),
+    )
+
+    @property
+    def effective_lora(self) -> LoraSettings:
+        return self.lora or LoraSettings()
+
+    @property
+    def effective_quantization(self) -> Quantization:
+        return self.quantization or Quantization()
+
+    @property
+    def effective_virtual_tokens(self) -> int:
+        return self.virtual_tokens or 20
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+IntOrAuto = Annotated[
+    int | Literal["auto"],
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == int ? self >= 1 && self <= 4096 : self == 'auto'",
+                    "message": "microBatchSize must be an integer from 1 to 4096, or 'auto'",
+                }
+            ],
+        }
+    ),
+]
+
+
+class EarlyStopping(KModel):
+    """Stop when the validation metric stops improving. Needs validation data."""
+
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    metric: Literal["eval_loss"] = Field("eval_loss", description="Metric to watch (lower is better).")
+    min_delta: float = Field(0.0, ge=0, description="Smallest decrease that counts as an improvement.")
+
+
+class Training(KModel):
+    """Optimization settings."""
+
+    epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the training data. Set exactly one of epochs and maxSteps.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run. Set exactly one of epochs and maxSteps.")
+    micro_batch_size: IntOrAuto = Field(
+        "auto",
+        description="Sequences per GPU per forward pass, or auto: the largest that fits the chosen GPU "
+        "(gradient accumulation is then adjusted so the effective batch stays the same).",
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro batches per optimizer step.")
+    effective_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences per optimizer step across all GPUs. With microBatchSize auto, gradient accumulation "
+        "is derived from it; defaults to microBatchSize x gradientAccumulationSteps x GPUs.",
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw-8bit"] = Field(
+        "adamw", description="adamw (fused, states in the weights' dtype) or bitsandbytes 8-bit AdamW (GPU only)."
+    )
+    precision: Literal["bf16", "bf16-mixed", "fp16", "fp32"] = Field(
+        "bf16",
+        description="bf16: bf16 weights and optimizer states (adapters stay fp32); bf16-mixed: fp32 master "
+        "weights with bf16 autocast; fp16: fp32 master weights with fp16 autocast and loss scaling; fp32: no "
+        "reduced precision. On CPU the trainer computes in fp32 whatever is set.",
+    )
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: much less memory for ~30% more compute."
+    )
+    fused_cross_entropy: bool = Field(
+        True,
+        description="Compute the loss in chunks without materializing full-vocabulary logits (Liger fused "
+        "linear cross-entropy on GPU). Saves roughly 16 bytes x batch x sequence x vocab.",
+    )
+    sharding: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="Multi-GPU strategy: ddp replicates the model; fsdp shards weights, gradients and optimizer "
+        "states. auto picks fsdp for full fine-tuning across GPUs and ddp otherwise.",
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for weights of new parameters, data order and dropout.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; by default only at the end.")
+    logging_steps: int = Field(10, ge=1, description="Report loss and throughput every N optimizer steps.")
+    early_stopping: EarlyStopping | None = Field(None, description="Stop early when the validation loss stops improving.")
+
+    rules: ClassVar = (
+        Rule(
+            cel="has(self.epochs) != has(self.maxSteps)",
+            message="set exactly one of training.epochs and training.maxSteps",
+            check=lambda t: (t.epochs is None) != (t.max_steps is None),
+        ),
+        Rule(
+            cel="!has(self.earlyStopping) || has(self.evalSteps)",
+            message="training.earlyStopping needs training.evalSteps (how often to evaluate)",
+            check=lambda t: t.early_stopping is None or t.eval_steps is not None,
+            field_path=".earlyStopping",
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# resources
+
+
+class Toleration(KModel):
+    """A core/v1 Toleration, passed to the trainer pod."""
+
+    key: str | None = Field(None, max_length=316, description="Taint key to tolerate; empty with operator Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
+    value: str | None = Field(None, max_length=63, description="Taint value to match with operator Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect to match; empty matches all.")
+    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.")
+
+
+class Resources(KModel):
+    """Where and on how much hardware the trainer runs."""
+
+    gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs per trainer pod (one pod per node). 0 runs on CPU (tiny models only).")
+    nodes: int = Field(1, ge=1, le=256, description="Trainer pods; more than one makes an Indexed Job with a headless Service for rendezvous.")
+    gpu_product: str | None = Field(
+        None,
+        max_length=128,
+        description="Only use GPUs of this product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
+    )
+    min_gpu_memory: Quantity | None = Field(
+        None, description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less."
+    )
+    cpu: Quantity = Field("4", description="CPU request of each trainer pod.")
+    memory: Quantity = Field("32Gi", description="Memory request and limit of each trainer pod (host RAM, not GPU memory).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels the trainer pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
+    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the trainer pods (preemption order).")
+
+    rules: ClassVar = (
+        Rule(
+            cel="self.nodes == 1 || self.gpusPerNode >= 1",
+            message="resources.nodes > 1 needs resources.gpusPerNode >= 1 (multi-node CPU training is not supported)",
+            check=lambda r: r.nodes == 1 or r.gpus_per_node >= 1,
+        ),
+    )
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# storage, checkpoints, output
+
+
+class SecretRef(KModel):
+    """S3 credentials from a Secret in the job's namespace. Keys are never written inline."""
+
+    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="Secret name.")
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, description="Key in the Secret holding the access key id.")
+    secret_access_key_key: str = Field(
+        "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key in the Secret holding the secret access key."
+    )
+
+
+class Storage(KModel):
+    """How the trainer reaches S3 for every s3:// URI of the job."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        max_length=512,
+        description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...); AWS S3 when empty.",
+    )
+    region: str | None = Field(None, max_length=64, description="S3 region.")
+    credentials_secret: SecretRef | None = Field(
+        None, description="Secret with the credentials; without it the pod's ambient identity (IRSA, workload identity) is used."
+    )
+    force_path_style: bool = Field(True, description="Path-style addressing (bucket in the path), which most S3-compatible stores need.")
+
+
+class Checkpoints(KModel):
+    """Checkpoints go to S3 during training; a restarted or preempted pod resumes from the newest one."""
+
+    uri: str = Field(
+        description="S3 prefix for checkpoints, e.g. s3://team-bucket/ckpt/. kubetune writes under "
+        "<uri>/<namespace>/<name>/run-<n>/.",
+        pattern=S3_ONLY,
+        max_length=1024,
+    )
+    save_steps: int = Field(200, ge=1, description="Save a checkpoint every N optimizer steps.")
+    keep: int = Field(3, ge=1, le=100, description="Newest checkpoints to keep (the best by eval loss is kept as well).")
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="What happens to this job's S3 checkpoints when the FineTuneJob is deleted."
+    )
+
+
+class Output(KModel):
+    """Where the result goes."""
+
+    uri: str | None = Field(
+        None,
+        pattern=S3_ONLY,
+        max_length=1024,
+        description="S3 prefix for the adapter (or full model); defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
+    )
+    merge_adapter: bool = Field(False, description="Also upload the base model with the adapter merged in (LoRA/QLoRA).")
+
+
+class RunPolicy(KModel):
+    """Lifecycle of the trainer Job."""
+
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Pod failures before the run fails. Preemption and eviction do not count."
+    )
+    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run when it has run this long.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long."
+    )
+    suspend: bool = Field(False, description="Stop the trainer pods; checkpoints stay, and unsuspending resumes from the newest.")
+    queue_name: str | None = Field(
+        None, max_length=63, description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label."
+    )
+    image: str | None = Field(None, max_length=512, description="Trainer image override.")
+    retry_on_oom: bool = Field(
+        True, description="When the trainer runs out of GPU memory, retry once with the estimator's fit advice applied."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# spec
+
+
+class FineTuneJobSpec(KModel):
+    """Desired state of a fine-tuning run."""
+
+    model: ModelSource = Field(description="The base model.")
+    dataset: Dataset = Field(description="Training (and validation) data.")
+    method: Method = Field(description="How to fine-tune: full, lora, qlora, freeze, prompt-tuning or prefix-tuning.")
+    training: Training = Field(description="Optimization settings.")
+    resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and scheduling constraints.")
+    storage: Storage = Field(default_factory=Storage, description="S3 endpoint, region and credentials for all s3:// URIs.")
+    checkpoints: Checkpoints = Field(description="Checkpoint location and cadence.")
+    output: Output = Field(default_factory=Output, description="Where the trained adapter or model goes.")
+    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing and image.")
+
+    rules: ClassVar = (
+        Rule(
+            cel="!has(self.training.earlyStopping) || has(self.dataset.validationUri) || has(self.dataset.validationSplit)",
+            message="training.earlyStopping needs validation data: set dataset.validationUri or dataset.validationSplit",
+            check=lambda s: s.training.early_stopping is None
+            or s.dataset.validation_uri is not None
+            or s.dataset.validation_split is not None,
+        ),
+        Rule(
+            cel="!has(self.output) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter || self.method.type in ['lora', 'qlora']",
+            message="output.mergeAdapter is only valid with method.type lora or qlora",
+            check=lambda s: not s.output.merge_adapter or s.method.type in ("lora", "qlora"),
+        ),
+        Rule(
+            cel="self.method.type != 'qlora' || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
+            message="method.type qlora needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
+            check=lambda s: s.method.type != "qlora" or s.resources.gpus_per_node >= 1,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+Phase = Literal["Pending", "Unschedulable", "Starting", "Running", "Suspended", "Succeeded", "Failed"]
+CONDITION_TYPES = ("Validated", "Scheduled", "Running", "CheckpointSynced", "Succeeded", "Failed", "Suspended")
+
+
+class Condition(StatusModel):
+    """A metav1.Condition."""
+
+    type: str = Field(max_length=316, description=f"Condition type: one of {', '.join(CONDITION_TYPES)}.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason.")
+    message: str = Field("", max_length=32768, description="What happened and what to do next.")
+    last_transition_time: datetime = Field(description="When status last changed.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition was computed for.")
+
+
+class MemoryBreakdown(StatusModel):
+    """Per-GPU bytes by term."""
+
+    weights: int = Field(0, description="Model weights (quantized where applicable).")
+    gradients: int = Field(0, description="Gradients of trainable parameters.")
+    optimizer: int = Field(0, description="Optimizer states (and fp32 master weights).")
+    adapters: int = Field(0, description="Adapter / virtual-token parameters.")
+    activations: int = Field(0, description="Saved activations for the backward pass.")
+    logits: int = Field(0, description="Logits and cross-entropy buffers.")
+    overhead: int = Field(0, description="CUDA context and caching-allocator overhead.")
+    communication: int = Field(0, description="Collective-communication buffers (multi-GPU).")
+
+
+class EstimateStatus(StatusModel):
+    """The memory estimate the placement used."""
+
+    per_gpu: str = Field(description="Per-GPU memory as a quantity-like string, e.g. 17.3Gi (the GPU Mem column).")
+    per_gpu_bytes: int = Field(ge=0, description="Per-GPU device memory in bytes, CUDA context included.")
+    breakdown: MemoryBreakdown = Field(default_factory=MemoryBreakdown, description="Per-GPU bytes by term.")
+    total_params: int = Field(0, ge=0, description="Parameters of the base model.")
+    trainable_params: int = Field(0, ge=0, description="Parameters that are trained.")
+    micro_batch_size: int = Field(1, ge=1, description="Micro batch the estimate is for.")
+    seq_length: int = Field(1, ge=1, description="Sequence length the estimate is for.")
+
+
+class PlacementStatus(StatusModel):
+    """Where the trainer was placed and why."""
+
+    node: str | None = Field(None, description="Preferred (best-fit) node; the Node column.")
+    nodes: list[str] = Field(default_factory=list, description="All nodes that fit, best first.")
+    gpu_product: str | None = Field(None, description="GPU product of the chosen size.")
+    gpu_memory_mi_b: int | None = Field(None, alias="gpuMemoryMiB", description="Memory of each chosen GPU in MiB.")
+    min_gpu_memory_mi_b: int | None = Field(
+        None, alias="minGpuMemoryMiB", description="Threshold passed to kube-scheduler as nodeAffinity nvidia.com/gpu.memory Gt."
+    )
+    micro_batch_size: int | None = Field(None, description="Micro batch the trainer runs with (resolved from auto).")
+    gradient_accumulation_steps: int | None = Field(None, description="Gradient accumulation the trainer runs with.")
+    message: str | None = Field(None, description="Why this placement was chosen.")
+
+
+class Progress(StatusModel):
+    """Live training progress, mirrored from the trainer."""
+
+    step: int = Field(0, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
+    percent: str | None = Field(None, description="step/totalSteps as a percentage, e.g. 42% (the Progress column).")
+    epoch: float | None = Field(None, description="Epochs done (fractional).")
+    loss: float | None = Field(None, description="Recent training loss.")
+    eval_loss: float | None = Field(None, description="Latest validation loss.")
+    tokens_per_second: float | None = Field(None, description="Training throughput over all GPUs.")
+    eta_seconds: int | None = Field(None, description="Estimated seconds to completion.")
+    updated_at: datetime | None = Field(None, description="When the trainer reported this.")
+
+
+class CheckpointStatus(StatusModel):
+    """The newest committed checkpoint."""
+
+    latest_uri: str | None = Field(None, description="S3 URI of the newest committed checkpoint.")
+    latest_step: int | None = Field(None, description="Its optimizer step.")
+    latest_time: datetime | None = Field(None, description="When it was committed.")
+    count: int = Field(0, description="Committed checkpoints kept in S3.")
+
+
+class ResultStatus(StatusModel):
+    """What the run produced."""
+
+    adapter_uri: str | None = Field(None, description="S3 URI of the trained adapter (or full model).")
+    merged_uri: str | None = Field(None, description="S3 URI of the merged model, when output.mergeAdapter is set.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Final metrics: trainLoss, evalLoss, perplexity, baseEvalLoss, basePerplexity, skippedLines, ...",
+    )
+
+
+class RunRecord(StatusModel):
+    """One past or current run. A spec change to a finished job starts a new run."""
+
+    run: int = Field(ge=1, description="Run number (the kubetune.io/run label).")
+    generation: int = Field(ge=0, description="metadata.generation the run was started for.")
+    phase: Phase = Field(description="Last phase of the run.")
+    reason: str | None = Field(None, description="Why the run ended.")
+    start_time: datetime | None = Field(None, description="When the run was created.")
+    completion_time: datetime | None = Field(None, description="When it finished.")
+    result: ResultStatus | None = Field(None, description="What it produced.")
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = Field(None, description="Pending, Unschedulable, Starting, Running, Suspended, Succeeded or Failed.")
+    observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
+    run: int | None = Field(None, description="Current run number.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations, metav1-style.")
+    estimate: EstimateStatus | None = Field(None, description="Per-GPU memory estimate and its breakdown.")
+    placement: PlacementStatus | None = Field(None, description="Chosen GPUs and nodes.")
+    progress: Progress | None = Field(None, description="Live training progress.")
+    checkpoints: CheckpointStatus | None = Field(None, description="Newest committed checkpoint.")
+    result: ResultStatus | None = Field(None, description="Outputs and final metrics of the current run.")
+    history: list[RunRecord] = Field(default_factory=list, description="Every run of this job, oldest first.")
+    start_time: datetime | None = Field(None, description="When the current run started.")
+    completion_time: datetime | None = Field(None, description="When the current run finished.")
+
+
+class ObjectMeta(StatusModel):
+    """The parts of metav1.ObjectMeta kubetune reads."""
+
+    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class FineTuneJob(KModel):
+    """A fine-tuning run: kubetune estimates its GPU memory, places it on GPUs that fit, runs the
+    trainer, syncs checkpoints to S3 and resumes after preemption."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["FineTuneJob"] = KIND
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer config: what the operator renders into the trainer's ConfigMap
+
+
+class JobRef(KModel):
+    """Which FineTuneJob and run a trainer belongs to."""
+
+    namespace: str = Field(description="Namespace of the FineTuneJob.")
+    name: str = Field(description="Name of the FineTuneJob.")
+    uid: str | None = Field(None, description="UID of the FineTuneJob.")
+    run: int = Field(1, ge=1, description="Run number.")
+
+
+class Resolved(KModel):
+    """Decisions the operator made for this run (placement, auto batch, strategy)."""
+
+    micro_batch_size: int = Field(ge=1, description="Micro batch per GPU.")
+    gradient_accumulation_steps: int = Field(ge=1, description="Micro batches per optimizer step.")
+    num_processes: int = Field(1, ge=1, description="Trainer processes over all nodes (GPUs, or 1 on CPU).")
+    sharding: Literal["none", "ddp", "fsdp"] = Field("none", description="Strategy across processes.")
+    estimate_bytes: int | None = Field(None, ge=0, description="Per-GPU estimate the placement used.")
+
+
+class TrainerPaths(KModel):
+    """Resolved storage locations of this run."""
+
+    checkpoints_uri: str = Field(description="S3 prefix of this run's checkpoints.")
+    output_uri: str = Field(description="S3 prefix for the final adapter/model.")
+    progress_uri: str = Field(description="S3 object the trainer overwrites with its live progress JSON.")
+    work_dir: str = Field("/tmp/kubetune", description="Local scratch directory.")
+
+
+class TrainerConfig(KModel):
+    """The trainer's input, rendered by the operator into a ConfigMap. It embeds the job's spec
+    unchanged, so the trainer and the API cannot drift."""
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
+    job: JobRef
+    spec: FineTuneJobSpec
+    resolved: Resolved
+    paths: TrainerPaths
+    metrics_port: int = Field(9090, ge=0, le=65535, description="Port of the trainer's Prometheus /metrics (0 disables it).")
