@@ -674,3 +674,34 @@ class TrainerConfig(KModel):
     resolved: Resolved
     paths: TrainerPaths
     metrics_port: int = Field(9090, ge=0, le=65535, description="Port of the trainer's Prometheus /metrics (0 disables it).")
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer -> operator channel: the progress object in S3 and the pod's termination message
+
+
+class TrainerProgress(StatusModel):
+    """What the trainer overwrites at paths.progressUri every few seconds (and at each checkpoint).
+    The operator copies it into status.progress / status.checkpoints."""
+
+    state: Literal["starting", "training", "evaluating", "uploading", "finished", "failed"] = Field(
+        "training", description="What the trainer is doing."
+    )
+    progress: Progress = Field(default_factory=Progress, description="Step, loss, throughput, ETA.")
+    checkpoints: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Newest committed checkpoint.")
+    resumed_from_step: int | None = Field(None, description="Step this attempt resumed from, if any.")
+
+
+TerminationReason = Literal[
+    "Completed", "EarlyStopped", "OutOfMemory", "BadData", "BadConfig", "ModelLoadFailed", "StorageFailed", "Error"
+]
+
+
+class TrainerTermination(StatusModel):
+    """The JSON the trainer writes to /dev/termination-log (terminationMessagePath) on exit; the
+    operator reads it from the pod status to set reasons and results."""
+
+    reason: TerminationReason = Field(description="Why the trainer exited.")
+    message: str = Field("", max_length=3000, description="Human-readable detail (the kubelet keeps 4 KiB).")
+    result: ResultStatus | None = Field(None, description="Outputs and metrics when the run completed.")
+    step: int | None = Field(None, description="Last optimizer step reached.")

@@ -1,0 +1,119 @@
+"""What kubetune's trainer will actually do with a FineTuneJob spec.
+
+This is the contract between the estimator and the trainer: the trainer builds its model,
+optimizer and loss from a TrainingPlan, and the estimator prices the same TrainingPlan. When a
+trainer default changes, it changes here, and both follow. Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+
+# Trainer defaults that are not in the API. Each one changes memory, so the estimator reads them.
+ADAPTER_DTYPE: Dtype = "fp32"  # peft's autocast_adapter_dtype=True keeps LoRA weights in fp32
+ATTENTION = "sdpa"  # no s^2 attention matrix is stored (flash / memory-efficient kernels)
+FUSED_CE_IMPL = "liger"  # liger-kernel's fused linear cross-entropy on CUDA; chunked torch fallback on CPU
+OPTIMIZER_IMPL = {"adamw": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit"}
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    method: str
+    weight_dtype: Dtype  # dtype the (frozen or trained) base weights are held in
+    trainable_dtype: Dtype  # dtype of trainable parameters, hence of their grads and AdamW states
+    compute_dtype: Dtype  # autocast dtype of matmuls
+    optimizer: str  # adamw | adamw-8bit | paged-adamw-8bit
+    gradient_checkpointing: bool
+    fused_cross_entropy: bool
+    micro_batch_size: int
+    seq_len: int
+    gradient_accumulation_steps: int = 1
+    num_processes: int = 1
+    sharding: Literal["none", "ddp", "fsdp"] = "none"
+    packing: bool = False
+    quant_bits: int | None = None
+    quant_type: str | None = None
+    double_quant: bool = False
+    lora_rank: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = field(default_factory=tuple)
+    trainable_layers: int | None = None  # freeze: top-k blocks trained
+    train_embeddings: bool = False
+    virtual_tokens: int | None = None
+    adapter_dtype: Dtype = ADAPTER_DTYPE
+
+    def with_(self, **changes) -> "TrainingPlan":
+        return replace(self, **changes)
+
+
+def resolve_sharding(spec: FineTuneJobSpec, num_processes: int) -> Literal["none", "ddp", "fsdp"]:
+    if num_processes <= 1:
+        return "none"
+    if spec.training.sharding != "auto":
+        return spec.training.sharding
+    # Full and freeze fine-tuning hold whole model states per GPU under DDP; sharding them is what
+    # makes multi-GPU worth it. Adapters are small, so DDP's simplicity wins.
+    return "fsdp" if spec.method.type in ("full", "freeze") else "ddp"
+
+
+def plan_from_spec(
+    spec: FineTuneJobSpec,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    num_processes: int | None = None,
+) -> TrainingPlan:
+    """The plan for a spec. ``micro_batch_size`` must be given when the spec says auto."""
+    t, m = spec.training, spec.method
+    mbs = micro_batch_size if micro_batch_size is not None else t.micro_batch_size
+    if mbs == "auto":
+        raise ValueError("micro batch is 'auto': resolve it (estimator.max_micro_batch) before planning")
+    nproc = num_processes if num_processes is not None else max(1, spec.resources.total_gpus)
+
+    weight: Dtype
+    trainable: Dtype
+    if t.precision == "fp32":
+        weight = trainable = compute = "fp32"
+    elif t.precision == "bf16":
+        weight = trainable = compute = "bf16"
+    else:  # bf16-mixed / fp16: fp32 master copy of what trains, reduced-precision compute
+        compute = "bf16" if t.precision == "bf16-mixed" else "fp16"
+        trainable = "fp32"
+        weight = "fp32" if m.type in ("full", "freeze") else compute
+
+    kw: dict = {}
+    if m.type in ("lora", "qlora"):
+        lo = m.effective_lora
+        kw.update(lora_rank=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, lora_targets=tuple(lo.target_modules))
+        trainable = ADAPTER_DTYPE
+    if m.type == "qlora":
+        q = m.effective_quantization
+        kw.update(quant_bits=q.bits, quant_type=q.quant_type if q.bits == 4 else None, double_quant=q.double_quant and q.bits == 4)
+        weight = "bf16" if compute == "fp32" else compute  # non-quantized parts (embeddings, norms)
+    if m.type in ("prompt-tuning", "prefix-tuning"):
+        kw.update(virtual_tokens=m.effective_virtual_tokens)
+        trainable = ADAPTER_DTYPE
+    if m.type == "freeze":
+        assert m.freeze is not None
+        kw.update(trainable_layers=m.freeze.trainable_layers, train_embeddings=m.freeze.train_embeddings)
+
+    return TrainingPlan(
+        method=m.type,
+        weight_dtype=weight,
+        trainable_dtype=trainable,
+        compute_dtype=compute,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        fused_cross_entropy=t.fused_cross_entropy,
+        micro_batch_size=int(mbs),
+        seq_len=spec.dataset.max_seq_length,
+        gradient_accumulation_steps=gradient_accumulation_steps or t.gradient_accumulation_steps,
+        num_processes=nproc,
+        sharding=resolve_sharding(spec, nproc),
+        packing=spec.dataset.packing,
+        **kw,
+    )
