@@ -1,0 +1,493 @@
+"""Bring the test ground up and down: etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
+-> kwok, then the fake GPU fleet, an S3 server and (on request) Prometheus. Real processes on free loopback
+ports; their pids, ports and commands are recorded in <dev dir>/state.json so `down`, `status`, `env` and
+`restart` act on exactly what `up` started.
+
+Cluster state (etcd, certificates, tokens) is made fresh by every `up`; the S3 data directory is kept, so
+objects survive a restart of the S3 server and a down/up of the ground.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.devenv import fleet, paths, procs, render
+
+S3_BUCKETS = ("kubetune", "kubetune-models", "kubetune-data")
+S3_REGION = "us-east-1"
+ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3", "prometheus")
+CONTROLLERS = (
+    "job-controller", "garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
+    "ttl-after-finished-controller", "deployment-controller", "replicaset-controller",
+    "pod-garbage-collector-controller", "root-ca-certificate-publisher-controller",
+)
+SERVICE_CIDR = "10.0.0.0/24"
+POD_CIDR = "10.244.0.0/16"
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class GroundError(RuntimeError):
+    """The ground could not be brought up or acted on; the message says which process and shows its log."""
+
+
+# --- layout and state ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # only for the names below; keeps paths in one table
+        try:
+            return self.root / _LAYOUT[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_LAYOUT = {
+    "state": "state.json", "kubeconfig": "kubeconfig", "logs": "logs", "pki": "pki",
+    "serving": "pki/serving", "sa_key": "pki/sa.key", "tokens_csv": "pki/tokens.csv",
+    "admin_token": "admin.token", "dev_token": "dev-user.token", "etcd": "etcd",
+    "scheduler_cfg": "scheduler.yaml", "kwok_cfg": "kwok.yaml", "s3": "s3", "s3_data": "s3/data",
+    "s3_creds": "s3/credentials.json", "prom": "prometheus", "prom_cfg": "prometheus/prometheus.yml",
+    "prom_targets": "prometheus/targets.json", "prom_data": "prometheus/data",
+}
+
+
+def layout(root: Path | None = None) -> Layout:
+    return Layout(Path(root) if root else paths.dev_dir())
+
+
+def load_state(lay: Layout) -> dict | None:
+    try:
+        return json.loads(lay.state.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def save_state(lay: Layout, state: dict) -> None:
+    tmp = lay.state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n")
+    tmp.replace(lay.state)
+
+
+def recorded(state: dict | None) -> dict[str, procs.Proc]:
+    if not state:
+        return {}
+    return {n: procs.Proc.from_dict(d) for n, d in state.get("procs", {}).items()}
+
+
+# --- readiness ----------------------------------------------------------------------------------------
+
+def _http_get(url: str, token: str | None = None, ca: Path | None = None, timeout: float = 2.0) -> str | None:
+    """Body of a 200 answer, else None. Without a CA the TLS check is skipped: the components' own
+    self-signed serving certs are on loopback and are only probed for health."""
+    ctx = None
+    if url.startswith("https"):
+        ctx = ssl.create_default_context(cafile=str(ca)) if ca else ssl._create_unverified_context()
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+            return resp.read().decode() if resp.status == 200 else None
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return None
+
+
+def _wait(what: str, check: Callable[[], bool], proc: procs.Proc | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and not procs.alive(proc):
+            raise GroundError(f"{what} exited during start-up; log {proc.log}:\n{procs.log_tail(proc.log)}")
+        time.sleep(0.2)
+    log = f"; log {proc.log}:\n{procs.log_tail(proc.log)}" if proc else ""
+    raise GroundError(f"{what} not ready after {timeout:.0f}s{log}")
+
+
+def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
+    ports, admin = state["ports"], state.get("admin_token", "")
+    checks: dict[str, Callable[[], bool]] = {
+        "etcd": lambda: '"health":"true"' in (_http_get(f"http://127.0.0.1:{ports['etcd']}/health") or ""),
+        "kube-apiserver": lambda: _http_get(f"https://127.0.0.1:{ports['apiserver']}/readyz", admin) == "ok",
+        "kube-controller-manager": lambda: _http_get(f"https://127.0.0.1:{ports['controller-manager']}/healthz") == "ok",
+        "kube-scheduler": lambda: _http_get(f"https://127.0.0.1:{ports['scheduler']}/healthz") == "ok",
+        "kwok": lambda: _http_get(f"http://127.0.0.1:{ports['kwok']}/healthz") is not None,
+        "s3": lambda: _s3_ready(state),
+        "prometheus": lambda: _http_get(f"http://127.0.0.1:{ports.get('prometheus')}/-/ready") is not None,
+    }
+    return checks[name]
+
+
+# --- the commands each process runs -------------------------------------------------------------------
+
+def _argv(name: str, lay: Layout, state: dict) -> list[str]:
+    p, kube = state["ports"], Path(state["bin"]["kubernetes"])
+    kc = str(lay.kubeconfig)
+    common_component = ["--kubeconfig", kc, "--authentication-kubeconfig", kc,
+                        "--authorization-kubeconfig", kc, "--bind-address", "127.0.0.1"]
+    if name == "etcd":
+        peer = f"http://127.0.0.1:{p['etcd-peer']}"
+        return [str(Path(state["bin"]["etcd"]) / "etcd"), "--name", "kubetune", "--data-dir", str(lay.etcd),
+                "--listen-client-urls", f"http://127.0.0.1:{p['etcd']}",
+                "--advertise-client-urls", f"http://127.0.0.1:{p['etcd']}",
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"kubetune={peer}",
+                # A throwaway cluster: durability is not worth the fsync latency.
+                "--unsafe-no-fsync", "--log-level", "warn"]
+    if name == "kube-apiserver":
+        return [str(kube / "kube-apiserver"), "--etcd-servers", f"http://127.0.0.1:{p['etcd']}",
+                "--cert-dir", str(lay.serving), "--secure-port", str(p["apiserver"]),
+                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+                "--service-cluster-ip-range", SERVICE_CIDR,
+                "--service-account-issuer", f"https://127.0.0.1:{p['apiserver']}",
+                "--service-account-key-file", str(lay.sa_key),
+                "--service-account-signing-key-file", str(lay.sa_key),
+                "--authorization-mode", "RBAC", "--token-auth-file", str(lay.tokens_csv),
+                "--allow-privileged=true", "--profiling=false"]
+    if name == "kube-controller-manager":
+        return [str(kube / "kube-controller-manager"), *common_component,
+                "--secure-port", str(p["controller-manager"]), "--leader-elect=false",
+                "--use-service-account-credentials=false",
+                "--service-account-private-key-file", str(lay.sa_key),
+                "--root-ca-file", str(lay.serving / "apiserver.crt"),
+                "--controllers", ",".join(CONTROLLERS), "--cluster-cidr", POD_CIDR,
+                "--service-cluster-ip-range", SERVICE_CIDR]
+    if name == "kube-scheduler":
+        return [str(kube / "kube-scheduler"), "--config", str(lay.scheduler_cfg),
+                *common_component[2:], "--secure-port", str(p["scheduler"])]
+    if name == "kwok":
+        return [str(Path(state["bin"]["kwok"]) / "kwok"), "--kubeconfig", kc, "--config", str(lay.kwok_cfg),
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={fleet.KWOK_ANNOTATION}=fake",
+                "--cidr", POD_CIDR, "--node-ip", "127.0.0.1",
+                "--server-address", f"127.0.0.1:{p['kwok']}", "--node-lease-duration-seconds", "40"]
+    if name == "s3":
+        c = state["s3"]
+        return [str(Path(state["bin"]["s3s-fs"]) / "s3s-fs"), "--host", "127.0.0.1", "--port", str(p["s3"]),
+                "--access-key", c["access_key"], "--secret-key", c["secret_key"], str(lay.s3_data)]
+    if name == "prometheus":
+        return [state["prometheus_bin"], "--config.file", str(lay.prom_cfg),
+                "--storage.tsdb.path", str(lay.prom_data), "--web.listen-address", f"127.0.0.1:{p['prometheus']}",
+                "--web.enable-lifecycle", "--log.level", "warn"]
+    raise KeyError(name)
+
+
+# --- files written before the processes start --------------------------------------------------------
+
+def _fresh_cluster_files(lay: Layout, state: dict) -> None:
+    """Wipe the previous cluster (etcd, certs, tokens, logs) and write what the processes read."""
+    for d in (lay.etcd, lay.pki, lay.logs):
+        shutil.rmtree(d, ignore_errors=True)
+    lay.serving.mkdir(parents=True)
+    lay.logs.mkdir(parents=True)
+    # The service-account signing key: openssl is part of every Debian system, unlike Python's
+    # cryptography package.
+    subprocess.run(["openssl", "genrsa", "-out", str(lay.sa_key), "2048"], check=True, capture_output=True)
+    admin, dev = secrets.token_hex(24), secrets.token_hex(24)
+    state["admin_token"], state["dev_token"] = admin, dev
+    lay.tokens_csv.write_text(render.tokens_csv(render.default_tokens(admin, dev)))
+    for path, tok in ((lay.admin_token, admin), (lay.dev_token, dev)):
+        path.write_text(tok + "\n")
+        path.chmod(0o600)
+    lay.tokens_csv.chmod(0o600)
+    lay.scheduler_cfg.write_text(json.dumps(render.scheduler_config(str(lay.kubeconfig)), indent=1))
+    shutil.copyfile(Path(__file__).parent / "data" / "kwok-stages.yaml", lay.kwok_cfg)
+
+
+def _s3_credentials(lay: Layout) -> dict:
+    """Made once and kept with the data, so a client configured earlier keeps working after down/up."""
+    if lay.s3_creds.exists():
+        return json.loads(lay.s3_creds.read_text())
+    lay.s3_data.mkdir(parents=True, exist_ok=True)
+    creds = {"access_key": "kubetune" + secrets.token_hex(6), "secret_key": secrets.token_hex(20)}
+    lay.s3_creds.write_text(json.dumps(creds))
+    lay.s3_creds.chmod(0o600)
+    return creds
+
+
+def _write_kubeconfig(lay: Layout, state: dict) -> None:
+    ca = (lay.serving / "apiserver.crt").read_bytes()
+    cfg = render.kubeconfig(f"https://127.0.0.1:{state['ports']['apiserver']}", ca,
+                            state["admin_token"], state["dev_token"])
+    lay.kubeconfig.write_text(json.dumps(cfg, indent=1) + "\n")   # JSON is YAML; no yaml import needed
+    lay.kubeconfig.chmod(0o600)
+
+
+# --- talking to the cluster and to S3 -----------------------------------------------------------------
+
+def kubectl(state: dict, lay: Layout, *args: str, stdin: str | None = None, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [str(Path(state["bin"]["kubernetes"]) / "kubectl"), "--kubeconfig", str(lay.kubeconfig), *args]
+    res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise GroundError(f"kubectl {' '.join(args)} failed: {res.stderr.strip()}")
+    return res
+
+
+def s3_client(state: dict):
+    import boto3  # lazily: `kubetune dev status` must not pay for importing boto3
+    from botocore.config import Config
+    c = state["s3"]
+    return boto3.client("s3", endpoint_url=c["endpoint"], aws_access_key_id=c["access_key"],
+                        aws_secret_access_key=c["secret_key"], region_name=S3_REGION,
+                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
+                                      connect_timeout=2, read_timeout=30))
+
+
+def _s3_ready(state: dict) -> bool:
+    try:
+        s3_client(state).list_buckets()
+        return True
+    except Exception:  # noqa: BLE001 - any failure just means "not yet"
+        return False
+
+
+def _create_buckets(state: dict) -> None:
+    client = s3_client(state)
+    have = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for b in S3_BUCKETS:
+        if b not in have:
+            client.create_bucket(Bucket=b)
+
+
+DEV_RBAC = {
+    # The non-admin user may read most things in `default` (the built-in `view` role) and nothing else:
+    # tests use it to check that RBAC denies what it should.
+    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+    "metadata": {"name": "kubetune-dev-view", "namespace": "default"},
+    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": render.DEV_USER}],
+}
+
+
+def _seed_cluster(state: dict, lay: Layout) -> None:
+    """RBAC for the non-admin user, then the fake fleet; wait until KWOK reports every node Ready."""
+    items = [DEV_RBAC, *fleet.manifests()]
+    kubectl(state, lay, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    for m in fleet.manifests():
+        # Node creation may drop status depending on version; set it through the status subresource.
+        kubectl(state, lay, "patch", "node", m["metadata"]["name"], "--subresource=status", "--type=merge",
+                "-p", json.dumps({"status": m["status"]}))
+    kubectl(state, lay, "wait", "--for=condition=Ready", "node", "-l", f"{fleet.FLEET_LABEL}=true",
+            "--timeout=60s", timeout=90)
+    _wait("serviceaccount default/default", lambda: kubectl(
+        state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, None, 60)
+
+
+# --- up / down / restart ------------------------------------------------------------------------------
+
+def _start(name: str, lay: Layout, state: dict, log: Log, timeout: float = 60) -> procs.Proc:
+    t0 = time.monotonic()
+    proc = procs.spawn(name, _argv(name, lay, state), lay.logs / f"{name}.log")
+    state["procs"][name] = proc.to_dict()
+    save_state(lay, state)   # recorded before waiting, so `down` can stop it even if start-up fails
+    _wait(name, _ready_check(name, lay, state), proc, timeout)
+    log(f"  {name:<24} pid {proc.pid:<8} ready in {time.monotonic() - t0:.1f}s")
+    return proc
+
+
+def _endpoints(state: dict) -> dict[str, str]:
+    p = state["ports"]
+    eps = {
+        "etcd": f"http://127.0.0.1:{p['etcd']}",
+        "kube-apiserver": f"https://127.0.0.1:{p['apiserver']}",
+        "kube-controller-manager": f"https://127.0.0.1:{p['controller-manager']}/healthz",
+        "kube-scheduler": f"https://127.0.0.1:{p['scheduler']}/healthz",
+        "kwok": f"http://127.0.0.1:{p['kwok']}/healthz",
+        "s3": state["s3"]["endpoint"],
+    }
+    if "prometheus" in p:
+        eps["prometheus"] = f"http://127.0.0.1:{p['prometheus']}"
+    return eps
+
+
+def is_up(lay: Layout) -> bool:
+    procs_ = recorded(load_state(lay))
+    return bool(procs_) and all(procs.alive(p) for p in procs_.values())
+
+
+def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[str] | None = None,
+       log: Log = _stderr) -> dict:
+    """Start everything (building binaries first if missing); return the state. Idempotent when up."""
+    from kubetune.devenv import build
+    lay = lay or layout()
+    state = load_state(lay)
+    running = {n: p for n, p in recorded(state).items() if procs.alive(p)}
+    if running and len(running) == len(recorded(state)):
+        log(f"ground already up ({lay.root})")
+        if with_prometheus and "prometheus" not in running:
+            start_prometheus(lay, targets or [], log)
+        return load_state(lay)
+    if running:
+        raise GroundError(f"ground is partly up ({', '.join(running)} running, others dead): "
+                          "run `kubetune dev down` first")
+    comps = build.ensure_all(log)
+    t0 = time.monotonic()
+    lay.root.mkdir(parents=True, exist_ok=True)
+    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "s3"]
+    ports = dict(zip(names, procs.free_ports(len(names))))
+    creds = _s3_credentials(lay)
+    state = {
+        "root": str(lay.root), "started_at": time.time(), "ports": ports, "procs": {},
+        "bin": {n: str(c.dir) for n, c in comps.items()},
+        "versions": {n: c.version for n, c in comps.items()},
+        "s3": creds | {"endpoint": f"http://127.0.0.1:{ports['s3']}", "region": S3_REGION,
+                       "buckets": list(S3_BUCKETS)},
+    }
+    _fresh_cluster_files(lay, state)
+    log(f"starting the ground in {lay.root} (kubernetes {comps['kubernetes'].version})")
+    try:
+        _start("etcd", lay, state, log)
+        proc = procs.spawn("kube-apiserver", _argv("kube-apiserver", lay, state), lay.logs / "kube-apiserver.log")
+        state["procs"]["kube-apiserver"] = proc.to_dict()
+        save_state(lay, state)
+        # The kubeconfig embeds the apiserver's self-signed CA, which exists once it starts serving.
+        _wait("kube-apiserver", _ready_check("kube-apiserver", lay, state), proc, 90)
+        _write_kubeconfig(lay, state)
+        log(f"  {'kube-apiserver':<24} pid {proc.pid:<8} ready at {time.monotonic() - t0:.1f}s")
+        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "s3"):
+            _start(name, lay, state, log)
+        _seed_cluster(state, lay)
+        _create_buckets(state)
+        state["endpoints"] = _endpoints(state)
+        save_state(lay, state)
+        if with_prometheus:
+            start_prometheus(lay, targets or [], log)
+    except BaseException:
+        log("start-up failed; stopping what was started")
+        down(lay, log=lambda m: None)
+        raise
+    log(f"ground up in {time.monotonic() - t0:.1f}s; kubeconfig {lay.kubeconfig}")
+    return load_state(lay)
+
+
+def down(lay: Layout | None = None, log: Log = _stderr) -> list[str]:
+    """Stop every recorded process, last started first; return the names that would not die."""
+    lay = lay or layout()
+    state = load_state(lay)
+    stuck = []
+    for name, proc in sorted(recorded(state).items(), key=lambda kv: -ORDER.index(kv[0])):
+        if procs.stop(proc):
+            log(f"  stopped {name} (pid {proc.pid})")
+        else:
+            stuck.append(name)
+            log(f"  {name} (pid {proc.pid}) still running after SIGKILL")
+    if state is not None and not stuck:
+        state["procs"] = {}
+        state.pop("endpoints", None)
+        save_state(lay, state)
+    return stuck
+
+
+def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.Proc:
+    """Stop one component and start it again with the same command (same port, same data)."""
+    lay = lay or layout()
+    state = load_state(lay)
+    procs_ = recorded(state)
+    if name not in procs_:
+        raise GroundError(f"{name} is not running under {lay.root} (known: {', '.join(procs_) or 'none'})")
+    if not procs.stop(procs_[name]):
+        raise GroundError(f"{name} (pid {procs_[name].pid}) would not stop")
+    proc = procs.respawn(procs_[name])
+    state["procs"][name] = proc.to_dict()
+    save_state(lay, state)
+    _wait(name, _ready_check(name, lay, state), proc, 60)
+    log(f"restarted {name}: pid {proc.pid}")
+    return proc
+
+
+# --- Prometheus ---------------------------------------------------------------------------------------
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        _stderr("prometheus not found; installing the Debian package")
+        env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
+                       check=True, env=env, capture_output=True)
+        found = shutil.which("prometheus")
+    if not found:
+        raise GroundError("prometheus not found: install it with `apt-get install prometheus` (as root)")
+    return found
+
+
+def set_prometheus_targets(lay: Layout, targets: list[str]) -> list[str]:
+    """Merge targets (host:port) into the file Prometheus watches; returns the full list."""
+    current: list[str] = []
+    if lay.prom_targets.exists():
+        current = [t for group in json.loads(lay.prom_targets.read_text()) for t in group["targets"]]
+    merged = sorted(set(current) | set(targets))
+    lay.prom.mkdir(parents=True, exist_ok=True)
+    tmp = lay.prom_targets.with_suffix(".tmp")
+    tmp.write_text(render.prometheus_targets(merged))
+    tmp.replace(lay.prom_targets)
+    return merged
+
+
+def start_prometheus(lay: Layout, targets: list[str], log: Log = _stderr) -> procs.Proc:
+    state = load_state(lay)
+    if not state or not state.get("procs"):
+        raise GroundError("the ground is not up: run `kubetune dev up` first")
+    set_prometheus_targets(lay, targets)
+    if "prometheus" in state["procs"] and procs.alive(procs.Proc.from_dict(state["procs"]["prometheus"])):
+        return procs.Proc.from_dict(state["procs"]["prometheus"])
+    state["prometheus_bin"] = prometheus_binary()
+    state["ports"]["prometheus"] = procs.free_port()
+    lay.prom_cfg.write_text(json.dumps(render.prometheus_config(str(lay.prom_targets)), indent=1))
+    proc = _start("prometheus", lay, state, log)
+    state["endpoints"] = _endpoints(state)
+    save_state(lay, state)
+    return proc
+
+
+# --- status and env -----------------------------------------------------------------------------------
+
+def status_rows(lay: Layout) -> list[tuple[str, int, bool, str]]:
+    state = load_state(lay)
+    eps = _endpoints(state) if state and state.get("procs") else {}
+    return [(n, p.pid, procs.alive(p), eps.get(n, "")) for n, p in
+            sorted(recorded(state).items(), key=lambda kv: ORDER.index(kv[0]))]
+
+
+def env_values(lay: Layout) -> dict[str, str]:
+    state = load_state(lay)
+    if not state or not state.get("procs"):
+        raise GroundError(f"the ground is not up (no running processes recorded in {lay.root})")
+    s3 = state["s3"]
+    values = {
+        "KUBECONFIG": str(lay.kubeconfig),
+        "KUBETUNE_DEV_DIR": str(lay.root),
+        "KUBETUNE_DEV_USER_CONTEXT": render.DEV_CONTEXT,
+        "AWS_ENDPOINT_URL_S3": s3["endpoint"],
+        "KUBETUNE_S3_ENDPOINT": s3["endpoint"],
+        "AWS_ACCESS_KEY_ID": s3["access_key"],
+        "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
+        "AWS_DEFAULT_REGION": S3_REGION,
+    }
+    if "prometheus" in state["procs"]:
+        values["KUBETUNE_PROMETHEUS_URL"] = f"http://127.0.0.1:{state['ports']['prometheus']}"
+    return values
+
+
+def path_dirs(lay: Layout) -> list[str]:
+    state = load_state(lay) or {}
+    return [state["bin"][c] for c in ("kubernetes", "helm") if c in state.get("bin", {})]

@@ -1,0 +1,51 @@
+"""Pure parts of the Go builds: the staging replace list and the version stamp."""
+from kubetune.devenv import build, paths
+
+GOMOD = """module k8s.io/kubernetes
+
+go 1.26.0
+
+require (
+\tk8s.io/api v0.0.0
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tk8s.io/cri-streaming => ./staging/src/k8s.io/cri-streaming
+\tgithub.com/other/mod => github.com/fork/mod v1.2.3
+)
+"""
+
+
+def test_staging_replaces_map_to_published_tags():
+    assert build.staging_replaces(GOMOD, "v1.37.2") == [
+        "-replace=k8s.io/api=k8s.io/api@v0.37.2",
+        "-replace=k8s.io/client-go=k8s.io/client-go@v0.37.2",
+        "-replace=k8s.io/cri-streaming=k8s.io/cri-streaming@v0.37.2",
+    ]
+
+
+def test_kube_ldflags_stamp_both_version_packages():
+    flags = build.kube_ldflags("v1.36.3")
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        assert f"-X {pkg}.gitVersion=v1.36.3" in flags
+        assert f"-X {pkg}.gitMajor=1" in flags
+        assert f"-X {pkg}.gitMinor=36" in flags
+
+
+def test_cache_is_keyed_by_component_and_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    c = build.components("v1.37.2")[1]
+    assert c.dir == tmp_path / "bin" / "kubernetes-v1.37.2"
+    assert not c.cached()
+    c.dir.mkdir(parents=True)
+    for b in paths.KUBE_BINARIES:
+        (c.dir / b).write_text("")
+    assert c.cached()
+
+
+def test_versions_meet_the_floor():
+    for v in paths.KUBERNETES_VERSIONS:
+        assert tuple(int(x) for x in v.lstrip("v").split(".")[:2]) >= (1, 35)
+    assert paths.ETCD_VERSION.startswith("v3.6.")
