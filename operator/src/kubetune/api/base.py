@@ -97,6 +97,10 @@ def quantity_to_float(q: str | int) -> float:
     return float(s)
 
 
+# Regexes are unreadable in an error message; patterns registered here are explained instead.
+PATTERN_HELP: dict[str, str] = {}
+
+
 def format_errors(err: ValidationError, root: str = "") -> list[str]:
     """One line per problem, each naming the field as a user writes it in YAML
     (``spec.method.lora.rank: ...``), without pydantic's URLs."""
@@ -118,6 +122,9 @@ def format_errors(err: ValidationError, root: str = "") -> list[str]:
             msg = "unknown field (check the spelling; fields are camelCase)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "string_pattern_mismatch":
+            pattern = (e.get("ctx") or {}).get("pattern", "")
+            msg = f"{e.get('input')!r} is not valid: expected {PATTERN_HELP.get(pattern, 'a string matching ' + pattern)}"
         elif e["type"] in ("literal_error", "enum"):
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"{where}: {msg}")

@@ -81,7 +81,7 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = value
         elif key == "anyOf":
             out[key] = value  # int-or-string keeps its anyOf
-        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             # 2020-12 numeric exclusive bounds -> OpenAPI v3 boolean form
             bound = "minimum" if key == "exclusiveMinimum" else "maximum"
             out[bound] = value

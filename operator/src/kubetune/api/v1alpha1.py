@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, WithJsonSchema
 
-from kubetune.api.base import KModel, Quantity, Rule, StatusModel
+from kubetune.api.base import PATTERN_HELP, KModel, Quantity, Rule, StatusModel
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -39,11 +39,22 @@ MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI, FILE_URI)
 DATA_URI = _any_of(S3_URI, PVC_URI, HF_URI, FILE_URI)
 S3_ONLY = S3_URI
 
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+
 URI_HELP = (
     "hf://org/name[@revision] (Hugging Face Hub), s3://bucket/prefix/ (S3 or an S3-compatible "
     "store, see spec.storage), pvc://claim/path (a PersistentVolumeClaim in the job's namespace), "
     "or file:///path (a path inside the trainer container)"
 )
+
+PATTERN_HELP.update({
+    MODEL_URI: "a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path",
+    DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset or file:///path",
+    S3_ONLY: "an S3 URI: s3://bucket/prefix/ (bucket: 3-63 lowercase letters, digits, dots or dashes)",
+    NAME_PATTERN: "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
+    URL_PATTERN: "an http:// or https:// URL",
+})
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -237,7 +248,7 @@ class Method(KModel):
 # training
 
 IntOrAuto = Annotated[
-    int | Literal["auto"],
+    Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
     WithJsonSchema(
         {
             "x-kubernetes-int-or-string": True,
@@ -379,7 +390,7 @@ class Resources(KModel):
 class SecretRef(KModel):
     """S3 credentials from a Secret in the job's namespace. Keys are never written inline."""
 
-    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", description="Secret name.")
+    name: str = Field(max_length=253, pattern=NAME_PATTERN, description="Secret name.")
     access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, description="Key in the Secret holding the access key id.")
     secret_access_key_key: str = Field(
         "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key in the Secret holding the secret access key."
@@ -391,7 +402,7 @@ class Storage(KModel):
 
     endpoint: str | None = Field(
         None,
-        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        pattern=URL_PATTERN,
         max_length=512,
         description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...); AWS S3 when empty.",
     )

@@ -1,0 +1,70 @@
+"""The kubetune command: subcommands, clear one-line errors, and no torch in the operator's path."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kubetune.cli import main
+
+
+def run(*args: str, stdin: str | None = None):
+    return subprocess.run([sys.executable, "-m", "kubetune.cli", *args], capture_output=True, text=True, input=stdin)
+
+
+def test_validate_examples(repo: Path):
+    r = run("validate", str(repo / "examples/lora-8b.yaml"))
+    assert r.returncode == 0 and "FineTuneJob/lora-8b is valid" in r.stdout
+
+
+def test_validate_reports_field_and_file(tmp_path: Path, repo: Path):
+    bad = (repo / "examples/lora-8b.yaml").read_text().replace("rank: 16", "rank: -1").replace("epochs: 3", "epochs: 3\n    maxSteps: 9")
+    f = tmp_path / "bad.yaml"
+    f.write_text(bad)
+    r = run("validate", str(f))
+    assert r.returncode == 1
+    assert f"{f}: spec.method.lora.rank: Input should be greater than or equal to 1" in r.stderr
+    assert f"{f}: spec.training: set exactly one of training.epochs and training.maxSteps" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_validate_bad_yaml_names_line(tmp_path: Path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n")
+    r = run("validate", str(f))
+    assert r.returncode == 1 and f"{f}:" in r.stderr and "not valid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_missing_file():
+    r = run("validate", "/nonexistent/job.yaml")
+    assert r.returncode == 1 and "/nonexistent/job.yaml: cannot read" in r.stderr
+
+
+def test_validate_wrong_api_version(tmp_path: Path, repo: Path):
+    f = tmp_path / "v.yaml"
+    f.write_text((repo / "examples/full-1b.yaml").read_text().replace("kubetune.io/v1alpha1", "kubetune.io/v1"))
+    r = run("validate", str(f))
+    assert "apiVersion: expected 'kubetune.io/v1alpha1', got 'kubetune.io/v1'" in r.stderr
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    r = run("frobnicate")
+    assert r.returncode == 2 and "invalid choice: 'frobnicate'" in r.stderr
+
+
+def test_main_returns_exit_code(capsys):
+    assert main(["crd"]) == 0
+    assert "kind: CustomResourceDefinition" in capsys.readouterr().out
+
+
+def test_operator_side_never_imports_torch():
+    code = (
+        "import sys, kubetune.cli, kubetune.api.crd, kubetune.api.validation, kubetune.plan\n"
+        "import importlib.util\n"
+        "for m in ('kubetune.estimator', 'kubetune.controller'):\n"
+        "    if importlib.util.find_spec(m): __import__(m)\n"
+        "bad = [m for m in ('torch', 'transformers', 'peft', 'accelerate') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
