@@ -1,0 +1,56 @@
+# kubetune developer entry points. Heavy things (the Python env with torch, the Go-built control
+# plane) are cached under $(KUBETUNE_CACHE), keyed by version, so a second run is fast.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
+export KUBETUNE_CACHE
+# The env is keyed by the dependency list, so editing pyproject.toml gives a fresh one.
+DEPS_KEY := $(shell sha256sum pyproject.toml | cut -c1-12)
+VENV ?= $(KUBETUNE_CACHE)/venv-$(DEPS_KEY)
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast crd check-crd demo ground-build clean
+
+help:
+	@echo "make demo       the main job, locally (see README)"
+	@echo "make test       every test: unit, trainer (CPU), integration on the local control plane"
+	@echo "make test-fast  unit tests only (no control plane, no training)"
+	@echo "make crd        regenerate crds/ from the API models"
+
+$(VENV)/.ready: pyproject.toml
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
+	@[ -x $(BIN)/python ] || uv venv -q -p $(PYTHON) $(VENV)
+	VIRTUAL_ENV=$(VENV) uv pip install -q -e '.[trainer,dev]'
+	@touch $@
+
+# Re-point the cached env at this checkout (a fresh clone lives elsewhere) on every run: cheap.
+venv: $(VENV)/.ready
+	@VIRTUAL_ENV=$(VENV) uv pip install -q --no-deps -e .
+	@ln -sfn $(VENV) .venv
+
+crd: venv
+	$(BIN)/kubetune crd -o crds/kubetune.io_finetunejobs.yaml
+
+check-crd: venv
+	@diff -u crds/kubetune.io_finetunejobs.yaml <($(BIN)/kubetune crd) || { echo "crds/ is stale: run make crd"; exit 1; }
+
+# Builds (once) and caches etcd, kube-*, kubectl, kwok, helm and the S3 server from source.
+ground-build: venv
+	$(BIN)/kubetune dev build
+
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+test: venv ground-build
+	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+test-fast: venv
+	@rc=0; $(BIN)/python -m pytest tests/unit -m "not integration and not slow" $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+demo: venv
+	@$(BIN)/python -m kubetune.demo
+
+clean:
+	rm -rf .venv .pytest_cache
