@@ -120,6 +120,19 @@ def _wait(what: str, check: Callable[[], bool], proc: procs.Proc | None, timeout
     raise GroundError(f"{what} not ready after {timeout:.0f}s{log}")
 
 
+def wait_until(what: str, check: Callable[[], object], timeout: float = 60, interval: float = 0.5):
+    """Poll check() until it returns something truthy and return that; GroundError after timeout.
+    Public for the integration tests, which wait on the cluster the same way."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise GroundError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
 def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
     ports, admin = state["ports"], state.get("admin_token", "")
     checks: dict[str, Callable[[], bool]] = {

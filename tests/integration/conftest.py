@@ -1,0 +1,86 @@
+"""Session fixtures for the integration tests: the real test ground (kubetune dev up).
+
+A ground that is already up in $KUBETUNE_DEV_DIR (or ~/.cache/kubetune/dev) is reused and left running;
+otherwise one is started (building the binaries first if they are missing: no skipping) and stopped at the
+end of the session. `pytest -m "not integration"` never requests these fixtures, so it never starts anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kubetune.devenv import ground as g
+from kubetune.devenv import render
+
+
+@dataclass
+class Ground:
+    lay: g.Layout
+    started_here: bool
+
+    @property
+    def state(self) -> dict:
+        return g.load_state(self.lay)
+
+    def kubectl(self, *args: str, user: bool = False, stdin: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess:
+        """kubectl as the admin, or as the non-admin user with user=True."""
+        ctx = ["--context", render.DEV_CONTEXT] if user else []
+        return g.kubectl(self.state, self.lay, *ctx, *args, stdin=stdin, check=check, timeout=timeout)
+
+    def kubectl_json(self, *args: str) -> dict:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def apply(self, obj: dict, namespace: str | None = None) -> None:
+        ns = ["-n", namespace] if namespace else []
+        self.kubectl("apply", *ns, "-f", "-", stdin=json.dumps(obj))
+
+    def s3(self):
+        return g.s3_client(self.state)
+
+    def bin(self, component: str, name: str) -> str:
+        return str(Path(self.state["bin"][component]) / name)
+
+
+wait_for = g.wait_until
+
+
+@pytest.fixture(scope="session")
+def ground() -> Iterator[Ground]:
+    lay = g.layout()
+    started = False
+    if not g.is_up(lay):
+        g.down(lay)   # stop any survivors of a half-dead earlier ground, by their recorded pids
+        g.up(lay)
+        started = True
+    saved = dict(os.environ)
+    # Code under test (boto3, the kubernetes client, kubectl/helm subprocesses) finds the ground like a
+    # user who ran `eval "$(kubetune dev env)"`.
+    os.environ.update(g.env_values(lay))
+    os.environ["PATH"] = os.pathsep.join([*g.path_dirs(lay), os.environ.get("PATH", "")])
+    try:
+        yield Ground(lay, started)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if started:
+            stuck = g.down(lay)
+            assert not stuck, f"processes still running after down: {stuck}"
+
+
+@pytest.fixture
+def namespace(ground: Ground) -> Iterator[str]:
+    """A fresh namespace whose default service account exists (pods are refused until it does)."""
+    name = f"it-{uuid.uuid4().hex[:8]}"
+    ground.kubectl("create", "namespace", name)
+    wait_for(f"serviceaccount {name}/default",
+             lambda: ground.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0, 30)
+    yield name
+    ground.kubectl("delete", "namespace", name, "--wait=false", check=False)
