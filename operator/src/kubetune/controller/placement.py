@@ -1,0 +1,182 @@
+"""Memory-aware placement: which GPUs can hold the job, and which nodes fit best.
+
+Pure. The estimator is passed in as two functions so that this module only reasons about sizes:
+``price(micro_batch) -> bytes per GPU`` and ``max_batch(capacity_bytes) -> micro batch``.
+
+Rules (issue "The operator", placement):
+- keep only GPUs whose memory >= estimate + margin (and any product/min-memory/nodeSelector/taint
+  constraints of the spec);
+- choose the smallest sufficient GPU size; among nodes of that size, prefer the one with the fewest
+  free GPUs that still fit (packs jobs, leaves whole nodes for big ones);
+- express it as a required nodeAffinity ``nvidia.com/gpu.memory Gt <MiB>`` (kube-scheduler enforces
+  it too) plus preferred affinity for the best-fit nodes;
+- microBatchSize auto: the largest micro batch that fits the chosen size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from kubetune.api.base import quantity_to_float
+from kubetune.api.v1alpha1 import FineTuneJobSpec, Toleration
+from kubetune.controller.fleet import GPU_RESOURCE, FleetNode, GpuSlot, Taint
+
+MiB = 2**20
+GiB = 2**30
+# The estimator aims to be never more than 5% under; the margin covers that and allocator jitter.
+MARGIN_FRACTION = 0.05
+MARGIN_MIN_BYTES = 256 * MiB
+AUTO_BATCH_MAX = 64
+
+
+def margin_bytes(estimate: int) -> int:
+    return max(int(estimate * MARGIN_FRACTION), MARGIN_MIN_BYTES)
+
+
+@dataclass(frozen=True)
+class Placement:
+    fits: bool
+    reason: str  # Placed | CPUOnly | InsufficientGPUMemory | NoMatchingNodes | NotEnoughNodes
+    message: str
+    micro_batch_size: int | None = None
+    estimate_bytes: int | None = None
+    resource: str | None = None  # nvidia.com/gpu, or nvidia.com/mig-<profile> for a MIG slice
+    gpu_product: str | None = None
+    gpu_memory_mib: int | None = None
+    min_gpu_memory_mib: int | None = None  # what the Gt affinity demands (exclusive bound + 1)
+    preferred_nodes: tuple[str, ...] = ()
+    candidate_nodes: tuple[str, ...] = ()
+    largest_gpu_mib: int | None = None
+
+
+def tolerates(tolerations: list[Toleration], taint: Taint) -> bool:
+    if taint.effect == "PreferNoSchedule":
+        return True
+    for t in tolerations:
+        if t.effect and t.effect != taint.effect:
+            continue
+        if t.operator == "Exists" and (not t.key or t.key == taint.key):
+            return True
+        if t.operator == "Equal" and t.key == taint.key and (t.value or "") == (taint.value or ""):
+            return True
+    return False
+
+
+def eligible(node: FleetNode, spec: FineTuneJobSpec) -> bool:
+    r = spec.resources
+    if not node.schedulable:
+        return False
+    if any(node.labels.get(k) != v for k, v in r.node_selector.items()):
+        return False
+    return all(tolerates(r.tolerations, t) for t in node.taints)
+
+
+def _slot_ok(slot: GpuSlot, spec: FineTuneJobSpec, gpus: int, single: bool) -> bool:
+    r = spec.resources
+    if slot.allocatable < gpus or (slot.is_mig and not single):
+        return False  # MIG slices cannot be combined for one process group
+    if r.gpu_product and slot.product != r.gpu_product:
+        return False
+    if r.min_gpu_memory and slot.memory_mib * MiB < quantity_to_float(r.min_gpu_memory):
+        return False
+    return True
+
+
+def place(
+    spec: FineTuneJobSpec,
+    fleet: list[FleetNode],
+    price: Callable[[int], int],
+    max_batch: Callable[[int], int],
+) -> Placement:
+    r, t = spec.resources, spec.training
+    gpus, nodes_needed = r.gpus_per_node, r.nodes
+    auto = t.micro_batch_size == "auto"
+    if gpus == 0:
+        mbs = 1 if auto else int(t.micro_batch_size)
+        return Placement(True, "CPUOnly", "runs on CPU (resources.gpusPerNode is 0); no GPU placement",
+                         micro_batch_size=mbs, estimate_bytes=price(mbs))
+
+    single = gpus == 1 and nodes_needed == 1
+    all_slots = [(n, s) for n in fleet for s in n.slots]
+    largest = max((s.memory_mib for _, s in all_slots if not s.is_mig), default=None)
+    usable = [(n, s) for n, s in all_slots if eligible(n, spec) and _slot_ok(s, spec, gpus, single)]
+    if not usable:
+        why = _why_nothing_usable(spec, fleet, all_slots)
+        return Placement(False, "NoMatchingNodes", why, largest_gpu_mib=largest,
+                         micro_batch_size=1 if auto else int(t.micro_batch_size),
+                         estimate_bytes=price(1 if auto else int(t.micro_batch_size)))
+
+    cap_auto = AUTO_BATCH_MAX
+    if auto and t.effective_batch_size:
+        cap_auto = max(1, min(AUTO_BATCH_MAX, t.effective_batch_size // max(1, r.total_gpus)))
+
+    sizes = sorted({s.memory_mib for _, s in usable})
+    min_mbs = 1 if auto else int(t.micro_batch_size)
+    smallest_need = price(min_mbs)
+    for size in sizes:
+        capacity = size * MiB
+        if auto:
+            mbs = min(cap_auto, max_batch(capacity))
+            if mbs < 1:
+                continue
+        else:
+            mbs = int(t.micro_batch_size)
+        est = price(mbs)
+        need = est + margin_bytes(est)
+        if need > capacity:
+            continue
+        of_size = [(n, s) for n, s in usable if s.memory_mib == size]
+        if len({n.name for n, _ in of_size}) < nodes_needed:
+            continue  # not enough nodes of this size for a multi-node job; a bigger size may have them
+        need_mib = math.ceil(need / MiB)
+        if r.min_gpu_memory:
+            need_mib = max(need_mib, math.ceil(quantity_to_float(r.min_gpu_memory) / MiB))
+        # Best fit: fewest free GPUs that still hold the job; then by name for determinism.
+        ready = sorted((s.free, n.name) for n, s in of_size if s.free >= gpus)
+        preferred = tuple(name for _, name in ready)
+        candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
+        slot = of_size[0][1]
+        msg = (f"needs {est / GiB:.1f} GiB per GPU (+{margin_bytes(est) / GiB:.1f} GiB margin) at micro batch {mbs}; "
+               f"smallest GPU that fits: {slot.product} ({size / 1024:.1f} GiB)")
+        if not preferred:
+            msg += f"; no {slot.product} has {gpus} free GPU(s) now, so the pod waits or runs on a larger GPU"
+        return Placement(
+            True, "Placed", msg, micro_batch_size=mbs, estimate_bytes=est, resource=slot.resource,
+            gpu_product=slot.product, gpu_memory_mib=size, min_gpu_memory_mib=need_mib,
+            preferred_nodes=preferred, candidate_nodes=candidates if slot.resource == GPU_RESOURCE else preferred,
+            largest_gpu_mib=largest,
+        )
+
+    biggest_usable = sizes[-1]
+    if nodes_needed > 1 and smallest_need + margin_bytes(smallest_need) <= biggest_usable * MiB:
+        return Placement(False, "NotEnoughNodes",
+                         f"needs {nodes_needed} nodes with {gpus} GPU(s) of at least "
+                         f"{(smallest_need + margin_bytes(smallest_need)) / GiB:.1f} GiB each; the cluster has fewer",
+                         micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest)
+    return Placement(
+        False, "InsufficientGPUMemory",
+        f"needs {smallest_need / GiB:.1f} GiB per GPU (+{margin_bytes(smallest_need) / GiB:.1f} GiB margin) "
+        f"at micro batch {min_mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
+        micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest,
+    )
+
+
+def _why_nothing_usable(spec: FineTuneJobSpec, fleet: list[FleetNode], all_slots) -> str:
+    r = spec.resources
+    if not all_slots:
+        return "the cluster has no GPU nodes (no node with nvidia.com/gpu.memory and allocatable nvidia.com/gpu)"
+    parts = []
+    if r.gpu_product and not any(s.product == r.gpu_product for _, s in all_slots):
+        have = sorted({s.product for _, s in all_slots if not s.is_mig})
+        parts.append(f"no GPU of product {r.gpu_product!r} (the cluster has: {', '.join(have)})")
+    if not any(s.allocatable >= r.gpus_per_node for _, s in all_slots):
+        parts.append(f"no node has {r.gpus_per_node} GPUs (the most on one node is "
+                     f"{max(s.allocatable for _, s in all_slots)})")
+    if r.node_selector and not any(all(n.labels.get(k) == v for k, v in r.node_selector.items()) for n in fleet):
+        parts.append(f"no node matches resources.nodeSelector {r.node_selector}")
+    if not any(all(tolerates(r.tolerations, t) for t in n.taints) for n, _ in all_slots):
+        parts.append("every GPU node has a taint the job does not tolerate (add resources.tolerations)")
+    if r.min_gpu_memory:
+        parts.append(f"or no GPU has resources.minGpuMemory {r.min_gpu_memory}")
+    return "; ".join(parts) or "no schedulable GPU node matches the job's constraints"

@@ -1,0 +1,185 @@
+"""Placement on a mixed fleet: smallest sufficient GPU, best-fit node, MIG, constraints, auto batch."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from kubetune.api.validation import parse_spec
+from kubetune.controller.fleet import read_fleet
+from kubetune.controller.placement import GiB, MiB, margin_bytes, place, tolerates
+from kubetune.controller.fleet import Taint
+from kubetune.api.v1alpha1 import Toleration
+from kubetune.devenv.fleet import manifests
+
+SPEC = {
+    "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+    "dataset": {"uri": "s3://data/train.jsonl"},
+    "method": {"type": "lora"},
+    "training": {"maxSteps": 10, "microBatchSize": 4},
+    "checkpoints": {"uri": "s3://ckpt/x/"},
+}
+
+
+def spec(**over):
+    s = copy.deepcopy(SPEC)
+    for k, v in over.items():
+        s.setdefault(k, {}).update(v)
+    return parse_spec(s)
+
+
+def ready(nodes):
+    out = []
+    for n in nodes:
+        n = copy.deepcopy(n)
+        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        out.append(n)
+    return out
+
+
+FLEET_NODES = ready(manifests())
+
+
+def gpu_pod(node, n=1, resource="nvidia.com/gpu", phase="Running"):
+    return {"spec": {"nodeName": node, "containers": [{"resources": {"limits": {resource: str(n)}}}]},
+            "status": {"phase": phase}}
+
+
+def linear(base_gib, per_batch_gib):
+    return lambda mbs: int((base_gib + per_batch_gib * mbs) * GiB)
+
+
+def max_batch_for(base_gib, per_batch_gib):
+    def mb(capacity):
+        b = 0
+        while b < 4096 and (p := linear(base_gib, per_batch_gib)(b + 1)) + margin_bytes(p) <= capacity:
+            b += 1
+        return b
+    return mb
+
+
+def test_read_fleet_free_gpus_and_mig():
+    pods = [gpu_pod("kwok-h100-0", 3), gpu_pod("kwok-h100-0", 2, phase="Succeeded"),
+            gpu_pod("kwok-a100-mig-0", 2, "nvidia.com/mig-1g.10gb")]
+    fleet = {n.name: n for n in read_fleet(FLEET_NODES, pods)}
+    h100 = fleet["kwok-h100-0"].slots[0]
+    assert (h100.product, h100.memory_mib, h100.allocatable, h100.free) == ("NVIDIA-H100-80GB-HBM3", 81559, 8, 5)
+    mig = {s.resource: s for s in fleet["kwok-a100-mig-0"].slots}
+    assert set(mig) == {"nvidia.com/mig-1g.10gb", "nvidia.com/mig-3g.40gb"}
+    assert mig["nvidia.com/mig-1g.10gb"].free == 5 and mig["nvidia.com/mig-1g.10gb"].memory_mib == 9728
+    assert not fleet["kwok-cpu-0"].has_gpus
+
+
+def test_unready_nodes_are_not_used():
+    nodes = [n for n in manifests()]  # no Ready condition
+    p = place(spec(), read_fleet(nodes, []), linear(10, 1), max_batch_for(10, 1))
+    assert not p.fits and p.reason == "NoMatchingNodes"
+
+
+@pytest.mark.parametrize(
+    "need_gib, product",
+    [(7.0, "NVIDIA-H100-80GB-HBM3"), (12.0, "Tesla-T4"), (20.0, "NVIDIA-L4"), (30.0, "NVIDIA-A100-SXM4-40GB"),
+     (60.0, "NVIDIA-H100-80GB-HBM3")],
+)
+def test_smallest_sufficient_size(need_gib, product):
+    # multi-GPU so MIG slices (single-GPU only) are out of the picture, except the 7 GiB case below
+    fleet = read_fleet(FLEET_NODES, [])
+    s = spec(resources={"gpusPerNode": 2}) if need_gib > 7 else spec(resources={"gpusPerNode": 2})
+    p = place(s, fleet, lambda mbs: int(need_gib * GiB), lambda cap: 4)
+    assert p.fits and p.reason == "Placed"
+    # H100 (81559 MiB) is smaller than A100-80GB (81920 MiB): best fit picks it for the 60 GiB job
+    expected = {"Tesla-T4": 15360, "NVIDIA-L4": 23034, "NVIDIA-A100-SXM4-40GB": 40960, "NVIDIA-H100-80GB-HBM3": 81559}
+    if need_gib == 7.0:
+        product = "Tesla-T4"
+    assert p.gpu_product == product and p.gpu_memory_mib == expected[product]
+    assert p.min_gpu_memory_mib * MiB >= need_gib * GiB + margin_bytes(int(need_gib * GiB))
+    assert p.min_gpu_memory_mib <= p.gpu_memory_mib
+
+
+def test_single_gpu_small_job_takes_a_mig_slice():
+    p = place(spec(), read_fleet(FLEET_NODES, []), lambda mbs: int(7 * GiB), lambda cap: 4)
+    assert p.fits and p.resource == "nvidia.com/mig-1g.10gb" and p.preferred_nodes == ("kwok-a100-mig-0",)
+
+
+def test_best_fit_prefers_fewest_free_gpus_that_still_fit():
+    more = copy.deepcopy([n for n in FLEET_NODES if n["metadata"]["name"] == "kwok-l4-0"][0])
+    more["metadata"]["name"] = "kwok-l4-1"
+    pods = [gpu_pod("kwok-l4-0", 3)]  # l4-0 has 1 free, l4-1 has 4 free
+    fleet = read_fleet(FLEET_NODES + [more], pods)
+    p = place(spec(resources={"gpusPerNode": 1, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB), lambda c: 4)
+    assert p.preferred_nodes == ("kwok-l4-0", "kwok-l4-1")
+    p2 = place(spec(resources={"gpusPerNode": 2, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB), lambda c: 4)
+    assert p2.preferred_nodes == ("kwok-l4-1",)  # l4-0 has only 1 free
+
+
+def test_busy_smallest_size_still_places_with_required_affinity():
+    pods = [gpu_pod("kwok-l4-0", 4)]
+    p = place(spec(resources={"gpusPerNode": 2}), read_fleet(FLEET_NODES, pods), lambda m: int(18 * GiB), lambda c: 4)
+    assert p.fits and p.gpu_product == "NVIDIA-L4" and p.preferred_nodes == ()
+    assert "no NVIDIA-L4 has 2 free GPU(s) now" in p.message
+    # the required affinity admits every larger GPU too
+    assert {"kwok-a100-40gb-0", "kwok-h100-0", "kwok-a100-80gb-0", "kwok-l4-0"} <= set(p.candidate_nodes)
+
+
+def test_too_big_is_insufficient_memory():
+    p = place(spec(), read_fleet(FLEET_NODES, []), lambda m: int(500 * GiB), lambda c: 0)
+    assert not p.fits and p.reason == "InsufficientGPUMemory"
+    assert "needs 500.0 GiB per GPU" in p.message and "the largest GPU available to this job has 80.0 GiB" in p.message
+    assert p.largest_gpu_mib == 81920
+
+
+def test_auto_batch_takes_largest_that_fits_the_chosen_size():
+    s = spec(training={"microBatchSize": "auto", "maxSteps": 10}, resources={"gpusPerNode": 2})
+    p = place(s, read_fleet(FLEET_NODES, []), linear(6, 2), max_batch_for(6, 2))
+    # T4 (15 GiB) holds 6+2b with 5% margin: b=4 -> 14 GiB + 0.7 = 14.7 <= 15
+    assert p.gpu_product == "Tesla-T4" and p.micro_batch_size == 4
+    p2 = place(s.model_copy(update={"training": s.training.model_copy(update={"effective_batch_size": 4})}),
+               read_fleet(FLEET_NODES, []), linear(6, 2), max_batch_for(6, 2))
+    assert p2.micro_batch_size == 2  # capped at effective batch / GPUs
+
+
+def test_constraints_product_min_memory_selector_taints():
+    fleet = read_fleet(FLEET_NODES, [])
+    p = place(spec(resources={"gpuProduct": "NVIDIA-H100-80GB-HBM3"}), fleet, lambda m: int(5 * GiB), lambda c: 1)
+    assert p.gpu_product == "NVIDIA-H100-80GB-HBM3" and p.preferred_nodes == ("kwok-h100-0",)
+    p = place(spec(resources={"minGpuMemory": "40Gi", "gpusPerNode": 2}), fleet, lambda m: int(5 * GiB), lambda c: 1)
+    assert p.gpu_memory_mib == 40960 and p.min_gpu_memory_mib == 40960  # A100-40GB is 40960 MiB: 40Gi exactly fits
+    p = place(spec(resources={"minGpuMemory": "41Gi", "gpusPerNode": 2}), fleet, lambda m: int(5 * GiB), lambda c: 1)
+    assert p.gpu_memory_mib == 81559
+    p = place(spec(resources={"gpuProduct": "NVIDIA-B200"}), fleet, lambda m: int(5 * GiB), lambda c: 1)
+    assert p.reason == "NoMatchingNodes" and "no GPU of product 'NVIDIA-B200'" in p.message
+    p = place(spec(resources={"gpusPerNode": 16}), fleet, lambda m: int(5 * GiB), lambda c: 1)
+    assert p.reason == "NoMatchingNodes" and "no node has 16 GPUs (the most on one node is 8)" in p.message
+    tainted = copy.deepcopy(FLEET_NODES)
+    for n in tainted:
+        n["spec"]["taints"] = [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+    p = place(spec(), read_fleet(tainted, []), lambda m: int(5 * GiB), lambda c: 1)
+    assert p.reason == "NoMatchingNodes" and "taint" in p.message
+    p = place(spec(resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}),
+              read_fleet(tainted, []), lambda m: int(5 * GiB), lambda c: 1)
+    assert p.fits
+
+
+def test_multi_node_needs_enough_nodes():
+    fleet = read_fleet(FLEET_NODES, [])
+    s = spec(resources={"nodes": 2, "gpusPerNode": 8})
+    p = place(s, fleet, lambda m: int(30 * GiB), lambda c: 1)
+    # two 8-GPU nodes with >= 31.5 GiB: A100-40GB has only one node, so 80 GB size (H100 + A100-80 are 2 sizes
+    # of one node each) -> none has 2 nodes of one size
+    assert not p.fits and p.reason == "NotEnoughNodes"
+
+
+def test_cpu_job():
+    p = place(spec(resources={"gpusPerNode": 0}), read_fleet(FLEET_NODES, []), lambda m: 123, lambda c: 1)
+    assert p.fits and p.reason == "CPUOnly" and p.resource is None and p.estimate_bytes == 123
+
+
+@pytest.mark.parametrize("tol, taint, ok", [
+    ({"key": "a", "operator": "Equal", "value": "x", "effect": "NoSchedule"}, Taint("a", "x", "NoSchedule"), True),
+    ({"key": "a", "operator": "Equal", "value": "y"}, Taint("a", "x", "NoSchedule"), False),
+    ({"operator": "Exists"}, Taint("anything", None, "NoExecute"), True),
+    ({"key": "a", "operator": "Exists", "effect": "NoExecute"}, Taint("a", None, "NoSchedule"), False),
+    ({"key": "b", "operator": "Exists"}, Taint("a", None, "PreferNoSchedule"), True),
+])
+def test_tolerations(tol, taint, ok):
+    assert tolerates([Toleration.model_validate(tol)], taint) is ok
