@@ -436,7 +436,8 @@ class Output(KModel):
         None,
         pattern=S3_ONLY,
         max_length=1024,
-        description="S3 prefix for the adapter (or full model); defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
+        description="S3 prefix for the adapter (or full model); kubetune writes under <uri>/<namespace>/<name>/run-<n>/. "
+        "Defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
     )
     merge_adapter: bool = Field(False, description="Also upload the base model with the adapter merged in (LoRA/QLoRA).")
 
@@ -591,6 +592,15 @@ class ResultStatus(StatusModel):
     )
 
 
+class RunOverrides(StatusModel):
+    """What an out-of-memory retry changed, on top of spec.training."""
+
+    micro_batch_size: int | None = Field(None, description="Micro batch used instead of the spec's.")
+    gradient_accumulation_steps: int | None = Field(None, description="Accumulation that keeps the effective batch.")
+    gradient_checkpointing: bool | None = Field(None, description="Gradient checkpointing forced on.")
+    fused_cross_entropy: bool | None = Field(None, description="Fused cross-entropy forced on.")
+
+
 class RunRecord(StatusModel):
     """One past or current run. A spec change to a finished job starts a new run."""
 
@@ -601,6 +611,9 @@ class RunRecord(StatusModel):
     start_time: datetime | None = Field(None, description="When the run was created.")
     completion_time: datetime | None = Field(None, description="When it finished.")
     result: ResultStatus | None = Field(None, description="What it produced.")
+    overrides: RunOverrides | None = Field(
+        None, description="Settings the operator changed for this run on top of the spec (after an out-of-memory failure)."
+    )
 
 
 class FineTuneJobStatus(StatusModel):

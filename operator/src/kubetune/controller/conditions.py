@@ -1,0 +1,47 @@
+"""metav1.Condition helpers, in the manner of apimachinery's meta.SetStatusCondition (used by kueue):
+lastTransitionTime moves only when status flips, so `kubectl describe` tells how long a state has held."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from kubetune.api.v1alpha1 import Condition
+
+
+def find(conditions: list[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: list[Condition], type_: str) -> bool:
+    c = find(conditions, type_)
+    return c is not None and c.status == "True"
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> tuple[list[Condition], bool]:
+    """Return the new list and whether status or reason changed (a transition worth an Event)."""
+    s = status if isinstance(status, str) else ("True" if status else "False")
+    old = find(conditions, type_)
+    if old is not None and old.status == s and old.reason == reason and old.message == message \
+            and old.observed_generation == generation:
+        return conditions, False
+    changed = old is None or old.status != s or old.reason != reason
+    new = Condition(
+        type=type_,
+        status=s,
+        reason=reason,
+        message=message,
+        last_transition_time=now if old is None or old.status != s else old.last_transition_time,
+        observed_generation=generation,
+    )
+    out = [c for c in conditions if c.type != type_] + [new]
+    order = {t: i for i, t in enumerate(
+        ("Validated", "Scheduled", "Running", "CheckpointSynced", "Suspended", "Succeeded", "Failed"))}
+    out.sort(key=lambda c: order.get(c.type, 99))
+    return out, changed

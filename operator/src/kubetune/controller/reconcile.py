@@ -1,0 +1,488 @@
+"""Decide what a FineTuneJob needs next, from what was observed. Pure: no API calls, no clock.
+
+The kopf layer observes (the object, its current Job and pods, the fleet, the Secret, the model
+architecture, the trainer's progress object), calls ``reconcile`` and writes the Outcome: children
+to create, a Job patch, the status, and Events. Running it twice on the same observation gives
+the same Outcome, so every handler can re-run safely.
+
+Runs: run 1 starts when a job is created. A spec change (new metadata.generation) to a finished
+job starts run n+1 and keeps the history (GitOps retraining). A spec change while a run is active
+does not disturb it: the run keeps the spec it started with (its ConfigMap is immutable) and the
+new generation starts as the next run when it ends. ``runPolicy.suspend`` is the exception and
+applies at once: pods go, checkpoints stay, and unsuspending resumes from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kubetune.api.v1alpha1 import (
+    EstimateStatus,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+    PlacementStatus,
+    Progress,
+    Resolved,
+    ResultStatus,
+    RunOverrides,
+    RunRecord,
+    TrainerProgress,
+    TrainerTermination,
+)
+from kubetune.controller import manifests
+from kubetune.controller.conditions import set_condition
+from kubetune.controller.fleet import FleetNode
+from kubetune.controller.placement import GiB, Placement, margin_bytes, place
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass
+class Observed:
+    """Everything reconcile may look at, gathered by the kube layer."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: FineTuneJobSpec | None  # None when the spec did not parse
+    spec_error: str | None = None
+    status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
+    fleet: list[FleetNode] = field(default_factory=list)
+    secret_missing: str | None = None  # message when spec.storage.credentialsSecret is absent
+    arch: Any = None  # estimator Architecture
+    arch_error: str | None = None
+    job: dict | None = None  # the current run's batch/v1 Job
+    pods: list[dict] = field(default_factory=list)
+    progress: TrainerProgress | None = None
+
+
+@dataclass
+class Outcome:
+    status: FineTuneJobStatus
+    create: list[dict] = field(default_factory=list)
+    job_patch: dict | None = None
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+    requeue_after: float | None = None  # seconds; None: wait for the next watch event or timer
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate + place
+
+
+@dataclass(frozen=True)
+class Decision:
+    placement: Placement
+    estimate: Any  # estimator Estimate at the chosen micro batch
+    resolved: Resolved | None
+    advice: list[str]
+
+
+def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrides: dict | None = None) -> Decision:
+    """Estimate, place, resolve auto batch and accumulation; fit advice when nothing fits."""
+    from kubetune.estimator import estimate as estimate_fn
+    from kubetune.estimator import fit_advice
+    from kubetune.plan import plan_from_spec
+
+    if run_overrides:
+        spec = apply_overrides(spec, run_overrides)
+    nproc = max(1, spec.resources.total_gpus)
+
+    def plan_for(mbs: int):
+        return plan_from_spec(spec, micro_batch_size=mbs, num_processes=nproc)
+
+    def price(mbs: int) -> int:
+        return estimate_fn(arch, plan_for(mbs)).total_bytes
+
+    def max_batch(capacity: int) -> int:
+        lo, hi = 0, 1
+        while hi <= 4096 and price(hi) + margin_bytes(price(hi)) <= capacity:
+            lo, hi = hi, hi * 2
+        hi = min(hi, 4097)
+        while hi - lo > 1:  # largest b that fits lies in [lo, hi)
+            mid = (lo + hi) // 2
+            p = price(mid)
+            lo, hi = (mid, hi) if p + margin_bytes(p) <= capacity else (lo, mid)
+        return lo
+
+    p = place(spec, fleet, price, max_batch)
+    mbs = p.micro_batch_size or 1
+    est = estimate_fn(arch, plan_for(mbs))
+    if not p.fits:
+        sizes = sorted({s.memory_mib for n in fleet for s in n.slots if not s.is_mig}) or [81920]
+        advice = [_advice_line(a) for a in fit_advice(arch, plan_for(mbs), [m * 2**20 for m in sizes])][:5]
+        return Decision(p, est, None, advice)
+    t = spec.training
+    if t.effective_batch_size:
+        ga = max(1, math.ceil(t.effective_batch_size / (mbs * nproc)))
+    else:
+        ga = t.gradient_accumulation_steps
+    if run_overrides and "gradientAccumulationSteps" in run_overrides:
+        ga = run_overrides["gradientAccumulationSteps"]
+    plan = plan_for(mbs)
+    resolved = Resolved(
+        micro_batch_size=mbs,
+        gradient_accumulation_steps=ga,
+        num_processes=nproc,
+        sharding=plan.sharding,
+        estimate_bytes=est.total_bytes,
+    )
+    return Decision(p, est, resolved, [])
+
+
+def _advice_line(a: Any) -> str:
+    fits = getattr(a, "fits_gpu_gib", None) or getattr(a, "fits", None)
+    gib = a.estimate.total_bytes / GiB
+    where = f", fits {fits:.0f} GiB GPUs" if isinstance(fits, (int, float)) else (f", fits {fits}" if fits else "")
+    return f"{a.description} ({gib:.1f} GiB per GPU{where})"
+
+
+def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:
+    """Settings the operator changed for a run (OOM retry), on top of the user's spec."""
+    t = spec.training.model_copy(update={
+        k: v for k, v in {
+            "micro_batch_size": overrides.get("microBatchSize"),
+            "gradient_accumulation_steps": overrides.get("gradientAccumulationSteps"),
+            "gradient_checkpointing": overrides.get("gradientCheckpointing"),
+            "fused_cross_entropy": overrides.get("fusedCrossEntropy"),
+        }.items() if v is not None
+    })
+    return spec.model_copy(update={"training": t})
+
+
+# ---------------------------------------------------------------------------------------------
+# the state machine
+
+
+class _Builder:
+    """Accumulates status changes and the Events that go with them."""
+
+    def __init__(self, obs: Observed, now: datetime):
+        self.obs, self.now = obs, now
+        self.status = obs.status.model_copy(deep=True)
+        self.events: list[tuple[str, str, str]] = []
+
+    def cond(self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False) -> None:
+        self.status.conditions, changed = set_condition(
+            self.status.conditions, type_, status, reason, message, self.now, self.obs.generation)
+        if changed:
+            self.events.append(("Warning" if warn else "Normal", reason, message))
+
+    def phase(self, phase: str) -> None:
+        if self.status.phase != phase:
+            self.status.phase = phase
+            if self.status.history:
+                self.status.history[-1].phase = phase
+
+    def done(self, **kw) -> Outcome:
+        self.status.observed_generation = self.obs.generation
+        return Outcome(status=self.status, events=self.events, **kw)
+
+
+def reconcile(obs: Observed, now: datetime, image: str = manifests.DEFAULT_IMAGE) -> Outcome:
+    b = _Builder(obs, now)
+    st = b.status
+    current = st.history[-1] if st.history else None
+
+    if obs.spec is None:
+        b.cond("Validated", False, "InvalidSpec", f"{obs.spec_error}. Fix the spec and apply it again.", warn=True)
+        b.phase("Failed")
+        return b.done()
+
+    active = current is not None and current.phase not in TERMINAL
+    if active:
+        return _observe_run(b, obs, current, image)
+
+    # No active run: start one if this generation has not been run yet.
+    if current is not None and current.generation == obs.generation:
+        return b.done()  # finished, and nothing changed since
+    return _start_run(b, obs, image, overrides=None)
+
+
+def _validate(b: _Builder, obs: Observed) -> bool:
+    if obs.arch is None:
+        b.cond("Validated", False, "ModelConfigUnavailable",
+               f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
+               "make its config.json readable, or set spec.model.architecture.", warn=True)
+        return False
+    if obs.secret_missing:
+        b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
+        return False
+    b.cond("Validated", True, "Valid", "spec is valid, the model architecture is known and the Secret exists")
+    return True
+
+
+def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -> Outcome:
+    st, spec = b.status, obs.spec
+    assert spec is not None
+    if not _validate(b, obs):
+        b.phase("Pending")
+        return b.done(requeue_after=30)
+
+    d = decide(spec, obs.arch, obs.fleet, overrides)
+    st.estimate = _estimate_status(d)
+    if not d.placement.fits:
+        advice = "; ".join(d.advice) if d.advice else "reduce microBatchSize or maxSeqLength, or use qlora"
+        msg = f"{d.placement.message}. Options that fit: {advice}."
+        b.cond("Scheduled", False, d.placement.reason, msg, warn=True)
+        st.placement = PlacementStatus(message=d.placement.message)
+        b.phase("Unschedulable")
+        return b.done()  # node changes re-trigger reconcile
+
+    run = (st.run or 0) + 1
+    rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run)
+    run_spec = apply_overrides(spec, overrides) if overrides else spec
+    create = manifests.children(run_spec, rid, d.resolved, d.placement, image)
+    st.run = run
+    st.placement = _placement_status(d)
+    st.progress = Progress(step=0, percent="0%")
+    st.checkpoints = None
+    st.result = None
+    st.start_time, st.completion_time = b.now, None
+    st.history.append(RunRecord(run=run, generation=obs.generation, phase="Starting", start_time=b.now,
+                                overrides=RunOverrides.model_validate(overrides) if overrides else None))
+    where = d.placement.gpu_product or "CPU"
+    b.cond("Scheduled", True, "Placed", f"run {run}: {d.placement.message}; Job {rid.job_name} created")
+    for t in ("Running", "Succeeded", "Failed", "CheckpointSynced"):
+        if any(c.type == t for c in st.conditions):
+            b.cond(t, False, "NewRun", f"run {run} started on {where}")
+    b.phase("Starting")
+    return b.done(create=create)
+
+
+def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome:
+    st, spec = b.status, obs.spec
+    assert spec is not None
+    rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
+    job = obs.job
+    if job is None:
+        # Deleted behind our back, or the create did not land before a restart: recreate the run's
+        # children from its recorded placement. Creation is idempotent.
+        return _recreate(b, obs, run, image)
+
+    _mirror_progress(b, obs)
+    jstat = job.get("status") or {}
+    jconds = {c.get("type"): c for c in jstat.get("conditions") or [] if c.get("status") == "True"}
+    term = _termination(obs.pods)
+
+    if "Complete" in jconds or "SuccessCriteriaMet" in jconds:
+        st.result = term.result if term and term.result else st.result
+        if st.progress and st.progress.total_steps:
+            st.progress.step, st.progress.percent = st.progress.total_steps, "100%"
+        st.completion_time = b.now
+        run.completion_time, run.result, run.reason = b.now, st.result, (term.reason if term else "Completed")
+        b.cond("Running", False, "Completed", f"run {run.run} finished")
+        b.cond("Succeeded", True, term.reason if term else "Completed",
+               f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""))
+        b.phase("Succeeded")
+        return b.done()
+
+    if "Failed" in jconds or "FailureTarget" in jconds:
+        return _failed(b, obs, run, jconds.get("Failed") or jconds.get("FailureTarget"), term, image)
+
+    patch = None
+    want_suspend = spec.run_policy.suspend
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    if want_suspend != suspended and not (spec.run_policy.queue_name and suspended and not want_suspend
+                                          and _kueue_holds(job)):
+        patch = {"spec": {"suspend": want_suspend}}
+        suspended = want_suspend
+    if suspended:
+        if want_suspend:
+            b.cond("Suspended", True, "Suspended", f"run {run.run} is suspended: pods are stopped, checkpoints stay "
+                   "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.")
+            b.cond("Running", False, "Suspended", "suspended by spec.runPolicy.suspend")
+            b.phase("Suspended")
+        else:
+            b.cond("Scheduled", True, "Queued",
+                   f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
+            b.phase("Pending")
+        return b.done(job_patch=patch)
+    if any(c.type == "Suspended" and c.status == "True" for c in st.conditions):
+        b.cond("Suspended", False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
+
+    running = [p for p in obs.pods if (p.get("status") or {}).get("phase") == "Running"]
+    if running:
+        node = (running[0].get("spec") or {}).get("nodeName")
+        if st.placement is not None and node:
+            st.placement.node = node
+        step = st.progress.step if st.progress else 0
+        b.cond("Running", True, "TrainerRunning", f"run {run.run} is training on {node or 'a node'}"
+               + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
+                  if step else ""))
+        b.phase("Running")
+    else:
+        pending = _pending_reason(obs.pods)
+        b.cond("Running", False, "PodPending", pending)
+        b.phase("Starting")
+    if obs.generation != run.generation:
+        b.events.append(("Normal", "SpecChangeQueued",
+                         f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
+        b.events = list(dict.fromkeys(b.events))
+    return b.done(job_patch=patch)
+
+
+def _kueue_holds(job: dict) -> bool:
+    # Kueue keeps a Job suspended until admission: do not fight it by unsuspending.
+    return manifests.KUEUE_QUEUE_LABEL in ((job.get("metadata") or {}).get("labels") or {})
+
+
+def _recreate(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome:
+    spec = obs.spec
+    assert spec is not None
+    overrides = run.overrides.dump() if run.overrides else None
+    d = decide(spec, obs.arch, obs.fleet, overrides) if obs.arch is not None else None
+    if d is None or not d.placement.fits or d.resolved is None:
+        b.cond("Scheduled", False, "JobMissing",
+               f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity", warn=True)
+        b.phase("Pending")
+        return b.done(requeue_after=30)
+    rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
+    b.events.append(("Normal", "JobCreated", f"created Job {rid.job_name} for run {run.run}"))
+    run_spec = apply_overrides(spec, overrides) if overrides else spec
+    return b.done(create=manifests.children(run_spec, rid, d.resolved, d.placement, image))
+
+
+def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term: TrainerTermination | None,
+            image: str) -> Outcome:
+    st, spec = b.status, obs.spec
+    assert spec is not None
+    oom = _is_oom(obs.pods, term)
+    reason = "OutOfMemory" if oom else (term.reason if term and term.reason not in ("Completed", "Error")
+                                        else (jcond or {}).get("reason") or "TrainerFailed")
+    detail = (term.message if term and term.message else (jcond or {}).get("message")) or "the trainer Job failed"
+    run.completion_time, run.reason = b.now, reason
+    st.completion_time = b.now
+    b.cond("Running", False, reason, f"run {run.run} stopped")
+    retried = any(r.reason == "OutOfMemoryRetry" for r in st.history if r.generation == run.generation)
+    if oom and spec.run_policy.retry_on_oom and not retried:
+        overrides = _oom_overrides(spec, st)
+        b.phase("Failed")
+        run.reason = "OutOfMemoryRetry"
+        b.events.append(("Warning", "OutOfMemory",
+                         f"run {run.run} ran out of GPU memory; retrying once with {_describe(overrides)}"))
+        out = _start_run(b, obs, image, overrides)
+        return out
+    hint = {
+        "OutOfMemory": "The run ran out of memory. Lower training.microBatchSize or dataset.maxSeqLength, turn on "
+                       "training.gradientCheckpointing, or use method qlora.",
+        "BadData": "Fix the dataset lines named above (or set dataset.onBadLine: skip) and apply the spec again.",
+        "BadConfig": "Fix the spec field named above and apply it again.",
+        "DeadlineExceeded": "The run hit runPolicy.activeDeadlineSeconds; raise it to let it finish.",
+        "BackoffLimitExceeded": "The trainer failed runPolicy.backoffLimit times; see the pod logs.",
+    }.get(reason, "See the trainer pod's logs; a spec change starts a new run.")
+    b.cond("Failed", True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
+    b.phase("Failed")
+    return b.done()
+
+
+def _oom_overrides(spec: FineTuneJobSpec, st: FineTuneJobStatus) -> dict:
+    """The cheapest change that lowers memory while keeping the effective batch: halve the micro
+    batch and double accumulation; at micro batch 1, turn on checkpointing and fused CE."""
+    t = spec.training
+    mbs = (st.placement.micro_batch_size if st.placement and st.placement.micro_batch_size else
+           (1 if t.micro_batch_size == "auto" else int(t.micro_batch_size)))
+    ga = (st.placement.gradient_accumulation_steps if st.placement and st.placement.gradient_accumulation_steps
+          else t.gradient_accumulation_steps)
+    if mbs > 1:
+        return {"microBatchSize": mbs // 2, "gradientAccumulationSteps": ga * 2}
+    return {"gradientCheckpointing": True, "fusedCrossEntropy": True}
+
+
+def _describe(overrides: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
+
+
+def _is_oom(pods: list[dict], term: TrainerTermination | None) -> bool:
+    if term and term.reason == "OutOfMemory":
+        return True
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if t.get("reason") == "OOMKilled" or t.get("exitCode") in manifests.OOM_EXIT_CODES:
+                return True
+            if "CUDA out of memory" in (t.get("message") or ""):
+                return True
+    return False
+
+
+def _termination(pods: list[dict]) -> TrainerTermination | None:
+    """The trainer's JSON termination message, from the most recent terminated trainer container."""
+    latest = None
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            t = (cs.get("state") or {}).get("terminated")
+            if t and t.get("message"):
+                if latest is None or (t.get("finishedAt") or "") >= (latest.get("finishedAt") or ""):
+                    latest = t
+    if latest is None:
+        return None
+    try:
+        return TrainerTermination.model_validate(json.loads(latest["message"]))
+    except (ValueError, TypeError):
+        return TrainerTermination(reason="Error", message=latest["message"][-500:])
+
+
+def _pending_reason(pods: list[dict]) -> str:
+    for p in pods:
+        for c in (p.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return f"pod {p['metadata']['name']} is not scheduled yet: {c.get('message') or c.get('reason')}"
+    return "waiting for the trainer pod to start" if pods else "waiting for the Job controller to create the pod"
+
+
+def _mirror_progress(b: _Builder, obs: Observed) -> None:
+    pr = obs.progress
+    if pr is None:
+        return
+    st = b.status
+    p = pr.progress.model_copy()
+    if p.total_steps:
+        p.percent = f"{min(100, int(100 * p.step / p.total_steps))}%"
+    st.progress = p
+    if pr.checkpoints.latest_uri:
+        new = st.checkpoints is None or st.checkpoints.latest_step != pr.checkpoints.latest_step
+        st.checkpoints = pr.checkpoints
+        if new:
+            b.cond("CheckpointSynced", True, "CheckpointCommitted",
+                   f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
+
+
+def _estimate_status(d: Decision) -> EstimateStatus:
+    status = d.estimate.to_status()
+    return status
+
+
+def _placement_status(d: Decision) -> PlacementStatus:
+    p = d.placement
+    return PlacementStatus(
+        node=p.preferred_nodes[0] if p.preferred_nodes else None,
+        nodes=list(p.preferred_nodes),
+        gpu_product=p.gpu_product,
+        gpu_memory_mi_b=p.gpu_memory_mib,
+        min_gpu_memory_mi_b=p.min_gpu_memory_mib,
+        micro_batch_size=d.resolved.micro_batch_size if d.resolved else None,
+        gradient_accumulation_steps=d.resolved.gradient_accumulation_steps if d.resolved else None,
+        message=p.message,
+    )
+
+
+def _metrics_line(r: ResultStatus) -> str:
+    m = r.metrics
+    keys = [("evalLoss", "eval loss"), ("perplexity", "perplexity"), ("baseEvalLoss", "base eval loss")]
+    return ", ".join(f"{label} {m[k]:.4g}" for k, label in keys if k in m) or "no metrics reported"
+
+
+def status_patch(status: FineTuneJobStatus) -> dict[str, Any]:
+    """A merge patch for the status subresource. Top-level fields that are now empty are sent as
+    null so they are removed (a new run clears the previous run's checkpoints and result)."""
+    body = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+    for name, f in FineTuneJobStatus.model_fields.items():
+        key = f.alias or name
+        if key not in body:
+            body[key] = None
+    return body
+
