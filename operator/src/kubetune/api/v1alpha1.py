@@ -569,6 +569,9 @@ class Progress(StatusModel):
     eval_loss: float | None = Field(None, description="Latest validation loss.")
     tokens_per_second: float | None = Field(None, description="Training throughput over all GPUs.")
     eta_seconds: int | None = Field(None, description="Estimated seconds to completion.")
+    peak_gpu_memory_bytes: int | None = Field(
+        None, description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for estimate-vs-actual."
+    )
     updated_at: datetime | None = Field(None, description="When the trainer reported this.")
 
 
