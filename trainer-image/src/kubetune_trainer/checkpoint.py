@@ -1,0 +1,319 @@
+"""Checkpoints: written locally, uploaded in the background, committed by a manifest written last.
+
+Layout under paths.checkpointsUri::
+
+    checkpoint-00000200/model.safetensors     trainable parameters (full state, FQN keys)
+                       optimizer.pt           optimizer state (FQN keys: survives re-wrapping)
+                       state.pt               scheduler + loop state (step, early stopping, ...)
+                       trainer_state.json     the loop state, readable
+                       rng_state_<rank>.pt    python / numpy / torch (/ cuda) RNG per process
+                       adapter/...            peft adapter (adapter methods): usable as is
+                       manifest.json          WRITTEN LAST: files, sizes, sha256. No manifest, no checkpoint.
+
+A checkpoint without its manifest (an upload cut short by a kill or an outage) is never used and is
+cleaned up later. The uploader thread retries with backoff forever (a failed upload never stops
+training) and uploads checkpoints in order; retention keeps the newest ``keep`` plus the best by eval
+loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from kubetune_trainer.storage import Location, MANIFEST, download_tree, sha256_file, short_error
+
+NAME_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def ckpt_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and loading (torch)
+
+
+def _dcp_options(distributed: bool, **kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed, **kw)
+
+
+def save_local(
+    out_dir: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    loop_state: dict,
+    accelerator,
+    adapter_model=None,
+) -> Path | None:
+    """Write a checkpoint directory (process 0 writes the shared files, every process its RNG).
+    Returns the directory on the main process, None elsewhere."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    distributed = accelerator.num_processes > 1
+    msd, osd = get_state_dict(model, optimizer, options=_dcp_options(distributed, ignore_frozen_params=True))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in msd.items()}
+        save_file(tensors, str(tmp / "model.safetensors"))
+        torch.save(osd, tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "loop": loop_state}, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(loop_state, indent=1, default=str))
+        if adapter_model is not None:
+            adapter_model.save_pretrained(str(tmp / "adapter"), state_dict=tensors)
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    if distributed:  # other nodes may not share a filesystem: every RNG state goes through rank 0
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([rng])
+    else:
+        rngs = [rng]
+    if accelerator.is_main_process:
+        for r, state in enumerate(rngs):
+            torch.save(state, tmp / f"rng_state_{r}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return out_dir
+    return None
+
+
+def load_local(ckpt_dir: Path, *, model, optimizer, scheduler, accelerator) -> dict:
+    """Restore model (trainable part), optimizer, scheduler and this process's RNG; returns the loop state."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    distributed = accelerator.num_processes > 1
+    msd = load_file(str(ckpt_dir / "model.safetensors"))
+    osd = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=False)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
+                   options=_dcp_options(distributed, strict=False))
+    st = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(st["scheduler"])
+    rng_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
+    if not rng_file.exists():
+        rng_file = ckpt_dir / "rng_state_0.pt"
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        except Exception:
+            pass
+    return st["loop"]
+
+
+# ---------------------------------------------------------------------------------------------
+# finding the newest committed checkpoint
+
+
+@dataclass
+class Committed:
+    name: str
+    step: int
+    manifest: dict
+
+    @property
+    def eval_loss(self) -> float | None:
+        return self.manifest.get("evalLoss")
+
+
+def list_committed(loc: Location) -> list[Committed]:
+    """Committed checkpoints (those with a readable manifest), oldest first."""
+    out = []
+    for name in loc.list_dirs():
+        m = NAME_RE.match(name)
+        if not m:
+            continue
+        raw = loc.get_bytes(f"{name}/{MANIFEST}")
+        if raw is None:
+            continue
+        try:
+            man = json.loads(raw)
+        except ValueError:
+            continue
+        out.append(Committed(name, int(m.group(1)), man))
+    return sorted(out, key=lambda c: c.step)
+
+
+def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = print) -> tuple[Path, Committed] | None:
+    """Download and verify the newest committed checkpoint; an unverifiable one falls back to the
+    next older. None when there is none."""
+    from kubetune_trainer.errors import StorageFailed
+
+    for c in reversed(list_committed(loc)):
+        dest = dest_root / c.name
+        files = {f["path"] for f in c.manifest.get("files", [])}
+        try:
+            download_tree(loc.child(c.name), dest, only=lambda k: k in files, log=log)
+        except StorageFailed as e:
+            log(f"checkpoint {c.name} is unusable ({e.message}); trying an older one")
+            continue
+        return dest, c
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the background uploader
+
+
+@dataclass
+class _Job:
+    local: Path
+    step: int
+    eval_loss: float | None
+    keep_local: bool = False
+    done_files: set | None = None
+
+
+class Uploader:
+    """Uploads checkpoints in order on a thread of its own; training never waits for it.
+
+    A failing upload is retried with exponential backoff (capped) until it succeeds; files already
+    uploaded in an earlier attempt are not sent again. Each checkpoint is committed by its manifest,
+    written last; then retention runs.
+    """
+
+    def __init__(self, loc: Location, keep: int, *, log: Callable[[str], None] = print,
+                 on_commit: Callable[[str, int, int], None] | None = None,
+                 on_failure: Callable[[str], None] | None = None,
+                 max_backoff: float = 30.0, base_backoff: float = 1.0):
+        self.loc = loc
+        self.keep = keep
+        self.log = log
+        self.on_commit = on_commit
+        self.on_failure = on_failure
+        self.max_backoff = max_backoff
+        self.base_backoff = base_backoff
+        self.queue: "queue.Queue[_Job | None]" = queue.Queue()
+        self.pending = 0
+        self.committed: list[int] = []
+        self.failures = 0
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    def submit(self, local: Path, step: int, eval_loss: float | None, keep_local: bool = False) -> None:
+        with self._lock:
+            self.pending += 1
+            self._idle.clear()
+        self.queue.put(_Job(local, step, eval_loss, keep_local))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted checkpoint is committed; False on timeout."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self.queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            attempt = 0
+            while True:
+                try:
+                    self._upload(job)
+                    break
+                except Exception as e:  # never let an upload failure reach training
+                    self.failures += 1
+                    delay = min(self.max_backoff, self.base_backoff * 2**attempt) * (0.8 + 0.4 * random.random())
+                    attempt += 1
+                    msg = f"checkpoint {ckpt_name(job.step)} upload failed ({short_error(e)}); retry {attempt} in {delay:.1f}s"
+                    self.log(msg)
+                    if self.on_failure:
+                        self.on_failure(msg)
+                    time.sleep(delay)
+            try:
+                self._retain()
+            except Exception as e:
+                self.log(f"checkpoint retention failed ({short_error(e)}); will try after the next upload")
+            if not job.keep_local:
+                shutil.rmtree(job.local, ignore_errors=True)
+            with self._lock:
+                self.pending -= 1
+                if self.pending == 0:
+                    self._idle.set()
+
+    def _upload(self, job: _Job) -> None:
+        name = ckpt_name(job.step)
+        dest = self.loc.child(name)
+        files = sorted(p for p in job.local.rglob("*") if p.is_file())
+        if job.done_files is None:
+            job.done_files = set()
+            job.entries = [{"path": p.relative_to(job.local).as_posix(), "size": p.stat().st_size,
+                            "sha256": sha256_file(p)} for p in files]
+        for entry in job.entries:
+            if entry["path"] in job.done_files:
+                continue
+            dest.put_file(entry["path"], job.local / entry["path"], sha256=entry["sha256"])
+            job.done_files.add(entry["path"])
+        manifest = {"step": job.step, "created": now_iso(), "files": job.entries}
+        if job.eval_loss is not None:
+            manifest["evalLoss"] = job.eval_loss
+        dest.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+        self.committed.append(job.step)
+        self.log(f"checkpoint {name} committed to {dest.uri}")
+        if self.on_commit:
+            self.on_commit(dest.uri, job.step, len(self.committed))
+
+    def _retain(self) -> None:
+        committed = list_committed(self.loc)
+        if not committed:
+            return
+        keep = {c.step for c in committed[-self.keep:]}
+        scored = [c for c in committed if c.eval_loss is not None]
+        if scored:
+            keep.add(min(scored, key=lambda c: (c.eval_loss, -c.step)).step)
+        newest = committed[-1].step
+        for c in committed:
+            if c.step not in keep:
+                # manifest first: from then on nobody treats it as a checkpoint
+                self.loc.delete([f"{c.name}/{MANIFEST}"])
+                self.loc.child(c.name).delete([o.key for o in self.loc.child(c.name).list()])
+        committed_names = {c.name for c in committed}
+        for name in self.loc.list_dirs():
+            m = NAME_RE.match(name)
+            if m and name not in committed_names and int(m.group(1)) < newest:
+                # leftovers of an upload that never committed (killed pod, outage)
+                sub = self.loc.child(name)
+                sub.delete([o.key for o in sub.list()])
+        if self.on_commit and committed:
+            self.on_commit(None, None, len(keep))  # type: ignore[arg-type]

@@ -1,0 +1,113 @@
+"""`kubetune train --config FILE`: run the trainer from a rendered TrainerConfig.
+
+Top-level imports stay light (no torch): `kubetune` imports this module to build its parser.
+
+Exit codes: 0 Completed/EarlyStopped, 2 BadConfig, 3 BadData, 4 ModelLoadFailed, 5 StorageFailed,
+6 OutOfMemory, 1 anything else. Every exit writes a TrainerTermination JSON (see progress.py);
+expected failures print one line, never a traceback.
+
+Multi-GPU and multi-node: when resolved.numProcesses > 1 and this is not already a launched worker,
+the command re-executes itself under `accelerate launch` with the rendezvous taken from the Indexed
+Job's environment:
+  KUBETUNE_NUM_NODES (default spec.resources.nodes), KUBETUNE_NODE_RANK or JOB_COMPLETION_INDEX,
+  KUBETUNE_MASTER_ADDR or MASTER_ADDR (the index-0 pod's DNS name via the headless Service),
+  KUBETUNE_MASTER_PORT or MASTER_PORT (default 29500).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT = {"Completed": 0, "EarlyStopped": 0, "BadConfig": 2, "BadData": 3, "ModelLoadFailed": 4,
+        "StorageFailed": 5, "OutOfMemory": 6, "Error": 1}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="rendered TrainerConfig (YAML or JSON)")
+    p.add_argument("--no-launch", action="store_true",
+                   help="never re-execute under `accelerate launch` (set automatically in launched workers)")
+
+
+def launch_command(config, config_path: str, env: dict[str, str] | None = None) -> list[str] | None:
+    """The `accelerate launch` command for a multi-process run, or None for a single process."""
+    env = dict(os.environ if env is None else env)
+    nproc = config.resolved.num_processes
+    if nproc <= 1 or "LOCAL_RANK" in env or env.get("KUBETUNE_LAUNCHED") == "1":
+        return None
+    nodes = int(env.get("KUBETUNE_NUM_NODES") or config.spec.resources.nodes)
+    rank = int(env.get("KUBETUNE_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
+    addr = env.get("KUBETUNE_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1"
+    port = env.get("KUBETUNE_MASTER_PORT") or env.get("MASTER_PORT") or "29500"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--num_processes", str(nproc), "--num_machines", str(nodes), "--machine_rank", str(rank),
+           "--main_process_ip", addr, "--main_process_port", str(port),
+           "--rdzv_backend", "static" if nodes > 1 else "c10d",
+           "--same_network", "--dynamo_backend", "no", "--mixed_precision", "no",
+           "-m", "kubetune_trainer.cli", "--config", config_path, "--no-launch"]
+    if nodes == 1:
+        cmd.remove("--same_network")
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubetune_trainer.config import load_config
+    from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.progress import log_event, write_termination
+
+    def fail(reason: str, message: str, step=None) -> int:
+        write_termination(reason, message, step=step)
+        log_event("failed", reason=reason, message=message)
+        print(f"kubetune train: {reason}: {message}", file=sys.stderr, flush=True)
+        return EXIT[reason]
+
+    try:
+        config = load_config(args.config)
+    except TrainerError as e:
+        return fail(e.reason, e.message)
+
+    if not args.no_launch:
+        cmd = launch_command(config, args.config)
+        if cmd is not None:
+            import subprocess
+
+            env = dict(os.environ, KUBETUNE_LAUNCHED="1")
+            log_event("launch", command=" ".join(cmd))
+            return subprocess.call(cmd, env=env)
+
+    try:
+        import torch
+    except ImportError:
+        return fail("Error", "torch is not installed: the trainer needs the kubetune[trainer] extra (the trainer image)")
+
+    from kubetune_trainer.loop import train
+
+    try:
+        outcome = train(config)
+    except TrainerError as e:
+        return fail(e.reason, e.message)
+    except torch.OutOfMemoryError as e:
+        first = str(e).splitlines()[0] if str(e) else "CUDA out of memory"
+        return fail("OutOfMemory", f"GPU out of memory: {first[:500]}")
+    except KeyboardInterrupt:
+        return fail("Error", "interrupted")
+    except Exception as e:  # a bug or an unforeseen failure: keep the traceback in the log
+        import traceback
+
+        traceback.print_exc()
+        return fail("Error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:2000])
+    is_main = int(os.environ.get("RANK", "0")) == 0 or int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if is_main:
+        doc = write_termination(outcome.reason, outcome.message, result=outcome.result, step=outcome.step)
+        log_event("finished", **doc)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kubetune train")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

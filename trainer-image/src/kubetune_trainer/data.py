@@ -1,0 +1,427 @@
+"""Training data: JSON Lines in three formats, validated line by line, tokenized, optionally packed.
+
+- alpaca: {"instruction": str, "input": str?, "output": str}; the prompt is the Alpaca template.
+- chat:   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}, rendered with the
+          tokenizer's chat template.
+- text:   {"text": str}
+For alpaca and chat only response (assistant) tokens count in the loss.
+
+Labels are shifted per example here (``labels[t]`` is the token to predict after ``input_ids[t]``, or
+-100), so a packed sequence never learns to predict one example's first token from the previous one.
+Malformed lines stop the run with a BadData error naming the file and the line numbers, or are
+skipped and counted when dataset.onBadLine is skip.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
+
+IGNORE = -100
+MAX_REPORTED = 8  # bad lines named in one error message
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # already shifted: labels[t] is predicted from input_ids[:t+1]
+    position_ids: list[int] | None = None  # set for packed sequences
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataStats:
+    lines: int = 0
+    skipped_lines: int = 0
+    dropped_examples: int = 0  # nothing left to learn after truncation
+    truncated_examples: int = 0
+    format: str = ""
+    files: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# fetching
+
+
+def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print) -> list[tuple[str, Path]]:
+    """(display name, local path) of every .jsonl file a dataset URI names: a file or a prefix."""
+    from kubetune_trainer import storage as st
+
+    if uri.startswith("hf://"):
+        return _hf_dataset_files(uri, work_dir)
+    local = st.local_path_of(uri)
+    if local is not None:
+        if local.is_file():
+            return [(uri, local)]
+        if local.is_dir():
+            files = sorted(p for p in local.rglob("*.jsonl") if p.is_file())
+            if not files:
+                raise BadData(f"{uri}: no .jsonl files in this directory")
+            return [(f"{uri.rstrip('/')}/{p.relative_to(local).as_posix()}", p) for p in files]
+        raise BadData(f"{uri}: no such file or directory")
+    dest = work_dir / "data" / uri.replace("://", "/").replace("/", "_")
+    if uri.endswith(".jsonl"):  # a single object
+        parent_uri, _, name = uri.rpartition("/")
+        paths = st.download_tree(st.open_location(parent_uri, storage), dest, only=lambda k: k == name, log=log)
+        return [(uri, paths[0])]
+    loc = st.open_location(uri, storage)
+    try:
+        objs = loc.list("")
+    except Exception as e:
+        raise StorageFailed(f"cannot list {uri}: {st.short_error(e)}") from None
+    jsonl = [o for o in objs if o.key.endswith(".jsonl")]
+    if not jsonl:
+        raise BadData(f"{uri}: no .jsonl objects under this prefix")
+    paths = st.download_tree(loc, dest, only=lambda k: k.endswith(".jsonl"), log=log)
+    return [(f"{uri.rstrip('/')}/{p.relative_to(dest).as_posix()}", p) for p in sorted(paths)]
+
+
+def _hf_dataset_files(uri: str, work_dir: Path) -> list[tuple[str, Path]]:
+    repo, _, rev = uri[len("hf://"):].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo, repo_type="dataset", revision=rev or None, allow_patterns=["*.jsonl"],
+                                      cache_dir=str(work_dir / "hf")))
+    except Exception as e:
+        raise StorageFailed(f"{uri}: cannot download the dataset from the Hugging Face Hub: {e}") from None
+    files = sorted(path.rglob("*.jsonl"))
+    if not files:
+        raise BadData(f"{uri}: the dataset has no .jsonl files")
+    return [(f"{uri}/{p.relative_to(path).as_posix()}", p) for p in files]
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing and validation
+
+
+def detect_format(obj) -> str | None:
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "chat"
+    if "instruction" in obj and "output" in obj:
+        return "alpaca"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def check_record(obj, fmt: str) -> str | None:
+    """None when the record is valid for the format, else what is wrong with it."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if fmt == "alpaca":
+        for k in ("instruction", "output"):
+            if k not in obj:
+                return f"missing field {k!r} (alpaca lines need instruction and output)"
+            if not isinstance(obj[k], str):
+                return f"field {k!r} must be a string, got {type(obj[k]).__name__}"
+        if obj.get("input") is not None and not isinstance(obj["input"], str):
+            return f"field 'input' must be a string, got {type(obj['input']).__name__}"
+        if not obj["output"].strip():
+            return "field 'output' is empty"
+        return None
+    if fmt == "chat":
+        msgs = obj.get("messages")
+        if msgs is None:
+            return "missing field 'messages' (chat lines need a list of {role, content})"
+        if not isinstance(msgs, list) or not msgs:
+            return "field 'messages' must be a non-empty list"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                return f"messages[{i}] must be an object with role and content"
+            if m.get("role") not in ROLES:
+                return f"messages[{i}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})"
+            if not isinstance(m.get("content"), str):
+                return f"messages[{i}].content must be a string"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "no assistant message (nothing to learn from)"
+        return None
+    if fmt == "text":
+        if "text" not in obj:
+            return "missing field 'text'"
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            return "field 'text' must be a non-empty string"
+        return None
+    raise BadConfig(f"unknown dataset format {fmt!r}")
+
+
+def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stats: DataStats) -> tuple[list[dict], str]:
+    """Parse and validate every line. Returns the records and the (detected) format."""
+    records: list[dict] = []
+    bad: list[tuple[str, int, str]] = []
+    bad_count = 0
+    for name, path in files:
+        stats.files.append(name)
+        try:
+            fh = open(path, "rb")
+        except OSError as e:
+            raise BadData(f"{name}: cannot open: {e.strerror or e}") from None
+        with fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                    obj = None
+                else:
+                    if not line.strip():
+                        continue
+                    stats.lines += 1
+                    try:
+                        obj = json.loads(line)
+                        problem = None
+                    except json.JSONDecodeError as e:
+                        obj, problem = None, f"invalid JSON ({e.msg} at column {e.colno})"
+                if problem is None:
+                    if fmt == "auto":
+                        detected = detect_format(obj)
+                        if detected is None:
+                            problem = ("cannot detect the format from the first line: expected keys "
+                                       "instruction+output (alpaca), messages (chat) or text (text)")
+                        else:
+                            fmt = detected
+                    if problem is None:
+                        problem = check_record(obj, fmt)
+                if problem is not None:
+                    bad_count += 1
+                    if len(bad) < MAX_REPORTED:
+                        bad.append((name, lineno, problem))
+                    continue
+                records.append(obj)
+    if bad_count and on_bad_line == "fail":
+        raise BadData(_bad_message(bad, bad_count))
+    if bad_count:
+        stats.skipped_lines += bad_count
+    if fmt == "auto":
+        raise BadData(f"{', '.join(n for n, _ in files)}: no data lines")
+    stats.format = fmt
+    return records, fmt
+
+
+def _bad_message(bad: list[tuple[str, int, str]], total: int) -> str:
+    by_file: dict[str, list[str]] = {}
+    for name, line, problem in bad:
+        by_file.setdefault(name, []).append(f"line {line}: {problem}")
+    parts = [f"{name}: " + "; ".join(items) for name, items in by_file.items()]
+    more = f" (and {total - len(bad)} more)" if total > len(bad) else ""
+    lines_word = "line" if total == 1 else "lines"
+    return (f"{total} malformed {lines_word}{more}: " + " | ".join(parts)
+            + ". Fix them, or set spec.dataset.onBadLine: skip to drop and count them.")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenization
+
+
+def _shifted(ids: list[int], learn: list[bool]) -> list[int]:
+    """labels[t] = ids[t+1] where token t+1 is learned, else IGNORE."""
+    return [ids[t + 1] if learn[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+
+
+class Tokenize:
+    def __init__(self, tokenizer, fmt: str, max_len: int):
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.max_len = max_len
+        self.eos = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id
+        if fmt == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise BadConfig("dataset format chat needs a chat template, and the model's tokenizer has none "
+                            "(tokenizer_config.json chat_template); use format alpaca or text, or a model with one")
+
+    def _encode(self, text: str, bos: bool) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return ([self.bos] if bos and self.bos is not None else []) + ids
+
+    def __call__(self, rec: dict) -> tuple[list[int], list[bool]]:
+        if self.fmt == "text":
+            ids = self._encode(rec["text"], bos=True) + ([self.eos] if self.eos is not None else [])
+            return ids, [True] * len(ids)
+        if self.fmt == "alpaca":
+            inp = rec.get("input") or ""
+            prompt = (ALPACA_PROMPT if inp.strip() else ALPACA_PROMPT_NO_INPUT).format(instruction=rec["instruction"], input=inp)
+            p = self._encode(prompt, bos=True)
+            r = self._encode(rec["output"], bos=False) + ([self.eos] if self.eos is not None else [])
+            return p + r, [False] * len(p) + [True] * len(r)
+        return self._chat(rec["messages"])
+
+    def _render(self, msgs, gen: bool) -> str:
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def _chat(self, msgs: list[dict]) -> tuple[list[int], list[bool]]:
+        full = self._render(msgs, False)
+        spans = []  # character spans of assistant turns in the rendered text
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(msgs[:i], True) if i else ""
+            upto = self._render(msgs[: i + 1], False)
+            if not full.startswith(upto) or not upto.startswith(before):
+                raise BadConfig("the tokenizer's chat template does not render conversations incrementally, so "
+                                "assistant turns cannot be told apart for response-only loss")
+            spans.append((len(before), len(upto)))
+        enc = self.tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        learn = [any(s <= a < e for s, e in spans) for a, _ in offsets]
+        return list(ids), learn
+
+    def example(self, rec: dict, stats: DataStats) -> Example | None:
+        ids, learn = self(rec)
+        if len(ids) > self.max_len:
+            ids, learn = ids[: self.max_len], learn[: self.max_len]
+            stats.truncated_examples += 1
+        labels = _shifted(ids, learn)
+        if all(x == IGNORE for x in labels):
+            stats.dropped_examples += 1
+            return None
+        return Example(ids, labels)
+
+
+def tokenize_all(records: list[dict], tokenizer, fmt: str, max_len: int, stats: DataStats) -> list[Example]:
+    t = Tokenize(tokenizer, fmt, max_len)
+    out = []
+    for r in records:
+        ex = t.example(r, stats)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# splitting, packing, batching
+
+
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic hold-out: the same seed always holds out the same examples."""
+    n = len(examples)
+    n_val = max(1, int(math.ceil(n * fraction)))
+    if n_val >= n:
+        raise BadData(f"validationSplit {fraction} leaves no training data ({n} examples)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
+
+
+def pack(examples: list[Example], max_len: int) -> list[Example]:
+    """Concatenate examples (in order) into sequences of at most max_len tokens. Position ids restart
+    at each example, which is what keeps attention within an example (transformers builds a
+    block-diagonal causal mask from them when no attention mask is passed)."""
+    out: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    pos: list[int] = []
+    for ex in examples:
+        if ids and len(ids) + len(ex) > max_len:
+            out.append(Example(ids, labels, pos))
+            ids, labels, pos = [], [], []
+        ids = ids + ex.input_ids
+        labels = labels + ex.labels
+        pos = pos + list(range(len(ex)))
+    if ids:
+        out.append(Example(ids, labels, pos))
+    return out
+
+
+def collate(batch: list[Example], pad_id: int, pad_to: int | None = None):
+    """Right-padded tensors. Packed batches carry position_ids and no attention mask; padding is a
+    segment of its own whose labels are ignored."""
+    import torch
+
+    length = max(len(e) for e in batch)
+    if pad_to:
+        length = max(length, pad_to)
+    packed = batch[0].position_ids is not None
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    out = {"input_ids": ids, "labels": labels}
+    if packed:
+        pos = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e)
+            pos[i, :n] = torch.tensor(e.position_ids)
+            pos[i, n:] = torch.arange(length - n)
+        out["position_ids"] = pos
+    else:
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        out["attention_mask"] = mask
+    for i, e in enumerate(batch):
+        n = len(e)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        if not packed:
+            mask[i, :n] = 1
+    out["num_tokens"] = sum(len(e) for e in batch)
+    return out
+
+
+class Schedule:
+    """Which examples make up each micro batch, as a pure function of the micro-batch index.
+
+    Micro batches run as one stream across epochs: epoch e is a permutation seeded with seed+e, and
+    micro batch m of the stream is slice m % per_epoch of epoch m // per_epoch. An optimizer step s
+    uses micro batches s*ga .. s*ga+ga-1, so the data position is restored exactly from the step.
+    With several processes each global micro batch is split between the ranks.
+    """
+
+    def __init__(self, n: int, micro_batch: int, num_processes: int, rank: int, seed: int):
+        self.n = n
+        self.mb = micro_batch
+        self.nproc = num_processes
+        self.rank = rank
+        self.seed = seed
+        global_batch = micro_batch * num_processes
+        if num_processes > 1:
+            self.per_epoch = n // global_batch  # every rank gets a full micro batch
+        else:
+            self.per_epoch = math.ceil(n / global_batch)
+        if self.per_epoch < 1:
+            raise BadData(f"{n} training sequences are fewer than one micro batch over all processes "
+                          f"({micro_batch} x {num_processes}); add data or lower the batch size")
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    def _perm_for(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            import torch
+
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = torch.randperm(self.n, generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        perm = self._perm_for(epoch)
+        g = self.mb * self.nproc
+        chunk = perm[j * g: (j + 1) * g]
+        per = math.ceil(len(chunk) / self.nproc)
+        return chunk[self.rank * per: (self.rank + 1) * per] or chunk[:1]
+
+    def epoch_of(self, m: int) -> float:
+        return m / self.per_epoch
+
+
+def batches(examples: list[Example], batch_size: int) -> Iterator[list[Example]]:
+    for i in range(0, len(examples), batch_size):
+        yield examples[i: i + batch_size]

@@ -1,0 +1,454 @@
+"""The training loop, top to bottom.
+
+1. Plan: TrainerConfig -> TrainingPlan (the estimator's contract), an Accelerator for it.
+2. Data: fetch, validate, tokenize, hold out validation, pack.
+3. Model: load, apply the method, optimizer, scheduler.
+4. Resume: newest committed checkpoint in S3 -> model/adapter, optimizer, scheduler, RNG, data position.
+5. Train: gradient accumulation over micro batches, clipping, eval + early stopping, checkpoints
+   uploaded in the background.
+6. Finish: eval of base and tuned model, adapter (and merged model) to the output URI, result.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kubetune.api.v1alpha1 import ResultStatus, TrainerConfig
+from kubetune_trainer import checkpoint as ck
+from kubetune_trainer import data as dt
+from kubetune_trainer import storage as st
+from kubetune_trainer.config import plan_for
+from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
+from kubetune_trainer.model import LossHead, build_model, count_params, load_tokenizer, resolve_model_dir
+from kubetune_trainer.progress import Metrics, ProgressReporter, log_event, logger
+
+ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
+
+
+@dataclass
+class Outcome:
+    reason: str  # Completed | EarlyStopped
+    step: int
+    result: ResultStatus
+    message: str = ""
+    losses: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup helpers
+
+
+def make_accelerator(plan):
+    from accelerate import Accelerator
+
+    on_cuda = torch.cuda.is_available()
+    mp = "no"
+    if on_cuda and plan.compute_dtype != "fp32":
+        mp = "bf16" if plan.compute_dtype == "bf16" else "fp16"
+    kwargs: dict = {"mixed_precision": mp, "cpu": not on_cuda}
+    if plan.sharding == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            sharding_strategy="FULL_SHARD",
+            auto_wrap_policy="transformer_based_wrap",  # the model's _no_split_modules (its decoder blocks)
+            use_orig_params=True,  # freeze: frozen and trainable parameters share flat parameters
+            sync_module_states=True,
+            state_dict_type="SHARDED_STATE_DICT",
+        )
+    return Accelerator(**kwargs)
+
+
+def build_optimizer(model, plan, training, device):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "norm" not in name.lower() else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": training.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise BadConfig("nothing to train: the method left no trainable parameters")
+    lr = training.learning_rate
+    if plan.optimizer == "adamw":
+        fused = device.type == "cuda" and os.environ.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1"
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True if fused else None)
+    if device.type != "cuda":
+        raise BadConfig(f"training.optimizer {plan.optimizer} is bitsandbytes 8-bit AdamW and needs a CUDA GPU; "
+                        "use optimizer adamw on CPU")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if plan.optimizer == "adamw-8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+
+
+def all_sum(accelerator, values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return t.tolist()
+
+
+def evaluate(model, head: LossHead, val: list[dt.Example], micro_batch: int, accelerator, pad_id: int) -> float | None:
+    """Mean token loss over the validation set (all processes)."""
+    if not val:
+        return None
+    n, rank = accelerator.num_processes, accelerator.process_index
+    mine = val[rank::n]
+    rounds = math.ceil(math.ceil(len(val) / n) / micro_batch)  # same number of forwards on every rank
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(rounds):
+            chunk = mine[i * micro_batch:(i + 1) * micro_batch]
+            if not chunk:  # keep collective ops in step: a batch that counts for nothing
+                chunk = [dt.Example(val[0].input_ids, [dt.IGNORE] * len(val[0]))]
+            b = to_device(dt.collate(chunk, pad_id), accelerator.device)
+            with head.computing_loss(b["labels"]):
+                out = model(**model_inputs(b))
+            loss_sum += float(head.loss_from(out))
+            count += float((b["labels"] != dt.IGNORE).sum())
+    if was_training:
+        model.train()
+    loss_sum, count = all_sum(accelerator, [loss_sum, count])
+    return loss_sum / count if count else None
+
+
+def upload_dir(local: Path, loc: st.Location, log, attempts: int = 8) -> None:
+    """Upload a directory, then its manifest (files, sizes, sha256) last."""
+    entries = []
+    for p in sorted(q for q in local.rglob("*") if q.is_file()):
+        rel = p.relative_to(local).as_posix()
+        sha = st.sha256_file(p)
+        st._retry(lambda: loc.put_file(rel, p, sha256=sha), attempts, f"upload {loc.uri}/{rel}", log)
+        entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha})
+    body = json.dumps({"created": ck.now_iso(), "files": entries}, indent=1).encode()
+    st._retry(lambda: loc.put_bytes(st.MANIFEST, body), attempts, f"upload {loc.uri}/{st.MANIFEST}", log)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Outcome:
+    log = log or logger()
+    spec, paths = config.spec, config.paths
+    t = spec.training
+    plan = plan_for(config)
+
+    # --- 1. plan and processes -----------------------------------------------------------------
+    from transformers import get_scheduler, set_seed
+
+    accelerator = make_accelerator(plan)
+    device = accelerator.device
+    main = accelerator.is_main_process
+    if accelerator.num_processes != config.resolved.num_processes:
+        log(f"running {accelerator.num_processes} processes; the operator resolved {config.resolved.num_processes}")
+    set_seed(t.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    work = Path(paths.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    reporter = ProgressReporter(None)
+    if main:
+        parent, _, key = paths.progress_uri.rstrip("/").rpartition("/")
+        try:
+            reporter = ProgressReporter(st.open_location(parent, spec.storage), key, log=log,
+                                        interval=float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "10")))
+        except BadConfig as e:
+            log(f"progress reporting disabled: {e.message}")
+    metrics = Metrics(config.metrics_port if accelerator.local_process_index == 0 else 0)
+    reporter.update(state="starting")
+
+    # --- 2. data -------------------------------------------------------------------------------
+    model_dir = _on_local_main(accelerator, lambda: resolve_model_dir(spec.model.uri, spec.storage, work, log))
+    tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
+    ds = spec.dataset
+    stats = dt.DataStats()
+    files = _on_local_main(accelerator, lambda: dt.resolve_files(ds.uri, spec.storage, work, log))
+    records, fmt = dt.read_records(files, ds.format, ds.on_bad_line, stats)
+    train_ex = dt.tokenize_all(records, tokenizer, fmt, ds.max_seq_length, stats)
+    val_ex: list[dt.Example] = []
+    if ds.validation_uri:
+        vstats = dt.DataStats()
+        vfiles = _on_local_main(accelerator, lambda: dt.resolve_files(ds.validation_uri, spec.storage, work, log))
+        vrecords, vfmt = dt.read_records(vfiles, ds.format if ds.format != "auto" else fmt, ds.on_bad_line, vstats)
+        val_ex = dt.tokenize_all(vrecords, tokenizer, vfmt, ds.max_seq_length, vstats)
+        stats.skipped_lines += vstats.skipped_lines
+    elif ds.validation_split:
+        train_ex, val_ex = dt.split_validation(train_ex, ds.validation_split, t.seed)
+    if not train_ex:
+        raise BadData(f"{ds.uri}: no usable training examples ({stats.lines} lines, {stats.skipped_lines} skipped, "
+                      f"{stats.dropped_examples} with nothing to learn after truncation)")
+    packing = ds.packing
+    if packing and plan.method in ("prompt-tuning", "prefix-tuning"):
+        log("dataset.packing is ignored with prompt/prefix tuning (virtual tokens need one example per sequence)")
+        packing = False
+    if packing:
+        train_ex = dt.pack(train_ex, ds.max_seq_length)
+    log_event("data", format=fmt, files=len(files), lines=stats.lines, skippedLines=stats.skipped_lines,
+              truncated=stats.truncated_examples, dropped=stats.dropped_examples, train=len(train_ex),
+              validation=len(val_ex), packed=packing)
+
+    # --- 3. model, optimizer, schedule ---------------------------------------------------------
+    mbs, ga = plan.micro_batch_size, plan.gradient_accumulation_steps
+    sched = dt.Schedule(len(train_ex), mbs, accelerator.num_processes, accelerator.process_index, t.seed)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * sched.per_epoch / ga))
+    model, base = build_model(plan, spec, model_dir, device, log)
+    n_total, n_train = count_params(model)
+    head = LossHead(model, base, plan.fused_cross_entropy, device)
+    log_event("model", method=plan.method, params=n_total, trainable=n_train, lossHead=head.mode, lossImpl=head.impl,
+              weightDtype=str(next(base.parameters()).dtype), gradientCheckpointing=plan.gradient_checkpointing,
+              totalSteps=total_steps, microBatch=mbs, gradAccum=ga, processes=accelerator.num_processes,
+              sharding=plan.sharding, device=str(device))
+    model = accelerator.prepare(model)
+    if os.environ.get("KUBETUNE_COMPILE") == "1":
+        model = torch.compile(model)
+    optimizer = accelerator.prepare(build_optimizer(model, plan, t, device))
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    adapter_model = accelerator.unwrap_model(model) if plan.method in ADAPTER_METHODS else None
+    metrics.set(total_steps=total_steps)
+
+    # --- 4. resume -----------------------------------------------------------------------------
+    ckpt_loc = st.open_location(paths.checkpoints_uri, spec.storage)
+    state = {"step": 0, "best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
+             "base_eval_loss": None, "last_eval_loss": None, "last_eval_step": None, "tokens": 0,
+             "skipped_lines": stats.skipped_lines, "stopped_early": False, "train_loss": None}
+    found = _on_local_main(accelerator, lambda: _fetch_latest(ckpt_loc, work / "resume", log))
+    if found is not None:
+        path, committed = found
+        state.update(ck.load_local(path, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator))
+        reporter.resumed(state["step"])
+        reporter.checkpoint(f"{ckpt_loc.uri}/{committed.name}", committed.step, len(ck.list_committed(ckpt_loc)) if main else 0)
+        log_event("resumed", step=state["step"], checkpoint=f"{ckpt_loc.uri}/{committed.name}")
+    else:
+        reporter.update(state="evaluating")
+        state["base_eval_loss"] = evaluate(model, head, val_ex, mbs, accelerator, tokenizer.pad_token_id)
+        if state["base_eval_loss"] is not None:
+            log_event("eval", step=0, baseEvalLoss=state["base_eval_loss"])
+
+    uploader = None
+    if main:
+        def on_commit(uri, step, count):
+            reporter.checkpoint(uri, step, count)
+            if step is not None:
+                metrics.set(checkpoint_step=step)
+
+        uploader = ck.Uploader(ckpt_loc, spec.checkpoints.keep, log=log, on_commit=on_commit,
+                               on_failure=lambda m: metrics.inc("upload_failures"),
+                               max_backoff=float(os.environ.get("KUBETUNE_UPLOAD_MAX_BACKOFF", "30")))
+
+    def save(step: int, eval_loss: float | None) -> None:
+        d = ck.save_local(work / "checkpoints" / ck.ckpt_name(step), model=model, optimizer=optimizer,
+                          scheduler=scheduler, loop_state=dict(state), accelerator=accelerator,
+                          adapter_model=adapter_model)
+        if uploader is not None and d is not None:
+            uploader.submit(d, step, eval_loss)
+            log_event("checkpoint", step=step, local=str(d), pending=uploader.pending)
+
+    # --- 5. train ------------------------------------------------------------------------------
+    model.train()
+    reporter.update(state="training", total_steps=total_steps, step=state["step"])
+    pad_id = tokenizer.pad_token_id
+    window_tokens, window_start = 0, time.perf_counter()
+    run_start, run_start_step = time.perf_counter(), state["step"]
+    last_saved = state["step"] if found is not None else None
+    losses: list[tuple[int, float]] = []
+    while state["step"] < total_steps and not state["stopped_early"]:
+        step = state["step"]
+        micro = [dt.collate([train_ex[i] for i in sched.indices(step * ga + k)], pad_id,
+                            pad_to=ds.max_seq_length if packing else None) for k in range(ga)]
+        n_labels = sum(int((b["labels"] != dt.IGNORE).sum()) for b in micro)
+        (global_labels,) = all_sum(accelerator, [n_labels])
+        scale = accelerator.num_processes / max(1.0, global_labels)
+        loss_sum, n_tokens = 0.0, 0
+        for k, b in enumerate(micro):
+            b = to_device(b, device)
+            sync = k == ga - 1
+            ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
+            with ctx:
+                with head.computing_loss(b["labels"]):
+                    out = model(**model_inputs(b))
+                loss = head.loss_from(out)
+                accelerator.backward(loss * scale)
+            loss_sum += float(loss.detach())
+            n_tokens += b["num_tokens"]
+        grad_norm = None
+        if t.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        g_loss, g_tokens = all_sum(accelerator, [loss_sum, n_tokens])
+        step_loss = g_loss / max(1.0, global_labels)
+        state["step"] = step = step + 1
+        state["tokens"] += int(g_tokens)
+        state["train_loss"] = step_loss
+        losses.append((step, step_loss))
+        window_tokens += g_tokens
+        metrics.inc("tokens", g_tokens)
+
+        if step % t.logging_steps == 0 or step == total_steps:
+            now = time.perf_counter()
+            tps = window_tokens / max(1e-9, now - window_start)
+            window_tokens, window_start = 0, now
+            done = step - run_start_step
+            eta = int((now - run_start) / done * (total_steps - step)) if done else None
+            epoch = sched.epoch_of(step * ga)
+            lr = scheduler.get_last_lr()[0]
+            log_event("step", step=step, totalSteps=total_steps, loss=step_loss, lr=lr, epoch=round(epoch, 4),
+                      tokensPerSecond=round(tps, 1), gradNorm=float(grad_norm) if grad_norm is not None else None)
+            reporter.update(step=step, loss=step_loss, epoch=round(epoch, 4), tokens_per_second=round(tps, 1), eta_seconds=eta)
+            mem = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+            metrics.set(step=step, loss=step_loss, epoch=epoch, tokens_per_second=tps, learning_rate=lr, gpu_memory_peak=mem)
+
+        eval_loss = None
+        if t.eval_steps and step % t.eval_steps == 0 and val_ex:
+            reporter.update(state="evaluating")
+            eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id)
+            state["last_eval_loss"], state["last_eval_step"] = eval_loss, step
+            best = state["best_eval_loss"]
+            es = t.early_stopping
+            min_delta = es.min_delta if es else 0.0
+            if best is None or eval_loss < best - min_delta:
+                state["best_eval_loss"], state["best_step"], state["evals_without_improvement"] = eval_loss, step, 0
+            else:
+                state["evals_without_improvement"] += 1
+                if es and state["evals_without_improvement"] >= es.patience:
+                    state["stopped_early"] = True
+            log_event("eval", step=step, evalLoss=eval_loss, bestEvalLoss=state["best_eval_loss"],
+                      evalsWithoutImprovement=state["evals_without_improvement"])
+            reporter.update(state="training", eval_loss=eval_loss)
+            metrics.set(eval_loss=eval_loss)
+
+        if step % spec.checkpoints.save_steps == 0 or state["stopped_early"]:
+            save(step, eval_loss)
+            last_saved = step
+
+    # --- 6. finish -----------------------------------------------------------------------------
+    step = state["step"]
+    if last_saved != step:
+        save(step, state["last_eval_loss"] if state["last_eval_step"] == step else None)
+    reporter.update(state="evaluating")
+    tuned = state["last_eval_loss"] if state["last_eval_step"] == step else evaluate(model, head, val_ex, mbs, accelerator, pad_id)
+    result = ResultStatus()
+    m = result.metrics
+    if state["train_loss"] is not None:
+        m["trainLoss"] = state["train_loss"]
+    if tuned is not None:
+        m["evalLoss"] = tuned
+        m["perplexity"] = _ppl(tuned)
+    if state["base_eval_loss"] is not None:
+        m["baseEvalLoss"] = state["base_eval_loss"]
+        m["basePerplexity"] = _ppl(state["base_eval_loss"])
+    if state["best_eval_loss"] is not None:
+        m["bestEvalLoss"] = state["best_eval_loss"]
+        m["bestStep"] = float(state["best_step"])
+    m["skippedLines"] = float(stats.skipped_lines)
+    m["steps"] = float(step)
+    m["tokens"] = float(state["tokens"])
+    log_event("eval", step=step, evalLoss=tuned, final=True)
+
+    reporter.update(state="uploading")
+    head.restore()
+    out_loc = st.open_location(paths.output_uri, spec.storage)
+    _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, out_loc, result, log)
+    if head.mode == "fused":
+        head.head.forward = head._fused_forward
+
+    if uploader is not None:
+        timeout = float(os.environ.get("KUBETUNE_FINAL_UPLOAD_TIMEOUT", "1800"))
+        if not uploader.drain(timeout):
+            log(f"{uploader.pending} checkpoint upload(s) still pending after {timeout:.0f}s; the outputs are uploaded")
+        uploader.close()
+    reason = "EarlyStopped" if state["stopped_early"] else "Completed"
+    reporter.update(state="finished", step=step, eval_loss=tuned)
+    reporter.close()
+    msg = (f"stopped early at step {step}/{total_steps}: no eval-loss improvement in {t.early_stopping.patience} evaluations"
+           if state["stopped_early"] else f"trained {step} steps")
+    return Outcome(reason, step, result, msg, losses)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, out_loc, result, log) -> None:
+    """The adapter (or the full model) to <output>/adapter (/model), the merged model to <output>/merged."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    distributed = accelerator.num_processes > 1
+    full = plan.method not in ADAPTER_METHODS
+    sd = get_model_state_dict(model, options=ck._dcp_options(distributed, ignore_frozen_params=not full))
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    out = work / "output"
+    shutil.rmtree(out, ignore_errors=True)
+    sub = "model" if full else "adapter"
+    unwrapped.save_pretrained(str(out / sub), state_dict={k: v.detach().cpu().contiguous() for k, v in sd.items()})
+    tokenizer.save_pretrained(str(out / sub))
+    upload_dir(out / sub, out_loc.child(sub), log)
+    result.adapter_uri = f"{out_loc.uri.rstrip('/')}/{sub}/"
+    log_event("output", uri=result.adapter_uri)
+    if spec.output.merge_adapter and plan.method in ("lora", "qlora"):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype, torch.float32)
+        if not torch.cuda.is_available():
+            dtype = torch.float32
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=spec.model.trust_remote_code)
+        merged = PeftModel.from_pretrained(base, str(out / sub)).merge_and_unload()
+        merged.save_pretrained(str(out / "merged"))
+        tokenizer.save_pretrained(str(out / "merged"))
+        del merged, base
+        upload_dir(out / "merged", out_loc.child("merged"), log)
+        result.merged_uri = f"{out_loc.uri.rstrip('/')}/merged/"
+        log_event("output", uri=result.merged_uri, merged=True)
+    accelerator.wait_for_everyone()
+
+
+def _fetch_latest(loc, dest, log):
+    try:
+        return ck.fetch_latest(loc, dest, log)
+    except StorageFailed:
+        raise
+    except Exception as e:
+        raise StorageFailed(f"cannot read checkpoints at {loc.uri}: {st.short_error(e)}") from None
+
+
+def _on_local_main(accelerator, fn):
+    """Run fn on each node's first process (downloads), then on the others (now a cache hit)."""
+    if accelerator.num_processes == 1:
+        return fn()
+    with accelerator.local_main_process_first():
+        return fn()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

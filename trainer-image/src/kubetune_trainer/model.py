@@ -1,0 +1,341 @@
+"""Build the model, its trainable part and its loss from the TrainingPlan.
+
+The plan (kubetune.plan) is the contract with the memory estimator: the dtypes, the method, the
+adapter settings, gradient checkpointing and fused cross-entropy used here are exactly the ones it
+priced. On CPU everything computes in fp32 whatever the plan's precision (as the API documents).
+
+The loss: the output head's forward is swapped for one that returns the summed token cross-entropy
+(labels are set just before each forward), so full-vocabulary logits are never materialized when
+fusedCrossEntropy is on: Liger's fused linear cross-entropy on CUDA, a chunked torch implementation
+on CPU. Doing it inside the head keeps it inside FSDP's forward, where the head's weight is gathered.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kubetune_trainer.errors import BadConfig, ModelLoadFailed, StorageFailed
+
+IGNORE = -100
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# where the model comes from
+
+
+def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print) -> Path:
+    from kubetune_trainer import storage as st
+
+    if uri.startswith("hf://"):
+        repo, _, rev = uri[len("hf://"):].partition("@")
+        try:
+            from huggingface_hub import snapshot_download
+
+            # snapshot_download resumes partial files and checks them against the Hub's hashes
+            return Path(snapshot_download(repo, revision=rev or None, cache_dir=str(work_dir / "hf"),
+                                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
+        except Exception as e:
+            raise ModelLoadFailed(f"{uri}: cannot download from the Hugging Face Hub: {st.short_error(e)}") from None
+    local = st.local_path_of(uri)
+    if local is not None:
+        if not local.is_dir():
+            raise ModelLoadFailed(f"{uri}: no such model directory ({local})")
+        return local
+    dest = work_dir / "model"
+    try:
+        st.download_tree(st.open_location(uri, storage), dest, log=log)
+    except StorageFailed as e:
+        raise ModelLoadFailed(f"{uri}: {e.message}") from None
+    return dest
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadFailed(f"cannot load the tokenizer from {path}: {_short(e)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:400]
+
+
+# ---------------------------------------------------------------------------------------------
+# building per method
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The transformer blocks: the ModuleList holding the most parameters."""
+    best, best_n = None, -1
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = mod, n
+    if best is None:
+        raise BadConfig("cannot find the model's transformer blocks (freeze needs them)")
+    return best
+
+
+def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable[[str], None] = print):
+    """The model ready to train: base loaded in the plan's dtype, method applied, only the right
+    parameters trainable. Returns (model, base_model) where base_model is the transformers model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    on_cuda = device.type == "cuda"
+    weight_dtype = DTYPES[plan.weight_dtype] if on_cuda else torch.float32
+    trust = spec.model.trust_remote_code
+    kw: dict = dict(dtype=weight_dtype, attn_implementation="sdpa", trust_remote_code=trust)
+
+    if plan.method == "qlora":
+        if not on_cuda:
+            raise BadConfig("method.type qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this trainer runs on CPU. "
+                            "Use method.type lora, or give the job resources.gpusPerNode >= 1")
+        from transformers import BitsAndBytesConfig
+
+        compute = DTYPES[plan.compute_dtype] if plan.compute_dtype != "fp32" else torch.bfloat16
+        if plan.quant_bits == 4:
+            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=plan.quant_type or "nf4",
+                                   bnb_4bit_use_double_quant=plan.double_quant, bnb_4bit_compute_dtype=compute,
+                                   bnb_4bit_quant_storage=torch.uint8)
+        else:
+            q = BitsAndBytesConfig(load_in_8bit=True)
+        kw.update(quantization_config=q, device_map={"": device.index or 0})
+
+    has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
+    try:
+        if not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1":
+            # benchmarks and estimator calibration: real dims, random weights, no download
+            cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
+            log(f"no weight files in {model_dir}: random init from config.json (KUBETUNE_ALLOW_RANDOM_INIT=1)")
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation="sdpa",
+                                                         trust_remote_code=trust)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    except (BadConfig, ModelLoadFailed):
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:
+        raise ModelLoadFailed(f"cannot load the model from {model_dir}: {_short(e)}") from None
+    if plan.method != "qlora":
+        model.to(device)
+    model.config.use_cache = False
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if plan.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if plan.method in ("lora", "qlora", "prompt-tuning", "prefix-tuning"):
+            # inputs of the first checkpointed block must require grad when the embeddings are frozen
+            model.enable_input_require_grads()
+
+    if plan.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, model
+
+    if plan.method == "freeze":
+        layers = decoder_layers(model)
+        k = plan.trainable_layers or 0
+        if k > len(layers):
+            raise BadConfig(f"method.freeze.trainableLayers is {k} but the model has only {len(layers)} blocks")
+        for layer in list(layers)[len(layers) - k:]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        if plan.train_embeddings:
+            for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if mod is not None:
+                    for p in mod.parameters():
+                        p.requires_grad_(True)
+        return model, model
+
+    from peft import get_peft_model
+
+    if plan.method in ("lora", "qlora"):
+        from peft import LoraConfig
+
+        targets = list(plan.lora_targets)
+        target_modules = "all-linear" if targets == ["all-linear"] else targets
+        # QLoRA: peft's prepare_model_for_kbit_training would upcast every non-quantized weight to fp32;
+        # the plan (and the estimator) keep them in the compute dtype, so only what it needs is done:
+        # everything frozen (above) and input grads for checkpointing (above).
+        cfg = LoraConfig(r=plan.lora_rank, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
+                         target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
+    elif plan.method == "prompt-tuning":
+        from peft import PromptTuningConfig, PromptTuningInit
+
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens,
+                                 prompt_tuning_init=PromptTuningInit.RANDOM)
+    elif plan.method == "prefix-tuning":
+        from peft import PrefixTuningConfig
+
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens)
+    else:
+        raise BadConfig(f"unknown method {plan.method!r}")
+    try:
+        peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=(plan.adapter_dtype == "fp32"))
+    except ValueError as e:
+        raise BadConfig(f"cannot apply {plan.method}: {_short(e)}") from None
+    if plan.method in ("prompt-tuning", "prefix-tuning"):
+        # peft creates the prompt encoder in the default dtype; the plan says adapters are fp32
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(DTYPES[plan.adapter_dtype] if on_cuda else torch.float32)
+    return peft_model, model
+
+
+def count_params(model) -> tuple[int, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # bnb 4-bit packs two weights a byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Summed cross-entropy of (h @ W.T + b) without storing the logits: each chunk of rows computes
+    its logits, loss and gradients in the forward pass (as Liger does on GPU)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk_rows: int):
+        valid = (labels != IGNORE).nonzero(as_tuple=True)[0]
+        need_w = weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.zeros_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, valid.numel(), chunk_rows):
+            rows = valid[i:i + chunk_rows]
+            hc = h.index_select(0, rows)
+            y = labels.index_select(0, rows)
+            logits = (hc @ weight.t()).float()
+            if bias is not None:
+                logits = logits + bias.float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            g = torch.softmax(logits, dim=-1)
+            g[torch.arange(rows.numel(), device=h.device), y] -= 1.0
+            grad_h.index_copy_(0, rows, (g.to(weight.dtype) @ weight).to(h.dtype))
+            if need_w:
+                grad_w += g.t() @ hc.float()
+            if need_b:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, *(t for t in (grad_w, grad_b) if t is not None))
+        ctx.has = (need_w, need_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out
+        need_w, need_b = ctx.has
+        gw = (saved.pop(0) * grad_out).to(ctx.dtypes[0]) if need_w else None
+        gb = (saved.pop(0) * grad_out).to(ctx.dtypes[1]) if need_b else None
+        return grad_h, gw, gb, None, None
+
+
+def chunked_linear_ce(h, weight, bias, labels, chunk_rows: int | None = None):
+    if chunk_rows is None:
+        chunk_rows = max(16, (256 * 2**20) // (4 * weight.shape[0]))  # ~256 MiB of fp32 logits a chunk
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _ChunkedLinearCE.apply(h, weight, bias, labels, chunk_rows)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    valid = (labels != IGNORE).nonzero(as_tuple=True)[0]
+    for i in range(0, valid.numel(), chunk_rows):
+        rows = valid[i:i + chunk_rows]
+        logits = (h.index_select(0, rows) @ weight.t()).float()
+        if bias is not None:
+            logits = logits + bias.float()
+        total += F.cross_entropy(logits, labels.index_select(0, rows), reduction="sum")
+    return total
+
+
+class LossHead:
+    """Makes ``model(...)`` return the summed token loss in ``.logits`` while ``labels`` is set.
+
+    mode "fused": the output head computes the loss from hidden states (Liger on CUDA, chunked torch
+    on CPU); "logits": the head computes full logits and the loss is taken from them (fusedCrossEntropy
+    off, an adapted head, or models that transform logits after the head, e.g. soft-capping).
+    """
+
+    def __init__(self, model, base_model, fused: bool, device: torch.device, impl: str | None = None):
+        self.labels: torch.Tensor | None = None
+        self.head = base_model.get_output_embeddings()
+        softcap = getattr(base_model.config, "final_logit_softcapping", None)
+        plain = type(self.head) is torch.nn.Linear
+        self.mode = "fused" if fused and plain and softcap is None else "logits"
+        impl = impl or os.environ.get("KUBETUNE_FUSED_CE_IMPL") or ("liger" if device.type == "cuda" else "torch")
+        self.impl = impl if self.mode == "fused" else "none"
+        self._liger = None
+        if self.impl == "liger":
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+                self._liger = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
+            except ImportError:
+                self.impl = "torch"
+        self._orig = self.head.forward
+        if self.mode == "fused":
+            self.head.forward = self._fused_forward
+
+    def _labels_for(self, hidden_len: int) -> torch.Tensor:
+        y = self.labels
+        if y.shape[1] < hidden_len:  # prompt tuning prepends virtual tokens
+            pad = torch.full((y.shape[0], hidden_len - y.shape[1]), IGNORE, dtype=y.dtype, device=y.device)
+            y = torch.cat([pad, y], dim=1)
+        return y
+
+    def _fused_forward(self, hidden):
+        if self.labels is None:
+            return self._orig(hidden)
+        y = self._labels_for(hidden.shape[1]).reshape(-1)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if self._liger is not None:
+            return self._liger(self.head.weight, h, y, self.head.bias)
+        return chunked_linear_ce(h, self.head.weight, self.head.bias, y)
+
+    def loss_from(self, output) -> torch.Tensor:
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        if self.mode == "fused":
+            return logits
+        y = self._labels_for(logits.shape[1])
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+    @contextlib.contextmanager
+    def computing_loss(self, labels: torch.Tensor):
+        self.labels = labels
+        try:
+            yield
+        finally:
+            self.labels = None
+
+    def restore(self) -> None:
+        self.head.forward = self._orig

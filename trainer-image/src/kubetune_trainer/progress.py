@@ -1,0 +1,179 @@
+"""What the trainer tells the operator: live progress in S3, Prometheus metrics, the termination message.
+
+- paths.progressUri: a TrainerProgress JSON object, overwritten every ~10 s (and at each checkpoint
+  commit and at the end) by a background thread; a failed write is logged and retried next time.
+- /metrics on metricsPort (prometheus_client), scraped by the PodMonitor.
+- The termination message: a TrainerTermination JSON written to $KUBETUNE_TERMINATION_LOG, else
+  /dev/termination-log (the pod's terminationMessagePath), trimmed to what the kubelet keeps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Callable
+
+from kubetune.api.v1alpha1 import CheckpointStatus, Progress, ResultStatus, TrainerProgress, TrainerTermination
+
+TERMINATION_LIMIT = 4000  # the kubelet keeps 4096 bytes
+
+
+def log_event(event: str, **fields) -> None:
+    """One JSON line on stdout per event: what `kubectl logs` shows and what tests parse."""
+    rec = {"ts": round(time.time(), 3), "event": event, **fields}
+    print(json.dumps(rec, default=str), flush=True)
+
+
+def logger(event: str = "log") -> Callable[[str], None]:
+    return lambda msg: log_event(event, message=msg)
+
+
+class ProgressReporter:
+    def __init__(self, location=None, key: str | None = None, interval: float = 10.0, log: Callable[[str], None] = print):
+        self.loc = location
+        self.key = key
+        self.interval = interval
+        self.log = log
+        self.doc = TrainerProgress(state="starting")
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._thread = None
+        if self.loc is not None:
+            self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+            self._thread.start()
+
+    # --- updates (cheap; called from the training loop) ---
+    def update(self, state: str | None = None, **progress) -> None:
+        with self._lock:
+            if state:
+                self.doc.state = state
+            p = self.doc.progress
+            for k, v in progress.items():
+                setattr(p, k, v)
+            if p.total_steps:
+                p.percent = f"{int(100 * p.step / p.total_steps)}%"
+            p.updated_at = datetime.now(timezone.utc)
+        self._dirty.set()
+
+    def resumed(self, step: int) -> None:
+        with self._lock:
+            self.doc.resumed_from_step = step
+        self._dirty.set()
+
+    def checkpoint(self, uri: str | None, step: int | None, count: int) -> None:
+        with self._lock:
+            c = self.doc.checkpoints
+            if uri is not None:
+                c.latest_uri, c.latest_step, c.latest_time = uri, step, datetime.now(timezone.utc)
+            c.count = count
+        self.flush()
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self.doc.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    # --- writing ---
+    def flush(self) -> bool:
+        if self.loc is None:
+            return True
+        body = json.dumps(self.snapshot()).encode()
+        try:
+            self.loc.put_bytes(self.key, body)
+            return True
+        except Exception as e:
+            from kubetune_trainer.storage import short_error
+
+            self.log(f"progress write to {self.loc.uri}/{self.key} failed ({short_error(e)}); will retry")
+            self._dirty.set()
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self._dirty.is_set():
+                self._dirty.clear()
+                self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+
+class Metrics:
+    """Prometheus gauges; no-ops when the port is 0 or prometheus_client is missing."""
+
+    def __init__(self, port: int, labels: dict[str, str] | None = None):
+        self.enabled = False
+        self.port = port
+        if not port:
+            return
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        except ImportError:
+            return
+        reg = CollectorRegistry()
+        names = list((labels or {}).keys())
+        self._labels = labels or {}
+
+        def g(name, doc):
+            m = Gauge(name, doc, names, registry=reg)
+            return m.labels(**self._labels) if names else m
+
+        def c(name, doc):
+            m = Counter(name, doc, names, registry=reg)
+            return m.labels(**self._labels) if names else m
+
+        self.step = g("kubetune_trainer_step", "Optimizer steps done")
+        self.total_steps = g("kubetune_trainer_total_steps", "Optimizer steps planned")
+        self.epoch = g("kubetune_trainer_epoch", "Epochs done (fractional)")
+        self.loss = g("kubetune_trainer_loss", "Training loss of the last step")
+        self.eval_loss = g("kubetune_trainer_eval_loss", "Latest validation loss")
+        self.tokens_per_second = g("kubetune_trainer_tokens_per_second", "Training throughput over all processes")
+        self.learning_rate = g("kubetune_trainer_learning_rate", "Current learning rate")
+        self.checkpoint_step = g("kubetune_trainer_checkpoint_committed_step", "Step of the newest committed checkpoint")
+        self.upload_failures = c("kubetune_trainer_checkpoint_upload_failures", "Failed checkpoint upload attempts")
+        self.gpu_memory_peak = g("kubetune_trainer_gpu_memory_peak_bytes", "Peak GPU memory reserved by this process")
+        self.tokens = c("kubetune_trainer_tokens", "Training tokens processed")
+        try:
+            start_http_server(port, registry=reg)
+        except OSError as e:
+            print(f"metrics: cannot listen on :{port} ({e}); /metrics disabled", file=sys.stderr)
+            return
+        self.enabled = True
+
+    def set(self, **values) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if v is not None:
+                getattr(self, k).set(v)
+
+    def inc(self, name: str, amount: float = 1) -> None:
+        if self.enabled:
+            getattr(self, name).inc(amount)
+
+
+def termination_path() -> str:
+    return os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
+
+
+def write_termination(reason: str, message: str = "", result: ResultStatus | None = None, step: int | None = None) -> dict:
+    """Write the TrainerTermination JSON; returns it. Shortens the message until it fits."""
+    msg = message
+    while True:
+        doc = TrainerTermination(reason=reason, message=msg[:3000], result=result, step=step)
+        text = json.dumps(doc.model_dump(by_alias=True, exclude_none=True, mode="json"))
+        if len(text.encode()) <= TERMINATION_LIMIT or not msg:
+            break
+        msg = msg[: max(0, len(msg) - (len(text.encode()) - TERMINATION_LIMIT) - 10)]
+    path = termination_path()
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError:
+        pass  # not in a pod (no /dev/termination-log): stdout has it anyway
+    return json.loads(text)

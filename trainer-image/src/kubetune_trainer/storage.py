@@ -1,0 +1,406 @@
+"""Where things live: s3://, pvc://, file:// and plain local paths behind one small interface.
+
+- s3://bucket/prefix: boto3, honouring spec.storage (endpoint, region, path-style addressing) and the
+  standard credential chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the Secret the operator
+  mounts as env, or the pod's ambient identity). Endpoint-agnostic: AWS, MinIO, s3s-fs, moto...
+- pvc://claim/path: the claim is mounted at $KUBETUNE_PVC_ROOT/<claim> (default /mnt/pvc/<claim>).
+- file:///path and plain paths: the local filesystem.
+
+Downloads of whole trees (models, data prefixes) are resumable (a ``.part`` file continues with an
+HTTP Range request; complete files whose size and checksum are recorded are skipped) and verified
+(sha256 from a kubetune manifest or the object's ``sha256`` metadata, else the MD5 ETag, else size).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from kubetune_trainer.errors import BadConfig, StorageFailed
+
+CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the location's prefix
+    size: int
+    etag: str | None = None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def md5_file(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pvc_root() -> Path:
+    return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc"))
+
+
+def local_path_of(uri: str) -> Path | None:
+    """The filesystem path of a pvc://, file:// or plain-path URI; None for remote URIs."""
+    if uri.startswith("file://"):
+        return Path(uri[len("file://"):])
+    if uri.startswith("pvc://"):
+        claim, _, rest = uri[len("pvc://"):].partition("/")
+        return pvc_root() / claim / rest
+    if "://" in uri:
+        return None
+    return Path(uri)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise BadConfig(f"not an s3:// URI: {uri}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise BadConfig(f"s3 URI without a bucket: {uri}")
+    return bucket, key
+
+
+def _join(prefix: str, key: str) -> str:
+    if not prefix:
+        return key
+    return prefix.rstrip("/") + "/" + key.lstrip("/") if key else prefix
+
+
+class Location:
+    """A prefix (a 'directory') in some store. Keys are relative to it and use '/'."""
+
+    uri: str
+
+    def child(self, key: str) -> "Location":
+        raise NotImplementedError
+
+    def put_file(self, key: str, local: str | Path, sha256: str | None = None) -> None:
+        raise NotImplementedError
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes | None:
+        """The object's content, or None when it does not exist."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under prefix (recursive), keys relative to this location."""
+        raise NotImplementedError
+
+    def list_dirs(self) -> list[str]:
+        """Names of the immediate sub-prefixes."""
+        raise NotImplementedError
+
+    def delete(self, keys: Iterable[str]) -> None:
+        raise NotImplementedError
+
+    def download(self, key: str, dest: Path, size: int, etag: str | None, sha256: str | None) -> None:
+        raise NotImplementedError
+
+    def head_sha256(self, key: str) -> str | None:
+        return None
+
+
+class LocalLocation(Location):
+    def __init__(self, root: Path, uri: str | None = None):
+        self.root = Path(root)
+        self.uri = uri or f"file://{self.root}"
+
+    def child(self, key: str) -> "LocalLocation":
+        return LocalLocation(self.root / key, _join(self.uri, key))
+
+    def _p(self, key: str) -> Path:
+        return self.root / key if key else self.root
+
+    def put_file(self, key, local, sha256=None):
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dst)
+
+    def put_bytes(self, key, data):
+        dst = self._p(key)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+
+    def get_bytes(self, key):
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list(self, prefix=""):
+        base = self._p(prefix)
+        if base.is_file():
+            return [ObjectInfo(prefix, base.stat().st_size)]
+        if not base.is_dir():
+            return []
+        out = []
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size))
+        return out
+
+    def list_dirs(self):
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def delete(self, keys):
+        for k in keys:
+            p = self._p(k)
+            if p.is_file():
+                p.unlink()
+        # prune empty directories left behind
+        if self.root.is_dir():
+            for d in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+    def download(self, key, dest, size, etag, sha256):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._p(key), dest)
+
+
+class S3Location(Location):
+    def __init__(self, client, bucket: str, prefix: str):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+
+    def child(self, key: str) -> "S3Location":
+        return S3Location(self.client, self.bucket, _join(self.prefix, key))
+
+    def _k(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def put_file(self, key, local, sha256=None):
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        # upload_file: multipart above 8 MiB, with its own retries; our callers retry around it.
+        self.client.upload_file(str(local), self.bucket, self._k(key), ExtraArgs=extra)
+
+    def put_bytes(self, key, data):
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def get_bytes(self, key):
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+        except Exception as e:  # botocore ClientError 404 from some servers
+            if _is_not_found(e):
+                return None
+            raise
+
+    def head_sha256(self, key):
+        try:
+            meta = self.client.head_object(Bucket=self.bucket, Key=self._k(key)).get("Metadata") or {}
+        except Exception as e:
+            if _is_not_found(e):
+                return None
+            raise
+        return meta.get("sha256")
+
+    def list(self, prefix=""):
+        full = self._k(prefix)
+        if full and not full.endswith("/") and prefix == "":
+            full += "/"
+        out = []
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for o in page.get("Contents", []):
+                if o["Key"].endswith("/"):
+                    continue  # "directory marker" objects
+                out.append(ObjectInfo(o["Key"][strip:], int(o["Size"]), (o.get("ETag") or "").strip('"') or None))
+        return out
+
+    def list_dirs(self):
+        full = self.prefix + "/" if self.prefix else ""
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+            for cp in page.get("CommonPrefixes", []):
+                names.append(cp["Prefix"][len(full):].rstrip("/"))
+        return sorted(names)
+
+    def delete(self, keys):
+        keys = list(keys)
+        for i in range(0, len(keys), 1000):
+            objs = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objs, "Quiet": True})
+
+    def download(self, key, dest, size, etag, sha256):
+        """Resumable: bytes already in ``dest.part`` are kept and the rest is fetched with a Range request."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        if have < size:
+            kw = {"Range": f"bytes={have}-"} if have else {}
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kw)["Body"]
+            with open(part, "ab") as f:
+                for block in iter(lambda: body.read(CHUNK), b""):
+                    f.write(block)
+        elif not part.exists():
+            part.touch()
+        os.replace(part, dest)
+
+
+def _is_not_found(e: Exception) -> bool:
+    resp = getattr(e, "response", None) or {}
+    code = str((resp.get("Error") or {}).get("Code", ""))
+    status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in ("404", "NoSuchKey", "NotFound") or status == 404
+
+
+def s3_client(storage=None):
+    """A boto3 S3 client for spec.storage (endpoint, region, path style); credentials from the env."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = getattr(storage, "endpoint", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = getattr(storage, "region", None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    path_style = getattr(storage, "force_path_style", True)
+    cfg = Config(
+        region_name=region,
+        s3={"addressing_style": "path" if path_style else "auto"},
+        retries={"max_attempts": int(os.environ.get("KUBETUNE_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
+        connect_timeout=float(os.environ.get("KUBETUNE_S3_CONNECT_TIMEOUT", "5")),
+        read_timeout=float(os.environ.get("KUBETUNE_S3_READ_TIMEOUT", "60")),
+        # Recent botocore adds CRC checksums by default; some S3-compatible servers reject them.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg)
+
+
+_CLIENTS: dict = {}
+
+
+def open_location(uri: str, storage=None) -> Location:
+    """The Location of an s3://, pvc://, file:// URI or a local path."""
+    if uri.startswith("s3://"):
+        bucket, key = split_s3(uri)
+        ident = (getattr(storage, "endpoint", None), getattr(storage, "region", None), getattr(storage, "force_path_style", True))
+        if ident not in _CLIENTS:
+            _CLIENTS[ident] = s3_client(storage)
+        return S3Location(_CLIENTS[ident], bucket, key)
+    local = local_path_of(uri)
+    if local is None:
+        raise BadConfig(f"unsupported URI scheme: {uri} (expected s3://, pvc://, file:// or a path)")
+    return LocalLocation(local, uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable, verified tree downloads
+
+MANIFEST = "manifest.json"
+_STATE = ".kubetune-download.json"
+
+
+def _verify(path: Path, info: ObjectInfo, sha256: str | None) -> str | None:
+    """None when the file checks out, else what is wrong."""
+    size = path.stat().st_size
+    if size != info.size:
+        return f"size {size} != {info.size}"
+    if sha256:
+        got = sha256_file(path)
+        return None if got == sha256 else f"sha256 {got[:12]}.. != {sha256[:12]}.."
+    if info.etag and "-" not in info.etag and len(info.etag) == 32:
+        got = md5_file(path)
+        return None if got == info.etag else f"md5 {got} != ETag {info.etag}"
+    return None
+
+
+def download_tree(
+    loc: Location,
+    dest: Path,
+    *,
+    only: Callable[[str], bool] | None = None,
+    attempts: int = 4,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Mirror every object under ``loc`` into ``dest``; returns the local paths.
+
+    Restartable: files recorded as verified (same size and ETag) are skipped, and a partial
+    ``.part`` file is continued from where it stopped. Each file is verified after download.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    objs = [o for o in loc.list() if only is None or only(o.key)]
+    if not objs:
+        raise StorageFailed(f"nothing found at {loc.uri}")
+    shas: dict[str, str] = {}
+    if any(o.key == MANIFEST for o in objs):
+        try:
+            man = json.loads(loc.get_bytes(MANIFEST) or b"{}")
+            shas = {f["path"]: f["sha256"] for f in man.get("files", []) if "sha256" in f}
+        except (ValueError, TypeError):
+            shas = {}
+    state_file = dest / _STATE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = {}
+    out = []
+    for o in objs:
+        target = dest / o.key
+        out.append(target)
+        rec = state.get(o.key)
+        if rec and target.exists() and rec.get("size") == o.size and rec.get("etag") == o.etag and target.stat().st_size == o.size:
+            continue
+        sha = shas.get(o.key)
+        if sha is None and isinstance(loc, S3Location):
+            sha = _retry(lambda: loc.head_sha256(o.key), attempts, f"read metadata of {loc.uri}/{o.key}", log)
+        for attempt in range(2):
+            _retry(lambda: loc.download(o.key, target, o.size, o.etag, sha), attempts, f"download {loc.uri}/{o.key}", log)
+            problem = _verify(target, o, sha)
+            if problem is None:
+                break
+            target.unlink(missing_ok=True)
+            if attempt == 1:
+                raise StorageFailed(f"{loc.uri}/{o.key}: downloaded file does not verify ({problem})")
+            log(f"{o.key}: verification failed ({problem}); downloading again")
+        state[o.key] = {"size": o.size, "etag": o.etag}
+        state_file.write_text(json.dumps(state))
+    return out
+
+
+def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
+    for i in range(attempts):
+        try:
+            return fn()
+        except (StorageFailed, BadConfig):
+            raise
+        except Exception as e:  # network, 5xx, throttling: back off and try again
+            if i == attempts - 1:
+                raise StorageFailed(f"{what}: {short_error(e)}") from None
+            delay = min(30.0, base_delay * 2**i)
+            log(f"{what} failed ({short_error(e)}); retrying in {delay:.0f}s")
+            time.sleep(delay)
+
+
+def short_error(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
