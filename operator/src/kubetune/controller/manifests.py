@@ -93,8 +93,13 @@ def _join(prefix: str, *parts: str) -> str:
     return prefix.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts) + "/"
 
 
+def job_prefix(spec: FineTuneJobSpec, namespace: str, name: str) -> str:
+    """Where all of a FineTuneJob's checkpoints live, every run included."""
+    return _join(spec.checkpoints.uri, namespace, name)
+
+
 def run_paths(spec: FineTuneJobSpec, rid: RunIdentity) -> TrainerPaths:
-    run_prefix = _join(spec.checkpoints.uri, rid.namespace, rid.name, f"run-{rid.run}")
+    run_prefix = job_prefix(spec, rid.namespace, rid.name) + f"run-{rid.run}/"
     output = _join(spec.output.uri, rid.namespace, rid.name, f"run-{rid.run}") if spec.output.uri else run_prefix + "final/"
     return TrainerPaths(
         checkpoints_uri=run_prefix + "checkpoints/",

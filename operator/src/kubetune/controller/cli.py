@@ -1,0 +1,64 @@
+"""`kubetune operator`: run the FineTuneJob operator (kopf)."""
+from __future__ import annotations
+
+import argparse
+import random
+
+from kubetune.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables)")
+    p.add_argument("--metrics-address", default="0.0.0.0", help="address for /metrics")
+    p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint ('' disables)")
+    p.add_argument("--peering", default="kubetune", metavar="NAME",
+                   help="kopf peering object for leader election: of the replicas sharing it, only the one with "
+                        "the highest priority acts")
+    p.add_argument("--standalone", action="store_true", help="no peering (a single replica, or tests)")
+    p.add_argument("--priority", default="random",
+                   help="peering priority; 'random' (default) gives each replica a distinct one, because kopf "
+                        "pauses every operator when two share the highest priority")
+    p.add_argument("--image", default=None, help="default trainer image (runPolicy.image overrides it per job)")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
+    p.add_argument("--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.priority == "random":
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
+    else:
+        try:
+            priority = int(args.priority)
+        except ValueError:
+            raise UsageError(f"--priority must be an integer or 'random', got {args.priority!r}") from None
+    if not 0 <= args.metrics_port <= 65535:
+        raise UsageError(f"--metrics-port must be 0-65535, got {args.metrics_port}")
+
+    import logging
+
+    import kopf
+
+    from kubetune.controller import handlers, kube, metrics
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kube.configure(args.kubeconfig)
+    handlers.CONFIG.namespaces = list(args.namespace)
+    handlers.CONFIG.progress_interval = args.progress_interval
+    if args.image:
+        handlers.CONFIG.image = args.image
+    if args.metrics_port:
+        metrics.serve(args.metrics_port, args.metrics_address)
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.standalone,
+        peering_name=None if args.standalone else args.peering,
+        priority=priority,
+        liveness_endpoint=args.liveness or None,
+    )
+    return 0

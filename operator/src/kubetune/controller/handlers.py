@@ -1,0 +1,213 @@
+"""kopf handlers: thin. Each one observes, calls the pure ``reconcile``, and writes the outcome.
+
+Everything funnels into ``drive(namespace, name)``: FineTuneJob events, Job events of its
+children, node changes (for jobs waiting for a GPU that fits) and a timer that mirrors the
+trainer's progress while a run is active. ``drive`` re-reads the object, so a stale event body
+can never roll the status back, and holds a per-job lock so two triggers never interleave.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import kopf
+
+from kubetune.api.base import format_errors
+from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
+from kubetune.controller import kube, manifests, metrics, sources
+from kubetune.controller.fleet import read_fleet
+from kubetune.controller.reconcile import Observed, reconcile, status_patch
+
+log = logging.getLogger("kubetune.operator")
+
+ACTIVE_PHASES = ("Starting", "Running", "Suspended")
+RETRY_PHASES = ("Pending",)
+
+
+@dataclass
+class Config:
+    image: str = manifests.DEFAULT_IMAGE
+    progress_interval: float = 10.0
+    namespaces: list[str] = field(default_factory=list)
+
+
+CONFIG = Config()
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock_for(ns: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((ns, name), threading.Lock())
+
+
+# --- observe -------------------------------------------------------------------------------------
+
+
+_arch_cache: dict[tuple[str, str], tuple[float, object, str | None]] = {}
+
+
+def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str) -> tuple[object, str | None]:
+    """The model's architecture: inline, catalog, or its config.json (cached for a minute, so a
+    burst of jobs on one private model reads it once)."""
+    from kubetune.estimator import resolve_architecture
+
+    key = (ns, spec.model.model_dump_json())
+    hit = _arch_cache.get(key)
+    if hit and time.monotonic() - hit[0] < 60:
+        return hit[1], hit[2]
+    try:
+        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(spec, creds)), None
+    except ValueError as e:
+        arch, err = None, str(e)
+    _arch_cache[key] = (time.monotonic(), arch, err)
+    return arch, err
+
+
+def observe(body: dict) -> tuple[Observed, dict | None]:
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    status = FineTuneJobStatus.model_validate(body.get("status") or {})
+    try:
+        spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
+        spec_error = None
+    except ValueError as e:
+        spec, spec_error = None, "; ".join(format_errors(e, root="spec")) if hasattr(e, "errors") else str(e)
+    obs = Observed(name=name, namespace=ns, uid=meta.get("uid", ""), generation=meta.get("generation", 1),
+                   spec=spec, spec_error=spec_error, status=status)
+    if spec is None:
+        return obs, None
+
+    creds = None
+    ref = spec.storage.credentials_secret
+    if ref is not None:
+        creds = kube.read_secret(ns, ref.name)
+        if creds is None:
+            obs.secret_missing = (f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace "
+                                  f"{ns}: create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+        else:
+            missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in creds]
+            if missing:
+                obs.secret_missing = f"Secret {ref.name!r} has no key(s) {', '.join(missing)}: add them"
+    obs.arch, obs.arch_error = _architecture(spec, creds, ns)
+    obs.fleet = read_fleet(*kube.fleet_objects())
+
+    run = status.history[-1] if status.history else None
+    if run is not None and run.phase not in ("Succeeded", "Failed"):
+        rid = manifests.RunIdentity(ns, name, obs.uid, run.run)
+        obs.job = kube.get_job(ns, rid.job_name)
+        if obs.job is not None:
+            obs.pods = kube.list_pods(ns, name, run.run)
+            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
+    return obs, obs.job
+
+
+# --- drive: observe -> reconcile -> write ------------------------------------------------------
+
+
+def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = log) -> float | None:
+    with _lock_for(ns, name), metrics.RECONCILE.time():
+        body = kube.get_finetunejob(ns, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            obs, job = observe(body)
+            out = reconcile(obs, datetime.now(timezone.utc), image=CONFIG.image)
+            for obj in out.create:
+                kube.create(obj)
+            if out.create:
+                kube.invalidate_fleet()
+            if out.job_patch and out.status.history:
+                kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
+                               out.job_patch)
+            new = status_patch(out.status)
+            if {k: v for k, v in new.items() if v is not None} != (body.get("status") or {}):
+                kube.patch_status(ns, name, new)
+            for type_, reason, message in out.events:
+                kube.post_event(body, type_, reason, message)
+                logger.info(f"{ns}/{name}: {reason}: {message}")
+            metrics.TABLE.update(ns, name, obs.status, out.status, job)
+            return out.requeue_after
+        except Exception:
+            metrics.ERRORS.inc()
+            raise
+
+
+# --- kopf wiring -------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def _startup(settings: kopf.OperatorSettings, **_) -> None:
+    settings.persistence.finalizer = "kubetune.io/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="kubetune.io", key="last-handled-configuration")
+    settings.execution.max_workers = 16
+    settings.posting.level = logging.WARNING  # our own Events carry the transitions
+    settings.watching.server_timeout = 300
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
+    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+        return
+    drive(body.metadata["namespace"], body.metadata["name"], logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=10.0, initial_delay=5.0, idle=None,
+            when=lambda status, **_: (status or {}).get("phase") in ACTIVE_PHASES + RETRY_PHASES)
+def resync(body: kopf.Body, logger, **_) -> None:
+    """Mirror the trainer's progress (it lands in S3, which sends no events) and retry jobs that
+    wait for a Secret or a readable model config."""
+    drive(body.metadata["namespace"], body.metadata["name"], logger)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_JOB: kopf.PRESENT})
+def on_child_job(event: dict, body: kopf.Body, logger, **_) -> None:
+    # DELETED too: a Job deleted while its run is active is recreated.
+    owner = body.metadata.get("labels", {}).get(manifests.LABEL_JOB)
+    if owner:
+        drive(body.metadata["namespace"], owner, logger)
+
+
+_node_signatures: dict[str, tuple] = {}
+
+
+@kopf.on.event("", "v1", "nodes")
+def on_node(event: dict, body: kopf.Body, logger, **_) -> None:
+    """A GPU node appeared, changed or went away: jobs that found no GPU try again. Heartbeats
+    (status-only updates) are ignored."""
+    name = body.metadata["name"]
+    labels = body.metadata.get("labels") or {}
+    sig = (event.get("type") == "DELETED",
+           tuple(sorted((k, v) for k, v in labels.items() if k.startswith("nvidia.com/"))),
+           tuple(sorted((body.get("status") or {}).get("allocatable", {}).items())),
+           bool((body.get("spec") or {}).get("unschedulable")),
+           any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (body.get("status") or {}).get("conditions") or []))
+    if _node_signatures.get(name) == sig:
+        return
+    _node_signatures[name] = sig
+    kube.invalidate_fleet()
+    for ftj in kube.list_finetunejobs(CONFIG.namespaces or None):
+        if (ftj.get("status") or {}).get("phase") == "Unschedulable":
+            drive(ftj["metadata"]["namespace"], ftj["metadata"]["name"], logger)
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(body: kopf.Body, spec: kopf.Spec, logger, **_) -> None:
+    ns, name = body.metadata["namespace"], body.metadata["name"]
+    n = kube.delete_children(ns, name)
+    logger.info(f"{ns}/{name}: deleted {n} child object(s)")
+    try:
+        parsed = FineTuneJobSpec.model_validate(dict(spec))
+    except ValueError:
+        parsed = None
+    if parsed is not None and parsed.checkpoints.deletion_policy == "Delete":
+        creds = kube.read_secret(ns, parsed.storage.credentials_secret.name) if parsed.storage.credentials_secret else None
+        removed = sources.delete_prefix(parsed, creds, manifests.job_prefix(parsed, ns, name))
+        logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
+    metrics.TABLE.forget(ns, name)

@@ -1,0 +1,135 @@
+"""Prometheus metrics of the operator, served on /metrics.
+
+Per-job gauges come from a table the handlers update after each reconcile and are rendered at
+scrape time by a collector, so a deleted job's series disappear and "seconds since the last
+checkpoint" is computed when Prometheus asks, not when the operator last looked.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from kubetune.api.v1alpha1 import FineTuneJobStatus
+
+PHASES = ("Pending", "Unschedulable", "Starting", "Running", "Suspended", "Succeeded", "Failed")
+
+REGISTRY = CollectorRegistry()
+CREATED = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per run).", registry=REGISTRY)
+SUCCEEDED = Counter("kubetune_runs_succeeded_total", "Runs that succeeded.", registry=REGISTRY)
+FAILED = Counter("kubetune_runs_failed_total", "Runs that failed.", ["reason"], registry=REGISTRY)
+RESTARTED = Counter("kubetune_runs_restarted_total",
+                    "Trainer pods that failed or were preempted and were retried within a run.", registry=REGISTRY)
+OOM = Counter("kubetune_runs_oom_total", "Runs that ran out of memory.", registry=REGISTRY)
+PLACEMENT_FAILURES = Counter("kubetune_placement_failures_total", "Placements that found no GPU that fits.",
+                             ["reason"], registry=REGISTRY)
+RECONCILE = Histogram("kubetune_reconcile_duration_seconds", "Time to reconcile one FineTuneJob.",
+                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised (and will be retried).", registry=REGISTRY)
+
+
+@dataclass
+class JobRow:
+    phase: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    checkpoint_time: datetime | None = None
+    estimate_bytes: int | None = None
+    peak_bytes: int | None = None
+    pod_failures: int = 0
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], JobRow] = {}
+        self.lock = threading.Lock()
+
+    def collect(self):
+        now = datetime.now(timezone.utc)
+        by_phase = {p: 0 for p in PHASES}
+        g = {
+            "step": GaugeMetricFamily("kubetune_training_step", "Optimizer steps done.", labels=["namespace", "name"]),
+            "total": GaugeMetricFamily("kubetune_training_total_steps", "Optimizer steps planned.",
+                                       labels=["namespace", "name"]),
+            "loss": GaugeMetricFamily("kubetune_training_loss", "Recent training loss.", labels=["namespace", "name"]),
+            "eval": GaugeMetricFamily("kubetune_training_eval_loss", "Latest validation loss.",
+                                      labels=["namespace", "name"]),
+            "tps": GaugeMetricFamily("kubetune_training_tokens_per_second", "Training throughput.",
+                                     labels=["namespace", "name"]),
+            "ckpt": GaugeMetricFamily("kubetune_training_seconds_since_checkpoint",
+                                      "Seconds since the newest committed checkpoint.", labels=["namespace", "name"]),
+            "est": GaugeMetricFamily("kubetune_gpu_memory_estimate_bytes", "Per-GPU memory estimate.",
+                                     labels=["namespace", "name"]),
+            "peak": GaugeMetricFamily("kubetune_gpu_memory_peak_bytes",
+                                      "Peak per-GPU device memory the trainer reported.", labels=["namespace", "name"]),
+        }
+        with self.lock:
+            rows = list(self.rows.items())
+        for (ns, name), r in rows:
+            if r.phase in by_phase:
+                by_phase[r.phase] += 1
+            lab = [ns, name]
+            for key, value in (("step", r.step), ("total", r.total_steps), ("loss", r.loss), ("eval", r.eval_loss),
+                               ("tps", r.tokens_per_second), ("est", r.estimate_bytes), ("peak", r.peak_bytes)):
+                if value is not None:
+                    g[key].add_metric(lab, float(value))
+            if r.checkpoint_time is not None and r.phase in ("Running", "Starting", "Suspended"):
+                g["ckpt"].add_metric(lab, max(0.0, (now - r.checkpoint_time).total_seconds()))
+        phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
+        for p, n in by_phase.items():
+            phase.add_metric([p], n)
+        yield phase
+        yield from g.values()
+
+    def update(self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus,
+               job: dict | None) -> None:
+        key = (ns, name)
+        with self.lock:
+            row = self.rows.setdefault(key, JobRow())
+            prev_phase = row.phase if row.phase is not None else (old.phase if old else None)
+            row.phase = new.phase
+            if new.progress:
+                row.step, row.total_steps = new.progress.step, new.progress.total_steps
+                row.loss, row.eval_loss = new.progress.loss, new.progress.eval_loss
+                row.tokens_per_second = new.progress.tokens_per_second
+                row.peak_bytes = new.progress.peak_gpu_memory_bytes
+            row.checkpoint_time = new.checkpoints.latest_time if new.checkpoints else None
+            row.estimate_bytes = new.estimate.per_gpu_bytes if new.estimate else None
+            failures = int(((job or {}).get("status") or {}).get("failed") or 0)
+            new_failures = max(0, failures - row.pod_failures)
+            row.pod_failures = failures
+        if (old.run if old else None) != new.run and new.run:
+            CREATED.inc()
+        if new.phase != prev_phase:
+            if new.phase == "Succeeded":
+                SUCCEEDED.inc()
+            elif new.phase == "Failed":
+                reason = new.history[-1].reason if new.history else "InvalidSpec"
+                FAILED.labels(reason or "Unknown").inc()
+        ran_oom = [r for r in new.history if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
+        ran_oom_before = [r for r in (old.history if old else []) if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
+        if len(ran_oom) > len(ran_oom_before):
+            OOM.inc(len(ran_oom) - len(ran_oom_before))
+        if new.phase == "Unschedulable" and prev_phase != "Unschedulable":
+            sched = next((c for c in new.conditions if c.type == "Scheduled"), None)
+            PLACEMENT_FAILURES.labels(sched.reason if sched else "Unknown").inc()
+        if new_failures and new.phase not in ("Failed",):
+            RESTARTED.inc(new_failures)
+
+    def forget(self, ns: str, name: str) -> None:
+        with self.lock:
+            self.rows.pop((ns, name), None)
+
+
+TABLE = _Table()
+REGISTRY.register(TABLE)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=REGISTRY)

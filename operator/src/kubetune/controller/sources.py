@@ -1,0 +1,96 @@
+"""What the operator reads from outside Kubernetes: a model's config.json (when the model is not in
+the catalog) and the trainer's progress object in S3. Both use the job's own storage settings and
+credentials, so the operator sees exactly what the trainer sees."""
+from __future__ import annotations
+
+import json
+import threading
+from functools import lru_cache
+from urllib.parse import urlparse
+
+from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainerProgress
+
+_lock = threading.Lock()
+
+
+@lru_cache(maxsize=64)
+def _client(endpoint: str | None, region: str | None, key: str | None, secret: str | None, path_style: bool):
+    import boto3
+    from botocore.config import Config
+
+    with _lock:  # boto3's default session is not thread-safe to create clients from
+        session = boto3.session.Session()
+        return session.client(
+            "s3", endpoint_url=endpoint, region_name=region or "us-east-1",
+            aws_access_key_id=key, aws_secret_access_key=secret,
+            config=Config(s3={"addressing_style": "path" if path_style else "auto"},
+                          retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=5),
+        )
+
+
+def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None):
+    st = spec.storage
+    key = secret = None
+    if creds is not None and st.credentials_secret is not None:
+        key = creds.get(st.credentials_secret.access_key_id_key)
+        secret = creds.get(st.credentials_secret.secret_access_key_key)
+    return _client(st.endpoint, st.region, key, secret, st.force_path_style)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    u = urlparse(uri)
+    return u.netloc, u.path.lstrip("/")
+
+
+def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str) -> TrainerProgress | None:
+    """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
+    progress is informative, it must never fail a reconcile)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, key = split_s3(uri)
+    try:
+        body = s3_client(spec, creds).get_object(Bucket=bucket, Key=key)["Body"].read()
+        return TrainerProgress.model_validate(json.loads(body))
+    except (ClientError, BotoCoreError, ValueError):
+        return None
+
+
+def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None) -> str:
+    """config.json text for a model that is not in the catalog. Raises ValueError with a message
+    naming spec.model.uri when it cannot be read."""
+    uri = spec.model.uri
+    if uri.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, prefix = split_s3(uri)
+        key = (prefix.rstrip("/") + "/config.json").lstrip("/")
+        try:
+            return s3_client(spec, creds).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except (ClientError, BotoCoreError) as e:
+            raise ValueError(f"spec.model.uri: cannot read s3://{bucket}/{key}: {e}") from None
+    if uri.startswith("hf://"):
+        import urllib.request
+
+        name, _, rev = uri[len("hf://"):].partition("@")
+        url = f"https://huggingface.co/{name}/resolve/{rev or 'main'}/config.json"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (fixed https host)
+                return r.read().decode()
+        except OSError as e:
+            raise ValueError(f"spec.model.uri: {name} is not in kubetune's catalog and its config.json could not "
+                             f"be fetched from the Hugging Face Hub ({e})") from None
+    raise ValueError(f"spec.model.uri: the operator cannot read {uri.split('://')[0]}:// models; "
+                     "set spec.model.architecture")
+
+
+def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str) -> int:
+    """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
+    bucket, prefix = split_s3(uri)
+    s3 = s3_client(spec, creds)
+    n = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            n += len(keys)
+    return n
