@@ -369,6 +369,10 @@ class Resources(KModel):
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels the trainer pods require.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the trainer pods (preemption order).")
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\".",
+    )
 
     rules: ClassVar = (
         Rule(

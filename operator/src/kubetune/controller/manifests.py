@@ -277,7 +277,9 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                   "values": list(NON_RETRYABLE_EXIT_CODES + OOM_EXIT_CODES)}},
         ]},
-        "template": {"metadata": {"labels": {**rid.labels(), **(extra or {})}}, "spec": pod_spec},
+        "template": {"metadata": {"labels": {**rid.labels(), **(extra or {})},
+                                  **({"annotations": dict(r.pod_annotations)} if r.pod_annotations else {})},
+                     "spec": pod_spec},
     }
     if rp.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
