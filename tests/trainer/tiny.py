@@ -10,6 +10,7 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|> {% endif %}"
 )
+INIT_RANGE = 0.2  # logits of a usable scale, so adapters over frozen heads can learn in a few steps
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>"]
 
 FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "lime", "mango", "melon", "peach", "pear", "plum", "kiwi"]
@@ -99,7 +100,7 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "llama") -> Path:
     tok = build_tokenizer(out)
     cls = LlamaConfig if family == "llama" else Qwen2Config
     cfg = cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-              vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
+              vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False, initializer_range=INIT_RANGE,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -107,7 +107,9 @@ def plan_from_spec(
         trainable_dtype=trainable,
         compute_dtype=compute,
         optimizer=t.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # peft's prefix tuning feeds its virtual tokens as a KV cache, which recomputation would append
+        # twice: the trainer cannot checkpoint activations there, so neither may the estimate assume it.
+        gradient_checkpointing=t.gradient_checkpointing and m.type != "prefix-tuning",
         fused_cross_entropy=t.fused_cross_entropy,
         micro_batch_size=int(mbs),
         seq_len=spec.dataset.max_seq_length,

@@ -120,8 +120,7 @@ def evaluate(model, head: LossHead, val: list[dt.Example], micro_batch: int, acc
                 chunk = [dt.Example(val[0].input_ids, [dt.IGNORE] * len(val[0]))]
             b = to_device(dt.collate(chunk, pad_id), accelerator.device)
             with head.computing_loss(b["labels"]):
-                out = model(**model_inputs(b))
-            loss_sum += float(head.loss_from(out))
+                loss_sum += float(head.loss_from(model(**model_inputs(b))))
             count += float((b["labels"] != dt.IGNORE).sum())
     if was_training:
         model.train()
@@ -271,6 +270,7 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
     run_start, run_start_step = time.perf_counter(), state["step"]
     last_saved = state["step"] if found is not None else None
     losses: list[tuple[int, float]] = []
+    debug_sleep = float(os.environ.get("KUBETUNE_DEBUG_STEP_SLEEP", "0"))
     while state["step"] < total_steps and not state["stopped_early"]:
         step = state["step"]
         micro = [dt.collate([train_ex[i] for i in sched.indices(step * ga + k)], pad_id,
@@ -285,8 +285,7 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
             ctx = accelerator.no_sync(model) if not sync and accelerator.num_processes > 1 else _null()
             with ctx:
                 with head.computing_loss(b["labels"]):
-                    out = model(**model_inputs(b))
-                loss = head.loss_from(out)
+                    loss = head.loss_from(model(**model_inputs(b)))
                 accelerator.backward(loss * scale)
             loss_sum += float(loss.detach())
             n_tokens += b["num_tokens"]
@@ -305,6 +304,9 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
         window_tokens += g_tokens
         metrics.inc("tokens", g_tokens)
 
+        if debug_sleep:  # tests: stretch a tiny run so it can be killed or outlive an outage
+            time.sleep(debug_sleep)
+
         if step % t.logging_steps == 0 or step == total_steps:
             now = time.perf_counter()
             tps = window_tokens / max(1e-9, now - window_start)
@@ -316,7 +318,9 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
             log_event("step", step=step, totalSteps=total_steps, loss=step_loss, lr=lr, epoch=round(epoch, 4),
                       tokensPerSecond=round(tps, 1), gradNorm=float(grad_norm) if grad_norm is not None else None)
             reporter.update(step=step, loss=step_loss, epoch=round(epoch, 4), tokens_per_second=round(tps, 1), eta_seconds=eta)
-            mem = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
+            mem = peak_device_memory() if device.type == "cuda" else None
+            if mem is not None:
+                reporter.update(peak_gpu_memory_bytes=mem)
             metrics.set(step=step, loss=step_loss, epoch=epoch, tokens_per_second=tps, learning_rate=lr, gpu_memory_peak=mem)
 
         eval_loss = None
@@ -384,6 +388,13 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
     msg = (f"stopped early at step {step}/{total_steps}: no eval-loss improvement in {t.early_stopping.patience} evaluations"
            if state["stopped_early"] else f"trained {step} steps")
     return Outcome(reason, step, result, msg, losses)
+
+
+def peak_device_memory() -> int:
+    """CUDA context + the allocator's peak reservation (what has to fit on the GPU)."""
+    free, total = torch.cuda.mem_get_info()
+    context_and_other = max(0, (total - free) - torch.cuda.memory_reserved())
+    return int(torch.cuda.max_memory_reserved() + context_and_other)
 
 
 def _ppl(loss: float) -> float:

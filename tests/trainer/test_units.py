@@ -1,0 +1,166 @@
+"""Fast checks of the trainer's parts (no training)."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny
+from kubetune_trainer import data as dt
+from kubetune_trainer import storage as st
+from kubetune_trainer.cli import launch_command
+from kubetune_trainer.config import load_config, parse_config
+from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
+from kubetune_trainer.model import chunked_linear_ce
+from kubetune_trainer.progress import write_termination
+
+
+def test_chunked_linear_ce_matches_torch():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[::5] = -100
+    loss = chunked_linear_ce(h, w, None, y, chunk_rows=7)
+    loss.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.t(), y, ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-4)
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5)
+    assert torch.allclose(w.grad, w2.grad, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(chunked_linear_ce(h, w, None, y, chunk_rows=5), ref, atol=1e-4)
+
+
+def test_bad_lines_name_file_and_lines(tmp_path):
+    f = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(10),
+                         {3: '{"instruction": "x", "output": ', 6: '{"instruction": "x"}', 9: "[1, 2]"})
+    with pytest.raises(BadData) as e:
+        dt.read_records([("s3://b/train.jsonl", f)], "auto", "fail", dt.DataStats())
+    msg = e.value.message
+    assert "3 malformed lines" in msg and "s3://b/train.jsonl" in msg
+    assert "line 3: invalid JSON" in msg and "line 6: missing field 'output'" in msg and "line 9: expected a JSON object" in msg
+    assert "onBadLine: skip" in msg
+    stats = dt.DataStats()
+    recs, fmt = dt.read_records([("train.jsonl", f)], "auto", "skip", stats)
+    assert (len(recs), fmt, stats.skipped_lines) == (10, "alpaca", 3)
+
+
+def test_format_mismatch_and_chat_checks(tmp_path):
+    f = tiny.write_jsonl(tmp_path / "c.jsonl", tiny.chat_rows(3) + [{"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(BadData, match=r"line 4: messages\[0\].role must be one of"):
+        dt.read_records([("c.jsonl", f)], "chat", "fail", dt.DataStats())
+    g = tiny.write_jsonl(tmp_path / "t.jsonl", [{"foo": 1}])
+    with pytest.raises(BadData, match="line 1: cannot detect the format"):
+        dt.read_records([("t.jsonl", g)], "auto", "fail", dt.DataStats())
+
+
+def test_alpaca_loss_counts_only_the_response(model_dir):
+    tok = __import__("kubetune_trainer.model", fromlist=["x"]).load_tokenizer(model_dir)
+    rec = {"instruction": "What color is the apple ?", "input": "", "output": "The apple is red ."}
+    ex = dt.Tokenize(tok, "alpaca", 512).example(rec, dt.DataStats())
+    learned = [ex.input_ids[t + 1] for t, y in enumerate(ex.labels) if y != dt.IGNORE]
+    assert learned == tok("The apple is red .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all(y in (dt.IGNORE, ex.input_ids[t + 1]) for t, y in enumerate(ex.labels[:-1]))
+
+
+def test_chat_loss_counts_only_assistant_turns(model_dir):
+    from kubetune_trainer.model import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    rec = tiny.chat_rows(1)[0]
+    ex = dt.Tokenize(tok, "chat", 512).example(rec, dt.DataStats())
+    learned = tok.decode([ex.input_ids[t + 1] for t, y in enumerate(ex.labels) if y != dt.IGNORE])
+    # each assistant turn and the end-of-turn token that closes it (so the model learns to stop)
+    answers = " ".join(m["content"] + " <|end|>" for m in rec["messages"] if m["role"] == "assistant")
+    assert learned.split() == answers.split()
+
+
+def test_packing_keeps_examples_apart():
+    exs = [dt.Example([1, 2, 3], [2, 3, -100]), dt.Example([4, 5], [5, -100]), dt.Example([6, 7, 8, 9], [7, 8, 9, -100])]
+    packed = dt.pack(exs, 6)
+    assert [p.input_ids for p in packed] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    assert packed[0].position_ids == [0, 1, 2, 0, 1]
+    b = dt.collate(packed, pad_id=0, pad_to=6)
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]
+    assert b["labels"].tolist()[0] == [2, 3, -100, 5, -100, -100]
+    assert "attention_mask" not in b
+
+
+def test_schedule_is_a_function_of_the_step():
+    a = dt.Schedule(10, 3, 1, 0, seed=5)
+    b = dt.Schedule(10, 3, 1, 0, seed=5)
+    assert a.per_epoch == 4
+    seq = [a.indices(m) for m in range(12)]
+    assert [b.indices(m) for m in reversed(range(12))][::-1] == seq
+    assert sorted(sum(seq[:4], [])) == list(range(10))
+    assert seq[:4] != seq[4:8]  # a new order each epoch
+    r0, r1 = dt.Schedule(10, 2, 2, 0, 5), dt.Schedule(10, 2, 2, 1, 5)
+    assert not set(r0.indices(0)) & set(r1.indices(0))
+
+
+def test_split_is_deterministic():
+    a = dt.split_validation(list(range(100)), 0.1, 3)
+    assert a == dt.split_validation(list(range(100)), 0.1, 3)
+    assert len(a[1]) == 10 and not set(a[0]) & set(a[1])
+
+
+def test_download_tree_resumes_and_verifies(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(b"x" * 1000)
+    (src / "sub" / "b.txt").write_text("hello")
+    man = {"files": [{"path": "a.bin", "size": 1000, "sha256": st.sha256_file(src / "a.bin")},
+                     {"path": "sub/b.txt", "size": 5, "sha256": "0" * 64}]}
+    (src / "manifest.json").write_text(json.dumps(man))
+    dest = tmp_path / "dest"
+    with pytest.raises(StorageFailed, match="sub/b.txt: downloaded file does not verify"):
+        st.download_tree(st.LocalLocation(src), dest, log=lambda m: None)
+    man["files"][1]["sha256"] = st.sha256_file(src / "sub" / "b.txt")
+    (src / "manifest.json").write_text(json.dumps(man))
+    st.download_tree(st.LocalLocation(src), dest, log=lambda m: None)
+    assert (dest / "a.bin").read_bytes() == b"x" * 1000
+
+
+def test_bad_config_names_the_field(tmp_path, model_dir):
+    cfg = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl")
+    cfg["spec"]["method"]["lora"]["rnak"] = 3
+    cfg["spec"]["training"]["learningRate"] = -1
+    with pytest.raises(BadConfig) as e:
+        parse_config(cfg, "trainer.yaml")
+    assert "spec.method.lora.rnak: unknown field" in e.value.message
+    assert "spec.training.learningRate" in e.value.message
+    (tmp_path / "c.yaml").write_text("a: [1,")
+    with pytest.raises(BadConfig, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, model_dir):
+    from kubetune_trainer.config import plan_for
+    from kubetune_trainer.model import build_model
+
+    raw = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", method={"type": "qlora"})
+    raw["spec"]["resources"]["gpusPerNode"] = 1
+    cfg = parse_config(raw)
+    with pytest.raises(BadConfig, match="qlora needs a CUDA GPU"):
+        build_model(plan_for(cfg), cfg.spec, model_dir, torch.device("cpu"))
+
+
+def test_launch_command_uses_indexed_job_env(tmp_path, model_dir):
+    cfg = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", resolved={"numProcesses": 16}))
+    cfg.spec.resources.nodes, cfg.spec.resources.gpus_per_node = 2, 8
+    env = {"JOB_COMPLETION_INDEX": "1", "MASTER_ADDR": "job-0.job-svc", "MASTER_PORT": "29400"}
+    cmd = launch_command(cfg, "/etc/kubetune/trainer.yaml", env)
+    s = " ".join(cmd)
+    assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip job-0.job-svc --main_process_port 29400" in s
+    assert s.endswith("-m kubetune_trainer.cli --config /etc/kubetune/trainer.yaml --no-launch")
+    assert launch_command(cfg, "x", {**env, "LOCAL_RANK": "0"}) is None
+    single = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl"))
+    assert launch_command(single, "x", {}) is None
+
+
+def test_termination_message_fits(tmp_path):
+    doc = write_termination("BadData", "x" * 10000, step=3)
+    text = (tmp_path / "termination-log").read_text()
+    assert len(text.encode()) <= 4000 and json.loads(text)["reason"] == "BadData" and doc["step"] == 3
