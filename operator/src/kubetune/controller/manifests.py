@@ -35,8 +35,9 @@ METRICS_PORT = 9090
 UID = 1000
 # Trainer exit codes that retrying the same pod cannot fix (bad config, bad data): fail the Job at
 # once instead of burning backoffLimit. OOM is handled by the operator (retry with fit advice).
+# Codes are the trainer's (kubetune_trainer.cli.EXIT).
 NON_RETRYABLE_EXIT_CODES = (2, 3)
-OOM_EXIT_CODES = (137,)
+OOM_EXIT_CODES = (6, 137)  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer
 
 
 @dataclass(frozen=True)
