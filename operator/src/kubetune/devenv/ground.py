@@ -31,6 +31,12 @@ CONTROLLERS = (
     "job-controller", "garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
     "ttl-after-finished-controller", "deployment-controller", "replicaset-controller",
     "pod-garbage-collector-controller", "root-ca-certificate-publisher-controller",
+    # The TaintNodesByCondition admission plugin gives every new node a not-ready:NoSchedule taint that
+    # only this controller lifts once the node reports Ready. It also taints nodes whose KWOK lease
+    # lapses, and the taint-eviction controller then evicts their pods, as on a real cluster.
+    "node-lifecycle-controller", "taint-eviction-controller",
+    # Fills the built-in aggregated roles (view, edit, admin); without it `view` grants nothing.
+    "clusterrole-aggregation-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
@@ -167,6 +173,9 @@ def _argv(name: str, lay: Layout, state: dict) -> list[str]:
         return [str(kube / "kube-apiserver"), "--etcd-servers", f"http://127.0.0.1:{p['etcd']}",
                 "--cert-dir", str(lay.serving), "--secure-port", str(p["apiserver"]),
                 "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+                # The reconciler refuses a loopback address for the `kubernetes` Service; nothing runs
+                # in-cluster here (KWOK pods are fake), so no one needs that Service's endpoints.
+                "--endpoint-reconciler-type", "none",
                 "--service-cluster-ip-range", SERVICE_CIDR,
                 "--service-account-issuer", f"https://127.0.0.1:{p['apiserver']}",
                 "--service-account-key-file", str(lay.sa_key),
@@ -299,6 +308,11 @@ def _seed_cluster(state: dict, lay: Layout) -> None:
                 "-p", json.dumps({"status": m["status"]}))
     kubectl(state, lay, "wait", "--for=condition=Ready", "node", "-l", f"{fleet.FLEET_LABEL}=true",
             "--timeout=60s", timeout=90)
+    wait_until("the not-ready taints to be lifted", lambda: "not-ready" not in kubectl(
+        state, lay, "get", "nodes", "-l", f"{fleet.FLEET_LABEL}=true", "-o", "jsonpath={.items[*].spec.taints}"
+    ).stdout, 60, 0.3)
+    wait_until("the aggregated `view` role", lambda: kubectl(
+        state, lay, "get", "clusterrole", "view", "-o", "jsonpath={.rules}", check=False).stdout.strip(), 60, 0.3)
     _wait("serviceaccount default/default", lambda: kubectl(
         state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, None, 60)
 
