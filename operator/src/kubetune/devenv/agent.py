@@ -89,7 +89,18 @@ class Agent:
         self.heartbeat()
 
     def heartbeat(self) -> None:
+        # Both signals the node-lifecycle controller reads: the Ready condition and the node Lease.
         self.core.patch_node_status(self.node, node_status(self.cpu, self.memory))
+        coord = client.CoordinationV1Api()
+        renew = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        lease = {"metadata": {"name": self.node, "namespace": "kube-node-lease"},
+                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": renew}}
+        try:
+            coord.patch_namespaced_lease(self.node, "kube-node-lease", {"spec": lease["spec"]})
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            coord.create_namespaced_lease("kube-node-lease", lease)
 
     def heartbeats(self) -> None:
         while not self.stop.wait(10):
