@@ -1,0 +1,223 @@
+"""GPU sizes, the ``auto`` micro-batch solver and fit advice."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubetune.estimator.arch import Architecture
+from kubetune.estimator.memory import GIB, MIB, Estimate, estimate
+from kubetune.plan import TrainingPlan
+
+# Safety margin: the estimator is calibrated to be at most 5% under the measured device memory, so a
+# plan "fits" a GPU when its estimate is at most 95% of the GPU's memory.
+DEFAULT_MARGIN = 0.05
+MAX_MICRO_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class GpuSize:
+    """A GPU memory class. ``bytes`` is the total the driver reports (nvidia-smi / the GPU feature
+    discovery label nvidia.com/gpu.memory, in MiB) for the smallest common product of the class: a
+    nominal "80GB" H100 reports 81559 MiB (79.6 GiB), and kubetune's estimate includes the CUDA context,
+    so the two compare directly; the margin covers estimation error."""
+
+    name: str
+    mib: int
+    examples: str
+
+    @property
+    def bytes(self) -> int:
+        return self.mib * MIB
+
+    @property
+    def gib(self) -> float:
+        return self.mib / 1024
+
+
+GPU_SIZES: tuple[GpuSize, ...] = (
+    GpuSize("16GB", 15360, "T4, V100-16GB, RTX A4000"),
+    GpuSize("24GB", 23028, "A10G, L4, RTX 4090, RTX A5000"),
+    GpuSize("40GB", 40536, "A100-40GB"),
+    GpuSize("48GB", 46068, "L40S, L40, RTX A6000"),
+    GpuSize("80GB", 81559, "H100 80GB, A100-80GB"),
+    GpuSize("141GB", 143771, "H200"),
+)
+GPU_SIZE_BYTES: tuple[int, ...] = tuple(g.bytes for g in GPU_SIZES)
+
+
+def gpu_name(nbytes: int) -> str:
+    for g in GPU_SIZES:
+        if g.bytes == nbytes:
+            return g.name
+    return f"{nbytes / GIB:.1f}GiB"
+
+
+def fits(est: Estimate, gpu_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
+    return est.total_bytes <= gpu_bytes * (1.0 - margin)
+
+
+def max_micro_batch(
+    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN, limit: int = MAX_MICRO_BATCH
+) -> int:
+    """Largest micro batch whose estimate fits ``gpu_bytes`` with ``margin`` to spare (0: not even 1).
+
+    Memory grows monotonically with the micro batch, so this is a binary search (~12 estimates).
+    """
+    budget = gpu_bytes * (1.0 - margin)
+    if estimate(arch, plan.with_(micro_batch_size=1)).total_bytes > budget:
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and estimate(arch, plan.with_(micro_batch_size=hi)).total_bytes <= budget:
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:  # lo fits, hi does not (or is past the limit)
+        mid = (lo + hi) // 2
+        if estimate(arch, plan.with_(micro_batch_size=mid)).total_bytes <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A nearby configuration that fits: what changes, the changed plan, its estimate, where it fits."""
+
+    description: str
+    plan: TrainingPlan
+    estimate: Estimate
+    gpu_bytes: int  # the smallest of the given GPU sizes it fits
+    changes: int  # how many settings differ from the original plan
+
+    @property
+    def gpu(self) -> str:
+        return gpu_name(self.gpu_bytes)
+
+    def to_dict(self) -> dict:
+        p = self.plan
+        return {
+            "change": self.description,
+            "fits": self.gpu,
+            "total_gib": round(self.estimate.total_gib, 3),
+            "method": p.method,
+            "micro_batch_size": p.micro_batch_size,
+            "gradient_accumulation_steps": p.gradient_accumulation_steps,
+            "gradient_checkpointing": p.gradient_checkpointing,
+            "fused_cross_entropy": p.fused_cross_entropy,
+            "num_processes": p.num_processes,
+            "sharding": p.sharding,
+            "optimizer": p.optimizer,
+        }
+
+
+def _smallest_fit(est: Estimate, sizes: list[int], margin: float) -> int | None:
+    for s in sizes:
+        if fits(est, s, margin):
+            return s
+    return None
+
+
+def _qlora(p: TrainingPlan) -> TrainingPlan:
+    return p.with_(method="qlora", quant_bits=4, quant_type="nf4", double_quant=True)
+
+
+def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float) -> TrainingPlan | None:
+    """Largest smaller micro batch that fits ``gpu`` and divides the per-GPU batch, accumulating more
+    so that micro_batch x accumulation (hence the effective batch) stays the same."""
+    per_gpu = p.micro_batch_size * p.gradient_accumulation_steps
+    m = min(max_micro_batch(arch, p, gpu, margin), p.micro_batch_size - 1)
+    while m >= 1:
+        if per_gpu % m == 0:
+            return p.with_(micro_batch_size=m, gradient_accumulation_steps=per_gpu // m)
+        m -= 1
+    return None
+
+
+def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float) -> TrainingPlan | None:
+    eff = p.micro_batch_size * p.gradient_accumulation_steps * p.num_processes
+    for n in (2, 4, 8, 16, 32, 64):
+        if n <= p.num_processes:
+            continue
+        ga = max(1, round(eff / (p.micro_batch_size * n)))
+        q = p.with_(num_processes=n, sharding="fsdp", gradient_accumulation_steps=ga)
+        if _smallest_fit(estimate(arch, q), sizes, margin) is not None:
+            return q
+    return None
+
+
+def fit_advice(
+    arch: Architecture, plan: TrainingPlan, gpu_sizes_bytes: tuple[int, ...] | list[int] = GPU_SIZE_BYTES,
+    margin: float = DEFAULT_MARGIN,
+) -> list[Advice]:
+    """Nearest configurations that fit one of ``gpu_sizes_bytes`` when ``plan`` fits none of them.
+
+    Single changes first (fused cross-entropy, gradient checkpointing, a smaller micro batch with more
+    accumulation, 8-bit AdamW, QLoRA instead of LoRA, more GPUs with FSDP), then the cheap changes
+    combined with the others. Each comes with its estimate and the smallest given GPU size it fits.
+    Returns [] when ``plan`` already fits.
+    """
+    sizes = sorted(gpu_sizes_bytes)
+    if not sizes or _smallest_fit(estimate(arch, plan), sizes, margin) is not None:
+        return []
+    biggest = sizes[-1]
+    out: list[Advice] = []
+    seen: set[tuple] = set()
+
+    def add(desc: str, q: TrainingPlan | None, changes: int) -> None:
+        if q is None:
+            return
+        key = (q.method, q.micro_batch_size, q.gradient_accumulation_steps, q.gradient_checkpointing,
+               q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer)
+        if key in seen:
+            return
+        e = estimate(arch, q)
+        s = _smallest_fit(e, sizes, margin)
+        if s is not None:
+            seen.add(key)
+            out.append(Advice(desc, q, e, s, changes))
+
+    cheap: list[tuple[str, TrainingPlan]] = []
+    if not plan.fused_cross_entropy:
+        cheap.append(("fused cross-entropy on", plan.with_(fused_cross_entropy=True)))
+    if not plan.gradient_checkpointing:
+        cheap.append(("gradient checkpointing on", plan.with_(gradient_checkpointing=True)))
+    for d, q in cheap:
+        add(d, q, 1)
+    q = _smaller_batch(arch, plan, biggest, margin)
+    if q is not None:
+        add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
+            f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
+    if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
+        add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
+    if plan.method == "lora":
+        add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
+    q = _more_gpus(arch, plan, sizes, margin)
+    if q is not None:
+        add(f"{q.num_processes} GPUs with FSDP", q, 1)
+
+    if not out or len(out) < 2:
+        # combinations: all cheap changes, then each bigger change on top of them
+        both = plan.with_(fused_cross_entropy=True, gradient_checkpointing=True)
+        n0 = sum(1 for _ in cheap)
+        label = " + ".join(d for d, _ in cheap)
+        if n0 >= 2:
+            add(label, both, n0)
+        prefix = (label + " + ") if n0 else ""
+        q = _smaller_batch(arch, both, biggest, margin)
+        if q is not None:
+            add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q, n0 + 1)
+        if plan.method == "lora":
+            add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
+            qb = _smaller_batch(arch, _qlora(both), biggest, margin)
+            if qb is not None:
+                add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
+        if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
+            add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
+        q = _more_gpus(arch, both, sizes, margin)
+        if q is not None:
+            add(f"{prefix}{q.num_processes} GPUs with FSDP", q, n0 + 1)
+        q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
+        q = _more_gpus(arch, q1, sizes, margin)
+        if q is not None:
+            add(f"{prefix}micro batch 1 + {q.num_processes} GPUs with FSDP", q, n0 + 2)
+    out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
+    return out

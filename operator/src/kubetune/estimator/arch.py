@@ -1,0 +1,541 @@
+"""Model architectures for the memory estimate.
+
+A Hugging Face config.json (or an inline ``spec.model.architecture``, or a catalog entry) becomes an
+:class:`Architecture`: normalized dimensions plus a table of every parameter-bearing module, so that
+parameter counts (total, LoRA, frozen, quantizable) are exact sums of module shapes rather than
+rules of thumb. Everything that does not depend on the training plan is computed once here.
+
+Pure Python: no torch, no transformers. Module names and shapes follow transformers' modeling files
+(``modeling_llama.py``, ``modeling_phi3.py``, ``modeling_gpt_neox.py``, ``modeling_gpt2.py``,
+``modeling_bert.py``, ...) for AutoModelForCausalLM; ``tests/unit/test_estimator_real_models.py``
+checks the counts against models that transformers builds from the same config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kubetune.errors import UsageError
+
+# Activation groups: which tensor a linear layer reads. Adapters on modules of the same group share
+# (or each copy) the same input, which is what decides activation memory (see memory.py).
+ATTN_IN = "attn_in"  # output of the pre-attention norm (BERT: the layer input)
+ATTN_OUT = "attn_out"  # attention output, already saved by SDPA
+MLP_IN = "mlp_in"  # output of the pre-MLP norm
+MLP_MID = "mlp_mid"  # MLP intermediate (act(gate) * up, or act(fc))
+SHARED_MID = "shared_mid"  # MoE shared expert intermediate
+HEAD_IN = "head_in"  # BERT-style LM head transform input (last hidden state)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear (or GPT-2 Conv1D) in a block: what peft can adapt and bitsandbytes quantizes."""
+
+    name: str  # leaf module name, as peft's target_modules match it
+    d_in: int
+    d_out: int
+    bias: bool
+    group: str
+
+    @property
+    def params(self) -> int:
+        return self.d_in * self.d_out + (self.d_out if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class MoE:
+    experts: int
+    top_k: int
+    intermediate: int  # per expert
+    shared_intermediate: int = 0  # qwen2_moe shared expert (0: none)
+
+    @property
+    def expert_params(self) -> int:
+        # transformers >= 5 stores experts as fused 3D tensors (gate_up_proj [E, 2i, h], down_proj [E, h, i]):
+        # not nn.Linear, so neither peft's all-linear nor bitsandbytes touch them.
+        return 0
+
+
+@dataclass(frozen=True)
+class Block:
+    """A transformer block (all blocks of one kind are identical)."""
+
+    linears: tuple[Linear, ...]
+    other_params: int  # norms, routers, 3D expert tensors: not Linear modules
+    expert_params: int = 0  # part of other_params that are MoE expert weights
+    moe: MoE | None = None
+
+    @property
+    def linear_params(self) -> int:
+        return sum(m.params for m in self.linears)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+@dataclass(frozen=True, eq=False)
+class Architecture:
+    """Normalized architecture with exact parameter bookkeeping.
+
+    ``blocks`` is a tuple of (count, Block) so that models with two kinds of layer (Qwen-MoE dense and
+    sparse layers) stay exact. Head-related modules live outside the blocks.
+    """
+
+    model_type: str
+    family: str  # llama | phi3 | gpt_neox | gpt2 | bert (how a block is wired; see memory.py)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    blocks: tuple[tuple[int, Block], ...]
+    embed_params: int  # input token embeddings
+    other_embed_params: int  # position / token-type embeddings, embedding norm
+    lm_head_params: int  # 0 when tied
+    final_norm_params: int
+    head_linears: tuple[Linear, ...] = ()  # LoRA-targetable linears outside blocks (BERT LM-head transform)
+    head_other_params: int = 0  # head norms, output bias
+    extra_frozen_params: int = 0  # parts a text fine-tune never runs (Gemma 3 vision tower)
+    norm: str = "rms"  # rms | gemma | ln  (how norms save activations)
+    gated_mlp: bool = True
+    act: str = "silu"  # silu | gelu | gelu_new (gelu_new is element-wise python: saves more)
+    qk_norm: bool = False
+    norms_per_block: int = 2
+    parallel_residual: bool = False
+    final_logit_softcapping: bool = False
+    attn_softcapping: bool = False
+    eager_attention: bool = False  # transformers has no SDPA path for this model (Gemma 2): s^2 scores stored
+    sliding_window: int | None = None
+    max_position_embeddings: int | None = None
+    hidden_dropout: float = 0.0
+    approximate: bool = False  # model_type not modelled exactly: llama-style layout assumed
+    name: str | None = None  # catalog id when it came from the catalog
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def block_params(self) -> int:
+        return sum(n * b.params for n, b in self.blocks)
+
+    @property
+    def total_params(self) -> int:
+        """Parameters of the base model (tied weights counted once), as ``sum(p.numel())`` reports."""
+        c = self._cache.get("total")
+        if c is None:
+            c = (
+                self.embed_params
+                + self.other_embed_params
+                + self.block_params
+                + self.final_norm_params
+                + self.lm_head_params
+                + sum(m.params for m in self.head_linears)
+                + self.head_other_params
+                + self.extra_frozen_params
+            )
+            self._cache["total"] = c
+        return c
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters inside nn.Linear modules that bitsandbytes quantizes (all but the output head)."""
+        return sum(n * b.linear_params for n, b in self.blocks) + sum(m.params for m in self.head_linears)
+
+    @property
+    def largest_block_params(self) -> int:
+        return max(b.params for _, b in self.blocks)
+
+    @property
+    def head_params(self) -> int:
+        """Parameters outside the blocks that a run uses (embeddings, final norm, output head)."""
+        return self.total_params - self.block_params - self.extra_frozen_params
+
+    def module_names(self) -> set[str]:
+        names = {m.name for _, b in self.blocks for m in b.linears}
+        names.update(m.name for m in self.head_linears)
+        return names
+
+    def lora_modules(self, targets: tuple[str, ...]) -> tuple[tuple[int, Linear], ...]:
+        """(count over the model, Linear) for every module LoRA adapts, as peft matches ``targets``.
+
+        ``all-linear`` is every Linear/Conv1D but the output head (peft's rule). A name matches a
+        module whose leaf name equals it (peft also matches dotted suffixes: the last component is
+        used here). Unknown names raise a UsageError listing the model's module names.
+        """
+        key = ("lora_modules", targets)
+        c = self._cache.get(key)
+        if c is not None:
+            return c
+        names = self.module_names()
+        wanted: set[str] = set()
+        for t in targets:
+            t = t.strip()
+            if t in ("all-linear", "all_linear", "all"):
+                wanted |= names
+                continue
+            leaf = t.rsplit(".", 1)[-1]
+            if leaf not in names:
+                raise UsageError(
+                    f"LoRA target {t!r} is not a linear module of {self.model_type}: use all-linear or some of "
+                    f"{', '.join(sorted(names))}"
+                )
+            wanted.add(leaf)
+        out: list[tuple[int, Linear]] = []
+        for n, b in self.blocks:
+            out.extend((n, m) for m in b.linears if m.name in wanted)
+        out.extend((1, m) for m in self.head_linears if m.name in wanted)
+        res = tuple(out)
+        self._cache[key] = res
+        return res
+
+    def lora_params(self, targets: tuple[str, ...], rank: int) -> int:
+        """peft LoRA parameters: r * (d_in + d_out) per adapted module (lora_A, lora_B, no bias)."""
+        return sum(n * rank * (m.d_in + m.d_out) for n, m in self.lora_modules(targets))
+
+    def summary(self) -> str:
+        moe = next((b.moe for _, b in self.blocks if b.moe), None)
+        s = (
+            f"{self.model_type}: {self.num_layers} layers, hidden {self.hidden_size}, heads {self.num_heads}/"
+            f"{self.num_kv_heads}x{self.head_dim}, mlp {self.intermediate_size}, vocab {self.vocab_size}"
+        )
+        if moe:
+            s += f", {moe.experts} experts (top-{moe.top_k}, {moe.intermediate} wide)"
+        if self.tie_word_embeddings:
+            s += ", tied embeddings"
+        return s
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json -> Architecture
+
+
+def _get(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        v = cfg.get(k)
+        if v is not None:
+            return v
+    return default
+
+
+def _req_int(cfg: Mapping[str, Any], where: str, *keys: str, default: Any = None) -> int:
+    v = _get(cfg, *keys, default=default)
+    if v is None:
+        raise UsageError(f"{where}: missing {keys[0]} (needed for the memory estimate)")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+        raise UsageError(f"{where}: {keys[0]} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+# model_type -> family. Families share a block layout; the rest are dims.
+LLAMA_LIKE = {
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "internlm2", "yi", "deepseek",
+}
+FAMILIES = {
+    **{t: "llama" for t in LLAMA_LIKE},
+    "phi3": "phi3",
+    "gpt_neox": "gpt_neox",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+}
+# transformers' default tie_word_embeddings per model_type (used when config.json leaves it out)
+_TIE_DEFAULT = {"gemma": True, "gemma2": True, "gemma3": True, "gemma3_text": True, "gpt2": True, "bert": True,
+                "roberta": True, "xlm-roberta": True}
+SUPPORTED = sorted(FAMILIES)
+
+
+def from_config(config: Mapping[str, Any], where: str = "config.json", name: str | None = None) -> Architecture:
+    """Build an Architecture from config.json keys (snake_case, as on the Hub).
+
+    ``where`` names the source in error messages (a file path, a catalog name or spec.model.uri).
+    """
+    if not isinstance(config, Mapping):
+        raise UsageError(f"{where}: expected a JSON object (a Hugging Face config.json)")
+    cfg: dict[str, Any] = dict(config)
+    model_type = cfg.get("model_type")
+    # Multimodal wrappers (Gemma 3 4B+): the language model is text_config; the vision tower is
+    # counted as frozen parameters that a text fine-tune never runs.
+    extra_frozen = 0
+    if isinstance(cfg.get("text_config"), Mapping):
+        text = dict(cfg["text_config"])
+        if model_type == "gemma3":
+            extra_frozen = _gemma3_vision_params(cfg.get("vision_config") or {}, text)
+        text.setdefault("model_type", {"gemma3": "gemma3_text"}.get(str(model_type), model_type))
+        if "tie_word_embeddings" in cfg and "tie_word_embeddings" not in text:
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        cfg, model_type = text, text["model_type"]
+    if not model_type or not isinstance(model_type, str):
+        raise UsageError(f"{where}: missing model_type (one of {', '.join(SUPPORTED)})")
+    family = FAMILIES.get(model_type)
+    approximate = family is None
+    if approximate:
+        # Unknown decoder: if it has the usual keys, price it as a llama-style block and say so.
+        if not all(k in cfg for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")):
+            raise UsageError(
+                f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)}); "
+                "give an inline spec.model.architecture with a supported modelType"
+            )
+        family = "llama"
+    builder = {"llama": _llama, "phi3": _phi3, "gpt_neox": _gpt_neox, "gpt2": _gpt2, "bert": _bert}[family]
+    arch = builder(cfg, model_type, where)
+    if extra_frozen or approximate or name:
+        arch = _replace(arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name)
+    return arch
+
+
+def _replace(a: Architecture, **kw: Any) -> Architecture:
+    from dataclasses import replace
+
+    return replace(a, _cache={}, **kw)
+
+
+def _tie(cfg: Mapping[str, Any], model_type: str) -> bool:
+    v = cfg.get("tie_word_embeddings")
+    return bool(_TIE_DEFAULT.get(model_type, False) if v is None else v)
+
+
+def _attn_dims(cfg: Mapping[str, Any], where: str, h: int) -> tuple[int, int, int]:
+    heads = _req_int(cfg, where, "num_attention_heads", "n_head")
+    kv = _req_int(cfg, where, "num_key_value_heads", default=heads)
+    hd = cfg.get("head_dim")
+    if hd is None:
+        if h % heads:
+            raise UsageError(f"{where}: hidden_size {h} is not divisible by num_attention_heads {heads}; set head_dim")
+        hd = h // heads
+    hd = _req_int({"head_dim": hd}, where, "head_dim")
+    if heads % kv:
+        raise UsageError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    return heads, kv, hd
+
+
+def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    h = _req_int(cfg, where, "hidden_size")
+    L = _req_int(cfg, where, "num_hidden_layers")
+    heads, kv, hd = _attn_dims(cfg, where, h)
+    inter = _req_int(cfg, where, "intermediate_size")
+    V = _req_int(cfg, where, "vocab_size")
+    qd, kvd = heads * hd, kv * hd
+    gemma = model_type.startswith("gemma")
+    if model_type in ("qwen2", "qwen2_moe"):
+        qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
+    else:
+        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+    qk_norm = model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2")
+    attn = (
+        Linear("q_proj", h, qd, qkv_bias, ATTN_IN),
+        Linear("k_proj", h, kvd, qkv_bias, ATTN_IN),
+        Linear("v_proj", h, kvd, qkv_bias, ATTN_IN),
+        Linear("o_proj", qd, h, o_bias, ATTN_OUT),
+    )
+    norms_per_block = 4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2
+    norm_params = norms_per_block * h + (2 * hd if qk_norm else 0)
+    if model_type == "olmo2":  # q/k norms over the whole projection
+        norm_params = norms_per_block * h + qd + kvd
+
+    def dense_mlp(i: int) -> tuple[Linear, ...]:
+        return (
+            Linear("gate_proj", h, i, mlp_bias, MLP_IN),
+            Linear("up_proj", h, i, mlp_bias, MLP_IN),
+            Linear("down_proj", i, h, mlp_bias, MLP_MID),
+        )
+
+    blocks: list[tuple[int, Block]] = []
+    n_experts = _get(cfg, "num_local_experts", "num_experts", default=0) or 0
+    if n_experts:
+        top_k = _req_int(cfg, where, "num_experts_per_tok", default=2)
+        moe_i = _req_int(cfg, where, "moe_intermediate_size", "intermediate_size")
+        shared_i = int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
+        moe = MoE(int(n_experts), top_k, moe_i, shared_i)
+        experts = int(n_experts) * 3 * h * moe_i
+        router = int(n_experts) * h
+        shared: tuple[Linear, ...] = ()
+        if shared_i:
+            shared = (
+                Linear("gate_proj", h, shared_i, False, MLP_IN),
+                Linear("up_proj", h, shared_i, False, MLP_IN),
+                Linear("down_proj", shared_i, h, False, SHARED_MID),
+                Linear("shared_expert_gate", h, 1, False, MLP_IN),
+            )
+        sparse = Block(attn + shared, norm_params + router + experts, experts, moe)
+        # Qwen-MoE: layer i is sparse iff i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        only = set(cfg.get("mlp_only_layers") or [])
+        n_sparse = sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
+        if n_sparse:
+            blocks.append((n_sparse, sparse))
+        if L - n_sparse:
+            blocks.append((L - n_sparse, Block(attn + dense_mlp(inter), norm_params)))
+    else:
+        blocks.append((L, Block(attn + dense_mlp(inter), norm_params)))
+
+    act = str(_get(cfg, "hidden_act", "hidden_activation", default="silu"))
+    sliding = cfg.get("sliding_window") if (cfg.get("use_sliding_window", True) is not False) else None
+    if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+        sliding = None
+    return Architecture(
+        model_type=model_type,
+        family="llama",
+        hidden_size=h,
+        num_layers=L,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=hd,
+        intermediate_size=inter,
+        vocab_size=V,
+        tie_word_embeddings=_tie(cfg, model_type),
+        blocks=tuple(blocks),
+        embed_params=V * h,
+        other_embed_params=0,
+        lm_head_params=0 if _tie(cfg, model_type) else V * h,
+        final_norm_params=h,
+        norm="gemma" if gemma else "rms",
+        gated_mlp=True,
+        act="gelu" if "gelu" in act else "silu",
+        qk_norm=qk_norm,
+        norms_per_block=norms_per_block,
+        final_logit_softcapping=bool(cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)),
+        attn_softcapping=bool(cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)),
+        eager_attention=model_type == "gemma2",
+        sliding_window=int(sliding) if isinstance(sliding, int) and sliding > 0 else None,
+        max_position_embeddings=cfg.get("max_position_embeddings"),
+    )
+
+
+def _phi3(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    h = _req_int(cfg, where, "hidden_size")
+    L = _req_int(cfg, where, "num_hidden_layers")
+    heads, kv, hd = _attn_dims(cfg, where, h)
+    inter = _req_int(cfg, where, "intermediate_size")
+    V = _req_int(cfg, where, "vocab_size")
+    qd, kvd = heads * hd, kv * hd
+    lin = (
+        Linear("qkv_proj", h, qd + 2 * kvd, False, ATTN_IN),
+        Linear("o_proj", qd, h, False, ATTN_OUT),
+        Linear("gate_up_proj", h, 2 * inter, False, MLP_IN),
+        Linear("down_proj", inter, h, False, MLP_MID),
+    )
+    tie = _tie(cfg, model_type)
+    sliding = cfg.get("sliding_window")
+    return Architecture(
+        model_type=model_type, family="phi3", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=kv,
+        head_dim=hd, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 2 * h)),), embed_params=V * h, other_embed_params=0,
+        lm_head_params=0 if tie else V * h, final_norm_params=h, norm="rms",
+        sliding_window=int(sliding) if isinstance(sliding, int) and sliding > 0 else None,
+        max_position_embeddings=cfg.get("max_position_embeddings"),
+    )
+
+
+def _gpt_neox(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    h = _req_int(cfg, where, "hidden_size")
+    L = _req_int(cfg, where, "num_hidden_layers")
+    heads = _req_int(cfg, where, "num_attention_heads")
+    inter = _req_int(cfg, where, "intermediate_size", default=4 * h)
+    V = _req_int(cfg, where, "vocab_size")
+    bias = bool(cfg.get("attention_bias", True))
+    lin = (
+        Linear("query_key_value", h, 3 * h, bias, ATTN_IN),
+        Linear("dense", h, h, bias, ATTN_OUT),
+        Linear("dense_h_to_4h", h, inter, True, MLP_IN),
+        Linear("dense_4h_to_h", inter, h, True, MLP_MID),
+    )
+    tie = _tie(cfg, model_type)
+    return Architecture(
+        model_type=model_type, family="gpt_neox", hidden_size=h, num_layers=L, num_heads=heads,
+        num_kv_heads=heads, head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=0,
+        lm_head_params=0 if tie else V * h, final_norm_params=2 * h, norm="ln", gated_mlp=False, act="gelu",
+        parallel_residual=bool(cfg.get("use_parallel_residual", True)),
+        max_position_embeddings=cfg.get("max_position_embeddings"),
+    )
+
+
+def _gpt2(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    h = _req_int(cfg, where, "n_embd", "hidden_size")
+    L = _req_int(cfg, where, "n_layer", "num_hidden_layers")
+    heads = _req_int(cfg, where, "n_head", "num_attention_heads")
+    inter = _req_int(cfg, where, "n_inner", "intermediate_size", default=4 * h)
+    V = _req_int(cfg, where, "vocab_size")
+    npos = _req_int(cfg, where, "n_positions", "max_position_embeddings", default=1024)
+    lin = (
+        Linear("c_attn", h, 3 * h, True, ATTN_IN),
+        Linear("c_proj", h, h, True, ATTN_OUT),
+        Linear("c_fc", h, inter, True, MLP_IN),
+        Linear("c_proj", inter, h, True, MLP_MID),
+    )
+    tie = _tie(cfg, model_type)
+    act = str(cfg.get("activation_function", "gelu_new"))
+    return Architecture(
+        model_type=model_type, family="gpt2", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=heads,
+        head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=npos * h,
+        lm_head_params=0 if tie else V * h, final_norm_params=2 * h, norm="ln", gated_mlp=False,
+        act="gelu_new" if act in ("gelu_new", "gelu_pytorch_tanh_python") else "gelu",
+        max_position_embeddings=npos,
+    )
+
+
+def _bert(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    """BERT-style encoders as AutoModelForCausalLM builds them (BertLMHeadModel / RobertaForCausalLM):
+    no pooler; an LM head (dense + LayerNorm + decoder tied to the word embeddings + output bias)."""
+    h = _req_int(cfg, where, "hidden_size")
+    L = _req_int(cfg, where, "num_hidden_layers")
+    heads = _req_int(cfg, where, "num_attention_heads")
+    inter = _req_int(cfg, where, "intermediate_size", default=4 * h)
+    V = _req_int(cfg, where, "vocab_size")
+    npos = _req_int(cfg, where, "max_position_embeddings", default=512)
+    ntype = int(cfg.get("type_vocab_size", 2) or 0)
+    lin = (
+        Linear("query", h, h, True, ATTN_IN),
+        Linear("key", h, h, True, ATTN_IN),
+        Linear("value", h, h, True, ATTN_IN),
+        Linear("dense", h, h, True, ATTN_OUT),
+        Linear("dense", h, inter, True, MLP_IN),
+        Linear("dense", inter, h, True, MLP_MID),
+    )
+    tie = _tie(cfg, model_type)
+    return Architecture(
+        model_type=model_type, family="bert", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=heads,
+        head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=npos * h + ntype * h + 2 * h,
+        lm_head_params=0 if tie else V * h, final_norm_params=0,
+        head_linears=(Linear("dense", h, h, True, HEAD_IN),), head_other_params=2 * h + V,
+        norm="ln", gated_mlp=False, act="gelu", max_position_embeddings=npos,
+        hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.1) or 0.0),
+    )
+
+
+def _gemma3_vision_params(vision: Mapping[str, Any], text: Mapping[str, Any]) -> int:
+    """SigLIP vision tower + Gemma 3 multimodal projector (frozen; unused by text-only training)."""
+    vh = int(vision.get("hidden_size", 1152))
+    vi = int(vision.get("intermediate_size", 4304))
+    vl = int(vision.get("num_hidden_layers", 27))
+    patch = int(vision.get("patch_size", 14))
+    img = int(vision.get("image_size", 896))
+    ch = int(vision.get("num_channels", 3))
+    th = int(text.get("hidden_size", 2560))
+    emb = ch * patch * patch * vh + vh + (img // patch) ** 2 * vh
+    layer = 4 * (vh * vh + vh) + 2 * (2 * vh) + (vh * vi + vi) + (vi * vh + vh)
+    return emb + vl * layer + 2 * vh + vh * th + vh
+
+
+def from_model_architecture(ma: Any, where: str = "spec.model.architecture") -> Architecture:
+    """From the API's inline ModelArchitecture (camelCase on the wire, config.json keys in Python)."""
+    cfg = ma.to_hf_config()
+    if cfg.get("moe_intermediate_size") is None and cfg.get("num_local_experts"):
+        cfg["moe_intermediate_size"] = cfg["intermediate_size"]
+    return from_config(cfg, where)

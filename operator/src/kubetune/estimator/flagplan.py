@@ -1,0 +1,96 @@
+"""Training plans for the flag form of ``kubetune estimate``: the plain HF Trainer + PEFT stack.
+
+``kubetune estimate -f job.yaml`` prices what kubetune's trainer does (``plan_from_spec``). The flag form
+instead describes a run of the stack most tutorials use, the one shared/calibration measured:
+
+- ``--precision bf16``: the model is loaded in bf16 and trained with ``bf16=True``: bf16 weights, bf16
+  gradients and bf16 AdamW states (8 bytes a parameter for full fine-tuning), bf16 autocast.
+- ``--precision fp32-mixed``: fp32 weights (the master copy), fp32 gradients and AdamW states, bf16
+  autocast. ``--precision fp32``: no reduced precision at all.
+- LoRA adapters as peft creates them: fp32 (``autocast_adapter_dtype=True``), so their gradients and
+  AdamW states are fp32 too. Prompt/prefix embeddings are fp32 as well.
+- QLoRA: bitsandbytes 4-bit (nf4, double quant) or 8-bit linears; ``prepare_model_for_kbit_training``
+  upcasts every other parameter (embeddings, norms, output head) to fp32, which the plan expresses as
+  ``weight_dtype="fp32"`` (the dtype of the non-quantized parts).
+- cross-entropy unfused (transformers' ``ForCausalLMLoss``) unless ``fused_cross_entropy`` is asked for
+  (liger-kernel's fused linear cross-entropy); gradient checkpointing off unless asked for.
+"""
+from __future__ import annotations
+
+from kubetune.plan import TrainingPlan
+
+METHODS = ("full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning")
+PRECISIONS = ("bf16", "fp32-mixed", "fp32")
+OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
+SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
+LLAMA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def plan_from_flags(
+    *,
+    method: str,
+    micro_batch_size: int,
+    seq_len: int,
+    gradient_checkpointing: bool = False,
+    fused_cross_entropy: bool = False,
+    precision: str = "bf16",
+    optimizer: str = "adamw",
+    lora_rank: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_targets: tuple[str, ...] = ("all-linear",),
+    quant_bits: int = 4,
+    double_quant: bool = True,
+    trainable_layers: int = 2,
+    train_embeddings: bool = False,
+    virtual_tokens: int = 20,
+    gpus: int = 1,
+    sharding: str | None = None,
+    gradient_accumulation_steps: int = 1,
+) -> TrainingPlan:
+    """The plan of a plain HF Trainer + PEFT run with these settings (see the module docstring)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    if precision == "bf16":
+        weight = trainable = compute = "bf16"
+    elif precision == "fp32-mixed":
+        weight, trainable, compute = "fp32", "fp32", "bf16"
+    elif precision == "fp32":
+        weight = trainable = compute = "fp32"
+    else:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    kw: dict = {}
+    if method in ("lora", "qlora"):
+        kw.update(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets))
+        trainable = "fp32"
+    if method == "qlora":
+        kw.update(quant_bits=quant_bits, quant_type="nf4" if quant_bits == 4 else None, double_quant=double_quant and quant_bits == 4)
+        weight = "fp32"  # prepare_model_for_kbit_training upcasts the non-quantized parameters
+    if method in ("prompt-tuning", "prefix-tuning"):
+        kw.update(virtual_tokens=virtual_tokens)
+        trainable = "fp32"
+    if method == "freeze":
+        kw.update(trainable_layers=trainable_layers, train_embeddings=train_embeddings)
+    nproc = max(1, gpus)
+    if nproc <= 1:
+        shard = "none"
+    elif sharding is None:
+        shard = "fsdp" if method in ("full", "freeze") else "ddp"
+    else:
+        shard = sharding
+    return TrainingPlan(
+        method=method,
+        weight_dtype=weight,  # type: ignore[arg-type]
+        trainable_dtype=trainable,  # type: ignore[arg-type]
+        compute_dtype=compute,  # type: ignore[arg-type]
+        optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing,
+        fused_cross_entropy=fused_cross_entropy,
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        num_processes=nproc,
+        sharding=shard,  # type: ignore[arg-type]  # zero2 / zero3 are estimator-only strategies
+        adapter_dtype="fp32",
+        **kw,
+    )

@@ -1,0 +1,600 @@
+"""Per-GPU memory of a training plan: the pure estimate.
+
+``estimate(arch, plan)`` prices a :class:`kubetune.plan.TrainingPlan` on an :class:`Architecture`.
+It models the peak of one training step as the largest of four moments, each the sum of what is alive
+then (docs/estimator.md derives every term):
+
+- loss:       model states + saved activations (or checkpoints) + the cross-entropy buffers
+- backward (top of the stack): model states + checkpoints + one recomputed block + backward transients
+- backward (bottom): model states + every gradient + one block
+- optimizer:  model states + every gradient
+
+plus allocator fragmentation, the CUDA context and communication buffers. The constants marked
+"calibrated" were fitted to shared/calibration (plain HF Trainer + PEFT on an H100); everything else
+is bytes-per-element arithmetic from the modelling code. Pure Python, no torch: ~20 us an estimate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, HEAD_IN, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
+from kubetune.plan import TrainingPlan
+
+GIB = 1 << 30
+MIB = 1 << 20
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BREAKDOWN_KEYS = ("weights", "gradients", "optimizer", "adapters", "activations", "logits", "overhead", "communication")
+
+# ---- constants -----------------------------------------------------------------------------------
+# Measured: device use minus the allocator's reservation on an H100 with torch 2.11 (shared/calibration,
+# memory.md "Overhead"); PyTorch issue #86509 reports 0.3-0.7 GiB on older stacks.
+CUDA_CONTEXT = int(0.75 * GIB)
+# Small allocations every step makes besides the model: cuBLAS/cuDNN workspaces, RoPE tables, token ids,
+# labels, masks, loss scalars, the first allocator segments (calibrated: 0.05-0.2 GiB seen in peak_allocated).
+MISC = 64 * MIB
+# Unfused cross-entropy (transformers ForCausalLMLoss): at the start of the backward, the fp32
+# log-softmax output (saved), nll's fp32 grad and log_softmax_backward's fp32 result coexist: 12 bytes per
+# logit. Fitted against the vocab pairs of the calibration set (8B vs the same dims with a 32k vocab:
+# 12.0 B in peak_allocated). Gemma 2's final-logit soft-capping keeps its tanh output too: +2 (bf16).
+UNFUSED_CE_BYTES = 12
+SOFTCAP_EXTRA_BYTES = 2
+# Transients of a block's backward beyond its saved activations, per token: the gradient of the MLP
+# intermediate and of the residual stream. Calibrated on the liger rows, whose peak is inside the block
+# backward (1B and 8B: 0.09 and 0.2 GiB above the saved activations at b4 x 2048).
+BWD_TRANSIENT_MLP = 1.0  # x compute_bytes x intermediate
+BWD_TRANSIENT_HIDDEN = 2.0  # x compute_bytes x hidden
+# Caching-allocator fragmentation (reserved - allocated at the peak), calibrated. The unfused loss
+# allocates and frees several [tokens x vocab] tensors of 2-4 GiB every step; blocks split for other
+# tensors in between cannot hold them again, so about one fp32 logits-sized buffer (a quarter of the
+# 12 B/logit) stays reserved but unused. Activations, even 13 GiB of them without checkpointing, pack
+# well (1B full fine-tune: 1.4 GiB reserved-allocated either way), so they get no term.
+FRAG_LOGITS = 0.26  # x unfused cross-entropy bytes
+FRAG_BASE = int(0.55 * GIB)
+# Collectives: NCCL allocates its own buffers (outside the caching allocator) per communicator.
+NCCL_BUFFERS = int(0.375 * GIB)
+DEEPSPEED_BUCKET = 500_000_000  # elements: reduce_bucket_size / allgather_bucket_size defaults
+BNB_8BIT_STATE = 2 + 2 * 4 / 256  # two uint8 states + fp32 absmax per 256-block, per parameter
+# bitsandbytes 4-bit: 4 bits + absmax. blocksize 64; double quant stores absmax as 8 bits + one fp32
+# per 256 blocks (QLoRA paper: 0.127 bit/param overhead) -> 4.127 bits; plain: fp32 absmax per 64 -> 4.5 bits
+NF4_BYTES_DQ = 0.5 + 1 / 64 + 4 / (64 * 256)
+NF4_BYTES = 0.5 + 4 / 64
+INT8_BYTES = 1.0
+# Autocast runs matmuls in bf16/fp16 whenever the compute dtype is reduced (HF Trainer bf16=True and
+# kubetune's trainer both wrap the forward in torch.autocast).
+AUTOCAST_WHEN_REDUCED = True
+
+
+@dataclass
+class Estimate:
+    total_bytes: int
+    breakdown: dict[str, int]
+    total_params: int
+    trainable_params: int
+    micro_batch_size: int
+    seq_len: int
+    phase: str = "loss"  # which moment of the step is the peak: loss | backward | optimizer
+    plan: TrainingPlan | None = field(default=None, repr=False)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def fits(self, gpu_bytes: int, margin: float = 0.0) -> bool:
+        return self.total_bytes <= gpu_bytes * (1.0 - margin)
+
+    def to_status(self) -> Any:
+        from kubetune.api.v1alpha1 import EstimateStatus, MemoryBreakdown
+
+        return EstimateStatus(
+            per_gpu=format_gib(self.total_bytes),
+            per_gpu_bytes=self.total_bytes,
+            breakdown=MemoryBreakdown(**self.breakdown),
+            total_params=self.total_params,
+            trainable_params=self.trainable_params,
+            micro_batch_size=self.micro_batch_size,
+            seq_length=self.seq_len,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_gib": round(self.total_bytes / GIB, 3),
+            "total_bytes": self.total_bytes,
+            "breakdown_gib": {k: round(v / GIB, 3) for k, v in self.breakdown.items()},
+            "breakdown_bytes": dict(self.breakdown),
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "micro_batch_size": self.micro_batch_size,
+            "seq_len": self.seq_len,
+            "peak_phase": self.phase,
+            "notes": list(self.notes),
+        }
+
+
+def format_gib(n: int) -> str:
+    """Quantity-like string rounded up to 0.1 Gi (an estimate shown must not read lower than it is)."""
+    return f"{math.ceil(n / GIB * 10) / 10:.1f}Gi"
+
+
+# ---- activation model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    w: int  # bytes of base weights / residual stream (embedding output dtype)
+    c: int  # compute (autocast) bytes
+    a: int  # adapter bytes
+    autocast: bool
+    trainable: bool  # block weights trained (full, freeze top-k)
+    quantized: bool  # block linears are bitsandbytes modules (output in their input dtype)
+    adapted: tuple[tuple[str, int], ...]  # group -> number of LoRA-adapted modules in this block
+    dropout: bool  # LoRA dropout > 0
+    rank: int  # LoRA rank: lora_A's output is saved for lora_B
+    kv_factor: float  # prefix tuning: keys/values span s + n_virtual
+    mask: bool  # an explicit attention mask (sliding window / prefix): no native GQA in SDPA
+    s_kv: int  # keys per query row (eager attention stores scores of this length)
+
+
+def _group(x: _Ctx, d: int, g: int, saved_already: bool, base: int, n_ad: int) -> int:
+    """Bytes per token that a group of linears sharing one input tensor (width d, g bytes/elt) keeps."""
+    tot = 0
+    shared = False
+    if base and x.trainable and not x.quantized:
+        if x.autocast and g != x.c:
+            tot += base * x.c * d  # each linear autocasts its own copy (only leaf casts are cached)
+        else:
+            shared = True
+    if n_ad:
+        tot += n_ad * x.rank * (x.c if x.autocast else x.a)  # lora_A output, saved by lora_B
+        if g != x.a:  # peft casts the input to the adapter dtype: a new tensor per module
+            if x.dropout:
+                tot += n_ad * d  # bool mask
+            tot += n_ad * (x.c if (x.autocast and x.a != x.c) else x.a) * d
+        elif x.dropout:
+            tot += n_ad * d + n_ad * (x.c if (x.autocast and g != x.c) else g) * d
+        elif x.autocast and g != x.c:
+            tot += n_ad * x.c * d
+        else:
+            shared = True
+    if shared and not saved_already:
+        tot += g * d
+    return tot
+
+
+def _counts(blk: Block) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for m in blk.linears:
+        out[m.group] = out.get(m.group, 0) + 1
+    return out
+
+
+def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
+    """Saved activations of one block, bytes per token (sequence position)."""
+    h, qd, kvd, heads = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.num_heads
+    c, w, ac, T = x.c, x.w, x.autocast, x.trainable
+    base = _counts(blk)
+    ad = dict(x.adapted)
+    kvf = x.kv_factor
+
+    def lin_out(g: int) -> int:
+        if x.quantized:
+            return g  # bitsandbytes casts the result back to the input dtype
+        return c if ac else max(g, w)
+
+    fam = arch.family
+    tot = 0
+    masks = 0
+
+    def layer_norms(count: int, shared_input: bool) -> int:
+        # LayerNorm: under autocast it runs in fp32 and saves an fp32 copy of its input (one per call: only
+        # casts of leaf tensors are cached) plus fp32 mean/rstd; without autocast it saves the input itself.
+        if ac:
+            return count * (4 * h + 8)
+        return (1 if shared_input else count) * w * h + count * 2 * w
+
+    if fam in ("llama", "phi3"):
+        # RMSNorm saves an fp32 copy of its input (pow/mul) and the fp32 rsqrt; the weight product's input if
+        # the weight trains (Gemma: the fp32 normalized tensor).
+        per_norm = 4 * h + 4 + ((4 * h if arch.norm == "gemma" else w * h) if T else 0)
+        tot += arch.norms_per_block * per_norm
+        g = w  # norm output: weight(w) * x.to(w)
+        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
+        o1 = lin_out(g)
+        sd = c if ac else max(o1, w)
+        if arch.qk_norm:  # per-head RMSNorm on q and k
+            tot += 4 * (qd + kvd) + 4 * (heads + arch.num_kv_heads)
+            if T:
+                tot += (4 if arch.norm == "gemma" else w) * (qd + kvd)
+        if arch.eager_attention:
+            # eager: q and head-repeated k, v saved by the matmuls; per score: the soft-cap tanh output,
+            # the fp32 softmax and its compute-dtype cast; the output is re-laid out for o_proj (a copy)
+            tot += sd * 3 * qd * kvf + heads * x.s_kv * (sd + 4 + (sd if arch.attn_softcapping else 0))
+            tot += _group(x, qd, sd, False, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
+        else:
+            kv_saved = qd if x.mask and arch.num_kv_heads != heads else kvd  # repeat_kv when a mask is given
+            tot += sd * (2 * qd + 2 * kv_saved * kvf) + 4 * heads  # q, k, v, out (+ fp32 logsumexp)
+            tot += _group(x, qd, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
+        mlp_base = base.get(MLP_IN, 0) + (1 if blk.moe else 0)  # the MoE router reads the norm output too
+        tot += _group(x, h, g, False, mlp_base, ad.get(MLP_IN, 0))
+        if blk.moe is None:
+            i = arch.intermediate_size
+            o2 = lin_out(g)
+            tot += 3 * o2 * i  # act input, act output, up output
+            tot += _group(x, i, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
+        else:
+            m = blk.moe
+            oe = c if ac else w  # experts are 3D tensors: plain autocast matmuls, never quantized
+            gi = (c if (ac and g != c) else g) * h
+            # per routed (token, expert): gathered input (if trained), gate_up output, act output, product
+            # (if trained), down output (kept for the routing-weight product), routing weight and indices
+            per = 3 * oe * m.intermediate + oe * h + 28 + ((gi + oe * m.intermediate) if T else 0)
+            tot += m.top_k * per + 4 * m.experts + 12 * m.top_k + 4  # router probs, top-k values/indices
+            if m.shared_intermediate:
+                o2 = lin_out(g)
+                tot += 3 * o2 * m.shared_intermediate + o2 * h + 8  # + shared-expert gate product
+                tot += _group(x, m.shared_intermediate, o2, False, base.get(SHARED_MID, 0), ad.get(SHARED_MID, 0))
+    elif fam == "gpt_neox":
+        g = 4 if ac else w  # LayerNorm output
+        tot += layer_norms(2, arch.parallel_residual)
+        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
+        o1 = lin_out(g)
+        sd = c if ac else o1
+        tot += sd * 4 * h + 4 * heads  # q and k (rotary makes new tensors), v, out
+        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
+        tot += _group(x, h, g, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
+        o2 = lin_out(g)
+        tot += o2 * arch.intermediate_size  # gelu input
+        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
+    elif fam == "gpt2":
+        g = 4 if ac else w
+        tot += layer_norms(2, False)
+        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
+        o1 = lin_out(g)
+        sd = c if ac else o1
+        tot += o1 * 3 * h + sd * h + 4 * heads  # q, k, v are views of c_attn's output; out
+        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
+        tot += _group(x, h, g, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
+        o2 = lin_out(g)
+        tot += (4 if arch.act == "gelu_new" else 1) * o2 * arch.intermediate_size  # python gelu_new: 4 saves
+        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
+        masks = 2 if arch.hidden_dropout else 0
+    else:  # bert: post-LN; the block input is the previous LayerNorm's output
+        g_in = 4 if ac else w
+        tot += _group(x, h, g_in, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
+        o1 = lin_out(g_in)
+        sd = c if ac else o1
+        tot += sd * 4 * h + 4 * heads  # q, k, v, out
+        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
+        tot += layer_norms(2, False)
+        tot += _group(x, h, g_in, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
+        o2 = lin_out(g_in)
+        tot += o2 * arch.intermediate_size
+        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
+        masks = 2 if arch.hidden_dropout else 0
+    return int(tot + masks * h)
+
+
+def _ckpt_bytes(arch: Architecture, x: _Ctx) -> int:
+    """Gradient checkpointing keeps each block's input: the residual stream, per token."""
+    if arch.family == "bert":
+        return (4 if x.autocast else x.w) * arch.hidden_size
+    return x.w * arch.hidden_size
+
+
+def _head_bytes(arch: Architecture, x: _Ctx, head_trainable: bool) -> int:
+    """Final norm (and BERT's LM-head transform) before the output projection, per token."""
+    h = arch.hidden_size
+    tot = 4 * h + (x.w * h if head_trainable else 0)
+    if arch.head_linears:  # BERT: dense -> gelu -> LayerNorm
+        tot += (x.c if x.autocast else x.w) * h * 2 + 4 * h
+    if head_trainable:
+        tot += (x.c if x.autocast else x.w) * h  # lm_head input, saved for its weight gradient
+    return tot
+
+
+# ---- the estimate ---------------------------------------------------------------------------------
+
+
+def _method_info(arch: Architecture, plan: TrainingPlan) -> tuple[int, int, int, int]:
+    """(trainable params reported, trainable params that get gradients, adapter params, params of the
+    blocks that train)."""
+    m = plan.method
+    if m == "full":
+        used = arch.total_params - arch.extra_frozen_params
+        return arch.total_params, used, 0, arch.block_params
+    if m in ("lora", "qlora"):
+        n = arch.lora_params(tuple(plan.lora_targets) or ("all-linear",), int(plan.lora_rank or 16))
+        return n, n, n, 0
+    if m == "freeze":
+        k = min(int(plan.trainable_layers or 1), arch.num_layers)
+        blk = arch.blocks[0][1]
+        n = k * blk.params
+        if plan.train_embeddings:
+            n += arch.head_params
+        return n, n, 0, k * blk.params
+    if m == "prompt-tuning":
+        n = int(plan.virtual_tokens or 20) * arch.hidden_size
+        return n, n, n, 0
+    if m == "prefix-tuning":
+        n = int(plan.virtual_tokens or 20) * arch.num_layers * 2 * arch.kv_dim
+        return n, n, n, 0
+    raise ValueError(f"unknown method {m!r}")
+
+
+def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool, autocast: bool) -> _Ctx:
+    c = BYTES[plan.compute_dtype]
+    adapted: tuple[tuple[str, int], ...] = ()
+    if plan.method in ("lora", "qlora"):
+        ids = {id(m) for _, m in arch.lora_modules(tuple(plan.lora_targets) or ("all-linear",))}
+        counts: dict[str, int] = {}
+        for m in blk.linears:
+            if id(m) in ids:
+                counts[m.group] = counts.get(m.group, 0) + 1
+        adapted = tuple(sorted(counts.items()))
+    nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
+    s = max(1, plan.seq_len)
+    sliding = arch.sliding_window is not None and s > arch.sliding_window
+    return _Ctx(
+        w=BYTES[plan.weight_dtype],
+        c=c,
+        a=BYTES[plan.adapter_dtype],
+        autocast=autocast,
+        trainable=trainable,
+        quantized=plan.method == "qlora",
+        adapted=adapted,
+        dropout=plan.method in ("lora", "qlora") and plan.lora_dropout > 0,
+        rank=int(plan.lora_rank or 16) if plan.method in ("lora", "qlora") else 0,
+        kv_factor=(s + nv) / s,
+        mask=bool(nv) or sliding,
+        s_kv=s + nv + (int(plan.virtual_tokens or 20) if plan.method == "prompt-tuning" else 0),
+    )
+
+
+def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None) -> Estimate:
+    """Per-GPU device memory (CUDA context included) of training ``arch`` as ``plan`` says.
+
+    ``autocast`` defaults to on whenever the compute dtype is bf16/fp16 (what both the HF Trainer with
+    bf16=True and kubetune's trainer do); tests turn it off to compare with uncast CPU runs.
+    """
+    if autocast is None:
+        autocast = AUTOCAST_WHEN_REDUCED and plan.compute_dtype != "fp32"
+    key = (
+        plan.method, plan.weight_dtype, plan.trainable_dtype, plan.compute_dtype, plan.adapter_dtype, plan.optimizer,
+        plan.gradient_checkpointing, plan.fused_cross_entropy, plan.seq_len, plan.gradient_accumulation_steps,
+        plan.num_processes, plan.sharding, plan.quant_bits, plan.quant_type, plan.double_quant, plan.lora_rank,
+        plan.lora_dropout > 0, tuple(plan.lora_targets), plan.trainable_layers, plan.train_embeddings,
+        plan.virtual_tokens, autocast,
+    )
+    cache = arch._cache
+    per = cache.get(key)
+    if per is None:
+        per = _prepare(arch, plan, autocast)
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = per
+    return _finish(arch, plan, per)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything that does not scale with the micro batch: computed once per (arch, plan-without-batch)."""
+
+    weights: int
+    adapters: int
+    grads: int  # all gradients (optimizer moment)
+    grads_head: int  # gradients alive right after the output head's backward
+    grads_bottom: int  # gradients alive at the last block's backward
+    grads_early: int  # gradients alive during the forward (accumulation, adapters)
+    optimizer: int
+    comm_static: int  # DDP buckets, ZeRO buckets (persistent)
+    comm_transient: int  # FSDP unsharded units (forward / backward)
+    nccl: int
+    copies_loss: int  # autocast weight copies alive at the loss
+    copies_block: int  # autocast copies of one block's weights in its backward
+    # per token bytes
+    act_all: int  # saved activations of every block that keeps them (no GC) / checkpoints (GC)
+    act_block: int  # one block's saved activations (the recomputed one under GC)
+    ckpt_one: int
+    head: int
+    bwd_transient: int
+    logits_per_token: int  # unfused: k*V; fused: the grad of the hidden state
+    fused: bool
+    extra_tokens: int  # prompt tuning: virtual tokens join the sequence
+    mask_per_s2: int  # explicit attention mask bytes per (b * s * s_kv)
+    trainable_params: int
+    notes: tuple[str, ...]
+
+
+def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
+    w, t, c = BYTES[plan.weight_dtype], BYTES[plan.trainable_dtype], BYTES[plan.compute_dtype]
+    method = plan.method
+    n = max(1, plan.num_processes)
+    sharding = plan.sharding if n > 1 else "none"
+    shard = n if sharding in ("fsdp", "zero3") else 1
+    reported, used_trainable, adapter_params, trained_block_params = _method_info(arch, plan)
+    total = arch.total_params
+    notes: list[str] = []
+    if arch.approximate:
+        notes.append(f"model_type {arch.model_type!r} is not modelled exactly: priced as a llama-style decoder")
+
+    # ---- weights
+    if method == "qlora":
+        bits = plan.quant_bits or 4
+        q_lin = arch.linear_params  # quantized nn.Linear params (head linears too)
+        bias = sum(cnt * m.d_out for cnt, b in arch.blocks for m in b.linears if m.bias)
+        bias += sum(m.d_out for m in arch.head_linears if m.bias)
+        per_q = INT8_BYTES if bits == 8 else (NF4_BYTES_DQ if plan.double_quant else NF4_BYTES)
+        weights = (q_lin - bias) * per_q + (total - q_lin + bias) * w
+    else:
+        weights = total * w
+    weights = int(weights / shard)
+
+    # ---- trainable states
+    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+        opt_per = BNB_8BIT_STATE
+    else:
+        opt_per = 2 * t  # exp_avg, exp_avg_sq in the trainable dtype (fp32 for fp32 master weights)
+    adapters = adapter_params * t
+    grads = used_trainable * t
+    optimizer = used_trainable * opt_per
+    if sharding in ("fsdp", "zero3"):
+        adapters, grads, optimizer = adapters // n, grads // n, int(optimizer / n)
+    elif sharding == "zero2":
+        grads, optimizer = grads // n, int(optimizer / n)
+    # gradients that exist before the optimizer moment
+    head_grad = 0
+    if method == "full" or (method == "freeze" and plan.train_embeddings):
+        head_grad = (arch.lm_head_params or arch.embed_params) * t // shard
+    ga = plan.gradient_accumulation_steps > 1
+    grads_early = grads if ga else (grads if method in ("lora", "qlora", "prompt-tuning", "prefix-tuning") else 0)
+    grads_head = max(grads_early, head_grad)
+    emb_grad = arch.embed_params * t // shard if method == "full" else 0
+    grads_bottom = grads if ga else max(grads_early, grads - emb_grad)
+
+    # ---- communication
+    comm_static = comm_transient = 0
+    nccl = NCCL_BUFFERS if n > 1 else 0
+    if sharding == "ddp":
+        comm_static = used_trainable * t  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+    elif sharding == "zero2":
+        comm_static = 2 * min(used_trainable, DEEPSPEED_BUCKET) * c
+    elif sharding in ("fsdp", "zero3"):
+        pdt = c if (autocast and w != c) else w
+        unit = arch.largest_block_params
+        if method == "qlora":
+            unit = int(unit * 0.55)
+        root = arch.head_params
+        comm_transient = root * pdt + 2 * unit * pdt + (unit * t if used_trainable else 0)
+
+    # ---- autocast weight copies (fp32 weights, bf16 compute)
+    copies_loss = copies_block = 0
+    if autocast and w != c:
+        lin_all = arch.linear_params
+        head_lin = arch.lm_head_params or arch.embed_params
+        if method in ("full",) or (method == "freeze"):
+            trained_lin = lin_all if method == "full" else int(lin_all * trained_block_params / max(1, arch.block_params))
+            # trainable leaves: autocast caches their bf16 copies for the whole forward
+            copies_loss += trained_lin * c + (head_lin * c if method == "full" else 0)
+        if method != "qlora":
+            frozen_lin = lin_all - (lin_all if method == "full" else 0)
+            if not plan.gradient_checkpointing and method not in ("full", "freeze"):
+                copies_loss += frozen_lin * c  # saved by each frozen linear for its input gradient
+        if method != "full":
+            copies_loss += head_lin * c  # the frozen output head's copy, saved for the hidden-state grad
+        copies_block = max(b.linear_params for _, b in arch.blocks) * c if method != "qlora" else 0
+        if shard > 1:
+            copies_loss //= shard
+
+    # ---- activations (per token)
+    gc = plan.gradient_checkpointing
+    blocks_act = 0
+    act_block = 0
+    ckpt = 0
+    if method == "freeze":
+        k = min(int(plan.trainable_layers or 1), arch.num_layers)
+        blk = arch.blocks[0][1]
+        a_tr = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, True, autocast))
+        a_fr = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, False, autocast)) if plan.train_embeddings else 0
+        n_fr = arch.num_layers - k
+        x0 = _ctx_for(arch, plan, blk, True, autocast)
+        if gc:
+            ckpt = _ckpt_bytes(arch, x0)
+            blocks_act = ckpt * (k + (n_fr if plan.train_embeddings else 0))
+        else:
+            blocks_act = a_tr * k + a_fr * n_fr
+        act_block = max(a_tr, a_fr)
+    else:
+        for cnt, blk in arch.blocks:
+            x = _ctx_for(arch, plan, blk, method == "full", autocast)
+            a = _block_bytes(arch, blk, x)
+            act_block = max(act_block, a)
+            ckpt = _ckpt_bytes(arch, x)
+            blocks_act += cnt * (ckpt if gc else a)
+    head_trainable = method == "full" or (method == "freeze" and plan.train_embeddings)
+    x_any = _ctx_for(arch, plan, arch.blocks[0][1], method == "full", autocast)
+    head = _head_bytes(arch, x_any, head_trainable)
+    if arch.family in ("gpt2", "bert") and arch.hidden_dropout:
+        head += arch.hidden_size  # embedding dropout mask
+    i_eff = arch.intermediate_size
+    moe = arch.blocks[0][1].moe
+    if moe:
+        i_eff = max(moe.top_k * moe.intermediate, moe.shared_intermediate)
+    bwd = int(BWD_TRANSIENT_MLP * c * i_eff + BWD_TRANSIENT_HIDDEN * c * arch.hidden_size)
+    if plan.fused_cross_entropy:
+        logits_pt = c * arch.hidden_size + 4  # liger: grad of the hidden state + loss per token (+ chunks)
+    else:
+        logits_pt = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
+    extra_tokens = int(plan.virtual_tokens or 20) if method == "prompt-tuning" else 0
+    mask = 0
+    if method == "prefix-tuning" or (arch.sliding_window is not None and plan.seq_len > arch.sliding_window):
+        mask = 1
+    return _Prepared(
+        weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
+        grads_early=grads_early, optimizer=int(optimizer), comm_static=comm_static, comm_transient=comm_transient,
+        nccl=nccl, copies_loss=copies_loss, copies_block=copies_block, act_all=blocks_act, act_block=act_block,
+        ckpt_one=ckpt if gc else 0, head=head, bwd_transient=bwd, logits_per_token=logits_pt,
+        fused=plan.fused_cross_entropy, extra_tokens=extra_tokens, mask_per_s2=mask,
+        trainable_params=reported, notes=tuple(notes),
+    )
+
+
+def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
+    b = max(1, plan.micro_batch_size)
+    s = plan.seq_len + p.extra_tokens
+    tok = b * s
+    gc = plan.gradient_checkpointing
+    nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
+    mask = p.mask_per_s2 * b * s * (s + nv)
+
+    # cross-entropy buffers at the loss
+    if p.fused:
+        bt = tok
+        inc = -(-arch.vocab_size // arch.hidden_size)
+        chunk = min(bt, 1 << max(0, (-(-bt // inc) - 1).bit_length()))
+        ce = p.logits_per_token * tok + 2 * chunk * arch.vocab_size * BYTES[plan.compute_dtype]
+    else:
+        ce = p.logits_per_token * tok
+    acts_all = p.act_all * tok + p.head * tok + mask
+    block = p.act_block * tok
+    bwd = p.bwd_transient * tok
+
+    static = p.weights + p.adapters + p.optimizer + p.comm_static
+    moments = (
+        # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
+        ("loss", p.grads_early, acts_all + ce, p.copies_loss),
+        # top of the backward: checkpoints, one recomputed block, its transients
+        ("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd, p.copies_loss if not gc else p.copies_block),
+        # bottom of the backward: (nearly) every gradient, one block
+        ("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block),
+        ("optimizer", p.grads, 0, 0),
+    )
+    best = None
+    for name, g, act, cp in moments:
+        tot = g + act + cp + (p.comm_transient if name != "optimizer" else 0)
+        if best is None or tot > best[0]:
+            best = (tot, name, g, act, cp)
+    assert best is not None
+    _, phase, grads, act, copies = best
+
+    # allocator fragmentation: grows with what is allocated and freed every step
+    frag = FRAG_BASE + (0 if p.fused else FRAG_LOGITS * ce)
+    overhead = int(CUDA_CONTEXT + MISC + frag)
+    logits_part = ce if phase == "loss" else 0
+    act_part = act - logits_part
+    breakdown = {
+        "weights": int(p.weights),
+        "gradients": int(grads),
+        "optimizer": int(p.optimizer),
+        "adapters": int(p.adapters),
+        "activations": int(act_part + copies),
+        "logits": int(logits_part),
+        "overhead": overhead,
+        "communication": int(p.comm_static + (p.comm_transient if phase != "optimizer" else 0) + p.nccl),
+    }
+    total = sum(breakdown.values())
+    return Estimate(
+        total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
+        micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=p.notes,
+    )
