@@ -43,10 +43,12 @@ def test_put_get_head_list_copy_delete(ground, prefix):
     listed = s3.list_objects_v2(Bucket="kubetune", Prefix=prefix, Delimiter="/")
     assert [o["Key"] for o in listed.get("Contents", [])] == [f"{prefix}top.txt"]
     assert [p["Prefix"] for p in listed.get("CommonPrefixes", [])] == [f"{prefix}dir/"]
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="kubetune", Prefix=prefix, PaginationConfig={"PageSize": 2})
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="kubetune", Prefix=prefix,
+                                                         PaginationConfig={"PageSize": 2})
     assert sum(len(p.get("Contents", [])) for p in pages) == 4
 
-    s3.copy_object(Bucket="kubetune-models", Key=f"{prefix}copy.txt", CopySource={"Bucket": "kubetune", "Key": f"{prefix}top.txt"})
+    s3.copy_object(Bucket="kubetune-models", Key=f"{prefix}copy.txt",
+                   CopySource={"Bucket": "kubetune", "Key": f"{prefix}top.txt"})
     assert s3.get_object(Bucket="kubetune-models", Key=f"{prefix}copy.txt")["Body"].read() == b"top"
 
     keys = [{"Key": f"{prefix}dir/{i}.txt"} for i in range(3)] + [{"Key": f"{prefix}top.txt"}]
@@ -88,4 +90,5 @@ def test_an_object_survives_an_s3_server_restart(ground, prefix):
     assert new.pid != old.pid and not procs.alive(old)
     s3 = ground.s3()   # a fresh client: no pooled connection to the old process
     assert s3.get_object(Bucket="kubetune", Key=prefix + "ckpt/model.bin")["Body"].read() == payload
-    assert [o["Key"] for o in s3.list_objects_v2(Bucket="kubetune", Prefix=prefix)["Contents"]] == [prefix + "ckpt/model.bin"]
+    listed = s3.list_objects_v2(Bucket="kubetune", Prefix=prefix)["Contents"]
+    assert [o["Key"] for o in listed] == [prefix + "ckpt/model.bin"]

@@ -114,16 +114,20 @@ def _http_get(url: str, token: str | None = None, ca: Path | None = None, timeou
         return None
 
 
-def _wait(what: str, check: Callable[[], bool], proc: procs.Proc | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_ready(proc: procs.Proc, check: Callable[[], bool], timeout: float) -> None:
+    """Wait for a process's readiness check; fail early, with its log, if it dies meanwhile."""
+    def probe() -> bool:
         if check():
-            return
-        if proc is not None and not procs.alive(proc):
-            raise GroundError(f"{what} exited during start-up; log {proc.log}:\n{procs.log_tail(proc.log)}")
-        time.sleep(0.2)
-    log = f"; log {proc.log}:\n{procs.log_tail(proc.log)}" if proc else ""
-    raise GroundError(f"{what} not ready after {timeout:.0f}s{log}")
+            return True
+        if not procs.alive(proc):
+            raise GroundError(f"{proc.name} exited during start-up; log {proc.log}:\n{procs.log_tail(proc.log)}")
+        return False
+    try:
+        wait_until(f"{proc.name} to be ready", probe, timeout, 0.2)
+    except GroundError as e:
+        if procs.alive(proc):
+            raise GroundError(f"{e}; log {proc.log}:\n{procs.log_tail(proc.log)}") from None
+        raise
 
 
 def wait_until(what: str, check: Callable[[], object], timeout: float = 60, interval: float = 0.5):
@@ -144,7 +148,8 @@ def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
     checks: dict[str, Callable[[], bool]] = {
         "etcd": lambda: '"health":"true"' in (_http_get(f"http://127.0.0.1:{ports['etcd']}/health") or ""),
         "kube-apiserver": lambda: _http_get(f"https://127.0.0.1:{ports['apiserver']}/readyz", admin) == "ok",
-        "kube-controller-manager": lambda: _http_get(f"https://127.0.0.1:{ports['controller-manager']}/healthz") == "ok",
+        "kube-controller-manager":
+            lambda: _http_get(f"https://127.0.0.1:{ports['controller-manager']}/healthz") == "ok",
         "kube-scheduler": lambda: _http_get(f"https://127.0.0.1:{ports['scheduler']}/healthz") == "ok",
         "kwok": lambda: _http_get(f"http://127.0.0.1:{ports['kwok']}/healthz") is not None,
         "s3": lambda: _s3_ready(state),
@@ -313,8 +318,8 @@ def _seed_cluster(state: dict, lay: Layout) -> None:
     ).stdout, 60, 0.3)
     wait_until("the aggregated `view` role", lambda: kubectl(
         state, lay, "get", "clusterrole", "view", "-o", "jsonpath={.rules}", check=False).stdout.strip(), 60, 0.3)
-    _wait("serviceaccount default/default", lambda: kubectl(
-        state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, None, 60)
+    wait_until("serviceaccount default/default", lambda: kubectl(
+        state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60, 0.3)
 
 
 # --- up / down / restart ------------------------------------------------------------------------------
@@ -324,7 +329,7 @@ def _start(name: str, lay: Layout, state: dict, log: Log, timeout: float = 60) -
     proc = procs.spawn(name, _argv(name, lay, state), lay.logs / f"{name}.log")
     state["procs"][name] = proc.to_dict()
     save_state(lay, state)   # recorded before waiting, so `down` can stop it even if start-up fails
-    _wait(name, _ready_check(name, lay, state), proc, timeout)
+    _wait_ready(proc, _ready_check(name, lay, state), timeout)
     log(f"  {name:<24} pid {proc.pid:<8} ready in {time.monotonic() - t0:.1f}s")
     return proc
 
@@ -349,6 +354,31 @@ def is_up(lay: Layout) -> bool:
     return bool(procs_) and all(procs.alive(p) for p in procs_.values())
 
 
+def _new_state(lay: Layout, comps: dict) -> dict:
+    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "s3"]
+    ports = dict(zip(names, procs.free_ports(len(names)), strict=True))
+    return {
+        "root": str(lay.root), "started_at": time.time(), "ports": ports, "procs": {},
+        "bin": {n: str(c.dir) for n, c in comps.items()},
+        "versions": {n: c.version for n, c in comps.items()},
+        "s3": _s3_credentials(lay) | {"endpoint": f"http://127.0.0.1:{ports['s3']}", "region": S3_REGION,
+                                      "buckets": list(S3_BUCKETS)},
+    }
+
+
+def _start_all(lay: Layout, state: dict, log: Log) -> None:
+    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3"):
+        _start(name, lay, state, log, timeout=90 if name == "kube-apiserver" else 60)
+        if name == "kube-apiserver":
+            # The kubeconfig embeds the apiserver's self-signed CA, which exists once it serves; every
+            # later component connects with it.
+            _write_kubeconfig(lay, state)
+    _seed_cluster(state, lay)
+    _create_buckets(state)
+    state["endpoints"] = _endpoints(state)
+    save_state(lay, state)
+
+
 def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[str] | None = None,
        log: Log = _stderr) -> dict:
     """Start everything (building binaries first if missing); return the state. Idempotent when up."""
@@ -358,7 +388,7 @@ def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[s
     running = {n: p for n, p in recorded(state).items() if procs.alive(p)}
     if running and len(running) == len(recorded(state)):
         log(f"ground already up ({lay.root})")
-        if with_prometheus and "prometheus" not in running:
+        if with_prometheus:
             start_prometheus(lay, targets or [], log)
         return load_state(lay)
     if running:
@@ -367,33 +397,11 @@ def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[s
     comps = build.ensure_all(log)
     t0 = time.monotonic()
     lay.root.mkdir(parents=True, exist_ok=True)
-    names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "s3"]
-    ports = dict(zip(names, procs.free_ports(len(names))))
-    creds = _s3_credentials(lay)
-    state = {
-        "root": str(lay.root), "started_at": time.time(), "ports": ports, "procs": {},
-        "bin": {n: str(c.dir) for n, c in comps.items()},
-        "versions": {n: c.version for n, c in comps.items()},
-        "s3": creds | {"endpoint": f"http://127.0.0.1:{ports['s3']}", "region": S3_REGION,
-                       "buckets": list(S3_BUCKETS)},
-    }
+    state = _new_state(lay, comps)
     _fresh_cluster_files(lay, state)
     log(f"starting the ground in {lay.root} (kubernetes {comps['kubernetes'].version})")
     try:
-        _start("etcd", lay, state, log)
-        proc = procs.spawn("kube-apiserver", _argv("kube-apiserver", lay, state), lay.logs / "kube-apiserver.log")
-        state["procs"]["kube-apiserver"] = proc.to_dict()
-        save_state(lay, state)
-        # The kubeconfig embeds the apiserver's self-signed CA, which exists once it starts serving.
-        _wait("kube-apiserver", _ready_check("kube-apiserver", lay, state), proc, 90)
-        _write_kubeconfig(lay, state)
-        log(f"  {'kube-apiserver':<24} pid {proc.pid:<8} ready at {time.monotonic() - t0:.1f}s")
-        for name in ("kube-controller-manager", "kube-scheduler", "kwok", "s3"):
-            _start(name, lay, state, log)
-        _seed_cluster(state, lay)
-        _create_buckets(state)
-        state["endpoints"] = _endpoints(state)
-        save_state(lay, state)
+        _start_all(lay, state, log)
         if with_prometheus:
             start_prometheus(lay, targets or [], log)
     except BaseException:
@@ -434,7 +442,7 @@ def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.P
     proc = procs.respawn(procs_[name])
     state["procs"][name] = proc.to_dict()
     save_state(lay, state)
-    _wait(name, _ready_check(name, lay, state), proc, 60)
+    _wait_ready(proc, _ready_check(name, lay, state), 60)
     log(f"restarted {name}: pid {proc.pid}")
     return proc
 
