@@ -39,6 +39,8 @@ class Outcome:
     result: ResultStatus
     message: str = ""
     losses: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)  # seconds per optimizer step (this attempt)
+    step_tokens: list = field(default_factory=list)  # real (non-pad) tokens per optimizer step, all processes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +273,10 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
     last_saved = state["step"] if found is not None else None
     losses: list[tuple[int, float]] = []
     debug_sleep = float(os.environ.get("KUBETUNE_DEBUG_STEP_SLEEP", "0"))
+    step_times: list[float] = []
+    step_tokens: list[int] = []
     while state["step"] < total_steps and not state["stopped_early"]:
+        t_step = time.perf_counter()
         step = state["step"]
         micro = [dt.collate([train_ex[i] for i in sched.indices(step * ga + k)], pad_id,
                             pad_to=ds.max_seq_length if packing else None) for k in range(ga)]
@@ -296,6 +301,8 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         g_loss, g_tokens = all_sum(accelerator, [loss_sum, n_tokens])
+        step_times.append(time.perf_counter() - t_step)
+        step_tokens.append(int(g_tokens))
         step_loss = g_loss / max(1.0, global_labels)
         state["step"] = step = step + 1
         state["tokens"] += int(g_tokens)
@@ -348,6 +355,13 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
 
     # --- 6. finish -----------------------------------------------------------------------------
     step = state["step"]
+    if os.environ.get("KUBETUNE_SKIP_OUTPUTS") == "1":  # benchmarks: no final checkpoint, eval or outputs
+        if uploader is not None:
+            uploader.drain(600)
+            uploader.close()
+        reporter.close()
+        return Outcome("Completed", step, ResultStatus(metrics={"trainLoss": state["train_loss"] or 0.0}),
+                       "benchmark run: outputs skipped", losses, step_times, step_tokens)
     if last_saved != step:
         save(step, state["last_eval_loss"] if state["last_eval_step"] == step else None)
     reporter.update(state="evaluating")
@@ -387,7 +401,7 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
     reporter.close()
     msg = (f"stopped early at step {step}/{total_steps}: no eval-loss improvement in {t.early_stopping.patience} evaluations"
            if state["stopped_early"] else f"trained {step} steps")
-    return Outcome(reason, step, result, msg, losses)
+    return Outcome(reason, step, result, msg, losses, step_times, step_tokens)
 
 
 def peak_device_memory() -> int:
