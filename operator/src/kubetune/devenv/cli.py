@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.action == "up":
             ground.up(lay, with_prometheus=args.prometheus, targets=args.target)
+            dir_flag = f" --dir {args.dir}" if args.dir else ""
+            print(f'ground is up; to use it: eval "$(kubetune dev env{dir_flag})"', file=sys.stderr)
             return 0
         if args.action == "down":
             return _down(lay, args.purge)
