@@ -1,0 +1,419 @@
+"""`kubetune estimate`: per-GPU memory of a FineTuneJob (-f job.yaml) or of a set of flags.
+
+The flag form describes a run of the plain HF Trainer + PEFT stack (see kubetune.estimator.flagplan);
+-f uses kubetune's own trainer defaults (kubetune.plan.plan_from_spec).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Any
+
+from kubetune.errors import UsageError
+
+EPILOG = """examples:
+  kubetune estimate --model llama-3.1-8b --method lora --batch-size 4 --seq-len 2048 --gradient-checkpointing
+  kubetune estimate --model ./config.json --method full --batch-size auto --seq-len 4096 --gpu-memory 80GB
+  kubetune estimate -f job.yaml --json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    src = p.add_argument_group("what to estimate (one of)")
+    src.add_argument("-f", "--file", metavar="JOB_YAML", help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults")
+    src.add_argument("--model", metavar="CONFIG_JSON_OR_NAME",
+                     help="a config.json file, a directory holding one, or a catalog name (llama-3.1-8b, Qwen/Qwen2.5-7B, hf://...)")
+    f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
+    f.add_argument("--method", help="full | lora | qlora | freeze | prompt-tuning | prefix-tuning (default lora)")
+    f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
+    f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    f.add_argument("--fused-cross-entropy", action="store_true", help="liger fused linear cross-entropy (no full logits)")
+    f.add_argument("--lora-rank", metavar="R", help="LoRA rank (default 16)")
+    f.add_argument("--lora-alpha", metavar="A", help="LoRA alpha (default 32; does not change memory)")
+    f.add_argument("--lora-dropout", metavar="D", help="LoRA dropout in [0, 1) (default 0)")
+    f.add_argument("--lora-targets", metavar="T", help="all-linear (default) or module names: q_proj,v_proj,...")
+    f.add_argument("--quant-bits", metavar="N", help="QLoRA base weights: 4 (NF4, default) or 8")
+    f.add_argument("--trainable-layers", metavar="K", help="freeze: top K blocks train (default 2)")
+    f.add_argument("--train-embeddings", action="store_true", help="freeze: also train embeddings and the output head")
+    f.add_argument("--virtual-tokens", metavar="N", help="prompt/prefix tuning: virtual tokens (default 20)")
+    f.add_argument("--precision", help="bf16 (bf16 weights and AdamW states, default) | fp32-mixed | fp32")
+    f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
+    f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
+    f.add_argument("--gpus", metavar="N", help="GPUs (processes) the job runs on (default 1)")
+    f.add_argument("--sharding", help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)")
+    o = p.add_argument_group("output")
+    o.add_argument("--gpu-memory", metavar="SIZE",
+                   help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi (default 16,24,40,48,80,141 GB)")
+    o.add_argument("--margin", metavar="F", help="safety margin as a fraction of GPU memory (default 0.05)")
+    o.add_argument("--json", action="store_true", help="machine-readable output; total_gib is per-GPU device memory")
+
+
+# ---- parsing helpers (every failure names the flag and the rule) ----------------------------------
+
+
+def _int(args: argparse.Namespace, name: str, default: int, lo: int = 1, hi: int = 1 << 30) -> int:
+    v = getattr(args, name.replace("-", "_"))
+    if v is None:
+        return default
+    try:
+        n = int(str(v).strip())
+    except ValueError:
+        raise UsageError(f"--{name}: must be an integer from {lo} to {hi} (got {v!r})") from None
+    if not lo <= n <= hi:
+        raise UsageError(f"--{name}: must be an integer from {lo} to {hi} (got {n})")
+    return n
+
+
+def _choice(args: argparse.Namespace, name: str, choices: tuple[str, ...], default: str) -> str:
+    v = getattr(args, name.replace("-", "_"))
+    if v is None:
+        return default
+    v = str(v).strip().lower()
+    if v not in choices:
+        raise UsageError(f"--{name}: must be one of {', '.join(choices)} (got {v!r})")
+    return v
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(gb|g|gib|gi|mib|mi|mb)?\s*$", re.I)
+
+
+def parse_gpu_sizes(text: str) -> list[tuple[str, int]]:
+    """'80GB,24' -> [(name, bytes)]. Nominal GB names use the known size classes (reported totals)."""
+    from kubetune.estimator.advice import GPU_SIZES
+
+    out = []
+    for part in text.split(","):
+        m = _SIZE.match(part)
+        if not m:
+            raise UsageError(f"--gpu-memory: {part.strip()!r} is not a size (examples: 80GB, 24, 79.6Gi, 81559Mi)")
+        num, unit = float(m.group(1)), (m.group(2) or "gb").lower()
+        if num <= 0:
+            raise UsageError(f"--gpu-memory: sizes must be positive (got {part.strip()!r})")
+        if unit in ("gb", "g"):
+            known = next((g for g in GPU_SIZES if g.name.lower() == f"{num:g}gb"), None)
+            if known is not None:
+                out.append((known.name, known.bytes))
+                continue
+            out.append((f"{num:g}GB", int(num * 1e9)))
+        elif unit in ("gib", "gi"):
+            out.append((f"{num:g}GiB", int(num * (1 << 30))))
+        else:
+            nb = int(num * (1 << 20)) if unit in ("mib", "mi") else int(num * 1e6)
+            out.append((f"{num:g}{'MiB' if unit in ('mib', 'mi') else 'MB'}", nb))
+    return out
+
+
+def _load_model(arg: str):
+    """--model: a config.json path (or a directory with one), else a catalog name."""
+    from kubetune.estimator import catalog, catalog_architecture, from_config
+
+    path = arg
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise UsageError(f"--model {arg}: directory has no config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--model {path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--model {path}: cannot read ({e})") from None
+        return from_config(cfg, path), path
+    a = catalog_architecture(arg)
+    if a is None:
+        if arg.endswith(".json") or os.sep in arg:
+            raise UsageError(f"--model {arg}: no such file")
+        close = [k for k in sorted(catalog.ALIASES) if arg.lower().split("/")[-1][:5] in k][:5]
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)"
+        raise UsageError(f"--model {arg}: not a config.json file nor a model in kubetune's catalog{hint}")
+    return a, a.name or arg
+
+
+# ---- the two forms ---------------------------------------------------------------------------------
+
+
+_FLAG_ONLY = ("method", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant_bits",
+              "trainable_layers", "virtual_tokens", "precision", "optimizer", "gradient_accumulation_steps", "gpus", "sharding")
+
+
+def _flag_plan(args: argparse.Namespace):
+    from kubetune.estimator.flagplan import METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, plan_from_flags
+
+    method = _choice(args, "method", METHODS, "lora")
+    lora = method in ("lora", "qlora")
+    for flag in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        if getattr(args, flag) is not None and not lora:
+            raise UsageError(f"--{flag.replace('_', '-')}: only valid with --method lora or qlora")
+    if args.quant_bits is not None and method != "qlora":
+        raise UsageError("--quant-bits: only valid with --method qlora")
+    if (args.trainable_layers is not None or args.train_embeddings) and method != "freeze":
+        raise UsageError(f"--{'trainable-layers' if args.trainable_layers is not None else 'train-embeddings'}: only valid with --method freeze")
+    if args.virtual_tokens is not None and method not in ("prompt-tuning", "prefix-tuning"):
+        raise UsageError("--virtual-tokens: only valid with --method prompt-tuning or prefix-tuning")
+    auto = str(args.batch_size).strip().lower() == "auto" if args.batch_size is not None else False
+    if auto:
+        mbs = 1
+    else:
+        if args.batch_size is not None and not str(args.batch_size).strip().isdigit():
+            raise UsageError(f"--batch-size: must be a positive integer or auto (got {args.batch_size!r})")
+        mbs = _int(args, "batch-size", 1, 1, 4096)
+    seq = _int(args, "seq-len", 2048, 1, 1 << 20)
+    dropout = 0.0
+    if args.lora_dropout is not None:
+        try:
+            dropout = float(args.lora_dropout)
+        except ValueError:
+            dropout = -1.0
+        if not 0.0 <= dropout < 1.0 or math.isnan(dropout):
+            raise UsageError(f"--lora-dropout: must be a number in [0, 1) (got {args.lora_dropout!r})")
+    targets: tuple[str, ...] = ("all-linear",)
+    if args.lora_targets is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if not targets:
+            raise UsageError("--lora-targets: give all-linear or a comma-separated list of module names")
+    quant_bits = _int(args, "quant-bits", 4, 4, 8)
+    if quant_bits not in (4, 8):
+        raise UsageError(f"--quant-bits: must be 4 or 8 (got {quant_bits})")
+    gpus = _int(args, "gpus", 1, 1, 4096)
+    sharding = None
+    if args.sharding is not None:
+        sharding = _choice(args, "sharding", SHARDINGS, "ddp")
+        if gpus < 2:
+            raise UsageError("--sharding: needs --gpus 2 or more")
+    plan = plan_from_flags(
+        method=method,
+        micro_batch_size=mbs,
+        seq_len=seq,
+        gradient_checkpointing=args.gradient_checkpointing,
+        fused_cross_entropy=args.fused_cross_entropy,
+        precision=_choice(args, "precision", PRECISIONS, "bf16"),
+        optimizer=_choice(args, "optimizer", OPTIMIZERS, "adamw"),
+        lora_rank=_int(args, "lora-rank", 16, 1, 4096),
+        lora_alpha=_int(args, "lora-alpha", 32, 1, 1 << 20),
+        lora_dropout=dropout,
+        lora_targets=targets,
+        quant_bits=quant_bits,
+        trainable_layers=_int(args, "trainable-layers", 2, 1, 4096),
+        train_embeddings=args.train_embeddings,
+        virtual_tokens=_int(args, "virtual-tokens", 20, 1, 4096),
+        gpus=gpus,
+        sharding=sharding,
+        gradient_accumulation_steps=_int(args, "gradient-accumulation-steps", 1, 1, 1 << 20),
+    )
+    return plan, auto
+
+
+def _load_jobs(path: str) -> list[tuple[str, Any]]:
+    """(name, FineTuneJobSpec) for every FineTuneJob document in the file (a bare spec is accepted)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from kubetune.api.base import format_errors
+    from kubetune.api.v1alpha1 import FineTuneJob, FineTuneJobSpec
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            docs = [d for d in yaml.safe_load_all(fh) if d is not None]
+    except FileNotFoundError:
+        raise UsageError(f"-f {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"-f {path}: cannot read ({e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UsageError(f"-f {path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    jobs = []
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            raise UsageError(f"-f {path}: document {i + 1} is not a mapping")
+        try:
+            if "spec" in d or d.get("kind") == "FineTuneJob":
+                job = FineTuneJob.model_validate(d)
+                jobs.append((job.metadata.name, job.spec))
+            else:
+                jobs.append((f"document {i + 1}", FineTuneJobSpec.model_validate(d)))
+        except ValidationError as e:
+            root = "" if "spec" in d else "spec"
+            lines = format_errors(e, root)
+            more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+            raise UsageError(f"-f {path}: {lines[0]}{more}") from None
+    if not jobs:
+        raise UsageError(f"-f {path}: no FineTuneJob in the file")
+    return jobs
+
+
+def _read_config_for_cli(uri: str) -> str:
+    """config.json for file:// URIs (the CLI cannot reach S3 or PVCs)."""
+    if uri.startswith("file://"):
+        p = uri[len("file://"):]
+        p = os.path.join(p, "config.json") if os.path.isdir(p) else p
+        with open(p, encoding="utf-8") as fh:
+            return fh.read()
+    raise OSError("the CLI reads config.json only from file:// URIs")
+
+
+# ---- output -------------------------------------------------------------------------------------------
+
+
+def _fmt_params(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _plan_line(plan) -> str:
+    m = plan.method
+    parts = [m]
+    if m in ("lora", "qlora"):
+        tg = ",".join(plan.lora_targets) if plan.lora_targets else "all-linear"
+        parts[0] += f" r{plan.lora_rank} {tg}" + (f" dropout {plan.lora_dropout:g}" if plan.lora_dropout else "")
+    if m == "qlora":
+        parts[0] += f" ({plan.quant_bits}-bit{' nf4' if plan.quant_bits == 4 else ''})"
+    if m == "freeze":
+        parts[0] += f" top {plan.trainable_layers}" + (" + embeddings" if plan.train_embeddings else "")
+    if m in ("prompt-tuning", "prefix-tuning"):
+        parts[0] += f" {plan.virtual_tokens} tokens"
+    parts.append(f"weights {plan.weight_dtype}, trainable {plan.trainable_dtype}, compute {plan.compute_dtype}")
+    parts.append(plan.optimizer)
+    parts.append(f"micro batch {plan.micro_batch_size} x {plan.seq_len} tokens"
+                 + (f" x {plan.gradient_accumulation_steps} accumulation" if plan.gradient_accumulation_steps > 1 else ""))
+    parts.append(f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
+    parts.append(f"fused CE {'on' if plan.fused_cross_entropy else 'off'}")
+    g = plan.num_processes
+    parts.append(f"{g} GPU{'s' if g > 1 else ''}" + (f" {plan.sharding}" if g > 1 else ""))
+    return " | ".join(parts)
+
+
+def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, as_json: bool,
+            source: str) -> dict:
+    from kubetune.estimator.advice import fit_advice, fits, max_micro_batch
+    from kubetune.estimator.memory import GIB, estimate
+
+    auto_table = {}
+    if auto:
+        auto_table = {n: max_micro_batch(arch, plan, b, margin) for n, b in sizes}
+        best = [v for v in auto_table.values() if v > 0]
+        if best:  # price the largest micro batch that fits the smallest GPU that takes one
+            first = next(n for n, b in sizes if auto_table[n] > 0)
+            plan = plan.with_(micro_batch_size=auto_table[first])
+    est = estimate(arch, plan)
+    fit = {n: fits(est, b, margin) for n, b in sizes}
+    advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin)
+    d = {
+        "name": name,
+        "source": source,
+        "model": arch.name or arch.model_type,
+        "architecture": arch.summary(),
+        **est.to_dict(),
+        "plan": _plan_line(plan),
+        "margin": margin,
+        "gpu_sizes": {n: round(b / GIB, 2) for n, b in sizes},
+        "fits": fit,
+        "advice": [a.to_dict() for a in advice],
+    }
+    if auto:
+        d["max_micro_batch"] = auto_table
+    if as_json:
+        return d
+    out = sys.stdout
+    w = out.write
+    w(f"{name}\n" if name else "")
+    w(f"  model        {d['model']}: {arch.summary().split(': ', 1)[-1]}\n")
+    pct = est.trainable_params / est.total_params * 100 if est.total_params else 0
+    w(f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable ({pct:.2f}%)\n")
+    w(f"  plan         {d['plan']}\n")
+    for note in est.notes:
+        w(f"  note         {note}\n")
+    w(f"\n  per-GPU memory {est.total_gib:.2f} GiB (peak at the {est.phase})\n")
+    labels = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states", "adapters": "adapters",
+              "activations": "activations", "logits": "logits / loss", "overhead": "CUDA context + allocator",
+              "communication": "communication"}
+    for k, v in est.breakdown.items():
+        if v or k in ("weights", "activations", "overhead"):
+            w(f"    {labels[k]:<26s}{v / GIB:8.2f} GiB\n")
+    w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n\n")
+    cells = []
+    for n, b in sizes:
+        cells.append(f"{n} {'yes' if fit[n] else 'no'}")
+    w(f"  fits ({int(margin * 100)}% margin): {' | '.join(cells)}\n")
+    if auto:
+        w("  auto micro batch: " + " | ".join(f"{n} -> {v}" for n, v in auto_table.items()) + "\n")
+    if advice:
+        w("\n  fits none of these GPUs; nearest configurations that do:\n")
+        for a in advice[:8]:
+            w(f"    - {a.description}: {a.estimate.total_gib:.2f} GiB, fits {a.gpu}\n")
+    elif not any(fit.values()):
+        w("\n  fits none of these GPUs, and no nearby configuration does either\n")
+    return d
+
+
+def run(args: argparse.Namespace) -> int:
+    from kubetune.estimator.advice import DEFAULT_MARGIN, GPU_SIZES
+
+    if args.file and args.model:
+        raise UsageError("-f and --model: give one of them (a job file, or a model with flags)")
+    if not args.file and not args.model:
+        raise UsageError("give -f JOB_YAML or --model CONFIG_JSON_OR_NAME (see kubetune estimate -h)")
+    margin = DEFAULT_MARGIN
+    if args.margin is not None:
+        try:
+            margin = float(args.margin)
+        except ValueError:
+            margin = -1.0
+        if not 0.0 <= margin < 0.5:
+            raise UsageError(f"--margin: must be a fraction in [0, 0.5) (got {args.margin!r})")
+    sizes = parse_gpu_sizes(args.gpu_memory) if args.gpu_memory else [(g.name, g.bytes) for g in GPU_SIZES]
+    reports = []
+    if args.model:
+        arch, source = _load_model(args.model)
+        plan, auto = _flag_plan(args)
+        # an unknown LoRA target is reported against its flag
+        try:
+            reports.append(_report("", arch, plan, auto, sizes, margin, args.json, source))
+        except UsageError as e:
+            if "LoRA target" in str(e):
+                raise UsageError(f"--lora-targets: {e}") from None
+            raise
+    else:
+        given = [f"--{f.replace('_', '-')}" for f in _FLAG_ONLY if getattr(args, f) is not None]
+        given += [f for f, on in (("--gradient-checkpointing", args.gradient_checkpointing),
+                                  ("--fused-cross-entropy", args.fused_cross_entropy),
+                                  ("--train-embeddings", args.train_embeddings)) if on]
+        if given:
+            raise UsageError(f"{given[0]}: not used with -f (the job file sets it); use the flag form with --model")
+        from kubetune.estimator import resolve_architecture
+        from kubetune.plan import plan_from_spec
+
+        for name, spec in _load_jobs(args.file):
+            arch = resolve_architecture(spec.model, _read_config_for_cli)
+            auto = spec.training.micro_batch_size == "auto"
+            plan = plan_from_spec(spec, micro_batch_size=1 if auto else None)
+            job_sizes = sizes
+            if auto and spec.resources.min_gpu_memory and not args.gpu_memory:
+                from kubetune.api.base import quantity_to_float
+
+                q = int(quantity_to_float(spec.resources.min_gpu_memory))
+                job_sizes = [(str(spec.resources.min_gpu_memory), q)]
+            try:
+                reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}"))
+            except UsageError as e:
+                if "LoRA target" in str(e):
+                    raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None
+                raise
+            if not args.json:
+                sys.stdout.write("\n")
+    if args.json:
+        doc = reports[0] if len(reports) == 1 else {"jobs": reports, "total_gib": max(r["total_gib"] for r in reports)}
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    return 0
