@@ -323,6 +323,9 @@ def _method_info(arch: Architecture, plan: TrainingPlan) -> tuple[int, int, int,
     raise ValueError(f"unknown method {m!r}")
 
 
+_ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
+
+
 def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool, autocast: bool) -> _Ctx:
     c = BYTES[plan.compute_dtype]
     adapted: tuple[tuple[str, int], ...] = ()
@@ -339,7 +342,8 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
     return _Ctx(
         w=BYTES[plan.weight_dtype],
         c=c,
-        a=BYTES[plan.adapter_dtype],
+        # adapters live in the trainable dtype (plan_from_spec sets it from kubetune.plan.ADAPTER_DTYPE)
+        a=BYTES[plan.trainable_dtype if plan.method in _ADAPTER_METHODS else plan.adapter_dtype],
         autocast=autocast,
         trainable=trainable,
         quantized=plan.method == "qlora",

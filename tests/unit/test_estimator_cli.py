@@ -1,0 +1,150 @@
+"""`kubetune estimate`: flag form, -f job.yaml, --json, and one-line errors (exit 2)."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from kubetune.cli import main
+from kubetune.estimator import catalog_architecture, estimate, estimate_spec, plan_from_flags
+from kubetune.estimator.memory import GIB
+
+JOB = textwrap.dedent("""\
+    apiVersion: kubetune.io/v1alpha1
+    kind: FineTuneJob
+    metadata:
+      name: llama8b-lora
+    spec:
+      model:
+        uri: hf://meta-llama/Llama-3.1-8B@main
+      dataset:
+        uri: s3://data/train.jsonl
+        maxSeqLength: 4096
+      method:
+        type: lora
+      training:
+        maxSteps: 100
+        microBatchSize: 8
+      checkpoints:
+        uri: s3://ckpt/
+""")
+
+
+def run(capsys, *argv):
+    rc = main(["estimate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_flag_form_human(capsys):
+    rc, out, err = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048",
+                       "--gradient-checkpointing")
+    assert rc == 0 and not err
+    for want in ("meta-llama/Llama-3.1-8B", "8.03B total", "41.94M trainable", "weights", "logits / loss",
+                 "CUDA context + allocator", "total", "16GB no", "40GB yes", "141GB yes"):
+        assert want in out, want
+
+
+def test_flag_form_json_matches_the_library(capsys):
+    rc, out, _ = run(capsys, "--model", "meta-llama/Llama-3.1-8B", "--method", "lora", "--batch-size", "4",
+                     "--seq-len", "2048", "--gradient-checkpointing", "--lora-rank", "16", "--lora-targets",
+                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "--json")
+    assert rc == 0
+    d = json.loads(out)
+    want = estimate(catalog_architecture("llama-3.1-8b"),
+                    plan_from_flags(method="lora", micro_batch_size=4, seq_len=2048, gradient_checkpointing=True))
+    assert d["total_bytes"] == want.total_bytes
+    assert d["total_gib"] == pytest.approx(want.total_bytes / GIB, abs=1e-3)
+    assert set(d["breakdown_gib"]) == {"weights", "gradients", "optimizer", "adapters", "activations", "logits",
+                                       "overhead", "communication"}
+    assert d["trainable_params"] == 41_943_040 and d["fits"]["80GB"] is True and d["fits"]["24GB"] is False
+
+
+def test_config_json_and_directory(tmp_path, capsys):
+    cfg = {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
+           "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    for model in (str(tmp_path / "config.json"), str(tmp_path)):
+        rc, out, _ = run(capsys, "--model", model, "--method", "full", "--batch-size", "8", "--seq-len", "1024", "--json")
+        assert rc == 0 and json.loads(out)["total_params"] == 494_032_768
+
+
+def test_auto_batch_and_advice(capsys):
+    rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "full", "--batch-size", "auto", "--seq-len", "2048",
+                     "--gradient-checkpointing", "--fused-cross-entropy", "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["max_micro_batch"]["80GB"] >= 1 and d["max_micro_batch"]["24GB"] == 0
+    rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "2", "--seq-len", "4096",
+                     "--gpu-memory", "80GB")
+    assert rc == 0 and "fits none of these GPUs" in out and "gradient checkpointing on" in out
+
+
+def test_job_file_uses_kubetune_trainer_defaults(tmp_path, capsys):
+    f = tmp_path / "job.yaml"
+    f.write_text(JOB)
+    rc, out, _ = run(capsys, "-f", str(f), "--json")
+    assert rc == 0
+    d = json.loads(out)
+    from kubetune.api.v1alpha1 import FineTuneJob
+    import yaml
+
+    spec = FineTuneJob.model_validate(yaml.safe_load(JOB)).spec
+    assert d["total_bytes"] == estimate_spec(spec).total_bytes
+    assert "fused CE on" in d["plan"] and "checkpointing on" in d["plan"]
+    rc, out, _ = run(capsys, "-f", str(f))
+    assert rc == 0 and "llama8b-lora" in out
+
+
+def test_job_file_with_auto_micro_batch(tmp_path, capsys):
+    f = tmp_path / "job.yaml"
+    f.write_text(JOB.replace("microBatchSize: 8", "microBatchSize: auto"))
+    rc, out, _ = run(capsys, "-f", str(f), "--json")
+    assert rc == 0 and json.loads(out)["max_micro_batch"]["80GB"] > 8
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "nope-7b"], "--model nope-7b: not a config.json file nor a model in kubetune's catalog"),
+    (["--model", "llama-3.1-8b", "--batch-size", "0"], "--batch-size: must be an integer from 1 to 4096 (got 0)"),
+    (["--model", "llama-3.1-8b", "--batch-size", "four"], "--batch-size: must be a positive integer or auto"),
+    (["--model", "llama-3.1-8b", "--seq-len", "-5"], "--seq-len: must be an integer"),
+    (["--model", "llama-3.1-8b", "--method", "dpo"], "--method: must be one of full, lora, qlora"),
+    (["--model", "llama-3.1-8b", "--precision", "fp8"], "--precision: must be one of bf16, fp32-mixed, fp32"),
+    (["--model", "llama-3.1-8b", "--method", "full", "--lora-rank", "8"], "--lora-rank: only valid with --method lora or qlora"),
+    (["--model", "llama-3.1-8b", "--lora-dropout", "1.5"], "--lora-dropout: must be a number in [0, 1)"),
+    (["--model", "llama-3.1-8b", "--lora-targets", "c_attn"], "--lora-targets: LoRA target 'c_attn' is not a linear module"),
+    (["--model", "llama-3.1-8b", "--sharding", "fsdp"], "--sharding: needs --gpus 2 or more"),
+    (["--model", "llama-3.1-8b", "--gpus", "2", "--sharding", "tp"], "--sharding: must be one of ddp, fsdp, zero2, zero3"),
+    (["--model", "llama-3.1-8b", "--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size"),
+    (["--model", "llama-3.1-8b", "--quant-bits", "4"], "--quant-bits: only valid with --method qlora"),
+    ([], "give -f JOB_YAML or --model"),
+    (["-f", "/nonexistent/job.yaml"], "-f /nonexistent/job.yaml: no such file"),
+])
+def test_errors_are_one_line_naming_the_flag(capsys, argv, msg):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2 and not out
+    assert msg in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_files(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "llama", "hidden_size": 64,')
+    rc, _, err = run(capsys, "--model", str(bad))
+    assert rc == 2 and f"--model {bad}: not valid JSON" in err
+    bad.write_text('{"model_type": "llama", "hidden_size": 64}')
+    rc, _, err = run(capsys, "--model", str(bad))
+    assert rc == 2 and f"{bad}: missing num_hidden_layers" in err
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB.replace("type: lora", "type: lorax"))
+    rc, _, err = run(capsys, "-f", str(job))
+    assert rc == 2 and f"-f {job}: spec.method.type" in err and err.count("\n") == 1
+    job.write_text(JOB.replace("hf://meta-llama/Llama-3.1-8B@main", "s3://models/private/"))
+    rc, _, err = run(capsys, "-f", str(job))
+    assert rc == 2 and "spec.model.uri s3://models/private/: not in kubetune's model catalog" in err
+    job.write_text("spec: [unclosed")
+    rc, _, err = run(capsys, "-f", str(job))
+    assert rc == 2 and "not valid YAML" in err
+    job.write_text(JOB)
+    rc, _, err = run(capsys, "-f", str(job), "--batch-size", "2")
+    assert rc == 2 and "--batch-size: not used with -f" in err

@@ -1,0 +1,195 @@
+"""The memory model: structure, monotonicity, sharding, and the trainer contract (kubetune.plan)."""
+from __future__ import annotations
+
+import pytest
+
+import kubetune.plan as plan_mod
+from kubetune.api.v1alpha1 import EstimateStatus, FineTuneJobSpec, MemoryBreakdown
+from kubetune.estimator import BREAKDOWN_KEYS, catalog_architecture, estimate, estimate_spec, plan_from_flags
+from kubetune.estimator.memory import GIB, format_gib
+
+L8 = catalog_architecture("llama-3.1-8b")
+L1 = catalog_architecture("llama-3.2-1b")
+
+
+def lora(**kw):
+    base = dict(method="lora", micro_batch_size=4, seq_len=2048, gradient_checkpointing=True)
+    base.update(kw)
+    return plan_from_flags(**base)
+
+
+def spec(**over) -> FineTuneJobSpec:
+    d = {
+        "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
+        "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 2048},
+        "method": {"type": "lora"},
+        "training": {"maxSteps": 10, "microBatchSize": 4},
+        "checkpoints": {"uri": "s3://ckpt/"},
+    }
+    for k, v in over.items():
+        d[k] = {**d.get(k, {}), **v}
+    return FineTuneJobSpec.model_validate(d)
+
+
+def test_breakdown_keys_sum_and_status():
+    e = estimate(L8, lora())
+    assert tuple(e.breakdown) == BREAKDOWN_KEYS == tuple(MemoryBreakdown.model_fields)
+    assert sum(e.breakdown.values()) == e.total_bytes
+    st = e.to_status()
+    assert isinstance(st, EstimateStatus)
+    assert st.per_gpu_bytes == e.total_bytes and st.per_gpu == format_gib(e.total_bytes)
+    assert st.breakdown.weights == e.breakdown["weights"] and st.trainable_params == 41_943_040
+    assert st.micro_batch_size == 4 and st.seq_length == 2048
+
+
+def test_format_gib_rounds_up():
+    assert format_gib(int(17.31 * GIB)) == "17.4Gi"
+    assert format_gib(17 * GIB) == "17.0Gi"
+
+
+def test_model_states_by_method_and_dtype():
+    P = L8.total_params
+    full = estimate(L8, plan_from_flags(method="full", micro_batch_size=1, seq_len=512, gradient_checkpointing=True))
+    assert full.breakdown["weights"] == 2 * P and full.breakdown["optimizer"] == 4 * P  # bf16 AdamW states
+    mixed = estimate(L8, plan_from_flags(method="full", micro_batch_size=1, seq_len=512, precision="fp32-mixed"))
+    assert mixed.breakdown["weights"] == 4 * P and mixed.breakdown["optimizer"] == 8 * P
+    a8 = estimate(L8, plan_from_flags(method="full", micro_batch_size=1, seq_len=512, optimizer="adamw-8bit"))
+    assert a8.breakdown["optimizer"] < 2.1 * P
+    lo = estimate(L8, lora())
+    assert lo.breakdown["adapters"] == 4 * 41_943_040 and lo.breakdown["optimizer"] == 8 * 41_943_040
+    q = estimate(L8, lora(method="qlora"))
+    # nf4 + double quant on the linears (0.516 B/param), fp32 embeddings/head/norms (prepare_model_for_kbit_training)
+    lin = L8.linear_params
+    assert q.breakdown["weights"] == pytest.approx(lin * 0.5159 + (P - lin) * 4, rel=1e-3)
+    assert q.total_bytes < lo.total_bytes
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning"])
+def test_monotone_in_batch_and_sequence(method):
+    p = plan_from_flags(method=method, micro_batch_size=1, seq_len=1024, gradient_checkpointing=True)
+    last = 0
+    for b in (1, 2, 4, 8):
+        t = estimate(L1, p.with_(micro_batch_size=b)).total_bytes
+        assert t > last
+        last = t
+    last = 0
+    for s in (256, 1024, 4096):
+        t = estimate(L1, p.with_(seq_len=s)).total_bytes
+        assert t > last
+        last = t
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "freeze", "prompt-tuning"])
+def test_checkpointing_and_fused_ce_reduce(method):
+    p = plan_from_flags(method=method, micro_batch_size=4, seq_len=2048)
+    e = estimate(L1, p).total_bytes
+    assert estimate(L1, p.with_(gradient_checkpointing=True)).total_bytes < e
+    assert estimate(L1, p.with_(fused_cross_entropy=True)).total_bytes < e
+
+
+def test_unfused_logits_term():
+    e = estimate(L8, lora())
+    assert e.phase == "loss" and e.breakdown["logits"] == 12 * 4 * 2048 * 128256
+    assert estimate(L8, lora(fused_cross_entropy=True)).breakdown["logits"] == 0
+
+
+def test_lora_dropout_and_rank_cost_memory():
+    assert estimate(L8, lora(gradient_checkpointing=False, lora_dropout=0.1)).total_bytes > \
+        estimate(L8, lora(gradient_checkpointing=False)).total_bytes
+    assert estimate(L8, lora(lora_rank=64)).total_bytes > estimate(L8, lora(lora_rank=8)).total_bytes
+
+
+def test_sharding_reduces_per_gpu_states():
+    p = plan_from_flags(method="full", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
+                        fused_cross_entropy=True)
+    one = estimate(L8, p).total_bytes
+    per = [estimate(L8, p.with_(num_processes=n, sharding="fsdp")).total_bytes for n in (2, 4, 8)]
+    assert one > per[0] > per[1] > per[2]
+    z3 = estimate(L8, p.with_(num_processes=8, sharding="zero3")).total_bytes
+    z2 = estimate(L8, p.with_(num_processes=8, sharding="zero2")).total_bytes
+    ddp = estimate(L8, p.with_(num_processes=8, sharding="ddp"))
+    assert z3 < z2 < ddp.total_bytes
+    assert ddp.total_bytes > one and ddp.breakdown["communication"] >= 2 * L8.total_params  # gradient buckets
+
+
+def test_prompt_and_prefix_tuning():
+    pt = estimate(L1, plan_from_flags(method="prompt-tuning", micro_batch_size=1, seq_len=512, virtual_tokens=20))
+    assert pt.trainable_params == 20 * 2048
+    pf = estimate(L1, plan_from_flags(method="prefix-tuning", micro_batch_size=1, seq_len=512, virtual_tokens=20))
+    assert pf.trainable_params == 20 * 16 * 2 * 512  # peft: token_dim = kv heads x head_dim for GQA models
+    more = estimate(L1, plan_from_flags(method="prompt-tuning", micro_batch_size=1, seq_len=512, virtual_tokens=200))
+    assert more.total_bytes > pt.total_bytes  # virtual tokens lengthen every sequence
+
+
+def test_freeze_top_k():
+    f2 = estimate(L8, plan_from_flags(method="freeze", micro_batch_size=1, seq_len=1024, trainable_layers=2))
+    blk = L8.blocks[0][1].params
+    assert f2.trainable_params == 2 * blk
+    f8 = estimate(L8, plan_from_flags(method="freeze", micro_batch_size=1, seq_len=1024, trainable_layers=8))
+    emb = estimate(L8, plan_from_flags(method="freeze", micro_batch_size=1, seq_len=1024, trainable_layers=2,
+                                       train_embeddings=True))
+    assert f2.total_bytes < f8.total_bytes and f2.total_bytes < emb.total_bytes
+
+
+def test_moe_and_other_families_estimate():
+    for name in ("mixtral-8x7b", "Qwen/Qwen3-30B-A3B", "Qwen/Qwen1.5-MoE-A2.7B", "gemma-2-9b", "gemma-3-4b", "phi-4",
+                 "EleutherAI/pythia-1b", "gpt2", "bert-base-uncased"):
+        a = catalog_architecture(name)
+        for m in ("full", "lora", "qlora"):
+            e = estimate(a, plan_from_flags(method=m, micro_batch_size=2, seq_len=512))
+            assert e.total_bytes > e.breakdown["weights"] > 0
+
+
+def test_gemma2_eager_attention_grows_quadratically():
+    g = catalog_architecture("gemma-2-2b")
+    p = plan_from_flags(method="lora", micro_batch_size=1, seq_len=2048, fused_cross_entropy=True)
+    a1 = estimate(g, p).breakdown["activations"]
+    a2 = estimate(g, p.with_(seq_len=4096)).breakdown["activations"]
+    assert a2 > 2.2 * a1
+
+
+# ---- the trainer contract ------------------------------------------------------------------------------
+
+
+def test_estimate_spec_prices_plan_from_spec(monkeypatch):
+    calls = []
+    real = plan_mod.plan_from_spec
+
+    def spy(*a, **kw):
+        p = real(*a, **kw)
+        calls.append(p)
+        return p
+
+    monkeypatch.setattr(plan_mod, "plan_from_spec", spy)
+    s = spec()
+    e = estimate_spec(s)
+    assert len(calls) == 1
+    assert e.total_bytes == estimate(L8, calls[0]).total_bytes
+    assert calls[0].fused_cross_entropy and calls[0].gradient_checkpointing  # kubetune's trainer defaults
+
+
+def test_trainer_defaults_flow_into_the_estimate(monkeypatch):
+    s = spec()
+    base = estimate_spec(s)
+    # trainer default: adapters in fp32 (peft). Changing it in kubetune.plan changes the estimate.
+    monkeypatch.setattr(plan_mod, "ADAPTER_DTYPE", "bf16")
+    assert estimate_spec(s).total_bytes < base.total_bytes
+    monkeypatch.undo()
+    # API defaults the trainer applies: fused CE on, checkpointing on
+    unfused = estimate_spec(spec(training={"fusedCrossEntropy": False}))
+    assert unfused.total_bytes > base.total_bytes + 10 * GIB
+    nogc = estimate_spec(spec(training={"gradientCheckpointing": False}))
+    assert nogc.total_bytes > base.total_bytes
+
+
+def test_estimate_spec_resources_and_auto():
+    s = spec(method={"type": "full"}, resources={"gpusPerNode": 8}, training={"microBatchSize": "auto"})
+    e = estimate_spec(s)  # 8 GPUs, full -> sharding auto = fsdp; auto micro batch priced at 1
+    assert e.plan.sharding == "fsdp" and e.plan.num_processes == 8 and e.micro_batch_size == 1
+    assert any("auto" in n for n in e.notes)
+    assert estimate_spec(s, micro_batch_size=4, num_processes=1).total_bytes > e.total_bytes
+
+
+def test_kubetune_trainer_beats_the_plain_hf_stack_on_memory():
+    # same job: kubetune's plan (fused CE, GC) vs the HF Trainer + PEFT flag form of it
+    assert estimate_spec(spec()).total_bytes < estimate(L8, lora()).total_bytes
