@@ -7,7 +7,7 @@ import pytest
 
 from kubetune.api.validation import parse_spec
 from kubetune.controller.fleet import read_fleet
-from kubetune.controller.placement import GiB, MiB, margin_bytes, place, tolerates
+from kubetune.controller.placement import GiB, MiB, place, required_bytes, tolerates
 from kubetune.controller.fleet import Taint
 from kubetune.api.v1alpha1 import Toleration
 from kubetune.devenv.fleet import manifests
@@ -52,7 +52,7 @@ def linear(base_gib, per_batch_gib):
 def max_batch_for(base_gib, per_batch_gib):
     def mb(capacity):
         b = 0
-        while b < 4096 and (p := linear(base_gib, per_batch_gib)(b + 1)) + margin_bytes(p) <= capacity:
+        while b < 4096 and required_bytes(linear(base_gib, per_batch_gib)(b + 1)) <= capacity:
             b += 1
         return b
     return mb
@@ -92,7 +92,7 @@ def test_smallest_sufficient_size(need_gib, product):
     if need_gib == 7.0:
         product = "Tesla-T4"
     assert p.gpu_product == product and p.gpu_memory_mib == expected[product]
-    assert p.min_gpu_memory_mib * MiB >= need_gib * GiB + margin_bytes(int(need_gib * GiB))
+    assert p.min_gpu_memory_mib * MiB >= required_bytes(int(need_gib * GiB))
     assert p.min_gpu_memory_mib <= p.gpu_memory_mib
 
 
@@ -124,14 +124,14 @@ def test_busy_smallest_size_still_places_with_required_affinity():
 def test_too_big_is_insufficient_memory():
     p = place(spec(), read_fleet(FLEET_NODES, []), lambda m: int(500 * GiB), lambda c: 0)
     assert not p.fits and p.reason == "InsufficientGPUMemory"
-    assert "needs 500.0 GiB per GPU" in p.message and "the largest GPU available to this job has 80.0 GiB" in p.message
+    assert "needs 500.0 GiB per GPU (526.3 GiB with the 5% margin)" in p.message and "the largest GPU available to this job has 80.0 GiB" in p.message
     assert p.largest_gpu_mib == 81920
 
 
 def test_auto_batch_takes_largest_that_fits_the_chosen_size():
     s = spec(training={"microBatchSize": "auto", "maxSteps": 10}, resources={"gpusPerNode": 2})
     p = place(s, read_fleet(FLEET_NODES, []), linear(6, 2), max_batch_for(6, 2))
-    # T4 (15 GiB) holds 6+2b with 5% margin: b=4 -> 14 GiB + 0.7 = 14.7 <= 15
+    # T4 (15 GiB) holds 6+2b within 95%: b=3 -> 12 GiB / 0.95 = 12.6 <= 15; b=4 -> 14 / 0.95 = 14.7 <= 15
     assert p.gpu_product == "Tesla-T4" and p.micro_batch_size == 4
     p2 = place(s.model_copy(update={"training": s.training.model_copy(update={"effective_batch_size": 4})}),
                read_fleet(FLEET_NODES, []), linear(6, 2), max_batch_for(6, 2))

@@ -4,7 +4,7 @@ Pure. The estimator is passed in as two functions so that this module only reaso
 ``price(micro_batch) -> bytes per GPU`` and ``max_batch(capacity_bytes) -> micro batch``.
 
 Rules (issue "The operator", placement):
-- keep only GPUs whose memory >= estimate + margin (and any product/min-memory/nodeSelector/taint
+- keep only GPUs whose memory >= estimate / 0.95 (and any product/min-memory/nodeSelector/taint
   constraints of the spec);
 - choose the smallest sufficient GPU size; among nodes of that size, prefer the one with the fewest
   free GPUs that still fit (packs jobs, leaves whole nodes for big ones);
@@ -21,17 +21,17 @@ from typing import Callable
 from kubetune.api.base import quantity_to_float
 from kubetune.api.v1alpha1 import FineTuneJobSpec, Toleration
 from kubetune.controller.fleet import GPU_RESOURCE, FleetNode, GpuSlot, Taint
+from kubetune.estimator.advice import DEFAULT_MARGIN
 
 MiB = 2**20
 GiB = 2**30
-# The estimator aims to be never more than 5% under; the margin covers that and allocator jitter.
-MARGIN_FRACTION = 0.05
-MARGIN_MIN_BYTES = 256 * MiB
 AUTO_BATCH_MAX = 64
 
 
-def margin_bytes(estimate: int) -> int:
-    return max(int(estimate * MARGIN_FRACTION), MARGIN_MIN_BYTES)
+def required_bytes(estimate: int) -> int:
+    """GPU memory a job needs: the estimate may be up to 5% under the truth, so it must fit in 95% of
+    the GPU (the estimator's own definition of "fits", shared by max_micro_batch and fit advice)."""
+    return math.ceil(estimate / (1.0 - DEFAULT_MARGIN))
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def place(
         else:
             mbs = int(t.micro_batch_size)
         est = price(mbs)
-        need = est + margin_bytes(est)
+        need = required_bytes(est)
         if need > capacity:
             continue
         of_size = [(n, s) for n, s in usable if s.memory_mib == size]
@@ -137,7 +137,7 @@ def place(
         preferred = tuple(name for _, name in ready)
         candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
         slot = of_size[0][1]
-        msg = (f"needs {est / GiB:.1f} GiB per GPU (+{margin_bytes(est) / GiB:.1f} GiB margin) at micro batch {mbs}; "
+        msg = (f"needs {est / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro batch {mbs}; "
                f"smallest GPU that fits: {slot.product} ({size / 1024:.1f} GiB)")
         if not preferred:
             msg += f"; no {slot.product} has {gpus} free GPU(s) now, so the pod waits or runs on a larger GPU"
@@ -149,15 +149,15 @@ def place(
         )
 
     biggest_usable = sizes[-1]
-    if nodes_needed > 1 and smallest_need + margin_bytes(smallest_need) <= biggest_usable * MiB:
+    if nodes_needed > 1 and required_bytes(smallest_need) <= biggest_usable * MiB:
         return Placement(False, "NotEnoughNodes",
                          f"needs {nodes_needed} nodes with {gpus} GPU(s) of at least "
-                         f"{(smallest_need + margin_bytes(smallest_need)) / GiB:.1f} GiB each; the cluster has fewer",
+                         f"{required_bytes(smallest_need) / GiB:.1f} GiB each; the cluster has fewer",
                          micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest)
     return Placement(
         False, "InsufficientGPUMemory",
-        f"needs {smallest_need / GiB:.1f} GiB per GPU (+{margin_bytes(smallest_need) / GiB:.1f} GiB margin) "
-        f"at micro batch {min_mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
+        f"needs {smallest_need / GiB:.1f} GiB per GPU ({required_bytes(smallest_need) / GiB:.1f} GiB with the 5% "
+        f"margin) at micro batch {min_mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
         micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest,
     )
 

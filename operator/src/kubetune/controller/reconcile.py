@@ -35,7 +35,7 @@ from kubetune.api.v1alpha1 import (
 from kubetune.controller import manifests
 from kubetune.controller.conditions import set_condition
 from kubetune.controller.fleet import FleetNode
-from kubetune.controller.placement import GiB, Placement, margin_bytes, place
+from kubetune.controller.placement import GiB, Placement, place
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -84,7 +84,7 @@ class Decision:
 def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrides: dict | None = None) -> Decision:
     """Estimate, place, resolve auto batch and accumulation; fit advice when nothing fits."""
     from kubetune.estimator import estimate as estimate_fn
-    from kubetune.estimator import fit_advice
+    from kubetune.estimator import fit_advice, max_micro_batch
     from kubetune.plan import plan_from_spec
 
     if run_overrides:
@@ -98,15 +98,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         return estimate_fn(arch, plan_for(mbs)).total_bytes
 
     def max_batch(capacity: int) -> int:
-        lo, hi = 0, 1
-        while hi <= 4096 and price(hi) + margin_bytes(price(hi)) <= capacity:
-            lo, hi = hi, hi * 2
-        hi = min(hi, 4097)
-        while hi - lo > 1:  # largest b that fits lies in [lo, hi)
-            mid = (lo + hi) // 2
-            p = price(mid)
-            lo, hi = (mid, hi) if p + margin_bytes(p) <= capacity else (lo, mid)
-        return lo
+        return max_micro_batch(arch, plan_for(1), capacity)
 
     p = place(spec, fleet, price, max_batch)
     mbs = p.micro_batch_size or 1
@@ -134,10 +126,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
 
 
 def _advice_line(a: Any) -> str:
-    fits = getattr(a, "fits_gpu_gib", None) or getattr(a, "fits", None)
-    gib = a.estimate.total_bytes / GiB
-    where = f", fits {fits:.0f} GiB GPUs" if isinstance(fits, (int, float)) else (f", fits {fits}" if fits else "")
-    return f"{a.description} ({gib:.1f} GiB per GPU{where})"
+    return f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu})"
 
 
 def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:

@@ -1,0 +1,231 @@
+"""The operator's state machine, on observations built by hand (pure: no API, no clock)."""
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from kubetune.api.v1alpha1 import FineTuneJobStatus, TrainerProgress
+from kubetune.api.validation import parse_spec
+from kubetune.controller.fleet import read_fleet
+from kubetune.controller.reconcile import Observed, reconcile, status_patch
+from kubetune.devenv.fleet import manifests
+from kubetune.estimator import resolve_architecture
+
+T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
+SPEC = {
+    "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+    "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 1024},
+    "method": {"type": "lora"},
+    "training": {"maxSteps": 100, "microBatchSize": 4},
+    "storage": {"credentialsSecret": {"name": "s3"}},
+    "checkpoints": {"uri": "s3://ckpt/runs/"},
+}
+
+
+def nodes():
+    out = []
+    for n in manifests():
+        n = copy.deepcopy(n)
+        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        out.append(n)
+    return out
+
+
+FLEET = read_fleet(nodes(), [])
+
+
+def observe(spec=None, status=None, generation=1, **kw) -> Observed:
+    s = parse_spec(spec or SPEC)
+    return Observed(name="demo", namespace="ml", uid="u1", generation=generation, spec=s,
+                    status=status or FineTuneJobStatus(), fleet=FLEET, arch=resolve_architecture(s.model), **kw)
+
+
+def job(conds=(), suspend=False, failed=0):
+    return {"metadata": {"name": "demo-r1", "labels": {}}, "spec": {"suspend": suspend},
+            "status": {"conditions": [{"type": t, "status": "True", **extra} for t, extra in conds], "failed": failed}}
+
+
+def pod(phase="Running", terminated=None, node="kwok-l4-0"):
+    cs = [{"name": "trainer", "state": {"terminated": terminated} if terminated else {"running": {}}}]
+    return {"metadata": {"name": "demo-r1-abc"}, "spec": {"nodeName": node},
+            "status": {"phase": phase, "containerStatuses": cs}}
+
+
+def cond(status, type_):
+    return next((c for c in status.conditions if c.type == type_), None)
+
+
+def started():
+    out = reconcile(observe(), T0)
+    return out, out.status
+
+
+def test_new_job_is_validated_placed_and_gets_children():
+    out, st = started()
+    assert st.phase == "Starting" and st.run == 1 and st.observed_generation == 1
+    assert [o["kind"] for o in out.create] == ["ConfigMap", "Job"]
+    assert cond(st, "Validated").status == "True" and cond(st, "Scheduled").reason == "Placed"
+    assert st.estimate.per_gpu_bytes > 0 and st.estimate.per_gpu.endswith("Gi")
+    assert st.placement.gpu_product and st.placement.micro_batch_size == 4
+    assert st.history[0].run == 1 and st.history[0].generation == 1 and st.history[0].start_time == T0
+    assert {e[1] for e in out.events} == {"Valid", "Placed"}
+
+
+def test_reconcile_is_idempotent():
+    a = reconcile(observe(), T0)
+    b = reconcile(observe(), T0)
+    assert status_patch(a.status) == status_patch(b.status) and a.create == b.create
+    # and a second pass over its own result changes nothing and makes nothing
+    again = reconcile(observe(status=a.status, job=job(), pods=[]), T0 + timedelta(seconds=5))
+    assert again.create == [] and again.status.run == 1
+
+
+def test_auto_batch_resolves_and_keeps_the_effective_batch():
+    spec = copy.deepcopy(SPEC)
+    spec["training"] = {"maxSteps": 10, "microBatchSize": "auto", "effectiveBatchSize": 32}
+    spec["resources"] = {"gpusPerNode": 2}
+    st = reconcile(observe(spec), T0).status
+    mbs, ga = st.placement.micro_batch_size, st.placement.gradient_accumulation_steps
+    assert mbs >= 1 and mbs * ga * 2 >= 32 and mbs * (ga - 1) * 2 < 32
+
+
+def test_too_big_is_unschedulable_with_fit_advice():
+    spec = copy.deepcopy(SPEC)
+    spec["model"]["uri"] = "hf://meta-llama/Llama-3.1-70B"
+    spec["method"] = {"type": "full"}
+    out = reconcile(observe(spec), T0)
+    st = out.status
+    assert st.phase == "Unschedulable" and out.create == []
+    c = cond(st, "Scheduled")
+    assert c.status == "False" and c.reason == "InsufficientGPUMemory"
+    assert "the largest GPU available to this job has 80.0 GiB" in c.message and "Options that fit:" in c.message
+    assert "qlora" in c.message.lower() or "fsdp" in c.message.lower()
+    assert out.events[-1][0] == "Warning"
+
+
+def test_missing_secret_and_unknown_model_wait_in_pending():
+    out = reconcile(observe(secret_missing="Secret 's3' does not exist"), T0)
+    assert out.status.phase == "Pending" and cond(out.status, "Validated").reason == "SecretNotFound"
+    assert out.requeue_after and out.create == []
+    o = observe()
+    o.arch, o.arch_error = None, "spec.model.uri hf://x/y: not in kubetune's model catalog"
+    out = reconcile(o, T0)
+    c = cond(out.status, "Validated")
+    assert c.reason == "ModelConfigUnavailable" and "set spec.model.architecture" in c.message
+
+
+def test_invalid_spec_fails_with_the_field():
+    o = Observed(name="demo", namespace="ml", uid="u1", generation=1, spec=None,
+                 spec_error="spec.training: set exactly one of training.epochs and training.maxSteps")
+    out = reconcile(o, T0)
+    assert out.status.phase == "Failed"
+    assert cond(out.status, "Validated").message.startswith("spec.training: set exactly one")
+
+
+def test_running_mirrors_progress_and_checkpoints():
+    _, st = started()
+    prog = TrainerProgress.model_validate({
+        "progress": {"step": 25, "totalSteps": 100, "loss": 1.5, "tokensPerSecond": 999.0, "etaSeconds": 30},
+        "checkpoints": {"latestUri": "s3://ckpt/runs/ml/demo/run-1/checkpoints/step-20/", "latestStep": 20,
+                        "latestTime": T0.isoformat(), "count": 1}})
+    out = reconcile(observe(status=st, job=job(), pods=[pod()], progress=prog), T0 + timedelta(seconds=30))
+    s = out.status
+    assert s.phase == "Running" and s.placement.node == "kwok-l4-0"
+    assert s.progress.percent == "25%" and s.progress.loss == 1.5
+    assert cond(s, "CheckpointSynced").status == "True" and s.checkpoints.latest_step == 20
+    assert "step 25/100" in cond(s, "Running").message
+
+
+def test_completion_records_the_result():
+    _, st = started()
+    term = {"reason": "Completed", "message": "done",
+            "result": {"adapterUri": "s3://ckpt/runs/ml/demo/run-1/final/",
+                       "metrics": {"evalLoss": 1.2, "perplexity": 3.32, "baseEvalLoss": 2.5}}}
+    out = reconcile(observe(status=st, job=job([("Complete", {})]),
+                            pods=[pod("Succeeded", {"exitCode": 0, "message": json.dumps(term)})]), T0)
+    s = out.status
+    assert s.phase == "Succeeded" and cond(s, "Succeeded").status == "True"
+    assert s.result.adapter_uri.endswith("/final/") and s.result.metrics["evalLoss"] == 1.2
+    assert "eval loss 1.2" in cond(s, "Succeeded").message
+    assert s.history[0].phase == "Succeeded" and s.history[0].result.metrics["perplexity"] == 3.32
+    assert reconcile(observe(status=s), T0).create == []  # finished and unchanged: nothing to do
+
+
+def test_bad_data_failure_names_the_fix():
+    _, st = started()
+    term = {"reason": "BadData", "message": "train.jsonl lines 3, 7: missing 'output'"}
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]),
+                            pods=[pod("Failed", {"exitCode": 3, "message": json.dumps(term)})]), T0)
+    c = cond(out.status, "Failed")
+    assert out.status.phase == "Failed" and c.reason == "BadData"
+    assert "lines 3, 7" in c.message and "dataset.onBadLine: skip" in c.message
+
+
+def test_oom_retries_once_with_half_the_batch_then_fails():
+    _, st = started()
+    oom_pod = pod("Failed", {"exitCode": 137, "reason": "OOMKilled"})
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]), pods=[oom_pod]), T0)
+    s = out.status
+    assert s.run == 2 and [h.reason for h in s.history] == ["OutOfMemoryRetry", None]
+    assert s.history[1].overrides.micro_batch_size == 2 and s.history[1].overrides.gradient_accumulation_steps == 2
+    assert [o["metadata"]["name"] for o in out.create] == ["demo-r2-config", "demo-r2"]
+    assert "microBatchSize: 2" in out.create[0]["data"]["trainer.yaml"]
+    again = reconcile(observe(status=s, job=job([("Failed", {})]), pods=[oom_pod]), T0)
+    assert again.status.phase == "Failed" and cond(again.status, "Failed").reason == "OutOfMemory"
+    assert again.create == [] and "microBatchSize" in cond(again.status, "Failed").message
+
+
+def test_suspend_patches_the_job_and_resume_clears_it():
+    _, st = started()
+    spec = copy.deepcopy(SPEC)
+    spec["runPolicy"] = {"suspend": True}
+    out = reconcile(observe(spec, status=st, job=job(), pods=[pod()]), T0)
+    assert out.job_patch == {"spec": {"suspend": True}} and out.status.phase == "Suspended"
+    assert cond(out.status, "Suspended").status == "True"
+    back = reconcile(observe(SPEC, status=out.status, job=job(suspend=True), pods=[]), T0)
+    assert back.job_patch == {"spec": {"suspend": False}}
+    assert cond(back.status, "Suspended").status == "False" and back.status.run == 1
+
+
+def test_spec_change_after_finish_starts_run_two_keeping_history():
+    _, st = started()
+    done = reconcile(observe(status=st, job=job([("Complete", {})]), pods=[]), T0).status
+    out = reconcile(observe(status=done, generation=2), T0 + timedelta(hours=1))
+    assert out.status.run == 2 and [h.run for h in out.status.history] == [1, 2]
+    assert out.status.history[0].phase == "Succeeded" and out.status.history[1].generation == 2
+    assert out.create[-1]["metadata"]["name"] == "demo-r2"
+
+
+def test_spec_change_while_running_is_queued():
+    _, st = started()
+    out = reconcile(observe(status=st, generation=2, job=job(), pods=[pod()]), T0)
+    assert out.create == [] and out.status.run == 1 and out.status.phase == "Running"
+    assert ("Normal", "SpecChangeQueued", "generation 2 will start as run 2 when run 1 ends") in out.events
+
+
+def test_deleted_job_of_an_active_run_is_recreated():
+    _, st = started()
+    out = reconcile(observe(status=st, job=None), T0)
+    assert [o["metadata"]["name"] for o in out.create] == ["demo-r1-config", "demo-r1"]
+    assert out.status.run == 1
+
+
+def test_status_patch_clears_what_a_new_run_resets():
+    _, st = started()
+    body = status_patch(st)
+    assert body["checkpoints"] is None and body["result"] is None and body["phase"] == "Starting"
+
+
+def test_kueue_suspended_job_is_queued_not_unsuspended():
+    spec = copy.deepcopy(SPEC)
+    spec["runPolicy"] = {"queueName": "team-a"}
+    out, st = reconcile(observe(spec), T0), None
+    st = out.status
+    j = job(suspend=True)
+    j["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    out = reconcile(observe(spec, status=st, job=j, pods=[]), T0)
+    assert out.job_patch is None and out.status.phase == "Pending"
+    assert cond(out.status, "Scheduled").reason == "Queued"
