@@ -64,6 +64,9 @@ class Block:
     other_params: int  # norms, routers, 3D expert tensors: not Linear modules
     expert_params: int = 0  # part of other_params that are MoE expert weights
     moe: MoE | None = None
+    # peft >= 0.21 with transformers 5 adapts some MoE models' router and fused 3D expert tensors under
+    # all-linear (target_parameters, "ParamWrapper"): (name, LoRA params per unit of rank) per block.
+    param_targets: tuple[tuple[str, int], ...] = ()
 
     @property
     def linear_params(self) -> int:
@@ -200,8 +203,16 @@ class Architecture:
         return res
 
     def lora_params(self, targets: tuple[str, ...], rank: int) -> int:
-        """peft LoRA parameters: r * (d_in + d_out) per adapted module (lora_A, lora_B, no bias)."""
-        return sum(n * rank * (m.d_in + m.d_out) for n, m in self.lora_modules(targets))
+        """peft LoRA parameters: r * (d_in + d_out) per adapted module (lora_A, lora_B, no bias), plus
+        the MoE router/expert tensors peft adapts under all-linear."""
+        n = sum(c * rank * (m.d_in + m.d_out) for c, m in self.lora_modules(targets))
+        if self.targets_moe_params(targets):
+            n += sum(c * rank * per for c, b in self.blocks for _, per in b.param_targets)
+        return n
+
+    def targets_moe_params(self, targets: tuple[str, ...]) -> bool:
+        return any(t.strip() in ("all-linear", "all_linear", "all") for t in targets) and any(
+            b.param_targets for _, b in self.blocks)
 
     def summary(self) -> str:
         moe = next((b.moe for _, b in self.blocks if b.moe), None)
@@ -255,6 +266,8 @@ FAMILIES = {
 _TIE_DEFAULT = {"gemma": True, "gemma2": True, "gemma3": True, "gemma3_text": True, "gpt2": True, "bert": True,
                 "roberta": True, "xlm-roberta": True}
 SUPPORTED = sorted(FAMILIES)
+# MoE model types whose router and 3D experts peft adapts under all-linear (peft's v4->v5 conversion map)
+PEFT_MOE_PARAM_TARGETS = {"mixtral", "qwen3_moe"}
 
 
 def from_config(config: Mapping[str, Any], where: str = "config.json", name: str | None = None) -> Architecture:
@@ -370,7 +383,13 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
                 Linear("down_proj", shared_i, h, False, SHARED_MID),
                 Linear("shared_expert_gate", h, 1, False, MLP_IN),
             )
-        sparse = Block(attn + shared, norm_params + router + experts, experts, moe)
+        # peft maps all-linear on these v5 MoE layouts to the router weight (rank r) and the experts'
+        # gate_up_proj (rank 2r: gate and up fused) and down_proj (rank r), each stacked over the experts
+        ptargets: tuple[tuple[str, int], ...] = ()
+        if model_type in PEFT_MOE_PARAM_TARGETS:
+            E = int(n_experts)
+            ptargets = (("gate", h + E), ("gate_up_proj", 2 * E * (h + 2 * moe_i)), ("down_proj", E * (moe_i + h)))
+        sparse = Block(attn + shared, norm_params + router + experts, experts, moe, ptargets)
         # Qwen-MoE: layer i is sparse iff i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
         step = int(cfg.get("decoder_sparse_step") or 1)
         only = set(cfg.get("mlp_only_layers") or [])

@@ -135,6 +135,7 @@ class _Ctx:
     kv_factor: float  # prefix tuning: keys/values span s + n_virtual
     mask: bool  # an explicit attention mask (sliding window / prefix): no native GQA in SDPA
     s_kv: int  # keys per query row (eager attention stores scores of this length)
+    moe_lora: bool = False  # peft adapts the router and 3D experts: their inputs are saved as if trained
 
 
 def _group(x: _Ctx, d: int, g: int, saved_already: bool, base: int, n_ad: int) -> int:
@@ -217,7 +218,7 @@ def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
             tot += sd * (2 * qd + 2 * kv_saved * kvf) + 4 * heads  # q, k, v, out (+ fp32 logsumexp)
             tot += _group(x, qd, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
         mlp_base = base.get(MLP_IN, 0) + (1 if blk.moe else 0)  # the MoE router reads the norm output too
-        tot += _group(x, h, g, False, mlp_base, ad.get(MLP_IN, 0))
+        tot += _group(x, h, g, False, mlp_base, ad.get(MLP_IN, 0) + (1 if x.moe_lora and blk.param_targets else 0))
         if blk.moe is None:
             i = arch.intermediate_size
             o2 = lin_out(g)
@@ -229,7 +230,8 @@ def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
             gi = (c if (ac and g != c) else g) * h
             # per routed (token, expert): gathered input (if trained), gate_up output, act output, product
             # (if trained), down output (kept for the routing-weight product), routing weight and indices
-            per = 3 * oe * m.intermediate + oe * h + 28 + ((gi + oe * m.intermediate) if T else 0)
+            te = T or (x.moe_lora and bool(blk.param_targets))  # expert weights require grad
+            per = 3 * oe * m.intermediate + oe * h + 28 + ((gi + oe * m.intermediate) if te else 0)
             tot += m.top_k * per + 4 * m.experts + 12 * m.top_k + 4  # router probs, top-k values/indices
             if m.shared_intermediate:
                 o2 = lin_out(g)
@@ -353,6 +355,7 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         kv_factor=(s + nv) / s,
         mask=bool(nv) or sliding,
         s_kv=s + nv + (int(plan.virtual_tokens or 20) if plan.method == "prompt-tuning" else 0),
+        moe_lora=plan.method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)),
     )
 
 
@@ -490,6 +493,14 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         copies_block = max(b.linear_params for _, b in arch.blocks) * c if method != "qlora" else 0
         if shard > 1:
             copies_loss //= shard
+    if method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
+        # peft's ParamWrapper adds B@A to the whole expert tensor every forward: the merged expert weights
+        # are saved for the backward (and their gradient materialized there): a per-block constant
+        merged = max(b.expert_params for _, b in arch.blocks) * (c if autocast else w)
+        sparse = sum(n for n, b in arch.blocks if b.param_targets)
+        copies_block += 2 * merged
+        if not plan.gradient_checkpointing:
+            copies_loss += sparse * merged
 
     # ---- activations (per token)
     gc = plan.gradient_checkpointing
