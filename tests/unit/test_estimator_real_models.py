@@ -7,20 +7,22 @@ transformers and peft takes most of the time.
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from kubetune.estimator import from_config, plan_from_flags  # noqa: E402
-from kubetune.estimator import memory as M  # noqa: E402
+from kubetune.estimator import from_config, plan_from_flags
+from kubetune.estimator import memory as M
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
-transformers.logging.set_verbosity_error()
-warnings.filterwarnings("ignore")
+torch = transformers = peft = None  # imported by the autouse fixture: collection stays fast
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _heavy_imports():
+    global torch, transformers, peft
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    transformers.logging.set_verbosity_error()
 
 H = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, vocab_size=500)
 CONFIGS = {
