@@ -26,6 +26,7 @@ class TrainerProc:
         self.p = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "train", "--config", str(path)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
         self._cv = threading.Condition()
+        self._drained = False
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
@@ -40,6 +41,9 @@ class TrainerProc:
                 with self._cv:
                     self.events.append(ev)
                     self._cv.notify_all()
+        with self._cv:
+            self._drained = True
+            self._cv.notify_all()
 
     def _read_err(self):
         self.stderr = self.p.stderr.read()
@@ -52,9 +56,7 @@ class TrainerProc:
                     if pred(ev):
                         return ev
                 left = end - time.time()
-                if left <= 0 or self.p.poll() is not None and not any(pred(e) for e in self.events):
-                    if self.p.poll() is not None:
-                        time.sleep(0.2)
+                if left <= 0 or self.p.poll() is not None and self._drained:
                     raise TimeoutError(f"event not seen; last events: {self.events[-5:]}; stderr: {self.stderr[-2000:]}")
                 self._cv.wait(min(left, 0.5))
 

@@ -21,10 +21,17 @@ from kubetune.api.v1alpha1 import CheckpointStatus, Progress, ResultStatus, Trai
 TERMINATION_LIMIT = 4000  # the kubelet keeps 4096 bytes
 
 
+_OUT_LOCK = threading.Lock()
+
+
 def log_event(event: str, **fields) -> None:
-    """One JSON line on stdout per event: what `kubectl logs` shows and what tests parse."""
+    """One JSON line on stdout per event: what `kubectl logs` shows and what tests parse. One write
+    under a lock: the uploader and progress threads log too, and lines must not interleave."""
     rec = {"ts": round(time.time(), 3), "event": event, **fields}
-    print(json.dumps(rec, default=str), flush=True)
+    line = json.dumps(rec, default=str) + "\n"
+    with _OUT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def logger(event: str = "log") -> Callable[[str], None]:
