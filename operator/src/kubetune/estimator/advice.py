@@ -132,16 +132,24 @@ def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float)
     return None
 
 
-def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float) -> TrainingPlan | None:
+def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float) -> list[TrainingPlan]:
+    """For each GPU size (largest first), the fewest GPUs with FSDP that fit it; the effective batch
+    (micro batch x accumulation x GPUs) is kept as close as the new GPU count allows. At most two."""
     eff = p.micro_batch_size * p.gradient_accumulation_steps * p.num_processes
-    for n in (2, 4, 8, 16, 32, 64):
-        if n <= p.num_processes:
-            continue
-        ga = max(1, round(eff / (p.micro_batch_size * n)))
-        q = p.with_(num_processes=n, sharding="fsdp", gradient_accumulation_steps=ga)
-        if _smallest_fit(estimate(arch, q), sizes, margin) is not None:
-            return q
-    return None
+    out: list[TrainingPlan] = []
+    for size in sorted(sizes, reverse=True):
+        for n in (2, 4, 8, 16, 32, 64, 128):
+            if n <= p.num_processes:
+                continue
+            ga = max(1, round(eff / (p.micro_batch_size * n)))
+            q = p.with_(num_processes=n, sharding="fsdp", gradient_accumulation_steps=ga)
+            if fits(estimate(arch, q), size, margin):
+                if all(o.num_processes != n for o in out):
+                    out.append(q)
+                break
+        if len(out) >= 2:
+            break
+    return out
 
 
 def fit_advice(
@@ -190,8 +198,7 @@ def fit_advice(
         add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
     if plan.method == "lora":
         add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
-    q = _more_gpus(arch, plan, sizes, margin)
-    if q is not None:
+    for q in _more_gpus(arch, plan, sizes, margin):
         add(f"{q.num_processes} GPUs with FSDP", q, 1)
 
     if not out or len(out) < 2:
@@ -212,12 +219,10 @@ def fit_advice(
                 add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
         if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
             add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
-        q = _more_gpus(arch, both, sizes, margin)
-        if q is not None:
+        for q in _more_gpus(arch, both, sizes, margin):
             add(f"{prefix}{q.num_processes} GPUs with FSDP", q, n0 + 1)
         q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
-        q = _more_gpus(arch, q1, sizes, margin)
-        if q is not None:
+        for q in _more_gpus(arch, q1, sizes, margin):
             add(f"{prefix}micro batch 1 + {q.num_processes} GPUs with FSDP", q, n0 + 2)
     out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
     return out
