@@ -4,13 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubetune.estimator.arch import Architecture
-from kubetune.estimator.memory import GIB, MIB, Estimate, estimate
+from kubetune.estimator.memory import DEFAULT_MARGIN, GIB, MIB, Estimate, estimate
 from kubetune.plan import TrainingPlan
-
-# Safety margin: the estimator is calibrated to be at most 5% under the measured device memory, so a
-# plan "fits" a GPU when its estimate is at most 95% of the GPU's memory.
-DEFAULT_MARGIN = 0.05
 MAX_MICRO_BATCH = 4096
+__all__ = ["DEFAULT_MARGIN", "GPU_SIZES", "GPU_SIZE_BYTES", "Advice", "GpuSize", "fit_advice", "fits", "max_micro_batch"]
 
 
 @dataclass(frozen=True)

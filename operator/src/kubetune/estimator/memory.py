@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, HEAD_IN, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
+from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
 from kubetune.plan import TrainingPlan
 
 GIB = 1 << 30
@@ -61,6 +61,9 @@ BNB_8BIT_STATE = 2 + 2 * 4 / 256  # two uint8 states + fp32 absmax per 256-block
 NF4_BYTES_DQ = 0.5 + 1 / 64 + 4 / (64 * 256)
 NF4_BYTES = 0.5 + 4 / 64
 INT8_BYTES = 1.0
+# Safety margin: a plan fits a GPU when its estimate is at most (1 - margin) x the GPU's memory; the
+# estimator is calibrated to be at most 5% under the measured device memory.
+DEFAULT_MARGIN = 0.05
 # Autocast runs matmuls in bf16/fp16 whenever the compute dtype is reduced (HF Trainer bf16=True and
 # kubetune's trainer both wrap the forward in torch.autocast).
 AUTOCAST_WHEN_REDUCED = True
@@ -82,7 +85,7 @@ class Estimate:
     def total_gib(self) -> float:
         return self.total_bytes / GIB
 
-    def fits(self, gpu_bytes: int, margin: float = 0.0) -> bool:
+    def fits(self, gpu_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
         return self.total_bytes <= gpu_bytes * (1.0 - margin)
 
     def to_status(self) -> Any:
