@@ -33,7 +33,7 @@ class TrainingPlan:
     seq_len: int
     gradient_accumulation_steps: int = 1
     num_processes: int = 1
-    sharding: Literal["none", "ddp", "fsdp"] = "none"
+    sharding: Literal["none", "ddp", "fsdp", "zero2", "zero3"] = "none"  # zero*: estimator flag form only
     packing: bool = False
     quant_bits: int | None = None
     quant_type: str | None = None
@@ -102,6 +102,7 @@ def plan_from_spec(
         kw.update(trainable_layers=m.freeze.trainable_layers, train_embeddings=m.freeze.train_embeddings)
 
     return TrainingPlan(
+        adapter_dtype=ADAPTER_DTYPE,  # read at call time, so a changed default reaches every plan
         method=m.type,
         weight_dtype=weight,
         trainable_dtype=trainable,

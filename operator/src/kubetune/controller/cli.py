@@ -37,14 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port must be 0-65535, got {args.metrics_port}")
 
-    import logging
-
     import kopf
 
     from kubetune.controller import handlers, kube, metrics
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kube.configure(args.kubeconfig)
     handlers.CONFIG.namespaces = list(args.namespace)
     handlers.CONFIG.progress_interval = args.progress_interval

@@ -20,6 +20,7 @@ from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineT
 from kubetune.controller import kube, manifests, metrics, sources
 from kubetune.controller.fleet import read_fleet
 from kubetune.controller.reconcile import Observed, reconcile, status_patch
+from kubetune.errors import UsageError
 
 log = logging.getLogger("kubetune.operator")
 
@@ -61,7 +62,7 @@ def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str) -> tuple[o
         return hit[1], hit[2]
     try:
         arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(spec, creds)), None
-    except ValueError as e:
+    except (ValueError, UsageError) as e:  # ArchitectureNotFound is a UsageError
         arch, err = None, str(e)
     _arch_cache[key] = (time.monotonic(), arch, err)
     return arch, err

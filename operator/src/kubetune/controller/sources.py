@@ -67,7 +67,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None) -> str
         try:
             return s3_client(spec, creds).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except (ClientError, BotoCoreError) as e:
-            raise ValueError(f"spec.model.uri: cannot read s3://{bucket}/{key}: {e}") from None
+            raise ValueError(f"cannot read s3://{bucket}/{key}: {e}") from None
     if uri.startswith("hf://"):
         import urllib.request
 
@@ -77,10 +77,8 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None) -> str
             with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (fixed https host)
                 return r.read().decode()
         except OSError as e:
-            raise ValueError(f"spec.model.uri: {name} is not in kubetune's catalog and its config.json could not "
-                             f"be fetched from the Hugging Face Hub ({e})") from None
-    raise ValueError(f"spec.model.uri: the operator cannot read {uri.split('://')[0]}:// models; "
-                     "set spec.model.architecture")
+            raise ValueError(f"the Hugging Face Hub did not serve its config.json ({e})") from None
+    raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 
 def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str) -> int:
