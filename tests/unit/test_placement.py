@@ -112,12 +112,13 @@ def test_best_fit_prefers_fewest_free_gpus_that_still_fit():
     assert p2.preferred_nodes == ("kwok-l4-1",)  # l4-0 has only 1 free
 
 
-def test_busy_smallest_size_still_places_with_required_affinity():
+def test_busy_smallest_size_moves_to_the_smallest_size_free_now():
     pods = [gpu_pod("kwok-l4-0", 4)]
     p = place(spec(resources={"gpusPerNode": 2}), read_fleet(FLEET_NODES, pods), lambda m: int(18 * GiB), lambda c: 4)
-    assert p.fits and p.gpu_product == "NVIDIA-L4" and p.preferred_nodes == ()
-    assert "no NVIDIA-L4 has 2 free GPU(s) now" in p.message
-    # the required affinity admits every larger GPU too
+    assert p.fits and p.gpu_product == "NVIDIA-A100-SXM4-40GB" and p.preferred_nodes == ("kwok-a100-40gb-0",)
+    assert "smallest GPU free now" in p.message
+    # the required affinity still admits every GPU that holds the job, the busy L4 included
+    assert p.min_gpu_memory_mib <= 23034
     assert {"kwok-a100-40gb-0", "kwok-h100-0", "kwok-a100-80gb-0", "kwok-l4-0"} <= set(p.candidate_nodes)
 
 
@@ -183,3 +184,21 @@ def test_cpu_job():
 ])
 def test_tolerations(tol, taint, ok):
     assert tolerates([Toleration.model_validate(tol)], taint) is ok
+
+
+def test_busy_mig_slices_fall_back_to_the_smallest_free_whole_gpu():
+    busy = [gpu_pod("kwok-a100-mig-0", 2, "nvidia.com/mig-3g.40gb"), gpu_pod("kwok-a100-mig-0", 7, "nvidia.com/mig-1g.10gb")]
+    p = place(spec(), read_fleet(FLEET_NODES, busy), lambda m: int(30 * GiB), lambda c: 4)
+    assert p.resource == "nvidia.com/gpu" and p.gpu_product == "NVIDIA-A100-SXM4-40GB"
+    assert "smallest GPU free now" in p.message
+    free = place(spec(), read_fleet(FLEET_NODES, []), lambda m: int(30 * GiB), lambda c: 4)
+    assert free.resource == "nvidia.com/mig-3g.40gb" and "smallest GPU that fits" in free.message
+
+
+def test_nothing_free_waits_on_the_smallest_whole_gpu_size():
+    busy = [gpu_pod(n, 8) for n in ("kwok-a100-40gb-0", "kwok-a100-80gb-0", "kwok-h100-0")]
+    busy += [gpu_pod(n, 4) for n in ("kwok-t4-0", "kwok-l4-0")]
+    busy += [gpu_pod("kwok-a100-mig-0", 2, "nvidia.com/mig-3g.40gb")]
+    p = place(spec(), read_fleet(FLEET_NODES, busy), lambda m: int(20 * GiB), lambda c: 4)
+    assert p.fits and p.resource == "nvidia.com/gpu" and p.gpu_product == "NVIDIA-L4"
+    assert p.preferred_nodes == () and "waits or runs on a larger GPU" in p.message

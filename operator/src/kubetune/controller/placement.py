@@ -6,8 +6,9 @@ Pure. The estimator is passed in as two functions so that this module only reaso
 Rules (issue "The operator", placement):
 - keep only GPUs whose memory >= estimate / 0.95 (and any product/min-memory/nodeSelector/taint
   constraints of the spec);
-- choose the smallest sufficient GPU size; among nodes of that size, prefer the one with the fewest
-  free GPUs that still fit (packs jobs, leaves whole nodes for big ones);
+- choose the smallest sufficient GPU size that has free GPUs now (else the smallest whole-GPU size,
+  where the pod waits); among nodes of that size, prefer the one with the fewest free GPUs that
+  still fit (packs jobs, leaves whole nodes for big ones);
 - express it as a required nodeAffinity ``nvidia.com/gpu.memory Gt <MiB>`` (kube-scheduler enforces
   it too) plus preferred affinity for the best-fit nodes;
 - microBatchSize auto: the largest micro batch that fits the chosen size.
@@ -114,37 +115,45 @@ def place(
     sizes = sorted({s.memory_mib for _, s in usable})
     min_mbs = 1 if auto else int(t.micro_batch_size)
     smallest_need = price(min_mbs)
-    for size in sizes:
+    options = []
+    for size, resource in sorted({(s.memory_mib, s.resource) for _, s in usable}):
         capacity = size * MiB
-        if auto:
-            mbs = min(cap_auto, max_batch(capacity))
-            if mbs < 1:
-                continue
-        else:
-            mbs = int(t.micro_batch_size)
-        est = price(mbs)
-        need = required_bytes(est)
-        if need > capacity:
+        mbs = min(cap_auto, max_batch(capacity)) if auto else int(t.micro_batch_size)
+        if mbs < 1:
             continue
-        of_size = [(n, s) for n, s in usable if s.memory_mib == size]
+        est = price(mbs)
+        if required_bytes(est) > capacity:
+            continue
+        of_size = [(n, s) for n, s in usable if s.memory_mib == size and s.resource == resource]
         if len({n.name for n, _ in of_size}) < nodes_needed:
             continue  # not enough nodes of this size for a multi-node job; a bigger size may have them
+        free_nodes = sorted((s.free, n.name) for n, s in of_size if s.free >= gpus)
+        options.append((size, resource, mbs, est, of_size, free_nodes))
+    if options:
+        # The smallest size that can start now; if none can, the smallest whole-GPU size, whose
+        # required affinity (Gt) still lets the scheduler use any larger GPU that frees up. A MIG
+        # slice is a fixed resource request, so it is only chosen when one is free.
+        now = [o for o in options if len(o[5]) >= nodes_needed]
+        whole = [o for o in options if o[1] == GPU_RESOURCE]
+        size, resource, mbs, est, of_size, free_nodes = (now or whole or options)[0]
+        need = required_bytes(est)
         need_mib = math.ceil(need / MiB)
         if r.min_gpu_memory:
             need_mib = max(need_mib, math.ceil(quantity_to_float(r.min_gpu_memory) / MiB))
-        # Best fit: fewest free GPUs that still hold the job; then by name for determinism.
-        ready = sorted((s.free, n.name) for n, s in of_size if s.free >= gpus)
-        preferred = tuple(name for _, name in ready)
+        # Best fit among nodes of that size: fewest free GPUs that still hold the job, then by name.
+        preferred = tuple(name for _, name in free_nodes)
         candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
         slot = of_size[0][1]
+        smallest = options[0]
         msg = (f"needs {est / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro batch {mbs}; "
-               f"smallest GPU that fits: {slot.product} ({size / 1024:.1f} GiB)")
+               f"{'smallest GPU that fits' if (size, resource) == smallest[:2] else 'smallest GPU free now'}: "
+               f"{slot.product} ({size / 1024:.1f} GiB)")
         if not preferred:
             msg += f"; no {slot.product} has {gpus} free GPU(s) now, so the pod waits or runs on a larger GPU"
         return Placement(
-            True, "Placed", msg, micro_batch_size=mbs, estimate_bytes=est, resource=slot.resource,
+            True, "Placed", msg, micro_batch_size=mbs, estimate_bytes=est, resource=resource,
             gpu_product=slot.product, gpu_memory_mib=size, min_gpu_memory_mib=need_mib,
-            preferred_nodes=preferred, candidate_nodes=candidates if slot.resource == GPU_RESOURCE else preferred,
+            preferred_nodes=preferred, candidate_nodes=candidates if resource == GPU_RESOURCE else preferred,
             largest_gpu_mib=largest,
         )
 
