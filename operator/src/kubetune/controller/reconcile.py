@@ -126,7 +126,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
 
 
 def _advice_line(a: Any) -> str:
-    return f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu})"
+    return f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs)"
 
 
 def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:
