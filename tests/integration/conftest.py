@@ -14,10 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import sys
+
 import pytest
 
 from kubetune.devenv import ground as g
 from kubetune.devenv import render
+
+sys.path.insert(0, str(Path(__file__).parent))  # opkit: helpers shared by the operator test modules
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -84,3 +89,22 @@ def namespace(ground: Ground) -> Iterator[str]:
              lambda: ground.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0, 30)
     yield name
     ground.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def crds(ground):
+    ground.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    ground.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    wait_for("finetunejobs served", lambda: ground.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30)
+
+
+@pytest.fixture
+def ns(ground, namespace):
+    """A namespace with the S3 Secret the examples reference."""
+    st = ground.state["s3"]
+    ground.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
+                   f"--from-literal=AWS_ACCESS_KEY_ID={st['access_key']}",
+                   f"--from-literal=AWS_SECRET_ACCESS_KEY={st['secret_key']}")
+    return namespace
+
+

@@ -10,83 +10,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
+from opkit import Operator, apply, cond, example, ftj, phase, put_progress, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import wait_until as wait_for
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Operator:
-    def __init__(self, log: Path):
-        self.log = log
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port", str(self.port),
-             "--metrics-address", "127.0.0.1", "--liveness", "", "--progress-interval", "2", *extra],
-            stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
-        wait_for("operator /metrics", lambda: self.metrics() is not None, 30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def metrics(self) -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
-                return r.read().decode()
-        except OSError:
-            return None
-
-    def metric(self, metric: str, /, **labels: str) -> float | None:
-        """The value of one sample, matched by name and (a subset of) its labels."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        for fam in text_string_to_metric_families(self.metrics() or ""):
-            for sample in fam.samples:
-                if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return None
-
-
-@pytest.fixture(scope="module")
-def crds(ground):
-    ground.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    ground.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-    wait_for("finetunejobs served", lambda: ground.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30)
 
 
 @pytest.fixture(scope="module")
@@ -97,82 +29,6 @@ def operator(ground, crds, tmp_path_factory):
     op.stop()
     print(op.log.read_text()[-5000:])
 
-
-@pytest.fixture
-def ns(ground, namespace):
-    """A namespace with the S3 Secret the examples reference."""
-    st = ground.state["s3"]
-    ground.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
-                   f"--from-literal=AWS_ACCESS_KEY_ID={st['access_key']}",
-                   f"--from-literal=AWS_SECRET_ACCESS_KEY={st['secret_key']}")
-    return namespace
-
-
-def example(name: str, **changes) -> dict:
-    obj = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
-    for dotted, value in changes.items():
-        node = obj
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return obj
-
-
-def ftj(ground, ns, name) -> dict:
-    return ground.kubectl_json("get", "ftj", name, "-n", ns)
-
-
-def phase(ground, ns, name) -> str | None:
-    return (ftj(ground, ns, name).get("status") or {}).get("phase")
-
-
-def cond(obj: dict, type_: str) -> dict:
-    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
-
-
-def wait_phase(ground, ns, name, want: str, timeout: float = 60) -> dict:
-    wait_for(f"{ns}/{name} phase {want}", lambda: phase(ground, ns, name) == want, timeout)
-    return ftj(ground, ns, name)
-
-
-def small_gpu_job(name: str, delay: str = "1s") -> dict:
-    """A real small model (Qwen2.5-0.5B from the catalog) with LoRA on one GPU."""
-    return example("lora-8b", **{
-        "metadata.name": name,
-        "spec.model.uri": "hf://Qwen/Qwen2.5-0.5B",
-        "spec.training.epochs": None, "spec.training.maxSteps": 100,
-        "spec.training.microBatchSize": 2, "spec.training.earlyStopping": None, "spec.training.evalSteps": None,
-        "spec.dataset.maxSeqLength": 1024,
-        "spec.resources.memory": "8Gi", "spec.resources.cpu": "2",
-        "spec.resources.podAnnotations": {"pod-complete.stage.kwok.x-k8s.io/delay": delay},
-        "spec.output": {},
-    })
-
-
-def _clean(obj: dict) -> dict:
-    """Drop keys set to None (a way to delete example fields above)."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items() if v is not None}
-    return obj
-
-
-def apply(ground, ns, obj) -> None:
-    ground.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(_clean(obj)))
-
-
-def put_progress(ground, ns, name, run, step, total, loss, ckpt_step=None) -> None:
-    """Write the trainer's progress object where the operator told the trainer to (its ConfigMap)."""
-    cm = ground.kubectl_json("get", "configmap", f"{name}-r{run}-config", "-n", ns)
-    cfg = yaml.safe_load(cm["data"]["trainer.yaml"])
-    bucket, _, key = cfg["paths"]["progressUri"][len("s3://"):].partition("/")
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    body = {"state": "training", "progress": {"step": step, "totalSteps": total, "loss": loss, "epoch": 0.5,
-                                              "tokensPerSecond": 1234.5, "etaSeconds": 60, "updatedAt": now}}
-    if ckpt_step:
-        body["checkpoints"] = {"latestUri": f"{cfg['paths']['checkpointsUri']}step-{ckpt_step}/",
-                               "latestStep": ckpt_step, "latestTime": now, "count": 1}
-    ground.s3().put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -228,10 +84,13 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     placement = got["status"]["placement"]
     spec = parse_job(obj).spec
     nodes = ground.kubectl_json("get", "nodes")["items"]
-    fleet = read_fleet(nodes, [])
+    others = [p for p in ground.kubectl_json("get", "pods", "-A")["items"]
+              if p["metadata"].get("labels", {}).get("kubetune.io/job") != "lora-8b"]
+    fleet = read_fleet(nodes, others)
     need_mib = got["status"]["estimate"]["perGpuBytes"] / 0.95 / 2**20
-    # Best fit: no GPU or MIG slice in the fleet that holds the job is smaller than the one chosen.
-    sizes = sorted({s.memory_mib for n in fleet if n.schedulable for s in n.slots if s.memory_mib >= need_mib})
+    # Best fit: no GPU or MIG slice that holds the job and had a free unit is smaller than the one chosen.
+    sizes = sorted({s.memory_mib for n in fleet if n.schedulable for s in n.slots
+                    if s.memory_mib >= need_mib and s.free >= 1})
     assert placement["gpuMemoryMiB"] == sizes[0], (placement, sizes)
     assert placement["minGpuMemoryMiB"] >= need_mib
     # and kube-scheduler put the pod where that GPU is, requesting that resource
@@ -241,6 +100,9 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     assert pod["spec"]["containers"][0]["resources"]["limits"][slot.resource] == "1"
     d = decide(spec, resolve_architecture(spec.model), fleet)
     assert d.placement.gpu_memory_mib == sizes[0] and d.placement.resource == slot.resource
+    # with the whole fleet free, the smallest size of all wins (a MIG slice here, the smallest that fits)
+    everything = sorted({s.memory_mib for n in read_fleet(nodes, []) for s in n.slots if s.memory_mib >= need_mib})
+    assert decide(spec, resolve_architecture(spec.model), read_fleet(nodes, [])).placement.gpu_memory_mib == everything[0]
 
 
 def test_too_big_is_unschedulable_with_advice(ground, operator, ns):
@@ -472,34 +334,39 @@ def test_fifty_malformed_specs_are_rejected_or_failed_and_the_operator_survives(
     assert operator.metric("kubetune_reconcile_errors_total") == 0.0
 
 
-def test_two_replicas_never_both_act(ground, crds, ns, tmp_path):
-    """kopf peering: of two operators sharing the peering object, only the higher priority acts."""
-    # a namespaced operator (--namespace) peers through a KopfPeering in that namespace
-    ground.kubectl("apply", "-f", "-", stdin=json.dumps(
-        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "kubetune", "namespace": ns}}))
-    low, high = Operator(tmp_path / "low.log"), Operator(tmp_path / "high.log")
+def test_deadline_fails_the_run_and_ttl_cleans_the_job(ground, operator, ns):
+    slow = small_gpu_job("deadline", delay="300s")
+    slow["spec"]["runPolicy"] = {"activeDeadlineSeconds": 3, "backoffLimit": 0}
+    apply(ground, ns, slow)
+    obj = wait_phase(ground, ns, "deadline", "Failed", 60)
+    c = cond(obj, "Failed")
+    assert c["reason"] == "DeadlineExceeded" and "runPolicy.activeDeadlineSeconds" in c["message"]
 
-    def start(op: Operator, priority: int) -> None:
-        op.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.cli", "operator", "--peering", "kubetune", "--priority", str(priority),
-             "--namespace", ns, "--metrics-port", str(op.port), "--metrics-address", "127.0.0.1", "--liveness", ""],
-            stdout=op.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+    quick = small_gpu_job("ttl")
+    quick["spec"]["runPolicy"] = {"ttlSecondsAfterFinished": 0}
+    apply(ground, ns, quick)
+    wait_phase(ground, ns, "ttl", "Succeeded", 60)
+    wait_for("ttl-after-finished removes the Job", lambda: ground.kubectl(
+        "get", "job", "ttl-r1", "-n", ns, check=False).returncode != 0, 60)
+    time.sleep(3)  # the operator sees the deletion and must not recreate a finished run's Job
+    assert ground.kubectl("get", "job", "ttl-r1", "-n", ns, check=False).returncode != 0
+    assert phase(ground, ns, "ttl") == "Succeeded"
 
-    start(high, 200)
-    wait_for("high priority operator up", lambda: high.metrics() is not None, 30)
-    start(low, 100)
-    try:
-        wait_for("low priority operator up", lambda: low.metrics() is not None, 30)
-        apply(ground, ns, small_gpu_job("peered", delay="60s"))
-        wait_phase(ground, ns, "peered", "Running", 60)
-        assert "peered: Placed" in high.log.read_text()
-        assert "peered" not in low.log.read_text(), "the paused replica acted"
-        # the leader leaves (a clean exit withdraws its peering record): the other takes over
-        high.stop()
-        wait_for("low priority operator resumes", lambda: "Resuming operations" in low.log.read_text(), 60)
-        apply(ground, ns, small_gpu_job("after-failover"))
-        wait_phase(ground, ns, "after-failover", "Succeeded", 60)
-        assert "after-failover: Placed" in low.log.read_text()
-    finally:
-        for op in (low, high):
-            op.stop()
+
+def test_preempted_pod_is_retried_without_counting_against_backoff(ground, operator, ns):
+    job = small_gpu_job("preempt", delay="300s")
+    job["spec"]["runPolicy"] = {"backoffLimit": 0}
+    apply(ground, ns, job)
+    wait_phase(ground, ns, "preempt", "Running", 60)
+    pod = ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=preempt")["items"][0]
+    # What the scheduler's preemption does: mark the pod with DisruptionTarget, then delete it.
+    # The eviction API sets the condition the same way; the Job's podFailurePolicy ignores it.
+    ground.kubectl("create", "--raw", f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/eviction", "-f", "-",
+                   stdin=json.dumps({"apiVersion": "policy/v1", "kind": "Eviction",
+                                     "metadata": {"name": pod["metadata"]["name"], "namespace": ns}}))
+    wait_for("a replacement pod", lambda: any(
+        p["metadata"]["uid"] != pod["metadata"]["uid"] for p in
+        ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=preempt")["items"]), 60)
+    job_obj = ground.kubectl_json("get", "job", "preempt-r1", "-n", ns)
+    assert not any(c["type"] == "Failed" and c["status"] == "True" for c in job_obj["status"].get("conditions", []))
+    assert phase(ground, ns, "preempt") in ("Running", "Starting")

@@ -55,7 +55,7 @@ def test_kwok_manages_only_annotated_nodes():
 def test_stage_file_has_exclusive_complete_and_fail_stages():
     stages = {d["metadata"]["name"]: d for d in yaml.safe_load_all(
         (Path(g.__file__).parent / "data" / "kwok-stages.yaml").read_text())}
-    assert {"node-initialize", "pod-ready", "pod-complete", "pod-fail", "pod-delete"} <= set(stages)
+    assert {"node-initialize", "pod-ready", "pod-complete", "pod-fail", "pod-terminate", "pod-delete"} <= set(stages)
 
     def annotation_op(stage):
         return next(e["operator"] for e in stages[stage]["spec"]["selector"]["matchExpressions"]

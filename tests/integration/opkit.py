@@ -1,0 +1,138 @@
+"""Helpers for the operator's integration tests: the operator as a process, examples, waits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from kubetune.devenv.ground import wait_until as wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    def __init__(self, log: Path):
+        self.log = log
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port", str(self.port),
+             "--metrics-address", "127.0.0.1", "--liveness", "", "--progress-interval", "2", *extra],
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
+        wait_for("operator /metrics", lambda: self.metrics() is not None, 30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def metrics(self) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                return r.read().decode()
+        except OSError:
+            return None
+
+    def metric(self, metric: str, /, **labels: str) -> float | None:
+        """The value of one sample, matched by name and (a subset of) its labels."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        for fam in text_string_to_metric_families(self.metrics() or ""):
+            for sample in fam.samples:
+                if sample.name == metric and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return None
+
+
+def example(name: str, **changes) -> dict:
+    obj = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
+    for dotted, value in changes.items():
+        node = obj
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return obj
+
+
+def ftj(ground, ns, name) -> dict:
+    return ground.kubectl_json("get", "ftj", name, "-n", ns)
+
+
+def phase(ground, ns, name) -> str | None:
+    return (ftj(ground, ns, name).get("status") or {}).get("phase")
+
+
+def cond(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def wait_phase(ground, ns, name, want: str, timeout: float = 60) -> dict:
+    wait_for(f"{ns}/{name} phase {want}", lambda: phase(ground, ns, name) == want, timeout)
+    return ftj(ground, ns, name)
+
+
+def small_gpu_job(name: str, delay: str = "1s") -> dict:
+    """A real small model (Qwen2.5-0.5B from the catalog) with LoRA on one GPU."""
+    return example("lora-8b", **{
+        "metadata.name": name,
+        "spec.model.uri": "hf://Qwen/Qwen2.5-0.5B",
+        "spec.training.epochs": None, "spec.training.maxSteps": 100,
+        "spec.training.microBatchSize": 2, "spec.training.earlyStopping": None, "spec.training.evalSteps": None,
+        "spec.dataset.maxSeqLength": 1024,
+        "spec.resources.memory": "8Gi", "spec.resources.cpu": "2",
+        "spec.resources.podAnnotations": {"pod-complete.stage.kwok.x-k8s.io/delay": delay},
+        "spec.output": {},
+    })
+
+
+def _clean(obj: dict) -> dict:
+    """Drop keys set to None (a way to delete example fields above)."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def apply(ground, ns, obj) -> None:
+    ground.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(_clean(obj)))
+
+
+def put_progress(ground, ns, name, run, step, total, loss, ckpt_step=None) -> None:
+    """Write the trainer's progress object where the operator told the trainer to (its ConfigMap)."""
+    cm = ground.kubectl_json("get", "configmap", f"{name}-r{run}-config", "-n", ns)
+    cfg = yaml.safe_load(cm["data"]["trainer.yaml"])
+    bucket, _, key = cfg["paths"]["progressUri"][len("s3://"):].partition("/")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    body = {"state": "training", "progress": {"step": step, "totalSteps": total, "loss": loss, "epoch": 0.5,
+                                              "tokensPerSecond": 1234.5, "etaSeconds": 60, "updatedAt": now}}
+    if ckpt_step:
+        body["checkpoints"] = {"latestUri": f"{cfg['paths']['checkpointsUri']}step-{ckpt_step}/",
+                               "latestStep": ckpt_step, "latestTime": now, "count": 1}
+    ground.s3().put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode())
