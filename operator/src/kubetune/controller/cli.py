@@ -37,13 +37,15 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port must be 0-65535, got {args.metrics_port}")
 
+    import os
+
+    os.environ["KUBETUNE_PROGRESS_INTERVAL"] = str(args.progress_interval)  # read when handlers load
     import kopf
 
     from kubetune.controller import handlers, kube, metrics
 
     kube.configure(args.kubeconfig)
     handlers.CONFIG.namespaces = list(args.namespace)
-    handlers.CONFIG.progress_interval = args.progress_interval
     if args.image:
         handlers.CONFIG.image = args.image
     if args.metrics_port:

@@ -8,6 +8,7 @@ can never roll the status back, and holds a per-job lock so two triggers never i
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,19 +25,23 @@ from kubetune.errors import UsageError
 
 log = logging.getLogger("kubetune.operator")
 
-ACTIVE_PHASES = ("Starting", "Running", "Suspended")
-RETRY_PHASES = ("Pending",)
+# Progress lands in S3, which sends no events: poll it while a trainer runs. Everything else that
+# changes a job (its Job, its pods via the Job's counters, nodes) arrives as a watch event.
+PROGRESS_INTERVAL = float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "10"))
+RETRY_INTERVAL = 30.0  # Pending: waiting for a Secret or a readable model config
 
 
 @dataclass
 class Config:
     image: str = manifests.DEFAULT_IMAGE
-    progress_interval: float = 10.0
     namespaces: list[str] = field(default_factory=list)
 
 
 CONFIG = Config()
 _locks: dict[tuple[str, str], threading.Lock] = {}
+# resourceVersion of each job's last status write by this operator: the watch echoes it back, and
+# reconciling our own write again would only find nothing to do.
+_own_writes: dict[tuple[str, str], str] = {}
 _locks_guard = threading.Lock()
 
 
@@ -68,6 +73,19 @@ def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str) -> tuple[o
     return arch, err
 
 
+_secret_cache: dict[tuple[str, str], tuple[float, dict | None]] = {}
+
+
+def _secret(ns: str, name: str) -> dict | None:
+    """Secrets change rarely and every reconcile needs one: cache each for a few seconds."""
+    hit = _secret_cache.get((ns, name))
+    if hit and time.monotonic() - hit[0] < 5:
+        return hit[1]
+    data = kube.read_secret(ns, name)
+    _secret_cache[(ns, name)] = (time.monotonic(), data)
+    return data
+
+
 def observe(body: dict) -> tuple[Observed, dict | None]:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -85,7 +103,7 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     creds = None
     ref = spec.storage.credentials_secret
     if ref is not None:
-        creds = kube.read_secret(ns, ref.name)
+        creds = _secret(ns, ref.name)
         if creds is None:
             obs.secret_missing = (f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace "
                                   f"{ns}: create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
@@ -102,7 +120,8 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
         obs.job = kube.get_job(ns, rid.job_name)
         if obs.job is not None:
             obs.pods = kube.list_pods(ns, name, run.run)
-            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
+            if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
+                obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
     return obs, obs.job
 
 
@@ -126,7 +145,9 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
                                out.job_patch)
             new = status_patch(out.status)
             if {k: v for k, v in new.items() if v is not None} != (body.get("status") or {}):
-                kube.patch_status(ns, name, new)
+                version = kube.patch_status(ns, name, new)
+                if version:
+                    _own_writes[(ns, name)] = version
             for type_, reason, message in out.events:
                 kube.post_event(body, type_, reason, message)
                 logger.info(f"{ns}/{name}: {reason}: {message}")
@@ -153,25 +174,54 @@ def _startup(settings: kopf.OperatorSettings, **_) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
+    key = (body.metadata["namespace"], body.metadata["name"])
     if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
+        _own_writes.pop(key, None)
         return
+    if _own_writes.get(key) == body.metadata.get("resourceVersion"):
+        return  # the echo of our own status write
+    drive(*key, logger)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL, initial_delay=2.0, idle=None,
+            when=lambda status, **_: (status or {}).get("phase") == "Running")
+def mirror_progress(body: kopf.Body, logger, **_) -> None:
+    """Copy the trainer's progress object from S3 into status while it trains."""
     drive(body.metadata["namespace"], body.metadata["name"], logger)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=10.0, initial_delay=5.0, idle=None,
-            when=lambda status, **_: (status or {}).get("phase") in ACTIVE_PHASES + RETRY_PHASES)
-def resync(body: kopf.Body, logger, **_) -> None:
-    """Mirror the trainer's progress (it lands in S3, which sends no events) and retry jobs that
-    wait for a Secret or a readable model config."""
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RETRY_INTERVAL, initial_delay=RETRY_INTERVAL, idle=None,
+            when=lambda status, **_: (status or {}).get("phase") == "Pending")
+def retry_pending(body: kopf.Body, logger, **_) -> None:
+    """Jobs waiting for their Secret or a readable model config try again."""
     drive(body.metadata["namespace"], body.metadata["name"], logger)
+
+
+_job_signatures: dict[str, tuple] = {}
+
+
+def _job_signature(event: dict, body: kopf.Body) -> tuple:
+    st = body.get("status") or {}
+    conds = tuple(sorted((c.get("type"), c.get("status")) for c in st.get("conditions") or []))
+    return (event.get("type") == "DELETED", bool((body.get("spec") or {}).get("suspend")), st.get("active"),
+            st.get("ready"), st.get("failed"), st.get("succeeded"), conds)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_JOB: kopf.PRESENT})
 def on_child_job(event: dict, body: kopf.Body, logger, **_) -> None:
-    # DELETED too: a Job deleted while its run is active is recreated.
+    """The Job's counters and conditions move with its pods (started, ready, failed, done); other
+    updates (the controller's bookkeeping) change nothing for the FineTuneJob. DELETED counts: a
+    Job deleted while its run is active is recreated."""
     owner = body.metadata.get("labels", {}).get(manifests.LABEL_JOB)
-    if owner:
-        drive(body.metadata["namespace"], owner, logger)
+    uid = body.metadata.get("uid", "")
+    sig = _job_signature(event, body)
+    if not owner or _job_signatures.get(uid) == sig:
+        return
+    if sig[0]:
+        _job_signatures.pop(uid, None)
+    else:
+        _job_signatures[uid] = sig
+    drive(body.metadata["namespace"], owner, logger)
 
 
 _node_signatures: dict[str, tuple] = {}
