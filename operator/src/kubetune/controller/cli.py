@@ -26,7 +26,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true")
 
 
+def _bounded_malloc() -> None:
+    """glibc gives every thread that allocates its own malloc arena; with the operator's worker
+    threads that fragments to hundreds of MB of RSS for ~50 MB of live Python objects. Two arenas
+    keep it bounded (the usual setting for threaded Python servers). glibc reads it at start-up,
+    so re-exec once with it set; the image sets it already."""
+    import os
+    import sys
+
+    if os.environ.get("MALLOC_ARENA_MAX") is None and sys.platform == "linux":
+        os.environ["MALLOC_ARENA_MAX"] = "2"
+        os.execv(sys.executable, [sys.executable, "-m", "kubetune.cli", *sys.argv[1:]])
+
+
+def _trim_periodically(every: float = 30.0) -> None:
+    """Hand freed heap back to the OS after a burst (glibc keeps it otherwise)."""
+    import ctypes
+    import threading
+    import time
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            libc.malloc_trim(0)
+
+    threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
+
+
 def run(args: argparse.Namespace) -> int:
+    _bounded_malloc()
     if args.priority == "random":
         priority = random.SystemRandom().randint(1, 2**31 - 1)
     else:
@@ -50,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         handlers.CONFIG.image = args.image
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
+    _trim_periodically()
     kopf.configure(verbose=args.verbose)
     kopf.run(
         clusterwide=not args.namespace,

@@ -39,9 +39,35 @@ class Config:
 
 CONFIG = Config()
 _locks: dict[tuple[str, str], threading.Lock] = {}
-# resourceVersion of each job's last status write by this operator: the watch echoes it back, and
-# reconciling our own write again would only find nothing to do.
-_own_writes: dict[tuple[str, str], str] = {}
+# What each job looked like after this operator last reconciled it: (generation, status). A watch
+# event with the same generation and status (the echo of our own status write, or kopf's finalizer
+# and annotation bookkeeping) cannot change the outcome, so it is not reconciled again.
+_last_seen: dict[tuple[str, str], tuple[int, dict]] = {}
+# The newest body of each FineTuneJob: from its watch events and from our own status writes (the
+# patch returns the object). Reconciles triggered by a Job or a timer read it here instead of
+# GETting it; with a thousand jobs, every request saved matters to the apiserver.
+_bodies: dict[tuple[str, str], dict] = {}
+_bodies_lock = threading.Lock()
+
+
+def _remember(body: dict) -> None:
+    key = (body["metadata"]["namespace"], body["metadata"]["name"])
+    rv = int(body["metadata"].get("resourceVersion") or 0)
+    with _bodies_lock:
+        old = _bodies.get(key)
+        if old is None or int(old["metadata"].get("resourceVersion") or 0) <= rv:
+            _bodies[key] = body
+
+
+def _body(ns: str, name: str) -> dict | None:
+    with _bodies_lock:
+        hit = _bodies.get((ns, name))
+    if hit is not None:
+        return hit
+    body = kube.get_finetunejob(ns, name)
+    if body is not None:
+        _remember(body)
+    return body
 _locks_guard = threading.Lock()
 
 
@@ -118,7 +144,8 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     if run is not None and run.phase not in ("Succeeded", "Failed"):
         rid = manifests.RunIdentity(ns, name, obs.uid, run.run)
         obs.job = kube.get_job(ns, rid.job_name)
-        if obs.job is not None:
+        counts = (obs.job or {}).get("status") or {}
+        if obs.job is not None and any(counts.get(k) for k in ("active", "ready", "failed", "succeeded")):
             obs.pods = kube.list_pods(ns, name, run.run)
             if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
                 obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
@@ -130,24 +157,29 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
 
 def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = log) -> float | None:
     with _lock_for(ns, name), metrics.RECONCILE.time():
-        body = kube.get_finetunejob(ns, name)
+        body = _body(ns, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
         try:
             obs, job = observe(body)
             out = reconcile(obs, datetime.now(timezone.utc), image=CONFIG.image)
             for obj in out.create:
-                kube.create(obj)
+                created = kube.create(obj)
+                if created and created.get("kind") == "Job":
+                    # its ADDED event will show nothing new
+                    _job_signatures[created["metadata"]["uid"]] = _job_signature({"type": "ADDED"}, created)
             if out.create:
                 kube.invalidate_fleet()
             if out.job_patch and out.status.history:
                 kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
                                out.job_patch)
             new = status_patch(out.status)
-            if {k: v for k, v in new.items() if v is not None} != (body.get("status") or {}):
-                version = kube.patch_status(ns, name, new)
-                if version:
-                    _own_writes[(ns, name)] = version
+            written = {k: v for k, v in new.items() if v is not None}
+            if written != (body.get("status") or {}):
+                updated = kube.patch_status(ns, name, new)
+                if updated is not None:
+                    _remember(updated)
+            _last_seen[(ns, name)] = (body["metadata"].get("generation"), written)
             for type_, reason, message in out.events:
                 kube.post_event(body, type_, reason, message)
                 logger.info(f"{ns}/{name}: {reason}: {message}")
@@ -176,10 +208,13 @@ def _startup(settings: kopf.OperatorSettings, **_) -> None:
 def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
     key = (body.metadata["namespace"], body.metadata["name"])
     if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
-        _own_writes.pop(key, None)
+        _last_seen.pop(key, None)
+        with _bodies_lock:
+            _bodies.pop(key, None)
         return
-    if _own_writes.get(key) == body.metadata.get("resourceVersion"):
-        return  # the echo of our own status write
+    _remember(dict(event["object"]))
+    if _last_seen.get(key) == (body.metadata.get("generation"), dict(body.get("status") or {})):
+        return
     drive(*key, logger)
 
 
@@ -200,7 +235,7 @@ def retry_pending(body: kopf.Body, logger, **_) -> None:
 _job_signatures: dict[str, tuple] = {}
 
 
-def _job_signature(event: dict, body: kopf.Body) -> tuple:
+def _job_signature(event: dict, body) -> tuple:
     st = body.get("status") or {}
     conds = tuple(sorted((c.get("type"), c.get("status")) for c in st.get("conditions") or []))
     return (event.get("type") == "DELETED", bool((body.get("spec") or {}).get("suspend")), st.get("active"),

@@ -91,12 +91,11 @@ def list_finetunejobs(namespaces: list[str] | None = None) -> list[dict]:
     return custom().list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
 
 
-def patch_status(namespace: str, name: str, status: dict) -> str | None:
-    """Merge-patch the status subresource; return the new resourceVersion (None if the object is gone)."""
+def patch_status(namespace: str, name: str, status: dict) -> dict | None:
+    """Merge-patch the status subresource; return the updated object (None if it is gone)."""
     try:
-        out = _raw(custom().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
-                   {"status": status})
-        return out["metadata"]["resourceVersion"]
+        return _raw(custom().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
+                    {"status": status})
     except ApiException as e:
         if e.status != 404:  # deleted meanwhile: nothing to report on
             raise

@@ -416,6 +416,8 @@ def _termination(pods: list[dict]) -> TrainerTermination | None:
 
 
 def _pending_reason(pods: list[dict]) -> str:
+    if any((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods):
+        return "the trainer pod has exited; waiting for the Job controller to record it"
     for p in pods:
         for c in (p.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
