@@ -130,7 +130,7 @@ def _load_model(arg: str):
         return from_config(cfg, path), path
     a = catalog_architecture(arg)
     if a is None:
-        if arg.endswith(".json") or os.sep in arg:
+        if arg.endswith(".json") or arg.startswith((os.sep, ".")):
             raise UsageError(f"--model {arg}: no such file")
         close = [k for k in sorted(catalog.ALIASES) if arg.lower().split("/")[-1][:5] in k][:5]
         hint = f" (did you mean {', '.join(close)}?)" if close else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)"
