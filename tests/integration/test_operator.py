@@ -50,7 +50,7 @@ def test_life_through_every_phase(ground, operator, ns):
     assert pod["spec"]["nodeName"] == st["placement"]["node"]
 
     put_progress(ground, ns, "life", 1, step=40, total=100, loss=1.25, ckpt_step=40)
-    obj = wait_for("progress mirrored", lambda: (lambda o: o if (o["status"].get("progress") or {}).get("step") == 40
+    obj = wait_for("progress mirrored", lambda: (lambda o: o if (o.get("status", {}).get("progress") or {}).get("step") == 40
                                                 else None)(ftj(ground, ns, "life")), 30)
     assert obj["status"]["progress"]["percent"] == "40%" and obj["status"]["progress"]["loss"] == 1.25
     assert cond(obj, "CheckpointSynced")["status"] == "True"
@@ -180,7 +180,7 @@ def test_spec_change_after_finish_starts_a_new_run_and_keeps_history(ground, ope
     obj = small_gpu_job("retrain")
     obj["spec"]["training"]["learningRate"] = 1.0e-4
     apply(ground, ns, obj)
-    got = wait_for("run 2", lambda: (lambda o: o if o["status"].get("run") == 2 else None)(ftj(ground, ns, "retrain")), 60)
+    got = wait_for("run 2", lambda: (lambda o: o if o.get("status", {}).get("run") == 2 else None)(ftj(ground, ns, "retrain")), 60)
     assert [h["run"] for h in got["status"]["history"]] == [1, 2]
     assert got["status"]["history"][0]["phase"] == "Succeeded" and got["status"]["history"][1]["generation"] == 2
     wait_phase(ground, ns, "retrain", "Succeeded", 60)
@@ -197,7 +197,7 @@ def test_spec_change_while_running_queues_the_next_run(ground, operator, ns):
     time.sleep(3)
     got = ftj(ground, ns, "busy")
     assert got["status"]["run"] == 1 and got["status"]["phase"] == "Running"  # not disturbed
-    got = wait_for("run 2 after run 1", lambda: (lambda o: o if o["status"].get("run") == 2 else None)(
+    got = wait_for("run 2 after run 1", lambda: (lambda o: o if o.get("status", {}).get("run") == 2 else None)(
         ftj(ground, ns, "busy")), 90)
     assert got["status"]["history"][0]["phase"] == "Succeeded" and got["status"]["history"][1]["generation"] == 2
 
@@ -208,7 +208,7 @@ def test_oom_sets_reason_and_retries_once_with_a_smaller_batch(ground, operator,
                                                    "kwok.kubetune.io/reason": "OOMKilled",
                                                    "pod-complete.stage.kwok.x-k8s.io/delay": "1s"}
     apply(ground, ns, obj)
-    got = wait_for("OOM retry run", lambda: (lambda o: o if len(o["status"].get("history", [])) >= 2 else None)(
+    got = wait_for("OOM retry run", lambda: (lambda o: o if len(o.get("status", {}).get("history", [])) >= 2 else None)(
         ftj(ground, ns, "oom")), 90)
     first, second = got["status"]["history"][:2]
     assert first["reason"] == "OutOfMemoryRetry"

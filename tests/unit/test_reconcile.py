@@ -206,6 +206,16 @@ def test_spec_change_while_running_is_queued():
     assert ("Normal", "SpecChangeQueued", "generation 2 will start as run 2 when run 1 ends") in out.events
 
 
+def test_queued_spec_change_starts_when_the_run_ends():
+    _, st = started()
+    running = reconcile(observe(status=st, generation=2, job=job(), pods=[pod()]), T0).status
+    again = reconcile(observe(status=running, generation=2, job=job(), pods=[pod()]), T0)
+    assert not any(e[1] == "SpecChangeQueued" for e in again.events)  # said once, not every resync
+    out = reconcile(observe(status=running, generation=2, job=job([("Complete", {})]), pods=[]), T0)
+    assert out.status.run == 2 and out.status.history[0].phase == "Succeeded"
+    assert out.status.history[1].generation == 2 and out.create[-1]["metadata"]["name"] == "demo-r2"
+
+
 def test_deleted_job_of_an_active_run_is_recreated():
     _, st = started()
     out = reconcile(observe(status=st, job=None), T0)

@@ -144,8 +144,10 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     if run is not None and run.phase not in ("Succeeded", "Failed"):
         rid = manifests.RunIdentity(ns, name, obs.uid, run.run)
         obs.job = kube.get_job(ns, rid.job_name)
-        counts = (obs.job or {}).get("status") or {}
-        if obs.job is not None and any(counts.get(k) for k in ("active", "ready", "failed", "succeeded")):
+        jstat = (obs.job or {}).get("status") or {}
+        # Pods matter once one exists (counted by the Job) or the Job ended (termination messages).
+        if obs.job is not None and (any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded"))
+                                    or jstat.get("conditions")):
             obs.pods = kube.list_pods(ns, name, run.run)
             if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
                 obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)

@@ -183,7 +183,11 @@ def reconcile(obs: Observed, now: datetime, image: str = manifests.DEFAULT_IMAGE
 
     active = current is not None and current.phase not in TERMINAL
     if active:
-        return _observe_run(b, obs, current, image)
+        out = _observe_run(b, obs, current, image)
+        if out.status.phase in TERMINAL and current.generation != obs.generation and not out.create:
+            # The run just ended and a newer spec was waiting for it: start that run now.
+            return _start_run(b, obs, image, overrides=None)
+        return out
 
     # No active run: start one if this generation has not been run yet.
     if current is not None and current.generation == obs.generation:
@@ -257,7 +261,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
     jconds = {c.get("type"): c for c in jstat.get("conditions") or [] if c.get("status") == "True"}
     term = _termination(obs.pods)
 
-    if "Complete" in jconds or "SuccessCriteriaMet" in jconds:
+    if "Complete" in jconds:
         st.result = term.result if term and term.result else st.result
         if st.progress and st.progress.total_steps:
             st.progress.step, st.progress.percent = st.progress.total_steps, "100%"
@@ -269,8 +273,10 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
         b.phase("Succeeded")
         return b.done()
 
-    if "Failed" in jconds or "FailureTarget" in jconds:
-        return _failed(b, obs, run, jconds.get("Failed") or jconds.get("FailureTarget"), term, image)
+    if "Failed" in jconds:
+        # Not FailureTarget: the Job controller is still terminating pods, whose termination
+        # messages (OOM, bad data) decide the reason.
+        return _failed(b, obs, run, jconds["Failed"], term, image)
 
     patch = None
     want_suspend = spec.run_policy.suspend
@@ -307,10 +313,9 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
         pending = _pending_reason(obs.pods)
         b.cond("Running", False, "PodPending", pending)
         b.phase("Starting")
-    if obs.generation != run.generation:
+    if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
         b.events.append(("Normal", "SpecChangeQueued",
                          f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
-        b.events = list(dict.fromkeys(b.events))
     return b.done(job_patch=patch)
 
 
