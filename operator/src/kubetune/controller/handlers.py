@@ -206,13 +206,24 @@ def _startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300
 
 
+def _forget(key: tuple[str, str]) -> None:
+    """Drop everything held in memory for a FineTuneJob that is gone, so a long-lived operator
+    does not grow with every job it has ever seen."""
+    _last_seen.pop(key, None)
+    with _bodies_lock:
+        _bodies.pop(key, None)
+    with _locks_guard:
+        _locks.pop(key, None)
+    metrics.TABLE.forget(*key)
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
     key = (body.metadata["namespace"], body.metadata["name"])
-    if event.get("type") == "DELETED" or body.metadata.get("deletionTimestamp"):
-        _last_seen.pop(key, None)
-        with _bodies_lock:
-            _bodies.pop(key, None)
+    if event.get("type") == "DELETED":
+        _forget(key)
+        return
+    if body.metadata.get("deletionTimestamp"):
         return
     _remember(dict(event["object"]))
     if _last_seen.get(key) == (body.metadata.get("generation"), dict(body.get("status") or {})):
@@ -298,4 +309,4 @@ def on_delete(body: kopf.Body, spec: kopf.Spec, logger, **_) -> None:
         creds = kube.read_secret(ns, parsed.storage.credentials_secret.name) if parsed.storage.credentials_secret else None
         removed = sources.delete_prefix(parsed, creds, manifests.job_prefix(parsed, ns, name))
         logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
-    metrics.TABLE.forget(ns, name)
+    _forget((ns, name))

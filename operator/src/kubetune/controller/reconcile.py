@@ -20,7 +20,6 @@ from datetime import datetime
 from typing import Any
 
 from kubetune.api.v1alpha1 import (
-    EstimateStatus,
     FineTuneJobSpec,
     FineTuneJobStatus,
     PlacementStatus,
@@ -216,7 +215,7 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
         return b.done(requeue_after=30)
 
     d = decide(spec, obs.arch, obs.fleet, overrides)
-    st.estimate = _estimate_status(d)
+    st.estimate = d.estimate.to_status()
     if not d.placement.fits:
         advice = "; ".join(d.advice) if d.advice else "reduce microBatchSize or maxSeqLength, or use qlora"
         msg = f"{d.placement.message}. Options that fit: {advice}."
@@ -445,11 +444,6 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
         if new:
             b.cond("CheckpointSynced", True, "CheckpointCommitted",
                    f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
-
-
-def _estimate_status(d: Decision) -> EstimateStatus:
-    status = d.estimate.to_status()
-    return status
 
 
 def _placement_status(d: Decision) -> PlacementStatus:
