@@ -108,3 +108,15 @@ def ns(ground, namespace):
     return namespace
 
 
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed operator test shows the operator's log: the process outlives the test, so its
+    output is otherwise lost (the module fixture prints it only at teardown)."""
+    outcome = yield
+    rep = outcome.get_result()
+    op = item.funcargs.get("operator") if rep.failed and rep.when == "call" else None
+    log = getattr(op, "log", None)
+    if log is not None and log.exists():
+        rep.sections.append(("operator log (last 12 kB)", log.read_text(errors="replace")[-12000:]))

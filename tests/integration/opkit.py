@@ -95,8 +95,19 @@ def cond(obj: dict, type_: str) -> dict:
 
 
 def wait_phase(ground, ns, name, want: str, timeout: float = 60) -> dict:
-    wait_for(f"{ns}/{name} phase {want}", lambda: phase(ground, ns, name) == want, timeout)
-    return ftj(ground, ns, name)
+    """Wait for a phase; on timeout the error says where the job got to instead."""
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = ftj(ground, ns, name)
+        st = obj.get("status") or {}
+        if st.get("phase") == want:
+            return obj
+        if time.monotonic() > deadline:
+            conds = "; ".join(f"{c['type']}={c['status']} {c.get('reason')}: {c.get('message')}"
+                              for c in st.get("conditions") or [])
+            raise AssertionError(f"{ns}/{name}: no phase {want} after {timeout:.0f}s; "
+                                 f"it is {st.get('phase')} ({conds})")
+        time.sleep(0.5)
 
 
 def small_gpu_job(name: str, delay: str = "1s") -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import random
 
 from kubetune.errors import UsageError
@@ -58,6 +59,13 @@ def _trim_periodically(every: float = 30.0) -> None:
     threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
 
 
+def _quiet_success(record: logging.LogRecord) -> bool:
+    """kopf logs every successful handler and timer call at INFO: with node heartbeats and progress
+    polls that is thousands of lines an hour that say nothing. Failures and our own lines stay."""
+    return not (record.levelno == logging.INFO and isinstance(record.msg, str)
+                and record.msg.startswith(("Handler '", "Timer '")) and record.msg.endswith(" succeeded."))
+
+
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -85,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         metrics.serve(args.metrics_port, args.metrics_address)
     _trim_periodically()
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        logging.getLogger("kopf.objects").addFilter(_quiet_success)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

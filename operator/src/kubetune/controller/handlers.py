@@ -28,7 +28,7 @@ log = logging.getLogger("kubetune.operator")
 # Progress lands in S3, which sends no events: poll it while a trainer runs. Everything else that
 # changes a job (its Job, its pods via the Job's counters, nodes) arrives as a watch event.
 PROGRESS_INTERVAL = float(os.environ.get("KUBETUNE_PROGRESS_INTERVAL", "10"))
-RETRY_INTERVAL = 30.0  # Pending: waiting for a Secret or a readable model config
+RETRY_INTERVAL = 30.0  # Pending (a Secret, a model config) and Unschedulable (resync) jobs
 
 
 @dataclass
@@ -239,9 +239,10 @@ def mirror_progress(body: kopf.Body, logger, **_) -> None:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RETRY_INTERVAL, initial_delay=RETRY_INTERVAL, idle=None,
-            when=lambda status, **_: (status or {}).get("phase") == "Pending")
+            when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Unschedulable"))
 def retry_pending(body: kopf.Body, logger, **_) -> None:
-    """Jobs waiting for their Secret or a readable model config try again."""
+    """Jobs waiting for their Secret or a readable model config try again. Unschedulable ones are
+    re-placed on node events; this is the resync that covers a missed or failed one."""
     drive(body.metadata["namespace"], body.metadata["name"], logger)
 
 
@@ -289,11 +290,13 @@ def on_node(event: dict, body: kopf.Body, logger, **_) -> None:
                for c in (body.get("status") or {}).get("conditions") or []))
     if _node_signatures.get(name) == sig:
         return
-    _node_signatures[name] = sig
     kube.invalidate_fleet()
     for ftj in kube.list_finetunejobs(CONFIG.namespaces or None):
         if (ftj.get("status") or {}).get("phase") == "Unschedulable":
             drive(ftj["metadata"]["namespace"], ftj["metadata"]["name"], logger)
+    # Only now: kopf does not retry event handlers, so after a failure the next event (a heartbeat
+    # with the same signature) must not be skipped.
+    _node_signatures[name] = sig
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
