@@ -7,6 +7,8 @@
 2. Paced: create jobs at R per second; report create->Job latency p50/p99 (Job creationTimestamp
    minus FineTuneJob creationTimestamp, both set by the apiserver, so the client is not measured).
 3. The operator's peak RSS over both (psutil, sampled every 0.2 s, children included).
+4. CPU seconds spent during the burst by the operator and by each ground process: on a small machine
+   they share the cores, so this says which one the burst waits for.
 
 The operator runs as its own process with the ground's kubeconfig, exactly as `kubetune operator`.
 Jobs use a catalog model on one GPU, suspended (runPolicy.suspend) so that 1000 pods do not flood
@@ -64,6 +66,20 @@ class RSS(threading.Thread):
             except psutil.Error:
                 pass
             time.sleep(0.2)
+
+
+def apiserver_requests(state: dict, lay) -> dict[str, float]:
+    """kube-apiserver's apiserver_request_total summed by verb and resource[/subresource]."""
+    import re
+
+    out: dict[str, float] = {}
+    for line in g.kubectl(state, lay, "get", "--raw", "/metrics").stdout.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{"):line.rindex("}")]))
+            key = f"{labels.get('verb')} {labels.get('resource')}" + (
+                f"/{labels['subresource']}" if labels.get("subresource") else "")
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def main() -> int:
@@ -128,6 +144,10 @@ def main() -> int:
         for t in threads:
             t.start()
         time.sleep(1)
+        procs = {"operator": psutil.Process(op.pid),
+                 **{n: psutil.Process(p["pid"]) for n, p in state["procs"].items() if n != "s3"}}
+        cpu0 = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+        req0 = apiserver_requests(state, lay)
         t0 = time.time()
         with cf.ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: co.create_namespaced_custom_object(
@@ -138,8 +158,16 @@ def main() -> int:
         figures["burst_jobs"] = args.jobs
         figures["burst_create_s"] = round(created, 1)
         figures["burst_all_jobs_and_status_s"] = round(time.time() - t0, 1)
+        figures["burst_cpu_s"] = {n: round(sum(p.cpu_times()[:2]) - cpu0[n], 1) for n, p in procs.items()}
         print(f"burst: {args.jobs} FineTuneJobs created in {created:.1f} s; all have Jobs and status after "
               f"{figures['burst_all_jobs_and_status_s']} s", flush=True)
+        print("burst CPU seconds: " + ", ".join(f"{n} {v}" for n, v in figures["burst_cpu_s"].items()), flush=True)
+        # Everyone's requests (the operator's, the Job controller's, this script's creates), per job.
+        req1 = apiserver_requests(state, lay)
+        per_job = {k: round((v - req0.get(k, 0.0)) / args.jobs, 2) for k, v in req1.items()}
+        figures["burst_requests_per_job"] = {k: v for k, v in sorted(per_job.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        print("burst apiserver requests per job: " + ", ".join(
+            f"{k} {v}" for k, v in figures["burst_requests_per_job"].items()), flush=True)
         time.sleep(5)  # let the burst's tail settle before the paced run
 
         # 2. paced: a watch sees each Job arrive; latency = Job seen - create call returned (one clock)

@@ -26,6 +26,10 @@ def operator(ground, crds, tmp_path_factory):
     op = Operator(tmp_path_factory.mktemp("operator") / "operator.log")
     op.start()
     yield op
+    # The tests' namespaces are deleted without waiting: let the operator finalize their
+    # FineTuneJobs first, or they stay Terminating on a ground that is reused.
+    wait_for("deleted FineTuneJobs finalized", lambda: not any(
+        o["metadata"].get("deletionTimestamp") for o in ground.kubectl_json("get", "ftj", "-A")["items"]), 60)
     op.stop()
     print(op.log.read_text()[-5000:])
 
@@ -67,7 +71,7 @@ def test_life_through_every_phase(ground, operator, ns):
     assert obj["status"]["history"][0]["phase"] == "Succeeded" and obj["status"]["completionTime"]
     events = ground.kubectl_json("get", "events", "-n", ns, "--field-selector", "involvedObject.name=life")["items"]
     reasons = {e["reason"] for e in events}
-    assert {"Valid", "Placed", "TrainerRunning", "CheckpointCommitted", "Completed"} <= reasons, reasons
+    assert {"Placed", "TrainerRunning", "CheckpointCommitted", "Completed"} <= reasons, reasons
     assert operator.metric("kubetune_finetunejobs", phase="Succeeded") >= 1
 
 

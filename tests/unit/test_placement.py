@@ -6,7 +6,7 @@ import copy
 import pytest
 
 from kubetune.api.validation import parse_spec
-from kubetune.controller.fleet import read_fleet
+from kubetune.controller.fleet import expected_pods, read_fleet
 from kubetune.controller.placement import GiB, MiB, place, required_bytes, tolerates
 from kubetune.controller.fleet import Taint
 from kubetune.api.v1alpha1 import Toleration
@@ -202,3 +202,35 @@ def test_nothing_free_waits_on_the_smallest_whole_gpu_size():
     p = place(spec(), read_fleet(FLEET_NODES, busy), lambda m: int(20 * GiB), lambda c: 4)
     assert p.fits and p.resource == "nvidia.com/gpu" and p.gpu_product == "NVIDIA-L4"
     assert p.preferred_nodes == () and "waits or runs on a larger GPU" in p.message
+
+
+def _job(gpus: int, parallelism: int = 1, suspend: bool = False, resource: str = "nvidia.com/gpu") -> dict:
+    return {"kind": "Job", "spec": {"suspend": suspend, "parallelism": parallelism, "template": {"spec": {
+        "containers": [{"name": "trainer", "resources": {"limits": {resource: str(gpus), "cpu": "2"}}}]}}}}
+
+
+def test_expected_pods_of_new_jobs_spread_a_burst():
+    # Four L4 jobs placed back to back on one cached fleet listing: each counts the GPUs the ones
+    # before it claimed, so they do not all prefer the same L4; the fifth moves to the next size.
+    pods: list[dict] = []
+    chosen = []
+    for _ in range(5):
+        p = place(spec(resources={"gpusPerNode": 1}), read_fleet(FLEET_NODES, pods), lambda m: int(18 * GiB),
+                  lambda c: 4)
+        chosen.append((p.gpu_product, p.preferred_nodes[0]))
+        pods += expected_pods(_job(1), list(p.preferred_nodes))
+    assert chosen[:4] == [("NVIDIA-L4", "kwok-l4-0")] * 4
+    assert chosen[4][0] != "NVIDIA-L4"
+    free = {n.name: n.slots[0].free for n in read_fleet(FLEET_NODES, pods) if n.slots}
+    assert free["kwok-l4-0"] == 0
+
+
+def test_expected_pods_shape():
+    assert expected_pods(_job(2, suspend=True), ["a"]) == []  # a suspended Job runs nothing
+    two = expected_pods(_job(8, parallelism=2), ["a", "b", "c"])
+    assert [q["spec"]["nodeName"] for q in two] == ["a", "b"]
+    assert two[0]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    mig = expected_pods(_job(1, resource="nvidia.com/mig-1g.10gb"), ["kwok-a100-mig-0"])
+    fleet = {n.name: n for n in read_fleet(FLEET_NODES, mig)}
+    slot = {s.resource: s for s in fleet["kwok-a100-mig-0"].slots}["nvidia.com/mig-1g.10gb"]
+    assert slot.free == slot.allocatable - 1

@@ -71,7 +71,8 @@ def test_new_job_is_validated_placed_and_gets_children():
     assert st.estimate.per_gpu_bytes > 0 and st.estimate.per_gpu.endswith("Gi")
     assert st.placement.gpu_product and st.placement.micro_batch_size == 4
     assert st.history[0].run == 1 and st.history[0].generation == 1 and st.history[0].start_time == T0
-    assert {e[1] for e in out.events} == {"Valid", "Placed"}
+    # one Event for the new job: Placed says it was valid too
+    assert [e[1] for e in out.events] == ["Placed"]
 
 
 def test_reconcile_is_idempotent():
@@ -115,6 +116,9 @@ def test_missing_secret_and_unknown_model_wait_in_pending():
     out = reconcile(o, T0)
     c = cond(out.status, "Validated")
     assert c.reason == "ModelConfigUnavailable" and "set spec.model.architecture" in c.message
+    # once the Secret exists, becoming valid is news of its own
+    later = reconcile(observe(status=out.status), T0 + timedelta(seconds=30))
+    assert [e[1] for e in later.events] == ["Valid", "Placed"] and later.status.phase == "Starting"
 
 
 def test_invalid_spec_fails_with_the_field():
@@ -188,6 +192,19 @@ def test_suspend_patches_the_job_and_resume_clears_it():
     back = reconcile(observe(SPEC, status=out.status, job=job(suspend=True), pods=[]), T0)
     assert back.job_patch == {"spec": {"suspend": False}}
     assert cond(back.status, "Suspended").status == "False" and back.status.run == 1
+
+
+def test_job_created_suspended_is_suspended_at_once():
+    spec = copy.deepcopy(SPEC)
+    spec["runPolicy"] = {"suspend": True}
+    out = reconcile(observe(spec), T0)
+    assert out.create[-1]["spec"]["suspend"] is True
+    assert out.status.phase == "Suspended" and out.status.history[0].phase == "Suspended"
+    assert cond(out.status, "Suspended").status == "True" and cond(out.status, "Running").reason == "Suspended"
+    assert [e[1] for e in out.events] == ["Placed", "Suspended"]
+    # the Job controller's Suspended condition then changes nothing: no status write, no Event
+    again = reconcile(observe(spec, status=out.status, job=job([("Suspended", {})], suspend=True), pods=[]), T0)
+    assert again.status == out.status and again.events == [] and again.job_patch is None
 
 
 def test_spec_change_after_finish_starts_run_two_keeping_history():

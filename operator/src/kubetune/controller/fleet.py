@@ -87,6 +87,19 @@ def _requested(pods: Iterable[dict]) -> dict[str, dict[str, int]]:
     return used
 
 
+def expected_pods(job: dict, nodes: list[str]) -> list[dict]:
+    """The pods a just-created Job will run, bound to the nodes its placement prefers, in the shape
+    read_fleet counts. Until a fresh listing shows the real pods, these keep a burst of new jobs from
+    all picking the same free GPU. A suspended Job runs nothing."""
+    spec = job.get("spec") or {}
+    if spec.get("suspend"):
+        return []
+    containers = [{"resources": c.get("resources") or {}}
+                  for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []]
+    return [{"spec": {"nodeName": n, "containers": containers}, "status": {"phase": "Pending"}}
+            for n in nodes[:max(1, int(spec.get("parallelism") or 1))]]
+
+
 def read_fleet(nodes: Iterable[dict], pods: Iterable[dict]) -> list[FleetNode]:
     used = _requested(pods)
     fleet = []

@@ -19,7 +19,7 @@ import kopf
 from kubetune.api.base import format_errors
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
 from kubetune.controller import kube, manifests, metrics, sources
-from kubetune.controller.fleet import read_fleet
+from kubetune.controller.fleet import expected_pods, read_fleet
 from kubetune.controller.reconcile import Observed, reconcile, status_patch
 from kubetune.errors import UsageError
 
@@ -50,7 +50,18 @@ _bodies: dict[tuple[str, str], dict] = {}
 _bodies_lock = threading.Lock()
 
 
+def _slim(body: dict) -> dict:
+    """managedFields and kubectl's last-applied copy are most of an object and never read here."""
+    meta = dict(body.get("metadata") or {})
+    meta.pop("managedFields", None)
+    ann = meta.get("annotations")
+    if ann and "kubectl.kubernetes.io/last-applied-configuration" in ann:
+        meta["annotations"] = {k: v for k, v in ann.items() if k != "kubectl.kubernetes.io/last-applied-configuration"}
+    return {**body, "metadata": meta}
+
+
 def _remember(body: dict) -> None:
+    body = _slim(body)
     key = (body["metadata"]["namespace"], body["metadata"]["name"])
     rv = int(body["metadata"].get("resourceVersion") or 0)
     with _bodies_lock:
@@ -69,6 +80,37 @@ def _body(ns: str, name: str) -> dict | None:
         _remember(body)
     return body
 _locks_guard = threading.Lock()
+# The newest state of each child Job, from its watch events and our own writes, trimmed to what
+# reconcile reads: a reconcile then costs no GET of the Job. A miss (just created, or an operator
+# that has not seen the event yet) falls back to a GET.
+_jobs: dict[tuple[str, str], dict] = {}
+_jobs_lock = threading.Lock()
+
+
+def _trim_job(job: dict) -> dict:
+    m = job.get("metadata") or {}
+    return {"metadata": {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "labels") if k in m},
+            "spec": {"suspend": (job.get("spec") or {}).get("suspend")}, "status": job.get("status") or {}}
+
+
+def _remember_job(job: dict) -> None:
+    m = job["metadata"]
+    key, rv = (m["namespace"], m["name"]), int(m.get("resourceVersion") or 0)
+    with _jobs_lock:
+        old = _jobs.get(key)
+        if old is None or int(old["metadata"].get("resourceVersion") or 0) <= rv:
+            _jobs[key] = _trim_job(job)
+
+
+def _job(ns: str, name: str) -> dict | None:
+    with _jobs_lock:
+        hit = _jobs.get((ns, name))
+    if hit is not None:
+        return hit
+    job = kube.get_job(ns, name)
+    if job is not None:
+        _remember_job(job)
+    return job
 
 
 def _lock_for(ns: str, name: str) -> threading.Lock:
@@ -143,11 +185,12 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     run = status.history[-1] if status.history else None
     if run is not None and run.phase not in ("Succeeded", "Failed"):
         rid = manifests.RunIdentity(ns, name, obs.uid, run.run)
-        obs.job = kube.get_job(ns, rid.job_name)
+        obs.job = _job(ns, rid.job_name)
         jstat = (obs.job or {}).get("status") or {}
-        # Pods matter once one exists (counted by the Job) or the Job ended (termination messages).
+        # Pods matter once one exists (counted by the Job) or the Job ended (termination messages);
+        # a suspended Job (its only condition Suspended) has none.
         if obs.job is not None and (any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded"))
-                                    or jstat.get("conditions")):
+                                    or any(c.get("type") != "Suspended" for c in jstat.get("conditions") or [])):
             obs.pods = kube.list_pods(ns, name, run.run)
             if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
                 obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
@@ -170,11 +213,14 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
                 if created and created.get("kind") == "Job":
                     # its ADDED event will show nothing new
                     _job_signatures[created["metadata"]["uid"]] = _job_signature({"type": "ADDED"}, created)
-            if out.create:
-                kube.invalidate_fleet()
+                    _remember_job(created)
+                    if out.status.placement is not None:
+                        kube.add_expected_pods(expected_pods(created, out.status.placement.nodes))
             if out.job_patch and out.status.history:
-                kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
-                               out.job_patch)
+                patched = kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
+                                         out.job_patch)
+                if patched is not None:
+                    _remember_job(patched)
             new = status_patch(out.status)
             written = {k: v for k, v in new.items() if v is not None}
             if written != (body.get("status") or {}):
@@ -195,13 +241,30 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
 # --- kopf wiring -------------------------------------------------------------------------------
 
 
+class _NoDiffBase(kopf.DiffBaseStorage):
+    """kopf keeps a copy of the last handled spec to tell creations from updates, for on.create and
+    on.update handlers. There are none here (every change goes through ``drive``), and storing it
+    costs a PATCH per job and doubles the size of every FineTuneJob on the wire."""
+
+    def fetch(self, *, body: kopf.Body) -> None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: object) -> None:
+        return None
+
+
 @kopf.on.startup()
 def _startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.finalizer = "kubetune.io/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kubetune.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kubetune.io", key="last-handled-configuration")
+    settings.persistence.diffbase_storage = _NoDiffBase()
     settings.execution.max_workers = 16
+    # kopf starts one worker per object, unbounded, and its HTTP connector has no connection limit:
+    # a burst of 1000 new jobs opened ~1000 TLS connections for the finalizer patches at once
+    # (+250 MB of OpenSSL buffers). A worker holds its slot until it has idled for idle_timeout,
+    # so the limit only keeps throughput with a short idle time.
+    settings.queueing.worker_limit = 64
+    settings.queueing.idle_timeout = 0.5
     settings.posting.level = logging.WARNING  # our own Events carry the transitions
     settings.watching.server_timeout = 300
 
@@ -264,6 +327,12 @@ def on_child_job(event: dict, body: kopf.Body, logger, **_) -> None:
     owner = body.metadata.get("labels", {}).get(manifests.LABEL_JOB)
     uid = body.metadata.get("uid", "")
     sig = _job_signature(event, body)
+    key = (body.metadata["namespace"], body.metadata["name"])
+    if sig[0]:
+        with _jobs_lock:
+            _jobs.pop(key, None)
+    elif owner:
+        _remember_job(dict(body))
     if not owner or _job_signatures.get(uid) == sig:
         return
     if sig[0]:

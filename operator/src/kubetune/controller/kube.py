@@ -128,8 +128,13 @@ def get_job(namespace: str, name: str) -> dict | None:
     return _get(batch().read_namespaced_job, name, namespace)
 
 
-def patch_job(namespace: str, name: str, body: dict) -> None:
-    batch().patch_namespaced_job(name, namespace, body)
+def patch_job(namespace: str, name: str, body: dict) -> dict | None:
+    try:
+        return _raw(batch().patch_namespaced_job, name, namespace, body)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def list_pods(namespace: str, job: str, run: int) -> list[dict]:
@@ -201,6 +206,14 @@ def fleet_objects(max_age: float = 5.0) -> tuple[list[dict], list[dict]]:
 def invalidate_fleet() -> None:
     with _fleet_lock:
         _fleet.nodes = None
+
+
+def add_expected_pods(pods: list[dict]) -> None:
+    """Count the GPUs of just-created Jobs in the cached fleet. Relisting every pod after each
+    create instead serialises a burst of new jobs on the listing (it ran at 17 jobs/s)."""
+    with _fleet_lock:
+        if _fleet.pods is not None and pods:
+            _fleet.pods = [*_fleet.pods, *pods]
 
 
 def _requests_gpu(pod: dict) -> bool:

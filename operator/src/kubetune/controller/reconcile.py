@@ -153,10 +153,13 @@ class _Builder:
         self.status = obs.status.model_copy(deep=True)
         self.events: list[tuple[str, str, str]] = []
 
-    def cond(self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False) -> None:
+    def cond(self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False,
+             event: bool = True) -> None:
+        """Set a condition; a change also makes an Event unless another Event of the same
+        reconcile already tells the story (event=False)."""
         self.status.conditions, changed = set_condition(
             self.status.conditions, type_, status, reason, message, self.now, self.obs.generation)
-        if changed:
+        if changed and event:
             self.events.append(("Warning" if warn else "Normal", reason, message))
 
     def phase(self, phase: str) -> None:
@@ -203,7 +206,10 @@ def _validate(b: _Builder, obs: Observed) -> bool:
     if obs.secret_missing:
         b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
         return False
-    b.cond("Validated", True, "Valid", "spec is valid, the model architecture is known and the Secret exists")
+    # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
+    first = not any(c.type == "Validated" for c in b.obs.status.conditions)
+    b.cond("Validated", True, "Valid", "spec is valid, the model architecture is known and the Secret exists",
+           event=not first)
     return True
 
 
@@ -241,8 +247,18 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
     for t in ("Running", "Succeeded", "Failed", "CheckpointSynced"):
         if any(c.type == t for c in st.conditions):
             b.cond(t, False, "NewRun", f"run {run} started on {where}")
-    b.phase("Starting")
+    if spec.run_policy.suspend:
+        _suspended(b, run)  # the Job is created suspended: say so now, not after the Job controller
+    else:
+        b.phase("Starting")
     return b.done(create=create)
+
+
+def _suspended(b: _Builder, run: int) -> None:
+    b.cond("Suspended", True, "Suspended", f"run {run} is suspended: pods are stopped, checkpoints stay "
+           "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.")
+    b.cond("Running", False, "Suspended", "suspended by spec.runPolicy.suspend", event=False)
+    b.phase("Suspended")
 
 
 def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome:
@@ -286,10 +302,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
         suspended = want_suspend
     if suspended:
         if want_suspend:
-            b.cond("Suspended", True, "Suspended", f"run {run.run} is suspended: pods are stopped, checkpoints stay "
-                   "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.")
-            b.cond("Running", False, "Suspended", "suspended by spec.runPolicy.suspend")
-            b.phase("Suspended")
+            _suspended(b, run.run)
         else:
             b.cond("Scheduled", True, "Queued",
                    f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
