@@ -69,11 +69,16 @@ class _Table:
             "peak": GaugeMetricFamily("kubetune_gpu_memory_peak_bytes",
                                       "Peak per-GPU device memory the trainer reported.", labels=["namespace", "name"]),
         }
+        # Which phase each job is in: alerts such as "stalled while Running" need it, since the
+        # per-job gauges above keep their last values after a job ends or is suspended.
+        job_phase = GaugeMetricFamily("kubetune_finetunejob_phase", "1 for the phase each FineTuneJob is in.",
+                                      labels=["namespace", "name", "phase"])
         with self.lock:
             rows = list(self.rows.items())
         for (ns, name), r in rows:
             if r.phase in by_phase:
                 by_phase[r.phase] += 1
+                job_phase.add_metric([ns, name, r.phase], 1)
             lab = [ns, name]
             for key, value in (("step", r.step), ("total", r.total_steps), ("loss", r.loss), ("eval", r.eval_loss),
                                ("tps", r.tokens_per_second), ("est", r.estimate_bytes), ("peak", r.peak_bytes)):
@@ -85,6 +90,7 @@ class _Table:
         for p, n in by_phase.items():
             phase.add_metric([p], n)
         yield phase
+        yield job_phase
         yield from g.values()
 
     def update(self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus,
