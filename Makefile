@@ -17,7 +17,7 @@ help:
 	@echo "make demo       the main job, locally (see README)"
 	@echo "make test       every test: unit, trainer (CPU), integration on the local control plane"
 	@echo "make test-fast  unit tests only (no control plane, no training)"
-	@echo "make crd        regenerate crds/ from the API models"
+	@echo "make crd        regenerate crds/ (and the chart's copy) from the API models"
 
 $(VENV)/.ready: pyproject.toml
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
@@ -30,11 +30,17 @@ venv: $(VENV)/.ready
 	@VIRTUAL_ENV=$(VENV) uv pip install -q --no-deps -e .
 	@ln -sfn $(VENV) .venv
 
+# The chart ships the same CRDs in its crds/ folder (Helm installs them before the templates).
+CHART_CRDS := charts/kubetune/crds
+
 crd: venv
 	$(BIN)/kubetune crd -o crds/kubetune.io_finetunejobs.yaml
+	cp crds/kubetune.io_finetunejobs.yaml crds/kopf-peering.yaml $(CHART_CRDS)/
 
 check-crd: venv
 	@diff -u crds/kubetune.io_finetunejobs.yaml <($(BIN)/kubetune crd) || { echo "crds/ is stale: run make crd"; exit 1; }
+	@for f in kubetune.io_finetunejobs.yaml kopf-peering.yaml; do \
+	  diff -u crds/$$f $(CHART_CRDS)/$$f || { echo "$(CHART_CRDS)/$$f differs from crds/: run make crd"; exit 1; }; done
 
 # Builds (once) and caches etcd, kube-*, kubectl, kwok, helm and the S3 server from source.
 ground-build: venv
