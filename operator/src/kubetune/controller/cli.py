@@ -86,10 +86,6 @@ def run(args: argparse.Namespace) -> int:
     from kubetune.controller import handlers, kube, metrics
 
     kube.configure(args.kubeconfig)
-    if args.kubeconfig:
-        # kopf logs in on its own, from $KUBECONFIG: without this its watches, finalizers and
-        # peering would run as whoever $KUBECONFIG names while our API calls use --kubeconfig.
-        os.environ["KUBECONFIG"] = args.kubeconfig
     handlers.CONFIG.namespaces = list(args.namespace)
     if args.image:
         handlers.CONFIG.image = args.image

@@ -269,6 +269,14 @@ def _startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300
 
 
+@kopf.on.login()
+def _login(**_) -> kopf.ConnectionInfo:
+    """kopf logs in as the operator's own client does (in-cluster, or --kubeconfig). Its default
+    login reads the kubeconfig that $KUBECONFIG named when the kubernetes package was imported, so
+    with --kubeconfig its watches, finalizers and peering ran as another identity."""
+    return kopf.ConnectionInfo(**kube.connection_info())
+
+
 def _forget(key: tuple[str, str]) -> None:
     """Drop everything held in memory for a FineTuneJob that is gone, so a long-lived operator
     does not grow with every job it has ever seen."""

@@ -43,6 +43,17 @@ def api() -> client.ApiClient:
     return _api or configure()
 
 
+def connection_info() -> dict[str, Any]:
+    """This client's server and credentials, for kopf's own requests (watches, finalizers, peering)."""
+    cfg = api().configuration
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization") or ""
+    scheme, _, token = header.rpartition(" ")
+    return {"server": cfg.host, "ca_path": cfg.ssl_ca_cert, "insecure": not cfg.verify_ssl,
+            "certificate_path": cfg.cert_file, "private_key_path": cfg.key_file,
+            "username": cfg.username or None, "password": cfg.password or None,
+            "scheme": scheme or None, "token": token or None}
+
+
 def core() -> client.CoreV1Api:
     return client.CoreV1Api(api())
 
