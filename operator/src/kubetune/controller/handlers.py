@@ -294,9 +294,11 @@ def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
     if event.get("type") == "DELETED":
         _forget(key)
         return
+    # Remembered even when being deleted: a reconcile that a child's event triggers reads this
+    # body, and must see the deletion instead of recreating the Job that on_delete just removed.
+    _remember(dict(event["object"]))
     if body.metadata.get("deletionTimestamp"):
         return
-    _remember(dict(event["object"]))
     if _last_seen.get(key) == (body.metadata.get("generation"), dict(body.get("status") or {})):
         return
     drive(*key, logger)
