@@ -43,11 +43,38 @@ _locks: dict[tuple[str, str], threading.Lock] = {}
 # event with the same generation and status (the echo of our own status write, or kopf's finalizer
 # and annotation bookkeeping) cannot change the outcome, so it is not reconciled again.
 _last_seen: dict[tuple[str, str], tuple[int, dict]] = {}
-# The newest body of each FineTuneJob: from its watch events and from our own status writes (the
-# patch returns the object). Reconciles triggered by a Job or a timer read it here instead of
-# GETting it; with a thousand jobs, every request saved matters to the apiserver.
-_bodies: dict[tuple[str, str], dict] = {}
-_bodies_lock = threading.Lock()
+class _Newest:
+    """The newest version (by resourceVersion) of each object of one kind, from watch events and
+    our own writes, trimmed to what is read here. A miss falls back to a GET. With a thousand jobs,
+    every GET a reconcile does not make matters to the apiserver."""
+
+    def __init__(self, trim, get) -> None:
+        self._trim, self._get = trim, get
+        self._objs: dict[tuple[str, str], dict] = {}
+        self._lock = threading.Lock()
+
+    def put(self, obj: dict) -> None:
+        obj = self._trim(obj)
+        key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        rv = int(obj["metadata"].get("resourceVersion") or 0)
+        with self._lock:
+            old = self._objs.get(key)
+            if old is None or int(old["metadata"].get("resourceVersion") or 0) <= rv:
+                self._objs[key] = obj
+
+    def get(self, ns: str, name: str) -> dict | None:
+        with self._lock:
+            hit = self._objs.get((ns, name))
+        if hit is not None:
+            return hit
+        obj = self._get(ns, name)
+        if obj is not None:
+            self.put(obj)
+        return obj
+
+    def pop(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._objs.pop(key, None)
 
 
 def _slim(body: dict) -> dict:
@@ -60,57 +87,19 @@ def _slim(body: dict) -> dict:
     return {**body, "metadata": meta}
 
 
-def _remember(body: dict) -> None:
-    body = _slim(body)
-    key = (body["metadata"]["namespace"], body["metadata"]["name"])
-    rv = int(body["metadata"].get("resourceVersion") or 0)
-    with _bodies_lock:
-        old = _bodies.get(key)
-        if old is None or int(old["metadata"].get("resourceVersion") or 0) <= rv:
-            _bodies[key] = body
-
-
-def _body(ns: str, name: str) -> dict | None:
-    with _bodies_lock:
-        hit = _bodies.get((ns, name))
-    if hit is not None:
-        return hit
-    body = kube.get_finetunejob(ns, name)
-    if body is not None:
-        _remember(body)
-    return body
-_locks_guard = threading.Lock()
-# The newest state of each child Job, from its watch events and our own writes, trimmed to what
-# reconcile reads: a reconcile then costs no GET of the Job. A miss (just created, or an operator
-# that has not seen the event yet) falls back to a GET.
-_jobs: dict[tuple[str, str], dict] = {}
-_jobs_lock = threading.Lock()
-
-
 def _trim_job(job: dict) -> dict:
     m = job.get("metadata") or {}
     return {"metadata": {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "labels") if k in m},
             "spec": {"suspend": (job.get("spec") or {}).get("suspend")}, "status": job.get("status") or {}}
 
 
-def _remember_job(job: dict) -> None:
-    m = job["metadata"]
-    key, rv = (m["namespace"], m["name"]), int(m.get("resourceVersion") or 0)
-    with _jobs_lock:
-        old = _jobs.get(key)
-        if old is None or int(old["metadata"].get("resourceVersion") or 0) <= rv:
-            _jobs[key] = _trim_job(job)
-
-
-def _job(ns: str, name: str) -> dict | None:
-    with _jobs_lock:
-        hit = _jobs.get((ns, name))
-    if hit is not None:
-        return hit
-    job = kube.get_job(ns, name)
-    if job is not None:
-        _remember_job(job)
-    return job
+# FineTuneJobs (status writes return the object too) and their child Jobs (reconcile reads only
+# their counters, conditions and suspend).
+_bodies = _Newest(_slim, lambda ns, name: kube.get_finetunejob(ns, name))
+_jobs = _Newest(_trim_job, lambda ns, name: kube.get_job(ns, name))
+_remember, _body = _bodies.put, _bodies.get
+_remember_job, _job = _jobs.put, _jobs.get
+_locks_guard = threading.Lock()
 
 
 def _lock_for(ns: str, name: str) -> threading.Lock:
@@ -281,8 +270,7 @@ def _forget(key: tuple[str, str]) -> None:
     """Drop everything held in memory for a FineTuneJob that is gone, so a long-lived operator
     does not grow with every job it has ever seen."""
     _last_seen.pop(key, None)
-    with _bodies_lock:
-        _bodies.pop(key, None)
+    _bodies.pop(key)
     with _locks_guard:
         _locks.pop(key, None)
     metrics.TABLE.forget(*key)
@@ -339,8 +327,7 @@ def on_child_job(event: dict, body: kopf.Body, logger, **_) -> None:
     sig = _job_signature(event, body)
     key = (body.metadata["namespace"], body.metadata["name"])
     if sig[0]:
-        with _jobs_lock:
-            _jobs.pop(key, None)
+        _jobs.pop(key)
     elif owner:
         _remember_job(dict(body))
     if not owner or _job_signatures.get(uid) == sig:
