@@ -578,7 +578,6 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
     block = p.act_block * tok
     bwd = p.bwd_transient * tok
 
-    static = p.weights + p.adapters + p.optimizer + p.comm_static
     moments = (
         # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
         ("loss", p.grads_early, acts_all + ce, p.copies_loss),
