@@ -24,7 +24,8 @@ class TrainerProc:
         e.setdefault("KUBETUNE_TERMINATION_LOG", str(path.with_suffix(".termination")))
         self.termination = Path(e["KUBETUNE_TERMINATION_LOG"])
         self.p = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "train", "--config", str(path)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO,
+                                  start_new_session=True)  # its own group, like a pod's processes
         self._cv = threading.Condition()
         self._drained = False
         threading.Thread(target=self._read, daemon=True).start()
@@ -61,8 +62,26 @@ class TrainerProc:
                 self._cv.wait(min(left, 0.5))
 
     def kill9(self) -> None:
-        os.kill(self.p.pid, signal.SIGKILL)
+        """What a node loss does: every process of the pod dies at once, launcher and workers (torchrun
+        starts its workers in their own sessions, so the process tree, not the group)."""
+        import psutil
+
+        root = psutil.Process(self.p.pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
         self.p.wait()
+
+    def sigterm(self) -> None:
+        """What the kubelet does on preemption or eviction: SIGTERM to the container's main process."""
+        os.kill(self.p.pid, signal.SIGTERM)
+
+    def events_of(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e.get("event") == kind]
 
     def wait(self, timeout: float) -> int:
         rc = self.p.wait(timeout)

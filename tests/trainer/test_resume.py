@@ -1,4 +1,5 @@
-"""Kill -9 a run midway, restart it, and check the resumed losses continue the uninterrupted run's."""
+"""Stop a run midway (kill -9, or SIGTERM as on preemption), restart it, and check the resumed losses
+continue the uninterrupted run's."""
 import json
 
 import pytest
@@ -25,14 +26,32 @@ def config(tmp_path, model_dir, data, store):
     return cfg
 
 
-def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir):
-    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(40, seed=3))  # 36 train: 2 epochs in 24 steps
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 36 train examples: 2 epochs in 24 steps
+    return tiny.write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", tiny.alpaca_rows(40, seed=3))
 
-    ref = TrainerProc(config(tmp_path, model_dir, data, tmp_path / "ref"), tmp_path / "ref.yaml")
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model_dir, data):
+    """The uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ref = TrainerProc(config(tmp, model_dir, data, tmp / "ref"), tmp / "ref.yaml")
     assert ref.wait(300) == 0, ref.stderr[-3000:]
-    expected = ref.losses()
-    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert sorted(ref.losses()) == list(range(1, STEPS + 1))
+    return ref
 
+
+def assert_continues(reference, got: dict[int, float], label: str) -> None:
+    expected = reference.losses()
+    assert sorted(got) == sorted(expected), f"{label}: steps {sorted(set(expected) ^ set(got))} missing or extra"
+    deltas = {s: abs(got[s] - expected[s]) for s in expected}
+    worst = max(deltas.values())
+    print(f"\n{label}: max |dloss| over {len(deltas)} steps = {worst:.3g}")
+    assert worst < 1e-4, deltas
+
+
+def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, reference):
     store = tmp_path / "run"
     cfg = config(tmp_path, model_dir, data, store)
     first = TrainerProc(cfg, tmp_path / "run.yaml", env={"KUBETUNE_DEBUG_STEP_SLEEP": "0.3"})
@@ -44,17 +63,13 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir):
 
     second = TrainerProc(cfg, tmp_path / "run.yaml")
     assert second.wait(300) == 0, second.stderr[-3000:]
-    resumed = [e for e in second.events if e.get("event") == "resumed"]
+    resumed = second.events_of("resumed")
     assert resumed and resumed[0]["step"] == 12
-    got = {**first.losses(), **second.losses()}
     assert sorted(second.losses()) == list(range(13, STEPS + 1))
-    deltas = {s: abs(got[s] - expected[s]) for s in expected}
-    worst = max(deltas.values())
-    print(f"\nresume: killed at step {killed_at}, resumed from 12; max |dloss| = {worst:.3g}")
-    assert worst < 1e-4, deltas
+    assert_continues(reference, {**first.losses(), **second.losses()}, f"kill -9 at step {killed_at}, resumed from 12")
 
     term = json.loads(second.termination.read_text())
-    ref_term = json.loads(ref.termination.read_text())
+    ref_term = json.loads(reference.termination.read_text())
     assert term["reason"] == "Completed" and term["step"] == STEPS
     assert abs(term["result"]["metrics"]["evalLoss"] - ref_term["result"]["metrics"]["evalLoss"]) < 1e-4
     # the base model's eval from the first attempt survives the restart
@@ -64,3 +79,37 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir):
     assert "checkpoint-00000024" in kept and "checkpoint-00000020" in kept and len(kept) <= 3
     progress = json.loads((store / "progress.json").read_text())
     assert progress["state"] == "finished" and progress["resumedFromStep"] == 12
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_restart_continues(tmp_path, model_dir, data, reference):
+    store = tmp_path / "run"
+    cfg = config(tmp_path, model_dir, data, store)
+    first = TrainerProc(cfg, tmp_path / "run.yaml", env={"KUBETUNE_DEBUG_STEP_SLEEP": "0.5"})
+    # Aim at step 18: an eval is due there (every 6) but no periodic checkpoint (every 4).
+    first.wait_for(lambda e: e.get("event") == "step" and e["step"] >= 17, 300)
+    first.sigterm()
+    assert first.wait(60) == 143, first.stderr[-3000:]
+    stopped = max(first.losses())
+    assert stopped % 4 != 0, f"stopped at {stopped}, a periodic checkpoint step: the test proves nothing"
+    term = json.loads(first.termination.read_text())
+    assert term["reason"] == "Preempted" and term["step"] == stopped
+    name = f"checkpoint-{stopped:08d}"
+    assert f"checkpoint {name} committed; the next pod resumes from it" in term["message"]
+    assert (store / "ckpt" / name / "manifest.json").is_file()
+    assert first.events_of("preempted"), "the SIGTERM was not acknowledged"
+    assert json.loads((store / "progress.json").read_text())["state"] == "preempted"
+    assert "Traceback" not in first.stderr
+
+    second = TrainerProc(cfg, tmp_path / "run.yaml")
+    assert second.wait(300) == 0, second.stderr[-3000:]
+    assert second.events_of("resumed")[0]["step"] == stopped
+    assert min(second.losses()) == stopped + 1
+    if stopped % 6 == 0:  # the eval skipped to save time runs first on resume, as the reference did it
+        ev = [e for e in second.events_of("eval") if e["step"] == stopped and "evalLoss" in e]
+        ref_ev = [e for e in reference.events_of("eval") if e["step"] == stopped and "evalLoss" in e]
+        assert ev and abs(ev[0]["evalLoss"] - ref_ev[0]["evalLoss"]) < 1e-4
+    assert_continues(reference, {**first.losses(), **second.losses()}, f"SIGTERM at step {stopped}")
+    final = json.loads(second.termination.read_text())["result"]["metrics"]
+    ref_final = json.loads(reference.termination.read_text())["result"]["metrics"]
+    for k in ("evalLoss", "bestEvalLoss", "bestStep"):
+        assert abs(final[k] - ref_final[k]) < 1e-4, k

@@ -158,6 +158,19 @@ def test_launch_command_uses_indexed_job_env(tmp_path, model_dir):
     assert launch_command(cfg, "x", {**env, "LOCAL_RANK": "0"}) is None
     single = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl"))
     assert launch_command(single, "x", {}) is None
+    # one GPU per pod on two nodes: accelerate sees one local GPU and would not go multi-process by itself
+    one_each = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", resolved={"numProcesses": 2}))
+    one_each.spec.resources.nodes, one_each.spec.resources.gpus_per_node = 2, 1
+    cmd = launch_command(one_each, "x", env)
+    assert cmd[3] == "--multi_gpu" and cmd[cmd.index("--num_processes") + 1] == "2"
+
+
+def test_a_follow_on_error_does_not_hide_another_ranks_reason(tmp_path):
+    write_termination("OutOfMemory", "GPU out of memory on rank 1", step=5)
+    write_termination("Error", "NCCL watchdog: rank 1 went away", step=5)
+    assert json.loads((tmp_path / "termination-log").read_text())["reason"] == "OutOfMemory"
+    write_termination("Preempted", "stopped by SIGTERM at step 6", step=6)
+    assert json.loads((tmp_path / "termination-log").read_text())["reason"] == "Preempted"
 
 
 def test_termination_message_fits(tmp_path):

@@ -2,13 +2,13 @@
 
 Top-level imports stay light (no torch): `kubetune` imports this module to build its parser.
 
-Exit codes: 0 Completed/EarlyStopped, 2 BadConfig, 3 BadData, 4 ModelLoadFailed, 5 StorageFailed,
-6 OutOfMemory, 1 anything else. Every exit writes a TrainerTermination JSON (see progress.py);
+Exit codes: 0 Completed/EarlyStopped, 143 Preempted (SIGTERM; a checkpoint was saved), 2 BadConfig,
+3 BadData, 4 ModelLoadFailed, 5 StorageFailed, 6 OutOfMemory, 1 anything else. Every exit writes a TrainerTermination JSON (see progress.py);
 expected failures print one line, never a traceback.
 
 Multi-GPU and multi-node: when resolved.numProcesses > 1 and this is not already a launched worker,
-the command re-executes itself under `accelerate launch` with the rendezvous taken from the Indexed
-Job's environment:
+the command runs itself again under `accelerate launch` (see supervise) with the rendezvous taken
+from the Indexed Job's environment:
   KUBETUNE_NUM_NODES (default spec.resources.nodes), KUBETUNE_NODE_RANK or JOB_COMPLETION_INDEX,
   KUBETUNE_MASTER_ADDR or MASTER_ADDR (the index-0 pod's DNS name via the headless Service),
   KUBETUNE_MASTER_PORT or MASTER_PORT (default 29500).
@@ -19,7 +19,8 @@ import argparse
 import os
 import sys
 
-EXIT = {"Completed": 0, "EarlyStopped": 0, "BadConfig": 2, "BadData": 3, "ModelLoadFailed": 4,
+# Preempted is 128+SIGTERM: non-zero so the Job does not count the pod as a success.
+EXIT = {"Completed": 0, "EarlyStopped": 0, "Preempted": 143, "BadConfig": 2, "BadData": 3, "ModelLoadFailed": 4,
         "StorageFailed": 5, "OutOfMemory": 6, "Error": 1}
 
 
@@ -39,7 +40,9 @@ def launch_command(config, config_path: str, env: dict[str, str] | None = None) 
     rank = int(env.get("KUBETUNE_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
     addr = env.get("KUBETUNE_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1"
     port = env.get("KUBETUNE_MASTER_PORT") or env.get("MASTER_PORT") or "29500"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+    # --multi_gpu always: accelerate only infers it from the local GPU count, so one GPU per pod on
+    # several nodes would start independent single-process runs. On CPU (tests) it runs gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(nproc), "--num_machines", str(nodes), "--machine_rank", str(rank),
            "--main_process_ip", addr, "--main_process_port", str(port),
            "--rdzv_backend", "static" if nodes > 1 else "c10d",
@@ -48,6 +51,36 @@ def launch_command(config, config_path: str, env: dict[str, str] | None = None) 
     if nodes == 1:
         cmd.remove("--same_network")
     return cmd
+
+
+def supervise(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the launcher as a child, pass the kubelet's SIGTERM/SIGINT on (torchrun forwards them to
+    every worker, which then saves a preemption checkpoint), and exit with the code of the reason
+    rank 0 wrote: torchrun turns every worker failure into exit 1, which would hide BadData (no
+    retry) or Preempted from the Job's podFailurePolicy."""
+    import json
+    import signal
+    import subprocess
+
+    from kubetune_trainer.progress import termination_path
+
+    path = termination_path()
+    try:
+        open(path, "w").close()  # a reason found after the run is this run's
+    except OSError:
+        pass
+    child = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    rc = child.wait()
+    try:
+        with open(path) as f:
+            reason = json.loads(f.read() or "{}").get("reason")
+    except (OSError, ValueError):
+        reason = None
+    if reason in EXIT:
+        return EXIT[reason]
+    return 128 - rc if rc < 0 else rc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,11 +102,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_launch:
         cmd = launch_command(config, args.config)
         if cmd is not None:
-            import subprocess
-
-            env = dict(os.environ, KUBETUNE_LAUNCHED="1")
             log_event("launch", command=" ".join(cmd))
-            return subprocess.call(cmd, env=env)
+            env = dict(os.environ, KUBETUNE_LAUNCHED="1")
+            # torchrun waits this long after forwarding SIGTERM before it kills the workers
+            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", env.get("KUBETUNE_GRACE_SECONDS", "60"))
+            return supervise(cmd, env)
 
     try:
         import torch
@@ -100,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if is_main:
         doc = write_termination(outcome.reason, outcome.message, result=outcome.result, step=outcome.step)
         log_event("finished", **doc)
-    return 0
+    return EXIT[outcome.reason]
 
 
 def main(argv: list[str] | None = None) -> int:

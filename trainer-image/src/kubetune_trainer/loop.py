@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
 
 @dataclass
 class Outcome:
-    reason: str  # Completed | EarlyStopped
+    reason: str  # Completed | EarlyStopped | Preempted
     step: int
     result: ResultStatus
     message: str = ""
@@ -45,6 +46,37 @@ class Outcome:
 
 # ---------------------------------------------------------------------------------------------
 # setup helpers
+
+
+class Preemption:
+    """SIGTERM (the kubelet stopping the pod: preemption, eviction, drain) asks the loop to stop at
+    the end of the current optimizer step, save a checkpoint and upload it within the pod's grace
+    period. Without a handler Python dies at once, and as PID 1 it would ignore SIGTERM entirely."""
+
+    def __init__(self, grace_seconds: float, margin: float = 5.0):
+        self.grace, self.margin = grace_seconds, margin
+        self.at: float | None = None
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (an embedding caller): leave signals alone
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+            log_event("preempted", message=f"SIGTERM: stopping after this step; {self.grace:.0f}s grace to save a checkpoint")
+
+    @property
+    def requested(self) -> bool:
+        return self.at is not None
+
+    def time_left(self) -> float:
+        return 0.0 if self.at is None else max(0.0, self.at + self.grace - self.margin - time.monotonic())
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def make_accelerator(plan):
@@ -147,7 +179,15 @@ def upload_dir(local: Path, loc: st.Location, log, attempts: int = 8) -> None:
 
 
 def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Outcome:
-    log = log or logger()
+    # Installed first: loading a large model takes minutes, and a SIGTERM then must not kill us mid-write.
+    preempt = Preemption(float(os.environ.get("KUBETUNE_GRACE_SECONDS", "60")))
+    try:
+        return _train(config, log or logger(), preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemption) -> Outcome:
     spec, paths = config.spec, config.paths
     t = spec.training
     plan = plan_for(config)
@@ -264,6 +304,47 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
             uploader.submit(d, step, eval_loss)
             log_event("checkpoint", step=step, local=str(d), pending=uploader.pending)
 
+    def scheduled_eval(step: int) -> float:
+        """The eval every trainingevalSteps, with best tracking and early stopping."""
+        reporter.update(state="evaluating")
+        eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id)
+        state["last_eval_loss"], state["last_eval_step"] = eval_loss, step
+        best = state["best_eval_loss"]
+        es = t.early_stopping
+        min_delta = es.min_delta if es else 0.0
+        if best is None or eval_loss < best - min_delta:
+            state["best_eval_loss"], state["best_step"], state["evals_without_improvement"] = eval_loss, step, 0
+        else:
+            state["evals_without_improvement"] += 1
+            if es and state["evals_without_improvement"] >= es.patience:
+                state["stopped_early"] = True
+        log_event("eval", step=step, evalLoss=eval_loss, bestEvalLoss=state["best_eval_loss"],
+                  evalsWithoutImprovement=state["evals_without_improvement"])
+        reporter.update(state="training", eval_loss=eval_loss)
+        metrics.set(eval_loss=eval_loss)
+        return eval_loss
+
+    def preempted(step: int, saved: bool = True) -> Outcome:
+        """Wait for the checkpoint uploads while the grace period lasts, then report Preempted."""
+        committed = True
+        if uploader is not None:
+            committed = uploader.drain(preempt.time_left())
+            uploader.close()
+        reporter.update(state="preempted", step=step)
+        reporter.close()
+        if not saved:
+            what = "no new step to save; the next pod resumes from the newest committed checkpoint"
+        elif uploader is None:
+            what = "rank 0 saves the checkpoint"
+        elif committed:
+            what = f"checkpoint {ck.ckpt_name(step)} committed; the next pod resumes from it"
+        else:
+            what = ("its checkpoint upload did not finish within the grace period; the next pod resumes from the "
+                    "newest committed checkpoint")
+        msg = f"stopped by SIGTERM at step {step}/{total_steps}: {what}"
+        log(msg)
+        return Outcome("Preempted", step, ResultStatus(), msg, losses, step_times, step_tokens)
+
     # --- 5. train ------------------------------------------------------------------------------
     model.train()
     reporter.update(state="training", total_steps=total_steps, step=state["step"])
@@ -275,6 +356,10 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
     debug_sleep = float(os.environ.get("KUBETUNE_DEBUG_STEP_SLEEP", "0"))
     step_times: list[float] = []
     step_tokens: list[int] = []
+    if state.pop("pending_eval", False):  # preempted right after a step whose eval was due
+        scheduled_eval(state["step"])
+    if all_sum(accelerator, [float(preempt.requested)])[0]:  # stopped while loading: nothing new to save
+        return preempted(state["step"], saved=False)
     while state["step"] < total_steps and not state["stopped_early"]:
         t_step = time.perf_counter()
         step = state["step"]
@@ -300,7 +385,11 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        g_loss, g_tokens = all_sum(accelerator, [loss_sum, n_tokens])
+        if debug_sleep:  # tests: stretch a tiny run so it can be killed, stopped or outlive an outage
+            time.sleep(debug_sleep)
+        # One collective per step also carries the stop request, so every rank stops at the same step.
+        g_loss, g_tokens, g_stop = all_sum(accelerator, [loss_sum, n_tokens, float(preempt.requested)])
+        stop = g_stop > 0
         step_times.append(time.perf_counter() - t_step)
         step_tokens.append(int(g_tokens))
         step_loss = g_loss / max(1.0, global_labels)
@@ -310,9 +399,6 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
         losses.append((step, step_loss))
         window_tokens += g_tokens
         metrics.inc("tokens", g_tokens)
-
-        if debug_sleep:  # tests: stretch a tiny run so it can be killed or outlive an outage
-            time.sleep(debug_sleep)
 
         if step % t.logging_steps == 0 or step == total_steps:
             now = time.perf_counter()
@@ -330,24 +416,13 @@ def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Ou
                 reporter.update(peak_gpu_memory_bytes=mem)
             metrics.set(step=step, loss=step_loss, epoch=epoch, tokens_per_second=tps, learning_rate=lr, gpu_memory_peak=mem)
 
-        eval_loss = None
-        if t.eval_steps and step % t.eval_steps == 0 and val_ex:
-            reporter.update(state="evaluating")
-            eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id)
-            state["last_eval_loss"], state["last_eval_step"] = eval_loss, step
-            best = state["best_eval_loss"]
-            es = t.early_stopping
-            min_delta = es.min_delta if es else 0.0
-            if best is None or eval_loss < best - min_delta:
-                state["best_eval_loss"], state["best_step"], state["evals_without_improvement"] = eval_loss, step, 0
-            else:
-                state["evals_without_improvement"] += 1
-                if es and state["evals_without_improvement"] >= es.patience:
-                    state["stopped_early"] = True
-            log_event("eval", step=step, evalLoss=eval_loss, bestEvalLoss=state["best_eval_loss"],
-                      evalsWithoutImprovement=state["evals_without_improvement"])
-            reporter.update(state="training", eval_loss=eval_loss)
-            metrics.set(eval_loss=eval_loss)
+        eval_due = bool(t.eval_steps and step % t.eval_steps == 0 and val_ex)
+        if stop:
+            # Out of time: save now; the resumed run does this step's eval first (exactly as here).
+            state["pending_eval"] = eval_due
+            save(step, None)
+            return preempted(step)
+        eval_loss = scheduled_eval(step) if eval_due else None
 
         if step % spec.checkpoints.save_steps == 0 or state["stopped_early"]:
             save(step, eval_loss)

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable
 
-from kubetune.api.v1alpha1 import CheckpointStatus, Progress, ResultStatus, TrainerProgress, TrainerTermination
+from kubetune.api.v1alpha1 import ResultStatus, TrainerProgress, TrainerTermination
 
 TERMINATION_LIMIT = 4000  # the kubelet keeps 4096 bytes
 
@@ -24,9 +24,19 @@ TERMINATION_LIMIT = 4000  # the kubelet keeps 4096 bytes
 _OUT_LOCK = threading.Lock()
 
 
+_RANK = int(os.environ.get("RANK", "0") or 0)
+_RANK_EVENTS = ("log", "failed", "launch", "preempted")  # what a rank other than 0 still prints
+
+
 def log_event(event: str, **fields) -> None:
     """One JSON line on stdout per event: what `kubectl logs` shows and what tests parse. One write
-    under a lock: the uploader and progress threads log too, and lines must not interleave."""
+    under a lock: the uploader and progress threads log too, and lines must not interleave.
+    Under several processes rank 0 reports the run (its numbers are already global); the other
+    ranks print only their own messages and failures, tagged with their rank."""
+    if _RANK:
+        if event not in _RANK_EVENTS:
+            return
+        fields = {"rank": _RANK, **fields}
     rec = {"ts": round(time.time(), 3), "event": event, **fields}
     line = json.dumps(rec, default=str) + "\n"
     with _OUT_LOCK:
@@ -168,6 +178,14 @@ def termination_path() -> str:
     return os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
 
 
+def _specific_reason_written(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return json.loads(f.read() or "{}").get("reason", "Error") != "Error"
+    except (OSError, ValueError):
+        return False
+
+
 def write_termination(reason: str, message: str = "", result: ResultStatus | None = None, step: int | None = None) -> dict:
     """Write the TrainerTermination JSON; returns it. Shortens the message until it fits."""
     msg = message
@@ -178,6 +196,8 @@ def write_termination(reason: str, message: str = "", result: ResultStatus | Non
             break
         msg = msg[: max(0, len(msg) - (len(text.encode()) - TERMINATION_LIMIT) - 10)]
     path = termination_path()
+    if reason == "Error" and _specific_reason_written(path):
+        return json.loads(text)  # another rank's precise reason (OOM, bad data) beats a follow-on error
     try:
         with open(path, "w") as f:
             f.write(text)

@@ -715,7 +715,7 @@ class TrainerProgress(StatusModel):
     """What the trainer overwrites at paths.progressUri every few seconds (and at each checkpoint).
     The operator copies it into status.progress / status.checkpoints."""
 
-    state: Literal["starting", "training", "evaluating", "uploading", "finished", "failed"] = Field(
+    state: Literal["starting", "training", "evaluating", "uploading", "finished", "failed", "preempted"] = Field(
         "training", description="What the trainer is doing."
     )
     progress: Progress = Field(default_factory=Progress, description="Step, loss, throughput, ETA.")
@@ -724,7 +724,8 @@ class TrainerProgress(StatusModel):
 
 
 TerminationReason = Literal[
-    "Completed", "EarlyStopped", "OutOfMemory", "BadData", "BadConfig", "ModelLoadFailed", "StorageFailed", "Error"
+    "Completed", "EarlyStopped", "Preempted", "OutOfMemory", "BadData", "BadConfig", "ModelLoadFailed",
+    "StorageFailed", "Error",
 ]
 
 

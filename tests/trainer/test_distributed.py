@@ -1,0 +1,109 @@
+"""Two processes under `accelerate launch` (gloo on CPU), started the way the pod starts them: one
+`kubetune train` that re-launches itself. A 2-process run with micro batch 2 must train exactly like
+one process with micro batch 2 and 2 accumulation steps (the same global batches), through a SIGTERM
+and a kill -9 of every process."""
+import json
+import socket
+
+import pytest
+
+import tiny
+from proc import TrainerProc
+
+pytestmark = pytest.mark.slow
+
+STEPS = 20
+
+
+def config(tmp_path, model_dir, data, store, nproc):
+    ga = 2 // nproc
+    cfg = tiny.trainer_config(
+        tmp_path, model_dir, data,
+        method={"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},  # no per-rank RNG in the math
+        dataset={"validationSplit": 0.1},
+        training={"maxSteps": STEPS, "microBatchSize": 2, "gradientAccumulationSteps": ga, "learningRate": 1e-2,
+                  "scheduler": "cosine", "warmupRatio": 0.1, "weightDecay": 0.01, "evalSteps": 5, "loggingSteps": 1,
+                  "seed": 5},
+        checkpoints={"saveSteps": 4, "keep": 2},
+        resolved={"numProcesses": nproc, "gradientAccumulationSteps": ga},
+        ckpt_uri=f"file://{store}/ckpt", output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
+    cfg["paths"]["workDir"] = str(store / "work")
+    return cfg
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_dir):
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+
+    single = TrainerProc(config(tmp_path, model_dir, data, tmp_path / "single", 1), tmp_path / "single.yaml")
+    assert single.wait(300) == 0, single.stderr[-3000:]
+    expected = single.losses()
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    # 40 = 10 global batches of 4. With a remainder the runs would differ by design: one process
+    # trains on a last partial batch, several processes drop it (every rank needs a full micro batch).
+    assert single.events_of("data")[0]["train"] == 40
+
+    store = tmp_path / "ddp"
+    cfg = config(tmp_path, model_dir, data, store, 2)
+    env = {"KUBETUNE_MASTER_PORT": free_port(), "KUBETUNE_DEBUG_STEP_SLEEP": "0.5", "KUBETUNE_GRACE_SECONDS": "30"}
+
+    # 1. SIGTERM to the container's main process (the supervisor); both ranks stop at the same step.
+    first = TrainerProc(cfg, tmp_path / "ddp.yaml", env=env)
+    first.wait_for(lambda e: e.get("event") == "launch", 30)
+    first.wait_for(lambda e: e.get("event") == "step" and e["step"] >= 5, 300)
+    first.sigterm()
+    assert first.wait(90) == 143, first.stderr[-3000:]
+    stopped = max(first.losses())
+    term = json.loads(first.termination.read_text())
+    assert term["reason"] == "Preempted" and term["step"] == stopped, term
+    assert (store / "ckpt" / f"checkpoint-{stopped:08d}" / "manifest.json").is_file()
+    # rank 0 reports the run; rank 1 only acknowledges the signal
+    steps = first.events_of("step")
+    assert all("rank" not in e for e in steps) and len(steps) == len({e["step"] for e in steps}) == stopped
+    assert {e.get("rank", 0) for e in first.events_of("preempted")} == {0, 1}
+    model_ev = first.events_of("model")
+    assert len(model_ev) == 1 and model_ev[0]["processes"] == 2 and model_ev[0]["sharding"] == "ddp"
+
+    # 2. kill -9 of every process once a later periodic checkpoint is committed.
+    second = TrainerProc(cfg, tmp_path / "ddp.yaml", env={**env, "KUBETUNE_MASTER_PORT": free_port()})
+    assert second.wait_for(lambda e: e.get("event") == "resumed", 120)["step"] == stopped
+    nxt = (stopped // 4 + 1) * 4
+    second.wait_for(lambda e: e.get("event") == "log" and f"checkpoint-{nxt:08d} committed" in e.get("message", ""), 120)
+    second.wait_for(lambda e: e.get("event") == "step" and e["step"] >= nxt + 1, 60)
+    second.kill9()
+
+    # 3. The last attempt resumes from that checkpoint and finishes.
+    third = TrainerProc(cfg, tmp_path / "ddp.yaml", env={"KUBETUNE_MASTER_PORT": free_port()})
+    assert third.wait(300) == 0, third.stderr[-3000:]
+    assert third.events_of("resumed")[0]["step"] == nxt
+
+    got = {**first.losses(), **second.losses(), **third.losses()}
+    assert sorted(got) == sorted(expected)
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    print(f"\n2 processes (SIGTERM at {stopped}, kill -9 after {nxt}) vs 1 process: max |dloss| = {worst:.3g}")
+    assert worst < 1e-4, {s: (got[s], expected[s]) for s in expected if abs(got[s] - expected[s]) >= 1e-4}
+
+    final = json.loads(third.termination.read_text())
+    ref = json.loads(single.termination.read_text())
+    assert final["reason"] == "Completed" and final["step"] == STEPS
+    for k in ("evalLoss", "baseEvalLoss", "bestEvalLoss"):
+        assert abs(final["result"]["metrics"][k] - ref["result"]["metrics"][k]) < 1e-4, k
+    assert (store / "out" / "adapter" / "manifest.json").is_file()
+
+
+def test_a_worker_failure_keeps_its_exit_code_through_the_launcher(tmp_path, model_dir):
+    """torchrun reports any failed worker as exit 1; the pod must still exit 3 for bad data, so the
+    Job's podFailurePolicy fails it at once instead of retrying."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(20), {7: "{not json"})
+    cfg = config(tmp_path, model_dir, data, tmp_path / "store", 2)
+    run = TrainerProc(cfg, tmp_path / "bad.yaml", env={"KUBETUNE_MASTER_PORT": free_port()})
+    assert run.wait(180) == 3, run.stderr[-3000:]
+    term = json.loads(run.termination.read_text())
+    assert term["reason"] == "BadData" and f"file://{data}: line 7: invalid JSON" in term["message"]
+    assert run.events_of("launch")
+    assert {e.get("rank", 0) for e in run.events_of("failed")} == {0, 1}
