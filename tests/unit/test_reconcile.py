@@ -256,3 +256,32 @@ def test_kueue_suspended_job_is_queued_not_unsuspended():
     out = reconcile(observe(spec, status=st, job=j, pods=[]), T0)
     assert out.job_patch is None and out.status.phase == "Pending"
     assert cond(out.status, "Scheduled").reason == "Queued"
+
+
+def test_a_preempted_pod_is_reported_while_its_replacement_starts():
+    _, st = started()
+    msg = "stopped by SIGTERM at step 37/100: checkpoint checkpoint-00000037 committed; the next pod resumes from it"
+    gone = pod("Failed", terminated={"exitCode": 143, "finishedAt": "2026-11-23T12:05:00Z",
+                                     "message": json.dumps({"reason": "Preempted", "message": msg, "step": 37})})
+    pending = pod("Pending")
+    pending["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu"}]}
+    out = reconcile(observe(status=st, job=job(failed=1), pods=[gone, pending]), T0 + timedelta(minutes=5))
+    c = cond(out.status, "Running")
+    assert out.status.phase == "Starting" and c.status == "False" and c.reason == "Preempted"
+    assert c.message.startswith("run 1: stopped by SIGTERM at step 37/100: checkpoint checkpoint-00000037 committed")
+    assert "waiting for the replacement pod (pod demo-r1-abc is not scheduled yet: 0/8 nodes are available" in c.message
+    assert out.create == []
+    # once the replacement runs, it is an ordinary running run again
+    out = reconcile(observe(status=out.status, job=job(failed=1), pods=[gone, pod("Running")]), T0 + timedelta(minutes=6))
+    assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
+
+
+def test_a_run_failed_by_repeated_stops_says_how_to_let_it_continue():
+    _, st = started()
+    gone = pod("Failed", terminated={"exitCode": 143, "finishedAt": "2026-11-23T12:05:00Z",
+                                     "message": json.dumps({"reason": "Preempted", "message": "stopped by SIGTERM at step 9/100"})})
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})], failed=7), pods=[gone]),
+                    T0 + timedelta(minutes=5))
+    c = cond(out.status, "Failed")
+    assert out.status.phase == "Failed" and c.reason == "Preempted" and "raise runPolicy.backoffLimit" in c.message

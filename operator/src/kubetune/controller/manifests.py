@@ -37,7 +37,9 @@ UID = 1000
 # once instead of burning backoffLimit. OOM is handled by the operator (retry with fit advice).
 # Codes are the trainer's (kubetune_trainer.cli.EXIT).
 NON_RETRYABLE_EXIT_CODES = (2, 3)
-OOM_EXIT_CODES = (6, 137)  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer
+OOM_EXIT_CODES = (6, 137)
+# The trainer's SIGTERM handler saves a checkpoint at the end of the current step and uploads it within this.
+GRACE_SECONDS = 60  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig) -> list[di
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": f"{WORK_DIR}/hf"},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "KUBETUNE_GRACE_SECONDS", "value": str(GRACE_SECONDS)},
     ]
     st = spec.storage
     if st.endpoint:
@@ -255,7 +258,7 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         ],
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,  # room to flush the last checkpoint upload
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
     if affinity := _affinity(spec, placement):
         pod_spec["affinity"] = affinity

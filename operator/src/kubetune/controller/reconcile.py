@@ -321,6 +321,13 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
                + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
                   if step else ""))
         b.phase("Running")
+    elif term is not None and term.reason == "Preempted":
+        # The pod was stopped (preemption, eviction, drain) and saved a checkpoint on the way out; the
+        # Job controller starts a replacement that resumes from it.
+        live = [p for p in obs.pods if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]
+        b.cond("Running", False, "Preempted",
+               f"run {run.run}: {term.message}; waiting for the replacement pod ({_pending_reason(live)})")
+        b.phase("Starting")
     else:
         pending = _pending_reason(obs.pods)
         b.cond("Running", False, "PodPending", pending)
@@ -378,6 +385,9 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
         "BadData": "Fix the dataset lines named above (or set dataset.onBadLine: skip) and apply the spec again.",
         "BadConfig": "Fix the spec field named above and apply it again.",
         "DeadlineExceeded": "The run hit runPolicy.activeDeadlineSeconds; raise it to let it finish.",
+        "Preempted": "Its pods were stopped more often than runPolicy.backoffLimit allows without a disruption "
+                     "condition (kubectl delete pod does not set one); raise runPolicy.backoffLimit. This run's "
+                     "checkpoints stay under spec.checkpoints.uri.",
         "BackoffLimitExceeded": "The trainer failed runPolicy.backoffLimit times; see the pod logs.",
     }.get(reason, "See the trainer pod's logs; a spec change starts a new run.")
     b.cond("Failed", True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
