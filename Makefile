@@ -5,8 +5,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
 export KUBETUNE_CACHE
-# The env is keyed by the dependency list, so editing pyproject.toml gives a fresh one.
-DEPS_KEY := $(shell sha256sum pyproject.toml | cut -c1-12)
+# The env is keyed by the dependency list and the pins, so editing either gives a fresh one. The
+# pins are the trainer image's (trainer-image/constraints.txt): tests run what the image ships.
+DEPS_KEY := $(shell cat pyproject.toml trainer-image/constraints.txt | sha256sum | cut -c1-12)
 VENV ?= $(KUBETUNE_CACHE)/venv-$(DEPS_KEY)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -19,10 +20,10 @@ help:
 	@echo "make test-fast  unit tests only (no control plane, no training, no helm/promtool)"
 	@echo "make crd        regenerate crds/ (and the chart's copy) from the API models"
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml trainer-image/constraints.txt
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	@[ -x $(BIN)/python ] || uv venv -q -p $(PYTHON) $(VENV)
-	VIRTUAL_ENV=$(VENV) uv pip install -q -e '.[trainer,dev]'
+	VIRTUAL_ENV=$(VENV) uv pip install -q -c trainer-image/constraints.txt -e '.[trainer,dev]'
 	@touch $@
 
 # Re-point the cached env at this checkout (a fresh clone lives elsewhere) on every run: cheap.

@@ -1,0 +1,125 @@
+"""The trainer image's Dockerfile and pins, checked without a Docker engine (there is none here): every
+package it installs is pinned, the pins satisfy pyproject's ranges, and this test environment runs
+exactly the pinned versions (the Makefile installs with the same constraints)."""
+from __future__ import annotations
+
+import re
+import shlex
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "trainer-image" / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        buf += line.rstrip("\\").rstrip() + " "
+        if not line.rstrip().endswith("\\"):
+            word, _, rest = buf.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+            buf = ""
+    return out
+
+
+def pins() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "trainer-image" / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            out[canonicalize_name(name)] = version
+    return out
+
+
+def installed_by_dockerfile() -> list[str]:
+    names = []
+    for word, args in instructions():
+        if word != "RUN" or "pip install" not in args:
+            continue
+        for cmd in args.split("&&"):
+            toks = shlex.split(cmd)
+            if toks[:2] != ["pip", "install"]:
+                continue
+            skip = False
+            for t in toks[2:]:
+                if skip:
+                    skip = False
+                elif t in ("-c", "-r", "--constraint"):
+                    skip = True
+                elif not t.startswith("-") and not t.startswith("."):
+                    names.append(canonicalize_name(t))
+    return names
+
+
+def test_every_package_the_image_installs_is_pinned():
+    p = pins()
+    names = installed_by_dockerfile()
+    assert "torch" in names and "bitsandbytes" in names and "liger-kernel" in names
+    missing = [n for n in names if n not in p]
+    assert not missing, f"trainer-image/Dockerfile installs {missing} without a pin in constraints.txt"
+    # every pip install of the image goes through the constraints
+    for word, args in instructions():
+        if word == "RUN" and "pip install" in args:
+            assert args.count("pip install") == args.count("-c trainer-image/constraints.txt"), args
+
+
+def test_pins_satisfy_the_pyproject_ranges():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["trainer"]]
+    p = pins()
+    for r in reqs:
+        name = canonicalize_name(r.name)
+        if name in p:
+            assert r.specifier.contains(p[name], prereleases=True), f"pin {name}=={p[name]} is outside pyproject's {r}"
+    assert {canonicalize_name(r.name) for r in reqs if canonicalize_name(r.name) in
+            ("torch", "transformers", "peft", "accelerate", "boto3", "pydantic")} <= set(p)
+
+
+def test_this_environment_runs_the_pinned_versions():
+    """What the CPU tests prove holds for the image only if they ran the same versions."""
+    wrong = {}
+    for name, version in pins().items():
+        try:
+            got = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue  # e.g. the operator-only env; the trainer tests need the [trainer] extra anyway
+        if got.split("+")[0] != version:
+            wrong[name] = (got, version)
+    if "torch" not in {canonicalize_name(d.metadata["Name"]) for d in metadata.distributions()}:
+        pytest.skip("no trainer extra in this environment")
+    assert not wrong, f"installed vs pinned: {wrong}; run `make test` (it installs with trainer-image/constraints.txt)"
+
+
+def test_the_image_runs_as_non_root_with_the_trainer_entry_point():
+    ins = instructions()
+    base = next(a for w, a in ins if w == "FROM")
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base), base
+    users = [a for w, a in ins if w == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    assert ins[-2:] == [("ENTRYPOINT", '["kubetune", "train"]'), ("CMD", '["--config", "/etc/kubetune/trainer.yaml"]')]
+    # the torch CUDA build's major version matches the base image's CUDA
+    cuda = re.search(r"cuda:(\d+)\.(\d+)", base).groups()
+    text = DOCKERFILE.read_text()
+    assert f"CUDA {cuda[0]}.{cuda[1]}" in text, "the comment on the torch build names another CUDA than the base image"
+
+
+def test_the_operator_mounts_what_the_image_expects():
+    """The operator's config mount and metrics port are the image's CMD and EXPOSE."""
+    from kubetune.controller import manifests
+
+    ins = dict(instructions())
+    assert f"{manifests.CONFIG_MOUNT}/{manifests.CONFIG_KEY}" in ins["CMD"]
+    assert ins["EXPOSE"] == str(manifests.METRICS_PORT)
+    assert any(f"--uid {manifests.UID}" in a for w, a in instructions() if w == "RUN")
+    assert ins["USER"] == f"{manifests.UID}:{manifests.UID}"
