@@ -107,3 +107,26 @@ def test_a_worker_failure_keeps_its_exit_code_through_the_launcher(tmp_path, mod
     assert term["reason"] == "BadData" and f"file://{data}: line 7: invalid JSON" in term["message"]
     assert run.events_of("launch")
     assert {e.get("rank", 0) for e in run.events_of("failed")} == {0, 1}
+
+
+def test_full_fine_tuning_on_two_processes_matches_one_and_writes_the_whole_model(tmp_path, model_dir):
+    """Full fine-tuning asks for FSDP; on CPU accelerate runs DDP instead, and says so. The gathered
+    full state (checkpoint and output) must still be the one model."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+    runs = {}
+    for n in (1, 2):
+        cfg = config(tmp_path, model_dir, data, tmp_path / f"p{n}", n)
+        cfg["spec"]["method"] = {"type": "full"}
+        cfg["spec"]["training"] |= {"maxSteps": 8, "learningRate": 1e-3, "sharding": "fsdp" if n > 1 else "auto"}
+        runs[n] = TrainerProc(cfg, tmp_path / f"p{n}.yaml", env={"KUBETUNE_MASTER_PORT": free_port()})
+        assert runs[n].wait(300) == 0, runs[n].stderr[-3000:]
+    one, two = runs[1].losses(), runs[2].losses()
+    assert sorted(two) == list(range(1, 9)) and max(abs(two[s] - one[s]) for s in one) < 1e-4
+    assert two[8] < one[1] - 1.0  # it learned
+    assert any("sharding fsdp needs CUDA GPUs; these 2 processes run MULTI_CPU" in m for m in runs[2].messages())
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "p1" / "out" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "p2" / "out" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 10
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -94,7 +94,9 @@ def make_accelerator(plan):
             sharding_strategy="FULL_SHARD",
             auto_wrap_policy="transformer_based_wrap",  # the model's _no_split_modules (its decoder blocks)
             use_orig_params=True,  # freeze: frozen and trainable parameters share flat parameters
-            sync_module_states=True,
+            # every rank loads the same weights from disk, so there is nothing to broadcast (and
+            # accelerate's broadcast init needs a GPU)
+            sync_module_states=False,
             state_dict_type="SHARDED_STATE_DICT",
         )
     return Accelerator(**kwargs)
@@ -198,6 +200,9 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     accelerator = make_accelerator(plan)
     device = accelerator.device
     main = accelerator.is_main_process
+    if plan.sharding == "fsdp" and accelerator.num_processes > 1 and accelerator.distributed_type.value != "FSDP":
+        log(f"sharding fsdp needs CUDA GPUs; these {accelerator.num_processes} processes run "
+            f"{accelerator.distributed_type.value} with the whole model in each")
     if accelerator.num_processes != config.resolved.num_processes:
         log(f"running {accelerator.num_processes} processes; the operator resolved {config.resolved.num_processes}")
     set_seed(t.seed)
@@ -257,7 +262,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     log_event("model", method=plan.method, params=n_total, trainable=n_train, lossHead=head.mode, lossImpl=head.impl,
               weightDtype=str(next(base.parameters()).dtype), gradientCheckpointing=plan.gradient_checkpointing,
               totalSteps=total_steps, microBatch=mbs, gradAccum=ga, processes=accelerator.num_processes,
-              sharding=plan.sharding, device=str(device))
+              sharding=plan.sharding, distributedType=accelerator.distributed_type.value, device=str(device))
     model = accelerator.prepare(model)
     if os.environ.get("KUBETUNE_COMPILE") == "1":
         model = torch.compile(model)
