@@ -98,6 +98,22 @@ def crds(ground):
     wait_for("finetunejobs served", lambda: ground.kubectl("get", "ftj", "-A", check=False).returncode == 0, 30)
 
 
+@pytest.fixture(scope="module")
+def operator(ground, crds, tmp_path_factory):
+    """The operator as its own process, for one test module."""
+    from opkit import Operator
+
+    op = Operator(tmp_path_factory.mktemp("operator") / "operator.log")
+    op.start()
+    yield op
+    # The tests' namespaces are deleted without waiting: let the operator finalize their
+    # FineTuneJobs first, or they stay Terminating on a ground that is reused.
+    wait_for("deleted FineTuneJobs finalized", lambda: not any(
+        o["metadata"].get("deletionTimestamp") for o in ground.kubectl_json("get", "ftj", "-A")["items"]), 60)
+    op.stop()
+    print(op.log.read_text()[-5000:])
+
+
 @pytest.fixture
 def ns(ground, namespace):
     """A namespace with the S3 Secret the examples reference."""

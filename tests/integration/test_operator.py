@@ -14,24 +14,11 @@ import time
 
 import pytest
 import yaml
-from opkit import Operator, apply, cond, example, ftj, phase, put_progress, small_gpu_job, wait_phase
+from opkit import apply, cond, example, ftj, phase, put_progress, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import wait_until as wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def operator(ground, crds, tmp_path_factory):
-    op = Operator(tmp_path_factory.mktemp("operator") / "operator.log")
-    op.start()
-    yield op
-    # The tests' namespaces are deleted without waiting: let the operator finalize their
-    # FineTuneJobs first, or they stay Terminating on a ground that is reused.
-    wait_for("deleted FineTuneJobs finalized", lambda: not any(
-        o["metadata"].get("deletionTimestamp") for o in ground.kubectl_json("get", "ftj", "-A")["items"]), 60)
-    op.stop()
-    print(op.log.read_text()[-5000:])
 
 
 

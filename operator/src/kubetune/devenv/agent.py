@@ -8,7 +8,9 @@ It registers a Node (without KWOK's annotation, so KWOK leaves it alone) tainted
 - runs the container command, mapping `kubetune ...` onto this Python's `-m kubetune.cli`;
 - reports Running, then Succeeded/Failed with the exit code and the termination message, the way
   a kubelet does;
-- on pod deletion (suspend, delete) stops the process group, then removes the pod.
+- on pod deletion (suspend, delete, eviction) sends SIGTERM, SIGKILL after the grace period, reports
+  the exit (code, termination message) as a kubelet does, then removes the pod;
+- passes its own KUBETUNE_DEBUG_* variables to the pods (test knobs, e.g. a slower trainer).
 
 It is a test tool, not a container runtime: images are ignored and nothing is isolated.
 """
@@ -68,6 +70,7 @@ class Running:
     started: str
     stopping: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    exit: tuple[int, str, str] | None = None  # code, reason, termination message
 
 
 class Agent:
@@ -155,7 +158,8 @@ class Agent:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         mounts = self.volumes(pod, workdir)
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV")}
+        env = {k: v for k, v in os.environ.items()
+               if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV") or k.startswith("KUBETUNE_DEBUG_")}
         env.update(self.env(pod, c))
         for key in ("HOME", "TMPDIR", "HF_HOME"):
             if key in env:
@@ -182,16 +186,17 @@ class Agent:
 
     def supervise(self, pod, r: Running) -> None:
         code = r.proc.wait()
-        if r.stopping:
-            r.done.set()
-            return
         message = r.term_log.read_text()[-4096:] if r.term_log.exists() else ""
         if not message:  # terminationMessagePolicy FallbackToLogsOnError
             log_file = r.workdir / "container.log"
             message = log_file.read_text()[-2048:] if code and log_file.exists() else ""
-        reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 else "Error")
-        self.report_exit(pod, code, reason, message, r.started)
+        code = 128 - code if code < 0 else code  # killed by a signal: the shell's 128+N, as a runtime reports
+        reason = "Completed" if code == 0 else ("OOMKilled" if code == 137 and not r.stopping else "Error")
         log.info("%s/%s exited %s", pod.metadata.namespace, pod.metadata.name, code)
+        if r.stopping:  # terminate() reports it, once the pod's deletion is under way
+            r.exit = (code, reason, message)
+        else:
+            self.report_exit(pod, code, reason, message, r.started)
         r.done.set()
 
     def report_exit(self, pod, code: int, reason: str, message: str, started: str) -> None:
@@ -217,6 +222,10 @@ class Agent:
             except ProcessLookupError:
                 pass
             r.done.wait(10)
+        # A kubelet records the terminal status before the final delete: the Job controller reads the
+        # exit code against its podFailurePolicy, the operator reads the termination message.
+        if r.exit is not None:
+            self.report_exit(pod, *r.exit, r.started)
         self.remove(pod)
         with self.lock:
             self.pods.pop(pod.metadata.uid, None)

@@ -1,0 +1,132 @@
+"""Preemption end to end, with the real trainer: the operator places a FineTuneJob on the local agent's
+node (a kubelet that runs pods as processes), the trainer trains a tiny Llama from the ground's S3,
+and the pod is evicted through the Eviction API midway. The trainer's SIGTERM handler saves and
+uploads a checkpoint of the step it is on; the Job's podFailurePolicy ignores the disruption; the
+replacement pod resumes from that checkpoint; the FineTuneJob finishes as one run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from opkit import apply, cond, ftj, wait_phase
+
+from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
+from kubetune.devenv.ground import wait_until as wait_for
+
+pytestmark = pytest.mark.integration
+
+NODE = "local-preempt"
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def agent(ground, tmp_path_factory):
+    root = tmp_path_factory.mktemp("agent")
+    log = root / "agent.log"
+    # A slower trainer (0.4 s a step) so the eviction lands mid-run on any machine.
+    env = dict(os.environ, KUBETUNE_DEBUG_STEP_SLEEP="0.4")
+    p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", NODE, "--cpu", "2",
+                          "--root", str(root)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
+    wait_for(f"node {NODE}", lambda: ground.kubectl("get", "node", NODE, check=False).returncode == 0, 60)
+    yield root
+    os.killpg(p.pid, signal.SIGTERM)
+    p.wait(30)
+    ground.kubectl("delete", "node", NODE, "--wait=false", check=False)
+    print(log.read_text()[-3000:])
+
+
+class PodRecorder:
+    """Every state each pod of a namespace went through (a pod is gone once its replacement runs)."""
+
+    def __init__(self, ns: str):
+        from kubernetes import client, config, watch
+
+        config.load_kube_config()
+        self.core = client.CoreV1Api()
+        self.seen: dict[str, list[dict]] = {}
+        self._w = watch.Watch()
+        threading.Thread(target=self._run, args=(ns,), daemon=True).start()
+
+    def _run(self, ns: str) -> None:
+        try:
+            for ev in self._w.stream(self.core.list_namespaced_pod, ns, timeout_seconds=600):
+                pod = ev["object"]
+                self.seen.setdefault(pod.metadata.name, []).append(self.core.api_client.sanitize_for_serialization(pod))
+        except Exception:  # the connection closing when the test stops watching
+            pass
+
+    def stop(self) -> None:
+        self._w.stop()
+
+    def terminated(self, name: str) -> dict | None:
+        for obj in reversed(self.seen.get(name, [])):
+            for cs in (obj.get("status") or {}).get("containerStatuses") or []:
+                if (cs.get("state") or {}).get("terminated"):
+                    return obj
+        return None
+
+
+def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground, operator, agent, ns):
+    state = ground.state
+    upload_tiny_model_and_data(ground.s3())
+    obj = quickstart_for_local(state["s3"]["endpoint"])
+    obj["metadata"]["name"] = "preempt"
+    spec = obj["spec"]
+    spec["resources"]["nodeSelector"]["kubernetes.io/hostname"] = NODE
+    spec["training"] |= {"maxSteps": STEPS, "loggingSteps": 1, "evalSteps": 20}
+    spec["checkpoints"] |= {"saveSteps": 10, "keep": 2}
+    pods = PodRecorder(ns)
+    try:
+        apply(ground, ns, obj)
+        wait_phase(ground, ns, "preempt", "Running", 120)
+        # Evict once the step-10 checkpoint is committed: the SIGTERM then lands between checkpoints.
+        wait_for("checkpoint 10 in status", lambda: ((ftj(ground, ns, "preempt").get("status") or {})
+                                                     .get("checkpoints") or {}).get("latestStep") == 10, 120)
+        first = next(p["metadata"]["name"] for p in ground.kubectl_json("get", "pods", "-n", ns)["items"]
+                     if p["status"].get("phase") == "Running")
+        from kubernetes import client
+
+        pods.core.create_namespaced_pod_eviction(first, ns, client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=first, namespace=ns)))
+
+        done = wait_phase(ground, ns, "preempt", "Succeeded", 300)
+    finally:
+        pods.stop()
+
+    # The evicted pod: DisruptionTarget, exit 143, and the trainer's own account of what it saved.
+    gone = pods.terminated(first)
+    assert gone is not None, f"no terminal status recorded for {first}"
+    assert any(c["type"] == "DisruptionTarget" and c["status"] == "True" for c in gone["status"]["conditions"])
+    t = gone["status"]["containerStatuses"][0]["state"]["terminated"]
+    term = json.loads(t["message"])
+    assert t["exitCode"] == 143 and term["reason"] == "Preempted", t
+    stopped = term["step"]
+    assert 10 < stopped < STEPS
+    assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in term["message"]
+
+    # The replacement resumed from exactly that step and finished the run.
+    others = [n for n in pods.seen if n != first]
+    assert len(others) == 1, pods.seen.keys()
+    log = (Path(agent) / f"{ns}_{others[0]}" / "container.log").read_text()
+    events = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0]["step"] == stopped, log[-3000:]
+    steps = sorted(e["step"] for e in events if e["event"] == "step")
+    assert steps == list(range(stopped + 1, STEPS + 1))
+    print(f"\nevicted after checkpoint 10; the trainer saved step {stopped} on SIGTERM; {others[0]} resumed from it")
+
+    # One run, not counted against backoffLimit, and the result of the whole training.
+    st = done["status"]
+    assert st["run"] == 1 and [h["run"] for h in st["history"]] == [1]
+    assert cond(done, "Succeeded")["status"] == "True"
+    job = ground.kubectl_json("get", "job", "-n", ns, "-l", "kubetune.io/job=preempt")["items"][0]
+    assert not job["status"].get("failed"), job["status"]
+    m = st["result"]["metrics"]
+    assert m["steps"] == STEPS and m["evalLoss"] < m["baseEvalLoss"] - 1.0, m
