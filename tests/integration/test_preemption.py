@@ -48,7 +48,8 @@ class PodRecorder:
     def __init__(self, ns: str):
         from kubernetes import client, config, watch
 
-        config.load_kube_config()
+        # explicit: the client read $KUBECONFIG when first imported, maybe before the ground set it
+        config.load_kube_config(config_file=os.environ["KUBECONFIG"])
         self.core = client.CoreV1Api()
         self.seen: dict[str, list[dict]] = {}
         self._w = watch.Watch()
