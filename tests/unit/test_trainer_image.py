@@ -123,3 +123,35 @@ def test_the_operator_mounts_what_the_image_expects():
     assert ins["EXPOSE"] == str(manifests.METRICS_PORT)
     assert any(f"--uid {manifests.UID}" in a for w, a in instructions() if w == "RUN")
     assert ins["USER"] == f"{manifests.UID}:{manifests.UID}"
+
+
+def test_the_dependency_layer_installs_everything_the_package_needs():
+    """The image installs kubetune itself with --no-deps, so its dependency layer must name every
+    requirement of the base and [trainer] extras (a missing one would only fail at run time)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    needed = {canonicalize_name(Requirement(r).name) for r in project["dependencies"] + project["optional-dependencies"]["trainer"]}
+    missing = needed - set(installed_by_dockerfile())
+    assert not missing, f"trainer-image/Dockerfile does not install {sorted(missing)}"
+    assert any("--no-deps" in a and '".[trainer]"' in a for w, a in instructions() if w == "RUN")
+
+
+@pytest.mark.tools
+def test_the_pins_resolve_for_the_image_python_and_platform():
+    """What `pip install -c constraints.txt ...` in the image resolves to, without Docker: the base
+    image's Python (Ubuntu 24.04: 3.12) on manylinux x86_64, from the package index."""
+    import shutil
+    import subprocess
+
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed (the Makefile installs it)")
+    names = installed_by_dockerfile()
+    r = subprocess.run([uv, "pip", "compile", "--python-version", "3.12", "--python-platform", "x86_64-manylinux_2_28",
+                        "-c", str(ROOT / "trainer-image" / "constraints.txt"), "-"],
+                       input="\n".join(names), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resolved = dict(line.split("==", 1) for line in r.stdout.splitlines() if "==" in line and not line.startswith("#"))
+    resolved = {canonicalize_name(k): v.split()[0] for k, v in resolved.items()}
+    for name, version in pins().items():
+        assert resolved.get(name) == version, (name, resolved.get(name), version)
+    assert "triton" in resolved and any(k.startswith("nvidia-") for k in resolved), "not the CUDA build of torch"
