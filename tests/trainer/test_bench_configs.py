@@ -1,0 +1,54 @@
+"""The GPU benchmark stays ready to run: every (calibration config, lever) it would run on a lent GPU
+renders a TrainerConfig the trainer accepts, with the plan and material the benchmark claims to use.
+(Its GPU runs themselves need a GPU; this is what can break without one.)"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_trainer_bench", REPO / "benchmarks" / "gpu_trainer_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_trainer_bench"] = mod
+    spec.loader.exec_module(mod)
+    if mod.find_measure() is None:
+        pytest.skip("shared/calibration/measure.py is not beside the checkout")
+    return mod
+
+
+def test_every_benchmark_run_is_a_valid_trainer_config(bench, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kubetune_trainer.config import parse_config, plan_for
+
+    _, measure = bench.load_measure()
+    assert bench.TARGET in measure.CONFIGS
+    runs = [(c, v) for c in measure.CONFIGS if not measure.CONFIGS[c][5].get("liger")
+            for v in (bench.TARGET_VARIANTS if c == bench.TARGET else bench.DEFAULT_VARIANTS)]
+    assert len(runs) >= 10 + len(bench.VARIANTS) - 1
+    for c, v in runs:
+        raw, env = bench.trainer_config(tmp_path, c, v, measure)
+        cfg = parse_config(json.loads(json.dumps(raw)), f"{c}/{v}")
+        plan = plan_for(cfg)
+        arch, method, batch, seq, gc, _ = measure.CONFIGS[c]
+        assert (plan.method, plan.micro_batch_size, plan.gradient_checkpointing) == (method, batch, gc), (c, v)
+        assert cfg.spec.dataset.max_seq_length == seq
+        if v == "no-fused-ce":
+            assert not plan.fused_cross_entropy
+        elif v == "default":
+            assert plan.fused_cross_entropy, "the default run must be what the trainer does out of the box"
+        assert set(env) <= {"KUBETUNE_FUSED_OPTIMIZER", "KUBETUNE_COMPILE", "KUBETUNE_FUSED_CE_IMPL"}
+        if c == bench.TARGET:  # the target's dims are Llama-3.1-8B's, and its tokenizer covers the vocabulary
+            model_dir = Path(raw["spec"]["model"]["uri"][len("file://"):])
+            mc = AutoConfig.from_pretrained(model_dir)
+            assert (mc.hidden_size, mc.num_hidden_layers, mc.intermediate_size, mc.vocab_size) == (4096, 32, 14336, 128256)
+            assert len(AutoTokenizer.from_pretrained(model_dir)) == mc.vocab_size
+            data = Path(raw["spec"]["dataset"]["uri"][len("file://"):])
+            first = json.loads(data.read_text().splitlines()[0])["text"].split()
+            assert len(first) == seq if bench.VARIANTS[v][3] == "full" else seq // 8 <= len(first) <= seq
