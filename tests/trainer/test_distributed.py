@@ -130,3 +130,36 @@ def test_full_fine_tuning_on_two_processes_matches_one_and_writes_the_whole_mode
     b = load_file(str(tmp_path / "p2" / "out" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 10
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_two_nodes_rendezvous_from_the_indexed_job_env(tmp_path, model_dir):
+    """Two "pods" of an Indexed Job, one process each: the launch takes its node rank from
+    JOB_COMPLETION_INDEX and the rendezvous from MASTER_ADDR/MASTER_PORT, as the operator renders
+    them. Each has its own work dir (its emptyDir) and termination log; together they train like one
+    process with 2 accumulation steps."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+    single = TrainerProc(config(tmp_path, model_dir, data, tmp_path / "single", 1), tmp_path / "single.yaml")
+    assert single.wait(300) == 0, single.stderr[-3000:]
+
+    store = tmp_path / "multi"
+    port = free_port()
+    pods = []
+    for index in (0, 1):
+        cfg = config(tmp_path, model_dir, data, store, 2)
+        cfg["spec"]["resources"] |= {"nodes": 2, "gpusPerNode": 1}
+        cfg["paths"]["workDir"] = str(tmp_path / f"pod-{index}")
+        env = {"JOB_COMPLETION_INDEX": str(index), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "KUBETUNE_TERMINATION_LOG": str(tmp_path / f"pod-{index}.termination")}
+        pods.append(TrainerProc(cfg, tmp_path / f"pod-{index}.yaml", env=env))
+    for p in pods:
+        assert p.wait(300) == 0, p.stderr[-3000:]
+    launch = pods[1].events_of("launch")[0]["command"]
+    assert "--multi_gpu --num_processes 2 --num_machines 2 --machine_rank 1" in launch
+    assert "--rdzv_backend static" in launch and f"--main_process_port {port}" in launch
+    got, expected = pods[0].losses(), single.losses()
+    assert sorted(got) == sorted(expected) and not pods[1].losses()  # node 1 reports nothing of the run
+    assert max(abs(got[s] - expected[s]) for s in expected) < 1e-4
+    # each pod's termination message: rank 0's result, and node 1's own (local rank 0) exit
+    t0 = json.loads((tmp_path / "pod-0.termination").read_text())
+    t1 = json.loads((tmp_path / "pod-1.termination").read_text())
+    assert t0["reason"] == t1["reason"] == "Completed" and t0["result"]["metrics"]["steps"] == STEPS
