@@ -9,7 +9,7 @@ import tiny
 from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.cli import launch_command
-from kubetune_trainer.config import load_config, parse_config
+from kubetune_trainer.config import load_config, parse_config, plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
 from kubetune_trainer.model import chunked_linear_ce
 from kubetune_trainer.progress import write_termination
@@ -177,3 +177,36 @@ def test_termination_message_fits(tmp_path):
     doc = write_termination("BadData", "x" * 10000, step=3)
     text = (tmp_path / "termination-log").read_text()
     assert len(text.encode()) <= 4000 and json.loads(text)["reason"] == "BadData" and doc["step"] == 3
+
+
+def test_the_operators_multi_node_pod_launches_the_right_rendezvous():
+    """Operator → trainer, no hand-written env: the ConfigMap and pod env the operator renders for a
+    2 x 8 GPU job, with what Kubernetes adds (JOB_COMPLETION_INDEX), give every pod the right launch."""
+    import yaml as _yaml
+
+    from kubetune.api.v1alpha1 import Resolved
+    from kubetune.api.validation import parse_spec
+    from kubetune.controller import manifests as m
+    from kubetune.controller.placement import Placement
+
+    s = parse_spec({"model": {"uri": "hf://meta-llama/Llama-3.1-70B"}, "dataset": {"uri": "s3://data/train.jsonl"},
+                    "method": {"type": "full"}, "training": {"maxSteps": 10, "microBatchSize": 1},
+                    "resources": {"nodes": 2, "gpusPerNode": 8}, "checkpoints": {"uri": "s3://ckpt/runs/"}})
+    rid = m.RunIdentity("ml", "big", "uid-1", 3)
+    placed = Placement(True, "Placed", "ok", micro_batch_size=1, estimate_bytes=70 * 2**30, resource="nvidia.com/gpu")
+    kids = {o["kind"]: o for o in m.children(s, rid, Resolved(micro_batch_size=1, gradient_accumulation_steps=1,
+                                                             num_processes=16), placed)}
+    cfg = parse_config(_yaml.safe_load(kids["ConfigMap"]["data"][m.CONFIG_KEY]))
+    pod = kids["Job"]["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"] if "value" in e}
+    svc = kids["Service"]["metadata"]["name"]
+    for index in (0, 1):
+        cmd = launch_command(cfg, "/etc/kubetune/trainer.yaml", {**env, "JOB_COMPLETION_INDEX": str(index)})
+        args = dict(zip(cmd, cmd[1:]))  # each flag to the token after it
+        assert args["--num_processes"] == "16" and args["--num_machines"] == "2"
+        assert args["--machine_rank"] == str(index) and args["--rdzv_backend"] == "static"
+        # pod 0's stable name under the headless Service the Job's pods share
+        assert args["--main_process_ip"] == f"{rid.job_name}-0.{svc}.ml.svc" and pod["subdomain"] == svc
+        assert args["--main_process_port"] == str(m.RENDEZVOUS_PORT)
+    assert plan_for(cfg).sharding == "fsdp"
+    assert env["KUBETUNE_GRACE_SECONDS"] == str(pod["terminationGracePeriodSeconds"])
