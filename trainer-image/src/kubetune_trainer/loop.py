@@ -310,7 +310,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
             log_event("checkpoint", step=step, local=str(d), pending=uploader.pending)
 
     def scheduled_eval(step: int) -> float:
-        """The eval every trainingevalSteps, with best tracking and early stopping."""
+        """The eval every training.evalSteps, with best tracking and early stopping."""
         reporter.update(state="evaluating")
         eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id)
         state["last_eval_loss"], state["last_eval_step"] = eval_loss, step
