@@ -3,8 +3,8 @@
 Top-level imports stay light (no torch): `kubetune` imports this module to build its parser.
 
 Exit codes: 0 Completed/EarlyStopped, 143 Preempted (SIGTERM; a checkpoint was saved), 2 BadConfig,
-3 BadData, 4 ModelLoadFailed, 5 StorageFailed, 6 OutOfMemory, 1 anything else. Every exit writes a TrainerTermination JSON (see progress.py);
-expected failures print one line, never a traceback.
+3 BadData, 4 ModelLoadFailed, 5 StorageFailed, 6 OutOfMemory, 1 anything else. Every exit writes a
+TrainerTermination JSON (see progress.py); expected failures print one line, never a traceback.
 
 Multi-GPU and multi-node: when resolved.numProcesses > 1 and this is not already a launched worker,
 the command runs itself again under `accelerate launch` (see supervise) with the rendezvous taken
@@ -58,11 +58,10 @@ def supervise(cmd: list[str], env: dict[str, str]) -> int:
     every worker, which then saves a preemption checkpoint), and exit with the code of the reason
     rank 0 wrote: torchrun turns every worker failure into exit 1, which would hide BadData (no
     retry) or Preempted from the Job's podFailurePolicy."""
-    import json
     import signal
     import subprocess
 
-    from kubetune_trainer.progress import termination_path
+    from kubetune_trainer.progress import termination_path, written_reason
 
     path = termination_path()
     try:
@@ -73,11 +72,7 @@ def supervise(cmd: list[str], env: dict[str, str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: child.send_signal(signum))
     rc = child.wait()
-    try:
-        with open(path) as f:
-            reason = json.loads(f.read() or "{}").get("reason")
-    except (OSError, ValueError):
-        reason = None
+    reason = written_reason(path)
     if reason in EXIT:
         return EXIT[reason]
     return 128 - rc if rc < 0 else rc

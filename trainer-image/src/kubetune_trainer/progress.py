@@ -178,12 +178,13 @@ def termination_path() -> str:
     return os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
 
 
-def _specific_reason_written(path: str) -> bool:
+def written_reason(path: str | None = None) -> str | None:
+    """The reason in the termination file now, if any (another rank's, or a launched worker's)."""
     try:
-        with open(path) as f:
-            return json.loads(f.read() or "{}").get("reason", "Error") != "Error"
-    except (OSError, ValueError):
-        return False
+        with open(path or termination_path()) as f:
+            return json.loads(f.read() or "{}").get("reason")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def write_termination(reason: str, message: str = "", result: ResultStatus | None = None, step: int | None = None) -> dict:
@@ -196,7 +197,7 @@ def write_termination(reason: str, message: str = "", result: ResultStatus | Non
             break
         msg = msg[: max(0, len(msg) - (len(text.encode()) - TERMINATION_LIMIT) - 10)]
     path = termination_path()
-    if reason == "Error" and _specific_reason_written(path):
+    if reason == "Error" and written_reason(path) not in (None, "Error"):
         return json.loads(text)  # another rank's precise reason (OOM, bad data) beats a follow-on error
     try:
         with open(path, "w") as f:
