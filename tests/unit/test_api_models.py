@@ -80,8 +80,12 @@ def test_model_uri_schemes_accepted(uri):
         ({"spec__method__lora__rnak": 4}, "spec.method.lora.rnak: unknown field"),
         ({"spec__training__epochs": 2}, "spec.training: set exactly one of training.epochs and training.maxSteps"),
         ({"spec__training__maxSteps": ...}, "spec.training: set exactly one of training.epochs and training.maxSteps"),
-        ({"spec__training__microBatchSize": "big"}, "spec.training.microBatchSize"),
-        ({"spec__training__microBatchSize": 0}, "spec.training.microBatchSize"),
+        ({"spec__training__microBatchSize": "big"},
+         "spec.training.microBatchSize: must be an integer from 1 to 4096, or 'auto' (got 'big')"),
+        ({"spec__training__microBatchSize": 0},
+         "spec.training.microBatchSize: must be an integer from 1 to 4096, or 'auto' (got 0)"),
+        ({"spec__training__microBatchSize": True},
+         "spec.training.microBatchSize: must be an integer from 1 to 4096, or 'auto' (got True)"),
         ({"spec__training__precision": "int8"}, "spec.training.precision: Input should be 'bf16', 'bf16-mixed', 'fp16' or 'fp32'"),
         ({"spec__training__learningRate": -1}, "spec.training.learningRate: Input should be greater than 0"),
         ({"spec__checkpoints": ...}, "spec.checkpoints: required field is missing"),
@@ -98,6 +102,12 @@ def test_model_uri_schemes_accepted(uri):
 def test_bad_specs_name_the_field(patch, expected):
     msg = errors_of(job(**patch))
     assert expected in msg, msg
+
+
+def test_a_bad_micro_batch_is_one_line_with_the_path_the_user_wrote():
+    # Not one line per union branch (`microBatchSize.constrained-int`, `microBatchSize.literal['auto']`).
+    assert errors_of(job(spec__training__microBatchSize="4")).splitlines() == [
+        "spec.training.microBatchSize: must be an integer from 1 to 4096, or 'auto' (got '4')"]
 
 
 @pytest.mark.parametrize(

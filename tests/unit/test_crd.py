@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune.api.crd import crd, render
-from kubetune.api.validation import load_jobs
+from kubetune.api.validation import load_jobs, parse_job
 
 CRD_FILE = "crds/kubetune.io_finetunejobs.yaml"
 
@@ -49,7 +49,7 @@ def test_schema_is_structural():
         assert not ("properties" in node and "additionalProperties" in node), path
         if "anyOf" in node:
             assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf only for int-or-string"
-        if path.startswith("$.spec") and path.count(".") >= 2 and not path.endswith(("[]", "{}")):
+        if path != "$" and not path.endswith(("[]", "{}")):
             assert node.get("description"), f"{path} has no description (kubectl explain would be empty)"
 
 
@@ -93,9 +93,26 @@ def test_example_validates_against_models_and_crd_schema(path: Path):
             jsonschema.Draft4Validator(schema).validate(doc["spec"])
 
 
-def test_crd_schema_rejects_what_models_reject():
+@pytest.mark.parametrize(
+    "where, value, match",
+    [
+        (("method", "type"), "dpo", "'dpo' is not one of"),
+        (("checkpoints", "uri"), "gs://bucket/x", "does not match"),
+        (("resources", "memory"), "lots", "does not match"),
+        (("training", "learningRate"), 0, "less than or equal to the minimum"),
+        (("method", "lora", "rank"), 0, "less than the minimum"),
+    ],
+)
+def test_crd_schema_rejects_what_models_reject(where, value, match):
+    # The offline twin of tests/integration/test_crds.py: the apiserver applies these same keywords.
     schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    bad = yaml.safe_load(Path(EXAMPLES[0]).read_text())["spec"]
-    bad["method"]["type"] = "dpo"
-    with pytest.raises(jsonschema.ValidationError, match="dpo"):
+    doc = yaml.safe_load((EXAMPLES[0].parent / "quickstart.yaml").read_text())
+    bad = doc["spec"]
+    node = bad
+    for key in where[:-1]:
+        node = node.setdefault(key, {})
+    node[where[-1]] = value
+    with pytest.raises(jsonschema.ValidationError, match=match):
         jsonschema.Draft4Validator(schema).validate(bad)
+    with pytest.raises(ValueError, match=".".join(("spec",) + where[:-1])):
+        parse_job(doc)

@@ -122,7 +122,7 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
             "kind": {"type": "string", "description": "FineTuneJob"},
-            "metadata": {"type": "object"},
+            "metadata": {"type": "object", "description": "Standard object metadata. name is at most 50 characters."},
             "spec": spec,
             "status": status,
         },

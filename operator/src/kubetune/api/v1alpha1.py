@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, WithJsonSchema
+from pydantic import Field, PlainValidator, WithJsonSchema
 
 from kubetune.api.base import PATTERN_HELP, KModel, Quantity, Rule, StatusModel
 
@@ -247,15 +247,27 @@ class Method(KModel):
 # ---------------------------------------------------------------------------------------------
 # training
 
+MICRO_BATCH_RULE = "must be an integer from 1 to 4096, or 'auto'"
+
+
+def _int_or_auto(v: Any) -> int | str:
+    # One validator, not a union: a union reports each failed branch (`.constrained-int`,
+    # `.literal['auto']`) as a separate field path, which is not what a user wrote.
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096):
+        return v
+    raise ValueError(f"{MICRO_BATCH_RULE} (got {v!r})")
+
+
 IntOrAuto = Annotated[
-    Annotated[int, Field(ge=1, le=4096)] | Literal["auto"],
+    int | Literal["auto"],
+    PlainValidator(_int_or_auto),
     WithJsonSchema(
         {
             "x-kubernetes-int-or-string": True,
             "x-kubernetes-validations": [
                 {
                     "rule": "type(self) == int ? self >= 1 && self <= 4096 : self == 'auto'",
-                    "message": "microBatchSize must be an integer from 1 to 4096, or 'auto'",
+                    "message": f"microBatchSize {MICRO_BATCH_RULE}",
                 }
             ],
         }
