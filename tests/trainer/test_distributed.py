@@ -44,8 +44,9 @@ def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_
     assert single.wait(300) == 0, single.stderr[-3000:]
     expected = single.losses()
     assert sorted(expected) == list(range(1, STEPS + 1))
-    # 40 = 10 global batches of 4. With a remainder the runs would differ by design: one process
-    # trains on a last partial batch, several processes drop it (every rank needs a full micro batch).
+    # 40 = 10 global batches of 4. With a remainder the epochs would break at different steps: one
+    # process with 2 accumulation steps cuts epochs per micro batch of 2, not per global batch of 4
+    # (test_an_epochs_last_partial_batch_is_trained_not_dropped compares like with like).
     assert single.events_of("data")[0]["train"] == 40
 
     store = tmp_path / "ddp"
@@ -94,6 +95,30 @@ def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_
     for k in ("evalLoss", "baseEvalLoss", "bestEvalLoss"):
         assert abs(final["result"]["metrics"][k] - ref["result"]["metrics"][k]) < 1e-4, k
     assert (store / "out" / "adapter" / "manifest.json").is_file()
+
+
+def test_an_epochs_last_partial_batch_is_trained_not_dropped(tmp_path, model_dir):
+    """41 sequences = 10 global batches of 4 and one of 1: on 2 processes rank 1 has no share of the
+    last one and runs a fully masked example to keep the all-reduce in step. Both processes together
+    must train exactly what one process with micro batch 4 trains, across the epoch boundary."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(46, seed=9))
+    runs = {}
+    for n in (1, 2):
+        cfg = config(tmp_path, model_dir, data, tmp_path / f"p{n}", n)
+        cfg["spec"]["training"] |= {"maxSteps": 13, "microBatchSize": 4 // n, "gradientAccumulationSteps": 1}
+        cfg["resolved"] |= {"microBatchSize": 4 // n, "gradientAccumulationSteps": 1}
+        runs[n] = TrainerProc(cfg, tmp_path / f"p{n}.yaml", env={"KUBETUNE_MASTER_PORT": free_port()})
+        assert runs[n].wait(300) == 0, runs[n].stderr[-3000:]
+    assert runs[1].events_of("data")[0]["train"] == 41
+    model = runs[2].events_of("model")[0]
+    assert model["totalSteps"] == 13 and model["processes"] == 2
+    one, two = runs[1].losses(), runs[2].losses()
+    assert sorted(two) == list(range(1, 14))
+    worst = max(abs(two[s] - one[s]) for s in one)
+    print(f"\n41 sequences, 13 steps (epoch boundary after step 11): 2 processes vs 1, max |dloss| = {worst:.3g}")
+    assert worst < 1e-4, {s: (two[s], one[s]) for s in one}
+    # step 11 (the batch of one) ends the first epoch: nothing was dropped to get there
+    assert [e["epoch"] for e in runs[2].events_of("step") if e["step"] in (11, 12)] == pytest.approx([1.0, 12 / 11], abs=1e-4)
 
 
 def test_a_worker_failure_keeps_its_exit_code_through_the_launcher(tmp_path, model_dir):

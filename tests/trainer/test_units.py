@@ -100,6 +100,22 @@ def test_schedule_is_a_function_of_the_step():
     assert not set(r0.indices(0)) & set(r1.indices(0))
 
 
+def test_schedule_splits_the_last_partial_batch_between_ranks_and_drops_nothing():
+    ex = [dt.Example([i, i + 1, i + 2], [i + 1, i + 2, dt.IGNORE]) for i in range(11)]
+    ranks = [dt.Schedule(11, 2, 2, r, seed=1) for r in (0, 1)]  # global batch 4: 4 + 4 + 3
+    assert ranks[0].per_epoch == 3
+    seen = [i for m in range(3) for r in ranks for i in r.indices(m)]
+    assert sorted(seen) == list(range(11))
+    assert [len(r.indices(2)) for r in ranks] == [2, 1]
+    one = [dt.Schedule(9, 2, 2, r, seed=1) for r in (0, 1)]  # 4 + 4 + 1: rank 1 has no share of the last
+    assert one[1].indices(2) == []
+    filler = one[1].batch(2, ex)
+    assert len(filler) == 1 and set(filler[0].labels) == {dt.IGNORE}  # runs the forward, counts nothing
+    assert one[0].batch(2, ex) == [ex[i] for i in one[0].indices(2)]
+    with pytest.raises(BadData, match="no training sequences"):
+        dt.Schedule(0, 2, 2, 0, seed=1)
+
+
 def test_split_is_deterministic():
     a = dt.split_validation(list(range(100)), 0.1, 3)
     assert a == dt.split_validation(list(range(100)), 0.1, 3)

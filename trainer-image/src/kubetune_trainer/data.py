@@ -381,7 +381,8 @@ class Schedule:
     Micro batches run as one stream across epochs: epoch e is a permutation seeded with seed+e, and
     micro batch m of the stream is slice m % per_epoch of epoch m // per_epoch. An optimizer step s
     uses micro batches s*ga .. s*ga+ga-1, so the data position is restored exactly from the step.
-    With several processes each global micro batch is split between the ranks.
+    With several processes each global micro batch is split between the ranks; the epoch's last,
+    partial one too, so no example is dropped and N processes see the data one process would.
     """
 
     def __init__(self, n: int, micro_batch: int, num_processes: int, rank: int, seed: int):
@@ -390,14 +391,9 @@ class Schedule:
         self.nproc = num_processes
         self.rank = rank
         self.seed = seed
-        global_batch = micro_batch * num_processes
-        if num_processes > 1:
-            self.per_epoch = n // global_batch  # every rank gets a full micro batch
-        else:
-            self.per_epoch = math.ceil(n / global_batch)
-        if self.per_epoch < 1:
-            raise BadData(f"{n} training sequences are fewer than one micro batch over all processes "
-                          f"({micro_batch} x {num_processes}); add data or lower the batch size")
+        if n < 1:
+            raise BadData("no training sequences are left after the validation split; add data")
+        self.per_epoch = math.ceil(n / (micro_batch * num_processes))
         self._perm_epoch = -1
         self._perm: list[int] = []
 
@@ -410,13 +406,25 @@ class Schedule:
             self._perm_epoch = epoch
         return self._perm
 
-    def indices(self, m: int) -> list[int]:
+    def _chunk(self, m: int) -> list[int]:
         epoch, j = divmod(m, self.per_epoch)
-        perm = self._perm_for(epoch)
         g = self.mb * self.nproc
-        chunk = perm[j * g: (j + 1) * g]
+        return self._perm_for(epoch)[j * g: (j + 1) * g]
+
+    def indices(self, m: int) -> list[int]:
+        """This rank's examples of micro batch m: empty for some ranks in an epoch's last, partial batch."""
+        chunk = self._chunk(m)
         per = math.ceil(len(chunk) / self.nproc)
-        return chunk[self.rank * per: (self.rank + 1) * per] or chunk[:1]
+        return chunk[self.rank * per: (self.rank + 1) * per]
+
+    def batch(self, m: int, examples: list[Example]) -> list[Example]:
+        idx = self.indices(m)
+        if idx:
+            return [examples[i] for i in idx]
+        # Every rank must still run the forward and backward (the gradient all-reduce waits for it):
+        # one example with every label masked adds nothing to the loss or the label count.
+        e = examples[self._chunk(m)[0]]
+        return [Example(e.input_ids, [IGNORE] * len(e), e.position_ids)]
 
     def epoch_of(self, m: int) -> float:
         return m / self.per_epoch

@@ -368,7 +368,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     while state["step"] < total_steps and not state["stopped_early"]:
         t_step = time.perf_counter()
         step = state["step"]
-        micro = [dt.collate([train_ex[i] for i in sched.indices(step * ga + k)], pad_id,
+        micro = [dt.collate(sched.batch(step * ga + k, train_ex), pad_id,
                             pad_to=ds.max_seq_length if packing else None) for k in range(ga)]
         n_labels = sum(int((b["labels"] != dt.IGNORE).sum()) for b in micro)
         (global_labels,) = all_sum(accelerator, [n_labels])
