@@ -113,3 +113,32 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_restart_continue
     ref_final = json.loads(reference.termination.read_text())["result"]["metrics"]
     for k in ("evalLoss", "bestEvalLoss", "bestStep"):
         assert abs(final[k] - ref_final[k]) < 1e-4, k
+
+
+def test_sigterm_during_an_eval_stops_it_and_the_restart_evaluates_that_step_first(tmp_path, model_dir, data, reference):
+    """A big validation set can outlast the grace period, so the eval stops midway too (every rank
+    at the same batch), the step is saved, and the resumed run runs that eval before training on."""
+    store = tmp_path / "run"
+    cfg = config(tmp_path, model_dir, data, store)
+    first = TrainerProc(cfg, tmp_path / "run.yaml", env={"KUBETUNE_DEBUG_EVAL_SLEEP": "2"})
+    # the step event of step 6 comes after the step's stop vote; its eval (every 6) follows it
+    first.wait_for(lambda e: e.get("event") == "step" and e["step"] == 6, 300)
+    first.sigterm()
+    assert first.wait(60) == 143, first.stderr[-3000:]
+    assert max(first.losses()) == 6
+    assert not [e for e in first.events_of("eval") if e["step"] == 6], "the eval ran to its end"
+    term = json.loads(first.termination.read_text())
+    assert term["reason"] == "Preempted" and "checkpoint checkpoint-00000006 committed" in term["message"], term
+    assert (store / "ckpt" / "checkpoint-00000006" / "manifest.json").is_file()
+
+    second = TrainerProc(cfg, tmp_path / "run.yaml")
+    assert second.wait(300) == 0, second.stderr[-3000:]
+    assert second.events_of("resumed")[0]["step"] == 6
+    ev = [e for e in second.events_of("eval") if "evalLoss" in e]
+    ref_ev = {e["step"]: e["evalLoss"] for e in reference.events_of("eval") if "evalLoss" in e and not e.get("final")}
+    assert ev[0]["step"] == 6 and abs(ev[0]["evalLoss"] - ref_ev[6]) < 1e-4
+    assert_continues(reference, {**first.losses(), **second.losses()}, "SIGTERM in the eval of step 6")
+    final = json.loads(second.termination.read_text())["result"]["metrics"]
+    ref_final = json.loads(reference.termination.read_text())["result"]["metrics"]
+    for k in ("evalLoss", "baseEvalLoss", "bestEvalLoss", "bestStep"):
+        assert abs(final[k] - ref_final[k]) < 1e-4, k

@@ -226,3 +226,30 @@ def test_the_operators_multi_node_pod_launches_the_right_rendezvous():
         assert args["--main_process_port"] == str(m.RENDEZVOUS_PORT)
     assert plan_for(cfg).sharding == "fsdp"
     assert env["KUBETUNE_GRACE_SECONDS"] == str(pod["terminationGracePeriodSeconds"])
+
+
+def test_the_sigterm_handler_never_waits_on_the_stdout_lock():
+    """A SIGTERM landing while the main thread is inside log_event (it holds the stdout lock) used to
+    deadlock the handler, so a preempted pod hung until the kubelet's SIGKILL and lost its step."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, time
+from kubetune_trainer import progress
+from kubetune_trainer.loop import Preemption
+p = Preemption(60)
+with progress._OUT_LOCK:
+    os.kill(os.getpid(), signal.SIGTERM)  # the handler runs on this thread, lock held
+    deadline = time.time() + 5
+    while p.at is None and time.time() < deadline:
+        time.sleep(0.01)
+assert p.at is not None and p.requested
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "survived"
+    ack = json.loads(lines[0])
+    assert ack["event"] == "preempted" and "60s grace" in ack["message"]

@@ -56,6 +56,7 @@ class Preemption:
     def __init__(self, grace_seconds: float, margin: float = 5.0):
         self.grace, self.margin = grace_seconds, margin
         self.at: float | None = None
+        self._acknowledged = False
         self._previous = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -63,12 +64,18 @@ class Preemption:
             pass
 
     def _handle(self, signum, frame) -> None:
+        # Only a flag. The handler runs between two bytecodes of the main thread, which may be inside
+        # log_event holding the stdout lock: logging here deadlocked until the kubelet's SIGKILL.
         if self.at is None:
             self.at = time.monotonic()
-            log_event("preempted", message=f"SIGTERM: stopping after this step; {self.grace:.0f}s grace to save a checkpoint")
 
     @property
     def requested(self) -> bool:
+        """Read by the loop on the main thread, which also says (once) that the signal was seen."""
+        if self.at is not None and not self._acknowledged:
+            self._acknowledged = True
+            log_event("preempted", message=f"SIGTERM: stopping at the end of this step or eval; "
+                                           f"{self.grace:.0f}s grace to save a checkpoint")
         return self.at is not None
 
     def time_left(self) -> float:
@@ -139,10 +146,17 @@ def all_sum(accelerator, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def evaluate(model, head: LossHead, val: list[dt.Example], micro_batch: int, accelerator, pad_id: int) -> float | None:
-    """Mean token loss over the validation set (all processes)."""
+class EvalStopped(Exception):
+    """A SIGTERM arrived during an evaluation: a large validation set can outlast the grace period."""
+
+
+def evaluate(model, head: LossHead, val: list[dt.Example], micro_batch: int, accelerator, pad_id: int,
+             stop: Callable[[], bool] | None = None) -> float | None:
+    """Mean token loss over the validation set (all processes). Raises EvalStopped when stop() turns
+    true on any rank; the ranks agree on it each batch, so they all leave at the same one."""
     if not val:
         return None
+    debug_sleep = float(os.environ.get("KUBETUNE_DEBUG_EVAL_SLEEP", "0"))
     n, rank = accelerator.num_processes, accelerator.process_index
     mine = val[rank::n]
     rounds = math.ceil(math.ceil(len(val) / n) / micro_batch)  # same number of forwards on every rank
@@ -151,6 +165,12 @@ def evaluate(model, head: LossHead, val: list[dt.Example], micro_batch: int, acc
     loss_sum, count = 0.0, 0.0
     with torch.no_grad():
         for i in range(rounds):
+            if stop is not None and all_sum(accelerator, [float(stop())])[0]:
+                if was_training:
+                    model.train()
+                raise EvalStopped
+            if debug_sleep:  # tests: a long eval to stop midway
+                time.sleep(debug_sleep)
             chunk = mine[i * micro_batch:(i + 1) * micro_batch]
             if not chunk:  # keep collective ops in step: a batch that counts for nothing
                 chunk = [dt.Example(val[0].input_ids, [dt.IGNORE] * len(val[0]))]
@@ -284,11 +304,6 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         reporter.resumed(state["step"])
         reporter.checkpoint(f"{ckpt_loc.uri}/{committed.name}", committed.step, len(ck.list_committed(ckpt_loc)) if main else 0)
         log_event("resumed", step=state["step"], checkpoint=f"{ckpt_loc.uri}/{committed.name}")
-    else:
-        reporter.update(state="evaluating")
-        state["base_eval_loss"] = evaluate(model, head, val_ex, mbs, accelerator, tokenizer.pad_token_id)
-        if state["base_eval_loss"] is not None:
-            log_event("eval", step=0, baseEvalLoss=state["base_eval_loss"])
 
     uploader = None
     if main:
@@ -312,7 +327,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     def scheduled_eval(step: int) -> float:
         """The eval every training.evalSteps, with best tracking and early stopping."""
         reporter.update(state="evaluating")
-        eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id)
+        eval_loss = evaluate(model, head, val_ex, mbs, accelerator, pad_id, stopping)
         state["last_eval_loss"], state["last_eval_step"] = eval_loss, step
         best = state["best_eval_loss"]
         es = t.early_stopping
@@ -328,6 +343,16 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         reporter.update(state="training", eval_loss=eval_loss)
         metrics.set(eval_loss=eval_loss)
         return eval_loss
+
+    def stopping() -> bool:
+        return preempt.requested
+
+    def eval_stopped(step: int) -> Outcome:
+        """SIGTERM during the eval of a step: save that step (once) and let the resumed run evaluate it."""
+        state["pending_eval"] = True
+        if last_saved != step:
+            save(step, None)
+        return preempted(step)
 
     def preempted(step: int, saved: bool = True) -> Outcome:
         """Wait for the checkpoint uploads while the grace period lasts, then report Preempted."""
@@ -361,10 +386,21 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     debug_sleep = float(os.environ.get("KUBETUNE_DEBUG_STEP_SLEEP", "0"))
     step_times: list[float] = []
     step_tokens: list[int] = []
-    if state.pop("pending_eval", False):  # preempted right after a step whose eval was due
-        scheduled_eval(state["step"])
     if all_sum(accelerator, [float(preempt.requested)])[0]:  # stopped while loading: nothing new to save
         return preempted(state["step"], saved=False)
+    try:
+        if found is None:
+            reporter.update(state="evaluating")
+            state["base_eval_loss"] = evaluate(model, head, val_ex, mbs, accelerator, pad_id, stopping)
+            if state["base_eval_loss"] is not None:
+                log_event("eval", step=0, baseEvalLoss=state["base_eval_loss"])
+            reporter.update(state="training")
+        if state.pop("pending_eval", False):  # preempted at a step whose eval was due
+            scheduled_eval(state["step"])
+    except EvalStopped:
+        if found is None:  # nothing trained yet: the next pod starts over
+            return preempted(0, saved=False)
+        return eval_stopped(state["step"])
     while state["step"] < total_steps and not state["stopped_early"]:
         t_step = time.perf_counter()
         step = state["step"]
@@ -427,7 +463,10 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
             state["pending_eval"] = eval_due
             save(step, None)
             return preempted(step)
-        eval_loss = scheduled_eval(step) if eval_due else None
+        try:
+            eval_loss = scheduled_eval(step) if eval_due else None
+        except EvalStopped:
+            return eval_stopped(step)
 
         if step % spec.checkpoints.save_steps == 0 or state["stopped_early"]:
             save(step, eval_loss)
@@ -445,7 +484,11 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     if last_saved != step:
         save(step, state["last_eval_loss"] if state["last_eval_step"] == step else None)
     reporter.update(state="evaluating")
-    tuned = state["last_eval_loss"] if state["last_eval_step"] == step else evaluate(model, head, val_ex, mbs, accelerator, pad_id)
+    try:
+        tuned = (state["last_eval_loss"] if state["last_eval_step"] == step
+                 else evaluate(model, head, val_ex, mbs, accelerator, pad_id, stopping))
+    except EvalStopped:  # the last step is saved: the next pod only evaluates and writes the outputs
+        return preempted(step)
     result = ResultStatus()
     m = result.metrics
     if state["train_loss"] is not None:
