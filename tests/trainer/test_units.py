@@ -163,6 +163,23 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, model_dir):
         build_model(plan_for(cfg), cfg.spec, model_dir, torch.device("cpu"))
 
 
+def test_a_packed_row_computes_what_its_sequences_compute_apart(tmp_path, model_dir):
+    """Packed sequences must not attend to each other. The trainer's model gets position_ids and no
+    attention mask; transformers turns them into a block-diagonal mask only with the cache off."""
+    from kubetune_trainer.model import build_model
+
+    cfg = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", dataset={"packing": True}))
+    _, base = build_model(plan_for(cfg), cfg.spec, model_dir, torch.device("cpu"))
+    a, b = [5, 9, 14, 3, 7, 22, 8], [11, 4, 30, 6, 2]
+    packed = dt.collate(dt.pack([dt.Example(a, a), dt.Example(b, b)], 16), pad_id=0, pad_to=16)
+    assert "attention_mask" not in packed
+    with torch.no_grad():
+        got = base(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        apart = [base(input_ids=torch.tensor([x])).logits[0] for x in (a, b)]
+    torch.testing.assert_close(got[:len(a)], apart[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[len(a):len(a) + len(b)], apart[1], atol=1e-5, rtol=1e-5)
+
+
 def test_launch_command_uses_indexed_job_env(tmp_path, model_dir):
     cfg = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", resolved={"numProcesses": 16}))
     cfg.spec.resources.nodes, cfg.spec.resources.gpus_per_node = 2, 8

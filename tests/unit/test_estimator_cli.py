@@ -61,6 +61,19 @@ def test_flag_form_json_matches_the_library(capsys):
     assert d["trainable_params"] == 41_943_040 and d["fits"]["80GB"] is True and d["fits"]["24GB"] is False
 
 
+def test_packing_flag_prices_the_packed_attention_mask(capsys):
+    base = ["--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048", "--json"]
+    plain = json.loads(run(capsys, *base)[1])
+    rc, out, _ = run(capsys, *base, "--packing")
+    packed = json.loads(out)
+    # per block: k/v repeated to 32 heads (2 x 2 x (4096 - 1024) B) + the additive mask (2 x 2048 B), per token
+    per_token_block = 2 * 2 * (4096 - 1024) + 2 * 2048
+    grow = (packed["total_bytes"] - plain["total_bytes"]) / (4 * 2048 * 32)
+    assert rc == 0 and grow == pytest.approx(per_token_block, rel=0.05), grow
+    rc, out, _ = run(capsys, *base[:-1], "--packing")
+    assert "| packing |" in out
+
+
 def test_config_json_and_directory(tmp_path, capsys):
     cfg = {"model_type": "qwen2", "hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14,
            "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True}
@@ -148,3 +161,5 @@ def test_bad_files(tmp_path, capsys):
     job.write_text(JOB)
     rc, _, err = run(capsys, "-f", str(job), "--batch-size", "2")
     assert rc == 2 and "--batch-size: not used with -f" in err
+    rc, _, err = run(capsys, "-f", str(job), "--packing")
+    assert rc == 2 and "--packing: not used with -f (the job file sets it)" in err

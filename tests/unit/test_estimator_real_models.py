@@ -58,7 +58,9 @@ def _build(d: dict):
     cfg = transformers.AutoConfig.for_model(**d)
     torch.manual_seed(0)
     attn = "eager" if d["model_type"] == "gemma2" else "sdpa"
-    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
+    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.bfloat16)
+    m.config.use_cache = False  # as the trainer sets it (with a cache, packed rows get no mask)
+    return m
 
 
 def _n(model, trainable: bool = False) -> int:
@@ -111,7 +113,7 @@ def test_prompt_and_prefix_tuning(name):
 # ---- saved activations -------------------------------------------------------------------------------
 
 
-def _saved_bytes(model, b: int, s: int, autocast: bool) -> int:
+def _saved_bytes(model, b: int, s: int, autocast: bool, packed: bool = False) -> int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -122,13 +124,15 @@ def _saved_bytes(model, b: int, s: int, autocast: bool) -> int:
         return t
 
     ids = torch.randint(0, 500, (b, s))
+    # packed as the trainer packs: two sequences per row, told apart by position_ids alone
+    extra = {"position_ids": torch.cat([torch.arange(s // 2), torch.arange(s - s // 2)]).expand(b, s)} if packed else {}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            model(input_ids=ids, labels=ids)
+            model(input_ids=ids, labels=ids, **extra)
     return sum(seen.values())
 
 
-def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40) -> float:
+def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40, packed: bool = False) -> float:
     """Bytes per token of one more block: differences over layers and over sequence length remove the
     per-model and per-layer constants (embeddings, loss, autocast weight copies)."""
     built = {}
@@ -137,7 +141,7 @@ def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: 
         if method == "lora":
             m = peft.get_peft_model(m, peft.LoraConfig(r=8, target_modules="all-linear"))
         built[layers] = m.train()
-    per = [(_saved_bytes(built[3], b, seq, autocast) - _saved_bytes(built[2], b, seq, autocast)) / (b * seq)
+    per = [(_saved_bytes(built[3], b, seq, autocast, packed) - _saved_bytes(built[2], b, seq, autocast, packed)) / (b * seq)
            for seq in (s, 2 * s)]
     return 2 * per[1] - per[0]
 
@@ -161,3 +165,27 @@ def test_block_activation_bytes_equal_autograd_saved_tensors(name, method, autoc
     # exact but for peft's MoE ParamWrapper (router input handling differs by a few bytes a token)
     tol = 0.01 * measured if (name, method) == ("mixtral", "lora") else 1.0
     assert est == pytest.approx(measured, abs=tol), (name, method, autocast, est, measured)
+
+
+@pytest.mark.parametrize("name,method", [("llama", "lora"), ("qwen3", "full")])
+@pytest.mark.parametrize("s", [40, 80])
+def test_packing_saves_what_the_estimate_says(name, method, s):
+    """Packed rows carry position_ids and no attention mask; transformers then builds a block-diagonal
+    mask, SDPA keeps an additive copy of it per block (s^2, so compared at each length rather than
+    extrapolated) and repeats k/v per head (no native GQA). The estimate prices all of it."""
+    built = {}
+    for layers in (2, 3):
+        m = _build(_cfg(name, layers))
+        if method == "lora":
+            m = peft.get_peft_model(m, peft.LoraConfig(r=8, target_modules="all-linear"))
+        built[layers] = m.train()
+    per_block = {packed: (_saved_bytes(built[3], 2, s, True, packed) - _saved_bytes(built[2], 2, s, True, packed)) / (2 * s)
+                 for packed in (False, True)}
+    assert per_block[True] > per_block[False]
+    arch = from_config(_cfg(name))
+    blk = arch.blocks[0][1]
+    est = {}
+    for packed in (False, True):
+        plan = plan_from_flags(method=method, micro_batch_size=2, seq_len=s, lora_rank=8, packing=packed)
+        est[packed] = M._block_bytes(arch, blk, M._ctx_for(arch, plan, blk, method == "full", True))
+    assert est[True] - est[False] == pytest.approx(per_block[True] - per_block[False], abs=1.0), (est, per_block)

@@ -71,9 +71,9 @@ _ENTRIES: dict[str, _E] = {
     "google/gemma-3-12b-pt": ("gemma3", 3840, 48, 16, 8, 256, 15360, 262208, True, 131072, {"sliding_window": 1024}),
     "google/gemma-3-27b-pt": ("gemma3", 5376, 62, 32, 16, 128, 21504, 262208, True, 131072, {"sliding_window": 1024}),
     # Phi (phi3 architecture)
-    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 4096, {}),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 4096, {"sliding_window": 2047}),
     "microsoft/Phi-3.5-mini-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 131072, {}),
-    "microsoft/Phi-3-medium-4k-instruct": ("phi3", 5120, 40, 40, 10, 128, 17920, 32064, False, 4096, {}),
+    "microsoft/Phi-3-medium-4k-instruct": ("phi3", 5120, 40, 40, 10, 128, 17920, 32064, False, 4096, {"sliding_window": 2047}),
     "microsoft/phi-4": ("phi3", 5120, 40, 40, 10, 128, 17920, 100352, False, 16384, {}),
     "microsoft/Phi-4-mini-instruct": ("phi3", 3072, 32, 24, 8, 128, 8192, 200064, True, 131072, {}),
     # GPT-NeoX (Pythia)

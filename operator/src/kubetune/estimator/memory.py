@@ -15,6 +15,7 @@ is bytes-per-element arithmetic from the modelling code. Pure Python, no torch: 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,8 +218,15 @@ def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
             tot += sd * 3 * qd * kvf + heads * x.s_kv * (sd + 4 + (sd if arch.attn_softcapping else 0))
             tot += _group(x, qd, sd, False, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
         else:
-            kv_saved = qd if x.mask and arch.num_kv_heads != heads else kvd  # repeat_kv when a mask is given
+            repeated = x.mask and arch.num_kv_heads != heads
+            if x.mask:  # SDPA turns the bool mask into an additive one in the compute dtype, per call, kept for backward
+                tot += sd * x.s_kv
+            kv_saved = qd if repeated else kvd  # repeat_kv when a mask is given
             tot += sd * (2 * qd + 2 * kv_saved * kvf) + 4 * heads  # q, k, v, out (+ fp32 logsumexp)
+            if fam == "phi3" and not repeated and kvf == 1:
+                # v is a view of the fused qkv_proj output, so SDPA keeps all of it alive (the trainer runs
+                # without a KV cache, whose concatenation would have copied v out)
+                tot += sd * (qd + kvd)
             tot += _group(x, qd, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
         mlp_base = base.get(MLP_IN, 0) + (1 if blk.moe else 0)  # the MoE router reads the norm output too
         tot += _group(x, h, g, False, mlp_base, ad.get(MLP_IN, 0) + (1 if x.moe_lora and blk.param_targets else 0))
@@ -247,6 +255,8 @@ def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
         o1 = lin_out(g)
         sd = c if ac else o1
         tot += sd * 4 * h + 4 * heads  # q and k (rotary makes new tensors), v, out
+        if kvf == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
+            tot += sd * 2 * h
         tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
         tot += _group(x, h, g, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
         o2 = lin_out(g)
@@ -343,7 +353,6 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         adapted = tuple(sorted(counts.items()))
     nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
     s = max(1, plan.seq_len)
-    sliding = arch.sliding_window is not None and s > arch.sliding_window
     return _Ctx(
         w=BYTES[plan.weight_dtype],
         c=c,
@@ -356,10 +365,21 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         dropout=plan.method in ("lora", "qlora") and plan.lora_dropout > 0,
         rank=int(plan.lora_rank or 16) if plan.method in ("lora", "qlora") else 0,
         kv_factor=(s + nv) / s,
-        mask=bool(nv) or sliding,
+        mask=_explicit_mask(arch, plan),
         s_kv=s + nv + (int(plan.virtual_tokens or 20) if plan.method == "prompt-tuning" else 0),
         moe_lora=plan.method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)),
     )
+
+
+_PLAN_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingPlan) if f.name != "micro_batch_size")
+
+
+def _explicit_mask(arch: Architecture, plan: TrainingPlan) -> bool:
+    """Whether SDPA gets a materialized attention mask, which also turns off its native GQA (k/v are
+    repeated per head): prefix tokens, a sliding window shorter than the sequence, or packing (the
+    trainer passes position_ids and transformers builds a block-diagonal mask from them)."""
+    sliding = arch.sliding_window is not None and plan.seq_len > arch.sliding_window
+    return plan.method == "prefix-tuning" or sliding or plan.packing
 
 
 def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None) -> Estimate:
@@ -370,13 +390,9 @@ def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = 
     """
     if autocast is None:
         autocast = AUTOCAST_WHEN_REDUCED and plan.compute_dtype != "fp32"
-    key = (
-        plan.method, plan.weight_dtype, plan.trainable_dtype, plan.compute_dtype, plan.adapter_dtype, plan.optimizer,
-        plan.gradient_checkpointing, plan.fused_cross_entropy, plan.seq_len, plan.gradient_accumulation_steps,
-        plan.num_processes, plan.sharding, plan.quant_bits, plan.quant_type, plan.double_quant, plan.lora_rank,
-        plan.lora_dropout > 0, tuple(plan.lora_targets), plan.trainable_layers, plan.train_embeddings,
-        plan.virtual_tokens, autocast,
-    )
+    # Every plan field but the micro batch: a hand-picked key once left packing out, and a cached
+    # estimate without packing came back for a packed plan.
+    key = (*[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast)
     cache = arch._cache
     per = cache.get(key)
     if per is None:
@@ -545,9 +561,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     else:
         logits_pt = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
     extra_tokens = int(plan.virtual_tokens or 20) if method == "prompt-tuning" else 0
-    mask = 0
-    if method == "prefix-tuning" or (arch.sliding_window is not None and plan.seq_len > arch.sliding_window):
-        mask = 1
+    mask = 1 if _explicit_mask(arch, plan) else 0  # bool: one byte per (query, key) pair
     return _Prepared(
         weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
         grads_early=grads_early, optimizer=int(optimizer), comm_static=comm_static, comm_transient=comm_transient,
