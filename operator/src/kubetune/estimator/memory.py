@@ -79,6 +79,9 @@ class Estimate:
     micro_batch_size: int
     seq_len: int
     phase: str = "loss"  # which moment of the step is the peak: loss | backward | optimizer
+    # what torch.cuda.max_memory_allocated reports: the total less the CUDA context and the allocator's
+    # fragmentation (the two fitted terms), so the physics can be checked apart from the fit
+    allocated_bytes: int = 0
     plan: TrainingPlan | None = field(default=None, repr=False)
     notes: tuple[str, ...] = ()
 
@@ -628,4 +631,5 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
     return Estimate(
         total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
         micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=p.notes,
+        allocated_bytes=int(total - CUDA_CONTEXT - frag),
     )
