@@ -49,8 +49,13 @@ def test_schema_is_structural():
         assert not ("properties" in node and "additionalProperties" in node), path
         if "anyOf" in node:
             assert node.get("x-kubernetes-int-or-string"), f"{path}: anyOf only for int-or-string"
-        if path != "$" and not path.endswith(("[]", "{}")):
+        if path not in ("$", "$.metadata") and not path.endswith(("[]", "{}")):
             assert node.get("description"), f"{path} has no description (kubectl explain would be empty)"
+
+
+def test_metadata_schema_is_type_only():
+    # kube-apiserver rejects the CRD if metadata's schema says anything else, even a description
+    assert crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["metadata"] == {"type": "object"}
 
 
 def test_cel_rules_are_emitted():

@@ -122,7 +122,8 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},
             "kind": {"type": "string", "description": "FineTuneJob"},
-            "metadata": {"type": "object", "description": "Standard object metadata. name is at most 50 characters."},
+            # the apiserver forbids anything but type here (not even a description)
+            "metadata": {"type": "object"},
             "spec": spec,
             "status": status,
         },
