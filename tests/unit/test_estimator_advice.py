@@ -63,10 +63,20 @@ def test_advice_when_nothing_fits_and_every_advice_fits():
     for a in adv:
         assert fits(a.estimate, a.gpu_bytes) and a.gpu_bytes in sizes
         assert a.estimate.total_bytes == estimate(L8, a.plan).total_bytes
-        # the effective batch stays the same
+        # the effective batch stays the same; with more GPUs as near as the GPU count allows, and said
         eff = a.plan.micro_batch_size * a.plan.gradient_accumulation_steps * a.plan.num_processes
-        assert eff == 2 or a.plan.num_processes > 1
+        assert eff == 2 or (a.plan.num_processes > 1 and f"effective batch {eff} (was 2)" in a.description)
     assert adv == sorted(adv, key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
+
+
+def test_more_gpus_keep_the_effective_batch_when_it_divides():
+    p = plan_from_flags(method="lora", micro_batch_size=2, seq_len=4096, gradient_accumulation_steps=8)
+    gpus = [a for a in fit_advice(L8, p, [H100.bytes]) if a.plan.num_processes > 1]
+    assert gpus
+    for a in gpus:
+        n, ga = a.plan.num_processes, a.plan.gradient_accumulation_steps
+        assert 2 * ga * n == 16 and f"{n} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: same effective batch 16" \
+            in a.description, a.description
 
 
 def test_no_advice_when_it_fits():

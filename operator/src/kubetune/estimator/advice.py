@@ -149,6 +149,16 @@ def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: fl
     return out
 
 
+def _gpus_label(plan: TrainingPlan, q: TrainingPlan) -> str:
+    """More GPUs change the effective batch unless the accumulation shrinks to match: say which."""
+    eff = plan.micro_batch_size * plan.gradient_accumulation_steps * plan.num_processes
+    q_eff = q.micro_batch_size * q.gradient_accumulation_steps * q.num_processes
+    ga = q.gradient_accumulation_steps
+    if q_eff == eff:
+        return f"{q.num_processes} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: same effective batch {eff}"
+    return f"{q.num_processes} GPUs with FSDP: effective batch {q_eff} (was {eff})"
+
+
 def fit_advice(
     arch: Architecture, plan: TrainingPlan, gpu_sizes_bytes: tuple[int, ...] | list[int] = GPU_SIZE_BYTES,
     margin: float = DEFAULT_MARGIN,
@@ -196,7 +206,7 @@ def fit_advice(
     if plan.method == "lora":
         add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
     for q in _more_gpus(arch, plan, sizes, margin):
-        add(f"{q.num_processes} GPUs with FSDP", q, 1)
+        add(_gpus_label(plan, q), q, 1)
 
     if not out or len(out) < 2:
         # combinations: all cheap changes, then each bigger change on top of them
@@ -217,9 +227,9 @@ def fit_advice(
         if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
             add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
         for q in _more_gpus(arch, both, sizes, margin):
-            add(f"{prefix}{q.num_processes} GPUs with FSDP", q, n0 + 1)
+            add(prefix + _gpus_label(plan, q), q, n0 + 1)
         q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
         for q in _more_gpus(arch, q1, sizes, margin):
-            add(f"{prefix}micro batch 1 + {q.num_processes} GPUs with FSDP", q, n0 + 2)
+            add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)
     out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
     return out
