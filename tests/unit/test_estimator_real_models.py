@@ -132,15 +132,20 @@ def _saved_bytes(model, b: int, s: int, autocast: bool, packed: bool = False) ->
     return sum(seen.values())
 
 
-def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40, packed: bool = False) -> float:
-    """Bytes per token of one more block: differences over layers and over sequence length remove the
-    per-model and per-layer constants (embeddings, loss, autocast weight copies)."""
+def _two_and_three_layers(name: str, method: str) -> dict:
     built = {}
     for layers in (2, 3):
         m = _build(_cfg(name, layers))
         if method == "lora":
             m = peft.get_peft_model(m, peft.LoraConfig(r=8, target_modules="all-linear"))
         built[layers] = m.train()
+    return built
+
+
+def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40, packed: bool = False) -> float:
+    """Bytes per token of one more block: differences over layers and over sequence length remove the
+    per-model and per-layer constants (embeddings, loss, autocast weight copies)."""
+    built = _two_and_three_layers(name, method)
     per = [(_saved_bytes(built[3], b, seq, autocast, packed) - _saved_bytes(built[2], b, seq, autocast, packed)) / (b * seq)
            for seq in (s, 2 * s)]
     return 2 * per[1] - per[0]
@@ -173,12 +178,7 @@ def test_packing_saves_what_the_estimate_says(name, method, s):
     """Packed rows carry position_ids and no attention mask; transformers then builds a block-diagonal
     mask, SDPA keeps an additive copy of it per block (s^2, so compared at each length rather than
     extrapolated) and repeats k/v per head (no native GQA). The estimate prices all of it."""
-    built = {}
-    for layers in (2, 3):
-        m = _build(_cfg(name, layers))
-        if method == "lora":
-            m = peft.get_peft_model(m, peft.LoraConfig(r=8, target_modules="all-linear"))
-        built[layers] = m.train()
+    built = _two_and_three_layers(name, method)
     per_block = {packed: (_saved_bytes(built[3], 2, s, True, packed) - _saved_bytes(built[2], 2, s, True, packed)) / (2 * s)
                  for packed in (False, True)}
     assert per_block[True] > per_block[False]
