@@ -56,13 +56,14 @@ def _estimate(r: dict):
     return arch, estimate(arch, plan_for_row(r))
 
 
+def _percent_errors(estimated, measured_key: str) -> dict[str, float]:
+    """Signed % error of estimated(estimate) against the row's measured_key (GiB), rows that ran."""
+    return {r["config"]: (estimated(_estimate(r)[1]) / GIB / r[measured_key] - 1) * 100
+            for r in _rows() if not r.get("result")}
+
+
 def test_every_row_within_bounds():
-    errors = {}
-    for r in _rows():
-        if r.get("result"):
-            continue
-        _, est = _estimate(r)
-        errors[r["config"]] = (est.total_bytes / GIB / r["device_used_gib"] - 1) * 100
+    errors = _percent_errors(lambda est: est.total_bytes, "device_used_gib")
     bad = {k: round(v, 1) for k, v in errors.items() if not -5.0 <= v <= 10.0}
     print("\ncalibration error (signed %):", {k: round(v, 1) for k, v in errors.items()})
     print(f"max {max(errors.values()):+.1f}%  min {min(errors.values()):+.1f}%  "
@@ -74,12 +75,7 @@ def test_every_row_within_bounds():
 def test_allocated_memory_is_physics_not_fit():
     """Without the two fitted terms (CUDA context, allocator fragmentation) the estimate is what the
     tensors take: it must match torch's peak_allocated closely on every row."""
-    errors = {}
-    for r in _rows():
-        if r.get("result"):
-            continue
-        _, est = _estimate(r)
-        errors[r["config"]] = (est.allocated_bytes / GIB / r["peak_allocated_gib"] - 1) * 100
+    errors = _percent_errors(lambda est: est.allocated_bytes, "peak_allocated_gib")
     print("\nallocated vs peak_allocated (signed %):", {k: round(v, 2) for k, v in errors.items()})
     assert len(errors) >= 12
     assert all(-1.0 <= e <= 2.0 for e in errors.values()), errors
