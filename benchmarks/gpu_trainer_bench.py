@@ -14,6 +14,8 @@ usage:
   python benchmarks/gpu_trainer_bench.py --all           # every calibration config, default levers + levers on the target
   python benchmarks/gpu_trainer_bench.py --configs 1b-lora-b4s2048-gc --variants default no-fused-ce
   python benchmarks/gpu_trainer_bench.py --no-baseline   # skip measure.py
+  python benchmarks/gpu_trainer_bench.py --dry-run --all # every run on tiny dims, CPU or GPU, in about a minute:
+                                                         # checks the setup before spending device time on it
 Writes $OUT/trainer_bench.jsonl (one JSON line per run: ours and the baseline's) and prints a table.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "8b-lora-b4s2048-gc"
 STEPS, WARM = 14, 4
+DRY_STEPS, DRY_WARM, DRY_SEQ = 6, 2, 64
 
 # name: (environment, spec.training overrides, spec.dataset overrides, data kind)
 VARIANTS = {
@@ -69,17 +72,26 @@ def load_measure():
 # material
 
 
-def build_model_dir(root: Path, arch: str, measure) -> Path:
+def shrink(cfg):
+    """The same family and attention layout (GQA or not, tied or not) at dims a CPU trains in seconds."""
+    grouped = cfg.num_key_value_heads < cfg.num_attention_heads
+    cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size = 64, 2, 128, 512
+    cfg.num_attention_heads, cfg.num_key_value_heads = 4, 2 if grouped else 4
+    cfg.head_dim = 16
+    return cfg
+
+
+def build_model_dir(root: Path, arch: str, measure, dry: bool = False) -> Path:
     """config.json (no weights: the trainer random-inits with KUBETUNE_ALLOW_RANDOM_INIT=1) and a
     word-level tokenizer with exactly the architecture's vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    out = root / f"model-{arch}"
+    out = root / f"model-{arch}{'-dry' if dry else ''}"
     if (out / "config.json").exists():
         return out
     out.mkdir(parents=True)
-    cfg = measure.build_config(arch)
+    cfg = shrink(measure.build_config(arch)) if dry else measure.build_config(arch)
     specials = ["<unk>", "<pad>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials)}
     vocab.update({f"w{i}": i for i in range(len(specials), cfg.vocab_size)})
@@ -107,18 +119,19 @@ def build_data(root: Path, vocab: int, seq: int, n: int, kind: str) -> Path:
     return path
 
 
-def trainer_config(root: Path, name: str, variant: str, measure) -> dict:
+def trainer_config(root: Path, name: str, variant: str, measure, dry: bool = False) -> dict:
     arch, method, batch, seq, gc, extra = measure.CONFIGS[name]
     env, training, dataset, kind = VARIANTS[variant]
-    vocab = measure.ARCH[arch][6]
-    model_dir = build_model_dir(root, arch, measure)
-    n = batch * (STEPS + 2) * (3 if kind == "mixed" else 1)
+    vocab = 512 if dry else measure.ARCH[arch][6]
+    seq, steps = (DRY_SEQ, DRY_STEPS) if dry else (seq, STEPS)
+    model_dir = build_model_dir(root, arch, measure, dry)
+    n = batch * (steps + 2) * (3 if kind == "mixed" else 1)
     data = build_data(root, vocab, seq, n, kind)
     m = {"type": method}
     if method in ("lora", "qlora"):
         m["lora"] = {"rank": 16, "alpha": 32, "dropout": extra.get("lora_dropout", 0.0),
                      "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-    run = root / "runs" / f"{name}-{variant}"
+    run = root / "runs" / f"{name}-{variant}{'-dry' if dry else ''}"
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "TrainerConfig",
         "job": {"namespace": "bench", "name": "bench", "run": 1},
@@ -126,7 +139,7 @@ def trainer_config(root: Path, name: str, variant: str, measure) -> dict:
             "model": {"uri": f"file://{model_dir}"},
             "dataset": {"uri": f"file://{data}", "format": "text", "maxSeqLength": seq, **dataset},
             "method": m,
-            "training": {"maxSteps": STEPS, "microBatchSize": batch, "learningRate": 1e-4, "scheduler": "constant",
+            "training": {"maxSteps": steps, "microBatchSize": batch, "learningRate": 1e-4, "scheduler": "constant",
                          "warmupRatio": 0.0, "precision": "fp32" if extra.get("fp32_master") else "bf16",
                          "gradientCheckpointing": gc, "loggingSteps": 1, **training},
             "resources": {"gpusPerNode": 1},
@@ -143,13 +156,15 @@ def trainer_config(root: Path, name: str, variant: str, measure) -> dict:
 # one run (child process)
 
 
-def run_one(config_path: str) -> None:
+def run_one(config_path: str, warm: int = WARM) -> None:
     import torch
 
     from kubetune_trainer.config import load_config
+    from kubetune_trainer.errors import TrainerError
     from kubetune_trainer.loop import train
 
-    free0, total = torch.cuda.mem_get_info()
+    cuda = torch.cuda.is_available()  # only a --dry-run goes without; its memory figures are then None
+    total = torch.cuda.mem_get_info()[1] if cuda else None
     cfg = load_config(config_path)
     err = None
     out = None
@@ -157,29 +172,34 @@ def run_one(config_path: str) -> None:
         out = train(cfg)
     except torch.OutOfMemoryError:
         err = "OOM"
-    free1, _ = torch.cuda.mem_get_info()
+    except TrainerError as e:  # the trainer's own clear refusals, e.g. QLoRA without a GPU
+        err = f"{e.reason}: {e.message}"
     times = out.step_times if out else []
-    steady = sorted(times[WARM:])
+    steady = sorted(times[warm:])
     step_s = steady[len(steady) // 2] if steady else None
     # tokens actually trained per step (packing/mixed data: real tokens, not padding)
     progress = json.loads(Path(cfg.paths.progress_uri[len("file://"):]).read_text()) if out else {}
     import peft
     import transformers
 
+    def gib(n):
+        return round(n / 2**30, 3) if n is not None else None
+
     toks = out.step_tokens if out else []
     res = {
         "error": err,
         "step_s": round(step_s, 4) if step_s else None,
         # real tokens over the steady steps / their time: equals b*s/step for full-length data
-        "tokens_per_s": round(sum(toks[WARM:]) / sum(times[WARM:])) if len(times) > WARM else None,
+        "tokens_per_s": round(sum(toks[warm:]) / sum(times[warm:])) if len(times) > warm else None,
         "steps": len(times),
+        "losses": [round(loss, 4) for _, loss in out.losses] if out else [],
         "train_loss": out.result.metrics.get("trainLoss") if out else None,
-        "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
-        "device_used_end_gib": round((total - free1) / 2**30, 3),
-        "peak_gpu_memory_gib": round((progress.get("progress", {}).get("peakGpuMemoryBytes") or 0) / 2**30, 3),
+        "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        "device_used_end_gib": gib(total - torch.cuda.mem_get_info()[0]) if cuda else None,
+        "peak_gpu_memory_gib": gib(progress.get("progress", {}).get("peakGpuMemoryBytes") or 0),
         "tokens_per_s_reported": progress.get("progress", {}).get("tokensPerSecond"),
-        "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__,
     }
     try:
@@ -209,15 +229,18 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--all", action="store_true", help="every calibration config (default levers), levers on the target")
     ap.add_argument("--no-baseline", action="store_true", help="do not run measure.py")
+    ap.add_argument("--dry-run", action="store_true",
+                    help=f"tiny dims, {DRY_STEPS} steps of {DRY_SEQ} tokens, no baseline: checks every run works, measures nothing")
+    ap.add_argument("--warm", type=int, default=WARM, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=os.environ.get("KUBETUNE_BENCH_WORK", "/tmp/kubetune-bench"))
     args = ap.parse_args()
     if args.one:
-        return run_one(args.one)
+        return run_one(args.one, args.warm)
 
     measure_path, measure = load_measure()
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = out_dir / "trainer_bench.jsonl"
+    results = out_dir / ("trainer_bench_dry.jsonl" if args.dry_run else "trainer_bench.jsonl")
     root = Path(args.work)
     root.mkdir(parents=True, exist_ok=True)
     configs = args.configs or ([TARGET] + [c for c in measure.CONFIGS if c != TARGET] if args.all else [TARGET])
@@ -228,9 +251,15 @@ def main() -> None:
         if measure.CONFIGS[c][5].get("liger"):
             continue  # ours always has the fused-CE lever; the -liger rows are the baseline's own variant
         variants = args.variants or (TARGET_VARIANTS if c == TARGET else DEFAULT_VARIANTS)
+        for v in variants:
+            if v not in VARIANTS:
+                raise SystemExit(f"unknown variant {v}; variants are: {', '.join(VARIANTS)}")
         plan += [(c, v) for v in variants]
 
+    rows: list[dict] = []
+
     def record(row: dict) -> None:
+        rows.append(row)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         tps = row.get("tokens_per_s")
@@ -238,7 +267,7 @@ def main() -> None:
               f"tok/s={tps} peak_reserved={row.get('peak_reserved_gib')} device_used={row.get('device_used_end_gib')} "
               f"wall={row.get('wall_s')}", flush=True)
 
-    if not args.no_baseline:
+    if not (args.no_baseline or args.dry_run):
         base_cfgs = sorted({c for c, _ in plan} | {c + "-liger" for c, _ in plan if c + "-liger" in measure.CONFIGS})
         for c in base_cfgs:
             t0 = time.time()
@@ -252,15 +281,16 @@ def main() -> None:
             record(row)
 
     for c, v in plan:
-        cfg, env = trainer_config(root, c, v, measure)
-        path = root / "runs" / f"{c}-{v}.json"
+        cfg, env = trainer_config(root, c, v, measure, args.dry_run)
+        path = root / "runs" / f"{c}-{v}{'-dry' if args.dry_run else ''}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cfg))
         t0 = time.time()
         e = dict(os.environ, KUBETUNE_ALLOW_RANDOM_INIT="1", KUBETUNE_SKIP_OUTPUTS="1",
                  KUBETUNE_TERMINATION_LOG=str(root / "termination-log"), **env)
-        p = subprocess.run([sys.executable, __file__, "--one", str(path)], capture_output=True, text=True, env=e,
-                           cwd=str(REPO))
+        warm = DRY_WARM if args.dry_run else WARM
+        p = subprocess.run([sys.executable, __file__, "--one", str(path), "--warm", str(warm)], capture_output=True,
+                           text=True, env=e, cwd=str(REPO))
         line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"error": "crash: " + (p.stderr[-1500:] or p.stdout[-1500:])}
         _, training, dataset, kind = VARIANTS[v]
@@ -271,12 +301,21 @@ def main() -> None:
             "fused_optimizer": env.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1",
             "compile": env.get("KUBETUNE_COMPILE") == "1",
             "packing": dataset.get("packing", False), "data": kind},
-            wall_s=round(time.time() - t0, 1))
+            dry_run=args.dry_run, wall_s=round(time.time() - t0, 1))
         record(row)
         if (row.get("error") or "").startswith("crash"):
             print(row["error"][-1200:], flush=True)
 
     print(f"\nresults: {results}")
+    if args.dry_run:
+        # without a GPU the one expected failure is the trainer's own refusal of QLoRA
+        refused = [r for r in rows if r.get("gpu") == "cpu" and (r.get("error") or "").startswith("BadConfig: method.type qlora")]
+        failed = [r for r in rows if r.get("error") and r not in refused]
+        print(f"dry run: tiny dims, so the figures above mean nothing. {len(rows) - len(refused) - len(failed)} trained, "
+              f"{len(refused)} QLoRA refused (no GPU), {len(failed)} failed. Run without --dry-run to measure.")
+        if failed:
+            raise SystemExit(f"{len(failed)} dry runs crashed: {', '.join(r['config'] + '/' + r['variant'] for r in failed)}")
+        return
     print(f"target ({TARGET}, H100): >= 11000 tokens/s (plain stack 6951), <= 20 GiB device memory (plain stack 33.7)")
 
 

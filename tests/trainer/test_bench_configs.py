@@ -52,3 +52,40 @@ def test_every_benchmark_run_is_a_valid_trainer_config(bench, tmp_path):
             data = Path(raw["spec"]["dataset"]["uri"][len("file://"):])
             first = json.loads(data.read_text().splitlines()[0])["text"].split()
             assert len(first) == seq if bench.VARIANTS[v][3] == "full" else seq // 8 <= len(first) <= seq
+
+
+def test_the_benchmark_dry_run_trains_each_kind_of_run_end_to_end(bench, tmp_path):
+    """--dry-run is the first command on a lent GPU: the whole driver (config, one subprocess per run,
+    RESULT line, jsonl, verdict) on tiny dims. Here on CPU, QLoRA must be refused with the trainer's message."""
+    import os
+    import subprocess
+
+    configs = [bench.TARGET, "8b-qlora-b4s2048-gc", "1b-full-b4s2048"]
+    variants = ["default", "mixed-packing"]
+    env = dict(os.environ, OUT=str(tmp_path / "out"), CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_trainer_bench.py"), "--dry-run", "--work",
+                        str(tmp_path / "work"), "--configs", *configs, "--variants", *variants],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "trainer_bench_dry.jsonl").read_text().splitlines()]
+    assert [(r["config"], r["variant"]) for r in rows] == [(c, v) for c in configs for v in variants]
+    assert "4 trained, 2 QLoRA refused (no GPU), 0 failed" in p.stdout
+    for r in rows:
+        assert r["dry_run"] and r["gpu"] == "cpu" and r["peak_reserved_gib"] is None
+        if "qlora" in r["config"]:
+            assert r["error"].startswith("BadConfig: method.type qlora needs a CUDA GPU"), r["error"]
+            continue
+        assert r["error"] is None, r
+        assert r["steps"] == bench.DRY_STEPS and len(r["losses"]) == bench.DRY_STEPS
+        assert all(0 < x < 20 for x in r["losses"]), r["losses"]
+        assert r["tokens_per_s"] > 0
+        if r["variant"] == "default":  # full-length rows: every token real, so both definitions agree
+            assert r["levers"]["packing"] is False
+            assert r["tokens_per_s_median_step"] > 0
+        else:
+            assert r["levers"] == {**r["levers"], "packing": True, "data": "mixed"}
+
+    # a misspelt variant is refused before anything runs
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_trainer_bench.py"), "--dry-run", "--work",
+                        str(tmp_path / "work"), "--variants", "fused"], capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and "unknown variant fused; variants are: default, no-fused-ce" in p.stderr
