@@ -188,3 +188,67 @@ def test_two_nodes_rendezvous_from_the_indexed_job_env(tmp_path, model_dir):
     t0 = json.loads((tmp_path / "pod-0.termination").read_text())
     t1 = json.loads((tmp_path / "pod-1.termination").read_text())
     assert t0["reason"] == t1["reason"] == "Completed" and t0["result"]["metrics"]["steps"] == STEPS
+
+
+FSDP_PROBE = r'''
+import functools, json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP, ShardingStrategy
+from torch.distributed.fsdp import _traversal_utils
+from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+from transformers import AutoModelForCausalLM
+from peft import LoraConfig, get_peft_model
+from kubetune_trainer.loop import fsdp_wrap_policy
+
+dist.init_process_group("gloo")
+model_dir, which = sys.argv[1], sys.argv[2]
+# what the GPU pod holds: bf16 base weights, fp32 adapters (the plan's dtypes for LoRA)
+base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+model = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"), autocast_adapter_dtype=True)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+if which == "trainer":
+    policy = fsdp_wrap_policy(model, "lora")
+else:  # accelerate's transformer_based_wrap: one unit per decoder block
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={type(base.model.layers[0])})
+try:
+    f = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"),
+             sharding_strategy=ShardingStrategy.FULL_SHARD)
+except ValueError as e:
+    out = {"error": str(e)}
+else:
+    x = torch.randint(3, base.config.vocab_size, (2, 16))
+    f(input_ids=x, labels=x).loss.backward()
+    handles = _traversal_utils._get_fsdp_handles(f)
+    grads = [h.flat_param.grad for h in handles if h.flat_param.grad is not None]
+    out = {"trainable": trainable, "grad_numel": sum(g.numel() for g in grads),
+           "grad_dtypes": sorted({str(g.dtype) for g in grads}), "units": len(handles)}
+if dist.get_rank() == 0:
+    print("PROBE " + json.dumps(out), flush=True)
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("which", ["trainer", "per-block"])
+def test_lora_under_fsdp_wraps_adapters_apart_so_frozen_weights_get_no_gradient(tmp_path, model_dir, which):
+    """FSDP itself runs on CPU (gloo); accelerate only turns it on with GPUs, so the wrap policy the
+    trainer hands it is checked here directly, on the dtypes a GPU pod has: wrapped per decoder block,
+    LoRA cannot even start; with the trainer's policy each rank holds gradients for its half of the
+    adapters and nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(FSDP_PROBE)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
+                        str(script), str(model_dir), which], capture_output=True, text=True, env=env, timeout=300)
+    line = [x for x in p.stdout.splitlines() if x.startswith("PROBE ")]
+    assert line, p.stdout[-2000:] + p.stderr[-3000:]
+    out = json.loads(line[-1][6:])
+    if which == "per-block":
+        assert "Must flatten tensors with uniform dtype" in out["error"]
+        return
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert out["grad_numel"] == out["trainable"] // 2, out  # sharded over 2 ranks: adapters only
+    assert out["grad_dtypes"] == ["torch.float32"]
+    assert out["units"] > 2 * 7  # every adapted linear of both blocks is a unit of its own

@@ -112,6 +112,22 @@ def test_sharding_reduces_per_gpu_states():
     assert ddp.total_bytes > one and ddp.breakdown["communication"] >= 2 * L8.total_params  # gradient buckets
 
 
+def test_fsdp_gathers_frozen_blocks_without_a_gradient_under_lora():
+    """The trainer wraps LoRA adapters as FSDP units of their own (fsdp_wrap_policy, tested under real
+    FSDP in tests/trainer/test_distributed.py), so a gathered frozen block has no unsharded gradient;
+    under full fine-tuning it has one the size of the block, in the trainable dtype."""
+    from kubetune.estimator.memory import BYTES, _prepare
+
+    p = plan_from_flags(method="lora", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    q = plan_from_flags(method="full", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True)
+    lora8, full8 = (_prepare(L8, x.with_(num_processes=8, sharding="fsdp"), True) for x in (p, q))
+    block = L8.largest_block_params
+    # both gather the root (embeddings, head) and two blocks in the compute dtype
+    assert lora8.comm_transient == L8.head_params * 2 + 2 * block * 2
+    assert full8.comm_transient == L8.head_params * 2 + 2 * block * 2 + block * BYTES[q.trainable_dtype]
+    assert q.trainable_dtype == "bf16" and p.adapter_dtype == "fp32"
+
+
 def test_prompt_and_prefix_tuning():
     pt = estimate(L1, plan_from_flags(method="prompt-tuning", micro_batch_size=1, seq_len=512, virtual_tokens=20))
     assert pt.trainable_params == 20 * 2048

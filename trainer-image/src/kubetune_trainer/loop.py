@@ -109,6 +109,19 @@ def make_accelerator(plan):
     return Accelerator(**kwargs)
 
 
+def fsdp_wrap_policy(model, method: str):
+    """FSDP1 flattens each wrapped unit into one tensor: one dtype, and, if any part of it trains, one
+    gradient the size of the whole unit. Wrapped a decoder block at a time, a LoRA block would mix fp32
+    adapters with bf16 base weights ("Must flatten tensors with uniform dtype") and give every frozen
+    weight a gradient. peft's policy makes each adapter layer its own unit (what HF Trainer does too);
+    full and freeze train whole blocks, so the per-block policy is right for them."""
+    if method not in ADAPTER_METHODS:
+        return None
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    return fsdp_auto_wrap_policy(model)
+
+
 def build_optimizer(model, plan, training, device):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -283,6 +296,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
               weightDtype=str(next(base.parameters()).dtype), gradientCheckpointing=plan.gradient_checkpointing,
               totalSteps=total_steps, microBatch=mbs, gradAccum=ga, processes=accelerator.num_processes,
               sharding=plan.sharding, distributedType=accelerator.distributed_type.value, device=str(device))
+    if accelerator.distributed_type.value == "FSDP" and (policy := fsdp_wrap_policy(model, plan.method)) is not None:
+        accelerator.state.fsdp_plugin.auto_wrap_policy = policy
     model = accelerator.prepare(model)
     if os.environ.get("KUBETUNE_COMPILE") == "1":
         model = torch.compile(model)

@@ -108,9 +108,12 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
 
         compute = DTYPES[plan.compute_dtype] if plan.compute_dtype != "fp32" else torch.bfloat16
         if plan.quant_bits == 4:
+            # FSDP flattens a block's packed 4-bit weights with its norms into one tensor of one dtype:
+            # stored as the compute dtype (same bytes), they can be (the FSDP-QLoRA recipe).
+            storage = compute if plan.sharding == "fsdp" else torch.uint8
             q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=plan.quant_type or "nf4",
                                    bnb_4bit_use_double_quant=plan.double_quant, bnb_4bit_compute_dtype=compute,
-                                   bnb_4bit_quant_storage=torch.uint8)
+                                   bnb_4bit_quant_storage=storage)
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
         kw.update(quantization_config=q, device_map={"": device.index or 0})
@@ -204,8 +207,8 @@ def count_params(model) -> tuple[int, int]:
     total = trainable = 0
     for p in model.parameters():
         n = p.numel()
-        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # bnb 4-bit packs two weights a byte
-            n *= 2
+        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # bnb packs 4-bit weights into its storage dtype
+            n *= 2 * p.element_size()
         total += n
         if p.requires_grad:
             trainable += n

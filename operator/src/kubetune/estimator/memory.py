@@ -495,7 +495,10 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         if method == "qlora":
             unit = int(unit * 0.55)
         root = arch.head_params
-        comm_transient = root * pdt + 2 * unit * pdt + (unit * t if used_trainable else 0)
+        # a block's unsharded gradient: whole blocks train under full/freeze; the trainer wraps adapters
+        # as units of their own (kubetune_trainer.loop.fsdp_wrap_policy), so frozen blocks have none
+        unit_grad = unit * t if method in ("full", "freeze") else 0
+        comm_transient = root * pdt + 2 * unit * pdt + unit_grad
 
     # ---- autocast weight copies (fp32 weights, bf16 compute)
     copies_loss = copies_block = 0
