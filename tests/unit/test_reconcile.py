@@ -277,6 +277,24 @@ def test_a_preempted_pod_is_reported_while_its_replacement_starts():
     assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
 
 
+def test_a_pod_that_cannot_pull_its_image_says_which_image_and_where_to_fix_it():
+    _, st = started()
+    p = pod("Pending")
+    p["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "image": "ghcr.io/acme/trainer:nope",
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/acme/trainer:nope"'}}}]}
+    out = reconcile(observe(status=st, job=job(), pods=[p]), T0)
+    c = cond(out.status, "Running")
+    assert out.status.phase == "Starting" and (c.status, c.reason) == ("False", "ImagePullFailed")
+    assert c.message == ('pod demo-r1-abc is ImagePullBackOff: Back-off pulling image "ghcr.io/acme/trainer:nope"; '
+                         "check that image ghcr.io/acme/trainer:nope exists and that the node can pull it "
+                         "(spec.runPolicy.image, the chart's trainer image, imagePullSecrets)")
+    # an image still being pulled is only pending
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    out = reconcile(observe(status=st, job=job(), pods=[p]), T0)
+    c = cond(out.status, "Running")
+    assert (c.reason, c.message) == ("PodPending", "pod demo-r1-abc is ContainerCreating")
+
+
 def test_a_run_failed_by_repeated_stops_says_how_to_let_it_continue():
     _, st = started()
     gone = pod("Failed", terminated={"exitCode": 143, "finishedAt": "2026-11-23T12:05:00Z",
