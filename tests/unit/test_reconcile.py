@@ -277,6 +277,25 @@ def test_a_preempted_pod_is_reported_while_its_replacement_starts():
     assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
 
 
+def test_a_preempted_pod_already_deleted_is_reported_from_the_trainers_progress():
+    """An evicted pod is deleted soon after it exits, often before the operator lists pods: the
+    trainer's progress object carries the same message."""
+    _, st = started()
+    msg = "stopped by SIGTERM at step 37/100: checkpoint checkpoint-00000037 committed; the next pod resumes from it"
+    progress = TrainerProgress.model_validate({"state": "preempted", "message": msg, "progress": {"step": 37, "totalSteps": 100}})
+    out = reconcile(observe(status=st, job=job(), pods=[], progress=progress), T0 + timedelta(minutes=5))
+    c = cond(out.status, "Running")
+    assert out.status.phase == "Starting" and (c.status, c.reason) == ("False", "Preempted")
+    assert c.message == f"run 1: {msg}; waiting for the replacement pod (waiting for the Job controller to create the pod)"
+    # the replacement running wins over the stale progress object
+    out = reconcile(observe(status=out.status, job=job(), pods=[pod("Running")], progress=progress), T0 + timedelta(minutes=6))
+    assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
+    # a progress object from before the message field still reads as preempted
+    old = TrainerProgress.model_validate({"state": "preempted", "progress": {"step": 37}})
+    out = reconcile(observe(status=st, job=job(), pods=[], progress=old), T0 + timedelta(minutes=5))
+    assert cond(out.status, "Running").message.startswith("run 1: stopped at step 37; waiting for the replacement pod")
+
+
 def test_a_pod_that_cannot_pull_its_image_says_which_image_and_where_to_fix_it():
     _, st = started()
     p = pod("Pending")

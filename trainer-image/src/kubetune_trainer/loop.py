@@ -375,8 +375,6 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         if uploader is not None:
             committed = uploader.drain(preempt.time_left())
             uploader.close()
-        reporter.update(state="preempted", step=step)
-        reporter.close()
         if not saved:
             what = "no new step to save; the next pod resumes from the newest committed checkpoint"
         elif uploader is None:
@@ -388,6 +386,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                     "newest committed checkpoint")
         msg = f"stopped by SIGTERM at step {step}/{total_steps}: {what}"
         log(msg)
+        reporter.update(state="preempted", message=msg, step=step)
+        reporter.close()
         return Outcome("Preempted", step, ResultStatus(), msg, losses, step_times, step_tokens)
 
     # --- 5. train ------------------------------------------------------------------------------

@@ -65,10 +65,11 @@ class ProgressReporter:
             self._thread.start()
 
     # --- updates (cheap; called from the training loop) ---
-    def update(self, state: str | None = None, **progress) -> None:
+    def update(self, state: str | None = None, message: str | None = None, **progress) -> None:
         with self._lock:
             if state:
                 self.doc.state = state
+                self.doc.message = message
             p = self.doc.progress
             for k, v in progress.items():
                 setattr(p, k, v)

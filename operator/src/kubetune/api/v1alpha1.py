@@ -733,6 +733,9 @@ class TrainerProgress(StatusModel):
     progress: Progress = Field(default_factory=Progress, description="Step, loss, throughput, ETA.")
     checkpoints: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Newest committed checkpoint.")
     resumed_from_step: int | None = Field(None, description="Step this attempt resumed from, if any.")
+    # The pod of a preempted trainer is deleted soon after it exits, often before the operator reads
+    # its termination message: this copy outlives it.
+    message: str | None = Field(None, max_length=3000, description="Why the trainer stopped (state preempted).")
 
 
 TerminationReason = Literal[

@@ -181,8 +181,11 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
         if obs.job is not None and (any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded"))
                                     or any(c.get("type") != "Suspended" for c in jstat.get("conditions") or [])):
             obs.pods = kube.list_pods(ns, name, run.run)
-            if any((p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
-                obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
+        # Once the trainer has reported, keep reading: a preempted pod may be gone (and the Job show
+        # no pod at all) before we see it, and its progress object says what happened.
+        if obs.job is not None and (status.progress is not None or any(
+                (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods)):
+            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
     return obs, obs.job
 
 

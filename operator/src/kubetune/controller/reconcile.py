@@ -321,12 +321,12 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
                + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
                   if step else ""))
         b.phase("Running")
-    elif term is not None and term.reason == "Preempted":
+    elif (stopped := _preempted_message(term, obs.progress)) is not None:
         # The pod was stopped (preemption, eviction, drain) and saved a checkpoint on the way out; the
         # Job controller starts a replacement that resumes from it.
         live = [p for p in obs.pods if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]
         b.cond("Running", False, "Preempted",
-               f"run {run.run}: {term.message}; waiting for the replacement pod ({_pending_reason(live)})")
+               f"run {run.run}: {stopped}; waiting for the replacement pod ({_pending_reason(live)})")
         b.phase("Starting")
     else:
         pending = _pending_reason(obs.pods)
@@ -337,6 +337,14 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
         b.events.append(("Normal", "SpecChangeQueued",
                          f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
     return b.done(job_patch=patch)
+
+
+def _preempted_message(term: TrainerTermination | None, progress: TrainerProgress | None) -> str | None:
+    if term is not None:
+        return term.message if term.reason == "Preempted" else None
+    if progress is not None and progress.state == "preempted":
+        return progress.message or f"stopped at step {progress.progress.step}"
+    return None
 
 
 def _kueue_holds(job: dict) -> bool:
