@@ -29,10 +29,11 @@ STEPS = 40
 def agent(ground, tmp_path_factory):
     root = tmp_path_factory.mktemp("agent")
     log = root / "agent.log"
-    # A slower trainer (0.4 s a step) so the eviction lands mid-run on any machine.
+    # A slower trainer (0.4 s a step) so the eviction lands mid-run on any machine; a 3 s "image pull"
+    # so the replacement pod's wait is long enough for the operator to report it.
     env = dict(os.environ, KUBETUNE_DEBUG_STEP_SLEEP="0.4")
     p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", NODE, "--cpu", "2",
-                          "--root", str(root)], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                          "--root", str(root), "--pull-seconds", "3"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                          start_new_session=True)
     wait_for(f"node {NODE}", lambda: ground.kubectl("get", "node", NODE, check=False).returncode == 0, 60)
     yield root
@@ -42,10 +43,11 @@ def agent(ground, tmp_path_factory):
     print(log.read_text()[-3000:])
 
 
-class PodRecorder:
-    """Every state each pod of a namespace went through (a pod is gone once its replacement runs)."""
+class Recorder:
+    """Every state each object of a namespace went through (a pod is gone once its replacement runs;
+    a FineTuneJob's Preempted condition lasts only until the replacement pod runs)."""
 
-    def __init__(self, ns: str):
+    def __init__(self, ns: str, kind: str = "pods"):
         from kubernetes import client, config, watch
 
         # explicit: the client read $KUBECONFIG when first imported, maybe before the ground set it
@@ -53,13 +55,18 @@ class PodRecorder:
         self.core = client.CoreV1Api()
         self.seen: dict[str, list[dict]] = {}
         self._w = watch.Watch()
-        threading.Thread(target=self._run, args=(ns,), daemon=True).start()
+        if kind == "pods":
+            args = (self.core.list_namespaced_pod, ns)
+        else:
+            args = (client.CustomObjectsApi().list_namespaced_custom_object, "kubetune.io", "v1alpha1", ns, kind)
+        threading.Thread(target=self._run, args=args, daemon=True).start()
 
-    def _run(self, ns: str) -> None:
+    def _run(self, *args) -> None:
+        ser = self.core.api_client.sanitize_for_serialization
         try:
-            for ev in self._w.stream(self.core.list_namespaced_pod, ns, timeout_seconds=600):
-                pod = ev["object"]
-                self.seen.setdefault(pod.metadata.name, []).append(self.core.api_client.sanitize_for_serialization(pod))
+            for ev in self._w.stream(*args, timeout_seconds=600):
+                obj = ser(ev["object"])
+                self.seen.setdefault(obj["metadata"]["name"], []).append(obj)
         except Exception:  # the connection closing when the test stops watching
             pass
 
@@ -83,7 +90,7 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     spec["resources"]["nodeSelector"]["kubernetes.io/hostname"] = NODE
     spec["training"] |= {"maxSteps": STEPS, "loggingSteps": 1, "evalSteps": 20}
     spec["checkpoints"] |= {"saveSteps": 10, "keep": 2}
-    pods = PodRecorder(ns)
+    pods, jobs = Recorder(ns), Recorder(ns, "finetunejobs")
     try:
         apply(ground, ns, obj)
         wait_phase(ground, ns, "preempt", "Running", 120)
@@ -100,6 +107,7 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
         done = wait_phase(ground, ns, "preempt", "Succeeded", 300)
     finally:
         pods.stop()
+        jobs.stop()
 
     # The evicted pod: DisruptionTarget, exit 143, and the trainer's own account of what it saved.
     gone = pods.terminated(first)
@@ -122,6 +130,16 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     steps = sorted(e["step"] for e in events if e["event"] == "step")
     assert steps == list(range(stopped + 1, STEPS + 1))
     print(f"\nevicted after checkpoint 10; the trainer saved step {stopped} on SIGTERM; {others[0]} resumed from it")
+
+    # While the replacement waited for its image, the FineTuneJob said why it was not running.
+    preempted = [(o["status"]["phase"], c) for o in jobs.seen["preempt"] for c in (o.get("status") or {}).get("conditions", [])
+                 if c["type"] == "Running" and c["reason"] == "Preempted"]
+    assert preempted, [[(c["type"], c["reason"]) for c in (o.get("status") or {}).get("conditions", [])] for o in jobs.seen["preempt"]]
+    phase, c = preempted[0]
+    assert phase == "Starting" and c["status"] == "False" and c["observedGeneration"] == 1
+    assert c["message"].startswith(f"run 1: stopped by SIGTERM at step {stopped}/{STEPS}"), c["message"]
+    assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in c["message"]
+    assert "waiting for the replacement pod (" in c["message"], c["message"]
 
     # One run, not counted against backoffLimit, and the result of the whole training.
     st = done["status"]

@@ -10,7 +10,8 @@ It registers a Node (without KWOK's annotation, so KWOK leaves it alone) tainted
   a kubelet does;
 - on pod deletion (suspend, delete, eviction) sends SIGTERM, SIGKILL after the grace period, reports
   the exit (code, termination message) as a kubelet does, then removes the pod;
-- passes its own KUBETUNE_DEBUG_* variables to the pods (test knobs, e.g. a slower trainer).
+- passes its own KUBETUNE_DEBUG_* variables to the pods (test knobs, e.g. a slower trainer);
+- with --pull-seconds, holds each pod in ContainerCreating that long first, as an image pull would.
 
 It is a test tool, not a container runtime: images are ignored and nothing is isolated.
 """
@@ -74,10 +75,12 @@ class Running:
 
 
 class Agent:
-    def __init__(self, node: str, root: Path, cpu: str = "2", memory: str = "8Gi"):
+    def __init__(self, node: str, root: Path, cpu: str = "2", memory: str = "8Gi", pull_seconds: float = 0.0):
         self.node, self.root, self.cpu, self.memory = node, root, cpu, memory
+        self.pull_seconds = pull_seconds
         self.core = client.CoreV1Api()
         self.pods: dict[str, Running] = {}  # uid -> process
+        self.pulling: set[str] = set()  # uids waiting out --pull-seconds
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -142,6 +145,38 @@ class Agent:
             return
         if running or pod.status.phase in ("Succeeded", "Failed"):
             return
+        if self.pull_seconds > 0:
+            with self.lock:
+                if uid in self.pulling:
+                    return
+                self.pulling.add(uid)
+            threading.Thread(target=self.pull_then_launch, args=(pod,), daemon=True).start()
+            return
+        self.launch(pod)
+
+    def pull_then_launch(self, pod) -> None:
+        uid, c = pod.metadata.uid, pod.spec.containers[0]
+        self.patch_status(pod, {"containerStatuses": [{
+            "name": c.name, "image": c.image, "imageID": "", "ready": False, "started": False, "restartCount": 0,
+            "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+        time.sleep(self.pull_seconds)
+        try:
+            pod = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("cannot read %s/%s: %s", pod.metadata.namespace, pod.metadata.name, e)
+            pod = None
+        try:
+            if pod is not None and pod.metadata.uid == uid and not pod.metadata.deletion_timestamp:
+                self.launch(pod)
+            elif pod is not None and pod.metadata.uid == uid:
+                self.remove(pod)
+        finally:  # after launch registers the process: no event in between may start it twice
+            with self.lock:
+                self.pulling.discard(uid)
+
+    def launch(self, pod) -> None:
+        uid = pod.metadata.uid
         try:
             started = self.start(pod)
         except Exception as e:  # noqa: BLE001 - report a pod that cannot start, as a kubelet would
@@ -307,11 +342,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", default=str(os.cpu_count() or 2))
     p.add_argument("--memory", default="8Gi")
     p.add_argument("--kubeconfig", default=None)
+    p.add_argument("--pull-seconds", type=float, default=0.0,
+                   help="hold each pod in ContainerCreating this long before starting it, as an image pull would")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s agent: %(message)s")
     config.load_kube_config(config_file=args.kubeconfig)
     root = Path(args.root or Path(os.environ.get("KUBETUNE_DEV_DIR", Path.home() / ".cache/kubetune/dev")) / "agent")
-    agent = Agent(args.node, root, args.cpu, args.memory)
+    agent = Agent(args.node, root, args.cpu, args.memory, args.pull_seconds)
 
     def _stop(*_):
         agent.stop.set()
