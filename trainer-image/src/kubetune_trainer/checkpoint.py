@@ -53,6 +53,55 @@ def _dcp_options(distributed: bool, **kw):
     return StateDictOptions(full_state_dict=distributed, cpu_offload=distributed, **kw)
 
 
+def full_state_dicts(model, optimizer, accelerator, *, trainable_only: bool) -> tuple[dict, dict | None]:
+    """The model's (and optimizer's) whole state on process 0, on CPU; empty dicts elsewhere."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    distributed = accelerator.num_processes > 1
+    if accelerator.distributed_type.value != "FSDP":
+        opts = _dcp_options(distributed, ignore_frozen_params=trainable_only)
+        if optimizer is None:
+            return get_model_state_dict(model, options=opts), None
+        return get_state_dict(model, optimizer, options=opts)
+    # FSDP1's full state dict exists on rank 0 only, yet torch then drops the frozen keys on every
+    # rank (a KeyError on the others): drop them from the sharded dicts, then gather what is left.
+    from torch.distributed._state_dict_utils import _gather_state_dict
+
+    opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=trainable_only)
+    if optimizer is None:
+        msd, osd = get_model_state_dict(model, options=opts), None
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=opts)
+    msd = _gather_state_dict(msd, cpu_offload=True, ranks_only=(0,))
+    if osd is not None:
+        osd = _gather_state_dict(osd, cpu_offload=True, ranks_only=(0,))
+    return msd, osd
+
+
+def save_adapter(peft_model, out: Path, tensors: dict) -> None:
+    """Write a peft adapter directory from the trainable state. peft's save_pretrained picks the
+    adapter's entries by module name, and FSDP's wrapping renames modules (..._fsdp_wrapped_module...):
+    under FSDP it finds none and writes an empty adapter. The tensors are already exactly the
+    trainable state, so under FSDP write peft's format (adapter name out of the keys) directly."""
+    if not any("_fsdp_wrapped_module" in n for n, _ in peft_model.named_modules()):
+        peft_model.save_pretrained(str(out), state_dict=tensors)
+        return
+    import copy
+
+    from safetensors.torch import save_file
+
+    name = peft_model.active_adapter
+    cfg = copy.copy(peft_model.peft_config[name])
+    if cfg.is_prompt_learning:
+        weights = {"prompt_embeddings": next(v for k, v in tensors.items() if k.endswith(f"prompt_encoder.{name}.embedding.weight"))}
+    else:
+        weights = {k.replace(f".{name}.", "."): v for k, v in tensors.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg.inference_mode = True  # as peft writes it
+    cfg.save_pretrained(str(out))
+
+
 def save_local(
     out_dir: Path,
     *,
@@ -68,10 +117,8 @@ def save_local(
     import numpy as np
     import torch
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     distributed = accelerator.num_processes > 1
-    msd, osd = get_state_dict(model, optimizer, options=_dcp_options(distributed, ignore_frozen_params=True))
+    msd, osd = full_state_dicts(model, optimizer, accelerator, trainable_only=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +131,7 @@ def save_local(
         torch.save({"scheduler": scheduler.state_dict(), "loop": loop_state}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(loop_state, indent=1, default=str))
         if adapter_model is not None:
-            adapter_model.save_pretrained(str(tmp / "adapter"), state_dict=tensors)
+            save_adapter(adapter_model, tmp / "adapter", tensors)
     rng = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),

@@ -106,7 +106,18 @@ def make_accelerator(plan):
             sync_module_states=False,
             state_dict_type="SHARDED_STATE_DICT",
         )
-    return Accelerator(**kwargs)
+    acc = Accelerator(**kwargs)
+    if plan.sharding == "fsdp" and not on_cuda and acc.num_processes > 1 and os.environ.get("KUBETUNE_DEBUG_FSDP_ON_CPU") == "1":
+        # Test knob: accelerate only shards on accelerators, but FSDP itself runs on CPU (gloo); this
+        # lets CPU tests drive the trainer's FSDP paths (wrapping, sharded checkpoints, outputs).
+        from accelerate.state import AcceleratorState, PartialState
+        from accelerate.utils import DistributedType
+
+        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+            shared["device"] = torch.device("cpu")  # FSDP's compute device on CPU has no index
+        acc.state.fsdp_plugin = kwargs["fsdp_plugin"]
+    return acc
 
 
 def fsdp_wrap_policy(model, method: str):
@@ -557,11 +568,8 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
     """The adapter (or the full model) to <output>/adapter (/model), the merged model to <output>/merged."""
     import shutil
 
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    distributed = accelerator.num_processes > 1
     full = plan.method not in ADAPTER_METHODS
-    sd = get_model_state_dict(model, options=ck._dcp_options(distributed, ignore_frozen_params=not full))
+    sd, _ = ck.full_state_dicts(model, None, accelerator, trainable_only=not full)
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
@@ -569,7 +577,11 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
     out = work / "output"
     shutil.rmtree(out, ignore_errors=True)
     sub = "model" if full else "adapter"
-    unwrapped.save_pretrained(str(out / sub), state_dict={k: v.detach().cpu().contiguous() for k, v in sd.items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    if full:
+        unwrapped.save_pretrained(str(out / sub), state_dict=tensors)
+    else:
+        ck.save_adapter(unwrapped, out / sub, tensors)
     tokenizer.save_pretrained(str(out / sub))
     upload_dir(out / sub, out_loc.child(sub), log)
     result.adapter_uri = f"{out_loc.uri.rstrip('/')}/{sub}/"
