@@ -140,6 +140,9 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     assert c["message"].startswith(f"run 1: stopped by SIGTERM at step {stopped}/{STEPS}"), c["message"]
     assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in c["message"]
     assert "waiting for the replacement pod (" in c["message"], c["message"]
+    # counted as a preemption, not as a pod failure retried against backoffLimit
+    assert operator.metric("kubetune_runs_preempted_total") == 1.0
+    assert operator.metric("kubetune_runs_restarted_total") == 0.0
 
     # One run, not counted against backoffLimit, and the result of the whole training.
     st = done["status"]

@@ -32,3 +32,31 @@ def test_phase_counts_still_cover_every_phase():
     t.rows[("a", "x")] = JobRow(phase="Unschedulable")
     counts = {dict(k)["phase"]: v for k, v in _samples(t, "kubetune_finetunejobs").items()}
     assert counts == {p: (1.0 if p == "Unschedulable" else 0.0) for p in PHASES}
+
+
+def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries():
+    """The Job ignores disruptions (podFailurePolicy), so status.failed never shows them: the operator
+    counts entries into Running=False/Preempted."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+    from kubetune.controller.metrics import REGISTRY
+
+    def status(reason):
+        return FineTuneJobStatus.model_validate({"phase": "Running" if reason == "TrainerRunning" else "Starting", "run": 1,
+                                                 "conditions": [{"type": "Running", "status": str(reason == "TrainerRunning"),
+                                                                 "reason": reason, "message": "m",
+                                                                 "lastTransitionTime": "2026-11-23T12:00:00Z"}]})
+
+    def counts():
+        return (REGISTRY.get_sample_value("kubetune_runs_preempted_total") or 0.0,
+                REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0)
+
+    t = _Table()
+    job = {"status": {"active": 1}}  # no status.failed: the disruption was ignored
+    p0, r0 = counts()
+    t.update("a", "x", None, status("TrainerRunning"), job)
+    t.update("a", "x", status("TrainerRunning"), status("Preempted"), job)
+    t.update("a", "x", status("Preempted"), status("Preempted"), job)  # re-reconciled while it waits
+    assert counts() == (p0 + 1, r0)
+    t.update("a", "x", status("Preempted"), status("TrainerRunning"), job)
+    t.update("a", "x", status("TrainerRunning"), status("Preempted"), job)  # preempted again
+    assert counts() == (p0 + 2, r0)

@@ -22,7 +22,12 @@ CREATED = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per 
 SUCCEEDED = Counter("kubetune_runs_succeeded_total", "Runs that succeeded.", registry=REGISTRY)
 FAILED = Counter("kubetune_runs_failed_total", "Runs that failed.", ["reason"], registry=REGISTRY)
 RESTARTED = Counter("kubetune_runs_restarted_total",
-                    "Trainer pods that failed or were preempted and were retried within a run.", registry=REGISTRY)
+                    "Trainer pods that failed and were retried within a run (counted against backoffLimit).",
+                    registry=REGISTRY)
+# Disruptions the Job ignores (podFailurePolicy) never reach status.failed: counted from the condition.
+PREEMPTED = Counter("kubetune_runs_preempted_total",
+                    "Trainer pods stopped by preemption, eviction or drain; each saved its step and was replaced.",
+                    registry=REGISTRY)
 OOM = Counter("kubetune_runs_oom_total", "Runs that ran out of memory.", registry=REGISTRY)
 PLACEMENT_FAILURES = Counter("kubetune_placement_failures_total", "Placements that found no GPU that fits.",
                              ["reason"], registry=REGISTRY)
@@ -127,10 +132,16 @@ class _Table:
             PLACEMENT_FAILURES.labels(sched.reason if sched else "Unknown").inc()
         if new_failures and new.phase not in ("Failed",):
             RESTARTED.inc(new_failures)
+        if _preempted(new) and not (old and _preempted(old)):
+            PREEMPTED.inc()
 
     def forget(self, ns: str, name: str) -> None:
         with self.lock:
             self.rows.pop((ns, name), None)
+
+
+def _preempted(st: FineTuneJobStatus) -> bool:
+    return any(c.type == "Running" and c.reason == "Preempted" for c in st.conditions)
 
 
 TABLE = _Table()
