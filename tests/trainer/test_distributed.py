@@ -254,7 +254,7 @@ def test_lora_under_fsdp_wraps_adapters_apart_so_frozen_weights_get_no_gradient(
     assert out["units"] > 2 * 7  # every adapted linear of both blocks is a unit of its own
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "freeze"])
 def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, model_dir, method):
     """The trainer's FSDP paths (the wrap policy, sharded state gathered into checkpoints, resume into
     sharded parameters, outputs) driven on CPU: KUBETUNE_DEBUG_FSDP_ON_CPU makes accelerate wrap with
@@ -268,7 +268,9 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         cfg = config(tmp_path, model_dir, data, store, n)
         if method == "full":
             cfg["spec"]["method"] = {"type": "full"}
-        cfg["spec"]["training"] |= {"maxSteps": steps, "learningRate": 1e-3 if method == "full" else 1e-2,
+        elif method == "freeze":  # the top block, embeddings and head train: frozen and trained weights share FSDP units
+            cfg["spec"]["method"] = {"type": "freeze", "freeze": {"trainableLayers": 1, "trainEmbeddings": True}}
+        cfg["spec"]["training"] |= {"maxSteps": steps, "learningRate": 1e-2 if method == "lora" else 1e-3,
                                     "evalSteps": 6, "sharding": "fsdp" if n > 1 else "auto"}
         return cfg
 
@@ -300,7 +302,7 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
 
     from safetensors.torch import load_file
 
-    sub, name = ("model", "model.safetensors") if method == "full" else ("adapter", "adapter_model.safetensors")
+    sub, name = ("adapter", "adapter_model.safetensors") if method == "lora" else ("model", "model.safetensors")
     ref = load_file(str(tmp_path / "reference" / "out" / sub / name))
     out = load_file(str(store / "out" / sub / name))
     base = load_file(str(tmp_path / "single" / "out" / sub / name))
