@@ -46,7 +46,8 @@ def test_life_through_every_phase(ground, operator, ns):
     assert obj["status"]["progress"]["percent"] == "40%" and obj["status"]["progress"]["loss"] == 1.25
     assert cond(obj, "CheckpointSynced")["status"] == "True"
     assert obj["status"]["checkpoints"]["latestStep"] == 40
-    assert operator.metric("kubetune_training_step", namespace=ns, name="life") == 40.0
+    # /metrics follows status within a reconcile; a scrape may land just between the two
+    wait_for("step in /metrics", lambda: operator.metric("kubetune_training_step", namespace=ns, name="life") == 40.0, 10)
 
     # every printer column is filled
     row = ground.kubectl("get", "ftj", "life", "-n", ns, "--no-headers").stdout.split()

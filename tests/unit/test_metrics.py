@@ -60,3 +60,18 @@ def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries
     t.update("a", "x", status("Preempted"), status("TrainerRunning"), job)
     t.update("a", "x", status("TrainerRunning"), status("Preempted"), job)  # preempted again
     assert counts() == (p0 + 2, r0)
+
+
+def test_a_restarted_operator_does_not_recount_earlier_pod_failures():
+    """A fresh operator process (a restart, a failover) first sees jobs whose Jobs already counted
+    failures: only failures after that count, or every restart would show phantom retries."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+    from kubetune.controller.metrics import REGISTRY
+
+    running = FineTuneJobStatus.model_validate({"phase": "Running", "run": 1})
+    t = _Table()
+    r0 = REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0
+    t.update("a", "old", running, running, {"status": {"failed": 2, "active": 1}})
+    assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0
+    t.update("a", "old", running, running, {"status": {"failed": 3, "active": 1}})
+    assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0 + 1

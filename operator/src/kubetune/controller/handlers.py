@@ -220,10 +220,10 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
                 if updated is not None:
                     _remember(updated)
             _last_seen[(ns, name)] = (body["metadata"].get("generation"), written)
+            metrics.TABLE.update(ns, name, obs.status, out.status, job)
             for type_, reason, message in out.events:
                 kube.post_event(body, type_, reason, message)
                 logger.info(f"{ns}/{name}: {reason}: {message}")
-            metrics.TABLE.update(ns, name, obs.status, out.status, job)
             return out.requeue_after
         except Exception:
             metrics.ERRORS.inc()

@@ -102,6 +102,7 @@ class _Table:
                job: dict | None) -> None:
         key = (ns, name)
         with self.lock:
+            first_sight = key not in self.rows
             row = self.rows.setdefault(key, JobRow())
             prev_phase = row.phase if row.phase is not None else (old.phase if old else None)
             row.phase = new.phase
@@ -113,7 +114,9 @@ class _Table:
             row.checkpoint_time = new.checkpoints.latest_time if new.checkpoints else None
             row.estimate_bytes = new.estimate.per_gpu_bytes if new.estimate else None
             failures = int(((job or {}).get("status") or {}).get("failed") or 0)
-            new_failures = max(0, failures - row.pod_failures)
+            # failures from before this process saw the job (an operator restart, a failover) were
+            # counted by whoever saw them: counting them again would show phantom restarts
+            new_failures = 0 if first_sight else max(0, failures - row.pod_failures)
             row.pod_failures = failures
         if (old.run if old else None) != new.run and new.run:
             CREATED.inc()
