@@ -91,8 +91,9 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     spec["training"] |= {"maxSteps": STEPS, "loggingSteps": 1, "evalSteps": 20}
     spec["checkpoints"] |= {"saveSteps": 10, "keep": 2}
     pods, jobs = Recorder(ns), Recorder(ns, "finetunejobs")
-    counters = ("kubetune_runs_preempted_total", "kubetune_runs_restarted_total")
-    before = [operator.metric(c) or 0.0 for c in counters]  # the operator process outlives other tests' jobs
+    # the operator process is shared with other tests' jobs, whose namespaces are being deleted (their
+    # pods failing), so only this counter is this test's alone; the Job itself shows no failure below
+    before = operator.metric("kubetune_runs_preempted_total") or 0.0
     try:
         apply(ground, ns, obj)
         wait_phase(ground, ns, "preempt", "Running", 120)
@@ -143,7 +144,7 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in c["message"]
     assert "waiting for the replacement pod (" in c["message"], c["message"]
     # counted as a preemption, not as a pod failure retried against backoffLimit
-    assert [(operator.metric(c) or 0.0) - b for c, b in zip(counters, before)] == [1.0, 0.0]
+    assert (operator.metric("kubetune_runs_preempted_total") or 0.0) - before == 1.0
 
     # One run, not counted against backoffLimit, and the result of the whole training.
     st = done["status"]
