@@ -57,24 +57,22 @@ def full_state_dicts(model, optimizer, accelerator, *, trainable_only: bool) -> 
     """The model's (and optimizer's) whole state on process 0, on CPU; empty dicts elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
-    distributed = accelerator.num_processes > 1
-    if accelerator.distributed_type.value != "FSDP":
-        opts = _dcp_options(distributed, ignore_frozen_params=trainable_only)
-        if optimizer is None:
-            return get_model_state_dict(model, options=opts), None
-        return get_state_dict(model, optimizer, options=opts)
     # FSDP1's full state dict exists on rank 0 only, yet torch then drops the frozen keys on every
     # rank (a KeyError on the others): drop them from the sharded dicts, then gather what is left.
-    from torch.distributed._state_dict_utils import _gather_state_dict
-
-    opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=trainable_only)
+    fsdp = accelerator.distributed_type.value == "FSDP"
+    if fsdp:
+        opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=trainable_only)
+    else:
+        opts = _dcp_options(accelerator.num_processes > 1, ignore_frozen_params=trainable_only)
     if optimizer is None:
         msd, osd = get_model_state_dict(model, options=opts), None
     else:
         msd, osd = get_state_dict(model, optimizer, options=opts)
-    msd = _gather_state_dict(msd, cpu_offload=True, ranks_only=(0,))
-    if osd is not None:
-        osd = _gather_state_dict(osd, cpu_offload=True, ranks_only=(0,))
+    if fsdp:
+        from torch.distributed._state_dict_utils import _gather_state_dict
+
+        msd = _gather_state_dict(msd, cpu_offload=True, ranks_only=(0,))
+        osd = _gather_state_dict(osd, cpu_offload=True, ranks_only=(0,)) if osd is not None else None
     return msd, osd
 
 
@@ -117,6 +115,7 @@ def save_local(
     import numpy as np
     import torch
     from safetensors.torch import save_file
+
     distributed = accelerator.num_processes > 1
     msd, osd = full_state_dicts(model, optimizer, accelerator, trainable_only=True)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

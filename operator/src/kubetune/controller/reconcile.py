@@ -330,7 +330,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
         b.phase("Starting")
     else:
         pending = _pending_reason(obs.pods)
-        pulling = any(r in IMAGE_PULL_FAILURES for r in _waiting_reasons(obs.pods))
+        pulling = any(w["reason"] in IMAGE_PULL_FAILURES for _, _, w in _waiting(obs.pods))
         b.cond("Running", False, "ImagePullFailed" if pulling else "PodPending", pending)
         b.phase("Starting")
     if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
@@ -458,23 +458,23 @@ def _pending_reason(pods: list[dict]) -> str:
         for c in (p.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
                 return f"pod {p['metadata']['name']} is not scheduled yet: {c.get('message') or c.get('reason')}"
-    for p in pods:
-        for cs in (p.get("status") or {}).get("containerStatuses") or []:
-            waiting = (cs.get("state") or {}).get("waiting") or {}
-            reason = waiting.get("reason")
-            if not reason:
-                continue
-            what = f"pod {p['metadata']['name']} is {reason}" + (f": {waiting['message']}" if waiting.get("message") else "")
-            if reason in IMAGE_PULL_FAILURES:
-                what += (f"; check that image {cs.get('image')} exists and that the node can pull it "
-                         "(spec.runPolicy.image, the chart's trainer image, imagePullSecrets)")
-            return what
+    for p, cs, waiting in _waiting(pods):
+        reason = waiting["reason"]
+        what = f"pod {p['metadata']['name']} is {reason}" + (f": {waiting['message']}" if waiting.get("message") else "")
+        if reason in IMAGE_PULL_FAILURES:
+            what += (f"; check that image {cs.get('image')} exists and that the node can pull it "
+                     "(spec.runPolicy.image, the chart's trainer image, imagePullSecrets)")
+        return what
     return "waiting for the trainer pod to start" if pods else "waiting for the Job controller to create the pod"
 
 
-def _waiting_reasons(pods: list[dict]) -> list[str]:
-    return [((cs.get("state") or {}).get("waiting") or {}).get("reason") or ""
-            for p in pods for cs in (p.get("status") or {}).get("containerStatuses") or []]
+def _waiting(pods: list[dict]):
+    """(pod, container status, its waiting state) for each container the kubelet holds back, with a reason."""
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason"):
+                yield p, cs, waiting
 
 
 # kubelet waiting reasons that no amount of waiting fixes
