@@ -72,11 +72,16 @@ class Preemption:
     @property
     def requested(self) -> bool:
         """Read by the loop on the main thread, which also says (once) that the signal was seen."""
+        self.acknowledge()
+        return self.at is not None
+
+    def acknowledge(self) -> None:
+        # Also called on the way out: ranks agree to stop through a collective, so a rank may stop on
+        # another's signal before it has read its own.
         if self.at is not None and not self._acknowledged:
             self._acknowledged = True
             log_event("preempted", message=f"SIGTERM: stopping at the end of this step or eval; "
                                            f"{self.grace:.0f}s grace to save a checkpoint")
-        return self.at is not None
 
     def time_left(self) -> float:
         return 0.0 if self.at is None else max(0.0, self.at + self.grace - self.margin - time.monotonic())
@@ -396,6 +401,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
             what = ("its checkpoint upload did not finish within the grace period; the next pod resumes from the "
                     "newest committed checkpoint")
         msg = f"stopped by SIGTERM at step {step}/{total_steps}: {what}"
+        preempt.acknowledge()  # after the save and the drain, by which time this rank has its own signal too
         log(msg)
         reporter.update(state="preempted", message=msg, step=step)
         reporter.close()
