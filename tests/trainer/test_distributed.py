@@ -284,6 +284,12 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
     assert reference.wait(300) == 0, reference.stderr[-3000:]
     model_ev = reference.events_of("model")
     assert model_ev[0]["distributedType"] == "FSDP" and model_ev[0]["sharding"] == "fsdp", model_ev
+    # rank 0 alone reads the weights; rank 1 holds no byte of the model until FSDP gives it its shard
+    # of rank 0's values (so the losses below equal one process's only if that broadcast happened)
+    loads = {e.get("rank", 0): e for e in reference.events_of("load")}
+    whole = single.events_of("load")[0]["materializedBytes"]
+    assert whole > 100_000 and loads[0]["place"] == "cpu" and loads[0]["materializedBytes"] == whole, loads
+    assert loads[1]["place"] == "meta" and loads[1]["materializedBytes"] == 0, loads
     one, two = single.losses(), reference.losses()
     assert sorted(two) == list(range(1, steps + 1)) and two[steps] < two[1] - 0.5  # it learned
     assert max(abs(two[s] - one[s]) for s in one) < 2e-3, (two, one)

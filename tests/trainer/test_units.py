@@ -11,7 +11,7 @@ from kubetune_trainer import storage as st
 from kubetune_trainer.cli import launch_command
 from kubetune_trainer.config import load_config, parse_config, plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
-from kubetune_trainer.model import chunked_linear_ce
+from kubetune_trainer.model import build_model, chunked_linear_ce, loading_place, materialized_bytes
 from kubetune_trainer.progress import write_termination
 
 
@@ -137,6 +137,29 @@ def test_download_tree_resumes_and_verifies(tmp_path):
     (src / "manifest.json").write_text(json.dumps(man))
     st.download_tree(st.LocalLocation(src), dest, log=lambda m: None)
     assert (dest / "a.bin").read_bytes() == b"x" * 1000
+
+
+def test_under_fsdp_only_rank_0_reads_the_weights_and_no_rank_puts_the_whole_model_on_its_gpu():
+    assert [loading_place("lora", False, r) for r in (0, 1)] == ["device", "device"]  # DDP/one GPU: as before
+    for method in ("lora", "full", "freeze", "prompt-tuning", "prefix-tuning"):
+        assert [loading_place(method, True, r) for r in (0, 1, 7, 8)] == ["cpu", "meta", "meta", "meta"]
+        assert [loading_place(method, True, r, rank0_only=False) for r in (0, 1)] == ["cpu", "cpu"]
+    assert loading_place("qlora", True, 3) == "device"  # bitsandbytes quantizes while loading onto the GPU
+
+
+@pytest.mark.parametrize("method", [{"type": "lora", "lora": {"rank": 4, "alpha": 8}}, {"type": "full"},
+                                    {"type": "freeze", "freeze": {"trainableLayers": 1}}])
+def test_a_meta_rank_builds_the_same_model_without_holding_a_byte_of_it(tmp_path, model_dir, method):
+    cfg = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", method=method))
+    plan = plan_for(cfg)
+    real, _ = build_model(plan, cfg.spec, model_dir, torch.device("cpu"), log=lambda m: None, place="cpu")
+    meta, _ = build_model(plan, cfg.spec, model_dir, torch.device("cpu"), log=lambda m: None, place="meta")
+    shapes = lambda m: [(n, tuple(p.shape), p.dtype, p.requires_grad) for n, p in m.named_parameters()]  # noqa: E731
+    assert shapes(meta) == shapes(real)  # FSDP flattens both into the same shards
+    assert [n for n, _ in meta.named_buffers()] == [n for n, _ in real.named_buffers()]
+    assert materialized_bytes(meta) == 0
+    assert materialized_bytes(real) == sum(p.numel() * 4 for p in real.parameters()) + sum(
+        b.numel() * b.element_size() for b in real.buffers())
 
 
 def test_bad_config_names_the_field(tmp_path, model_dir):

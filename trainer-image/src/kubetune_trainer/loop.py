@@ -27,7 +27,8 @@ from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
-from kubetune_trainer.model import LossHead, build_model, count_params, load_tokenizer, resolve_model_dir
+from kubetune_trainer.model import (LossHead, build_model, count_params, load_tokenizer, loading_place, materialized_bytes,
+                                   resolve_model_dir)
 from kubetune_trainer.progress import Metrics, ProgressReporter, log_event, logger
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
@@ -106,8 +107,7 @@ def make_accelerator(plan):
             sharding_strategy="FULL_SHARD",
             auto_wrap_policy="transformer_based_wrap",  # the model's _no_split_modules (its decoder blocks)
             use_orig_params=True,  # freeze: frozen and trainable parameters share flat parameters
-            # every rank loads the same weights from disk, so there is nothing to broadcast (and
-            # accelerate's broadcast init needs a GPU)
+            # set below, once the process's device is known (the plugin would pick cuda:0 on every rank)
             sync_module_states=False,
             state_dict_type="SHARDED_STATE_DICT",
         )
@@ -117,12 +117,28 @@ def make_accelerator(plan):
         # lets CPU tests drive the trainer's FSDP paths (wrapping, sharded checkpoints, outputs).
         from accelerate.state import AcceleratorState, PartialState
         from accelerate.utils import DistributedType
+        from torch.distributed.fsdp import _init_utils
 
         for shared in (PartialState._shared_state, AcceleratorState._shared_state):
             shared["distributed_type"] = DistributedType.FSDP
             shared["device"] = torch.device("cpu")  # FSDP's compute device on CPU has no index
         acc.state.fsdp_plugin = kwargs["fsdp_plugin"]
+        # FSDP refuses to broadcast CPU tensors because NCCL cannot; gloo can
+        _init_utils._check_module_states_for_sync_module_states = lambda states: None
+    if model_place(plan, acc, rank=1) == "meta":
+        # rank 0 alone holds the weights (model.loading_place): FSDP gives the other ranks' meta
+        # tensors storage on their own device and broadcasts rank 0's values into them. Decided
+        # the same on every rank (asking for rank 1's place): the broadcast is a collective.
+        plugin, dev = acc.state.fsdp_plugin, acc.device
+        plugin.sync_module_states = True
+        plugin.param_init_fn = lambda module: module.to_empty(device=dev, recurse=False)
     return acc
+
+
+def model_place(plan, accelerator, rank: int | None = None) -> str:
+    return loading_place(plan.method, accelerator.distributed_type.value == "FSDP",
+                         accelerator.process_index if rank is None else rank,
+                         rank0_only=os.environ.get("KUBETUNE_FSDP_RANK0_LOAD", "1") != "0")
 
 
 def fsdp_wrap_policy(model, method: str):
@@ -305,8 +321,10 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     mbs, ga = plan.micro_batch_size, plan.gradient_accumulation_steps
     sched = dt.Schedule(len(train_ex), mbs, accelerator.num_processes, accelerator.process_index, t.seed)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * sched.per_epoch / ga))
-    model, base = build_model(plan, spec, model_dir, device, log)
+    place = model_place(plan, accelerator)
+    model, base = build_model(plan, spec, model_dir, device, log, place=place)
     n_total, n_train = count_params(model)
+    loaded = materialized_bytes(model)
     head = LossHead(model, base, plan.fused_cross_entropy, device)
     log_event("model", method=plan.method, params=n_total, trainable=n_train, lossHead=head.mode, lossImpl=head.impl,
               weightDtype=str(next(base.parameters()).dtype), gradientCheckpointing=plan.gradient_checkpointing,
@@ -315,6 +333,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     if accelerator.distributed_type.value == "FSDP" and (policy := fsdp_wrap_policy(model, plan.method)) is not None:
         accelerator.state.fsdp_plugin.auto_wrap_policy = policy
     model = accelerator.prepare(model)
+    log_event("load", place=place, materializedBytes=loaded, peakRssMiB=_peak_rss_mib())
     if os.environ.get("KUBETUNE_COMPILE") == "1":
         model = torch.compile(model)
     optimizer = accelerator.prepare(build_optimizer(model, plan, t, device))
@@ -617,6 +636,12 @@ def _fetch_latest(loc, dest, log):
         raise
     except Exception as e:
         raise StorageFailed(f"cannot read checkpoints at {loc.uri}: {st.short_error(e)}") from None
+
+
+def _peak_rss_mib() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
 
 
 def _on_local_main(accelerator, fn):

@@ -90,9 +90,26 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return best
 
 
-def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable[[str], None] = print):
+def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
+    """Where a process builds its copy of the base model. Under FSDP, loading it whole on every rank
+    would need one GPU to hold all of it before sharding (Llama-3.1-70B in bf16: 141 GB on an 80 GB
+    H100) and N host copies (8 x 141 GB on an 8-GPU node). So rank 0 alone reads the weights into host
+    memory ("cpu"), FSDP moves them to its GPU one wrapped unit at a time, and every other rank builds
+    shapes only ("meta"): FSDP materializes each unit there and broadcasts rank 0's values
+    (sync_module_states; what accelerate's cpu_ram_efficient_loading does, which transformers 5 no
+    longer honours). QLoRA quantizes while loading onto a GPU, so each rank still loads its own.
+    rank0_only=False (KUBETUNE_FSDP_RANK0_LOAD=0) is the escape hatch for a model whose code cannot be
+    built on meta: every rank reads the weights into host memory, still never whole onto a GPU."""
+    if not fsdp or method == "qlora":
+        return "device"
+    return "cpu" if rank == 0 or not rank0_only else "meta"
+
+
+def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable[[str], None] = print,
+                place: str = "device"):
     """The model ready to train: base loaded in the plan's dtype, method applied, only the right
-    parameters trainable. Returns (model, base_model) where base_model is the transformers model."""
+    parameters trainable. Returns (model, base_model) where base_model is the transformers model.
+    place: see loading_place."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     on_cuda = device.type == "cuda"
@@ -120,11 +137,13 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
 
     has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
     try:
-        if not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1":
-            # benchmarks and estimator calibration: real dims, random weights, no download
+        random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
+        if place == "meta" or random_init:
             cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
-            log(f"no weight files in {model_dir}: random init from config.json (KUBETUNE_ALLOW_RANDOM_INIT=1)")
-            with torch.device(device):
+            if random_init and place != "meta":
+                # benchmarks and estimator calibration: real dims, random weights, no download
+                log(f"no weight files in {model_dir}: random init from config.json (KUBETUNE_ALLOW_RANDOM_INIT=1)")
+            with torch.device("meta" if place == "meta" else "cpu" if place == "cpu" else device):
                 model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation="sdpa",
                                                          trust_remote_code=trust)
         else:
@@ -135,7 +154,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         raise
     except Exception as e:
         raise ModelLoadFailed(f"cannot load the model from {model_dir}: {_short(e)}") from None
-    if plan.method != "qlora":
+    if plan.method != "qlora" and place == "device":
         model.to(device)
     model.config.use_cache = False
 
@@ -201,6 +220,16 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
             if p.requires_grad:
                 p.data = p.data.to(DTYPES[plan.adapter_dtype] if on_cuda else torch.float32)
     return peft_model, model
+
+
+def materialized_bytes(model) -> int:
+    """Bytes this process holds for the model's parameters and buffers (meta tensors hold none)."""
+    seen, n = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if not t.is_meta and id(t) not in seen:
+            seen.add(id(t))
+            n += t.numel() * t.element_size()
+    return n
 
 
 def count_params(model) -> tuple[int, int]:

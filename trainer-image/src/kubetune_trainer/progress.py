@@ -25,7 +25,7 @@ _OUT_LOCK = threading.Lock()
 
 
 _RANK = int(os.environ.get("RANK", "0") or 0)
-_RANK_EVENTS = ("log", "failed", "launch", "preempted")  # what a rank other than 0 still prints
+_RANK_EVENTS = ("log", "failed", "launch", "preempted", "load")  # what a rank other than 0 still prints
 
 
 def log_event(event: str, **fields) -> None:
