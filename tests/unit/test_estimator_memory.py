@@ -128,6 +128,28 @@ def test_fsdp_gathers_frozen_blocks_without_a_gradient_under_lora():
     assert q.trainable_dtype == "bf16" and p.adapter_dtype == "fp32"
 
 
+def test_qlora_under_fsdp_peaks_while_every_gpu_holds_the_whole_4bit_model():
+    """bitsandbytes quantizes while loading onto each rank's GPU (kubetune_trainer.model.loading_place),
+    so more GPUs shrink QLoRA's training footprint but not the load: the estimate is the larger. LoRA
+    loads in host memory on rank 0 and reaches the GPUs a unit at a time: no load peak."""
+    L70 = catalog_architecture("llama-3.1-70b")
+    q = plan_from_flags(method="qlora", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
+                        fused_cross_entropy=True, precision="bf16")
+    one = estimate(L70, q)
+    eight = [estimate(L70, q.with_(num_processes=n, sharding="fsdp")) for n in (2, 8)]
+    for e in eight:
+        assert e.phase == "model load" and e.breakdown["weights"] == one.breakdown["weights"]  # unsharded
+        assert e.breakdown["optimizer"] == e.breakdown["gradients"] == e.breakdown["activations"] == 0
+        assert sum(e.breakdown.values()) == e.total_bytes and any("while loading" in n for n in e.notes)
+    assert eight[0].total_bytes == eight[1].total_bytes < one.total_bytes  # no optimizer or activations yet
+    assert 38 * GIB < eight[1].breakdown["weights"] < 42 * GIB  # 70.6B params: NF4 linears, bf16 embeddings/head
+    ddp = estimate(L70, q.with_(num_processes=8, sharding="ddp"))
+    assert ddp.phase != "model load"  # every rank keeps its whole model anyway: training is the peak
+    lora8 = estimate(L70, plan_from_flags(method="lora", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
+                                          fused_cross_entropy=True, precision="bf16").with_(num_processes=8, sharding="fsdp"))
+    assert lora8.phase != "model load" and lora8.breakdown["weights"] * 8 >= L70.total_params * 2 * 0.99
+
+
 def test_prompt_and_prefix_tuning():
     pt = estimate(L1, plan_from_flags(method="prompt-tuning", micro_batch_size=1, seq_len=512, virtual_tokens=20))
     assert pt.trainable_params == 20 * 2048

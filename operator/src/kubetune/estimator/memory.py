@@ -434,6 +434,10 @@ class _Prepared:
     mask_per_s2: int  # explicit attention mask bytes per (b * s * s_kv)
     trainable_params: int
     notes: tuple[str, ...]
+    # QLoRA under FSDP: what a GPU holds while loading, before FSDP shards the model (0: no such peak)
+    load_weights: int = 0
+    load_adapters: int = 0
+    load_unit: int = 0
 
 
 def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
@@ -458,6 +462,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         weights = (q_lin - bias) * per_q + (total - q_lin + bias) * w
     else:
         weights = total * w
+    weights_whole = weights
     weights = int(weights / shard)
 
     # ---- trainable states
@@ -499,6 +504,13 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         # as units of their own (kubetune_trainer.loop.fsdp_wrap_policy), so frozen blocks have none
         unit_grad = unit * t if method in ("full", "freeze") else 0
         comm_transient = root * pdt + 2 * unit * pdt + unit_grad
+    load_weights = load_adapters = load_unit = 0
+    if method == "qlora" and sharding == "fsdp":
+        # bitsandbytes quantizes while loading onto the GPU, so every rank holds the whole 4-bit model
+        # until FSDP wraps it (kubetune_trainer.model.loading_place), plus the flat copy of the unit
+        # being wrapped; other methods load in host memory and reach the GPU a unit at a time
+        load_weights, load_adapters = int(weights_whole), adapter_params * t
+        load_unit = int(arch.largest_block_params * 0.55) * w
 
     # ---- autocast weight copies (fp32 weights, bf16 compute)
     copies_loss = copies_block = 0
@@ -575,6 +587,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         ckpt_one=ckpt if gc else 0, head=head, bwd_transient=bwd, logits_per_token=logits_pt,
         fused=plan.fused_cross_entropy, extra_tokens=extra_tokens, mask_per_s2=mask,
         trainable_params=reported, notes=tuple(notes),
+        load_weights=load_weights, load_adapters=load_adapters, load_unit=load_unit,
     )
 
 
@@ -631,8 +644,18 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
         "communication": int(p.comm_static + (p.comm_transient if phase != "optimizer" else 0) + p.nccl),
     }
     total = sum(breakdown.values())
+    notes = p.notes
+    if p.load_weights:
+        load = {"weights": p.load_weights, "gradients": 0, "optimizer": 0, "adapters": p.load_adapters,
+                "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + FRAG_BASE),
+                "communication": p.load_unit + p.nccl}
+        if sum(load.values()) > total:
+            breakdown, total, phase, frag = load, sum(load.values()), "model load", FRAG_BASE
+            notes += (f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
+                      "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
+                      "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",)
     return Estimate(
         total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
-        micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=p.notes,
+        micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=notes,
         allocated_bytes=int(total - CUDA_CONTEXT - frag),
     )
