@@ -107,6 +107,24 @@ def test_too_big_is_unschedulable_with_fit_advice():
     assert out.events[-1][0] == "Warning"
 
 
+def test_qlora_under_fsdp_that_fits_only_once_sharded_says_the_load_sets_the_peak():
+    spec = copy.deepcopy(SPEC)
+    spec["model"]["uri"] = "hf://meta-llama/Llama-3.1-70B"
+    spec["method"] = {"type": "qlora"}
+    spec["training"] = {"maxSteps": 100, "microBatchSize": 1, "sharding": "fsdp"}
+    spec["resources"] = {"gpusPerNode": 4, "gpuProduct": "NVIDIA-L4"}
+    out = reconcile(observe(spec), T0)
+    c = cond(out.status, "Scheduled")
+    assert out.status.phase == "Unschedulable" and c.reason == "InsufficientGPUMemory", c
+    assert "the largest GPU available to this job has 22.5 GiB" in c.message
+    assert "every GPU holds the whole 4-bit model" in c.message and "use LoRA with FSDP" in c.message, c.message
+    assert c.message.endswith("Options that fit: as written it fits NVIDIA-H100-80GB-HBM3 GPUs (79.6 GiB), which its "
+                              "resources rule out (gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): "
+                              "relax them."), c.message
+    spec["resources"] = {"gpusPerNode": 4, "gpuProduct": "NVIDIA-A100-SXM4-80GB"}  # holds the whole 4-bit model
+    assert cond(reconcile(observe(spec), T0).status, "Scheduled").reason == "Placed"
+
+
 def test_missing_secret_and_unknown_model_wait_in_pending():
     out = reconcile(observe(secret_missing="Secret 's3' does not exist"), T0)
     assert out.status.phase == "Pending" and cond(out.status, "Validated").reason == "SecretNotFound"

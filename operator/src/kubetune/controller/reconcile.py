@@ -124,6 +124,20 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     return Decision(p, est, resolved, [])
 
 
+def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
+    """fit_advice offers nothing when the job as written fits some GPU of the cluster (only its own
+    constraints rule that GPU out), or when no nearby change fits any."""
+    fits = sorted({(s.memory_mib, s.product) for n in fleet for s in n.slots if not s.is_mig
+                   and est.fits(s.memory_mib * 2**20)})
+    if fits:
+        mib, product = fits[0]
+        return (f"as written it fits {product} GPUs ({mib / 1024:.1f} GiB), which its resources rule out "
+                f"(gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): relax them")
+    largest = max((s.memory_mib for n in fleet for s in n.slots if not s.is_mig), default=0)
+    return (f"none near this configuration fits the cluster's GPUs (the largest has {largest / 1024:.1f} GiB): "
+            f"a smaller model, shorter sequences or more GPUs")
+
+
 def _advice_line(a: Any) -> str:
     return f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs)"
 
@@ -223,8 +237,10 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
     d = decide(spec, obs.arch, obs.fleet, overrides)
     st.estimate = d.estimate.to_status()
     if not d.placement.fits:
-        advice = "; ".join(d.advice) if d.advice else "reduce microBatchSize or maxSeqLength, or use qlora"
-        msg = f"{d.placement.message}. Options that fit: {advice}."
+        advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, obs.fleet)
+        # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)
+        why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
+        msg = f"{d.placement.message}.{why} Options that fit: {advice}."
         b.cond("Scheduled", False, d.placement.reason, msg, warn=True)
         st.placement = PlacementStatus(message=d.placement.message)
         b.phase("Unschedulable")
