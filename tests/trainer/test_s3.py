@@ -107,3 +107,47 @@ def test_s3_outage_loses_no_checkpoint(tmp_path, s3, model_dir):
     assert "out/default/test/run-1/adapter/manifest.json" in _objects(c, "out/")
     progress = json.loads(c.get_object(Bucket="kubetune", Key="progress/default/test/run-1.json")["Body"].read())
     assert progress["state"] == "finished" and progress["checkpoints"]["latestStep"] == steps
+
+
+def test_under_fsdp_only_rank_0s_node_downloads_the_weights(tmp_path, s3, model_dir):
+    """Two pods of an Indexed Job, one FSDP process each, the model from S3: rank 0 alone reads the
+    weights (the other rank builds on meta and receives them from FSDP), so the second pod downloads
+    the config and tokenizer only, and the two still train like one process."""
+    import socket
+
+    c = s3.client()
+    for p in model_dir.iterdir():
+        c.upload_file(str(p), "kubetune", f"models/tiny/{p.name}")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+
+    def cfg_for(store, n):
+        cfg = tiny.trainer_config(
+            tmp_path, model_dir, data, method={"type": "full"},
+            training={"maxSteps": 8, "microBatchSize": 2, "gradientAccumulationSteps": 2 // n, "learningRate": 1e-3,
+                      "seed": 5, "sharding": "fsdp" if n > 1 else "auto"},
+            storage={"endpoint": s3.endpoint, "region": "us-east-1"}, resolved={"numProcesses": n, "gradientAccumulationSteps": 2 // n},
+            ckpt_uri=f"file://{store}/ckpt", output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
+        cfg["spec"]["model"]["uri"] = "s3://kubetune/models/tiny"
+        return cfg
+
+    single = TrainerProc(cfg_for(tmp_path / "single", 1), tmp_path / "single.yaml")
+    assert single.wait(300) == 0, single.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    pods = []
+    for index in (0, 1):
+        cfg = cfg_for(tmp_path / "multi", 2)
+        cfg["spec"]["resources"] |= {"nodes": 2, "gpusPerNode": 1}
+        cfg["paths"]["workDir"] = str(tmp_path / f"pod-{index}")
+        pods.append(TrainerProc(cfg, tmp_path / f"pod-{index}.yaml", env={
+            "JOB_COMPLETION_INDEX": str(index), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "KUBETUNE_DEBUG_FSDP_ON_CPU": "1", "KUBETUNE_TERMINATION_LOG": str(tmp_path / f"pod-{index}.termination")}))
+    for p in pods:
+        assert p.wait(300) == 0, p.stderr[-3000:]
+    assert pods[0].events_of("model")[0]["distributedType"] == "FSDP"
+    files = [sorted(f.name for f in (tmp_path / f"pod-{i}" / "model").iterdir() if not f.name.startswith(".")) for i in (0, 1)]
+    assert "model.safetensors" in files[0] and "config.json" in files[0], files
+    assert files[1] == [f for f in files[0] if f != "model.safetensors"], files  # config and tokenizer, no weights
+    got, expected = pods[0].losses(), single.losses()
+    assert sorted(got) == list(range(1, 9)) and max(abs(got[s] - expected[s]) for s in expected) < 2e-3, (got, expected)

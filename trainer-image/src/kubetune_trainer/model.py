@@ -30,17 +30,22 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 # where the model comes from
 
 
-def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print) -> Path:
+def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print,
+                      weights: bool = True) -> Path:
+    """The model as a local directory. weights=False fetches everything but the weight files: for a
+    node whose ranks all build the model on meta (loading_place), which needs only the config and
+    tokenizer (a 70B model's second node would otherwise download 141 GB it never reads)."""
     from kubetune_trainer import storage as st
 
     if uri.startswith("hf://"):
         repo, _, rev = uri[len("hf://"):].partition("@")
+        patterns = ["*.json", "*.model", "*.txt", "*.jinja", "*.py"] + (["*.safetensors"] if weights else [])
         try:
             from huggingface_hub import snapshot_download
 
             # snapshot_download resumes partial files and checks them against the Hub's hashes
             return Path(snapshot_download(repo, revision=rev or None, cache_dir=str(work_dir / "hf"),
-                                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
+                                          allow_patterns=patterns))
         except Exception as e:
             raise ModelLoadFailed(f"{uri}: cannot download from the Hugging Face Hub: {st.short_error(e)}") from None
     local = st.local_path_of(uri)
@@ -50,7 +55,8 @@ def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], No
         return local
     dest = work_dir / "model"
     try:
-        st.download_tree(st.open_location(uri, storage), dest, log=log)
+        st.download_tree(st.open_location(uri, storage), dest, log=log,
+                         only=None if weights else (lambda key: not key.endswith(WEIGHT_FILES)))
     except StorageFailed as e:
         raise ModelLoadFailed(f"{uri}: {e.message}") from None
     return dest
