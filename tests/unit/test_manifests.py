@@ -140,3 +140,15 @@ def test_image_override_and_suspend():
     job = kids(spec(runPolicy={"image": "registry.local/trainer:dev", "suspend": True}))["Job"]
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/trainer:dev"
     assert job["spec"]["suspend"] is True
+
+
+def test_the_pod_requests_local_disk_for_its_work_dir_but_sets_no_limit():
+    def resources(s, resolved):
+        job = {o["kind"]: o for o in m.children(s, RID, resolved, PLACED)}["Job"]
+        return job["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    r = resources(spec(), RESOLVED.model_copy(update={"ephemeral_storage_bytes": 25 * 2**30 + 1}))
+    assert r["requests"]["ephemeral-storage"] == "26Gi" and "ephemeral-storage" not in r["limits"]
+    r = resources(spec(resources={"ephemeralStorage": "500Gi"}), RESOLVED.model_copy(update={"ephemeral_storage_bytes": 2**30}))
+    assert r["requests"]["ephemeral-storage"] == "500Gi"  # the user's wins
+    assert "ephemeral-storage" not in resources(spec(), RESOLVED)["requests"]  # a config from before the field

@@ -340,3 +340,11 @@ def test_a_run_failed_by_repeated_stops_says_how_to_let_it_continue():
                     T0 + timedelta(minutes=5))
     c = cond(out.status, "Failed")
     assert out.status.phase == "Failed" and c.reason == "Preempted" and "raise runPolicy.backoffLimit" in c.message
+
+
+def test_a_run_requests_the_local_disk_its_download_and_checkpoints_need():
+    out, st = started()
+    job = next(o for o in out.create if o["kind"] == "Job")
+    req = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+    # Qwen2.5-0.5B from the Hub: 1 GB of bf16 weights, small LoRA checkpoints, 2 GiB of headroom
+    assert st.placement.ephemeral_storage == req["ephemeral-storage"] == "4Gi", (st.placement, req)

@@ -378,6 +378,12 @@ class Resources(KModel):
     )
     cpu: Quantity = Field("4", description="CPU request of each trainer pod.")
     memory: Quantity = Field("32Gi", description="Memory request and limit of each trainer pod (host RAM, not GPU memory).")
+    ephemeral_storage: Quantity | None = Field(
+        None,
+        description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded model, "
+        "checkpoints before upload, the final output. Default: worked out from the model and method "
+        "(status.placement.ephemeralStorage).",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels the trainer pods require.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
     priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the trainer pods (preemption order).")
@@ -571,6 +577,7 @@ class PlacementStatus(StatusModel):
     )
     micro_batch_size: int | None = Field(None, description="Micro batch the trainer runs with (resolved from auto).")
     gradient_accumulation_steps: int | None = Field(None, description="Gradient accumulation the trainer runs with.")
+    ephemeral_storage: str | None = Field(None, description="Local disk (ephemeral-storage) each trainer pod requests.")
     message: str | None = Field(None, description="Why this placement was chosen.")
 
 
@@ -695,6 +702,8 @@ class Resolved(KModel):
     num_processes: int = Field(1, ge=1, description="Trainer processes over all nodes (GPUs, or 1 on CPU).")
     sharding: Literal["none", "ddp", "fsdp"] = Field("none", description="Strategy across processes.")
     estimate_bytes: int | None = Field(None, ge=0, description="Per-GPU estimate the placement used.")
+    ephemeral_storage_bytes: int | None = Field(
+        None, ge=0, description="Local disk each trainer pod requests when resources.ephemeralStorage is unset.")
 
 
 class TrainerPaths(KModel):

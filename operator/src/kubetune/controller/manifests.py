@@ -211,11 +211,21 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig) -> list[di
     return env
 
 
+def ephemeral_storage(r, resolved: Resolved) -> str | None:
+    """The pod's ephemeral-storage request: the user's, else the operator's (kubetune.estimator.disk)."""
+    if r.ephemeral_storage:
+        return str(r.ephemeral_storage)
+    n = resolved.ephemeral_storage_bytes
+    return f"{-(-n // 2**30)}Gi" if n else None
+
+
 def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
         image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
     limits: dict[str, str] = {"memory": str(r.memory)}
     requests: dict[str, str] = {"cpu": str(r.cpu), "memory": str(r.memory)}
+    if disk := ephemeral_storage(r, cfg.resolved):
+        requests["ephemeral-storage"] = disk  # no limit: the kubelet evicts a pod over its limit
     if placement.resource and r.gpus_per_node:
         limits[placement.resource] = str(r.gpus_per_node)
         requests[placement.resource] = str(r.gpus_per_node)

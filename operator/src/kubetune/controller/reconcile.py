@@ -84,6 +84,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     """Estimate, place, resolve auto batch and accumulation; fit advice when nothing fits."""
     from kubetune.estimator import estimate as estimate_fn
     from kubetune.estimator import fit_advice, max_micro_batch
+    from kubetune.estimator.disk import work_dir_bytes
     from kubetune.plan import plan_from_spec
 
     if run_overrides:
@@ -120,6 +121,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         num_processes=nproc,
         sharding=plan.sharding,
         estimate_bytes=est.total_bytes,
+        ephemeral_storage_bytes=work_dir_bytes(spec, plan, est.total_params, est.trainable_params),
     )
     return Decision(p, est, resolved, [])
 
@@ -251,7 +253,7 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
     run_spec = apply_overrides(spec, overrides) if overrides else spec
     create = manifests.children(run_spec, rid, d.resolved, d.placement, image)
     st.run = run
-    st.placement = _placement_status(d)
+    st.placement = _placement_status(d, run_spec)
     st.progress = Progress(step=0, percent="0%")
     st.checkpoints = None
     st.result = None
@@ -514,7 +516,7 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
                    f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
 
 
-def _placement_status(d: Decision) -> PlacementStatus:
+def _placement_status(d: Decision, spec: FineTuneJobSpec) -> PlacementStatus:
     p = d.placement
     return PlacementStatus(
         node=p.preferred_nodes[0] if p.preferred_nodes else None,
@@ -524,6 +526,7 @@ def _placement_status(d: Decision) -> PlacementStatus:
         min_gpu_memory_mi_b=p.min_gpu_memory_mib,
         micro_batch_size=d.resolved.micro_batch_size if d.resolved else None,
         gradient_accumulation_steps=d.resolved.gradient_accumulation_steps if d.resolved else None,
+        ephemeral_storage=manifests.ephemeral_storage(spec.resources, d.resolved) if d.resolved else None,
         message=p.message,
     )
 

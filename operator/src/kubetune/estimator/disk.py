@@ -1,0 +1,28 @@
+"""Local disk a trainer pod's work dir needs: its ephemeral-storage request. Pure.
+
+Without a request the scheduler may bind a 70B job to a node whose disk cannot hold the 141 GB
+download; the kubelet then evicts it under DiskPressure, the Job retries the eviction without
+counting it (a disruption, not the trainer's fault), and the next pod downloads again: a loop. A
+request makes the scheduler pick a node with room. No limit: the kubelet would evict a pod over it.
+"""
+from __future__ import annotations
+
+from kubetune.estimator.memory import BYTES, GIB
+
+DISK_WEIGHT_BYTES = 2  # hub checkpoints are bf16/fp16 safetensors
+LOCAL_CHECKPOINTS = 2  # one uploading in the background while the next is written
+HEADROOM = 2 * GIB  # data files, the tokenizer, HF and Triton caches, logs
+
+
+def work_dir_bytes(spec, plan, total_params: int, trainable_params: int) -> int:
+    """Rank 0's pod (every pod gets the same template): the downloaded model (s3:// or hf://; a
+    pvc:// or local model is read in place), checkpoints written before upload (trainable weights
+    plus AdamW's two moments, gathered to rank 0 under FSDP), the final output, rounded up to GiB."""
+    model = total_params * DISK_WEIGHT_BYTES if spec.model.uri.split("://")[0] in ("s3", "hf") else 0
+    checkpoint = trainable_params * 3 * BYTES[plan.trainable_dtype]
+    if plan.method in ("full", "freeze"):
+        output = total_params * DISK_WEIGHT_BYTES
+    else:
+        output = trainable_params * 4 + (total_params * DISK_WEIGHT_BYTES if spec.output.merge_adapter else 0)
+    need = model + LOCAL_CHECKPOINTS * checkpoint + output + HEADROOM
+    return -(-need // GIB) * GIB
