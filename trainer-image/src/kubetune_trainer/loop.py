@@ -289,7 +289,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
 
     # --- 2. data -------------------------------------------------------------------------------
     # torchrun numbers ranks node by node, so rank 0 is on the node whose first local rank is global rank 0
-    weights_here = model_place(plan, accelerator, rank=1) != "meta" or accelerator.process_index == accelerator.local_process_index
+    rank0_node = accelerator.process_index == accelerator.local_process_index
+    weights_here = rank0_node or model_place(plan, accelerator, rank=1) != "meta"
     model_dir = _on_local_main(accelerator, lambda: resolve_model_dir(spec.model.uri, spec.storage, work, log,
                                                                       weights=weights_here))
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)

@@ -99,7 +99,8 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
     """Where a process builds its copy of the base model. Under FSDP, loading it whole on every rank
     would need one GPU to hold all of it before sharding (Llama-3.1-70B in bf16: 141 GB on an 80 GB
-    H100) and N host copies (8 x 141 GB on an 8-GPU node). So rank 0 alone reads the weights into host
+    H100), and every rank to read all of it (8 readers of 141 GB on an 8-GPU node, each touching every
+    page when FSDP flattens it; a dtype cast makes private copies). So rank 0 alone reads the weights into host
     memory ("cpu"), FSDP moves them to its GPU one wrapped unit at a time, and every other rank builds
     shapes only ("meta"): FSDP materializes each unit there and broadcasts rank 0's values
     (sync_module_states; what accelerate's cpu_ram_efficient_loading does, which transformers 5 no
