@@ -65,6 +65,7 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, re
     assert second.wait(300) == 0, second.stderr[-3000:]
     resumed = second.events_of("resumed")
     assert resumed and resumed[0]["step"] == 12
+    assert not (store / "work" / "resume").exists()  # the downloaded checkpoint is freed once loaded
     assert sorted(second.losses()) == list(range(13, STEPS + 1))
     assert_continues(reference, {**first.losses(), **second.losses()}, f"kill -9 at step {killed_at}, resumed from 12")
 

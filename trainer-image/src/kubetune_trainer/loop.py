@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -355,6 +356,11 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     if found is not None:
         path, committed = found
         state.update(ck.load_local(path, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator))
+        # its disk (a whole checkpoint for full fine-tuning) is the run's from here on, once every
+        # local rank has read its part
+        accelerator.wait_for_everyone()
+        if accelerator.is_local_main_process:
+            shutil.rmtree(work / "resume", ignore_errors=True)
         reporter.resumed(state["step"])
         reporter.checkpoint(f"{ckpt_loc.uri}/{committed.name}", committed.step, len(ck.list_committed(ckpt_loc)) if main else 0)
         log_event("resumed", step=state["step"], checkpoint=f"{ckpt_loc.uri}/{committed.name}")
@@ -595,7 +601,6 @@ def _ppl(loss: float) -> float:
 
 def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, out_loc, result, log) -> None:
     """The adapter (or the full model) to <output>/adapter (/model), the merged model to <output>/merged."""
-    import shutil
 
     full = plan.method not in ADAPTER_METHODS
     sd, _ = ck.full_state_dicts(model, None, accelerator, trainable_only=not full)
