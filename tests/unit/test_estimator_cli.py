@@ -105,8 +105,15 @@ def test_job_file_uses_kubetune_trainer_defaults(tmp_path, capsys):
     spec = FineTuneJob.model_validate(yaml.safe_load(JOB)).spec
     assert d["total_bytes"] == estimate_spec(spec).total_bytes
     assert "fused CE on" in d["plan"] and "checkpointing on" in d["plan"]
+    from kubetune.estimator.disk import work_dir_bytes
+    from kubetune.plan import plan_from_spec
+
+    e = estimate_spec(spec)
+    disk = work_dir_bytes(spec, plan_from_spec(spec), e.total_params, e.trainable_params)
+    assert d["local_disk_bytes"] == disk and disk > e.total_params * 2  # what the operator requests for the pod
     rc, out, _ = run(capsys, "-f", str(f))
     assert rc == 0 and "llama8b-lora" in out
+    assert f"local disk     {disk / 2**30:.0f} GiB per trainer pod" in out
 
 
 def test_job_file_with_auto_micro_batch(tmp_path, capsys):

@@ -300,7 +300,7 @@ def _plan_line(plan) -> str:
 
 
 def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, as_json: bool,
-            source: str) -> dict:
+            source: str, spec=None) -> dict:
     from kubetune.estimator.advice import fit_advice, fits, max_micro_batch
     from kubetune.estimator.memory import GIB, estimate
 
@@ -328,6 +328,10 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     }
     if auto:
         d["max_micro_batch"] = auto_table
+    if spec is not None:  # a job file: the trainer pod's ephemeral-storage request, as the operator sets it
+        from kubetune.estimator.disk import work_dir_bytes
+
+        d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params)
     if as_json:
         return d
     out = sys.stdout
@@ -346,7 +350,10 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     for k, v in est.breakdown.items():
         if v or k in ("weights", "activations", "overhead"):
             w(f"    {labels[k]:<26s}{v / GIB:8.2f} GiB\n")
-    w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n\n")
+    w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
+    if "local_disk_bytes" in d:
+        w(f"  local disk     {d['local_disk_bytes'] / GIB:.0f} GiB per trainer pod (its ephemeral-storage request)\n")
+    w("\n")
     cells = []
     for n, b in sizes:
         cells.append(f"{n} {'yes' if fit[n] else 'no'}")
@@ -411,7 +418,8 @@ def run(args: argparse.Namespace) -> int:
                 q = int(quantity_to_float(spec.resources.min_gpu_memory))
                 job_sizes = [(str(spec.resources.min_gpu_memory), q)]
             try:
-                reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}"))
+                reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}",
+                                       spec=spec))
             except UsageError as e:
                 if "LoRA target" in str(e):
                     raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None
