@@ -3,12 +3,11 @@
 one process with micro batch 2 and 2 accumulation steps (the same global batches), through a SIGTERM
 and a kill -9 of every process."""
 import json
-import socket
 
 import pytest
 
 import tiny
-from proc import TrainerProc
+from proc import TrainerProc, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +28,6 @@ def config(tmp_path, model_dir, data, store, nproc):
         ckpt_uri=f"file://{store}/ckpt", output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
     cfg["paths"]["workDir"] = str(store / "work")
     return cfg
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_dir):

@@ -6,7 +6,7 @@ import time
 import pytest
 
 import tiny
-from proc import TrainerProc
+from proc import TrainerProc, free_port
 from s3server import S3Server
 
 pytestmark = pytest.mark.slow
@@ -113,8 +113,6 @@ def test_under_fsdp_only_rank_0s_node_downloads_the_weights(tmp_path, s3, model_
     """Two pods of an Indexed Job, one FSDP process each, the model from S3: rank 0 alone reads the
     weights (the other rank builds on meta and receives them from FSDP), so the second pod downloads
     the config and tokenizer only, and the two still train like one process."""
-    import socket
-
     c = s3.client()
     for p in model_dir.iterdir():
         c.upload_file(str(p), "kubetune", f"models/tiny/{p.name}")
@@ -132,9 +130,7 @@ def test_under_fsdp_only_rank_0s_node_downloads_the_weights(tmp_path, s3, model_
 
     single = TrainerProc(cfg_for(tmp_path / "single", 1), tmp_path / "single.yaml")
     assert single.wait(300) == 0, single.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     pods = []
     for index in (0, 1):
         cfg = cfg_for(tmp_path / "multi", 2)
