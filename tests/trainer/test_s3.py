@@ -6,6 +6,7 @@ import time
 import pytest
 
 import tiny
+from kubetune_trainer import checkpoint as ck
 from proc import TrainerProc, free_port
 from s3server import S3Server
 
@@ -86,16 +87,26 @@ def test_s3_outage_loses_no_checkpoint(tmp_path, s3, model_dir):
 
     failures = [m for m in run.messages() if "upload failed" in m]
     committed = sorted(int(m.split("checkpoint-")[1][:8]) for m in run.messages() if " committed to " in m)
+    saves = run.events_of("checkpoint")
+    superseded = sorted(s for e in saves for s in e["superseded"])
     print(f"\nS3 outage ({s3.kind}): {outage:.0f}s down, training went from step {step_before} to {step_after} meanwhile; "
-          f"{len(failures)} failed upload attempts; committed: {committed}")
+          f"{len(failures)} failed upload attempts; committed: {committed}; superseded while waiting: {superseded}; "
+          f"most on local disk: {max(e['pending'] for e in saves)}")
     assert step_after - step_before >= 15, "training waited for S3"
     assert failures, "the outage did not hit an upload"
-    assert committed == list(range(save_every, steps + 1, save_every)), "a checkpoint was lost"
+    assert [e["step"] for e in saves] == list(range(save_every, steps + 1, save_every))
+    # every checkpoint either reached S3 or was one retention would have deleted anyway; the
+    # outage's backlog never held more than retention keeps (2 + the best) and the one mid-retry
+    assert superseded and sorted(set(committed) | set(superseded)) == [e["step"] for e in saves], "a checkpoint was lost"
+    assert max(e["pending"] for e in saves) <= 2 + 1 + 1
 
-    # what S3 holds now: the newest two plus the best, each complete and matching its manifest
+    # what S3 holds now is what retention keeps of every checkpoint saved, as if none had been
+    # dropped: the newest two plus the best, each complete and matching its manifest
+    evals = {e["step"]: e["evalLoss"] for e in run.events_of("eval") if "evalLoss" in e}
     objs = _objects(c, "ckpt/default/test/run-1/")
     names = sorted({k.split("/")[4] for k in objs})
-    assert {"checkpoint-00000036", "checkpoint-00000040"} <= set(names) and len(names) <= 3
+    assert names == [ck.ckpt_name(s) for s in sorted(ck.retained([(e["step"], evals.get(e["step"])) for e in saves], 2))]
+    assert {"checkpoint-00000036", "checkpoint-00000040"} <= set(names)
     for name in names:
         man = json.loads(c.get_object(Bucket="kubetune", Key=f"ckpt/default/test/run-1/{name}/manifest.json")["Body"].read())
         for f in man["files"]:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import tiny
+from kubetune_trainer import checkpoint as ck
 from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.cli import launch_command
@@ -160,6 +161,43 @@ def test_a_meta_rank_builds_the_same_model_without_holding_a_byte_of_it(tmp_path
     assert materialized_bytes(meta) == 0
     assert materialized_bytes(real) == sum(p.numel() * 4 for p in real.parameters()) + sum(
         b.numel() * b.element_size() for b in real.buffers())
+
+
+def test_retention_keeps_the_newest_and_the_best():
+    cks = [(10, 3.0), (20, 1.5), (30, None), (40, 1.5), (50, 2.0), (60, None)]
+    assert ck.retained(cks, 2) == {50, 60, 40}  # of equal eval losses the newer
+    assert ck.retained(cks[:2], 3) == {10, 20}
+    assert ck.retained([(1, None), (2, None)], 1) == {2}
+
+
+def test_an_outage_backlog_holds_only_what_retention_keeps_and_commits_it_after(tmp_path):
+    """S3 down (here: the store's path is a file, so every write fails for real) while checkpoints
+    keep coming: local disk holds no more than retention would keep; once writes work again the
+    store ends up exactly as if nothing had been dropped."""
+    store = tmp_path / "store"
+    store.write_text("blocked")
+    msgs = []
+    up = ck.Uploader(st.LocalLocation(store), keep=2, log=msgs.append, base_backoff=0.01, max_backoff=0.05)
+    losses = {1: 4.0, 2: 1.0, 3: 3.0, 4: 2.5, 5: None, 6: 2.0, 7: None}
+    dirs = {}
+    for step, loss in losses.items():
+        d = dirs[step] = tmp_path / "local" / ck.ckpt_name(step)
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(bytes([step]) * 1000)
+        up.submit(d, step, loss)
+        on_disk = sorted(s for s, p in dirs.items() if p.exists())
+        assert len(on_disk) <= 2 + 1 + 1 and up.pending <= 4, on_disk  # newest two, the best, the one mid-retry
+    assert not up.drain(0.3) and up.failures > 0
+    assert {2, 6, 7} <= {s for s, p in dirs.items() if p.exists()}  # best (1.0), newest two
+    assert up.superseded == [1, 3, 4, 5]  # 1 mid-retry (abandoned), the others while waiting
+    assert any("checkpoint-00000003 is superseded by checkpoint-00000005" in m for m in msgs), msgs
+
+    store.unlink()
+    assert up.drain(10)
+    up.close()
+    assert sorted(c.step for c in ck.list_committed(st.LocalLocation(store))) == sorted(ck.retained(list(losses.items()), 2))
+    assert not any(p.exists() for p in dirs.values())
+    assert (store / "checkpoint-00000002" / "model.safetensors").read_bytes() == bytes([2]) * 1000
 
 
 def test_bad_config_names_the_field(tmp_path, model_dir):

@@ -13,13 +13,12 @@ Layout under paths.checkpointsUri::
 A checkpoint without its manifest (an upload cut short by a kill or an outage) is never used and is
 cleaned up later. The uploader thread retries with backoff forever (a failed upload never stops
 training) and uploads checkpoints in order; retention keeps the newest ``keep`` plus the best by eval
-loss.
+loss, and an outage's backlog is held to the same rule.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import re
 import shutil
@@ -237,13 +236,24 @@ def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = pr
 # the background uploader
 
 
+def retained(checkpoints: list[tuple[int, float | None]], keep: int) -> set[int]:
+    """The steps retention keeps of (step, eval loss) pairs, oldest first: the newest ``keep`` and
+    the best by eval loss (the newer of equals)."""
+    kept = {step for step, _ in checkpoints[-keep:]}
+    scored = [(loss, -step) for step, loss in checkpoints if loss is not None]
+    if scored:
+        kept.add(-min(scored)[1])
+    return kept
+
+
 @dataclass
 class _Job:
     local: Path
     step: int
     eval_loss: float | None
-    keep_local: bool = False
+    entries: list | None = None
     done_files: set | None = None
+    superseded: bool = False
 
 
 class Uploader:
@@ -252,6 +262,10 @@ class Uploader:
     A failing upload is retried with exponential backoff (capped) until it succeeds; files already
     uploaded in an earlier attempt are not sent again. Each checkpoint is committed by its manifest,
     written last; then retention runs.
+
+    While S3 is down the backlog only holds what retention would keep once it commits (the newest
+    ``keep`` and the best by eval loss): an older checkpoint is superseded and its local copy
+    deleted, or a long outage would fill the node's disk and get the pod evicted, losing them all.
     """
 
     def __init__(self, loc: Location, keep: int, *, log: Callable[[str], None] = print,
@@ -265,38 +279,67 @@ class Uploader:
         self.on_failure = on_failure
         self.max_backoff = max_backoff
         self.base_backoff = base_backoff
-        self.queue: "queue.Queue[_Job | None]" = queue.Queue()
-        self.pending = 0
+        self.backlog: list[_Job] = []  # [0] is the one uploading
         self.committed: list[int] = []
+        self.superseded: list[int] = []
         self.failures = 0
-        self._lock = threading.Lock()
+        self._closed = False
+        self._cv = threading.Condition()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
 
-    def submit(self, local: Path, step: int, eval_loss: float | None, keep_local: bool = False) -> None:
-        with self._lock:
-            self.pending += 1
+    @property
+    def pending(self) -> int:
+        """Checkpoints on local disk waiting for S3, the one uploading included."""
+        return len(self.backlog)
+
+    def submit(self, local: Path, step: int, eval_loss: float | None) -> list[int]:
+        """Queue a checkpoint; returns the steps it superseded."""
+        dropped = []
+        with self._cv:
+            self.backlog.append(_Job(local, step, eval_loss))
             self._idle.clear()
-        self.queue.put(_Job(local, step, eval_loss, keep_local))
+            kept = retained([(j.step, j.eval_loss) for j in self.backlog if not j.superseded], self.keep)
+            for i, job in reversed(list(enumerate(self.backlog))):
+                if job.superseded or job.step in kept:
+                    continue
+                job.superseded = True
+                dropped.append(job.step)
+                if i > 0:  # the uploading one stops at its next retry
+                    del self.backlog[i]
+                    shutil.rmtree(job.local, ignore_errors=True)
+            self.superseded += sorted(dropped)
+            self._cv.notify()
+        for s in sorted(dropped):
+            self.log(f"checkpoint {ckpt_name(s)} is superseded by {ckpt_name(step)} while its upload waits; it is "
+                     f"dropped from local disk (retention would delete it once the newer ones commit)")
+        return sorted(dropped)
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted checkpoint is committed; False on timeout."""
+        """Wait until every submitted checkpoint is committed or superseded; False on timeout."""
         return self._idle.wait(timeout)
 
     def close(self) -> None:
-        self.queue.put(None)
+        """The thread ends once the backlog is empty."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
 
     def _run(self) -> None:
         while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            attempt = 0
-            while True:
+            with self._cv:
+                while not self.backlog and not self._closed:
+                    self._cv.wait()
+                if not self.backlog:
+                    return
+                job = self.backlog[0]
+            attempt, committed = 0, False
+            while not job.superseded:
                 try:
                     self._upload(job)
+                    committed = True
                     break
                 except Exception as e:  # never let an upload failure reach training
                     self.failures += 1
@@ -307,22 +350,23 @@ class Uploader:
                     if self.on_failure:
                         self.on_failure(msg)
                     time.sleep(delay)
-            try:
-                self._retain()
-            except Exception as e:
-                self.log(f"checkpoint retention failed ({short_error(e)}); will try after the next upload")
-            if not job.keep_local:
-                shutil.rmtree(job.local, ignore_errors=True)
-            with self._lock:
-                self.pending -= 1
-                if self.pending == 0:
+            if committed:
+                try:
+                    self._retain()
+                except Exception as e:
+                    self.log(f"checkpoint retention failed ({short_error(e)}); will try after the next upload")
+            # a superseded upload's partial files go with the next retention's leftover sweep
+            shutil.rmtree(job.local, ignore_errors=True)
+            with self._cv:
+                self.backlog.remove(job)
+                if not self.backlog:
                     self._idle.set()
 
     def _upload(self, job: _Job) -> None:
         name = ckpt_name(job.step)
         dest = self.loc.child(name)
-        files = sorted(p for p in job.local.rglob("*") if p.is_file())
-        if job.done_files is None:
+        if job.entries is None:
+            files = sorted(p for p in job.local.rglob("*") if p.is_file())
             job.done_files = set()
             job.entries = [{"path": p.relative_to(job.local).as_posix(), "size": p.stat().st_size,
                             "sha256": sha256_file(p)} for p in files]
@@ -344,10 +388,7 @@ class Uploader:
         committed = list_committed(self.loc)
         if not committed:
             return
-        keep = {c.step for c in committed[-self.keep:]}
-        scored = [c for c in committed if c.eval_loss is not None]
-        if scored:
-            keep.add(min(scored, key=lambda c: (c.eval_loss, -c.step)).step)
+        keep = retained([(c.step, c.eval_loss) for c in committed], self.keep)
         newest = committed[-1].step
         for c in committed:
             if c.step not in keep:

@@ -381,8 +381,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                           scheduler=scheduler, loop_state=dict(state), accelerator=accelerator,
                           adapter_model=adapter_model)
         if uploader is not None and d is not None:
-            uploader.submit(d, step, eval_loss)
-            log_event("checkpoint", step=step, local=str(d), pending=uploader.pending)
+            superseded = uploader.submit(d, step, eval_loss)
+            log_event("checkpoint", step=step, local=str(d), pending=uploader.pending, superseded=superseded)
 
     def scheduled_eval(step: int) -> float:
         """The eval every training.evalSteps, with best tracking and early stopping."""
