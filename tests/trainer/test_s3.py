@@ -2,6 +2,7 @@
 import hashlib
 import json
 import time
+import urllib.request
 
 import pytest
 
@@ -33,6 +34,13 @@ def _objects(client, prefix):
         for o in page.get("Contents", []):
             out[o["Key"]] = o["Size"]
     return out
+
+
+def _scrape(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(body) for s in fam.samples}
 
 
 def test_model_and_data_from_s3_resumable(tmp_path, s3, model_dir):
@@ -71,6 +79,7 @@ def test_s3_outage_loses_no_checkpoint(tmp_path, s3, model_dir):
         ckpt_uri="s3://kubetune/ckpt/default/test/run-1", output_uri="s3://kubetune/out/default/test/run-1",
         progress_uri="s3://kubetune/progress/default/test/run-1.json")
     cfg["spec"]["dataset"]["uri"] = "s3://kubetune/data/train.jsonl"
+    cfg["metricsPort"] = port = int(free_port())
     env = {"KUBETUNE_DEBUG_STEP_SLEEP": "1.0", "KUBETUNE_UPLOAD_MAX_BACKOFF": "4", "KUBETUNE_PROGRESS_INTERVAL": "2",
            "KUBETUNE_S3_CONNECT_TIMEOUT": "2", "KUBETUNE_S3_MAX_ATTEMPTS": "2"}
     run = TrainerProc(cfg, tmp_path / "trainer.yaml", env=env)
@@ -81,6 +90,7 @@ def test_s3_outage_loses_no_checkpoint(tmp_path, s3, model_dir):
     step_before = max(run.losses())
     time.sleep(30)
     step_after = max(run.losses())
+    metrics = _scrape(port)  # the pod's /metrics, as the PodMonitor scrapes it, mid-outage
     s3.start()
     outage = time.time() - down_at
     assert run.wait(300) == 0, run.stderr[-3000:]
@@ -99,6 +109,11 @@ def test_s3_outage_loses_no_checkpoint(tmp_path, s3, model_dir):
     # outage's backlog never held more than retention keeps (2 + the best) and the one mid-retry
     assert superseded and sorted(set(committed) | set(superseded)) == [e["step"] for e in saves], "a checkpoint was lost"
     assert max(e["pending"] for e in saves) <= 2 + 1 + 1
+    assert metrics["kubetune_trainer_total_steps"] == steps and metrics["kubetune_trainer_step"] >= step_after
+    assert metrics["kubetune_trainer_checkpoint_committed_step"] == save_every  # the last before the outage
+    assert metrics["kubetune_trainer_checkpoint_upload_failures_total"] >= 1
+    assert metrics["kubetune_trainer_checkpoints_superseded_total"] >= 1
+    assert metrics["kubetune_trainer_tokens_total"] > 0 and metrics["kubetune_trainer_loss"] > 0
 
     # what S3 holds now is what retention keeps of every checkpoint saved, as if none had been
     # dropped: the newest two plus the best, each complete and matching its manifest

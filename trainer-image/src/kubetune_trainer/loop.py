@@ -382,6 +382,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                           adapter_model=adapter_model)
         if uploader is not None and d is not None:
             superseded = uploader.submit(d, step, eval_loss)
+            metrics.inc("checkpoints_superseded", len(superseded))
             log_event("checkpoint", step=step, local=str(d), pending=uploader.pending, superseded=superseded)
 
     def scheduled_eval(step: int) -> float:
