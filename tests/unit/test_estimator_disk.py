@@ -54,3 +54,22 @@ def test_full_fine_tuning_counts_an_outages_checkpoints_of_weights_and_adamw_mom
     assert abs(full - HEADROOM - p * per_param) < GIB, (full / GIB, p * per_param / GIB)
     keep1, _ = need(l8, model={"uri": "s3://models/llama-3.1-8b"}, method={"type": "full"}, checkpoints={"keep": 1})
     assert abs((full - keep1) - 2 * p * 3 * 2) < GIB  # fewer kept, less disk
+
+
+def test_an_fp32_checkpoint_downloads_twice_what_a_bf16_one_does():
+    from kubetune.estimator import estimate
+    from kubetune.estimator.arch import from_config
+
+    cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256}
+    bf16, fp32 = from_config({**cfg, "torch_dtype": "bfloat16"}), from_config({**cfg, "torch_dtype": "float32"})
+    assert (bf16.disk_weight_bytes, fp32.disk_weight_bytes) == (2, 4)
+    assert from_config({**cfg, "dtype": "float32"}).disk_weight_bytes == 4  # transformers 5 writes "dtype"
+    assert from_config(cfg).disk_weight_bytes == 2  # unknown: priced as bf16
+    assert from_config({**cfg, "torch_dtype": "float32", "quantization_config": {"bits": 4}}).disk_weight_bytes == 2
+    s = parse_spec(SPEC)
+    plan = plan_from_spec(s, micro_batch_size=1, num_processes=8)
+    e = estimate(fp32, plan)
+    small = work_dir_bytes(s, plan, e.total_params, e.trainable_params, bf16.disk_weight_bytes)
+    big = work_dir_bytes(s, plan, e.total_params, e.trainable_params, fp32.disk_weight_bytes)
+    assert abs((big - small) - 2 * e.total_params) <= GIB, ((big - small) / GIB, e.total_params)  # 8B: 16 GB more

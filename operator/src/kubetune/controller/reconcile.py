@@ -121,7 +121,8 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         num_processes=nproc,
         sharding=plan.sharding,
         estimate_bytes=est.total_bytes,
-        ephemeral_storage_bytes=work_dir_bytes(spec, plan, est.total_params, est.trainable_params),
+        ephemeral_storage_bytes=work_dir_bytes(spec, plan, est.total_params, est.trainable_params,
+                                                arch.disk_weight_bytes),
     )
     return Decision(p, est, resolved, [])
 

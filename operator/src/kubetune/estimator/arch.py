@@ -117,6 +117,7 @@ class Architecture:
     hidden_dropout: float = 0.0
     approximate: bool = False  # model_type not modelled exactly: llama-style layout assumed
     name: str | None = None  # catalog id when it came from the catalog
+    disk_weight_bytes: int = 2  # bytes per parameter of the checkpoint files (config.json's dtype)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- derived sizes -------------------------------------------------------------------------
@@ -279,6 +280,9 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
         raise UsageError(f"{where}: expected a JSON object (a Hugging Face config.json)")
     cfg: dict[str, Any] = dict(config)
     model_type = cfg.get("model_type")
+    # What the download weighs: fp32 checkpoints (GPT-2, BERT, many small models) are twice bf16.
+    # No dtype (or a pre-quantized one, smaller) is priced as bf16.
+    disk_bytes = 4 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float32" and not cfg.get("quantization_config") else 2
     # Multimodal wrappers (Gemma 3 4B+): the language model is text_config; the vision tower is
     # counted as frozen parameters that a text fine-tune never runs.
     extra_frozen = 0
@@ -304,8 +308,9 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
         family = "llama"
     builder = {"llama": _llama, "phi3": _phi3, "gpt_neox": _gpt_neox, "gpt2": _gpt2, "bert": _bert}[family]
     arch = builder(cfg, model_type, where)
-    if extra_frozen or approximate or name:
-        arch = _replace(arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name)
+    if extra_frozen or approximate or name or disk_bytes != 2:
+        arch = _replace(arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name,
+                        disk_weight_bytes=disk_bytes)
     return arch
 
 

@@ -331,7 +331,7 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     if spec is not None:  # a job file: the trainer pod's ephemeral-storage request, as the operator sets it
         from kubetune.estimator.disk import work_dir_bytes
 
-        d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params)
+        d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes)
     if as_json:
         return d
     out = sys.stdout

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from kubetune.estimator.memory import BYTES, GIB
 
-DISK_WEIGHT_BYTES = 2  # hub checkpoints are bf16/fp16 safetensors
+OUTPUT_WEIGHT_BYTES = 2  # the trainer saves the tuned model in bf16
 HEADROOM = 2 * GIB  # data files, the tokenizer, HF and Triton caches, logs
 
 
@@ -17,19 +17,20 @@ def local_checkpoints(spec) -> int:
     return spec.checkpoints.keep + 2
 
 
-def work_dir_bytes(spec, plan, total_params: int, trainable_params: int) -> int:
-    """Rank 0's pod (every pod gets the same template): the downloaded model (s3:// or hf://; a
-    pvc:// or local model is read in place), checkpoints written before upload (trainable weights
-    plus AdamW's two moments, gathered to rank 0 under FSDP), the final output, rounded up to GiB.
+def work_dir_bytes(spec, plan, total_params: int, trainable_params: int, disk_weight_bytes: int = 2) -> int:
+    """Rank 0's pod (every pod gets the same template): the downloaded model (s3:// or hf://, in
+    its files' dtype, ``Architecture.disk_weight_bytes``; a pvc:// or local model is read in
+    place), checkpoints written before upload (trainable weights plus AdamW's two moments,
+    gathered to rank 0 under FSDP), the final output, rounded up to GiB.
 
     Checkpoints: normally two (one uploading while the next is written); while S3 is down the
     uploader holds what retention keeps, the newest ``keep`` and the best by eval loss, plus the
     one being written. The request covers the outage, or a long one would end in eviction."""
-    model = total_params * DISK_WEIGHT_BYTES if spec.model.uri.split("://")[0] in ("s3", "hf") else 0
+    model = total_params * disk_weight_bytes if spec.model.uri.split("://")[0] in ("s3", "hf") else 0
     checkpoint = trainable_params * 3 * BYTES[plan.trainable_dtype]
     if plan.method in ("full", "freeze"):
-        output = total_params * DISK_WEIGHT_BYTES
+        output = total_params * OUTPUT_WEIGHT_BYTES
     else:
-        output = trainable_params * 4 + (total_params * DISK_WEIGHT_BYTES if spec.output.merge_adapter else 0)
+        output = trainable_params * 4 + (total_params * OUTPUT_WEIGHT_BYTES if spec.output.merge_adapter else 0)
     need = model + local_checkpoints(spec) * checkpoint + output + HEADROOM
     return -(-need // GIB) * GIB
