@@ -35,3 +35,19 @@ def test_skip_bad_lines_counts_them(tmp_path, model_dir):
     assert run.wait(300) == 0, run.stderr[-2000:]
     term = json.loads(run.termination.read_text())
     assert term["reason"] == "Completed" and term["result"]["metrics"]["skippedLines"] == 2
+
+
+def test_a_broken_model_exits_cleanly_naming_the_file(tmp_path, model_dir):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": }')
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(20))
+    run = TrainerProc(tiny.trainer_config(tmp_path, broken, data), tmp_path / "m.yaml")
+    assert run.wait(300) == 4
+    term = json.loads(run.termination.read_text())
+    assert term["reason"] == "ModelLoadFailed"
+    assert term["message"] == f"file://{broken}/config.json: invalid JSON at line 2 column 18: Expecting value"
+    assert "Traceback" not in run.stderr
+    assert f"kubetune train: ModelLoadFailed: {term['message']}" in run.stderr.splitlines()

@@ -11,7 +11,7 @@ from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.cli import launch_command
 from kubetune_trainer.config import load_config, parse_config, plan_for
-from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
+from kubetune_trainer.errors import BadConfig, BadData, ModelLoadFailed, StorageFailed
 from kubetune_trainer.model import build_model, chunked_linear_ce, loading_place, materialized_bytes
 from kubetune_trainer.progress import write_termination
 
@@ -222,6 +222,65 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, model_dir):
     cfg = parse_config(raw)
     with pytest.raises(BadConfig, match="qlora needs a CUDA GPU"):
         build_model(plan_for(cfg), cfg.spec, model_dir, torch.device("cpu"))
+
+
+def _broken_copy(src, dst, config=None, drop=(), truncate=None):
+    import shutil
+
+    shutil.copytree(src, dst)
+    if config is not None:
+        (dst / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    for name in drop:
+        (dst / name).unlink()
+    if truncate:
+        (dst / truncate).write_bytes((dst / truncate).read_bytes()[:4096])
+    return dst
+
+
+def test_a_broken_model_directory_is_named_with_the_file_and_the_rule(tmp_path, model_dir):
+    from kubetune_trainer.model import check_model_dir
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    uri = "s3://models/tiny"
+    cases = [
+        (dict(config='{"model_type": "llama",\n "hidden_size": 64,,}'),
+         "s3://models/tiny/config.json: invalid JSON at line 2 column 20: Expecting property name"),
+        (dict(config="[1, 2]"), "s3://models/tiny/config.json: expected a JSON object, got list"),
+        (dict(config={**cfg, "model_type": None}), "s3://models/tiny/config.json: missing model_type"),
+        (dict(config={**cfg, "model_type": "nosuch"}), "model_type 'nosuch' is not an architecture transformers 5."),
+        (dict(config={**cfg, "model_type": "mine", "auto_map": {"AutoConfig": "m.C"}}),
+         "model_type 'mine' ships its own modelling code (auto_map); set spec.model.trustRemoteCode: true"),
+        (dict(drop=["config.json"]), "s3://models/tiny: no config.json"),
+        (dict(drop=["tokenizer.json", "tokenizer_config.json"]), "s3://models/tiny: no tokenizer files (one of tokenizer.json"),
+    ]
+    for i, (breaks, message) in enumerate(cases):
+        with pytest.raises(ModelLoadFailed) as e:
+            check_model_dir(_broken_copy(model_dir, tmp_path / str(i), **breaks), uri)
+        assert message in e.value.message, (breaks, e.value.message)
+    assert check_model_dir(model_dir, uri)["model_type"] == "llama"
+    # remote code the user allowed: left to transformers
+    check_model_dir(_broken_copy(model_dir, tmp_path / "ok", config={**cfg, "model_type": "mine", "auto_map": {"AutoConfig": "m.C"}}), uri, True)
+
+
+def test_weights_that_do_not_load_are_named_by_file_and_tensor(tmp_path, model_dir):
+    from kubetune_trainer.config import plan_for
+    from kubetune_trainer.model import build_model
+
+    raw = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl")
+    spec = parse_config(raw).spec
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cases = [
+        (dict(drop=["model.safetensors"]), f"file://{model_dir}: no weight files (*.safetensors or *.bin)"),
+        (dict(truncate="model.safetensors"), "model.safetensors is not a readable safetensors file (SafetensorError"),
+        (dict(config={**cfg, "intermediate_size": cfg["intermediate_size"] * 2}),
+         f"model.safetensors: model.layers.0.mlp.down_proj.weight is [{cfg['hidden_size']}, {cfg['intermediate_size']}], "
+         f"config.json makes it [{cfg['hidden_size']}, {cfg['intermediate_size'] * 2}]"),
+    ]
+    for i, (breaks, message) in enumerate(cases):
+        d = _broken_copy(model_dir, tmp_path / str(i), **breaks)
+        with pytest.raises(ModelLoadFailed) as e:
+            build_model(plan_for(parse_config(raw)), spec, d, torch.device("cpu"))
+        assert message in e.value.message, (breaks, e.value.message)
 
 
 def test_a_packed_row_computes_what_its_sequences_compute_apart(tmp_path, model_dir):

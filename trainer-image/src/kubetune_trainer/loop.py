@@ -28,8 +28,8 @@ from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
-from kubetune_trainer.model import (LossHead, build_model, count_params, load_tokenizer, loading_place, materialized_bytes,
-                                   resolve_model_dir)
+from kubetune_trainer.model import (LossHead, build_model, check_model_dir, count_params, load_tokenizer, loading_place,
+                                   materialized_bytes, resolve_model_dir)
 from kubetune_trainer.progress import Metrics, ProgressReporter, log_event, logger
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
@@ -294,6 +294,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     weights_here = rank0_node or model_place(plan, accelerator, rank=1) != "meta"
     model_dir = _on_local_main(accelerator, lambda: resolve_model_dir(spec.model.uri, spec.storage, work, log,
                                                                       weights=weights_here))
+    check_model_dir(model_dir, spec.model.uri, spec.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     ds = spec.dataset
     stats = dt.DataStats()

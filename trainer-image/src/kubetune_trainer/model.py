@@ -12,6 +12,7 @@ on CPU. Doing it inside the head keeps it inside FSDP's forward, where the head'
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from kubetune_trainer.errors import BadConfig, ModelLoadFailed, StorageFailed
 IGNORE = -100
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +62,67 @@ def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], No
     except StorageFailed as e:
         raise ModelLoadFailed(f"{uri}: {e.message}") from None
     return dest
+
+
+def check_model_dir(model_dir: Path, uri: str, trust_remote_code: bool = False) -> dict:
+    """config.json and the tokenizer files, checked before transformers reads them: its own errors
+    blame the tokenizer for a broken config.json, or stop at "see the report above"."""
+    where = f"{uri.rstrip('/')}/config.json"
+    f = model_dir / "config.json"
+    if not f.is_file():
+        raise ModelLoadFailed(f"{uri}: no config.json (a model directory holds config.json, the weights and the tokenizer)")
+    try:
+        cfg = json.loads(f.read_bytes())
+    except UnicodeDecodeError:
+        raise ModelLoadFailed(f"{where}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadFailed(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadFailed(f"{where}: expected a JSON object, got {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadFailed(f"{where}: missing model_type (every Hugging Face config.json names its architecture)")
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        if not cfg.get("auto_map"):
+            raise ModelLoadFailed(f"{where}: model_type {model_type!r} is not an architecture transformers "
+                                  f"{transformers.__version__} knows; check the model, or use a trainer image with a newer transformers")
+        if not trust_remote_code:
+            raise ModelLoadFailed(f"{where}: model_type {model_type!r} ships its own modelling code (auto_map); "
+                                  "set spec.model.trustRemoteCode: true to run it")
+    if not any((model_dir / n).is_file() for n in TOKENIZER_FILES):
+        raise ModelLoadFailed(f"{uri}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); the trainer takes "
+                              "the tokenizer and its chat template from the model directory")
+    return cfg
+
+
+def weight_problems(model_dir: Path, trust_remote_code: bool = False, limit: int = 3) -> list[str]:
+    """Why the weights would not load, file by file: an unreadable safetensors file, or tensors
+    whose shape config.json contradicts (the model built on meta, so no memory, against the
+    safetensors headers, so no tensor data read)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    headers, out = {}, []
+    for f in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as sf:
+                headers[f.name] = {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+        except Exception as e:
+            out.append(f"{f.name} is not a readable safetensors file ({_short(e)}): truncated or corrupt, upload it again")
+    if out:
+        return out[:limit]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code),
+                                                 trust_remote_code=trust_remote_code)
+    expected = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for name, shapes in headers.items():
+        for k, got in shapes.items():
+            if k in expected and expected[k] != got:
+                out.append(f"{name}: {k} is {got}, config.json makes it {expected[k]}")
+    return out[:limit]
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -143,8 +206,10 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         kw.update(quantization_config=q, device_map={"": device.index or 0})
 
     has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
+    random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
+    if place != "meta" and not has_weights and not random_init:
+        raise ModelLoadFailed(f"{spec.model.uri}: no weight files (*.safetensors or *.bin) beside config.json")
     try:
-        random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
         if place == "meta" or random_init:
             cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
             if random_init and place != "meta":
@@ -160,7 +225,12 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
-        raise ModelLoadFailed(f"cannot load the model from {model_dir}: {_short(e)}") from None
+        try:
+            found = weight_problems(model_dir, trust)
+        except Exception:  # the diagnosis is a courtesy; transformers' line stands without it
+            found = []
+        detail = "; ".join(found) if found else _short(e)
+        raise ModelLoadFailed(f"cannot load the model from {spec.model.uri}: {detail}") from None
     if plan.method != "qlora" and place == "device":
         model.to(device)
     model.config.use_cache = False
