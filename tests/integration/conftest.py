@@ -116,11 +116,13 @@ def operator(ground, crds, tmp_path_factory):
 
 @pytest.fixture
 def ns(ground, namespace):
-    """A namespace with the S3 Secret the examples reference."""
+    """A namespace with the Secrets the examples reference: S3 credentials and a Hub token (the
+    meta-llama models are gated; these are catalog models, so nothing reads the Hub here)."""
     st = ground.state["s3"]
     ground.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
                    f"--from-literal=AWS_ACCESS_KEY_ID={st['access_key']}",
                    f"--from-literal=AWS_SECRET_ACCESS_KEY={st['secret_key']}")
+    ground.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=HF_TOKEN=hf_test")
     return namespace
 
 

@@ -114,7 +114,7 @@ def small_gpu_job(name: str, delay: str = "1s") -> dict:
     """A real small model (Qwen2.5-0.5B from the catalog) with LoRA on one GPU."""
     return example("lora-8b", **{
         "metadata.name": name,
-        "spec.model.uri": "hf://Qwen/Qwen2.5-0.5B",
+        "spec.model.uri": "hf://Qwen/Qwen2.5-0.5B", "spec.model.tokenSecret": None,  # not gated
         "spec.training.epochs": None, "spec.training.maxSteps": 100,
         "spec.training.microBatchSize": 2, "spec.training.earlyStopping": None, "spec.training.evalSteps": None,
         "spec.dataset.maxSeqLength": 1024,

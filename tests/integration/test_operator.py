@@ -87,6 +87,8 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     assert placement["minGpuMemoryMiB"] >= need_mib
     # and kube-scheduler put the pod where that GPU is, requesting that resource
     pod = ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=lora-8b")["items"][0]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "HF_TOKEN"}}  # gated model
     node = next(n for n in fleet if n.name == pod["spec"]["nodeName"])
     slot = next(s for s in node.slots if s.memory_mib == sizes[0])
     assert pod["spec"]["containers"][0]["resources"]["limits"][slot.resource] == "1"
@@ -225,6 +227,23 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
                    f"--from-literal=AWS_ACCESS_KEY_ID={st['access_key']}",
                    f"--from-literal=AWS_SECRET_ACCESS_KEY={st['secret_key']}")
     wait_phase(ground, namespace, "no-secret", "Running", 60)
+
+    # a gated model's Hub token: same wait, same message shape, then the run starts
+    gated = small_gpu_job("no-token")
+    gated["spec"]["model"]["tokenSecret"] = {"name": "hf-token", "key": "token"}
+    apply(ground, namespace, gated)
+    obj = wait_for("Validated=False", lambda: (lambda o: o if cond(o, "Validated").get("status") == "False" else None)(
+        ftj(ground, namespace, "no-token")), 60)
+    assert cond(obj, "Validated")["message"] == (
+        f"Secret 'hf-token' (spec.model.tokenSecret) does not exist in namespace {namespace}: create it with key token "
+        f"(kubectl create secret generic hf-token -n {namespace} --from-literal=token=hf_...)")
+    ground.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=HF_TOKEN=hf_test")
+    obj = wait_for("the key named", lambda: (lambda o: o if "has no key token" in cond(o, "Validated").get("message", "") else None)(
+        ftj(ground, namespace, "no-token")), 60)
+    assert cond(obj, "Validated")["reason"] == "SecretNotFound" and obj["status"]["phase"] == "Pending"
+    ground.kubectl("patch", "secret", "hf-token", "-n", namespace, "--type=merge", "-p",
+                   json.dumps({"stringData": {"token": "hf_test"}}))
+    wait_phase(ground, namespace, "no-token", "Running", 60)
 
 
 def malformed_specs() -> list[tuple[str, dict]]:

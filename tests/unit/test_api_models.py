@@ -96,6 +96,9 @@ def test_model_uri_schemes_accepted(uri):
         ({"spec__dataset__validationSplit": 0.1, "spec__dataset__validationUri": "s3://data/v.jsonl"}, "not both"),
         ({"spec__dataset__format": "csv"}, "spec.dataset.format: Input should be 'auto', 'alpaca', 'chat' or 'text'"),
         ({"spec__storage__credentialsSecret": {"name": "s3", "accessKey": "AKIA..."}}, "spec.storage.credentialsSecret.accessKey: unknown field"),
+        ({"spec__model__tokenSecret": {"name": "hf", "token": "hf_x"}}, "spec.model.tokenSecret.token: unknown field"),
+        ({"spec__model__uri": "s3://models/llama/", "spec__model__tokenSecret": {"name": "hf"}},
+         "spec.model: model.tokenSecret is for hf:// models; an s3:// model uses spec.storage.credentialsSecret"),
         ({"metadata__name": "x" * 51}, "metadata.name: String should have at most 50 characters"),
     ],
 )

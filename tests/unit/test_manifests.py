@@ -103,6 +103,15 @@ def test_restricted_security_context_and_s3_env():
     assert not any("value" in e and "secret" in e["name"].lower() and e["value"] for e in c["env"])
 
 
+def test_a_gated_hf_model_gets_its_token_from_the_secret_and_nowhere_else():
+    pod = kids(spec(model={"tokenSecret": {"name": "hf"}}))["Job"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}
+    pod = kids(spec(model={"tokenSecret": {"name": "hf", "key": "token"}}))["Job"]["spec"]["template"]["spec"]
+    assert {e["name"]: e for e in pod["containers"][0]["env"]}["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+    assert "HF_TOKEN" not in {e["name"] for e in kids()["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
 def test_multi_node_is_indexed_with_headless_service():
     s = spec(resources={"nodes": 2, "gpusPerNode": 8})
     k = kids(s, PLACED)

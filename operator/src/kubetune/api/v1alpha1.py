@@ -90,6 +90,13 @@ class ModelArchitecture(KModel):
         return self.model_dump(by_alias=False, exclude_none=True)
 
 
+class TokenSecretRef(KModel):
+    """A Hugging Face token from a Secret in the job's namespace. The token is never written inline."""
+
+    name: str = Field(max_length=253, pattern=NAME_PATTERN, description="Secret name.")
+    key: str = Field("HF_TOKEN", max_length=253, description="Key in the Secret holding the token.")
+
+
 class ModelSource(KModel):
     """Where the base model comes from."""
 
@@ -105,6 +112,19 @@ class ModelSource(KModel):
         "catalog and its config.json cannot be read by the operator (e.g. a private pvc:// model).",
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the model (transformers trust_remote_code).")
+    token_secret: TokenSecretRef | None = Field(
+        None,
+        description="Secret with a Hugging Face token, for gated or private hf:// models (meta-llama/*): "
+        "the trainer gets it as HF_TOKEN and the operator reads the model's config.json with it.",
+    )
+
+    rules: ClassVar = (
+        Rule(
+            cel="!has(self.tokenSecret) || self.uri.startsWith('hf://')",
+            message="model.tokenSecret is for hf:// models; an s3:// model uses spec.storage.credentialsSecret",
+            check=lambda m: m.token_secret is None or m.uri.startswith("hf://"),
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

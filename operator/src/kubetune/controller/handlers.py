@@ -113,7 +113,7 @@ def _lock_for(ns: str, name: str) -> threading.Lock:
 _arch_cache: dict[tuple[str, str], tuple[float, object, str | None]] = {}
 
 
-def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str) -> tuple[object, str | None]:
+def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: str | None = None) -> tuple[object, str | None]:
     """The model's architecture: inline, catalog, or its config.json (cached for a minute, so a
     burst of jobs on one private model reads it once)."""
     from kubetune.estimator import resolve_architecture
@@ -123,7 +123,7 @@ def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str) -> tuple[o
     if hit and time.monotonic() - hit[0] < 60:
         return hit[1], hit[2]
     try:
-        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(spec, creds)), None
+        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(spec, creds, hf_token)), None
     except (ValueError, UsageError) as e:  # ArchitectureNotFound is a UsageError
         arch, err = None, str(e)
     _arch_cache[key] = (time.monotonic(), arch, err)
@@ -157,18 +157,28 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     if spec is None:
         return obs, None
 
-    creds = None
+    creds, hf_token, missing = None, None, []
     ref = spec.storage.credentials_secret
     if ref is not None:
         creds = _secret(ns, ref.name)
         if creds is None:
-            obs.secret_missing = (f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace "
-                                  f"{ns}: create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+            missing.append(f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace {ns}: "
+                           f"create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+        elif absent := [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in creds]:
+            missing.append(f"Secret {ref.name!r} has no key(s) {', '.join(absent)}: add them")
+    tref = spec.model.token_secret
+    if tref is not None:
+        data = _secret(ns, tref.name)
+        if data is None:
+            missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) does not exist in namespace {ns}: create it "
+                           f"with key {tref.key} (kubectl create secret generic {tref.name} -n {ns} "
+                           f"--from-literal={tref.key}=hf_...)")
+        elif not data.get(tref.key):
+            missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) has no key {tref.key}: add the token under it")
         else:
-            missing = [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in creds]
-            if missing:
-                obs.secret_missing = f"Secret {ref.name!r} has no key(s) {', '.join(missing)}: add them"
-    obs.arch, obs.arch_error = _architecture(spec, creds, ns)
+            hf_token = data[tref.key]
+    obs.secret_missing = "; ".join(missing) or None
+    obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token)
     obs.fleet = read_fleet(*kube.fleet_objects())
 
     run = status.history[-1] if status.history else None

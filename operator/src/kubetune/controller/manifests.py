@@ -197,6 +197,9 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig) -> list[di
             {"name": "AWS_SECRET_ACCESS_KEY",
              "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.secret_access_key_key}}},
         ]
+    if spec.model.token_secret:
+        t = spec.model.token_secret
+        env += [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": t.name, "key": t.key}}}]
     r = spec.resources
     if r.nodes > 1:
         # torchrun/accelerate rendezvous from the Indexed Job: rank 0's stable DNS name via the headless Service.

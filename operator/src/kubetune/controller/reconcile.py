@@ -51,7 +51,7 @@ class Observed:
     spec_error: str | None = None
     status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
     fleet: list[FleetNode] = field(default_factory=list)
-    secret_missing: str | None = None  # message when spec.storage.credentialsSecret is absent
+    secret_missing: str | None = None  # message when a Secret the spec names (or its key) is absent
     arch: Any = None  # estimator Architecture
     arch_error: str | None = None
     job: dict | None = None  # the current run's batch/v1 Job
@@ -215,13 +215,14 @@ def reconcile(obs: Observed, now: datetime, image: str = manifests.DEFAULT_IMAGE
 
 
 def _validate(b: _Builder, obs: Observed) -> bool:
+    # A missing Secret first: without a token a gated model's config.json cannot be read either.
+    if obs.secret_missing:
+        b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
+        return False
     if obs.arch is None:
         b.cond("Validated", False, "ModelConfigUnavailable",
                f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
                "make its config.json readable, or set spec.model.architecture.", warn=True)
-        return False
-    if obs.secret_missing:
-        b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
         return False
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
     first = not any(c.type == "Validated" for c in b.obs.status.conditions)

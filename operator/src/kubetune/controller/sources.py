@@ -55,7 +55,7 @@ def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str)
         return None
 
 
-def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None) -> str:
+def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None) -> str:
     """config.json text for a model that is not in the catalog. Raises ValueError with a message
     naming spec.model.uri when it cannot be read."""
     uri = spec.model.uri
@@ -69,13 +69,22 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None) -> str
         except (ClientError, BotoCoreError) as e:
             raise ValueError(f"cannot read s3://{bucket}/{key}: {e}") from None
     if uri.startswith("hf://"):
+        import urllib.error
         import urllib.request
 
         name, _, rev = uri[len("hf://"):].partition("@")
         url = f"https://huggingface.co/{name}/resolve/{rev or 'main'}/config.json"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {hf_token}"} if hf_token else {})
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 (fixed https host)
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (fixed https host)
                 return r.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                why = ("the token in spec.model.tokenSecret has no access to it: accept the model's licence on the Hub "
+                       "with that account" if hf_token else
+                       "it is gated or private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
+                raise ValueError(f"the Hugging Face Hub refused its config.json (HTTP {e.code}): {why}") from None
+            raise ValueError(f"the Hugging Face Hub did not serve its config.json ({e})") from None
         except OSError as e:
             raise ValueError(f"the Hugging Face Hub did not serve its config.json ({e})") from None
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
