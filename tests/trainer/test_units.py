@@ -283,6 +283,48 @@ def test_weights_that_do_not_load_are_named_by_file_and_tensor(tmp_path, model_d
         assert message in e.value.message, (breaks, e.value.message)
 
 
+def test_what_the_hub_refuses_fails_the_job_and_what_may_pass_is_retried(tmp_path, monkeypatch):
+    """huggingface_hub's own classification of real Hub responses, then ours: ModelLoadFailed (exit
+    4: the Job fails at once) when retrying cannot help, StorageFailed (5: the pod is retried)."""
+    import httpx2
+    from huggingface_hub.utils import hf_raise_for_status
+
+    from kubetune_trainer.model import hub_error, resolve_model_dir
+
+    def refused(code, error_code=None):
+        req = httpx2.Request("GET", "https://huggingface.co/api/models/meta-llama/Llama-3.1-8B/revision/main")
+        try:
+            hf_raise_for_status(httpx2.Response(code, headers={"X-Error-Code": error_code} if error_code else {}, request=req))
+        except Exception as e:
+            return e
+        raise AssertionError("not refused")
+
+    uri = "hf://meta-llama/Llama-3.1-8B"
+    cases = [
+        (refused(401, "GatedRepo"), False, ModelLoadFailed,
+         "gated on the Hugging Face Hub, and no token was given: set spec.model.tokenSecret"),
+        (refused(403, "GatedRepo"), True, ModelLoadFailed, "the token in spec.model.tokenSecret has no access: accept the model's licence"),
+        (refused(404, "RepoNotFound"), False, ModelLoadFailed, "no such model on the Hugging Face Hub, or it is private"),
+        (refused(404, "RevisionNotFound"), True, ModelLoadFailed, "the Hub has no such revision"),
+        (refused(503), True, StorageFailed, "cannot download from the Hugging Face Hub: HfHubHTTPError"),
+    ]
+    for e, have_token, kind, message in cases:
+        got = hub_error(uri, e, have_token)
+        assert type(got) is kind and got.message.startswith(f"{uri}: ") and message in got.message, (e, got)
+    # and no Hub at all (a refused connection, for real): a retry may find it
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(StorageFailed, match=r"^hf://org/model: cannot download from the Hugging Face Hub: .*Connect"):
+        resolve_model_dir("hf://org/model", None, tmp_path)
+
+
+def test_the_job_fails_at_once_on_a_reason_a_retry_cannot_fix():
+    from kubetune.controller.manifests import NON_RETRYABLE_EXIT_CODES
+    from kubetune_trainer.cli import EXIT
+
+    assert sorted(NON_RETRYABLE_EXIT_CODES) == sorted(EXIT[r] for r in ("BadConfig", "BadData", "ModelLoadFailed"))
+    assert EXIT["StorageFailed"] not in NON_RETRYABLE_EXIT_CODES and EXIT["Error"] not in NON_RETRYABLE_EXIT_CODES
+
+
 def test_a_packed_row_computes_what_its_sequences_compute_apart(tmp_path, model_dir):
     """Packed sequences must not attend to each other. The trainer's model gets position_ids and no
     attention mask; transformers turns them into a block-diagonal mask only with the cache off."""

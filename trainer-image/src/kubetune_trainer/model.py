@@ -49,19 +49,39 @@ def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], No
             return Path(snapshot_download(repo, revision=rev or None, cache_dir=str(work_dir / "hf"),
                                           allow_patterns=patterns))
         except Exception as e:
-            raise ModelLoadFailed(f"{uri}: cannot download from the Hugging Face Hub: {st.short_error(e)}") from None
+            raise hub_error(uri, e, bool(os.environ.get("HF_TOKEN"))) from None
     local = st.local_path_of(uri)
     if local is not None:
         if not local.is_dir():
             raise ModelLoadFailed(f"{uri}: no such model directory ({local})")
         return local
     dest = work_dir / "model"
-    try:
-        st.download_tree(st.open_location(uri, storage), dest, log=log,
-                         only=None if weights else (lambda key: not key.endswith(WEIGHT_FILES)))
-    except StorageFailed as e:
-        raise ModelLoadFailed(f"{uri}: {e.message}") from None
+    # a StorageFailed goes up as it is: S3 trouble may pass, and the Job retries the pod for it
+    st.download_tree(st.open_location(uri, storage), dest, log=log,
+                     only=None if weights else (lambda key: not key.endswith(WEIGHT_FILES)))
     return dest
+
+
+def hub_error(uri: str, e: Exception, have_token: bool) -> Exception:
+    """What the Hub said, as the trainer's reason: ModelLoadFailed when retrying cannot help (the
+    Job fails at once), StorageFailed when it may (network, a 5xx: the Job retries the pod)."""
+    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    from kubetune_trainer.storage import short_error
+
+    if isinstance(e, GatedRepoError):
+        return ModelLoadFailed(f"{uri}: gated on the Hugging Face Hub, and " + (
+            "the token in spec.model.tokenSecret has no access: accept the model's licence on the Hub with that account"
+            if have_token else "no token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+    if isinstance(e, RevisionNotFoundError):
+        return ModelLoadFailed(f"{uri}: the Hub has no such revision (the part after @)")
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelLoadFailed(f"{uri}: no such model on the Hugging Face Hub" + (
+            "" if have_token else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+    if isinstance(e, (DisabledRepoError, HFValidationError)):
+        return ModelLoadFailed(f"{uri}: {short_error(e)}")
+    return StorageFailed(f"{uri}: cannot download from the Hugging Face Hub: {short_error(e)}")
 
 
 def check_model_dir(model_dir: Path, uri: str, trust_remote_code: bool = False) -> dict:
@@ -225,6 +245,8 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     except torch.OutOfMemoryError:
         raise
     except Exception as e:
+        if "CUDA" in str(e):
+            raise  # a GPU fault, not the model: Error, which the Job retries (maybe on another node)
         try:
             found = weight_problems(model_dir, trust)
         except Exception:  # the diagnosis is a courtesy; transformers' line stands without it

@@ -36,7 +36,8 @@ UID = 1000
 # Trainer exit codes that retrying the same pod cannot fix (bad config, bad data): fail the Job at
 # once instead of burning backoffLimit. OOM is handled by the operator (retry with fit advice).
 # Codes are the trainer's (kubetune_trainer.cli.EXIT).
-NON_RETRYABLE_EXIT_CODES = (2, 3)
+# BadConfig, BadData, ModelLoadFailed: the same pod would fail the same way; StorageFailed (5) may pass.
+NON_RETRYABLE_EXIT_CODES = (2, 3, 4)
 OOM_EXIT_CODES = (6, 137)
 # The trainer's SIGTERM handler saves a checkpoint at the end of the current step and uploads it within this.
 GRACE_SECONDS = 60  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer

@@ -413,6 +413,7 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
                        "training.gradientCheckpointing, or use method qlora.",
         "BadData": "Fix the dataset lines named above (or set dataset.onBadLine: skip) and apply the spec again.",
         "BadConfig": "Fix the spec field named above and apply it again.",
+        "ModelLoadFailed": "Fix spec.model (the URI, its files, spec.model.tokenSecret) as named above and apply it again.",
         "DeadlineExceeded": "The run hit runPolicy.activeDeadlineSeconds; raise it to let it finish.",
         "Preempted": "Its pods were stopped more often than runPolicy.backoffLimit allows without a disruption "
                      "condition (kubectl delete pod does not set one); raise runPolicy.backoffLimit. This run's "
