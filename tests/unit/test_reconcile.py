@@ -186,6 +186,17 @@ def test_bad_data_failure_names_the_fix():
     assert "lines 3, 7" in c.message and "dataset.onBadLine: skip" in c.message
 
 
+def test_a_model_the_trainer_cannot_load_fails_at_once_naming_the_fix():
+    _, st = started()
+    term = {"reason": "ModelLoadFailed", "message": "hf://meta-llama/Llama-3.1-8B: gated on the Hugging Face Hub, and no "
+                                                    "token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"}
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]),
+                            pods=[pod("Failed", {"exitCode": 4, "message": json.dumps(term)})]), T0)
+    c = cond(out.status, "Failed")
+    assert out.status.phase == "Failed" and c.reason == "ModelLoadFailed" and out.create == []
+    assert "set spec.model.tokenSecret" in c.message and "Fix spec.model" in c.message
+
+
 def test_oom_retries_once_with_half_the_batch_then_fails():
     _, st = started()
     oom_pod = pod("Failed", {"exitCode": 137, "reason": "OOMKilled"})
