@@ -246,6 +246,36 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
     wait_phase(ground, namespace, "no-token", "Running", 60)
 
 
+def test_a_pvc_dataset_waits_for_its_claim_then_is_mounted_read_only(ground, operator, ns):
+    obj = small_gpu_job("pvc-data")
+    obj["spec"]["dataset"]["uri"] = "pvc://train-data/alpaca/train.jsonl"
+    apply(ground, ns, obj)
+    got = wait_for("VolumeClaimNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "VolumeClaimNotFound"
+                                                   else None)(ftj(ground, ns, "pvc-data")), 60)
+    assert cond(got, "Validated")["message"] == (
+        f"PersistentVolumeClaim 'train-data' (spec.dataset.uri) does not exist in namespace {ns}: create it, or fix the URI")
+    assert got["status"]["phase"] == "Pending"
+    # a statically provisioned volume; the real PV controller binds the claim to it
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-train-data"},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                   "hostPath": {"path": "/tmp/kubetune-train-data"},
+                   "claimRef": {"namespace": ns, "name": "train-data"}}}
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "train-data"},
+           "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": f"{ns}-train-data",
+                    "resources": {"requests": {"storage": "1Gi"}}}}
+    ground.kubectl("apply", "-f", "-", stdin=json.dumps(pv))
+    ground.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(pvc))
+    try:
+        wait_phase(ground, ns, "pvc-data", "Running", 90)
+        pod = ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=pvc-data")["items"][0]
+        vol = next(v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v)
+        assert vol["persistentVolumeClaim"] == {"claimName": "train-data", "readOnly": True}
+        mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == vol["name"])
+        assert mount == {"name": vol["name"], "mountPath": "/mnt/pvc/train-data", "readOnly": True}
+    finally:
+        ground.kubectl("delete", "pv", f"{ns}-train-data", "--wait=false", check=False)
+
+
 def malformed_specs() -> list[tuple[str, dict]]:
     """50 broken FineTuneJobs: each must be refused by the apiserver or marked Failed/Pending with a
     message, and none may crash the operator."""

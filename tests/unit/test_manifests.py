@@ -112,6 +112,23 @@ def test_a_gated_hf_model_gets_its_token_from_the_secret_and_nowhere_else():
     assert "HF_TOKEN" not in {e["name"] for e in kids()["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_pvc_models_and_data_are_mounted_read_only_where_the_trainer_reads_them():
+    st = __import__("pytest").importorskip("kubetune_trainer.storage")
+    s = spec(model={"uri": "pvc://models/llama-3.1-8b"},
+             dataset={"uri": "pvc://datasets/alpaca/train.jsonl", "validationUri": "pvc://datasets/alpaca/val.jsonl"})
+    assert m.volume_claims(s) == {"models": "spec.model.uri", "datasets": "spec.dataset.uri"}
+    pod = kids(s)["Job"]["spec"]["template"]["spec"]
+    mounts = {v["name"]: v for v in pod["containers"][0]["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    for claim in ("models", "datasets"):
+        name = next(n for n, v in vols.items() if v.get("persistentVolumeClaim", {}).get("claimName") == claim)
+        assert vols[name]["persistentVolumeClaim"]["readOnly"] is True and mounts[name]["readOnly"] is True
+        assert mounts[name]["mountPath"] == f"{m.PVC_ROOT}/{claim}"
+    # the trainer (KUBETUNE_PVC_ROOT in its image) resolves the URIs to paths under those mounts
+    assert str(st.local_path_of("pvc://models/llama-3.1-8b")) == f"{m.PVC_ROOT}/models/llama-3.1-8b"
+    assert not any("persistentVolumeClaim" in v for v in kids()["Job"]["spec"]["template"]["spec"]["volumes"])
+
+
 def test_multi_node_is_indexed_with_headless_service():
     s = spec(resources={"nodes": 2, "gpusPerNode": 8})
     k = kids(s, PLACED)

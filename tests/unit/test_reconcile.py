@@ -125,6 +125,14 @@ def test_qlora_under_fsdp_that_fits_only_once_sharded_says_the_load_sets_the_pea
     assert cond(reconcile(observe(spec), T0).status, "Scheduled").reason == "Placed"
 
 
+def test_a_missing_volume_claim_waits_in_pending_naming_it():
+    msg = "PersistentVolumeClaim 'models' (spec.model.uri) does not exist in namespace ml: create it, or fix the URI"
+    out = reconcile(observe(claim_missing=msg), T0)
+    c = cond(out.status, "Validated")
+    assert out.status.phase == "Pending" and c.reason == "VolumeClaimNotFound" and c.message == msg
+    assert out.requeue_after and out.create == []
+
+
 def test_missing_secret_and_unknown_model_wait_in_pending():
     out = reconcile(observe(secret_missing="Secret 's3' does not exist"), T0)
     assert out.status.phase == "Pending" and cond(out.status, "Validated").reason == "SecretNotFound"

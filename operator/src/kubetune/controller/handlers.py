@@ -178,6 +178,9 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
         else:
             hf_token = data[tref.key]
     obs.secret_missing = "; ".join(missing) or None
+    absent = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
+              for claim, where in manifests.volume_claims(spec).items() if not kube.volume_claim_exists(ns, claim)]
+    obs.claim_missing = "; ".join(absent) or None
     obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token)
     obs.fleet = read_fleet(*kube.fleet_objects())
 

@@ -179,6 +179,10 @@ def _delete(fn, name: str, namespace: str, **kw) -> None:
 # --- what reconcile reads ----------------------------------------------------------------------
 
 
+def volume_claim_exists(namespace: str, name: str) -> bool:
+    return _get(core().read_namespaced_persistent_volume_claim, name, namespace) is not None
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     s = _get(core().read_namespaced_secret, name, namespace)
     if s is None:

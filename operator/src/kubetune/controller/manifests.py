@@ -223,9 +223,23 @@ def ephemeral_storage(r, resolved: Resolved) -> str | None:
     return f"{-(-n // 2**30)}Gi" if n else None
 
 
+PVC_ROOT = "/mnt/pvc"  # the trainer image's KUBETUNE_PVC_ROOT: pvc://claim/path is PVC_ROOT/claim/path
+
+
+def volume_claims(spec: FineTuneJobSpec) -> dict[str, str]:
+    """The PersistentVolumeClaims the job reads (pvc:// model and data URIs): claim -> the field."""
+    out: dict[str, str] = {}
+    for field_name, uri in (("spec.model.uri", spec.model.uri), ("spec.dataset.uri", spec.dataset.uri),
+                            ("spec.dataset.validationUri", spec.dataset.validation_uri)):
+        if uri and uri.startswith("pvc://"):
+            out.setdefault(uri[len("pvc://"):].split("/", 1)[0], field_name)
+    return out
+
+
 def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
         image: str = DEFAULT_IMAGE) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
+    claims = volume_claims(spec)  # read-only: models and data are read in place, outputs go to S3
     limits: dict[str, str] = {"memory": str(r.memory)}
     requests: dict[str, str] = {"cpu": str(r.cpu), "memory": str(r.memory)}
     if disk := ephemeral_storage(r, cfg.resolved):
@@ -247,7 +261,8 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             # The root filesystem is read-only; /tmp (HOME, HF cache, compile caches, local checkpoints) is not.
             {"name": "work", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
+        ] + [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}
+             for i, claim in enumerate(claims)],
         "terminationMessagePath": "/dev/termination-log",
         # The trainer writes a JSON TrainerTermination there; fall back to the log tail if it crashed first.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -270,7 +285,8 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             {"name": "config", "configMap": {"name": rid.config_name}},
             {"name": "work", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-        ],
+        ] + [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+             for i, claim in enumerate(claims)],
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": GRACE_SECONDS,
     }

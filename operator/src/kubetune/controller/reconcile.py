@@ -52,6 +52,7 @@ class Observed:
     status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
     fleet: list[FleetNode] = field(default_factory=list)
     secret_missing: str | None = None  # message when a Secret the spec names (or its key) is absent
+    claim_missing: str | None = None  # message when a pvc:// URI's PersistentVolumeClaim is absent
     arch: Any = None  # estimator Architecture
     arch_error: str | None = None
     job: dict | None = None  # the current run's batch/v1 Job
@@ -218,6 +219,9 @@ def _validate(b: _Builder, obs: Observed) -> bool:
     # A missing Secret first: without a token a gated model's config.json cannot be read either.
     if obs.secret_missing:
         b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
+        return False
+    if obs.claim_missing:
+        b.cond("Validated", False, "VolumeClaimNotFound", obs.claim_missing, warn=True)
         return False
     if obs.arch is None:
         b.cond("Validated", False, "ModelConfigUnavailable",

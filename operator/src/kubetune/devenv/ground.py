@@ -37,6 +37,8 @@ CONTROLLERS = (
     "node-lifecycle-controller", "taint-eviction-controller",
     # Fills the built-in aggregated roles (view, edit, admin); without it `view` grants nothing.
     "clusterrole-aggregation-controller",
+    # Binds PersistentVolumeClaims to volumes: a pod reading a pvc:// model or dataset needs it bound.
+    "persistentvolume-binder-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
