@@ -94,7 +94,7 @@ BAD = [
      "set dataset.validationUri or dataset.validationSplit, not both"),
     ("model-uri-missing", {"spec.model.uri": _DELETE}, "spec.model.uri: Required value"),
     ("token-secret-on-s3-model", {"spec.model.tokenSecret": {"name": "hf"}},
-     "model.tokenSecret is for hf:// models; an s3:// model uses spec.storage.credentialsSecret"),
+     "model.tokenSecret is for hf:// models and datasets; s3:// uses spec.storage.credentialsSecret"),
     ("freeze-without-layers", {"spec.method.type": "freeze", "spec.method.lora": _DELETE},
      "method.freeze (with trainableLayers) is required for method.type freeze and invalid otherwise"),
     ("name-too-long", {"metadata.name": "x" * 51}, "metadata.name must be at most 50 characters"),

@@ -284,12 +284,13 @@ def test_weights_that_do_not_load_are_named_by_file_and_tensor(tmp_path, model_d
 
 
 def test_what_the_hub_refuses_fails_the_job_and_what_may_pass_is_retried(tmp_path, monkeypatch):
-    """huggingface_hub's own classification of real Hub responses, then ours: ModelLoadFailed (exit
-    4: the Job fails at once) when retrying cannot help, StorageFailed (5: the pod is retried)."""
+    """huggingface_hub's own classification of real Hub responses, then ours: ModelLoadFailed or
+    BadData (exit 4, 3: the Job fails at once) when retrying cannot help, StorageFailed (5: the pod
+    is retried) when it may."""
     import httpx2
     from huggingface_hub.utils import hf_raise_for_status
 
-    from kubetune_trainer.model import hub_error, resolve_model_dir
+    from kubetune_trainer.model import resolve_model_dir
 
     def refused(code, error_code=None):
         req = httpx2.Request("GET", "https://huggingface.co/api/models/meta-llama/Llama-3.1-8B/revision/main")
@@ -303,18 +304,23 @@ def test_what_the_hub_refuses_fails_the_job_and_what_may_pass_is_retried(tmp_pat
     cases = [
         (refused(401, "GatedRepo"), False, ModelLoadFailed,
          "gated on the Hugging Face Hub, and no token was given: set spec.model.tokenSecret"),
-        (refused(403, "GatedRepo"), True, ModelLoadFailed, "the token in spec.model.tokenSecret has no access: accept the model's licence"),
+        (refused(403, "GatedRepo"), True, ModelLoadFailed, "the token in spec.model.tokenSecret has no access: accept the licence"),
         (refused(404, "RepoNotFound"), False, ModelLoadFailed, "no such model on the Hugging Face Hub, or it is private"),
         (refused(404, "RevisionNotFound"), True, ModelLoadFailed, "the Hub has no such revision"),
-        (refused(503), True, StorageFailed, "cannot download from the Hugging Face Hub: HfHubHTTPError"),
+        (refused(503), True, StorageFailed, "cannot download the model from the Hugging Face Hub: HfHubHTTPError"),
     ]
     for e, have_token, kind, message in cases:
-        got = hub_error(uri, e, have_token)
+        monkeypatch.setenv("HF_TOKEN", "hf_x") if have_token else monkeypatch.delenv("HF_TOKEN", raising=False)
+        got = st.hub_error(uri, e, ModelLoadFailed)
         assert type(got) is kind and got.message.startswith(f"{uri}: ") and message in got.message, (e, got)
+    got = st.hub_error("hf://org/data", refused(404, "RepoNotFound"), BadData, "dataset")
+    assert type(got) is BadData and "hf://org/data: no such dataset on the Hugging Face Hub" in got.message
     # and no Hub at all (a refused connection, for real): a retry may find it
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    with pytest.raises(StorageFailed, match=r"^hf://org/model: cannot download from the Hugging Face Hub: .*Connect"):
+    with pytest.raises(StorageFailed, match=r"^hf://org/model: cannot download the model from the Hugging Face Hub: .*Connect"):
         resolve_model_dir("hf://org/model", None, tmp_path)
+    with pytest.raises(StorageFailed, match=r"^hf://org/data: cannot download the dataset from the Hugging Face Hub"):
+        dt.resolve_files("hf://org/data", None, tmp_path)
 
 
 def test_the_job_fails_at_once_on_a_reason_a_retry_cannot_fix():

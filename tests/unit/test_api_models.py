@@ -98,7 +98,7 @@ def test_model_uri_schemes_accepted(uri):
         ({"spec__storage__credentialsSecret": {"name": "s3", "accessKey": "AKIA..."}}, "spec.storage.credentialsSecret.accessKey: unknown field"),
         ({"spec__model__tokenSecret": {"name": "hf", "token": "hf_x"}}, "spec.model.tokenSecret.token: unknown field"),
         ({"spec__model__uri": "s3://models/llama/", "spec__model__tokenSecret": {"name": "hf"}},
-         "spec.model: model.tokenSecret is for hf:// models; an s3:// model uses spec.storage.credentialsSecret"),
+         "spec: model.tokenSecret is for hf:// models and datasets; s3:// uses spec.storage.credentialsSecret"),
         ({"metadata__name": "x" * 51}, "metadata.name: String should have at most 50 characters"),
     ],
 )
@@ -195,3 +195,11 @@ def test_trainer_config_embeds_the_same_spec():
     })
     assert cfg.spec == spec and cfg.kind == "TrainerConfig"
     assert TrainerConfig.model_validate(cfg.dump()) == cfg
+
+
+def test_a_hub_token_serves_a_gated_model_or_a_gated_dataset():
+    s = parse_job(job(spec__model__tokenSecret={"name": "hf"})).spec
+    assert (s.model.token_secret.name, s.model.token_secret.key) == ("hf", "HF_TOKEN")
+    s = parse_job(job(spec__model__uri="s3://models/llama/", spec__model__tokenSecret={"name": "hf", "key": "token"},
+                      spec__dataset__uri="hf://org/gated-data")).spec
+    assert s.model.token_secret.key == "token"

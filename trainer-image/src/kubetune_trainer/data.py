@@ -102,7 +102,9 @@ def _hf_dataset_files(uri: str, work_dir: Path) -> list[tuple[str, Path]]:
         path = Path(snapshot_download(repo, repo_type="dataset", revision=rev or None, allow_patterns=["*.jsonl"],
                                       cache_dir=str(work_dir / "hf")))
     except Exception as e:
-        raise StorageFailed(f"{uri}: cannot download the dataset from the Hugging Face Hub: {e}") from None
+        from kubetune_trainer.storage import hub_error
+
+        raise hub_error(uri, e, BadData, "dataset") from None
     files = sorted(path.rglob("*.jsonl"))
     if not files:
         raise BadData(f"{uri}: the dataset has no .jsonl files")

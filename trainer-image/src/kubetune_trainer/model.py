@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kubetune_trainer.errors import BadConfig, ModelLoadFailed, StorageFailed
+from kubetune_trainer.errors import BadConfig, ModelLoadFailed
 
 IGNORE = -100
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,7 +49,7 @@ def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], No
             return Path(snapshot_download(repo, revision=rev or None, cache_dir=str(work_dir / "hf"),
                                           allow_patterns=patterns))
         except Exception as e:
-            raise hub_error(uri, e, bool(os.environ.get("HF_TOKEN"))) from None
+            raise st.hub_error(uri, e, ModelLoadFailed) from None
     local = st.local_path_of(uri)
     if local is not None:
         if not local.is_dir():
@@ -60,28 +60,6 @@ def resolve_model_dir(uri: str, storage, work_dir: Path, log: Callable[[str], No
     st.download_tree(st.open_location(uri, storage), dest, log=log,
                      only=None if weights else (lambda key: not key.endswith(WEIGHT_FILES)))
     return dest
-
-
-def hub_error(uri: str, e: Exception, have_token: bool) -> Exception:
-    """What the Hub said, as the trainer's reason: ModelLoadFailed when retrying cannot help (the
-    Job fails at once), StorageFailed when it may (network, a 5xx: the Job retries the pod)."""
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    from kubetune_trainer.storage import short_error
-
-    if isinstance(e, GatedRepoError):
-        return ModelLoadFailed(f"{uri}: gated on the Hugging Face Hub, and " + (
-            "the token in spec.model.tokenSecret has no access: accept the model's licence on the Hub with that account"
-            if have_token else "no token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
-    if isinstance(e, RevisionNotFoundError):
-        return ModelLoadFailed(f"{uri}: the Hub has no such revision (the part after @)")
-    if isinstance(e, RepositoryNotFoundError):
-        return ModelLoadFailed(f"{uri}: no such model on the Hugging Face Hub" + (
-            "" if have_token else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
-    if isinstance(e, (DisabledRepoError, HFValidationError)):
-        return ModelLoadFailed(f"{uri}: {short_error(e)}")
-    return StorageFailed(f"{uri}: cannot download from the Hugging Face Hub: {short_error(e)}")
 
 
 def check_model_dir(model_dir: Path, uri: str, trust_remote_code: bool = False) -> dict:

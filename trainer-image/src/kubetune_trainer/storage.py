@@ -401,6 +401,28 @@ def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
             time.sleep(delay)
 
 
+def hub_error(uri: str, e: Exception, permanent: type, kind: str = "model") -> Exception:
+    """What the Hugging Face Hub said, as the trainer's reason: ``permanent`` (ModelLoadFailed,
+    BadData: the Job fails at once) when retrying cannot help, StorageFailed when it may (network,
+    a 5xx: the Job retries the pod)."""
+    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    have_token = bool(os.environ.get("HF_TOKEN"))
+    if isinstance(e, GatedRepoError):
+        return permanent(f"{uri}: gated on the Hugging Face Hub, and " + (
+            "the token in spec.model.tokenSecret has no access: accept the licence on the Hub with that account"
+            if have_token else "no token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+    if isinstance(e, RevisionNotFoundError):
+        return permanent(f"{uri}: the Hub has no such revision (the part after @)")
+    if isinstance(e, RepositoryNotFoundError):
+        return permanent(f"{uri}: no such {kind} on the Hugging Face Hub" + (
+            "" if have_token else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+    if isinstance(e, (DisabledRepoError, HFValidationError)):
+        return permanent(f"{uri}: {short_error(e)}")
+    return StorageFailed(f"{uri}: cannot download the {kind} from the Hugging Face Hub: {short_error(e)}")
+
+
 def short_error(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0] if s else ''}"[:300]

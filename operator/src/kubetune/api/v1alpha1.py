@@ -114,17 +114,10 @@ class ModelSource(KModel):
     trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the model (transformers trust_remote_code).")
     token_secret: TokenSecretRef | None = Field(
         None,
-        description="Secret with a Hugging Face token, for gated or private hf:// models (meta-llama/*): "
-        "the trainer gets it as HF_TOKEN and the operator reads the model's config.json with it.",
+        description="Secret with a Hugging Face token, for gated or private hf:// models (meta-llama/*) and "
+        "datasets: the trainer gets it as HF_TOKEN and the operator reads the model's config.json with it.",
     )
 
-    rules: ClassVar = (
-        Rule(
-            cel="!has(self.tokenSecret) || self.uri.startsWith('hf://')",
-            message="model.tokenSecret is for hf:// models; an s3:// model uses spec.storage.credentialsSecret",
-            check=lambda m: m.token_secret is None or m.uri.startswith("hf://"),
-        ),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +526,13 @@ class FineTuneJobSpec(KModel):
             cel="!has(self.output) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter || self.method.type in ['lora', 'qlora']",
             message="output.mergeAdapter is only valid with method.type lora or qlora",
             check=lambda s: not s.output.merge_adapter or s.method.type in ("lora", "qlora"),
+        ),
+        Rule(
+            cel="!has(self.model.tokenSecret) || self.model.uri.startsWith('hf://') || self.dataset.uri.startsWith('hf://') "
+            "|| (has(self.dataset.validationUri) && self.dataset.validationUri.startsWith('hf://'))",
+            message="model.tokenSecret is for hf:// models and datasets; s3:// uses spec.storage.credentialsSecret",
+            check=lambda s: s.model.token_secret is None
+            or any((u or "").startswith("hf://") for u in (s.model.uri, s.dataset.uri, s.dataset.validation_uri)),
         ),
         Rule(
             cel="self.method.type != 'qlora' || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
