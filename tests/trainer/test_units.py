@@ -281,6 +281,10 @@ def test_weights_that_do_not_load_are_named_by_file_and_tensor(tmp_path, model_d
         with pytest.raises(ModelLoadFailed) as e:
             build_model(plan_for(parse_config(raw)), spec, d, torch.device("cpu"))
         assert message in e.value.message, (breaks, e.value.message)
+    raw["spec"]["model"]["uri"] = "hf://org/pickled"  # the Hub snapshot has only a .bin, which is not fetched
+    with pytest.raises(ModelLoadFailed, match=r"^hf://org/pickled: no weight files .*only \*\.safetensors are downloaded"):
+        build_model(plan_for(parse_config(raw)), parse_config(raw).spec, _broken_copy(model_dir, tmp_path / "hub", drop=["model.safetensors"]),
+                    torch.device("cpu"))
 
 
 def test_what_the_hub_refuses_fails_the_job_and_what_may_pass_is_retried(tmp_path, monkeypatch):

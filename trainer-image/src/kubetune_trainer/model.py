@@ -206,7 +206,10 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
     random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
     if place != "meta" and not has_weights and not random_init:
-        raise ModelLoadFailed(f"{spec.model.uri}: no weight files (*.safetensors or *.bin) beside config.json")
+        hub = spec.model.uri.startswith("hf://")
+        raise ModelLoadFailed(f"{spec.model.uri}: no weight files (*.safetensors or *.bin) beside config.json" + (
+            "; from the Hub only *.safetensors are downloaded (a pickled .bin can run code when loaded): use a "
+            "revision with safetensors weights, or convert it and give an s3:// copy" if hub else ""))
     try:
         if place == "meta" or random_init:
             cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
