@@ -137,6 +137,12 @@ def main() -> int:
                                 "yaml", f"--from-literal=AWS_ACCESS_KEY_ID={s3['access_key']}",
                                 f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['secret_key']}"], env=env, quiet=True).stdout
         run(kubectl + ["apply", "-f", "-"], env=env, stdin=secret, quiet=True)
+        # The meta-llama examples of step 5 name a Hub token Secret (the models are gated). Their
+        # architectures come from kubetune's catalog and KWOK plays their pods, so nothing reads the
+        # Hub here: a placeholder token does.
+        token = run(kubectl + ["create", "secret", "generic", "hf-token", "-n", NS, "--dry-run=client", "-o", "yaml",
+                               "--from-literal=HF_TOKEN=hf_placeholder"], env=env, quiet=True).stdout
+        run(kubectl + ["apply", "-f", "-"], env=env, stdin=token, quiet=True)
         run(kubectl + ["delete", "ftj", "--all", "-n", NS, "--wait=true"], env=env, check=False, quiet=True)
 
         say("4. kubectl apply -f examples/quickstart.yaml (LoRA on CPU, for real)")
