@@ -33,10 +33,10 @@ WORK_DIR = "/tmp/kubetune"
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9090
 UID = 1000
-# Trainer exit codes that retrying the same pod cannot fix (bad config, bad data): fail the Job at
-# once instead of burning backoffLimit. OOM is handled by the operator (retry with fit advice).
-# Codes are the trainer's (kubetune_trainer.cli.EXIT).
-# BadConfig, BadData, ModelLoadFailed: the same pod would fail the same way; StorageFailed (5) may pass.
+# Trainer exit codes that retrying the same pod cannot fix (bad config, bad data, a model that does
+# not load): fail the Job at once instead of burning backoffLimit. StorageFailed (5) may pass, so it
+# is retried. OOM is handled by the operator (retry with fit advice). Codes are the trainer's
+# (kubetune_trainer.cli.EXIT).
 NON_RETRYABLE_EXIT_CODES = (2, 3, 4)
 OOM_EXIT_CODES = (6, 137)
 # The trainer's SIGTERM handler saves a checkpoint at the end of the current step and uploads it within this.
