@@ -202,6 +202,11 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
         kw.update(quantization_config=q, device_map={"": device.index or 0})
+    elif place == "device":
+        # Straight onto this process's device, tensor by tensor. Read into host memory first, every
+        # process of a node would hold the whole model there at once (DDP on 8 GPUs, an 8B model:
+        # 8 x 16 GB of host RAM), which is what gets trainer pods OOM-killed before the first step.
+        kw["device_map"] = {"": device.index or 0} if on_cuda else {"": "cpu"}
 
     has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
     random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
@@ -234,8 +239,6 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
             found = []
         detail = "; ".join(found) if found else _short(e)
         raise ModelLoadFailed(f"cannot load the model from {spec.model.uri}: {detail}") from None
-    if plan.method != "qlora" and place == "device":
-        model.to(device)
     model.config.use_cache = False
 
     for p in model.parameters():
