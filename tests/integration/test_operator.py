@@ -198,8 +198,10 @@ def test_spec_change_while_running_queues_the_next_run(ground, operator, ns):
 
 def test_oom_sets_reason_and_retries_once_with_a_smaller_batch(ground, operator, ns):
     obj = small_gpu_job("oom")
-    obj["spec"]["resources"]["podAnnotations"] = {"kwok.kubetune.io/exit-code": "137",
-                                                   "kwok.kubetune.io/reason": "OOMKilled",
+    # what the trainer does on CUDA OOM: exit 6 with its termination JSON
+    term = {"reason": "OutOfMemory", "message": "CUDA out of memory at step 1: tried to allocate 2.00 GiB"}
+    obj["spec"]["resources"]["podAnnotations"] = {"kwok.kubetune.io/exit-code": "6",
+                                                   "kwok.kubetune.io/message": json.dumps(term),
                                                    "pod-complete.stage.kwok.x-k8s.io/delay": "1s"}
     apply(ground, ns, obj)
     got = wait_for("OOM retry run", lambda: (lambda o: o if len(o.get("status", {}).get("history", [])) >= 2 else None)(
@@ -212,6 +214,19 @@ def test_oom_sets_reason_and_retries_once_with_a_smaller_batch(ground, operator,
     got = wait_phase(ground, ns, "oom", "Failed", 90)  # the retry OOMs too (same annotation): no third run
     assert cond(got, "Failed")["reason"] == "OutOfMemory" and len(got["status"]["history"]) == 2
     assert operator.metric("kubetune_runs_oom_total") >= 2
+
+
+def test_a_kernel_oom_kill_asks_for_host_memory_and_is_not_retried(ground, operator, ns):
+    obj = small_gpu_job("host-oom")
+    obj["spec"]["resources"]["podAnnotations"] = {"kwok.kubetune.io/exit-code": "137",
+                                                   "kwok.kubetune.io/reason": "OOMKilled",
+                                                   "pod-complete.stage.kwok.x-k8s.io/delay": "1s"}
+    apply(ground, ns, obj)
+    got = wait_phase(ground, ns, "host-oom", "Failed", 90)
+    c = cond(got, "Failed")
+    assert c["reason"] == "HostOutOfMemory" and "Raise spec.resources.memory" in c["message"] and "(8Gi)" in c["message"]
+    assert len(got["status"]["history"]) == 1  # a smaller batch would not help: no OOM retry
+    assert operator.metric("kubetune_runs_failed_total", reason="HostOutOfMemory") >= 1
 
 
 def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):

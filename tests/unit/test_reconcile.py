@@ -207,7 +207,8 @@ def test_a_model_the_trainer_cannot_load_fails_at_once_naming_the_fix():
 
 def test_oom_retries_once_with_half_the_batch_then_fails():
     _, st = started()
-    oom_pod = pod("Failed", {"exitCode": 137, "reason": "OOMKilled"})
+    term = {"reason": "OutOfMemory", "message": "CUDA out of memory at step 3 (micro batch 4)"}
+    oom_pod = pod("Failed", {"exitCode": 6, "reason": "Error", "message": json.dumps(term)})
     out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]), pods=[oom_pod]), T0)
     s = out.status
     assert s.run == 2 and [h.reason for h in s.history] == ["OutOfMemoryRetry", None]
@@ -217,6 +218,21 @@ def test_oom_retries_once_with_half_the_batch_then_fails():
     again = reconcile(observe(status=s, job=job([("Failed", {})]), pods=[oom_pod]), T0)
     assert again.status.phase == "Failed" and cond(again.status, "Failed").reason == "OutOfMemory"
     assert again.create == [] and "microBatchSize" in cond(again.status, "Failed").message
+
+
+def test_a_pod_the_kernel_oom_killed_needs_host_memory_not_a_smaller_batch():
+    _, st = started()
+    killed = pod("Failed", {"exitCode": 137, "reason": "OOMKilled"})
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]), pods=[killed]), T0)
+    c = cond(out.status, "Failed")
+    assert out.status.phase == "Failed" and c.reason == "HostOutOfMemory" and out.create == []  # no retry
+    assert [h.reason for h in out.status.history] == ["HostOutOfMemory"]
+    assert "Raise spec.resources.memory" in c.message and "(32Gi)" in c.message
+    # the trainer's own CUDA OOM report wins over the exit code of a worker killed after it
+    term = {"reason": "OutOfMemory", "message": "CUDA out of memory"}
+    both = pod("Failed", {"exitCode": 137, "reason": "OOMKilled", "message": json.dumps(term)})
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]), pods=[both]), T0)
+    assert [h.reason for h in out.status.history] == ["OutOfMemoryRetry", None]
 
 
 def test_suspend_patches_the_job_and_resume_clears_it():

@@ -396,9 +396,10 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
             image: str) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
-    oom = _is_oom(obs.pods, term)
-    reason = "OutOfMemory" if oom else (term.reason if term and term.reason not in ("Completed", "Error")
-                                        else (jcond or {}).get("reason") or "TrainerFailed")
+    kind = _oom_kind(obs.pods, term)
+    oom = kind == "gpu"
+    reason = {"gpu": "OutOfMemory", "host": "HostOutOfMemory"}.get(kind) or (
+        term.reason if term and term.reason not in ("Completed", "Error") else (jcond or {}).get("reason") or "TrainerFailed")
     detail = (term.message if term and term.message else (jcond or {}).get("message")) or "the trainer Job failed"
     run.completion_time, run.reason = b.now, reason
     st.completion_time = b.now
@@ -415,6 +416,9 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
     hint = {
         "OutOfMemory": "The run ran out of memory. Lower training.microBatchSize or dataset.maxSeqLength, turn on "
                        "training.gradientCheckpointing, or use method qlora.",
+        "HostOutOfMemory": f"The kernel OOM-killed the trainer: it needs more host memory than spec.resources.memory "
+                           f"({spec.resources.memory}), so a smaller batch would not help. Raise spec.resources.memory: "
+                           "rank 0 reads the whole model into host memory under FSDP, and so does merging the adapter.",
         "BadData": "Fix the dataset lines named above (or set dataset.onBadLine: skip) and apply the spec again.",
         "BadConfig": "Fix the spec field named above and apply it again.",
         "ModelLoadFailed": "Fix spec.model (the URI, its files, spec.model.tokenSecret) as named above and apply it again.",
@@ -446,17 +450,20 @@ def _describe(overrides: dict) -> str:
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items())
 
 
-def _is_oom(pods: list[dict], term: TrainerTermination | None) -> bool:
+def _oom_kind(pods: list[dict], term: TrainerTermination | None) -> str | None:
+    """"gpu" when the trainer ran out of GPU memory (it reports that itself: exit 6, reason
+    OutOfMemory), "host" when the kernel OOM-killed the container (OOMKilled, 137): a cgroup limit
+    on host memory, which a smaller micro batch does not fix."""
     if term and term.reason == "OutOfMemory":
-        return True
+        return "gpu"
+    host = False
     for p in pods:
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             t = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
-            if t.get("reason") == "OOMKilled" or t.get("exitCode") in manifests.OOM_EXIT_CODES:
-                return True
             if "CUDA out of memory" in (t.get("message") or ""):
-                return True
-    return False
+                return "gpu"
+            host = host or t.get("reason") == "OOMKilled" or t.get("exitCode") == 137
+    return "host" if host else None
 
 
 def _termination(pods: list[dict]) -> TrainerTermination | None:
