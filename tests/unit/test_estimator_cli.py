@@ -114,6 +114,11 @@ def test_job_file_uses_kubetune_trainer_defaults(tmp_path, capsys):
     rc, out, _ = run(capsys, "-f", str(f))
     assert rc == 0 and "llama8b-lora" in out
     assert f"local disk     {disk / 2**30:.0f} GiB per trainer pod" in out
+    assert "host_model_bytes" not in d and "host memory" not in out  # one GPU: the model streams onto it
+    f.write_text(JOB + "  output:\n    mergeAdapter: true\n")
+    rc, out, _ = run(capsys, "-f", str(f), "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["host_model_bytes"] == e.total_params * 2 and "mergeAdapter" in d["host_model_why"]
 
 
 def test_job_file_with_auto_micro_batch(tmp_path, capsys):

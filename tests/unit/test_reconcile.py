@@ -133,6 +133,31 @@ def test_a_missing_volume_claim_waits_in_pending_naming_it():
     assert out.requeue_after and out.create == []
 
 
+def test_a_pod_too_small_to_hold_the_model_it_reads_whole_waits_instead_of_being_oom_killed():
+    # Llama-3.1-8B LoRA on 4 GPUs with FSDP: rank 0 reads all 16 GB into host memory
+    spec = copy.deepcopy(SPEC)
+    spec.update(model={"uri": "hf://meta-llama/Llama-3.1-8B"}, resources={"gpusPerNode": 4, "memory": "12Gi"})
+    spec["training"] = {**spec["training"], "sharding": "fsdp"}
+    out = reconcile(observe(spec), T0)
+    c = cond(out.status, "Validated")
+    assert out.status.phase == "Pending" and c.status == "False" and c.reason == "InsufficientHostMemory"
+    assert out.create == [] and out.status.estimate is not None
+    assert c.message.startswith("spec.resources.memory 12Gi cannot hold the whole model, 15.0 GiB, which the trainer "
+                                "reads into host memory (rank 0 reads it whole under FSDP)"), c.message
+    need = int(c.message.rsplit("at least ", 1)[1].removesuffix("Gi"))
+    assert 15.0 * 1.1 + 8 <= need < 15.0 * 1.1 + 10
+    spec["resources"]["memory"] = f"{need}Gi"
+    out = reconcile(observe(spec), T0)
+    assert cond(out.status, "Validated").status == "True" and out.status.phase in ("Starting", "Unschedulable")
+    # a single GPU streams the model onto itself: no host-memory floor; merging the adapter has one
+    one = copy.deepcopy(SPEC)
+    one["resources"] = {"gpusPerNode": 1, "memory": "1Gi"}
+    assert cond(reconcile(observe(one), T0).status, "Validated").status == "True"
+    one["output"] = {"mergeAdapter": True}
+    c = cond(reconcile(observe(one), T0).status, "Validated")
+    assert c.reason == "InsufficientHostMemory" and "model, 0.9 GiB, which the trainer reads into host memory (output.mergeAdapter loads it whole)" in c.message
+
+
 def test_missing_secret_and_unknown_model_wait_in_pending():
     out = reconcile(observe(secret_missing="Secret 's3' does not exist"), T0)
     assert out.status.phase == "Pending" and cond(out.status, "Validated").reason == "SecretNotFound"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubetune.api.base import quantity_to_float
 from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -35,6 +36,10 @@ from kubetune.controller import manifests
 from kubetune.controller.conditions import set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
+
+# Host memory over the whole model that a pod reading it whole must have (the tensors, and the
+# allocator's slack while loading).
+HOST_MARGIN = 1.1
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -79,6 +84,8 @@ class Decision:
     estimate: Any  # estimator Estimate at the chosen micro batch
     resolved: Resolved | None
     advice: list[str]
+    host_model_bytes: int = 0  # the whole model in host memory at once (estimator.host), and why
+    host_why: str = ""
 
 
 def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrides: dict | None = None) -> Decision:
@@ -86,6 +93,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     from kubetune.estimator import estimate as estimate_fn
     from kubetune.estimator import fit_advice, max_micro_batch
     from kubetune.estimator.disk import work_dir_bytes
+    from kubetune.estimator.host import whole_model_in_host
     from kubetune.plan import plan_from_spec
 
     if run_overrides:
@@ -125,7 +133,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         ephemeral_storage_bytes=work_dir_bytes(spec, plan, est.total_params, est.trainable_params,
                                                 arch.disk_weight_bytes),
     )
-    return Decision(p, est, resolved, [])
+    return Decision(p, est, resolved, [], *whole_model_in_host(spec, plan, est.total_params))
 
 
 def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
@@ -228,11 +236,14 @@ def _validate(b: _Builder, obs: Observed) -> bool:
                f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
                "make its config.json readable, or set spec.model.architecture.", warn=True)
         return False
+    return True
+
+
+def _valid(b: _Builder) -> None:
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
     first = not any(c.type == "Validated" for c in b.obs.status.conditions)
     b.cond("Validated", True, "Valid", "spec is valid, the model architecture is known and the Secret exists",
            event=not first)
-    return True
 
 
 def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -> Outcome:
@@ -244,6 +255,16 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
 
     d = decide(spec, obs.arch, obs.fleet, overrides)
     st.estimate = d.estimate.to_status()
+    memory = quantity_to_float(spec.resources.memory)
+    if d.host_model_bytes and memory < d.host_model_bytes * HOST_MARGIN:
+        need = math.ceil(d.host_model_bytes * HOST_MARGIN / 2**30 + 8)  # + torch, the CUDA context, the data
+        b.cond("Validated", False, "InsufficientHostMemory",
+               f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
+               f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "
+               f"The pod would be OOM-killed; set spec.resources.memory to at least {need}Gi", warn=True)
+        b.phase("Pending")
+        return b.done()  # a spec change re-triggers reconcile
+    _valid(b)
     if not d.placement.fits:
         advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, obs.fleet)
         # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)

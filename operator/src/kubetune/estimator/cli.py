@@ -331,7 +331,12 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     if spec is not None:  # a job file: the trainer pod's ephemeral-storage request, as the operator sets it
         from kubetune.estimator.disk import work_dir_bytes
 
+        from kubetune.estimator.host import whole_model_in_host
+
         d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes)
+        host, why = whole_model_in_host(spec, plan, est.total_params)
+        if host:
+            d["host_model_bytes"], d["host_model_why"] = host, why
     if as_json:
         return d
     out = sys.stdout
@@ -353,6 +358,9 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
     if "local_disk_bytes" in d:
         w(f"  local disk     {d['local_disk_bytes'] / GIB:.0f} GiB per trainer pod (its ephemeral-storage request)\n")
+    if "host_model_bytes" in d:
+        w(f"  host memory    the whole model, {d['host_model_bytes'] / GIB:.1f} GiB, is read into it "
+          f"({d['host_model_why']}): spec.resources.memory must hold it\n")
     w("\n")
     cells = []
     for n, b in sizes:
