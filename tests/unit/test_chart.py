@@ -131,7 +131,22 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
         assert isinstance(fam, (GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily))
         assert fam.samples, f"{fam.name}: no sample from a full row"
         out[fam.name] = (fam.name, set(fam.samples[0].labels))
+    # The trainer pods' own series, as the chart's PodMonitor scrapes and relabels them.
+    trainer = pytest.importorskip("kubetune_trainer.progress")
+    m = trainer.Metrics(int(_free_port()))
+    assert m.enabled
+    for fam in m.registry.collect():
+        for sample in fam.samples:
+            out[sample.name] = (fam.name, {"namespace", "pod", "name", "run"})
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 EXPORTED = _exported()
@@ -155,7 +170,7 @@ def test_queries_use_only_exported_metrics_and_labels(where, expr):
     found = SELECTOR.findall(expr)
     assert found, f"{where}: no kubetune metric in {expr!r}"
     for name, braces in found:
-        assert name in EXPORTED, f"{where}: {name} is not a metric the operator exports"
+        assert name in EXPORTED, f"{where}: {name} is not a metric the operator or the trainer exports"
         labels = EXPORTED[name][1]
         for label, op, value in MATCHER.findall(braces or ""):
             assert label in labels, f"{where}: {name} has no label {label!r} (it has {sorted(labels)})"
@@ -179,6 +194,7 @@ def test_the_check_above_catches_a_typo():
 REQUIRED_ALERTS = {
     "KubetuneOperatorAbsent", "KubetuneReconcileErrors", "KubetuneRunFailed", "KubetuneRunOutOfMemory",
     "KubetuneJobUnschedulable", "KubetuneCheckpointStale", "KubetuneTrainingStalled", "KubetuneGPUMemoryAboveEstimate",
+    "KubetuneCheckpointUploadsFailing",
 }
 
 

@@ -304,7 +304,7 @@ def test_prometheus_rule_wraps_alerts_yaml(tmp_path):
     (tmp_path / "rendered.yaml").write_text(yaml.safe_dump(pr["spec"]))
     res = subprocess.run([_promtool(), "check", "rules", str(tmp_path / "rendered.yaml")], capture_output=True,
                          text=True)
-    assert res.returncode == 0 and "SUCCESS: 6 rules found" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "SUCCESS: 7 rules found" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("setting,where,why", [
@@ -327,7 +327,7 @@ def test_helm_rejects_bad_values_naming_them(setting, where, why):
 def test_promtool_checks_the_alert_rules():
     res = subprocess.run([_promtool(), "check", "rules", str(CHART / "files" / "alerts.yaml")], capture_output=True,
                          text=True)
-    assert res.returncode == 0 and "SUCCESS: 8 rules found" in res.stdout, res.stdout + res.stderr
+    assert res.returncode == 0 and "SUCCESS: 9 rules found" in res.stdout, res.stdout + res.stderr
 
 
 def test_promtool_rule_tests_pass():

@@ -133,7 +133,7 @@ class Metrics:
             from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
         except ImportError:
             return
-        reg = CollectorRegistry()
+        self.registry = reg = CollectorRegistry()
         names = list((labels or {}).keys())
         self._labels = labels or {}
 
