@@ -242,7 +242,8 @@ def _validate(b: _Builder, obs: Observed) -> bool:
 def _valid(b: _Builder) -> None:
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
     first = not any(c.type == "Validated" for c in b.obs.status.conditions)
-    b.cond("Validated", True, "Valid", "spec is valid, the model architecture is known, and the Secrets and volume claims it names exist",
+    b.cond("Validated", True, "Valid",
+           "spec is valid, the model architecture is known, and the Secrets and volume claims it names exist",
            event=not first)
 
 
