@@ -105,6 +105,12 @@ def test_too_big_is_unschedulable_with_fit_advice():
     assert "the largest GPU available to this job has 80.0 GiB" in c.message and "Options that fit:" in c.message
     assert "qlora" in c.message.lower() or "fsdp" in c.message.lower()
     assert out.events[-1][0] == "Warning"
+    # FSDP advice also names the host memory rank 0 then needs (the whole 70B in bf16: 131 GiB)
+    fsdp = [o for o in c.message.split("Options that fit: ")[1].split("; ") if "with FSDP" in o]
+    assert fsdp and all(o.rstrip(".").endswith(", with spec.resources.memory at least 153Gi)") for o in fsdp), c.message
+    spec["resources"] = {"memory": "200Gi"}
+    c = cond(reconcile(observe(spec), T0).status, "Scheduled")
+    assert "with FSDP" in c.message and "spec.resources.memory" not in c.message
 
 
 def test_qlora_under_fsdp_that_fits_only_once_sharded_says_the_load_sets_the_peak():

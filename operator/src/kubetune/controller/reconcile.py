@@ -114,7 +114,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     est = estimate_fn(arch, plan_for(mbs))
     if not p.fits:
         sizes = sorted({s.memory_mib for n in fleet for s in n.slots if not s.is_mig}) or [81920]
-        advice = [_advice_line(a) for a in fit_advice(arch, plan_for(mbs), [m * 2**20 for m in sizes])][:5]
+        advice = [_advice_line(a, spec) for a in fit_advice(arch, plan_for(mbs), [m * 2**20 for m in sizes])][:5]
         return Decision(p, est, None, advice)
     t = spec.training
     if t.effective_batch_size:
@@ -150,8 +150,22 @@ def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
             f"a smaller model, shorter sequences or more GPUs")
 
 
-def _advice_line(a: Any) -> str:
-    return f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs)"
+def _advice_line(a: Any, spec: FineTuneJobSpec) -> str:
+    from kubetune.estimator.host import whole_model_in_host
+
+    line = f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs"
+    host, _ = whole_model_in_host(spec, a.plan, a.estimate.total_params)
+    if _host_short(spec, host):  # FSDP advice: rank 0 then reads the whole model into host memory
+        line += f", with spec.resources.memory at least {_host_floor_gib(host)}Gi"
+    return line + ")"
+
+
+def _host_short(spec: FineTuneJobSpec, host_model_bytes: int) -> bool:
+    return bool(host_model_bytes) and quantity_to_float(spec.resources.memory) < host_model_bytes * HOST_MARGIN
+
+
+def _host_floor_gib(host_model_bytes: int) -> int:
+    return math.ceil(host_model_bytes * HOST_MARGIN / 2**30 + 8)  # + torch, the CUDA context, the data
 
 
 def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:
@@ -256,9 +270,8 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
 
     d = decide(spec, obs.arch, obs.fleet, overrides)
     st.estimate = d.estimate.to_status()
-    memory = quantity_to_float(spec.resources.memory)
-    if d.host_model_bytes and memory < d.host_model_bytes * HOST_MARGIN:
-        need = math.ceil(d.host_model_bytes * HOST_MARGIN / 2**30 + 8)  # + torch, the CUDA context, the data
+    if _host_short(spec, d.host_model_bytes):
+        need = _host_floor_gib(d.host_model_bytes)
         b.cond("Validated", False, "InsufficientHostMemory",
                f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
                f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "
