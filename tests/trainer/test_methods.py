@@ -71,3 +71,32 @@ def test_early_stopping(tmp_path, model_dir):
               training={"evalSteps": 2, "earlyStopping": {"patience": 2, "minDelta": 100.0}})
     assert out.reason == "EarlyStopped" and out.step == 6
     assert (tmp_path / "store" / "ckpt" / "checkpoint-00000006" / "manifest.json").exists()
+
+
+def test_a_pvc_model_and_dataset_are_read_in_place_and_left_untouched(tmp_path, model_dir, monkeypatch):
+    """pvc://claim/path is where the operator mounts the claim, read-only: the trainer must find
+    the files there, copy nothing to its work dir, and write nothing next to them."""
+    import hashlib
+    import shutil
+
+    root = tmp_path / "mnt"
+    shutil.copytree(model_dir, root / "models" / "tiny")
+    tiny.write_jsonl(root / "datasets" / "alpaca" / "train.jsonl", tiny.alpaca_rows(60))
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(root))
+
+    def snapshot():
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    cfg = tiny.trainer_config(tmp_path, model_dir, root / "unused.jsonl", method=METHODS["lora"][0],
+                              dataset={"validationSplit": 0.1}, training={"learningRate": 2e-2, "maxSteps": 10},
+                              output={"mergeAdapter": True})
+    cfg["spec"]["model"]["uri"] = "pvc://models/tiny"
+    cfg["spec"]["dataset"]["uri"] = "pvc://datasets/alpaca/"
+    out = train(parse_config(cfg))
+    assert out.reason == "Completed" and out.step == 10
+    assert out.result.metrics["evalLoss"] < out.result.metrics["baseEvalLoss"]
+    assert out.result.merged_uri  # the merge reloaded the base from the claim too
+    assert snapshot() == before  # nothing written beside the weights or the data (the mount is read-only)
+    assert not (tmp_path / "work" / "model").exists() and not (tmp_path / "work" / "data").exists()  # no copies
