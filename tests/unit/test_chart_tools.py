@@ -85,7 +85,8 @@ VALUE_SETS = {
                    "serviceAccount.annotations.team=ml", "podAnnotations.a=b", "priorityClassName=high",
                    "operator.verbose=true", "operator.extraArgs={--priority=7}", "extraEnv[0].name=X",
                    "extraEnv[0].value=y", "nodeSelector.pool=system", "tolerations[0].operator=Exists",
-                   "livenessProbe.enabled=false", "metrics.service.enabled=false"),
+                   "livenessProbe.enabled=false", "metrics.service.enabled=false",
+                   "huggingface.endpoint=https://hf-mirror.internal"),
 }
 
 
@@ -240,7 +241,8 @@ def test_values_reach_the_deployment():
     c = _container(docs)
     assert dep["spec"]["replicas"] == 3
     assert c["image"] == "ghcr.io/kubetune/operator@sha256:" + "a" * 64
-    assert c["args"] == ["--peering=kt-kubetune", "--image=ghcr.io/kubetune/trainer:0.1.0", "--metrics-port=8080",
+    assert c["args"] == ["--peering=kt-kubetune", "--image=ghcr.io/kubetune/trainer:0.1.0",
+                         "--hf-endpoint=https://hf-mirror.internal", "--metrics-port=8080",
                          "--liveness=", "--progress-interval=10", "--namespace=team-a", "--verbose", "--priority=7"]
     assert "livenessProbe" not in c and [p["name"] for p in c["ports"]] == ["http-metrics"]
     assert c["env"] == [{"name": "X", "value": "y"}]
@@ -256,6 +258,14 @@ def test_values_reach_the_deployment():
 def test_trainer_image_follows_its_values():
     args = _container(render("trainer.image.repository=registry.local/trainer", "trainer.image.tag=dev"))["args"]
     assert "--image=registry.local/trainer:dev" in args
+
+
+def test_a_hub_mirror_reaches_the_operator_and_a_bad_one_is_refused_at_install():
+    assert not any(a.startswith("--hf-endpoint") for a in _container(render())["args"])
+    args = _container(render("huggingface.endpoint=https://hf-mirror.internal"))["args"]
+    assert "--hf-endpoint=https://hf-mirror.internal" in args
+    res = helm("template", "kt", str(CHART), "--set", "huggingface.endpoint=hf-mirror:8080", check=False)
+    assert res.returncode != 0 and "/huggingface/endpoint" in res.stderr and "does not match pattern" in res.stderr
 
 
 def test_monitors_select_what_the_operator_labels():

@@ -168,6 +168,18 @@ def test_image_override_and_suspend():
     assert job["spec"]["suspend"] is True
 
 
+def test_the_operators_defaults_give_the_image_and_the_hub_mirror_and_the_job_can_override_the_image():
+    mirror = m.PodDefaults(image="registry.local/trainer:1", hf_endpoint="https://hf-mirror.internal")
+    c = {o["kind"]: o for o in m.children(spec(), RID, RESOLVED, PLACED, mirror)}["Job"]["spec"]["template"]["spec"]
+    c = c["containers"][0]
+    assert c["image"] == "registry.local/trainer:1"
+    assert {"name": "HF_ENDPOINT", "value": "https://hf-mirror.internal"} in c["env"]
+    own = {o["kind"]: o for o in m.children(spec(runPolicy={"image": "mine:2"}), RID, RESOLVED, PLACED, mirror)}
+    assert own["Job"]["spec"]["template"]["spec"]["containers"][0]["image"] == "mine:2"
+    c = kids()["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == m.DEFAULT_IMAGE and "HF_ENDPOINT" not in {e["name"] for e in c["env"]}
+
+
 def test_the_pod_requests_local_disk_for_its_work_dir_but_sets_no_limit():
     def resources(s, resolved):
         job = {o["kind"]: o for o in m.children(s, RID, resolved, PLACED)}["Job"]

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="peering priority; 'random' (default) gives each replica a distinct one, because kopf "
                         "pauses every operator when two share the highest priority")
     p.add_argument("--image", default=None, help="default trainer image (runPolicy.image overrides it per job)")
+    p.add_argument("--hf-endpoint", default=None, metavar="URL",
+                   help="a Hugging Face Hub mirror for hf:// models and datasets: the operator reads config.json "
+                        "from it and trainer pods get it as HF_ENDPOINT (default: $HF_ENDPOINT, else the Hub)")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     p.add_argument("--verbose", action="store_true")
@@ -66,6 +69,18 @@ def _quiet_success(record: logging.LogRecord) -> bool:
                 and record.msg.startswith(("Handler '", "Timer '")) and record.msg.endswith(" succeeded."))
 
 
+def hub_endpoint(value: str | None) -> str | None:
+    """--hf-endpoint, checked: huggingface_hub joins paths onto it, so it must be a bare http(s) base URL."""
+    from urllib.parse import urlparse
+
+    if not value:
+        return None
+    u = urlparse(value)
+    if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
+        raise UsageError(f"--hf-endpoint must be an http(s) URL such as https://hf-mirror.internal, got {value!r}")
+    return value.rstrip("/")
+
+
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -80,15 +95,15 @@ def run(args: argparse.Namespace) -> int:
 
     import os
 
+    hf_endpoint = hub_endpoint(args.hf_endpoint if args.hf_endpoint is not None else os.environ.get("HF_ENDPOINT"))
     os.environ["KUBETUNE_PROGRESS_INTERVAL"] = str(args.progress_interval)  # read when handlers load
     import kopf
 
-    from kubetune.controller import handlers, kube, metrics
+    from kubetune.controller import handlers, kube, manifests, metrics
 
     kube.configure(args.kubeconfig)
     handlers.CONFIG.namespaces = list(args.namespace)
-    if args.image:
-        handlers.CONFIG.image = args.image
+    handlers.CONFIG.pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     _trim_periodically()

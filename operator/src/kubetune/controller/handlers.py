@@ -33,7 +33,7 @@ RETRY_INTERVAL = 30.0  # Pending (a Secret, a model config) and Unschedulable (r
 
 @dataclass
 class Config:
-    image: str = manifests.DEFAULT_IMAGE
+    pod: manifests.PodDefaults = manifests.PodDefaults()
     namespaces: list[str] = field(default_factory=list)
 
 
@@ -123,7 +123,8 @@ def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: 
     if hit and time.monotonic() - hit[0] < 60:
         return hit[1], hit[2]
     try:
-        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(spec, creds, hf_token)), None
+        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(
+            spec, creds, hf_token, CONFIG.pod.hf_endpoint)), None
     except (ValueError, UsageError) as e:  # ArchitectureNotFound is a UsageError
         arch, err = None, str(e)
     _arch_cache[key] = (time.monotonic(), arch, err)
@@ -212,7 +213,7 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
             return None
         try:
             obs, job = observe(body)
-            out = reconcile(obs, datetime.now(timezone.utc), image=CONFIG.image)
+            out = reconcile(obs, datetime.now(timezone.utc), CONFIG.pod)
             for obj in out.create:
                 created = kube.create(obj)
                 if created and created.get("kind") == "Job":

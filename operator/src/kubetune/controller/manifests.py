@@ -27,6 +27,15 @@ LABEL_JOB = "kubetune.io/job"
 LABEL_RUN = "kubetune.io/run"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """Cluster-wide settings of `kubetune operator` that every trainer pod gets."""
+    image: str = DEFAULT_IMAGE
+    # A Hugging Face Hub mirror (air-gapped clusters, a caching proxy): the trainer's huggingface_hub
+    # reads HF_ENDPOINT, and the operator reads config.json from the same place.
+    hf_endpoint: str | None = None
 CONFIG_KEY = "trainer.yaml"
 CONFIG_MOUNT = "/etc/kubetune"
 WORK_DIR = "/tmp/kubetune"
@@ -176,7 +185,7 @@ def _affinity(spec: FineTuneJobSpec, placement: Placement) -> dict[str, Any] | N
     return affinity if affinity["nodeAffinity"] else None
 
 
-def _env(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig) -> list[dict[str, Any]]:
+def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": "KUBETUNE_JOB", "value": rid.name},
         {"name": "KUBETUNE_RUN", "value": str(rid.run)},
@@ -198,6 +207,8 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig) -> list[di
             {"name": "AWS_SECRET_ACCESS_KEY",
              "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.secret_access_key_key}}},
         ]
+    if defaults.hf_endpoint:
+        env += [{"name": "HF_ENDPOINT", "value": defaults.hf_endpoint}]
     if spec.model.token_secret:
         t = spec.model.token_secret
         env += [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": t.name, "key": t.key}}}]
@@ -237,7 +248,7 @@ def volume_claims(spec: FineTuneJobSpec) -> dict[str, str]:
 
 
 def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
-        image: str = DEFAULT_IMAGE) -> dict[str, Any]:
+        defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
     claims = volume_claims(spec)  # read-only: models and data are read in place, outputs go to S3
     limits: dict[str, str] = {"memory": str(r.memory)}
@@ -249,10 +260,10 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         requests[placement.resource] = str(r.gpus_per_node)
     container = {
         "name": "trainer",
-        "image": rp.image or image,
+        "image": rp.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["kubetune", "train", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
-        "env": _env(spec, rid, cfg),
+        "env": _env(spec, rid, defaults),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}]
         + ([{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}] if r.nodes > 1 else []),
         "resources": {"requests": requests, "limits": limits},
@@ -327,11 +338,11 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
 
 
 def children(spec: FineTuneJobSpec, rid: RunIdentity, resolved: Resolved, placement: Placement,
-             image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+             defaults: PodDefaults = PodDefaults()) -> list[dict[str, Any]]:
     """Everything a run needs, in creation order (the Job last, so its pod finds its config)."""
     cfg = trainer_config(spec, rid, resolved)
     out = [config_map(cfg, rid)]
     if spec.resources.nodes > 1:
         out.append(headless_service(rid))
-    out.append(job(spec, rid, cfg, placement, image))
+    out.append(job(spec, rid, cfg, placement, defaults))
     return out

@@ -213,7 +213,7 @@ class _Builder:
         return Outcome(status=self.status, events=self.events, **kw)
 
 
-def reconcile(obs: Observed, now: datetime, image: str = manifests.DEFAULT_IMAGE) -> Outcome:
+def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = manifests.PodDefaults()) -> Outcome:
     b = _Builder(obs, now)
     st = b.status
     current = st.history[-1] if st.history else None
@@ -225,16 +225,16 @@ def reconcile(obs: Observed, now: datetime, image: str = manifests.DEFAULT_IMAGE
 
     active = current is not None and current.phase not in TERMINAL
     if active:
-        out = _observe_run(b, obs, current, image)
+        out = _observe_run(b, obs, current, defaults)
         if out.status.phase in TERMINAL and current.generation != obs.generation and not out.create:
             # The run just ended and a newer spec was waiting for it: start that run now.
-            return _start_run(b, obs, image, overrides=None)
+            return _start_run(b, obs, defaults, overrides=None)
         return out
 
     # No active run: start one if this generation has not been run yet.
     if current is not None and current.generation == obs.generation:
         return b.done()  # finished, and nothing changed since
-    return _start_run(b, obs, image, overrides=None)
+    return _start_run(b, obs, defaults, overrides=None)
 
 
 def _validate(b: _Builder, obs: Observed) -> bool:
@@ -261,7 +261,7 @@ def _valid(b: _Builder) -> None:
            event=not first)
 
 
-def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -> Outcome:
+def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, overrides: dict | None) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
     if not _validate(b, obs):
@@ -292,7 +292,7 @@ def _start_run(b: _Builder, obs: Observed, image: str, overrides: dict | None) -
     run = (st.run or 0) + 1
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run)
     run_spec = apply_overrides(spec, overrides) if overrides else spec
-    create = manifests.children(run_spec, rid, d.resolved, d.placement, image)
+    create = manifests.children(run_spec, rid, d.resolved, d.placement, defaults)
     st.run = run
     st.placement = _placement_status(d, run_spec)
     st.progress = Progress(step=0, percent="0%")
@@ -320,7 +320,7 @@ def _suspended(b: _Builder, run: int) -> None:
     b.phase("Suspended")
 
 
-def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome:
+def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.PodDefaults) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
@@ -328,7 +328,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
     if job is None:
         # Deleted behind our back, or the create did not land before a restart: recreate the run's
         # children from its recorded placement. Creation is idempotent.
-        return _recreate(b, obs, run, image)
+        return _recreate(b, obs, run, defaults)
 
     _mirror_progress(b, obs)
     jstat = job.get("status") or {}
@@ -350,7 +350,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outc
     if "Failed" in jconds:
         # Not FailureTarget: the Job controller is still terminating pods, whose termination
         # messages (OOM, bad data) decide the reason.
-        return _failed(b, obs, run, jconds["Failed"], term, image)
+        return _failed(b, obs, run, jconds["Failed"], term, defaults)
 
     patch = None
     want_suspend = spec.run_policy.suspend
@@ -411,7 +411,7 @@ def _kueue_holds(job: dict) -> bool:
     return manifests.KUEUE_QUEUE_LABEL in ((job.get("metadata") or {}).get("labels") or {})
 
 
-def _recreate(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome:
+def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.PodDefaults) -> Outcome:
     spec = obs.spec
     assert spec is not None
     overrides = run.overrides.dump() if run.overrides else None
@@ -424,11 +424,11 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, image: str) -> Outcome
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
     b.events.append(("Normal", "JobCreated", f"created Job {rid.job_name} for run {run.run}"))
     run_spec = apply_overrides(spec, overrides) if overrides else spec
-    return b.done(create=manifests.children(run_spec, rid, d.resolved, d.placement, image))
+    return b.done(create=manifests.children(run_spec, rid, d.resolved, d.placement, defaults))
 
 
 def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term: TrainerTermination | None,
-            image: str) -> Outcome:
+            defaults: manifests.PodDefaults) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
     kind = _oom_kind(obs.pods, term)
@@ -446,7 +446,7 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
         run.reason = "OutOfMemoryRetry"
         b.events.append(("Warning", "OutOfMemory",
                          f"run {run.run} ran out of GPU memory; retrying once with {_describe(overrides)}"))
-        out = _start_run(b, obs, image, overrides)
+        out = _start_run(b, obs, defaults, overrides)
         return out
     hint = {
         "OutOfMemory": "The run ran out of memory. Lower training.microBatchSize or dataset.maxSeqLength, turn on "

@@ -55,9 +55,14 @@ def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str)
         return None
 
 
-def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None) -> str:
-    """config.json text for a model that is not in the catalog. Raises ValueError with a message
-    naming spec.model.uri when it cannot be read."""
+HUB = "https://huggingface.co"
+
+
+def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None,
+                     hub: str | None = None) -> str:
+    """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
+    operator's --hf-endpoint mirror, else huggingface.co). Raises ValueError with a message naming
+    what to fix when it cannot be read."""
     uri = spec.model.uri
     if uri.startswith("s3://"):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -73,20 +78,24 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
         import urllib.request
 
         name, _, rev = uri[len("hf://"):].partition("@")
-        url = f"https://huggingface.co/{name}/resolve/{rev or 'main'}/config.json"
+        where = "the Hugging Face Hub" if not hub else f"the Hub mirror {hub} (--hf-endpoint)"
+        url = f"{hub or HUB}/{name}/resolve/{rev or 'main'}/config.json"
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {hf_token}"} if hf_token else {})
         try:
-            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (fixed https host)
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (the Hub or the operator's mirror)
                 return r.read().decode()
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 why = ("the token in spec.model.tokenSecret has no access to it: accept the model's licence on the Hub "
                        "with that account" if hf_token else
                        "it is gated or private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
-                raise ValueError(f"the Hugging Face Hub refused its config.json (HTTP {e.code}): {why}") from None
-            raise ValueError(f"the Hugging Face Hub did not serve its config.json ({e})") from None
+                raise ValueError(f"{where} refused its config.json (HTTP {e.code}): {why}") from None
+            if e.code == 404:
+                raise ValueError(f"{where} has no config.json for {name} at revision {rev or 'main'}: check "
+                                 "the repository name and revision") from None
+            raise ValueError(f"{where} did not serve its config.json ({e})") from None
         except OSError as e:
-            raise ValueError(f"the Hugging Face Hub did not serve its config.json ({e})") from None
+            raise ValueError(f"{where} did not serve its config.json ({e})") from None
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 

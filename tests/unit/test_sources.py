@@ -1,0 +1,87 @@
+"""What the operator reads from the Hugging Face Hub (or the --hf-endpoint mirror): config.json of a
+model that is not in the catalog, from a real HTTP server that answers as the Hub does (the
+hub_mirror fixture in tests/conftest.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune.api.validation import parse_spec
+from kubetune.controller import sources
+from kubetune.controller.cli import hub_endpoint
+from kubetune.errors import UsageError
+from kubetune.estimator import resolve_architecture
+
+CONFIG = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture
+def hub(hub_mirror):
+    hub_mirror.repos = {("acme/open-7b", "main"): (CONFIG, None), ("acme/gated-7b", "main"): (CONFIG, "hf_good"),
+                        ("acme/gated-7b", "v2"): (CONFIG, "hf_good")}
+    return hub_mirror.url, hub_mirror.seen
+
+
+def _spec(uri: str):
+    return parse_spec({"model": {"uri": uri}, "dataset": {"uri": "s3://data/train.jsonl"}, "method": {"type": "lora"},
+                       "training": {"maxSteps": 1}, "checkpoints": {"uri": "s3://ckpt/x"}})
+
+
+def test_the_mirror_serves_config_json_and_the_estimator_reads_the_architecture_from_it(hub):
+    url, seen = hub
+    spec = _spec("hf://acme/open-7b")
+    arch = resolve_architecture(spec.model, lambda _u: sources.read_config_json(spec, None, None, url))
+    assert (arch.hidden_size, arch.num_layers, arch.vocab_size) == (512, 4, 32000)
+    assert seen == [("/acme/open-7b/resolve/main/config.json", None)]
+
+
+def test_a_gated_model_is_read_with_the_token_at_the_revision_in_the_uri(hub):
+    url, seen = hub
+    text = sources.read_config_json(_spec("hf://acme/gated-7b@v2"), None, "hf_good", url)
+    assert json.loads(text) == CONFIG
+    assert seen == [("/acme/gated-7b/resolve/v2/config.json", "Bearer hf_good")]
+
+
+def test_each_refusal_says_what_to_fix(hub):
+    url, _ = hub
+    with pytest.raises(ValueError) as e:
+        sources.read_config_json(_spec("hf://acme/gated-7b"), None, None, url)
+    assert str(e.value) == (f"the Hub mirror {url} (--hf-endpoint) refused its config.json (HTTP 401): it is gated "
+                            "or private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
+    with pytest.raises(ValueError) as e:
+        sources.read_config_json(_spec("hf://acme/gated-7b"), None, "hf_other", url)
+    assert "(HTTP 403): the token in spec.model.tokenSecret has no access to it: accept the model's licence" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        sources.read_config_json(_spec("hf://acme/open-7b@nope"), None, None, url)
+    assert str(e.value) == (f"the Hub mirror {url} (--hf-endpoint) has no config.json for acme/open-7b at revision "
+                            "nope: check the repository name and revision")
+
+
+def test_an_unreachable_hub_fails_one_reconcile_with_a_message_not_a_traceback(hub):
+    url, _ = hub
+    spec = _spec("hf://acme/open-7b")
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens
+    with pytest.raises(Exception) as e:
+        resolve_architecture(spec.model, lambda _u: sources.read_config_json(spec, None, None, closed))
+    msg = str(e.value)
+    assert msg.startswith("spec.model.uri hf://acme/open-7b: not in kubetune's model catalog and reading its "
+                          f"config.json failed: the Hub mirror {closed} (--hf-endpoint) did not serve its config.json")
+    assert msg.endswith("set spec.model.architecture (the config.json dimensions) to estimate it")
+
+
+@pytest.mark.parametrize("value,want", [
+    ("https://hf-mirror.internal", "https://hf-mirror.internal"),
+    ("http://10.0.0.5:8080/hf/", "http://10.0.0.5:8080/hf"),
+    ("", None),
+    (None, None),
+])
+def test_hf_endpoint_accepts_a_base_url(value, want):
+    assert hub_endpoint(value) == want
+
+
+@pytest.mark.parametrize("value", ["hf-mirror.internal", "ftp://m/x", "https://m/?a=1", "https://"])
+def test_hf_endpoint_rejects_what_is_not_a_base_url(value):
+    with pytest.raises(UsageError, match=r"--hf-endpoint must be an http\(s\) URL such as https://hf-mirror.internal, got"):
+        hub_endpoint(value)
