@@ -200,6 +200,76 @@ def test_an_outage_backlog_holds_only_what_retention_keeps_and_commits_it_after(
     assert (store / "checkpoint-00000002" / "model.safetensors").read_bytes() == bytes([2]) * 1000
 
 
+class _Throttled(st.LocalLocation):
+    """A local store that takes a while per file, like S3 with big files."""
+    def child(self, key):
+        return _Throttled(self.root / key, st._join(self.uri, key))
+
+    def put_file(self, key, local, sha256=None):
+        import time
+        time.sleep(0.04)
+        super().put_file(key, local, sha256)
+
+
+def _ckpt(root, step, files):
+    d = root / ck.ckpt_name(step)
+    d.mkdir(parents=True)
+    for i in range(files):
+        (d / f"shard-{i:03d}.bin").write_bytes(bytes([step]) * 1000)
+    return d
+
+
+def test_the_checkpoint_saved_at_sigterm_goes_ahead_of_an_older_upload_which_then_finishes(tmp_path):
+    """Preemption: the next pod resumes from the checkpoint saved at SIGTERM, so it must not wait
+    behind an older upload while the grace period runs. The older one pauses between two files and
+    goes on afterwards; the store ends up with both whole."""
+    import time
+    store = tmp_path / "store"
+    older_files_at_commit = {}
+
+    def on_commit(uri, step, count):
+        if step is not None:
+            older_files_at_commit[step] = len(list((store / ck.ckpt_name(10)).glob("shard-*")))
+
+    up = ck.Uploader(_Throttled(store), keep=2, on_commit=on_commit)
+    up.submit(_ckpt(tmp_path / "local", 10, 40), 10, None)
+    deadline = time.monotonic() + 10
+    while len(list((store / ck.ckpt_name(10)).glob("shard-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    up.submit(_ckpt(tmp_path / "local", 20, 2), 20, None, first=True)
+    assert up.drain(30)
+    up.close()
+    assert up.committed == [20, 10]
+    assert 3 <= older_files_at_commit[20] < 40  # step 10 was paused part-way, not restarted or finished first
+    got = {c.step: c for c in ck.list_committed(st.LocalLocation(store))}
+    assert sorted(got) == [10, 20]
+    # the leftover sweep after step 20 committed left step 10's early files alone
+    assert len(list((store / ck.ckpt_name(10)).glob("shard-*"))) == 40
+    assert all((store / ck.ckpt_name(10) / f["path"]).stat().st_size == f["size"] for f in got[10].manifest["files"])
+    assert up.failures == 0
+
+
+def test_a_checkpoint_submitted_first_does_not_wait_out_an_older_ones_backoff(tmp_path):
+    import time
+    store = tmp_path / "store"
+    store.write_text("blocked")  # S3 down: every write fails
+    up = ck.Uploader(st.LocalLocation(store), keep=2, base_backoff=6.0, max_backoff=6.0)
+    up.submit(_ckpt(tmp_path / "local", 1, 1), 1, None)
+    deadline = time.monotonic() + 5
+    while up.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    store.unlink()  # S3 back, while step 1 waits out a backoff of about 6 s
+    t0 = time.monotonic()
+    up.submit(_ckpt(tmp_path / "local", 2, 1), 2, None, first=True)
+    while 2 not in up.committed and time.monotonic() - t0 < 10:
+        time.sleep(0.01)
+    waited = time.monotonic() - t0
+    assert up.committed[:1] == [2] and waited < 3, (up.committed, waited)
+    assert up.drain(15)
+    up.close()
+    assert up.committed == [2, 1]
+
+
 def test_bad_config_names_the_field(tmp_path, model_dir):
     cfg = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl")
     cfg["spec"]["method"]["lora"]["rnak"] = 3

@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -256,6 +255,10 @@ class _Job:
     superseded: bool = False
 
 
+class _Paused(Exception):
+    """The upload stops between two files: superseded, or a checkpoint submitted ``first`` goes ahead."""
+
+
 class Uploader:
     """Uploads checkpoints in order on a thread of its own; training never waits for it.
 
@@ -266,6 +269,10 @@ class Uploader:
     While S3 is down the backlog only holds what retention would keep once it commits (the newest
     ``keep`` and the best by eval loss): an older checkpoint is superseded and its local copy
     deleted, or a long outage would fill the node's disk and get the pod evicted, losing them all.
+
+    The checkpoint saved at SIGTERM is submitted ``first``: the next pod resumes from it, so it must
+    not wait behind an older upload while the grace period runs out. The older one pauses between
+    two files and goes on afterwards from where it stopped.
     """
 
     def __init__(self, loc: Location, keep: int, *, log: Callable[[str], None] = print,
@@ -279,7 +286,8 @@ class Uploader:
         self.on_failure = on_failure
         self.max_backoff = max_backoff
         self.base_backoff = base_backoff
-        self.backlog: list[_Job] = []  # [0] is the one uploading
+        self.backlog: list[_Job] = []  # in upload order; [0] goes next
+        self._current: _Job | None = None  # the one the thread is on (its files may be half sent)
         self.committed: list[int] = []
         self.superseded: list[int] = []
         self.failures = 0
@@ -295,23 +303,27 @@ class Uploader:
         """Checkpoints on local disk waiting for S3, the one uploading included."""
         return len(self.backlog)
 
-    def submit(self, local: Path, step: int, eval_loss: float | None) -> list[int]:
-        """Queue a checkpoint; returns the steps it superseded."""
+    def submit(self, local: Path, step: int, eval_loss: float | None, *, first: bool = False) -> list[int]:
+        """Queue a checkpoint (``first``: ahead of the others); returns the steps it superseded."""
         dropped = []
         with self._cv:
-            self.backlog.append(_Job(local, step, eval_loss))
+            job = _Job(local, step, eval_loss)
+            if first:
+                self.backlog.insert(0, job)
+            else:
+                self.backlog.append(job)
             self._idle.clear()
-            kept = retained([(j.step, j.eval_loss) for j in self.backlog if not j.superseded], self.keep)
-            for i, job in reversed(list(enumerate(self.backlog))):
+            kept = retained(sorted((j.step, j.eval_loss) for j in self.backlog if not j.superseded), self.keep)
+            for job in list(self.backlog):
                 if job.superseded or job.step in kept:
                     continue
                 job.superseded = True
                 dropped.append(job.step)
-                if i > 0:  # the uploading one stops at its next retry
-                    del self.backlog[i]
+                if job is not self._current:  # the current one stops at its next file or retry
+                    self.backlog.remove(job)
                     shutil.rmtree(job.local, ignore_errors=True)
             self.superseded += sorted(dropped)
-            self._cv.notify()
+            self._cv.notify_all()
         for s in sorted(dropped):
             self.log(f"checkpoint {ckpt_name(s)} is superseded by {ckpt_name(step)} while its upload waits; it is "
                      f"dropped from local disk (retention would delete it once the newer ones commit)")
@@ -325,7 +337,10 @@ class Uploader:
         """The thread ends once the backlog is empty."""
         with self._cv:
             self._closed = True
-            self._cv.notify()
+            self._cv.notify_all()
+
+    def _must_stop(self, job: _Job) -> bool:
+        return job.superseded or self.backlog[0] is not job
 
     def _run(self) -> None:
         while True:
@@ -334,12 +349,14 @@ class Uploader:
                     self._cv.wait()
                 if not self.backlog:
                     return
-                job = self.backlog[0]
+                job = self._current = self.backlog[0]
             attempt, committed = 0, False
-            while not job.superseded:
+            while not self._must_stop(job):
                 try:
                     self._upload(job)
                     committed = True
+                    break
+                except _Paused:
                     break
                 except Exception as e:  # never let an upload failure reach training
                     self.failures += 1
@@ -349,7 +366,10 @@ class Uploader:
                     self.log(msg)
                     if self.on_failure:
                         self.on_failure(msg)
-                    time.sleep(delay)
+                    with self._cv:  # a checkpoint submitted first does not wait out the backoff
+                        self._cv.wait_for(lambda: self._must_stop(job), delay)
+            if not committed and not job.superseded:
+                continue  # paused: the job ahead of it goes now, this one resumes from its next file
             if committed:
                 try:
                     self._retain()
@@ -359,6 +379,7 @@ class Uploader:
             shutil.rmtree(job.local, ignore_errors=True)
             with self._cv:
                 self.backlog.remove(job)
+                self._current = None
                 if not self.backlog:
                     self._idle.set()
 
@@ -373,6 +394,8 @@ class Uploader:
         for entry in job.entries:
             if entry["path"] in job.done_files:
                 continue
+            if self._must_stop(job):
+                raise _Paused
             dest.put_file(entry["path"], job.local / entry["path"], sha256=entry["sha256"])
             job.done_files.add(entry["path"])
         manifest = {"step": job.step, "created": now_iso(), "files": job.entries}
@@ -395,10 +418,11 @@ class Uploader:
                 # manifest first: from then on nobody treats it as a checkpoint
                 self.loc.delete([f"{c.name}/{MANIFEST}"])
                 self.loc.child(c.name).delete([o.key for o in self.loc.child(c.name).list()])
-        committed_names = {c.name for c in committed}
+        with self._cv:  # uploads still to finish (paused behind a newer one) are not leftovers
+            keep_names = {c.name for c in committed} | {ckpt_name(j.step) for j in self.backlog}
         for name in self.loc.list_dirs():
             m = NAME_RE.match(name)
-            if m and name not in committed_names and int(m.group(1)) < newest:
+            if m and name not in keep_names and int(m.group(1)) < newest:
                 # leftovers of an upload that never committed (killed pod, outage)
                 sub = self.loc.child(name)
                 sub.delete([o.key for o in sub.list()])

@@ -377,12 +377,12 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                                on_failure=lambda m: metrics.inc("upload_failures"),
                                max_backoff=float(os.environ.get("KUBETUNE_UPLOAD_MAX_BACKOFF", "30")))
 
-    def save(step: int, eval_loss: float | None) -> None:
+    def save(step: int, eval_loss: float | None, first: bool = False) -> None:
         d = ck.save_local(work / "checkpoints" / ck.ckpt_name(step), model=model, optimizer=optimizer,
                           scheduler=scheduler, loop_state=dict(state), accelerator=accelerator,
                           adapter_model=adapter_model)
         if uploader is not None and d is not None:
-            superseded = uploader.submit(d, step, eval_loss)
+            superseded = uploader.submit(d, step, eval_loss, first=first)
             metrics.inc("checkpoints_superseded", len(superseded))
             log_event("checkpoint", step=step, local=str(d), pending=uploader.pending, superseded=superseded)
 
@@ -413,14 +413,15 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         """SIGTERM during the eval of a step: save that step (once) and let the resumed run evaluate it."""
         state["pending_eval"] = True
         if last_saved != step:
-            save(step, None)
+            save(step, None, first=True)
         return preempted(step)
 
     def preempted(step: int, saved: bool = True) -> Outcome:
         """Wait for the checkpoint uploads while the grace period lasts, then report Preempted."""
         committed = True
         if uploader is not None:
-            committed = uploader.drain(preempt.time_left())
+            # older uploads use what is left of the grace period; what matters is this step's
+            committed = uploader.drain(preempt.time_left()) or step in uploader.committed
             uploader.close()
         if not saved:
             what = "no new step to save; the next pod resumes from the newest committed checkpoint"
@@ -524,7 +525,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         if stop:
             # Out of time: save now; the resumed run does this step's eval first (exactly as here).
             state["pending_eval"] = eval_due
-            save(step, None)
+            save(step, None, first=True)  # the next pod resumes from it: ahead of any older upload
             return preempted(step)
         try:
             eval_loss = scheduled_eval(step) if eval_due else None
