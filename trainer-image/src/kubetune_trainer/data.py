@@ -337,9 +337,9 @@ def pack(examples: list[Example], max_len: int) -> list[Example]:
         if ids and len(ids) + len(ex) > max_len:
             out.append(Example(ids, labels, pos))
             ids, labels, pos = [], [], []
-        ids = ids + ex.input_ids
-        labels = labels + ex.labels
-        pos = pos + list(range(len(ex)))
+        ids.extend(ex.input_ids)  # in place: concatenating copies each pack once per example
+        labels.extend(ex.labels)
+        pos.extend(range(len(ex)))
     if ids:
         out.append(Example(ids, labels, pos))
     return out
