@@ -121,6 +121,32 @@ def test_job_file_uses_kubetune_trainer_defaults(tmp_path, capsys):
     assert rc == 0 and d["host_model_bytes"] == e.total_params * 2 and "mergeAdapter" in d["host_model_why"]
 
 
+def test_fsdp_fit_advice_for_a_job_file_names_the_host_memory_rank_0_needs(repo, tmp_path, capsys):
+    """An FSDP option makes rank 0 read the whole model into host memory: the advice says how much
+    spec.resources.memory that takes, as the operator's Unschedulable message does."""
+    import math
+
+    import yaml
+
+    from kubetune.api.v1alpha1 import FineTuneJob
+
+    job = yaml.safe_load((repo / "examples" / "too-big.yaml").read_text())
+    params = estimate_spec(FineTuneJob.model_validate(job).spec).total_params
+    need = math.ceil(params * 2 * 1.1 / 2**30 + 8)  # bf16 weights read whole, 10 % slack, 8 GiB for the rest
+    f = tmp_path / "job.yaml"
+    f.write_text(yaml.safe_dump(job))
+    rc, out, _ = run(capsys, "-f", str(f), "--json")
+    fsdp = [a for a in json.loads(out)["advice"] if a["sharding"] == "fsdp"]
+    assert rc == 0 and fsdp and all(a["min_memory_gib"] == need for a in fsdp)
+    rc, out, _ = run(capsys, "-f", str(f))
+    assert "with FSDP: effective batch" in out and f", with spec.resources.memory at least {need}Gi\n" in out
+    job["spec"]["resources"]["memory"] = f"{need}Gi"  # enough: the advice says nothing about it
+    f.write_text(yaml.safe_dump(job))
+    rc, out, _ = run(capsys, "-f", str(f), "--json")
+    advice = json.loads(out)["advice"]
+    assert rc == 0 and advice and not any("min_memory_gib" in a for a in advice)
+
+
 def test_job_file_with_auto_micro_batch(tmp_path, capsys):
     f = tmp_path / "job.yaml"
     f.write_text(JOB.replace("microBatchSize: 8", "microBatchSize: auto"))

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from kubetune.api.base import quantity_to_float
 from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -36,10 +35,7 @@ from kubetune.controller import manifests
 from kubetune.controller.conditions import set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
-
-# Host memory over the whole model that a pod reading it whole must have (the tensors, and the
-# allocator's slack while loading).
-HOST_MARGIN = 1.1
+from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -151,21 +147,10 @@ def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
 
 
 def _advice_line(a: Any, spec: FineTuneJobSpec) -> str:
-    from kubetune.estimator.host import whole_model_in_host
-
     line = f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs"
-    host, _ = whole_model_in_host(spec, a.plan, a.estimate.total_params)
-    if _host_short(spec, host):  # FSDP advice: rank 0 then reads the whole model into host memory
-        line += f", with spec.resources.memory at least {_host_floor_gib(host)}Gi"
+    if need := advice_memory_floor_gib(spec, a):  # FSDP advice: rank 0 then reads the whole model into host memory
+        line += f", with spec.resources.memory at least {need}Gi"
     return line + ")"
-
-
-def _host_short(spec: FineTuneJobSpec, host_model_bytes: int) -> bool:
-    return bool(host_model_bytes) and quantity_to_float(spec.resources.memory) < host_model_bytes * HOST_MARGIN
-
-
-def _host_floor_gib(host_model_bytes: int) -> int:
-    return math.ceil(host_model_bytes * HOST_MARGIN / 2**30 + 8)  # + torch, the CUDA context, the data
 
 
 def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:
@@ -270,8 +255,7 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
 
     d = decide(spec, obs.arch, obs.fleet, overrides)
     st.estimate = d.estimate.to_status()
-    if _host_short(spec, d.host_model_bytes):
-        need = _host_floor_gib(d.host_model_bytes)
+    if need := memory_floor_gib(spec, d.host_model_bytes):
         b.cond("Validated", False, "InsufficientHostMemory",
                f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
                f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "

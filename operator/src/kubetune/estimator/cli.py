@@ -326,6 +326,14 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         "fits": fit,
         "advice": [a.to_dict() for a in advice],
     }
+    floors = [None] * len(advice)
+    if spec is not None:  # a job file: an FSDP option also needs host memory for rank 0's whole-model read
+        from kubetune.estimator.host import advice_memory_floor_gib
+
+        floors = [advice_memory_floor_gib(spec, a) for a in advice]
+        for a, need in zip(d["advice"], floors):
+            if need:
+                a["min_memory_gib"] = need
     if auto:
         d["max_micro_batch"] = auto_table
     if spec is not None:  # a job file: the trainer pod's ephemeral-storage request, as the operator sets it
@@ -370,8 +378,9 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         w("  auto micro batch: " + " | ".join(f"{n} -> {v}" for n, v in auto_table.items()) + "\n")
     if advice:
         w("\n  fits none of these GPUs; nearest configurations that do:\n")
-        for a in advice[:8]:
-            w(f"    - {a.description}: {a.estimate.total_gib:.2f} GiB, fits {a.gpu}\n")
+        for a, need in list(zip(advice, floors))[:8]:
+            mem = f", with spec.resources.memory at least {need}Gi" if need else ""
+            w(f"    - {a.description}: {a.estimate.total_gib:.2f} GiB, fits {a.gpu}{mem}\n")
     elif not any(fit.values()):
         w("\n  fits none of these GPUs, and no nearby configuration does either\n")
     return d

@@ -9,7 +9,14 @@ overheads (torch, the CUDA context, the data) vary too much to police.
 """
 from __future__ import annotations
 
+import math
+
+from kubetune.api.base import quantity_to_float
 from kubetune.estimator.memory import BYTES
+
+# Host memory over the whole model that a pod reading it whole must have (the tensors, and the
+# allocator's slack while loading).
+HOST_MARGIN = 1.1
 
 
 def whole_model_in_host(spec, plan, total_params: int) -> tuple[int, str]:
@@ -21,3 +28,16 @@ def whole_model_in_host(spec, plan, total_params: int) -> tuple[int, str]:
         why.append("output.mergeAdapter loads it whole")
     per_param = BYTES[plan.weight_dtype] if spec.resources.gpus_per_node else 4  # the trainer computes in fp32 on CPU
     return (total_params * per_param, " and ".join(why)) if why else (0, "")
+
+
+def memory_floor_gib(spec, host_model_bytes: int) -> int | None:
+    """The spec.resources.memory (GiB) a pod that reads ``host_model_bytes`` whole needs, or None
+    when the spec's memory already holds it (or nothing reads the model whole)."""
+    if not host_model_bytes or quantity_to_float(spec.resources.memory) >= host_model_bytes * HOST_MARGIN:
+        return None
+    return math.ceil(host_model_bytes * HOST_MARGIN / 2**30 + 8)  # + torch, the CUDA context, the data
+
+
+def advice_memory_floor_gib(spec, advice) -> int | None:
+    """The same for a fit-advice option (an FSDP option makes rank 0 read the whole model)."""
+    return memory_floor_gib(spec, whole_model_in_host(spec, advice.plan, advice.estimate.total_params)[0])
