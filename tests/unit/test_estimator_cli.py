@@ -201,3 +201,34 @@ def test_bad_files(tmp_path, capsys):
     assert rc == 2 and "--batch-size: not used with -f" in err
     rc, _, err = run(capsys, "-f", str(job), "--packing")
     assert rc == 2 and "--packing: not used with -f (the job file sets it)" in err
+
+
+HUB_CONFIG = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 32000}
+
+
+def test_a_model_outside_the_catalog_is_read_from_the_hub_as_huggingface_hub_would(hub_mirror, monkeypatch, tmp_path,
+                                                                                    capsys):
+    """$HF_ENDPOINT (a mirror) and $HF_TOKEN, for --model hf://... and for -f job.yaml; a refusal is one
+    line naming the variable to set."""
+    hub_mirror.repos = {("acme/open-1b", "main"): (HUB_CONFIG, None), ("acme/gated-1b", "main"): (HUB_CONFIG, "hf_ok")}
+    monkeypatch.setenv("HF_ENDPOINT", hub_mirror.url + "/")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps(HUB_CONFIG))
+    rc, out, _ = run(capsys, "--model", str(tmp_path / "config.json"), "--json")
+    local = json.loads(out)
+    rc, out, _ = run(capsys, "--model", "hf://acme/open-1b", "--json")
+    hub = json.loads(out)
+    assert rc == 0 and hub["total_params"] == local["total_params"] > 0 and hub["total_bytes"] == local["total_bytes"]
+    assert hub_mirror.seen == [("/acme/open-1b/resolve/main/config.json", None)]
+
+    rc, _, err = run(capsys, "--model", "hf://acme/gated-1b")
+    assert rc == 2 and err.strip() == (
+        f"kubetune estimate: error: --model hf://acme/gated-1b: not in kubetune's catalog, and the Hub mirror {hub_mirror.url} "
+        "(HF_ENDPOINT) refused its config.json (HTTP 401): it is gated or private: set HF_TOKEN to a token with access")
+    monkeypatch.setenv("HF_TOKEN", "hf_ok")
+    job = JOB.replace("hf://meta-llama/Llama-3.1-8B@main", "hf://acme/gated-1b")
+    (tmp_path / "job.yaml").write_text(job)
+    rc, out, _ = run(capsys, "-f", str(tmp_path / "job.yaml"), "--json")
+    assert rc == 0 and json.loads(out)["total_params"] == local["total_params"]
+    assert hub_mirror.seen[-1] == ("/acme/gated-1b/resolve/main/config.json", "Bearer hf_ok")

@@ -58,6 +58,37 @@ def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str)
 HUB = "https://huggingface.co"
 
 
+def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False) -> str:
+    """config.json of hf://org/name[@revision] from the Hub or a mirror. ``cli``: the refusal names
+    what `kubetune estimate` reads (the HF_TOKEN and HF_ENDPOINT variables), not the operator's
+    spec.model.tokenSecret and --hf-endpoint."""
+    import urllib.error
+    import urllib.request
+
+    name, _, rev = uri[len("hf://"):].partition("@")
+    where = "the Hugging Face Hub" if not hub else f"the Hub mirror {hub} ({'HF_ENDPOINT' if cli else '--hf-endpoint'})"
+    url = f"{hub or HUB}/{name}/resolve/{rev or 'main'}/config.json"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (the Hub or the operator's mirror)
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            if token:
+                why = (f"the token in {'HF_TOKEN' if cli else 'spec.model.tokenSecret'} has no access to it: "
+                       "accept the model's licence on the Hub with that account")
+            else:
+                why = "it is gated or private: " + ("set HF_TOKEN to a token with access" if cli else
+                                                   "set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
+            raise ValueError(f"{where} refused its config.json (HTTP {e.code}): {why}") from None
+        if e.code == 404:
+            raise ValueError(f"{where} has no config.json for {name} at revision {rev or 'main'}: check "
+                             "the repository name and revision") from None
+        raise ValueError(f"{where} did not serve its config.json ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{where} did not serve its config.json ({e})") from None
+
+
 def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None,
                      hub: str | None = None) -> str:
     """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
@@ -74,28 +105,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
         except (ClientError, BotoCoreError) as e:
             raise ValueError(f"cannot read s3://{bucket}/{key}: {e}") from None
     if uri.startswith("hf://"):
-        import urllib.error
-        import urllib.request
-
-        name, _, rev = uri[len("hf://"):].partition("@")
-        where = "the Hugging Face Hub" if not hub else f"the Hub mirror {hub} (--hf-endpoint)"
-        url = f"{hub or HUB}/{name}/resolve/{rev or 'main'}/config.json"
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {hf_token}"} if hf_token else {})
-        try:
-            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (the Hub or the operator's mirror)
-                return r.read().decode()
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                why = ("the token in spec.model.tokenSecret has no access to it: accept the model's licence on the Hub "
-                       "with that account" if hf_token else
-                       "it is gated or private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
-                raise ValueError(f"{where} refused its config.json (HTTP {e.code}): {why}") from None
-            if e.code == 404:
-                raise ValueError(f"{where} has no config.json for {name} at revision {rev or 'main'}: check "
-                                 "the repository name and revision") from None
-            raise ValueError(f"{where} did not serve its config.json ({e})") from None
-        except OSError as e:
-            raise ValueError(f"{where} did not serve its config.json ({e})") from None
+        return read_hub_config(uri, hf_token, hub)
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 

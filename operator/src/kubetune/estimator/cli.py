@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("what to estimate (one of)")
     src.add_argument("-f", "--file", metavar="JOB_YAML", help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults")
     src.add_argument("--model", metavar="CONFIG_JSON_OR_NAME",
-                     help="a config.json file, a directory holding one, or a catalog name (llama-3.1-8b, Qwen/Qwen2.5-7B, hf://...)")
+                     help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, Qwen/Qwen2.5-7B), or "
+                          "hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for gated models)")
     f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
     f.add_argument("--method", help="full | lora | qlora | freeze | prompt-tuning | prefix-tuning (default lora)")
     f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
@@ -113,7 +114,7 @@ def parse_gpu_sizes(text: str) -> list[tuple[str, int]]:
 
 
 def _load_model(arg: str):
-    """--model: a config.json path (or a directory with one), else a catalog name."""
+    """--model: a config.json path (or a directory with one), a catalog name, else hf://org/name."""
     from kubetune.estimator import catalog, catalog_architecture, from_config
 
     path = arg
@@ -131,6 +132,15 @@ def _load_model(arg: str):
             raise UsageError(f"--model {path}: cannot read ({e})") from None
         return from_config(cfg, path), path
     a = catalog_architecture(arg)
+    if a is None and arg.startswith("hf://"):  # not in the catalog: its config.json on the Hub
+        try:
+            text = _read_config_for_cli(arg)
+        except ValueError as e:
+            raise UsageError(f"--model {arg}: not in kubetune's catalog, and {e}") from None
+        try:
+            return from_config(json.loads(text), arg), arg
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--model {arg}: its config.json is not valid JSON (line {e.lineno}: {e.msg})") from None
     if a is None:
         if arg.endswith(".json") or arg.startswith((os.sep, ".")):
             raise UsageError(f"--model {arg}: no such file")
@@ -255,13 +265,19 @@ def _load_jobs(path: str) -> list[tuple[str, Any]]:
 
 
 def _read_config_for_cli(uri: str) -> str:
-    """config.json for file:// URIs (the CLI cannot reach S3 or PVCs)."""
+    """config.json for file:// and hf:// URIs (the CLI cannot reach the job's S3 or PVCs). The Hub is
+    read as huggingface_hub would: $HF_ENDPOINT (a mirror) and $HF_TOKEN."""
     if uri.startswith("file://"):
         p = uri[len("file://"):]
         p = os.path.join(p, "config.json") if os.path.isdir(p) else p
         with open(p, encoding="utf-8") as fh:
             return fh.read()
-    raise OSError("the CLI reads config.json only from file:// URIs")
+    if uri.startswith("hf://"):
+        from kubetune.controller.sources import read_hub_config
+
+        return read_hub_config(uri, os.environ.get("HF_TOKEN") or None,
+                               (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None, cli=True)
+    raise OSError("the CLI reads config.json only from file:// and hf:// URIs")
 
 
 # ---- output -------------------------------------------------------------------------------------------
