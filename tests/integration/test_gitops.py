@@ -1,0 +1,43 @@
+"""The GitOps health checks (integrations/) on FineTuneJobs as the operator really leaves them on the
+ground: what Argo CD and Flux would show for a running, finished, unschedulable, suspended and
+misconfigured job. Evaluated with gopher-lua and cel-go, as Argo CD and Flux do (tests/gitops)."""
+from __future__ import annotations
+
+import pytest
+from gitops_health import argocd, flux
+from opkit import apply, cond, example, ftj, put_progress, small_gpu_job, wait_phase
+
+from kubetune.devenv.ground import wait_until as wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_argocd_and_flux_read_the_operators_status(ground, operator, ns):
+    held = small_gpu_job("held")
+    held["spec"].setdefault("runPolicy", {})["suspend"] = True
+    no_secret = small_gpu_job("no-secret")
+    no_secret["spec"]["storage"]["credentialsSecret"] = {"name": "absent"}
+    for job in (small_gpu_job("trains", delay="6s"), example("too-big", **{"metadata.name": "big"}), held, no_secret):
+        apply(ground, ns, job)
+
+    wait_phase(ground, ns, "trains", "Running", 60)
+    put_progress(ground, ns, "trains", 1, step=40, total=100, loss=1.25)
+    running = wait_for("progress mirrored", lambda: (lambda o: o if (o["status"].get("progress") or {}).get("step") == 40
+                                                     else None)(ftj(ground, ns, "trains")), 30)
+    big = wait_phase(ground, ns, "big", "Unschedulable", 60)
+    held = wait_phase(ground, ns, "held", "Suspended", 60)
+    no_secret = wait_for("SecretNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "SecretNotFound"
+                                                    else None)(ftj(ground, ns, "no-secret")), 60)
+    done = wait_phase(ground, ns, "trains", "Succeeded", 60)
+
+    objs = [running, done, big, held, no_secret]
+    v = cond(no_secret, "Validated")
+    assert argocd(objs) == [
+        {"status": "Progressing", "message": "Running: step 40/100 (40%), loss 1.25"},
+        {"status": "Healthy", "message": cond(done, "Succeeded")["message"]},
+        {"status": "Degraded", "message": cond(big, "Scheduled")["message"]},
+        {"status": "Suspended", "message": cond(held, "Suspended")["message"]},
+        {"status": "Degraded", "message": f"SecretNotFound: {v['message']}"},
+    ]
+    assert "InsufficientGPUMemory" == cond(big, "Scheduled")["reason"] and "absent" in v["message"]
+    assert [r["status"] for r in flux(objs)] == ["Current", "Current", "Failed", "Current", "Failed"]
