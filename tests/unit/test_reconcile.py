@@ -5,7 +5,6 @@ import copy
 import json
 from datetime import datetime, timedelta, timezone
 
-
 from kubetune.api.v1alpha1 import FineTuneJobStatus, TrainerProgress
 from kubetune.api.validation import parse_spec
 from kubetune.controller.fleet import read_fleet
