@@ -68,3 +68,19 @@ def test_operator_side_never_imports_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_hub_mirror_that_is_not_a_base_url_stops_the_operator_and_the_estimate_with_one_line():
+    import os
+
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "HF_ENDPOINT": ""}
+    r = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator", "--hf-endpoint", "hf-mirror:8080"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--hf-endpoint must be an http(s) URL such as https://hf-mirror.internal, got 'hf-mirror:8080'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kubetune.cli", "operator"], capture_output=True, text=True, timeout=60,
+                       env={**env, "HF_ENDPOINT": "ftp://mirror"})
+    assert r.returncode == 2 and "HF_ENDPOINT must be an http(s) URL" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kubetune.cli", "estimate", "--model", "hf://acme/x"],
+                       capture_output=True, text=True, timeout=60, env={**env, "HF_ENDPOINT": "mirror.internal"})
+    assert r.returncode == 2 and "HF_ENDPOINT must be an http(s) URL" in r.stderr and "Traceback" not in r.stderr

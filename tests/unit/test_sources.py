@@ -9,7 +9,7 @@ import pytest
 
 from kubetune.api.validation import parse_spec
 from kubetune.controller import sources
-from kubetune.controller.cli import hub_endpoint
+from kubetune.controller.sources import hub_endpoint
 from kubetune.errors import UsageError
 from kubetune.estimator import resolve_architecture
 
@@ -78,10 +78,10 @@ def test_an_unreachable_hub_fails_one_reconcile_with_a_message_not_a_traceback(h
     (None, None),
 ])
 def test_hf_endpoint_accepts_a_base_url(value, want):
-    assert hub_endpoint(value) == want
+    assert hub_endpoint(value, "--hf-endpoint") == want
 
 
 @pytest.mark.parametrize("value", ["hf-mirror.internal", "ftp://m/x", "https://m/?a=1", "https://"])
 def test_hf_endpoint_rejects_what_is_not_a_base_url(value):
-    with pytest.raises(UsageError, match=r"--hf-endpoint must be an http\(s\) URL such as https://hf-mirror.internal, got"):
-        hub_endpoint(value)
+    with pytest.raises(UsageError, match=r"^HF_ENDPOINT must be an http\(s\) URL such as https://hf-mirror.internal, got"):
+        hub_endpoint(value, "HF_ENDPOINT")

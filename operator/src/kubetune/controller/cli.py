@@ -69,18 +69,6 @@ def _quiet_success(record: logging.LogRecord) -> bool:
                 and record.msg.startswith(("Handler '", "Timer '")) and record.msg.endswith(" succeeded."))
 
 
-def hub_endpoint(value: str | None) -> str | None:
-    """--hf-endpoint, checked: huggingface_hub joins paths onto it, so it must be a bare http(s) base URL."""
-    from urllib.parse import urlparse
-
-    if not value:
-        return None
-    u = urlparse(value)
-    if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
-        raise UsageError(f"--hf-endpoint must be an http(s) URL such as https://hf-mirror.internal, got {value!r}")
-    return value.rstrip("/")
-
-
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -95,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
     import os
 
-    hf_endpoint = hub_endpoint(args.hf_endpoint if args.hf_endpoint is not None else os.environ.get("HF_ENDPOINT"))
+    from kubetune.controller.sources import hub_endpoint
+
+    if args.hf_endpoint is not None:
+        hf_endpoint = hub_endpoint(args.hf_endpoint, "--hf-endpoint")
+    else:
+        hf_endpoint = hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT")
     os.environ["KUBETUNE_PROGRESS_INTERVAL"] = str(args.progress_interval)  # read when handlers load
     import kopf
 

@@ -58,6 +58,21 @@ def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str)
 HUB = "https://huggingface.co"
 
 
+def hub_endpoint(value: str | None, name: str) -> str | None:
+    """A Hub mirror setting (``name``: the flag or variable it came from), checked: huggingface_hub
+    joins paths onto it, so it must be a bare http(s) base URL."""
+    from urllib.parse import urlparse
+
+    from kubetune.errors import UsageError
+
+    if not value:
+        return None
+    u = urlparse(value)
+    if u.scheme not in ("http", "https") or not u.netloc or u.query or u.fragment:
+        raise UsageError(f"{name} must be an http(s) URL such as https://hf-mirror.internal, got {value!r}")
+    return value.rstrip("/")
+
+
 def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False) -> str:
     """config.json of hf://org/name[@revision] from the Hub or a mirror. ``cli``: the refusal names
     what `kubetune estimate` reads (the HF_TOKEN and HF_ENDPOINT variables), not the operator's

@@ -273,10 +273,10 @@ def _read_config_for_cli(uri: str) -> str:
         with open(p, encoding="utf-8") as fh:
             return fh.read()
     if uri.startswith("hf://"):
-        from kubetune.controller.sources import read_hub_config
+        from kubetune.controller.sources import hub_endpoint, read_hub_config
 
         return read_hub_config(uri, os.environ.get("HF_TOKEN") or None,
-                               (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None, cli=True)
+                               hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT"), cli=True)
     raise OSError("the CLI reads config.json only from file:// and hf:// URIs")
 
 
