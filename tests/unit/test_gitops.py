@@ -60,13 +60,16 @@ def test_flux_health_follows_kstatus_for_a_job():
     assert {p: r["status"] for p, r in got.items()} == {p: s for p, s in want.items() if s}
 
 
-def test_argocd_reports_an_unknown_phase_and_a_bare_status_without_a_lua_error():
+def test_argocd_reports_a_bare_status_without_a_lua_error_and_says_what_a_finishing_trainer_does():
     base = TESTDATA["testdata/running.yaml"]
     odd = [{**base, "status": {"phase": "Running"}},  # no progress, no conditions
            {**base, "status": {"phase": "Starting", "conditions": []}},
-           {**base, "status": {"phase": "Pending"}}]
+           {**base, "status": {"phase": "Pending"}},
+           {**base, "status": {**base["status"], "progress": {**base["status"]["progress"], "state": "uploading",
+                                                              "step": 100, "percent": "100%"}}}]
     assert argocd(odd) == [
         {"status": "Progressing", "message": "Running: waiting for the trainer"},
         {"status": "Progressing", "message": "Starting: waiting for the trainer"},
         {"status": "Progressing", "message": "Pending"},
+        {"status": "Progressing", "message": "Running: step 100/100 (100%), loss 1.25, uploading"},
     ]

@@ -196,6 +196,19 @@ def test_running_mirrors_progress_and_checkpoints():
     assert s.progress.percent == "25%" and s.progress.loss == 1.5
     assert cond(s, "CheckpointSynced").status == "True" and s.checkpoints.latest_step == 20
     assert "step 25/100" in cond(s, "Running").message
+    assert s.progress.state == "training" and cond(s, "Running").message == "run 1 is training on kwok-l4-0, step 25/100"
+
+
+def test_the_running_condition_says_what_a_trainer_whose_step_does_not_move_is_doing():
+    """Loading a 70B model or uploading a merged one takes minutes at a step that does not move."""
+    _, st = started()
+    for state, doing in (("starting", "is loading the model and data on kwok-l4-0"),
+                         ("evaluating", "is evaluating on kwok-l4-0, step 100/100"),
+                         ("uploading", "is uploading its outputs on kwok-l4-0, step 100/100")):
+        step = 0 if state == "starting" else 100
+        prog = TrainerProgress.model_validate({"state": state, "progress": {"step": step, "totalSteps": 100}})
+        s = reconcile(observe(status=st, job=job(), pods=[pod()], progress=prog), T0 + timedelta(seconds=30)).status
+        assert s.progress.state == state and cond(s, "Running").message == f"run 1 {doing}"
 
 
 def test_completion_records_the_result():

@@ -68,6 +68,9 @@ elseif phase == "Running" and st.progress ~= nil and st.progress.totalSteps ~= n
   if p.loss ~= nil then
     hs.message = hs.message .. ", loss " .. p.loss
   end
+  if p.state ~= nil and p.state ~= "training" then
+    hs.message = hs.message .. ", " .. p.state
+  end
 else
   hs.status = "Progressing"
   hs.message = phase .. ": " .. says("Running", says("Scheduled", "waiting for the trainer"))

@@ -142,6 +142,8 @@ PRINTER_COLUMNS = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
+    {"name": "State", "type": "string", "jsonPath": ".status.progress.state", "priority": 1,
+     "description": "What the trainer is doing (kubectl get -o wide)"},
     {"name": "GPU Mem", "type": "string", "jsonPath": ".status.estimate.perGpu", "description": "Per-GPU memory estimate"},
     {"name": "Node", "type": "string", "jsonPath": ".status.placement.node"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

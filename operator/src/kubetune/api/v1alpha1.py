@@ -601,9 +601,15 @@ class PlacementStatus(StatusModel):
     message: str | None = Field(None, description="Why this placement was chosen.")
 
 
+TrainerState = Literal["starting", "training", "evaluating", "uploading", "finished", "failed", "preempted"]
+
+
 class Progress(StatusModel):
     """Live training progress, mirrored from the trainer."""
 
+    state: TrainerState | None = Field(
+        None, description="What the trainer is doing: starting (loading the model and data), training, evaluating, "
+                          "uploading (the final outputs), finished, failed or preempted.")
     step: int = Field(0, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
     percent: str | None = Field(None, description="step/totalSteps as a percentage, e.g. 42% (the Progress column).")
@@ -756,9 +762,7 @@ class TrainerProgress(StatusModel):
     """What the trainer overwrites at paths.progressUri every few seconds (and at each checkpoint).
     The operator copies it into status.progress / status.checkpoints."""
 
-    state: Literal["starting", "training", "evaluating", "uploading", "finished", "failed", "preempted"] = Field(
-        "training", description="What the trainer is doing."
-    )
+    state: TrainerState = Field("training", description="What the trainer is doing.")
     progress: Progress = Field(default_factory=Progress, description="Step, loss, throughput, ETA.")
     checkpoints: CheckpointStatus = Field(default_factory=CheckpointStatus, description="Newest committed checkpoint.")
     resumed_from_step: int | None = Field(None, description="Step this attempt resumed from, if any.")

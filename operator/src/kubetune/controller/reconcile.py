@@ -360,7 +360,8 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
         if st.placement is not None and node:
             st.placement.node = node
         step = st.progress.step if st.progress else 0
-        b.cond("Running", True, "TrainerRunning", f"run {run.run} is training on {node or 'a node'}"
+        doing = _ACTIVITY.get(st.progress.state if st.progress else None, "training")
+        b.cond("Running", True, "TrainerRunning", f"run {run.run} is {doing} on {node or 'a node'}"
                + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
                   if step else ""))
         b.phase("Running")
@@ -380,6 +381,11 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
         b.events.append(("Normal", "SpecChangeQueued",
                          f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
     return b.done(job_patch=patch)
+
+
+# What the Running condition says the trainer is doing: loading a large model or uploading a merged
+# one takes minutes, during which the step does not move.
+_ACTIVITY = {"starting": "loading the model and data", "evaluating": "evaluating", "uploading": "uploading its outputs"}
 
 
 def _preempted_message(term: TrainerTermination | None, progress: TrainerProgress | None) -> str | None:
@@ -537,7 +543,7 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
     if pr is None:
         return
     st = b.status
-    p = pr.progress.model_copy()
+    p = pr.progress.model_copy(update={"state": pr.state})
     if p.total_steps:
         p.percent = f"{min(100, int(100 * p.step / p.total_steps))}%"
     st.progress = p
