@@ -178,8 +178,13 @@ def test_spec_change_after_finish_starts_a_new_run_and_keeps_history(ground, ope
     assert [h["run"] for h in got["status"]["history"]] == [1, 2]
     assert got["status"]["history"][0]["phase"] == "Succeeded" and got["status"]["history"][1]["generation"] == 2
     wait_phase(ground, ns, "retrain", "Succeeded", 60)
+    # the same spec again (data updated in place): runPolicy.rerun, as docs/operator.md shows it
+    ground.kubectl("patch", "ftj", "retrain", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"rerun":"data-v2"}}}')
+    got = wait_for("run 3", lambda: (lambda o: o if o.get("status", {}).get("run") == 3 else None)(ftj(ground, ns, "retrain")), 60)
+    assert got["status"]["history"][2]["generation"] == 3
+    wait_phase(ground, ns, "retrain", "Succeeded", 60)
     assert {j["metadata"]["name"] for j in ground.kubectl_json("get", "jobs", "-n", ns)["items"]} >= {
-        "retrain-r1", "retrain-r2"}
+        "retrain-r1", "retrain-r2", "retrain-r3"}
 
 
 def test_spec_change_while_running_queues_the_next_run(ground, operator, ns):

@@ -311,6 +311,21 @@ def test_spec_change_after_finish_starts_run_two_keeping_history():
     assert out.create[-1]["metadata"]["name"] == "demo-r2"
 
 
+def test_rerun_starts_a_new_run_of_a_failed_job_with_the_same_spec():
+    """runPolicy.rerun is only a spec change: a failed run is retried once its cause is fixed (here,
+    data fixed in place) without touching anything else."""
+    _, st = started()
+    failed = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})]), pods=[]), T0).status
+    assert failed.phase == "Failed"
+    same = reconcile(observe(status=failed), T0 + timedelta(minutes=5))
+    assert same.create == [] and same.status.run == 1  # nothing changed: nothing starts
+    rerun = copy.deepcopy(SPEC)
+    rerun.setdefault("runPolicy", {})["rerun"] = "data-v2"
+    out = reconcile(observe(rerun, status=failed, generation=2), T0 + timedelta(hours=1))
+    assert out.status.run == 2 and [h.phase for h in out.status.history] == ["Failed", "Starting"]
+    assert out.create[-1]["metadata"]["name"] == "demo-r2"
+
+
 def test_spec_change_while_running_is_queued():
     _, st = started()
     out = reconcile(observe(status=st, generation=2, job=job(), pods=[pod()]), T0)

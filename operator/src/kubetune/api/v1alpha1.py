@@ -495,6 +495,11 @@ class RunPolicy(KModel):
     retry_on_oom: bool = Field(
         True, description="When the trainer runs out of GPU memory, retry once with the estimator's fit advice applied."
     )
+    rerun: str | None = Field(
+        None, max_length=253,
+        description="Change it (to any string: a date, a data version) to start a new run of an unchanged spec: "
+                    "retrain on data updated in place, or retry a failed run once its cause is fixed. Like any "
+                    "spec change, it waits for an active run to end.")
 
 
 # ---------------------------------------------------------------------------------------------
