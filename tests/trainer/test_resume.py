@@ -145,3 +145,52 @@ def test_sigterm_during_an_eval_stops_it_and_the_restart_evaluates_that_step_fir
     ref_final = json.loads(reference.termination.read_text())["result"]["metrics"]
     for k in ("evalLoss", "baseEvalLoss", "bestEvalLoss", "bestStep"):
         assert abs(final[k] - ref_final[k]) < 1e-4, k
+
+
+def test_resume_from_continues_another_runs_checkpoint_in_a_new_run(tmp_path, model_dir, data, reference, s3):
+    """checkpoints.resumeFrom: run 1 dies at step ~14 (its checkpoints in S3); run 2, with a prefix of
+    its own, starts from run 1's newest committed checkpoint and continues run 1's losses exactly."""
+    prefix = "s3://kubetune/ckpt/ml/job"
+
+    def config_s3(name):
+        cfg = config(tmp_path, model_dir, data, tmp_path / name)
+        cfg["spec"]["storage"] = {"endpoint": s3.endpoint, "region": "us-east-1"}
+        cfg["paths"]["checkpointsUri"] = f"{prefix}/{name.replace('run', 'run-')}/checkpoints"
+        return cfg
+
+    cfg1 = config_s3("run1")
+    first = TrainerProc(cfg1, tmp_path / "run1.yaml", env={"KUBETUNE_DEBUG_STEP_SLEEP": "0.3"})
+    first.wait_for(lambda e: e.get("event") == "log" and "checkpoint-00000012 committed" in e.get("message", ""), 300)
+    first.wait_for(lambda e: e.get("event") == "step" and e["step"] >= 14, 60)
+    first.kill9()
+    killed_at = max(first.losses())
+
+    cfg2 = config_s3("run2")
+    cfg2["spec"]["checkpoints"]["resumeFrom"] = f"{prefix}/run-1/checkpoints/"
+    second = TrainerProc(cfg2, tmp_path / "run2.yaml")
+    assert second.wait(300) == 0, second.stderr[-3000:]
+    assert second.events_of("resumed")[0] == {**second.events_of("resumed")[0], "step": 12,
+                                              "checkpoint": f"{prefix}/run-1/checkpoints/checkpoint-00000012"}
+    assert sorted(second.losses()) == list(range(13, STEPS + 1))
+    assert_continues(reference, {**first.losses(), **second.losses()}, f"run 1 killed at {killed_at}, run 2 resumed from 12")
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="kubetune", Prefix="ckpt/ml/job/run-2/")["Contents"]}
+    assert "ckpt/ml/job/run-2/checkpoints/checkpoint-00000024/manifest.json" in keys  # its own prefix from then on
+
+    # a checkpoint from another method does not fit, and an empty prefix holds nothing: one line each
+    cfg3 = config_s3("run3")
+    cfg3["spec"]["method"]["lora"]["rank"] = 4
+    cfg3["spec"]["checkpoints"]["resumeFrom"] = f"{prefix}/run-1/checkpoints/checkpoint-00000012"
+    third = TrainerProc(cfg3, tmp_path / "run3.yaml")
+    assert third.wait(300) == 2
+    term = json.loads(third.termination.read_text())
+    assert term["reason"] == "BadConfig" and term["message"].startswith(
+        f"spec.checkpoints.resumeFrom {prefix}/run-1/checkpoints/checkpoint-00000012: checkpoint-00000012 does not fit "
+        "this job (") and term["message"].endswith("it must come from a run of the same model and method")
+    cfg3["spec"]["method"]["lora"]["rank"] = 8
+    cfg3["spec"]["checkpoints"]["resumeFrom"] = f"{prefix}/run-9/checkpoints/"
+    fourth = TrainerProc(cfg3, tmp_path / "run4.yaml")
+    assert fourth.wait(300) == 2
+    assert json.loads(fourth.termination.read_text())["message"] == (
+        f"spec.checkpoints.resumeFrom {prefix}/run-9/checkpoints/: no committed checkpoint there (a checkpoint-<step>/ "
+        "with its manifest.json, or a prefix holding some)")
+    assert "Traceback" not in third.stderr + fourth.stderr

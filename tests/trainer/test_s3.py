@@ -9,23 +9,8 @@ import pytest
 import tiny
 from kubetune_trainer import checkpoint as ck
 from proc import TrainerProc, free_port
-from s3server import S3Server
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def s3(tmp_path, monkeypatch):
-    try:
-        server = S3Server(tmp_path)
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    server.start()
-    server.client().create_bucket(Bucket="kubetune")
-    for k, v in server.env().items():
-        monkeypatch.setenv(k, v)
-    yield server
-    server.close()
 
 
 def _objects(client, prefix):

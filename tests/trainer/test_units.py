@@ -270,6 +270,25 @@ def test_a_checkpoint_submitted_first_does_not_wait_out_an_older_ones_backoff(tm
     assert up.committed == [2, 1]
 
 
+def test_fetch_from_takes_one_checkpoint_or_the_newest_under_a_prefix(tmp_path):
+    """checkpoints.resumeFrom names either; an uncommitted one (no manifest) is never used."""
+    store = tmp_path / "store"
+    up = ck.Uploader(st.LocalLocation(store), keep=3)
+    for step in (4, 8):
+        up.submit(_ckpt(tmp_path / "local", step, 2), step, None)
+    assert up.drain(10)
+    up.close()
+    (store / ck.ckpt_name(12)).mkdir()  # a half-uploaded one: files, no manifest
+    (store / ck.ckpt_name(12) / "shard-000.bin").write_bytes(b"x")
+    loc = st.LocalLocation(store)
+    path, c = ck.fetch_from(loc, tmp_path / "a")
+    assert c.step == 8 and path == tmp_path / "a" / ck.ckpt_name(8) and len(list(path.glob("shard-*"))) == 2
+    path, c = ck.fetch_from(loc.child(ck.ckpt_name(4)), tmp_path / "b")
+    assert (c.name, c.step) == (ck.ckpt_name(4), 4) and (path / "shard-001.bin").read_bytes() == bytes([4]) * 1000
+    assert ck.fetch_from(loc.child(ck.ckpt_name(12)), tmp_path / "c") is None
+    assert ck.fetch_from(st.LocalLocation(tmp_path / "empty"), tmp_path / "d") is None
+
+
 def test_bad_config_names_the_field(tmp_path, model_dir):
     cfg = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl")
     cfg["spec"]["method"]["lora"]["rnak"] = 3

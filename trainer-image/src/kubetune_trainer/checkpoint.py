@@ -220,15 +220,33 @@ def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = pr
     from kubetune_trainer.errors import StorageFailed
 
     for c in reversed(list_committed(loc)):
-        dest = dest_root / c.name
-        files = {f["path"] for f in c.manifest.get("files", [])}
         try:
-            download_tree(loc.child(c.name), dest, only=lambda k: k in files, log=log)
+            return _download(loc.child(c.name), c, dest_root, log), c
         except StorageFailed as e:
             log(f"checkpoint {c.name} is unusable ({e.message}); trying an older one")
-            continue
-        return dest, c
     return None
+
+
+def fetch_from(loc: Location, dest_root: Path, log: Callable[[str], None] = print) -> tuple[Path, Committed] | None:
+    """fetch_latest, where ``loc`` may also be one checkpoint (its manifest at the top):
+    checkpoints.resumeFrom names either."""
+    raw = loc.get_bytes(MANIFEST)
+    if raw is None:
+        return fetch_latest(loc, dest_root, log)
+    try:
+        man = json.loads(raw)
+        name = loc.uri.rstrip("/").rsplit("/", 1)[-1]
+        c = Committed(name if NAME_RE.match(name) else ckpt_name(int(man["step"])), int(man["step"]), man)
+    except (ValueError, KeyError, TypeError):
+        return None
+    return _download(loc, c, dest_root, log), c
+
+
+def _download(loc: Location, c: Committed, dest_root: Path, log: Callable[[str], None]) -> Path:
+    dest = dest_root / c.name
+    files = {f["path"] for f in c.manifest.get("files", [])}
+    download_tree(loc, dest, only=lambda k: k in files, log=log)
+    return dest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -353,18 +353,26 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     state = {"step": 0, "best_eval_loss": None, "best_step": None, "evals_without_improvement": 0,
              "base_eval_loss": None, "last_eval_loss": None, "last_eval_step": None, "tokens": 0,
              "skipped_lines": stats.skipped_lines, "stopped_early": False, "train_loss": None}
-    found = _on_local_main(accelerator, lambda: _fetch_latest(ckpt_loc, work / "resume", log))
+    resume_from = spec.checkpoints.resume_from
+    found = _on_local_main(accelerator, lambda: _fetch_resume_point(ckpt_loc, resume_from, spec.storage, work / "resume", log))
     if found is not None:
-        path, committed = found
-        state.update(ck.load_local(path, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator))
+        path, committed, uri, own = found
+        try:
+            state.update(ck.load_local(path, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator))
+        except Exception as e:
+            if own:
+                raise
+            raise BadConfig(f"spec.checkpoints.resumeFrom {resume_from}: {committed.name} does not fit this job "
+                            f"({st.short_error(e)}); it must come from a run of the same model and method") from None
         # its disk (a whole checkpoint for full fine-tuning) is the run's from here on, once every
         # local rank has read its part
         accelerator.wait_for_everyone()
         if accelerator.is_local_main_process:
             shutil.rmtree(work / "resume", ignore_errors=True)
         reporter.resumed(state["step"])
-        reporter.checkpoint(f"{ckpt_loc.uri}/{committed.name}", committed.step, len(ck.list_committed(ckpt_loc)) if main else 0)
-        log_event("resumed", step=state["step"], checkpoint=f"{ckpt_loc.uri}/{committed.name}")
+        if own:  # another run's checkpoint is not this run's newest
+            reporter.checkpoint(uri, committed.step, len(ck.list_committed(ckpt_loc)) if main else 0)
+        log_event("resumed", step=state["step"], checkpoint=uri)
 
     uploader = None
     if main:
@@ -641,9 +649,28 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
     accelerator.wait_for_everyone()
 
 
-def _fetch_latest(loc, dest, log):
+def _fetch_resume_point(own, resume_from: str | None, storage, dest, log):
+    """(path, committed, its URI, whether it is this run's): the newest committed checkpoint of this
+    run, else the one checkpoints.resumeFrom names. None: a fresh start."""
+    found = _fetch(own, dest, log, ck.fetch_latest)
+    if found is not None:
+        return (*found, f"{own.uri.rstrip('/')}/{found[1].name}", True)
+    if not resume_from:
+        return None
+    src = st.open_location(resume_from, storage)
+    found = _fetch(src, dest, log, ck.fetch_from)
+    if found is None:
+        raise BadConfig(f"spec.checkpoints.resumeFrom {resume_from}: no committed checkpoint there (a "
+                        "checkpoint-<step>/ with its manifest.json, or a prefix holding some)")
+    base = src.uri.rstrip("/")
+    uri = base if base.endswith("/" + found[1].name) else f"{base}/{found[1].name}"
+    log(f"no checkpoint of this run yet: starting from {uri} (step {found[1].step})")
+    return (*found, uri, False)
+
+
+def _fetch(loc, dest, log, how):
     try:
-        return ck.fetch_latest(loc, dest, log)
+        return how(loc, dest, log)
     except StorageFailed:
         raise
     except Exception as e:

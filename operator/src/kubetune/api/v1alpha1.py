@@ -462,6 +462,15 @@ class Checkpoints(KModel):
     deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="What happens to this job's S3 checkpoints when the FineTuneJob is deleted."
     )
+    resume_from: str | None = Field(
+        None,
+        pattern=S3_ONLY,
+        max_length=1024,
+        description="Start a run that has no checkpoint of its own from this one: a checkpoint "
+        "(<uri>/<namespace>/<name>/run-<n>/checkpoints/checkpoint-<step>/) or a prefix holding some (the newest "
+        "committed is used). Model or adapter, optimizer, scheduler, RNG and data position are restored, so a failed "
+        "run continues (with runPolicy.rerun) instead of starting over. It must come from the same model and method.",
+    )
 
 
 class Output(KModel):
