@@ -234,6 +234,7 @@ def test_bad_data_failure_names_the_fix():
     c = cond(out.status, "Failed")
     assert out.status.phase == "Failed" and c.reason == "BadData"
     assert "lines 3, 7" in c.message and "dataset.onBadLine: skip" in c.message
+    assert "change spec.runPolicy.rerun to run again" in c.message  # data fixed in place is no spec change
 
 
 def test_a_model_the_trainer_cannot_load_fails_at_once_naming_the_fix():
@@ -432,6 +433,24 @@ def test_a_run_failed_by_repeated_stops_says_how_to_let_it_continue():
                     T0 + timedelta(minutes=5))
     c = cond(out.status, "Failed")
     assert out.status.phase == "Failed" and c.reason == "Preempted" and "raise runPolicy.backoffLimit" in c.message
+
+
+
+def test_a_failed_run_with_checkpoints_says_how_to_continue_from_the_newest():
+    _, st = started()
+    prog = TrainerProgress.model_validate({"progress": {"step": 640, "totalSteps": 1000}, "checkpoints": {
+        "latestUri": "s3://ckpt/runs/ml/demo/run-1/checkpoints/checkpoint-00000600", "latestStep": 600, "count": 3}})
+    st = reconcile(observe(status=st, job=job(), pods=[pod()], progress=prog), T0).status
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})]), pods=[]), T0)
+    c = cond(out.status, "Failed")
+    assert c.reason == "BackoffLimitExceeded" and c.message.endswith(
+        "To continue from its newest checkpoint (step 600) once the cause is fixed, set spec.checkpoints.resumeFrom: "
+        "s3://ckpt/runs/ml/demo/run-1/checkpoints/checkpoint-00000600 and change spec.runPolicy.rerun.")
+    # a checkpoint cannot help a run whose spec or model is wrong
+    term = {"reason": "BadConfig", "message": "spec.training.optimizer: adamw_8bit needs a CUDA GPU"}
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]),
+                            pods=[pod("Failed", {"exitCode": 2, "message": json.dumps(term)})]), T0)
+    assert "resumeFrom" not in cond(out.status, "Failed").message
 
 
 def test_a_run_requests_the_local_disk_its_download_and_checkpoints_need():

@@ -444,15 +444,22 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
         "HostOutOfMemory": f"The kernel OOM-killed the trainer: it needs more host memory than spec.resources.memory "
                            f"({spec.resources.memory}), so a smaller batch would not help. Raise spec.resources.memory: "
                            "rank 0 reads the whole model into host memory under FSDP, and so does merging the adapter.",
-        "BadData": "Fix the dataset lines named above (or set dataset.onBadLine: skip) and apply the spec again.",
+        "BadData": "Fix the dataset lines named above and change spec.runPolicy.rerun to run again (or set "
+                   "dataset.onBadLine: skip).",
         "BadConfig": "Fix the spec field named above and apply it again.",
-        "ModelLoadFailed": "Fix spec.model (the URI, its files, spec.model.tokenSecret) as named above and apply it again.",
+        "ModelLoadFailed": "Fix spec.model (the URI, its files, spec.model.tokenSecret) as named above; after a fix "
+                           "outside the spec (the files, the Secret), change spec.runPolicy.rerun to run again.",
         "DeadlineExceeded": "The run hit runPolicy.activeDeadlineSeconds; raise it to let it finish.",
         "Preempted": "Its pods were stopped more often than runPolicy.backoffLimit allows without a disruption "
                      "condition (kubectl delete pod does not set one); raise runPolicy.backoffLimit. This run's "
                      "checkpoints stay under spec.checkpoints.uri.",
         "BackoffLimitExceeded": "The trainer failed runPolicy.backoffLimit times; see the pod logs.",
-    }.get(reason, "See the trainer pod's logs; a spec change starts a new run.")
+    }.get(reason, "See the trainer pod's logs; a spec change (spec.runPolicy.rerun for the same spec) starts a new run.")
+    if st.checkpoints is not None and st.checkpoints.latest_uri and reason not in ("BadConfig", "ModelLoadFailed"):
+        # the work done so far need not be lost: a new run can start where this one stopped
+        hint += (f" To continue from its newest checkpoint (step {st.checkpoints.latest_step}) once the cause is "
+                 f"fixed, set spec.checkpoints.resumeFrom: {st.checkpoints.latest_uri} and change "
+                 "spec.runPolicy.rerun.")
     b.cond("Failed", True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
     b.phase("Failed")
     return b.done()
