@@ -27,7 +27,7 @@ end
 local st = obj.status
 if st == nil or st.phase == nil then
   hs.status = "Progressing"
-  hs.message = "Waiting for the kubetune operator"
+  hs.message = "Waiting for the kubetune operator (if it stays so: kubectl get pods -A -l app.kubernetes.io/name=kubetune)"
   return hs
 end
 if st.observedGeneration ~= nil and obj.metadata.generation ~= nil and st.observedGeneration < obj.metadata.generation then
