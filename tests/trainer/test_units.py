@@ -240,6 +240,7 @@ def test_the_checkpoint_saved_at_sigterm_goes_ahead_of_an_older_upload_which_the
     assert up.drain(30)
     up.close()
     assert up.committed == [20, 10]
+    print(f"\nstep 20 committed with step 10 at {older_files_at_commit[20]}/40 files; then step 10 finished")
     assert 3 <= older_files_at_commit[20] < 40  # step 10 was paused part-way, not restarted or finished first
     got = {c.step: c for c in ck.list_committed(st.LocalLocation(store))}
     assert sorted(got) == [10, 20]
@@ -264,6 +265,7 @@ def test_a_checkpoint_submitted_first_does_not_wait_out_an_older_ones_backoff(tm
     while 2 not in up.committed and time.monotonic() - t0 < 10:
         time.sleep(0.01)
     waited = time.monotonic() - t0
+    print(f"\nstep 2 committed {waited:.2f} s after it was submitted (step 1's backoff was about 6 s)")
     assert up.committed[:1] == [2] and waited < 3, (up.committed, waited)
     assert up.drain(15)
     up.close()

@@ -144,6 +144,23 @@ def _secret(ns: str, name: str) -> dict | None:
     return data
 
 
+_claim_seen: dict[tuple[str, str], float] = {}
+
+
+def _claim_exists(ns: str, name: str) -> bool:
+    """A claim that exists is trusted for a minute (a running job's progress polls would otherwise GET
+    it every few seconds, and a mounted claim cannot go away: PVC protection holds it); a missing one
+    is looked up again each time, so a job waiting for it starts as soon as it is created."""
+    seen = _claim_seen.get((ns, name))
+    if seen is not None and time.monotonic() - seen < 60:
+        return True
+    if kube.volume_claim_exists(ns, name):
+        _claim_seen[(ns, name)] = time.monotonic()
+        return True
+    _claim_seen.pop((ns, name), None)
+    return False
+
+
 def observe(body: dict) -> tuple[Observed, dict | None]:
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
@@ -180,7 +197,7 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
             hf_token = data[tref.key]
     obs.secret_missing = "; ".join(missing) or None
     absent = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
-              for claim, where in manifests.volume_claims(spec).items() if not kube.volume_claim_exists(ns, claim)]
+              for claim, where in manifests.volume_claims(spec).items() if not _claim_exists(ns, claim)]
     obs.claim_missing = "; ".join(absent) or None
     obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token)
     obs.fleet = read_fleet(*kube.fleet_objects())
