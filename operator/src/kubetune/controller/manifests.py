@@ -27,15 +27,6 @@ LABEL_JOB = "kubetune.io/job"
 LABEL_RUN = "kubetune.io/run"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
-
-
-@dataclass(frozen=True)
-class PodDefaults:
-    """Cluster-wide settings of `kubetune operator` that every trainer pod gets."""
-    image: str = DEFAULT_IMAGE
-    # A Hugging Face Hub mirror (air-gapped clusters, a caching proxy): the trainer's huggingface_hub
-    # reads HF_ENDPOINT, and the operator reads config.json from the same place.
-    hf_endpoint: str | None = None
 CONFIG_KEY = "trainer.yaml"
 CONFIG_MOUNT = "/etc/kubetune"
 WORK_DIR = "/tmp/kubetune"
@@ -50,6 +41,15 @@ NON_RETRYABLE_EXIT_CODES = (2, 3, 4)
 OOM_EXIT_CODES = (6, 137)
 # The trainer's SIGTERM handler saves a checkpoint at the end of the current step and uploads it within this.
 GRACE_SECONDS = 60  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    """Cluster-wide settings of `kubetune operator` that every trainer pod gets."""
+    image: str = DEFAULT_IMAGE
+    # A Hugging Face Hub mirror (air-gapped clusters, a caching proxy): the trainer's huggingface_hub
+    # reads HF_ENDPOINT, and the operator reads config.json from the same place.
+    hf_endpoint: str | None = None
 
 
 @dataclass(frozen=True)
