@@ -250,6 +250,24 @@ def test_the_checkpoint_saved_at_sigterm_goes_ahead_of_an_older_upload_which_the
     assert up.failures == 0
 
 
+def test_uploads_slower_than_saves_still_commit(tmp_path):
+    """keep 1 and each upload longer than the save interval: every upload in flight is superseded by
+    the next save. It must finish anyway (only a failing one is dropped), or S3 never gets a commit."""
+    import time
+    store = tmp_path / "store"
+    commits = []
+    up = ck.Uploader(_Throttled(store), keep=1, on_commit=lambda uri, step, n: step and commits.append(step))
+    for step in range(1, 9):
+        up.submit(_ckpt(tmp_path / "local", step, 10), step, None)  # 10 files: about 0.4 s to upload
+        time.sleep(0.1)
+    assert commits, "nothing committed while saves kept coming"
+    assert up.drain(30)
+    up.close()
+    print(f"\ncommitted {up.committed}, superseded while waiting {up.superseded}")
+    assert up.committed[0] == 1 and up.committed[-1] == 8
+    assert [c.step for c in ck.list_committed(st.LocalLocation(store))] == [8]
+
+
 def test_a_checkpoint_submitted_first_does_not_wait_out_an_older_ones_backoff(tmp_path):
     import time
     store = tmp_path / "store"

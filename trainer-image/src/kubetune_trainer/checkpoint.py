@@ -274,7 +274,7 @@ class _Job:
 
 
 class _Paused(Exception):
-    """The upload stops between two files: superseded, or a checkpoint submitted ``first`` goes ahead."""
+    """The upload stops between two files: a checkpoint submitted ``first`` goes ahead."""
 
 
 class Uploader:
@@ -337,7 +337,7 @@ class Uploader:
                     continue
                 job.superseded = True
                 dropped.append(job.step)
-                if job is not self._current:  # the current one stops at its next file or retry
+                if job is not self._current:  # the current one stops at its next retry, if it fails
                     self.backlog.remove(job)
                     shutil.rmtree(job.local, ignore_errors=True)
             self.superseded += sorted(dropped)
@@ -412,7 +412,10 @@ class Uploader:
         for entry in job.entries:
             if entry["path"] in job.done_files:
                 continue
-            if self._must_stop(job):
+            # Only a checkpoint submitted first interrupts a working upload. A superseded one still
+            # finishes once started: stopping it would starve S3 of commits whenever an upload takes
+            # longer than the saves that supersede it.
+            if self.backlog[0] is not job:
                 raise _Paused
             dest.put_file(entry["path"], job.local / entry["path"], sha256=entry["sha256"])
             job.done_files.add(entry["path"])
