@@ -266,6 +266,26 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
     wait_phase(ground, namespace, "no-token", "Running", 60)
 
 
+def test_workload_identity_waits_for_its_service_account_then_the_trainer_runs_as_it(ground, operator, ns):
+    """spec.storage.serviceAccountName instead of credentialsSecret (EKS IRSA, GKE Workload Identity).
+    The apiserver's ServiceAccount admission would refuse the pod; the operator says so first."""
+    obj = small_gpu_job("irsa")
+    obj["spec"]["storage"] = {"serviceAccountName": "trainer-s3"}
+    apply(ground, ns, obj)
+    got = wait_for("ServiceAccountNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") ==
+                                                      "ServiceAccountNotFound" else None)(ftj(ground, ns, "irsa")), 60)
+    assert cond(got, "Validated")["message"] == (
+        f"ServiceAccount 'trainer-s3' (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
+        f"(kubectl create serviceaccount trainer-s3 -n {ns}) with the annotation your cloud's workload identity needs")
+    assert got["status"]["phase"] == "Pending"
+    ground.kubectl("create", "serviceaccount", "trainer-s3", "-n", ns)
+    wait_phase(ground, ns, "irsa", "Running", 60)
+    pod = ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=irsa")["items"][0]
+    assert pod["spec"]["serviceAccountName"] == "trainer-s3"
+    env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+    assert not env & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # the pod's identity, no keys
+
+
 def test_a_pvc_dataset_waits_for_its_claim_then_is_mounted_read_only(ground, operator, ns):
     obj = small_gpu_job("pvc-data")
     obj["spec"]["dataset"]["uri"] = "pvc://train-data/alpaca/train.jsonl"

@@ -161,7 +161,8 @@ NAMESPACED = {
     ("kubetune.io", "finetunejobs/status", "patch"), ("kubetune.io", "finetunejobs/finalizers", "update"),
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     *{("", r, v) for r in ("configmaps", "services") for v in ("get", "list", "create", "delete")},
-    ("", "pods", "list"), ("", "secrets", "get"), ("", "persistentvolumeclaims", "get"), ("", "events", "create"),
+    ("", "pods", "list"), ("", "secrets", "get"), ("", "persistentvolumeclaims", "get"), ("", "serviceaccounts", "get"),
+    ("", "events", "create"),
 }
 CLUSTER = {("", "nodes", "list"), ("", "nodes", "watch"), ("", "pods", "list"),
            ("apiextensions.k8s.io", "customresourcedefinitions", "list"),

@@ -112,6 +112,12 @@ def test_a_gated_hf_model_gets_its_token_from_the_secret_and_nowhere_else():
     assert "HF_TOKEN" not in {e["name"] for e in kids()["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_workload_identity_runs_the_trainer_as_the_named_service_account():
+    pod = kids(spec(storage={"serviceAccountName": "trainer-s3"}))["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "trainer-s3"
+    assert "serviceAccountName" not in kids()["Job"]["spec"]["template"]["spec"]  # the namespace's default
+
+
 def test_pvc_models_and_data_are_mounted_read_only_where_the_trainer_reads_them():
     st = __import__("pytest").importorskip("kubetune_trainer.storage")
     s = spec(model={"uri": "pvc://models/llama-3.1-8b"},

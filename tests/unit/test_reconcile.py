@@ -131,7 +131,7 @@ def test_qlora_under_fsdp_that_fits_only_once_sharded_says_the_load_sets_the_pea
 
 def test_a_missing_volume_claim_waits_in_pending_naming_it():
     msg = "PersistentVolumeClaim 'models' (spec.model.uri) does not exist in namespace ml: create it, or fix the URI"
-    out = reconcile(observe(claim_missing=msg), T0)
+    out = reconcile(observe(absent={"VolumeClaimNotFound": msg}), T0)
     c = cond(out.status, "Validated")
     assert out.status.phase == "Pending" and c.reason == "VolumeClaimNotFound" and c.message == msg
     assert out.requeue_after and out.create == []
@@ -162,8 +162,17 @@ def test_a_pod_too_small_to_hold_the_model_it_reads_whole_waits_instead_of_being
     assert c.reason == "InsufficientHostMemory" and "model, 0.9 GiB, which the trainer reads into host memory (output.mergeAdapter loads it whole)" in c.message
 
 
+def test_a_missing_service_account_waits_in_pending_naming_it():
+    msg = "ServiceAccount 'trainer-s3' (spec.storage.serviceAccountName) does not exist in namespace ml: create it"
+    out = reconcile(observe(absent={"ServiceAccountNotFound": msg}), T0)
+    c = cond(out.status, "Validated")
+    assert out.status.phase == "Pending" and c.reason == "ServiceAccountNotFound" and c.message == msg
+    assert out.create == []
+
+
 def test_missing_secret_and_unknown_model_wait_in_pending():
-    out = reconcile(observe(secret_missing="Secret 's3' does not exist"), T0)
+    out = reconcile(observe(absent={"SecretNotFound": "Secret 's3' does not exist",
+                                    "ServiceAccountNotFound": "ServiceAccount 'trainer' does not exist"}), T0)
     assert out.status.phase == "Pending" and cond(out.status, "Validated").reason == "SecretNotFound"
     assert out.requeue_after and out.create == []
     o = observe()

@@ -443,8 +443,12 @@ class Storage(KModel):
     )
     region: str | None = Field(None, max_length=64, description="S3 region.")
     credentials_secret: SecretRef | None = Field(
-        None, description="Secret with the credentials; without it the pod's ambient identity (IRSA, workload identity) is used."
+        None, description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used."
     )
+    service_account_name: str | None = Field(
+        None, max_length=253, pattern=NAME_PATTERN,
+        description="ServiceAccount the trainer pods run as: S3 access by workload identity (EKS IRSA or Pod "
+                    "Identity, GKE Workload Identity) instead of credentialsSecret. Default: the namespace's default.")
     force_path_style: bool = Field(True, description="Path-style addressing (bucket in the path), which most S3-compatible stores need.")
 
 

@@ -144,20 +144,21 @@ def _secret(ns: str, name: str) -> dict | None:
     return data
 
 
-_claim_seen: dict[tuple[str, str], float] = {}
+_seen: dict[tuple[str, str, str], float] = {}
 
 
-def _claim_exists(ns: str, name: str) -> bool:
-    """A claim that exists is trusted for a minute (a running job's progress polls would otherwise GET
-    it every few seconds, and a mounted claim cannot go away: PVC protection holds it); a missing one
-    is looked up again each time, so a job waiting for it starts as soon as it is created."""
-    seen = _claim_seen.get((ns, name))
+def _exists(kind: str, ns: str, name: str) -> bool:
+    """A claim or ServiceAccount that exists is trusted for a minute (a running job's progress polls
+    would otherwise GET it every few seconds, and a pod's claim cannot go away: PVC protection holds
+    it); a missing one is looked up again each time, so a job waiting for it starts once it exists."""
+    key = (kind, ns, name)
+    seen = _seen.get(key)
     if seen is not None and time.monotonic() - seen < 60:
         return True
-    if kube.volume_claim_exists(ns, name):
-        _claim_seen[(ns, name)] = time.monotonic()
+    if kube.exists(kind, ns, name):
+        _seen[key] = time.monotonic()
         return True
-    _claim_seen.pop((ns, name), None)
+    _seen.pop(key, None)
     return False
 
 
@@ -195,10 +196,15 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
             missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) has no key {tref.key}: add the token under it")
         else:
             hf_token = data[tref.key]
-    obs.secret_missing = "; ".join(missing) or None
-    absent = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
-              for claim, where in manifests.volume_claims(spec).items() if not _claim_exists(ns, claim)]
-    obs.claim_missing = "; ".join(absent) or None
+    claims = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
+              for claim, where in manifests.volume_claims(spec).items() if not _exists("PersistentVolumeClaim", ns, claim)]
+    absent = {"SecretNotFound": "; ".join(missing), "VolumeClaimNotFound": "; ".join(claims)}
+    sa = spec.storage.service_account_name
+    if sa and not _exists("ServiceAccount", ns, sa):
+        absent["ServiceAccountNotFound"] = (
+            f"ServiceAccount {sa!r} (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
+            f"(kubectl create serviceaccount {sa} -n {ns}) with the annotation your cloud's workload identity needs")
+    obs.absent = {reason: message for reason, message in absent.items() if message}
     obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token)
     obs.fleet = read_fleet(*kube.fleet_objects())
 

@@ -179,8 +179,11 @@ def _delete(fn, name: str, namespace: str, **kw) -> None:
 # --- what reconcile reads ----------------------------------------------------------------------
 
 
-def volume_claim_exists(namespace: str, name: str) -> bool:
-    return _get(core().read_namespaced_persistent_volume_claim, name, namespace) is not None
+def exists(kind: str, namespace: str, name: str) -> bool:
+    """Whether a PersistentVolumeClaim or ServiceAccount the spec names exists."""
+    read = {"PersistentVolumeClaim": core().read_namespaced_persistent_volume_claim,
+            "ServiceAccount": core().read_namespaced_service_account}[kind]
+    return _get(read, name, namespace) is not None
 
 
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:

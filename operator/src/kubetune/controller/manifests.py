@@ -309,6 +309,8 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         pod_spec["tolerations"] = [t.dump() for t in r.tolerations]
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
+    if spec.storage.service_account_name:
+        pod_spec["serviceAccountName"] = spec.storage.service_account_name
     if r.nodes > 1:
         pod_spec["subdomain"] = rid.service_name
 

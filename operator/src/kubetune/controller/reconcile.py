@@ -52,8 +52,9 @@ class Observed:
     spec_error: str | None = None
     status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
     fleet: list[FleetNode] = field(default_factory=list)
-    secret_missing: str | None = None  # message when a Secret the spec names (or its key) is absent
-    claim_missing: str | None = None  # message when a pvc:// URI's PersistentVolumeClaim is absent
+    # What the spec names that does not exist, reason -> message, in the order to report them:
+    # SecretNotFound (or a key), VolumeClaimNotFound (pvc:// URIs), ServiceAccountNotFound.
+    absent: dict[str, str] = field(default_factory=dict)
     arch: Any = None  # estimator Architecture
     arch_error: str | None = None
     job: dict | None = None  # the current run's batch/v1 Job
@@ -224,11 +225,8 @@ def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = ma
 
 def _validate(b: _Builder, obs: Observed) -> bool:
     # A missing Secret first: without a token a gated model's config.json cannot be read either.
-    if obs.secret_missing:
-        b.cond("Validated", False, "SecretNotFound", obs.secret_missing, warn=True)
-        return False
-    if obs.claim_missing:
-        b.cond("Validated", False, "VolumeClaimNotFound", obs.claim_missing, warn=True)
+    for reason, message in obs.absent.items():
+        b.cond("Validated", False, reason, message, warn=True)
         return False
     if obs.arch is None:
         b.cond("Validated", False, "ModelConfigUnavailable",
