@@ -99,6 +99,11 @@ BAD = [
      "method.freeze (with trainableLayers) is required for method.type freeze and invalid otherwise"),
     ("name-too-long", {"metadata.name": "x" * 51}, "metadata.name must be at most 50 characters"),
     ("unknown-field", {"spec.training.learningRat": 0.1}, 'unknown field "spec.training.learningRat"'),
+    ("env-reserved", {"spec.resources.env": [{"name": "HF_TOKEN", "value": "hf_x"}]},
+     "spec.resources.env[0]: Invalid value: this name is set by kubetune (KUBETUNE_*, HOME"),
+    ("env-twice", {"spec.resources.env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_DEBUG", "value": "WARN"}]},
+     'spec.resources.env[1]: Duplicate value: {"name":"NCCL_DEBUG"}'),
+    ("resume-from-not-s3", {"spec.checkpoints.resumeFrom": "gs://bucket/run-1/"}, "spec.checkpoints.resumeFrom: Invalid value"),
 ]
 
 

@@ -269,6 +269,15 @@ def test_a_hub_mirror_reaches_the_operator_and_a_bad_one_is_refused_at_install()
     assert res.returncode != 0 and "/huggingface/endpoint" in res.stderr and "does not match pattern" in res.stderr
 
 
+def test_trainer_env_reaches_the_operator_quoted_and_a_bad_name_is_refused_at_install():
+    args = _container(render("trainer.env.HTTPS_PROXY=http://proxy:3128",
+                             "trainer.env.NO_PROXY=.svc\\,10.0.0.0/8 # internal"))["args"]
+    assert [a for a in args if a.startswith("--trainer-env")] == [
+        "--trainer-env=HTTPS_PROXY=http://proxy:3128", "--trainer-env=NO_PROXY=.svc,10.0.0.0/8 # internal"]
+    res = helm("template", "kt", str(CHART), "--set", "trainer.env.bad-name=x", check=False)
+    assert res.returncode != 0 and "'bad-name' does not match pattern" in res.stderr
+
+
 def test_monitors_select_what_the_operator_labels():
     docs = render(*MONITORING)
     sm = one(docs, "ServiceMonitor")

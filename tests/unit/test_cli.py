@@ -84,3 +84,19 @@ def test_a_hub_mirror_that_is_not_a_base_url_stops_the_operator_and_the_estimate
     r = subprocess.run([sys.executable, "-m", "kubetune.cli", "estimate", "--model", "hf://acme/x"],
                        capture_output=True, text=True, timeout=60, env={**env, "HF_ENDPOINT": "mirror.internal"})
     assert r.returncode == 2 and "HF_ENDPOINT must be an http(s) URL" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_trainer_env_is_checked_like_a_jobs_env():
+    from kubetune.controller.cli import trainer_env
+    from kubetune.errors import UsageError
+
+    assert trainer_env(["HTTPS_PROXY=http://p:3128", "NO_PROXY=a=b,c", "X="]) == (
+        ("HTTPS_PROXY", "http://p:3128"), ("NO_PROXY", "a=b,c"), ("X", ""))
+    for bad, msg in (("HTTPS_PROXY", "expected NAME=VALUE"), ("1X=y", "expected NAME=VALUE"),
+                     ("HF_TOKEN=x", "this name is set by kubetune"), ("KUBETUNE_RUN=3", "this name is set by kubetune")):
+        try:
+            trainer_env([bad])
+        except UsageError as e:
+            assert msg in str(e) and str(e).startswith("--trainer-env"), e
+        else:
+            raise AssertionError(f"{bad} accepted")

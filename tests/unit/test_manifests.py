@@ -112,6 +112,17 @@ def test_a_gated_hf_model_gets_its_token_from_the_secret_and_nowhere_else():
     assert "HF_TOKEN" not in {e["name"] for e in kids()["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
+def test_extra_env_from_the_operator_and_the_job_the_job_winning_for_the_same_name():
+    defaults = m.PodDefaults(env=(("HTTPS_PROXY", "http://proxy:3128"), ("NCCL_DEBUG", "WARN")))
+    s = spec(resources={"env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NO_PROXY", "value": ".svc"}]})
+    env = {o["kind"]: o for o in m.children(s, RID, RESOLVED, PLACED, defaults)}["Job"]["spec"]["template"]["spec"]
+    env = env["containers"][0]["env"]
+    extra = [e for e in env if e["name"] in ("HTTPS_PROXY", "NCCL_DEBUG", "NO_PROXY")]
+    assert extra == [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}, {"name": "NCCL_DEBUG", "value": "INFO"},
+                     {"name": "NO_PROXY", "value": ".svc"}]
+    assert len({e["name"] for e in env}) == len(env)  # no name twice: nothing silently overridden
+
+
 def test_workload_identity_runs_the_trainer_as_the_named_service_account():
     pod = kids(spec(storage={"serviceAccountName": "trainer-s3"}))["Job"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "trainer-s3"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, PlainValidator, WithJsonSchema
+from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 
 from kubetune.api.base import PATTERN_HELP, KModel, Quantity, Rule, StatusModel
 
@@ -376,6 +376,36 @@ class Toleration(KModel):
     toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.")
 
 
+# What the operator sets on every trainer pod (manifests._env), so neither a job's nor the
+# operator's --trainer-env may: a second value would silently win or lose.
+RESERVED_ENV = ("HOME", "HF_HOME", "HF_TOKEN", "HF_ENDPOINT", "POD_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT")
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+RESERVED_ENV_MESSAGE = ("is set by kubetune (KUBETUNE_*, " + ", ".join(RESERVED_ENV) + "): use the spec field for it "
+                        "(storage, model.tokenSecret, the operator's --hf-endpoint)")
+
+
+def reserved_env(name: str) -> bool:
+    return name.startswith("KUBETUNE_") or name in RESERVED_ENV
+
+
+class EnvVar(KModel):
+    """An environment variable of the trainer container: proxies (HTTPS_PROXY, NO_PROXY), NCCL
+    settings, a CA bundle path."""
+
+    name: str = Field(max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
+    value: str = Field("", max_length=32768, description="Its value (in plain text: Secrets go through the spec fields).")
+
+    rules: ClassVar = (
+        Rule(
+            cel="!self.name.startsWith('KUBETUNE_') && !(self.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "])",
+            message="this name " + RESERVED_ENV_MESSAGE,
+            check=lambda e: not reserved_env(e.name),
+        ),
+    )
+
+
 class Resources(KModel):
     """Where and on how much hardware the trainer runs."""
 
@@ -404,6 +434,20 @@ class Resources(KModel):
         default_factory=dict,
         description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\".",
     )
+    env: list[EnvVar] = Field(
+        default_factory=list, max_length=64,
+        description="Extra environment of the trainer container (HTTPS_PROXY, NCCL_IB_HCA, ...); over the operator's "
+                    "--trainer-env for the same name.",
+        # a map keyed by name: the apiserver refuses a name given twice, and server-side apply merges by name
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names_once(cls, v: list[EnvVar]) -> list[EnvVar]:
+        if dup := sorted({e.name for e in v if sum(f.name == e.name for f in v) > 1}):
+            raise ValueError(f"each name once ({', '.join(dup)} given twice)")
+        return v
 
     rules: ClassVar = (
         Rule(

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-endpoint", default=None, metavar="URL",
                    help="a Hugging Face Hub mirror for hf:// models and datasets: the operator reads config.json "
                         "from it and trainer pods get it as HF_ENDPOINT (default: $HF_ENDPOINT, else the Hub)")
+    p.add_argument("--trainer-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for every trainer pod (repeatable): proxies, NCCL settings; a "
+                        "job's spec.resources.env wins for the same name")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     p.add_argument("--verbose", action="store_true")
@@ -69,6 +72,23 @@ def _quiet_success(record: logging.LogRecord) -> bool:
                 and record.msg.startswith(("Handler '", "Timer '")) and record.msg.endswith(" succeeded."))
 
 
+def trainer_env(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """--trainer-env NAME=VALUE items, checked by the rules of spec.resources.env."""
+    import re
+
+    from kubetune.api.v1alpha1 import ENV_NAME_PATTERN, RESERVED_ENV_MESSAGE, reserved_env
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not re.match(ENV_NAME_PATTERN, name):
+            raise UsageError(f"--trainer-env {item!r}: expected NAME=VALUE with NAME matching {ENV_NAME_PATTERN}")
+        if reserved_env(name):
+            raise UsageError(f"--trainer-env {name}: this name {RESERVED_ENV_MESSAGE}")
+        out[name] = value
+    return tuple(out.items())
+
+
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -89,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         hf_endpoint = hub_endpoint(args.hf_endpoint, "--hf-endpoint")
     else:
         hf_endpoint = hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT")
+    env = trainer_env(args.trainer_env)
     os.environ["KUBETUNE_PROGRESS_INTERVAL"] = str(args.progress_interval)  # read when handlers load
     import kopf
 
@@ -96,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
     kube.configure(args.kubeconfig)
     handlers.CONFIG.namespaces = list(args.namespace)
-    handlers.CONFIG.pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint)
+    handlers.CONFIG.pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint,
+                                                env=env)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     _trim_periodically()

@@ -50,6 +50,9 @@ class PodDefaults:
     # A Hugging Face Hub mirror (air-gapped clusters, a caching proxy): the trainer's huggingface_hub
     # reads HF_ENDPOINT, and the operator reads config.json from the same place.
     hf_endpoint: str | None = None
+    # --trainer-env: what every trainer pod of the cluster needs (proxies, NCCL settings); a job's
+    # spec.resources.env wins for the same name.
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,8 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list
         t = spec.model.token_secret
         env += [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": t.name, "key": t.key}}}]
     r = spec.resources
+    extra = dict(defaults.env) | {e.name: e.value for e in r.env}
+    env += [{"name": k, "value": v} for k, v in extra.items()]
     if r.nodes > 1:
         # torchrun/accelerate rendezvous from the Indexed Job: rank 0's stable DNS name via the headless Service.
         env += [
