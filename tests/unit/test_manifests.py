@@ -180,8 +180,11 @@ def test_mig_slice_requests_the_mig_resource_without_memory_affinity():
 
 
 def test_image_override_and_suspend():
-    job = kids(spec(runPolicy={"image": "registry.local/trainer:dev", "suspend": True}))["Job"]
+    job = kids(spec(runPolicy={"image": "registry.local/trainer:dev", "suspend": True,
+                               "imagePullSecrets": ["registry-creds"]}))["Job"]
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/trainer:dev"
+    assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "registry-creds"}]
+    assert "imagePullSecrets" not in kids()["Job"]["spec"]["template"]["spec"]
     assert job["spec"]["suspend"] is True
 
 

@@ -426,7 +426,8 @@ def test_a_pod_that_cannot_pull_its_image_says_which_image_and_where_to_fix_it()
     assert out.status.phase == "Starting" and (c.status, c.reason) == ("False", "ImagePullFailed")
     assert c.message == ('pod demo-r1-abc is ImagePullBackOff: Back-off pulling image "ghcr.io/acme/trainer:nope"; '
                          "check that image ghcr.io/acme/trainer:nope exists and that the node can pull it "
-                         "(spec.runPolicy.image, the chart's trainer image, imagePullSecrets)")
+                         "(spec.runPolicy.image or the chart's trainer image; spec.runPolicy.imagePullSecrets for a "
+                         "private registry)")
     # an image still being pulled is only pending
     p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
     out = reconcile(observe(status=st, job=job(), pods=[p]), T0)

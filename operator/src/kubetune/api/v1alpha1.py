@@ -549,6 +549,10 @@ class RunPolicy(KModel):
         None, max_length=63, description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label."
     )
     image: str | None = Field(None, max_length=512, description="Trainer image override.")
+    image_pull_secrets: list[Annotated[str, Field(max_length=253, pattern=NAME_PATTERN)]] = Field(
+        default_factory=list, max_length=16,
+        description="Secrets (in the job's namespace) to pull the trainer image from a private registry.",
+    )
     retry_on_oom: bool = Field(
         True, description="When the trainer runs out of GPU memory, retry once with the estimator's fit advice applied."
     )

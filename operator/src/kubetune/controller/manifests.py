@@ -316,6 +316,8 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         pod_spec["priorityClassName"] = r.priority_class_name
     if spec.storage.service_account_name:
         pod_spec["serviceAccountName"] = spec.storage.service_account_name
+    if rp.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in rp.image_pull_secrets]
     if r.nodes > 1:
         pod_spec["subdomain"] = rid.service_name
 

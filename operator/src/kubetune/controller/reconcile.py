@@ -525,7 +525,8 @@ def _pending_reason(pods: list[dict]) -> str:
         what = f"pod {p['metadata']['name']} is {reason}" + (f": {waiting['message']}" if waiting.get("message") else "")
         if reason in IMAGE_PULL_FAILURES:
             what += (f"; check that image {cs.get('image')} exists and that the node can pull it "
-                     "(spec.runPolicy.image, the chart's trainer image, imagePullSecrets)")
+                     "(spec.runPolicy.image or the chart's trainer image; spec.runPolicy.imagePullSecrets for a "
+                     "private registry)")
         return what
     return "waiting for the trainer pod to start" if pods else "waiting for the Job controller to create the pod"
 
