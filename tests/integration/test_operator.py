@@ -286,6 +286,33 @@ def test_workload_identity_waits_for_its_service_account_then_the_trainer_runs_a
     assert not env & {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # the pod's identity, no keys
 
 
+def test_an_s3_endpoint_signed_by_a_private_ca_is_verified_with_the_ca_bundle(ground, operator, ns, tls_proxy):
+    """spec.storage.caBundle: the job waits for its ConfigMap; then the operator reads the trainer's
+    progress over https from an endpoint only that CA verifies, and the pod gets the bundle mounted
+    as AWS_CA_BUNDLE."""
+    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]))
+    obj = small_gpu_job("private-ca", delay="30s")
+    obj["spec"]["storage"]["endpoint"] = proxy.url
+    obj["spec"]["storage"]["caBundle"] = {"name": "s3-ca"}
+    apply(ground, ns, obj)
+    got = wait_for("ConfigMapNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "ConfigMapNotFound"
+                                                 else None)(ftj(ground, ns, "private-ca")), 60)
+    assert cond(got, "Validated")["message"] == (
+        f"ConfigMap 's3-ca' (spec.storage.caBundle) does not exist in namespace {ns}: create it "
+        f"(kubectl create configmap s3-ca -n {ns} --from-file=ca.crt=ca.pem)")
+    ground.kubectl("create", "configmap", "s3-ca", "-n", ns, f"--from-file=ca.crt={proxy.ca_file}")
+    wait_phase(ground, ns, "private-ca", "Running", 60)
+    pod = ground.kubectl_json("get", "pods", "-n", ns, "-l", "kubetune.io/job=private-ca")["items"][0]["spec"]
+    vol = next(v for v in pod["volumes"] if v["name"] == "ca")
+    assert vol["configMap"] == {"name": "s3-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}], "defaultMode": 420}
+    c = pod["containers"][0]
+    assert {"name": "ca", "mountPath": "/etc/kubetune-ca", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "AWS_CA_BUNDLE", "value": "/etc/kubetune-ca/ca.crt"} in c["env"]
+    put_progress(ground, ns, "private-ca", 1, step=7, total=100, loss=2.5)  # plain http, straight to S3
+    wait_for("progress read over https", lambda: (ftj(ground, ns, "private-ca")["status"].get("progress") or {})
+             .get("step") == 7, 30)
+
+
 def test_a_pvc_dataset_waits_for_its_claim_then_is_mounted_read_only(ground, operator, ns):
     obj = small_gpu_job("pvc-data")
     obj["spec"]["dataset"]["uri"] = "pvc://train-data/alpaca/train.jsonl"

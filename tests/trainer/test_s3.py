@@ -158,3 +158,21 @@ def test_under_fsdp_only_rank_0s_node_downloads_the_weights(tmp_path, s3, model_
     assert files[1] == [f for f in files[0] if f != "model.safetensors"], files  # config and tokenizer, no weights
     got, expected = pods[0].losses(), single.losses()
     assert sorted(got) == list(range(1, 9)) and max(abs(got[s] - expected[s]) for s in expected) < 2e-3, (got, expected)
+
+
+def test_an_https_endpoint_signed_by_a_private_ca_verifies_against_aws_ca_bundle(tmp_path, s3, tls_proxy, monkeypatch):
+    """spec.storage.caBundle reaches the trainer as AWS_CA_BUNDLE (the operator mounts the ConfigMap key):
+    without it the private CA's certificate is refused, with it the same endpoint works."""
+    from kubetune.api.v1alpha1 import Storage
+    from kubetune_trainer import storage as st
+
+    proxy = tls_proxy(int(s3.endpoint.rsplit(":", 1)[1]))
+    s3.client().put_object(Bucket="kubetune", Key="models/tiny/config.json", Body=b'{"model_type": "llama"}')
+    storage = Storage(endpoint=proxy.url)
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    with pytest.raises(Exception) as e:
+        st.S3Location(st.s3_client(storage), "kubetune", "models/tiny").get_bytes("config.json")
+    assert "certificate verify failed" in str(e.value).lower() or "CERTIFICATE_VERIFY_FAILED" in str(e.value), e.value
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_file))
+    loc = st.S3Location(st.s3_client(storage), "kubetune", "models/tiny")
+    assert loc.get_bytes("config.json") == b'{"model_type": "llama"}'

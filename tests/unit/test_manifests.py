@@ -123,6 +123,18 @@ def test_extra_env_from_the_operator_and_the_job_the_job_winning_for_the_same_na
     assert len({e["name"] for e in env}) == len(env)  # no name twice: nothing silently overridden
 
 
+def test_a_private_ca_bundle_is_mounted_beside_the_config_and_named_by_aws_ca_bundle():
+    pod = kids(spec(storage={"caBundle": {"name": "corp-ca", "key": "bundle.pem"}}))["Job"]["spec"]["template"]["spec"]
+    assert {"name": "ca", "configMap": {"name": "corp-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}} in pod["volumes"]
+    c = pod["containers"][0]
+    assert {"name": "ca", "mountPath": m.CA_MOUNT, "readOnly": True} in c["volumeMounts"]
+    assert not m.CA_MOUNT.startswith(m.CONFIG_MOUNT + "/")  # no mount point inside the read-only config volume
+    assert {"name": "AWS_CA_BUNDLE", "value": f"{m.CA_MOUNT}/ca.crt"} in c["env"]
+    plain = kids()["Job"]["spec"]["template"]["spec"]
+    assert "ca" not in {v["name"] for v in plain["volumes"]}
+    assert "AWS_CA_BUNDLE" not in {e["name"] for e in plain["containers"][0]["env"]}
+
+
 def test_workload_identity_runs_the_trainer_as_the_named_service_account():
     pod = kids(spec(storage={"serviceAccountName": "trainer-s3"}))["Job"]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "trainer-s3"

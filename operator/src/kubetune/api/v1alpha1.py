@@ -379,7 +379,7 @@ class Toleration(KModel):
 # What the operator sets on every trainer pod (manifests._env), so neither a job's nor the
 # operator's --trainer-env may: a second value would silently win or lose.
 RESERVED_ENV = ("HOME", "HF_HOME", "HF_TOKEN", "HF_ENDPOINT", "POD_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
+                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
                 "MASTER_ADDR", "MASTER_PORT")
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 RESERVED_ENV_MESSAGE = ("is set by kubetune (KUBETUNE_*, " + ", ".join(RESERVED_ENV) + "): use the spec field for it "
@@ -476,6 +476,13 @@ class SecretRef(KModel):
     )
 
 
+class ConfigMapKeyRef(KModel):
+    """One key of a ConfigMap in the job's namespace."""
+
+    name: str = Field(max_length=253, pattern=NAME_PATTERN, description="ConfigMap name.")
+    key: str = Field("ca.crt", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key holding the PEM bundle.")
+
+
 class Storage(KModel):
     """How the trainer reaches S3 for every s3:// URI of the job."""
 
@@ -489,6 +496,9 @@ class Storage(KModel):
     credentials_secret: SecretRef | None = Field(
         None, description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used."
     )
+    ca_bundle: ConfigMapKeyRef | None = Field(
+        None, description="PEM CA bundle (a ConfigMap key) to verify an https endpoint signed by a private CA, as "
+                          "on-prem MinIO or Ceph often is. The trainer gets it as AWS_CA_BUNDLE; the operator uses it too.")
     service_account_name: str | None = Field(
         None, max_length=253, pattern=NAME_PATTERN,
         description="ServiceAccount the trainer pods run as: S3 access by workload identity (EKS IRSA or Pod "

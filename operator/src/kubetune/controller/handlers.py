@@ -113,7 +113,8 @@ def _lock_for(ns: str, name: str) -> threading.Lock:
 _arch_cache: dict[tuple[str, str], tuple[float, object, str | None]] = {}
 
 
-def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: str | None = None) -> tuple[object, str | None]:
+def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: str | None = None,
+                  ca_pem: str | None = None) -> tuple[object, str | None]:
     """The model's architecture: inline, catalog, or its config.json (cached for a minute, so a
     burst of jobs on one private model reads it once)."""
     from kubetune.estimator import resolve_architecture
@@ -124,24 +125,39 @@ def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: 
         return hit[1], hit[2]
     try:
         arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(
-            spec, creds, hf_token, CONFIG.pod.hf_endpoint)), None
+            spec, creds, hf_token, CONFIG.pod.hf_endpoint, ca_pem)), None
     except (ValueError, UsageError) as e:  # ArchitectureNotFound is a UsageError
         arch, err = None, str(e)
     _arch_cache[key] = (time.monotonic(), arch, err)
     return arch, err
 
 
-_secret_cache: dict[tuple[str, str], tuple[float, dict | None]] = {}
+_data_cache: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
 
 
-def _secret(ns: str, name: str) -> dict | None:
-    """Secrets change rarely and every reconcile needs one: cache each for a few seconds."""
-    hit = _secret_cache.get((ns, name))
+def _data(kind: str, ns: str, name: str) -> dict | None:
+    """A Secret's or ConfigMap's data. They change rarely and every reconcile needs one: cache each for
+    a few seconds."""
+    hit = _data_cache.get((kind, ns, name))
     if hit and time.monotonic() - hit[0] < 5:
         return hit[1]
-    data = kube.read_secret(ns, name)
-    _secret_cache[(ns, name)] = (time.monotonic(), data)
+    data = {"Secret": kube.read_secret, "ConfigMap": kube.read_config_map}[kind](ns, name)
+    _data_cache[(kind, ns, name)] = (time.monotonic(), data)
     return data
+
+
+def _ca_bundle(spec: FineTuneJobSpec, ns: str) -> tuple[str | None, str]:
+    """(PEM, "") from spec.storage.caBundle, or (None, what is missing)."""
+    ref = spec.storage.ca_bundle
+    if ref is None:
+        return None, ""
+    data = _data("ConfigMap", ns, ref.name)
+    if data is None:
+        return None, (f"ConfigMap {ref.name!r} (spec.storage.caBundle) does not exist in namespace {ns}: create it "
+                      f"(kubectl create configmap {ref.name} -n {ns} --from-file={ref.key}=ca.pem)")
+    if not data.get(ref.key):
+        return None, f"ConfigMap {ref.name!r} (spec.storage.caBundle) has no key {ref.key}: add the PEM bundle under it"
+    return data[ref.key], ""
 
 
 _seen: dict[tuple[str, str, str], float] = {}
@@ -179,7 +195,7 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     creds, hf_token, missing = None, None, []
     ref = spec.storage.credentials_secret
     if ref is not None:
-        creds = _secret(ns, ref.name)
+        creds = _data("Secret", ns, ref.name)
         if creds is None:
             missing.append(f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace {ns}: "
                            f"create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
@@ -187,7 +203,7 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
             missing.append(f"Secret {ref.name!r} has no key(s) {', '.join(absent)}: add them")
     tref = spec.model.token_secret
     if tref is not None:
-        data = _secret(ns, tref.name)
+        data = _data("Secret", ns, tref.name)
         if data is None:
             missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) does not exist in namespace {ns}: create it "
                            f"with key {tref.key} (kubectl create secret generic {tref.name} -n {ns} "
@@ -198,14 +214,16 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
             hf_token = data[tref.key]
     claims = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
               for claim, where in manifests.volume_claims(spec).items() if not _exists("PersistentVolumeClaim", ns, claim)]
-    absent = {"SecretNotFound": "; ".join(missing), "VolumeClaimNotFound": "; ".join(claims)}
+    ca_pem, ca_missing = _ca_bundle(spec, ns)
+    absent = {"SecretNotFound": "; ".join(missing), "ConfigMapNotFound": ca_missing,
+              "VolumeClaimNotFound": "; ".join(claims)}
     sa = spec.storage.service_account_name
     if sa and not _exists("ServiceAccount", ns, sa):
         absent["ServiceAccountNotFound"] = (
             f"ServiceAccount {sa!r} (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
             f"(kubectl create serviceaccount {sa} -n {ns}) with the annotation your cloud's workload identity needs")
     obs.absent = {reason: message for reason, message in absent.items() if message}
-    obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token)
+    obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token, ca_pem)
     obs.fleet = read_fleet(*kube.fleet_objects())
 
     run = status.history[-1] if status.history else None
@@ -222,7 +240,7 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
         # no pod at all) before we see it, and its progress object says what happened.
         if obs.job is not None and (status.progress is not None or any(
                 (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods)):
-            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri)
+            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem)
     return obs, obs.job
 
 
@@ -416,6 +434,6 @@ def on_delete(body: kopf.Body, spec: kopf.Spec, logger, **_) -> None:
         parsed = None
     if parsed is not None and parsed.checkpoints.deletion_policy == "Delete":
         creds = kube.read_secret(ns, parsed.storage.credentials_secret.name) if parsed.storage.credentials_secret else None
-        removed = sources.delete_prefix(parsed, creds, manifests.job_prefix(parsed, ns, name))
+        removed = sources.delete_prefix(parsed, creds, manifests.job_prefix(parsed, ns, name), _ca_bundle(parsed, ns)[0])
         logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
     _forget((ns, name))

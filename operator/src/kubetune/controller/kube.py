@@ -186,6 +186,11 @@ def exists(kind: str, namespace: str, name: str) -> bool:
     return _get(read, name, namespace) is not None
 
 
+def read_config_map(namespace: str, name: str) -> dict[str, str] | None:
+    cm = _get(core().read_namespaced_config_map, name, namespace)
+    return None if cm is None else dict(cm.get("data") or {})
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     s = _get(core().read_namespaced_secret, name, namespace)
     if s is None:

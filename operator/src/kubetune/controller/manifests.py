@@ -29,6 +29,9 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 CONFIG_KEY = "trainer.yaml"
 CONFIG_MOUNT = "/etc/kubetune"
+# spec.storage.caBundle, as AWS_CA_BUNDLE=CA_MOUNT/ca.crt; beside CONFIG_MOUNT, not in it: a mount point
+# cannot be made inside a read-only ConfigMap volume
+CA_MOUNT = "/etc/kubetune-ca"
 WORK_DIR = "/tmp/kubetune"
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9090
@@ -210,6 +213,8 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list
             {"name": "AWS_SECRET_ACCESS_KEY",
              "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.secret_access_key_key}}},
         ]
+    if st.ca_bundle:
+        env += [{"name": "AWS_CA_BUNDLE", "value": f"{CA_MOUNT}/ca.crt"}]
     if defaults.hf_endpoint:
         env += [{"name": "HF_ENDPOINT", "value": defaults.hf_endpoint}]
     if spec.model.token_secret:
@@ -274,6 +279,7 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            *([{"name": "ca", "mountPath": CA_MOUNT, "readOnly": True}] if spec.storage.ca_bundle else []),
             # The root filesystem is read-only; /tmp (HOME, HF cache, compile caches, local checkpoints) is not.
             {"name": "work", "mountPath": "/tmp"},
             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -301,6 +307,9 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             {"name": "config", "configMap": {"name": rid.config_name}},
             {"name": "work", "emptyDir": {}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            *([{"name": "ca", "configMap": {"name": spec.storage.ca_bundle.name,
+                                            "items": [{"key": spec.storage.ca_bundle.key, "path": "ca.crt"}]}}]
+              if spec.storage.ca_bundle else []),
         ] + [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
              for i, claim in enumerate(claims)],
         "enableServiceLinks": False,

@@ -53,7 +53,8 @@ class Observed:
     status: FineTuneJobStatus = field(default_factory=FineTuneJobStatus)
     fleet: list[FleetNode] = field(default_factory=list)
     # What the spec names that does not exist, reason -> message, in the order to report them:
-    # SecretNotFound (or a key), VolumeClaimNotFound (pvc:// URIs), ServiceAccountNotFound.
+    # SecretNotFound (or a key), ConfigMapNotFound (caBundle), VolumeClaimNotFound (pvc:// URIs),
+    # ServiceAccountNotFound.
     absent: dict[str, str] = field(default_factory=dict)
     arch: Any = None  # estimator Architecture
     arch_error: str | None = None

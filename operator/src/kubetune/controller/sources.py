@@ -14,7 +14,20 @@ _lock = threading.Lock()
 
 
 @lru_cache(maxsize=64)
-def _client(endpoint: str | None, region: str | None, key: str | None, secret: str | None, path_style: bool):
+def _ca_file(pem: str) -> str:
+    """spec.storage.caBundle as a file, which is what boto3 verifies against; one per bundle."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.gettempdir()) / f"kubetune-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem"
+    path.write_text(pem)
+    return str(path)
+
+
+@lru_cache(maxsize=64)
+def _client(endpoint: str | None, region: str | None, key: str | None, secret: str | None, path_style: bool,
+            ca_pem: str | None = None):
     import boto3
     from botocore.config import Config
 
@@ -22,19 +35,20 @@ def _client(endpoint: str | None, region: str | None, key: str | None, secret: s
         session = boto3.session.Session()
         return session.client(
             "s3", endpoint_url=endpoint, region_name=region or "us-east-1",
-            aws_access_key_id=key, aws_secret_access_key=secret,
+            aws_access_key_id=key, aws_secret_access_key=secret, verify=_ca_file(ca_pem) if ca_pem else None,
             config=Config(s3={"addressing_style": "path" if path_style else "auto"},
                           retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=5),
         )
 
 
-def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None):
+def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None):
+    """``creds``: the credentials Secret's data; ``ca_pem``: the caBundle ConfigMap's key."""
     st = spec.storage
     key = secret = None
     if creds is not None and st.credentials_secret is not None:
         key = creds.get(st.credentials_secret.access_key_id_key)
         secret = creds.get(st.credentials_secret.secret_access_key_key)
-    return _client(st.endpoint, st.region, key, secret, st.force_path_style)
+    return _client(st.endpoint, st.region, key, secret, st.force_path_style, ca_pem)
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -42,14 +56,15 @@ def split_s3(uri: str) -> tuple[str, str]:
     return u.netloc, u.path.lstrip("/")
 
 
-def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str) -> TrainerProgress | None:
+def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str,
+                  ca_pem: str | None = None) -> TrainerProgress | None:
     """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
     progress is informative, it must never fail a reconcile)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
-        body = s3_client(spec, creds).get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = s3_client(spec, creds, ca_pem).get_object(Bucket=bucket, Key=key)["Body"].read()
         return TrainerProgress.model_validate(json.loads(body))
     except (ClientError, BotoCoreError, ValueError):
         return None
@@ -105,7 +120,7 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
 
 
 def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None,
-                     hub: str | None = None) -> str:
+                     hub: str | None = None, ca_pem: str | None = None) -> str:
     """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
     operator's --hf-endpoint mirror, else huggingface.co). Raises ValueError with a message naming
     what to fix when it cannot be read."""
@@ -116,7 +131,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
         bucket, prefix = split_s3(uri)
         key = (prefix.rstrip("/") + "/config.json").lstrip("/")
         try:
-            return s3_client(spec, creds).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            return s3_client(spec, creds, ca_pem).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except (ClientError, BotoCoreError) as e:
             raise ValueError(f"cannot read s3://{bucket}/{key}: {e}") from None
     if uri.startswith("hf://"):
@@ -124,10 +139,10 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 
-def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str) -> int:
+def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str, ca_pem: str | None = None) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
     bucket, prefix = split_s3(uri)
-    s3 = s3_client(spec, creds)
+    s3 = s3_client(spec, creds, ca_pem)
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
