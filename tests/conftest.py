@@ -11,6 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gitops"))  # gitops_health: the Argo CD / Flux health-check harness
+sys.path.insert(0, str(REPO / "tests"))  # netkit: sockets and TLS for the S3 servers of several suites
+
+from netkit import TlsProxy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -62,72 +65,6 @@ def hub_mirror():
     yield mirror
     srv.shutdown()
     srv.server_close()
-
-
-class TlsProxy:
-    """TLS in front of a plain TCP port (an S3 server), with a certificate for 127.0.0.1 signed by a
-    throwaway private CA: an https endpoint that only verifies against ``ca_pem``."""
-
-    def __init__(self, work: Path, target: int):
-        import socket
-        import ssl
-        import subprocess
-
-        work.mkdir(parents=True, exist_ok=True)
-        run = lambda *a: subprocess.run(["openssl", *a], cwd=work, check=True, capture_output=True)  # noqa: E731
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-            "-subj", "/CN=kubetune test CA")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
-        (work / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-        run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
-            "-days", "1", "-extfile", "ext.cnf")
-        self.ca_pem = (work / "ca.pem").read_text()
-        self.ca_file = work / "ca.pem"
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(str(work / "srv.pem"), str(work / "srv.key"))
-        self.target = target
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
-        import socket
-
-        try:
-            tls = self.ctx.wrap_socket(conn, server_side=True)
-            up = socket.create_connection(("127.0.0.1", self.target))
-        except OSError:  # a client that refuses our certificate ends here
-            conn.close()
-            return
-        for a, b in ((tls, up), (up, tls)):
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
 
 
 @pytest.fixture

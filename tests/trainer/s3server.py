@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from netkit import pipe  # noqa: E402 - tests/ is on sys.path (tests/conftest.py)
+
 ACCESS, SECRET, REGION = "kubetune-test", "kubetune-test-secret-key", "us-east-1"
 
 
@@ -87,21 +89,7 @@ class _Proxy:
                 continue
             self.conns += [c, u]
             for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a, b):
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
     def close(self):
         if self.sock:
