@@ -289,8 +289,11 @@ class Agent:
             d.mkdir(parents=True, exist_ok=True)
             if v.config_map:
                 cm = self.core.read_namespaced_config_map(v.config_map.name, pod.metadata.namespace)
+                # items pick keys and name their files (spec.storage.caBundle's key -> ca.crt), as the kubelet does
+                paths = {i.key: i.path for i in v.config_map.items} if v.config_map.items else None
                 for k, text in (cm.data or {}).items():
-                    (d / k).write_text(text)
+                    if paths is None or k in paths:
+                        (d / (paths[k] if paths else k)).write_text(text)
             elif v.secret:
                 s = self.core.read_namespaced_secret(v.secret.secret_name, pod.metadata.namespace)
                 for k, b in (s.data or {}).items():
