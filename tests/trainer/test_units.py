@@ -189,8 +189,9 @@ def test_an_outage_backlog_holds_only_what_retention_keeps_and_commits_it_after(
         assert len(on_disk) <= 2 + 1 + 1 and up.pending <= 4, on_disk  # newest two, the best, the one mid-retry
     assert not up.drain(0.3) and up.failures > 0
     assert {2, 6, 7} <= {s for s, p in dirs.items() if p.exists()}  # best (1.0), newest two
-    assert up.superseded == [1, 3, 4, 5]  # 1 mid-retry (abandoned), the others while waiting
+    assert sorted(up.superseded) == [1, 3, 4, 5]  # 1 mid-retry (abandoned), the others while waiting
     assert any("checkpoint-00000003 is superseded by checkpoint-00000005" in m for m in msgs), msgs
+    assert any("checkpoint-00000001 upload is abandoned" in m for m in msgs), msgs
 
     store.unlink()
     assert up.drain(10)
@@ -265,6 +266,9 @@ def test_uploads_slower_than_saves_still_commit(tmp_path):
     up.close()
     print(f"\ncommitted {up.committed}, superseded while waiting {up.superseded}")
     assert up.committed[0] == 1 and up.committed[-1] == 8
+    # an upload superseded in flight that then commits is not also counted as dropped (the metric)
+    assert not set(up.superseded) & set(up.committed), (up.superseded, up.committed)
+    assert sorted(set(up.superseded) | set(up.committed)) == list(range(1, 9))
     assert [c.step for c in ck.list_committed(st.LocalLocation(store))] == [8]
 
 

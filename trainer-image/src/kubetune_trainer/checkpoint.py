@@ -296,18 +296,20 @@ class Uploader:
     def __init__(self, loc: Location, keep: int, *, log: Callable[[str], None] = print,
                  on_commit: Callable[[str, int, int], None] | None = None,
                  on_failure: Callable[[str], None] | None = None,
+                 on_drop: Callable[[int], None] | None = None,
                  max_backoff: float = 30.0, base_backoff: float = 1.0):
         self.loc = loc
         self.keep = keep
         self.log = log
         self.on_commit = on_commit
         self.on_failure = on_failure
+        self.on_drop = on_drop
         self.max_backoff = max_backoff
         self.base_backoff = base_backoff
         self.backlog: list[_Job] = []  # in upload order; [0] goes next
         self._current: _Job | None = None  # the one the thread is on (its files may be half sent)
         self.committed: list[int] = []
-        self.superseded: list[int] = []
+        self.superseded: list[int] = []  # dropped without a commit (the one uploading only if it gave up)
         self.failures = 0
         self._closed = False
         self._cv = threading.Condition()
@@ -322,7 +324,10 @@ class Uploader:
         return len(self.backlog)
 
     def submit(self, local: Path, step: int, eval_loss: float | None, *, first: bool = False) -> list[int]:
-        """Queue a checkpoint (``first``: ahead of the others); returns the steps it superseded."""
+        """Queue a checkpoint (``first``: ahead of the others); returns the steps it dropped.
+
+        The one uploading is only marked: it still commits unless it fails again, and counts as
+        dropped only then (``on_drop``)."""
         dropped = []
         with self._cv:
             job = _Job(local, step, eval_loss)
@@ -336,8 +341,8 @@ class Uploader:
                 if job.superseded or job.step in kept:
                     continue
                 job.superseded = True
-                dropped.append(job.step)
                 if job is not self._current:  # the current one stops at its next retry, if it fails
+                    dropped.append(job.step)
                     self.backlog.remove(job)
                     shutil.rmtree(job.local, ignore_errors=True)
             self.superseded += sorted(dropped)
@@ -345,6 +350,8 @@ class Uploader:
         for s in sorted(dropped):
             self.log(f"checkpoint {ckpt_name(s)} is superseded by {ckpt_name(step)} while its upload waits; it is "
                      f"dropped from local disk (retention would delete it once the newer ones commit)")
+            if self.on_drop:
+                self.on_drop(s)
         return sorted(dropped)
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -388,6 +395,13 @@ class Uploader:
                         self._cv.wait_for(lambda: self._must_stop(job), delay)
             if not committed and not job.superseded:
                 continue  # paused: the job ahead of it goes now, this one resumes from its next file
+            if not committed:
+                with self._cv:
+                    self.superseded.append(job.step)
+                self.log(f"checkpoint {ckpt_name(job.step)} upload is abandoned: newer checkpoints superseded it "
+                         f"while it failed (retention would delete it once they commit)")
+                if self.on_drop:
+                    self.on_drop(job.step)
             if committed:
                 try:
                     self._retain()

@@ -383,6 +383,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
 
         uploader = ck.Uploader(ckpt_loc, spec.checkpoints.keep, log=log, on_commit=on_commit,
                                on_failure=lambda m: metrics.inc("upload_failures"),
+                               on_drop=lambda s: metrics.inc("checkpoints_superseded"),
                                max_backoff=float(os.environ.get("KUBETUNE_UPLOAD_MAX_BACKOFF", "30")))
 
     def save(step: int, eval_loss: float | None, first: bool = False) -> None:
@@ -391,7 +392,6 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                           adapter_model=adapter_model)
         if uploader is not None and d is not None:
             superseded = uploader.submit(d, step, eval_loss, first=first)
-            metrics.inc("checkpoints_superseded", len(superseded))
             log_event("checkpoint", step=step, local=str(d), pending=uploader.pending, superseded=superseded)
 
     def scheduled_eval(step: int) -> float:

@@ -155,7 +155,7 @@ class Metrics:
         self.checkpoint_step = g("kubetune_trainer_checkpoint_committed_step", "Step of the newest committed checkpoint")
         self.upload_failures = c("kubetune_trainer_checkpoint_upload_failures", "Failed checkpoint upload attempts")
         self.checkpoints_superseded = c("kubetune_trainer_checkpoints_superseded",
-                                        "Checkpoints dropped before upload while S3 failed (retention would delete them)")
+                                        "Checkpoints dropped uncommitted while S3 failed (retention would delete them)")
         self.gpu_memory_peak = g("kubetune_trainer_gpu_memory_peak_bytes", "Peak GPU memory reserved by this process")
         self.tokens = c("kubetune_trainer_tokens", "Training tokens processed")
         try:
