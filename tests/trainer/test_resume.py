@@ -194,3 +194,43 @@ def test_resume_from_continues_another_runs_checkpoint_in_a_new_run(tmp_path, mo
         f"spec.checkpoints.resumeFrom {prefix}/run-9/checkpoints/: no committed checkpoint there (a checkpoint-<step>/ "
         "with its manifest.json, or a prefix holding some)")
     assert "Traceback" not in third.stderr + fourth.stderr
+
+    # continuing with more steps and a lower rate follows this spec's schedule from step 12 on, not
+    # the one saved with the checkpoint (24 steps at 1e-2)
+    cfg5 = config_s3("run5")
+    cfg5["spec"]["training"].update(maxSteps=36, learningRate=5e-3)
+    cfg5["spec"]["checkpoints"]["resumeFrom"] = f"{prefix}/run-1/checkpoints/checkpoint-00000012"
+    fifth = TrainerProc(cfg5, tmp_path / "run5.yaml")
+    assert fifth.wait(300) == 0, fifth.stderr[-3000:]
+    want = _schedule("cosine", 5e-3, warmup=4, total=36)
+    got = {e["step"]: e["lr"] for e in fifth.events_of("step")}
+    assert sorted(got) == list(range(13, 37))
+    print(f"\nresumeFrom step 12 with maxSteps 36, lr 5e-3: lr at 13 = {got[13]:.3e} (this spec's schedule: "
+          f"{want[13]:.3e}), at 36 = {got[36]:.1e}")
+    assert all(abs(got[s] - want[s]) <= 1e-12 for s in got), {s: (got[s], want[s]) for s in got}
+    assert abs(fifth.losses()[13] - first.losses()[13]) < 0.5  # it continued the trained adapter, not a fresh one
+
+    # fewer steps than the checkpoint already has: one line naming the field to raise
+    cfg6 = config_s3("run6")
+    cfg6["spec"]["training"]["maxSteps"] = 10
+    cfg6["spec"]["checkpoints"]["resumeFrom"] = cfg5["spec"]["checkpoints"]["resumeFrom"]
+    sixth = TrainerProc(cfg6, tmp_path / "run6.yaml")
+    assert sixth.wait(300) == 2
+    assert json.loads(sixth.termination.read_text())["message"] == (
+        f"spec.checkpoints.resumeFrom {prefix}/run-1/checkpoints/checkpoint-00000012: checkpoint-00000012 is past this "
+        "run's 10 steps; raise spec.training.maxSteps (or epochs) above 12")
+
+
+def _schedule(name, lr, warmup, total):
+    """The learning rate after each step of a fresh run with this schedule."""
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    out = {}
+    for step in range(1, total + 1):
+        opt.step()
+        sched.step()
+        out[step] = sched.get_last_lr()[0]
+    return out

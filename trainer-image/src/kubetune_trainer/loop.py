@@ -357,6 +357,10 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     found = _on_local_main(accelerator, lambda: _fetch_resume_point(ckpt_loc, resume_from, spec.storage, work / "resume", log))
     if found is not None:
         path, committed, uri, own = found
+        if not own and committed.step > total_steps:
+            raise BadConfig(f"spec.checkpoints.resumeFrom {resume_from}: {committed.name} is past this run's "
+                            f"{total_steps} steps; raise spec.training.maxSteps (or epochs) above {committed.step}")
+        base_lrs = list(scheduler.base_lrs)
         try:
             state.update(ck.load_local(path, model=model, optimizer=optimizer, scheduler=scheduler, accelerator=accelerator))
         except Exception as e:
@@ -364,6 +368,10 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
                 raise
             raise BadConfig(f"spec.checkpoints.resumeFrom {resume_from}: {committed.name} does not fit this job "
                             f"({st.short_error(e)}); it must come from a run of the same model and method") from None
+        # Another run's checkpoint carries its own learning rate and schedule length; continuing it
+        # with more steps or a new rate must follow this spec from the restored step on. For this
+        # run's own checkpoint it is the same schedule, so this changes nothing.
+        follow_schedule(scheduler, optimizer, base_lrs)
         # its disk (a whole checkpoint for full fine-tuning) is the run's from here on, once every
         # local rank has read its part
         accelerator.wait_for_everyone()
@@ -647,6 +655,15 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
         result.merged_uri = f"{out_loc.uri.rstrip('/')}/merged/"
         log_event("output", uri=result.merged_uri, merged=True)
     accelerator.wait_for_everyone()
+
+
+def follow_schedule(scheduler, optimizer, base_lrs) -> None:
+    """Put this spec's schedule (peak rates ``base_lrs``) at the scheduler's restored step."""
+    scheduler.base_lrs = list(base_lrs)
+    lrs = [b * f(scheduler.last_epoch) for b, f in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, lr in zip(optimizer.param_groups, base_lrs, lrs):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs
 
 
 def _fetch_resume_point(own, resume_from: str | None, storage, dest, log):

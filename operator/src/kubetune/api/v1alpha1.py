@@ -527,7 +527,9 @@ class Checkpoints(KModel):
         description="Start a run that has no checkpoint of its own from this one: a checkpoint "
         "(<uri>/<namespace>/<name>/run-<n>/checkpoints/checkpoint-<step>/) or a prefix holding some (the newest "
         "committed is used). Model or adapter, optimizer, scheduler, RNG and data position are restored, so a failed "
-        "run continues (with runPolicy.rerun) instead of starting over. It must come from the same model and method.",
+        "run continues (with runPolicy.rerun) instead of starting over. It must come from the same model and method. "
+        "The learning-rate schedule is this spec's from the restored step on, so a run can also be extended with more "
+        "maxSteps or a new learningRate.",
     )
 
 
