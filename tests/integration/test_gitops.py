@@ -3,9 +3,11 @@ ground: what Argo CD and Flux would show for a running, finished, unschedulable,
 misconfigured job. Evaluated with gopher-lua and cel-go, as Argo CD and Flux do (tests/gitops)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from gitops_health import argocd, flux
-from opkit import apply, cond, example, ftj, put_progress, small_gpu_job, wait_phase
+from opkit import _clean, apply, cond, example, ftj, put_progress, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import wait_until as wait_for
 
@@ -41,3 +43,13 @@ def test_argocd_and_flux_read_the_operators_status(ground, operator, ns):
     ]
     assert "InsufficientGPUMemory" == cond(big, "Scheduled")["reason"] and "absent" in v["message"]
     assert [r["status"] for r in flux(objs)] == ["Current", "Current", "Failed", "Current", "Failed"]
+
+
+def test_a_job_the_operator_has_not_reached_yet_is_in_progress_not_an_error(ground, ns):
+    """No operator here: what the apiserver returns for a new job carries status {} (the CRD's default),
+    so Flux's expressions read "no phase yet" (InProgress) instead of erroring on a missing status."""
+    created = json.loads(ground.kubectl("create", "-n", ns, "-f", "-", "-o", "json",
+                                        stdin=json.dumps(_clean(small_gpu_job("fresh")))).stdout)
+    assert created["status"] == {}
+    assert flux([created]) == [{"status": "InProgress"}]
+    assert argocd([created])[0]["status"] == "Progressing"

@@ -47,8 +47,8 @@ def test_argocd_health_matches_health_test_yaml():
 
 def test_flux_health_follows_kstatus_for_a_job():
     """Current once the trainer runs (as kstatus treats a batch Job), Failed when the operator cannot start
-    it or the run failed, InProgress otherwise. No status yet: the expressions cannot read one and Flux
-    reports Unknown and waits, as it does for any custom resource."""
+    it or the run failed, InProgress otherwise. An object with no status at all (only an older CRD,
+    without the status: {} default, leaves one so) is an expression error: Flux reports Unknown and waits."""
     want = {"testdata/no-status.yaml": None, "testdata/pending-secret.yaml": "Failed",
             "testdata/unschedulable.yaml": "Failed", "testdata/starting.yaml": "InProgress",
             "testdata/running.yaml": "Current", "testdata/suspended.yaml": "Current",

@@ -114,7 +114,9 @@ def _schema_for(model: type[BaseModel]) -> dict[str, Any]:
 
 def openapi_schema() -> dict[str, Any]:
     spec = _schema_for(api.FineTuneJobSpec)
-    status = _strip_defaults(_schema_for(api.FineTuneJobStatus))
+    # status: {} until the operator writes one, so GitOps health expressions that read status
+    # fields (Flux's CEL) see "not yet" instead of failing on a missing attribute
+    status = {**_strip_defaults(_schema_for(api.FineTuneJobStatus)), "default": {}}
     return {
         "type": "object",
         "description": api.FineTuneJob.__doc__.strip().replace("\n    ", " "),
