@@ -41,6 +41,7 @@ class TlsProxy:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(work / "srv.pem"), str(work / "srv.key"))
         self.target = target
+        self.handshakes = self.refused = 0  # TLS sessions set up; clients that gave up on the handshake
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
@@ -58,9 +59,15 @@ class TlsProxy:
     def _serve(self, conn):
         try:
             tls = self.ctx.wrap_socket(conn, server_side=True)
-            up = socket.create_connection(("127.0.0.1", self.target))
         except OSError:  # a client that refuses our certificate ends here
+            self.refused += 1
             conn.close()
+            return
+        self.handshakes += 1
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            tls.close()
             return
         for a, b in ((tls, up), (up, tls)):
             threading.Thread(target=pipe, args=(a, b), daemon=True).start()

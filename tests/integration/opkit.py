@@ -1,6 +1,7 @@
 """Helpers for the operator's integration tests: the operator as a process, examples, waits."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -147,3 +148,20 @@ def put_progress(ground, ns, name, run, step, total, loss, ckpt_step=None) -> No
         body["checkpoints"] = {"latestUri": f"{cfg['paths']['checkpointsUri']}step-{ckpt_step}/",
                                "latestStep": ckpt_step, "latestTime": now, "count": 1}
     ground.s3().put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode())
+
+
+@contextlib.contextmanager
+def local_agent(ground, root: Path, node: str, env: dict | None = None, pull_seconds: float = 0):
+    """The local agent (a kubelet that runs trainer pods as processes) as node ``node``."""
+    log = root / "agent.log"
+    p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", node, "--cpu", "2",
+                          "--root", str(root), "--pull-seconds", str(pull_seconds)], env=dict(os.environ, **(env or {})),
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(f"node {node}", lambda: ground.kubectl("get", "node", node, check=False).returncode == 0, 60)
+        yield root
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(30)
+        ground.kubectl("delete", "node", node, "--wait=false", check=False)
+        print(log.read_text()[-3000:])

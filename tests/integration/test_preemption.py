@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from opkit import apply, cond, ftj, wait_phase
+from opkit import apply, cond, ftj, local_agent, wait_phase
 
 from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
@@ -27,20 +24,10 @@ STEPS = 40
 
 @pytest.fixture(scope="module")
 def agent(ground, tmp_path_factory):
-    root = tmp_path_factory.mktemp("agent")
-    log = root / "agent.log"
     # A slower trainer (0.4 s a step) so the eviction lands mid-run on any machine; a 3 s "image pull"
     # so the replacement pod's wait is long enough for the operator to report it.
-    env = dict(os.environ, KUBETUNE_DEBUG_STEP_SLEEP="0.4")
-    p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", NODE, "--cpu", "2",
-                          "--root", str(root), "--pull-seconds", "3"], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    wait_for(f"node {NODE}", lambda: ground.kubectl("get", "node", NODE, check=False).returncode == 0, 60)
-    yield root
-    os.killpg(p.pid, signal.SIGTERM)
-    p.wait(30)
-    ground.kubectl("delete", "node", NODE, "--wait=false", check=False)
-    print(log.read_text()[-3000:])
+    with local_agent(ground, tmp_path_factory.mktemp("agent"), NODE, {"KUBETUNE_DEBUG_STEP_SLEEP": "0.4"}, 3) as root:
+        yield root
 
 
 class Recorder:

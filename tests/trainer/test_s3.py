@@ -174,6 +174,16 @@ def test_an_https_endpoint_signed_by_a_private_ca_verifies_against_aws_ca_bundle
     with pytest.raises(Exception) as e:
         st.S3Location(st.s3_client(storage), "kubetune", "models/tiny").get_bytes("config.json")
     assert "certificate verify failed" in str(e.value).lower() or "CERTIFICATE_VERIFY_FAILED" in str(e.value), e.value
+    # downloading through it is a BadConfig at once (exit 2, the Job fails) naming the field, not retries
+    from kubetune_trainer.errors import BadConfig
+
+    said = []
+    with pytest.raises(BadConfig) as e:
+        st.download_tree(st.S3Location(st.s3_client(storage), "kubetune", "models/tiny"), tmp_path / "dl", log=said.append)
+    assert e.value.message == (f"cannot list s3://kubetune/models/tiny: the S3 endpoint's TLS certificate is not "
+                               "trusted (certificate verify failed): set spec.storage.caBundle to a ConfigMap holding "
+                               "the CA that signed it")
+    assert not said, said  # no "retrying in" lines
     monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_file))
     loc = st.S3Location(st.s3_client(storage), "kubetune", "models/tiny")
     assert loc.get_bytes("config.json") == b'{"model_type": "llama"}'

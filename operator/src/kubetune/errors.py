@@ -3,3 +3,21 @@
 
 class UsageError(Exception):
     """A bad flag, file or input: the CLI prints it as one line and exits 2."""
+
+
+UNTRUSTED_S3 = ("the S3 endpoint's TLS certificate is not trusted (certificate verify failed): set "
+                "spec.storage.caBundle to a ConfigMap holding the CA that signed it")
+
+
+def certificate_untrusted(e: BaseException | None) -> bool:
+    """Whether a TLS peer's certificate failed verification, anywhere in the exception's chain
+    (botocore and urllib3 wrap the ssl error, some only in their message)."""
+    import ssl
+
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

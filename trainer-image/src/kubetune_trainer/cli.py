@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return fail("Error", "interrupted")
     except Exception as e:  # a bug or an unforeseen failure: keep the traceback in the log
+        from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
+
+        if certificate_untrusted(e) and type(e).__module__.startswith("botocore"):
+            return fail("BadConfig", f"S3 endpoint {config.spec.storage.endpoint}: {UNTRUSTED_S3}")
         import traceback
 
         traceback.print_exc()

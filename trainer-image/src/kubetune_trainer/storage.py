@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
 from kubetune_trainer.errors import BadConfig, StorageFailed
 
 CHUNK = 8 * 1024 * 1024
@@ -348,7 +349,8 @@ def download_tree(
     ``.part`` file is continued from where it stopped. Each file is verified after download.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    objs = [o for o in loc.list() if only is None or only(o.key)]
+    listed = _retry(lambda: list(loc.list()), attempts, f"cannot list {loc.uri}", log)
+    objs = [o for o in listed if only is None or only(o.key)]
     if not objs:
         raise StorageFailed(f"nothing found at {loc.uri}")
     shas: dict[str, str] = {}
@@ -394,6 +396,8 @@ def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
         except (StorageFailed, BadConfig):
             raise
         except Exception as e:  # network, 5xx, throttling: back off and try again
+            if certificate_untrusted(e):  # no retry fixes a CA the pod does not have
+                raise BadConfig(f"{what}: {UNTRUSTED_S3}") from None
             if i == attempts - 1:
                 raise StorageFailed(f"{what}: {short_error(e)}") from None
             delay = min(30.0, base_delay * 2**i)

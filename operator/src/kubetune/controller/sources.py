@@ -9,6 +9,7 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainerProgress
+from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
 
 _lock = threading.Lock()
 
@@ -133,7 +134,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
         try:
             return s3_client(spec, creds, ca_pem).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         except (ClientError, BotoCoreError) as e:
-            raise ValueError(f"cannot read s3://{bucket}/{key}: {e}") from None
+            raise ValueError(f"cannot read s3://{bucket}/{key}: {UNTRUSTED_S3 if certificate_untrusted(e) else e}") from None
     if uri.startswith("hf://"):
         return read_hub_config(uri, hf_token, hub)
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")

@@ -195,10 +195,9 @@ class Agent:
         mounts = self.volumes(pod, workdir)
         env = {k: v for k, v in os.environ.items()
                if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV") or k.startswith("KUBETUNE_DEBUG_")}
-        env.update(self.env(pod, c))
-        for key in ("HOME", "TMPDIR", "HF_HOME"):
-            if key in env:
-                env[key] = remap(env[key], mounts)
+        # A value naming a path in a mount (HOME, HF_HOME, AWS_CA_BUNDLE, ...) points at the local
+        # directory that backs it, as the path would resolve inside a container.
+        env.update({k: remap(v, mounts) for k, v in self.env(pod, c).items()})
         env.setdefault("HOME", str(workdir / "home"))
         term_log = workdir / "termination-log"
         env["KUBETUNE_TERMINATION_LOG"] = str(term_log)

@@ -1,0 +1,82 @@
+"""Real trainer pods on the local agent's node (a kubelet that runs pods as processes): what only a
+process that really talks to S3 shows, beyond what KWOK's pretend pods can."""
+from __future__ import annotations
+
+import pytest
+from opkit import apply, cond, ftj, local_agent, wait_phase
+
+from kubetune.errors import UNTRUSTED_S3
+from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
+from kubetune.devenv.ground import wait_until as wait_for
+
+pytestmark = pytest.mark.integration
+
+NODE = "local-pods"
+
+
+@pytest.fixture(scope="module")
+def agent(ground, tmp_path_factory):
+    upload_tiny_model_and_data(ground.s3())
+    with local_agent(ground, tmp_path_factory.mktemp("agent"), NODE) as root:
+        yield root
+
+
+def _tiny_job(name: str, endpoint: str, steps: int = 6) -> dict:
+    obj = quickstart_for_local(endpoint)
+    obj["metadata"]["name"] = name
+    spec = obj["spec"]
+    spec["resources"]["nodeSelector"]["kubernetes.io/hostname"] = NODE
+    spec["training"] |= {"maxSteps": steps, "evalSteps": 3, "loggingSteps": 1}
+    spec["checkpoints"] |= {"saveSteps": 3}
+    return obj
+
+
+def test_a_run_against_an_s3_endpoint_only_a_private_ca_verifies(ground, operator, agent, ns, tls_proxy):
+    """spec.storage.caBundle end to end: the operator reads the model's config.json and the trainer's
+    progress over https, and the trainer downloads the model and data, uploads checkpoints and the
+    adapter, all through an endpoint whose certificate only the ConfigMap's CA verifies."""
+    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]))
+    ground.kubectl("create", "configmap", "s3-ca", "-n", ns, f"--from-file=ca.crt={proxy.ca_file}")
+    obj = _tiny_job("private-ca", proxy.url)
+    obj["spec"]["storage"]["caBundle"] = {"name": "s3-ca"}
+    apply(ground, ns, obj)
+    done = wait_phase(ground, ns, "private-ca", "Succeeded", 300)
+
+    m = done["status"]["result"]["metrics"]
+    assert m["steps"] == 6 and m["evalLoss"] < m["baseEvalLoss"], m
+    assert done["status"]["checkpoints"]["latestStep"] == 6
+    for uri, want in ((done["status"]["checkpoints"]["latestUri"], "manifest.json"),
+                      (done["status"]["result"]["adapterUri"], "adapter_model.safetensors")):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        got = {o["Key"] for o in ground.s3().list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/")["Contents"]}
+        assert f"{key.rstrip('/')}/{want}" in got, (uri, got)
+    print(f"\nprivate CA: {proxy.handshakes} TLS sessions verified, {proxy.refused} refused; run ended at step "
+          f"{m['steps']}, eval loss {m['baseEvalLoss']:.2f} -> {m['evalLoss']:.2f}")
+    assert proxy.handshakes >= 2 and proxy.refused == 0  # the operator's and the trainer's (boto3 keeps them open)
+
+
+
+def test_without_the_ca_bundle_the_job_says_to_set_it(ground, operator, agent, ns, tls_proxy):
+    """The same endpoint without spec.storage.caBundle: the operator, reading config.json, names the
+    field; with an inline architecture (nothing for the operator to read) the trainer meets the
+    certificate first and the run fails with the same advice, not a retry loop."""
+    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]))
+    apply(ground, ns, _tiny_job("no-ca", proxy.url))
+    got = wait_for("ModelConfigUnavailable", lambda: (lambda o: o if cond(o, "Validated").get("reason") ==
+                                                      "ModelConfigUnavailable" else None)(ftj(ground, ns, "no-ca")), 60)
+    msg = cond(got, "Validated")["message"]
+    assert ("config.json: the S3 endpoint's TLS certificate is not trusted (certificate verify failed): set "
+            "spec.storage.caBundle to a ConfigMap holding the CA that signed it") in msg, msg
+
+    obj = _tiny_job("no-ca-trainer", proxy.url)
+    obj["spec"]["model"]["architecture"] = {  # the tiny Llama's (the vocabulary only sizes the estimate)
+        "modelType": "llama", "hiddenSize": 64, "numHiddenLayers": 2, "numAttentionHeads": 4, "numKeyValueHeads": 2,
+        "intermediateSize": 128, "vocabSize": 512}
+    apply(ground, ns, obj)
+    failed = wait_phase(ground, ns, "no-ca-trainer", "Failed", 120)
+    c = cond(failed, "Failed")
+    assert c["reason"] == "BadConfig", c  # exit 2: the Job fails at once instead of retrying the pod
+    assert c["message"].startswith(f"run 1 failed: cannot list s3://kubetune-models/tiny-llama: {UNTRUSTED_S3}"), c
+    job = ground.kubectl_json("get", "job", "-n", ns, "-l", "kubetune.io/job=no-ca-trainer")["items"][0]
+    assert job["status"].get("failed") == 1, job["status"]
+    print(f"\nno caBundle: {c['message']}")
