@@ -57,6 +57,43 @@ def test_format_mismatch_and_chat_checks(tmp_path):
         dt.read_records([("t.jsonl", g)], "auto", "fail", dt.DataStats())
 
 
+def _as_sharegpt(rec: dict) -> dict:
+    names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+    msgs = rec["messages"]
+    lead = msgs[0]["role"] == "system"  # ShareGPT keeps a leading system prompt beside the turns
+    out = {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in msgs[lead:]]}
+    if lead:
+        out["system"] = msgs[0]["content"]
+    return out
+
+
+def test_sharegpt_conversations_read_as_the_same_chat_and_train_the_same_tokens(tmp_path, model_dir):
+    from kubetune_trainer.model import load_tokenizer
+
+    rows = tiny.chat_rows(6)
+    rows[1]["messages"] = rows[1]["messages"][1:]  # one without a system prompt
+    assert rows[0]["messages"][0]["role"] == "system" and rows[1]["messages"][0]["role"] == "user"
+    f = tiny.write_jsonl(tmp_path / "sharegpt.jsonl", [_as_sharegpt(r) for r in rows])
+    recs, fmt = dt.read_records([("sharegpt.jsonl", f)], "auto", "fail", dt.DataStats())
+    assert fmt == "chat" and recs == rows
+    tok = dt.Tokenize(load_tokenizer(model_dir), "chat", 512)
+    a, b = tok.example(recs[0], dt.DataStats()), tok.example(rows[0], dt.DataStats())
+    assert (a.input_ids, a.labels) == (b.input_ids, b.labels) and any(y != dt.IGNORE for y in a.labels)
+
+    bad = tiny.write_jsonl(tmp_path / "bad.jsonl", [
+        {"conversations": [{"from": "bot", "value": "x"}]},
+        {"conversations": [{"from": "human", "value": "hi"}]},
+        {"conversations": [{"from": "gpt", "value": 3}]},
+        {"conversations": []}])
+    with pytest.raises(BadData) as e:
+        dt.read_records([("bad.jsonl", bad)], "chat", "fail", dt.DataStats())
+    msg = e.value.message
+    assert "line 1: conversations[0].from must be one of system, human, user, gpt" in msg, msg
+    assert "line 2: no gpt (assistant) turn (nothing to learn from)" in msg
+    assert "line 3: conversations[0].value must be a string" in msg
+    assert "line 4: field 'conversations' must be a non-empty list" in msg
+
+
 def test_alpaca_loss_counts_only_the_response(model_dir):
     tok = __import__("kubetune_trainer.model", fromlist=["x"]).load_tokenizer(model_dir)
     rec = {"instruction": "What color is the apple ?", "input": "", "output": "The apple is red ."}

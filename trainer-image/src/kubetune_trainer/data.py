@@ -2,7 +2,8 @@
 
 - alpaca: {"instruction": str, "input": str?, "output": str}; the prompt is the Alpaca template.
 - chat:   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}, rendered with the
-          tokenizer's chat template.
+          tokenizer's chat template; or ShareGPT's {"conversations": [{"from": "human|gpt|...", "value":
+          str}, ...], "system"?: str}, which is read as the same messages.
 - text:   {"text": str}
 For alpaca and chat only response (assistant) tokens count in the loss.
 
@@ -35,6 +36,9 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speaker names (as LLaMA-Factory and axolotl read them) -> chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "observation": "tool", "tool": "tool", "function_response": "tool"}
 
 
 @dataclass
@@ -118,7 +122,7 @@ def _hf_dataset_files(uri: str, work_dir: Path) -> list[tuple[str, Path]]:
 def detect_format(obj) -> str | None:
     if not isinstance(obj, dict):
         return None
-    if "messages" in obj:
+    if "messages" in obj or "conversations" in obj:
         return "chat"
     if "instruction" in obj and "output" in obj:
         return "alpaca"
@@ -143,9 +147,12 @@ def check_record(obj, fmt: str) -> str | None:
             return "field 'output' is empty"
         return None
     if fmt == "chat":
+        if "messages" not in obj and "conversations" in obj:
+            return _check_sharegpt(obj)
         msgs = obj.get("messages")
         if msgs is None:
-            return "missing field 'messages' (chat lines need a list of {role, content})"
+            return ("missing field 'messages' (chat lines need a list of {role, content}, or ShareGPT "
+                    "conversations of {from, value})")
         if not isinstance(msgs, list) or not msgs:
             return "field 'messages' must be a non-empty list"
         for i, m in enumerate(msgs):
@@ -165,6 +172,33 @@ def check_record(obj, fmt: str) -> str | None:
             return "field 'text' must be a non-empty string"
         return None
     raise BadConfig(f"unknown dataset format {fmt!r}")
+
+
+def _check_sharegpt(obj: dict) -> str | None:
+    conv = obj["conversations"]
+    if not isinstance(conv, list) or not conv:
+        return "field 'conversations' must be a non-empty list"
+    if obj.get("system") is not None and not isinstance(obj["system"], str):
+        return "field 'system' must be a string"
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict):
+            return f"conversations[{i}] must be an object with from and value"
+        if m.get("from") not in SHAREGPT_ROLES:
+            return f"conversations[{i}].from must be one of {', '.join(SHAREGPT_ROLES)} (got {m.get('from')!r})"
+        if not isinstance(m.get("value"), str):
+            return f"conversations[{i}].value must be a string"
+    if not any(SHAREGPT_ROLES[m["from"]] == "assistant" for m in conv):
+        return "no gpt (assistant) turn (nothing to learn from)"
+    return None
+
+
+def as_messages(obj: dict) -> dict:
+    """A valid chat record with ``messages``: ShareGPT conversations become role/content messages."""
+    if "messages" in obj or "conversations" not in obj:
+        return obj
+    msgs = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    msgs += [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in obj["conversations"]]
+    return {"messages": msgs}
 
 
 def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stats: DataStats) -> tuple[list[dict], str]:
@@ -199,7 +233,7 @@ def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stat
                         detected = detect_format(obj)
                         if detected is None:
                             problem = ("cannot detect the format from the first line: expected keys "
-                                       "instruction+output (alpaca), messages (chat) or text (text)")
+                                       "instruction+output (alpaca), messages or conversations (chat) or text (text)")
                         else:
                             fmt = detected
                     if problem is None:
@@ -209,7 +243,7 @@ def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stat
                     if len(bad) < MAX_REPORTED:
                         bad.append((name, lineno, problem))
                     continue
-                records.append(obj)
+                records.append(as_messages(obj) if fmt == "chat" else obj)
     if bad_count and on_bad_line == "fail":
         raise BadData(_bad_message(bad, bad_count))
     if bad_count:

@@ -135,7 +135,7 @@ class Dataset(KModel):
     format: Literal["auto", "alpaca", "chat", "text"] = Field(
         "auto",
         description="Line format. alpaca: {instruction, input?, output}; chat: {messages: [{role, content}]} "
-        "rendered with the tokenizer's chat template; text: {text}. auto detects it from the first line. "
+        "or ShareGPT {conversations: [{from, value}], system?}, rendered with the tokenizer's chat template; text: {text}. auto detects it from the first line. "
         "For alpaca and chat, only response tokens count in the loss.",
     )
     validation_uri: str | None = Field(
