@@ -184,6 +184,12 @@ def test_an_https_endpoint_signed_by_a_private_ca_verifies_against_aws_ca_bundle
                                "trusted (certificate verify failed): set spec.storage.caBundle to a ConfigMap holding "
                                "the CA that signed it")
     assert not said, said  # no "retrying in" lines
+    from kubetune_trainer import data as dt
+
+    with pytest.raises(BadConfig) as e:  # a dataset prefix: the same
+        dt.resolve_files("s3://kubetune/models/", storage, tmp_path / "w", log=said.append)
+    assert e.value.message.startswith("cannot list s3://kubetune/models/: the S3 endpoint's TLS certificate is not "
+                                      "trusted"), e.value.message
     monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_file))
     loc = st.S3Location(st.s3_client(storage), "kubetune", "models/tiny")
     assert loc.get_bytes("config.json") == b'{"model_type": "llama"}'

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
+from kubetune_trainer.errors import BadConfig, BadData
 
 IGNORE = -100
 MAX_REPORTED = 8  # bad lines named in one error message
@@ -90,7 +90,7 @@ def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] 
     try:
         objs = loc.list("")
     except Exception as e:
-        raise StorageFailed(f"cannot list {uri}: {st.short_error(e)}") from None
+        raise st.storage_error(f"cannot list {uri}", e) from None
     jsonl = [o for o in objs if o.key.endswith(".jsonl")]
     if not jsonl:
         raise BadData(f"{uri}: no .jsonl objects under this prefix")

@@ -688,10 +688,10 @@ def _fetch_resume_point(own, resume_from: str | None, storage, dest, log):
 def _fetch(loc, dest, log, how):
     try:
         return how(loc, dest, log)
-    except StorageFailed:
+    except (StorageFailed, BadConfig):
         raise
     except Exception as e:
-        raise StorageFailed(f"cannot read checkpoints at {loc.uri}: {st.short_error(e)}") from None
+        raise st.storage_error(f"cannot read checkpoints at {loc.uri}", e) from None
 
 
 def _peak_rss_mib() -> int:

@@ -396,10 +396,8 @@ def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
         except (StorageFailed, BadConfig):
             raise
         except Exception as e:  # network, 5xx, throttling: back off and try again
-            if certificate_untrusted(e):  # no retry fixes a CA the pod does not have
-                raise BadConfig(f"{what}: {UNTRUSTED_S3}") from None
-            if i == attempts - 1:
-                raise StorageFailed(f"{what}: {short_error(e)}") from None
+            if i == attempts - 1 or certificate_untrusted(e):
+                raise storage_error(what, e) from None
             delay = min(30.0, base_delay * 2**i)
             log(f"{what} failed ({short_error(e)}); retrying in {delay:.0f}s")
             time.sleep(delay)
@@ -425,6 +423,14 @@ def hub_error(uri: str, e: Exception, permanent: type, kind: str = "model") -> E
     if isinstance(e, (DisabledRepoError, HFValidationError)):
         return permanent(f"{uri}: {short_error(e)}")
     return StorageFailed(f"{uri}: cannot download the {kind} from the Hugging Face Hub: {short_error(e)}")
+
+
+def storage_error(what: str, e: BaseException) -> Exception:
+    """The trainer's reason for an S3 failure: StorageFailed (the Job retries the pod), except a
+    certificate that does not verify, which no retry fixes: BadConfig naming spec.storage.caBundle."""
+    if certificate_untrusted(e):
+        return BadConfig(f"{what}: {UNTRUSTED_S3}")
+    return StorageFailed(f"{what}: {short_error(e)}")
 
 
 def short_error(e: BaseException) -> str:
