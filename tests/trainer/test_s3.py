@@ -193,3 +193,29 @@ def test_an_https_endpoint_signed_by_a_private_ca_verifies_against_aws_ca_bundle
     monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_file))
     loc = st.S3Location(st.s3_client(storage), "kubetune", "models/tiny")
     assert loc.get_bytes("config.json") == b'{"model_type": "llama"}'
+
+
+def test_a_dataset_prefix_with_parquet_and_jsonl_objects_is_downloaded_and_read(tmp_path, s3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import tiny
+    from kubetune.api.v1alpha1 import Storage
+    from kubetune_trainer import data as dt
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(tiny.alpaca_rows(7)), buf)
+    c = s3.client()
+    c.put_object(Bucket="kubetune", Key="ds/pq/data/train-00000-of-00001.parquet", Body=buf.getvalue().to_pybytes())
+    c.put_object(Bucket="kubetune", Key="ds/pq/more.jsonl", Body="".join(
+        json.dumps(r) + "\n" for r in tiny.alpaca_rows(2)).encode())
+    c.put_object(Bucket="kubetune", Key="ds/pq/README.md", Body=b"# card")
+    storage = Storage(endpoint=s3.endpoint, region="us-east-1")
+    files = dt.resolve_files("s3://kubetune/ds/pq/", storage, tmp_path / "w", log=lambda m: None)
+    assert [n for n, _ in files] == ["s3://kubetune/ds/pq/data/train-00000-of-00001.parquet",
+                                     "s3://kubetune/ds/pq/more.jsonl"]
+    recs, fmt = dt.read_records(files, "auto", "fail", dt.DataStats())
+    assert fmt == "alpaca" and len(recs) == 9
+    one = dt.resolve_files("s3://kubetune/ds/pq/data/train-00000-of-00001.parquet", storage, tmp_path / "w1",
+                           log=lambda m: None)
+    assert len(dt.read_records(one, "alpaca", "fail", dt.DataStats())[0]) == 7

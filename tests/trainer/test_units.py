@@ -94,6 +94,67 @@ def test_sharegpt_conversations_read_as_the_same_chat_and_train_the_same_tokens(
     assert "line 4: field 'conversations' must be a non-empty list" in msg
 
 
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)  # several batches' worth of groups
+    return path
+
+
+def test_parquet_rows_read_as_the_same_records_and_bad_rows_are_named(tmp_path):
+    alpaca = tiny.alpaca_rows(10)
+    alpaca[2]["input"] = None  # Parquet nulls where JSON Lines omit the key
+    f = _write_parquet(tmp_path / "train-00000-of-00001.parquet", alpaca)
+    stats = dt.DataStats()
+    recs, fmt = dt.read_records([("data/train-00000-of-00001.parquet", f)], "auto", "fail", stats)
+    assert fmt == "alpaca" and stats.lines == 10
+    assert [{k: v for k, v in r.items() if v is not None} for r in recs] == [
+        {k: v for k, v in r.items() if v is not None} for r in alpaca]
+
+    chat = tiny.chat_rows(4)  # messages: a list of structs in Parquet
+    recs, fmt = dt.read_records([("c.parquet", _write_parquet(tmp_path / "c.parquet", chat))], "auto", "fail", dt.DataStats())
+    assert fmt == "chat" and recs == chat
+
+    rows = [dict(r) for r in tiny.alpaca_rows(5)]
+    rows[3]["output"] = ""
+    bad = _write_parquet(tmp_path / "bad.parquet", rows)
+    with pytest.raises(BadData) as e:
+        dt.read_records([("s3://b/bad.parquet", bad)], "alpaca", "fail", dt.DataStats())
+    assert e.value.message.startswith("1 malformed line: s3://b/bad.parquet: row 4: field 'output' is empty."), e.value.message
+    recs, _ = dt.read_records([("s3://b/bad.parquet", bad)], "alpaca", "skip", st_ := dt.DataStats())
+    assert len(recs) == 4 and st_.skipped_lines == 1
+
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not really")
+    with pytest.raises(BadData, match=r"^junk.parquet: not a readable Parquet file \("):
+        dt.read_records([("junk.parquet", junk)], "auto", "fail", dt.DataStats())
+
+
+def test_a_directory_of_parquet_and_jsonl_is_read_whole(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    _write_parquet(d / "a.parquet", tiny.alpaca_rows(3))
+    tiny.write_jsonl(d / "b.jsonl", tiny.alpaca_rows(2))
+    (d / "README.md").write_text("not data")
+    files = dt.resolve_files(f"file://{d}", None, tmp_path / "w")
+    assert [n for n, _ in files] == [f"file://{d}/a.parquet", f"file://{d}/b.jsonl"]
+    recs, _ = dt.read_records(files, "auto", "fail", dt.DataStats())
+    assert len(recs) == 5
+
+
+def test_a_hub_datasets_train_split_is_what_trains():
+    assert dt.train_split(["data/test-00000-of-00001.parquet", "data/train-00000-of-00002.parquet",
+                           "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet"]) == [
+        "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert dt.train_split(["train.jsonl", "test.jsonl"]) == ["train.jsonl"]
+    assert dt.train_split(["train/part-0.parquet", "eval/part-0.parquet"]) == ["train/part-0.parquet"]
+    assert dt.train_split(["sft/Training_set.jsonl", "sft/test.jsonl"]) == ["sft/Training_set.jsonl"]
+    # no split named: everything (and a name that merely contains "train" is not a split)
+    assert dt.train_split(["alpaca_data.jsonl", "extra.parquet"]) == ["alpaca_data.jsonl", "extra.parquet"]
+    assert dt.train_split(["constrained.jsonl", "more.jsonl"]) == ["constrained.jsonl", "more.jsonl"]
+
+
 def test_alpaca_loss_counts_only_the_response(model_dir):
     tok = __import__("kubetune_trainer.model", fromlist=["x"]).load_tokenizer(model_dir)
     rec = {"instruction": "What color is the apple ?", "input": "", "output": "The apple is red ."}

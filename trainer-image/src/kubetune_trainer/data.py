@@ -1,4 +1,5 @@
-"""Training data: JSON Lines in three formats, validated line by line, tokenized, optionally packed.
+"""Training data: JSON Lines (or Parquet, a row per line) in three formats, validated line by line,
+tokenized, optionally packed.
 
 - alpaca: {"instruction": str, "input": str?, "output": str}; the prompt is the Alpaca template.
 - chat:   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}, rendered with the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,24 +67,27 @@ class DataStats:
 # fetching
 
 
+DATA_SUFFIXES = (".jsonl", ".parquet")
+
+
 def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print) -> list[tuple[str, Path]]:
-    """(display name, local path) of every .jsonl file a dataset URI names: a file or a prefix."""
+    """(display name, local path) of every .jsonl or .parquet file a dataset URI names: a file or a prefix."""
     from kubetune_trainer import storage as st
 
     if uri.startswith("hf://"):
-        return _hf_dataset_files(uri, work_dir)
+        return _hf_dataset_files(uri, work_dir, log)
     local = st.local_path_of(uri)
     if local is not None:
         if local.is_file():
             return [(uri, local)]
         if local.is_dir():
-            files = sorted(p for p in local.rglob("*.jsonl") if p.is_file())
+            files = sorted(p for p in local.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
             if not files:
-                raise BadData(f"{uri}: no .jsonl files in this directory")
+                raise BadData(f"{uri}: no .jsonl or .parquet files in this directory")
             return [(f"{uri.rstrip('/')}/{p.relative_to(local).as_posix()}", p) for p in files]
         raise BadData(f"{uri}: no such file or directory")
     dest = work_dir / "data" / uri.replace("://", "/").replace("/", "_")
-    if uri.endswith(".jsonl"):  # a single object
+    if uri.endswith(DATA_SUFFIXES):  # a single object
         parent_uri, _, name = uri.rpartition("/")
         paths = st.download_tree(st.open_location(parent_uri, storage), dest, only=lambda k: k == name, log=log)
         return [(uri, paths[0])]
@@ -91,28 +96,42 @@ def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] 
         objs = loc.list("")
     except Exception as e:
         raise st.storage_error(f"cannot list {uri}", e) from None
-    jsonl = [o for o in objs if o.key.endswith(".jsonl")]
-    if not jsonl:
-        raise BadData(f"{uri}: no .jsonl objects under this prefix")
-    paths = st.download_tree(loc, dest, only=lambda k: k.endswith(".jsonl"), log=log)
+    if not any(o.key.endswith(DATA_SUFFIXES) for o in objs):
+        raise BadData(f"{uri}: no .jsonl or .parquet objects under this prefix")
+    paths = st.download_tree(loc, dest, only=lambda k: k.endswith(DATA_SUFFIXES), log=log)
     return [(f"{uri.rstrip('/')}/{p.relative_to(dest).as_posix()}", p) for p in sorted(paths)]
 
 
-def _hf_dataset_files(uri: str, work_dir: Path) -> list[tuple[str, Path]]:
+def _hf_dataset_files(uri: str, work_dir: Path, log: Callable[[str], None] = print) -> list[tuple[str, Path]]:
     repo, _, rev = uri[len("hf://"):].partition("@")
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(repo, repo_type="dataset", revision=rev or None, allow_patterns=["*.jsonl"],
-                                      cache_dir=str(work_dir / "hf")))
+        path = Path(snapshot_download(repo, repo_type="dataset", revision=rev or None,
+                                      allow_patterns=[f"*{x}" for x in DATA_SUFFIXES], cache_dir=str(work_dir / "hf")))
     except Exception as e:
         from kubetune_trainer.storage import hub_error
 
         raise hub_error(uri, e, BadData, "dataset") from None
-    files = sorted(path.rglob("*.jsonl"))
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.name.endswith(DATA_SUFFIXES))
     if not files:
-        raise BadData(f"{uri}: the dataset has no .jsonl files")
-    return [(f"{uri}/{p.relative_to(path).as_posix()}", p) for p in files]
+        raise BadData(f"{uri}: the dataset has no .jsonl or .parquet files")
+    train = train_split(files)
+    if len(train) < len(files):
+        log(f"{uri}: training on its train split ({len(train)} of {len(files)} files); set dataset.validationUri "
+            "to use another split for evaluation")
+    return [(f"{uri}/{f}", path / f) for f in train]
+
+
+_TRAIN = re.compile(r"(^|/)(train|training)([-._ 0-9/]|$)")
+
+
+def train_split(files: list[str]) -> list[str]:
+    """The train split's files, by the Hub's naming (train.jsonl, data/train-00000-of-00001.parquet,
+    train/part-0.parquet); all of them when none is named so. A repository's test split must not
+    be trained on."""
+    train = [f for f in files if _TRAIN.search(f.lower())]
+    return train or files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,48 +221,31 @@ def as_messages(obj: dict) -> dict:
 
 
 def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stats: DataStats) -> tuple[list[dict], str]:
-    """Parse and validate every line. Returns the records and the (detected) format."""
+    """Parse and validate every line (or Parquet row). Returns the records and the (detected) format."""
     records: list[dict] = []
-    bad: list[tuple[str, int, str]] = []
+    bad: list[tuple[str, str, str]] = []
     bad_count = 0
     for name, path in files:
         stats.files.append(name)
-        try:
-            fh = open(path, "rb")
-        except OSError as e:
-            raise BadData(f"{name}: cannot open: {e.strerror or e}") from None
-        with fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
-                    obj = None
-                else:
-                    if not line.strip():
-                        continue
-                    stats.lines += 1
-                    try:
-                        obj = json.loads(line)
-                        problem = None
-                    except json.JSONDecodeError as e:
-                        obj, problem = None, f"invalid JSON ({e.msg} at column {e.colno})"
+        entries = _parquet_rows(name, path) if Path(path).suffix == ".parquet" else _json_lines(name, path)
+        for where, obj, problem in entries:
+            stats.lines += 1
+            if problem is None:
+                if fmt == "auto":
+                    detected = detect_format(obj)
+                    if detected is None:
+                        problem = ("cannot detect the format from the first line: expected keys "
+                                   "instruction+output (alpaca), messages or conversations (chat) or text (text)")
+                    else:
+                        fmt = detected
                 if problem is None:
-                    if fmt == "auto":
-                        detected = detect_format(obj)
-                        if detected is None:
-                            problem = ("cannot detect the format from the first line: expected keys "
-                                       "instruction+output (alpaca), messages or conversations (chat) or text (text)")
-                        else:
-                            fmt = detected
-                    if problem is None:
-                        problem = check_record(obj, fmt)
-                if problem is not None:
-                    bad_count += 1
-                    if len(bad) < MAX_REPORTED:
-                        bad.append((name, lineno, problem))
-                    continue
-                records.append(as_messages(obj) if fmt == "chat" else obj)
+                    problem = check_record(obj, fmt)
+            if problem is not None:
+                bad_count += 1
+                if len(bad) < MAX_REPORTED:
+                    bad.append((name, where, problem))
+                continue
+            records.append(as_messages(obj) if fmt == "chat" else obj)
     if bad_count and on_bad_line == "fail":
         raise BadData(_bad_message(bad, bad_count))
     if bad_count:
@@ -254,10 +256,48 @@ def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stat
     return records, fmt
 
 
-def _bad_message(bad: list[tuple[str, int, str]], total: int) -> str:
+def _json_lines(name: str, path: Path) -> Iterator[tuple[str, object, str | None]]:
+    """("line N", the parsed object or None, what is wrong or None) per non-blank line."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise BadData(f"{name}: cannot open: {e.strerror or e}") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield f"line {lineno}", None, f"not valid UTF-8 ({e.reason} at byte {e.start})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield f"line {lineno}", None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _parquet_rows(name: str, path: Path) -> Iterator[tuple[str, object, str | None]]:
+    """("row N", the row as a dict, None) per row, N from 1 as for lines; read a batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+    except ImportError:
+        raise BadConfig(f"{name}: reading Parquet needs pyarrow, which this trainer image lacks") from None
+    except Exception as e:  # not Parquet, truncated, unreadable
+        raise BadData(f"{name}: not a readable Parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    n = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            n += 1
+            yield f"row {n}", row, None
+
+
+def _bad_message(bad: list[tuple[str, str, str]], total: int) -> str:
     by_file: dict[str, list[str]] = {}
-    for name, line, problem in bad:
-        by_file.setdefault(name, []).append(f"line {line}: {problem}")
+    for name, where, problem in bad:
+        by_file.setdefault(name, []).append(f"{where}: {problem}")
     parts = [f"{name}: " + "; ".join(items) for name, items in by_file.items()]
     more = f" (and {total - len(bad)} more)" if total > len(bad) else ""
     lines_word = "line" if total == 1 else "lines"

@@ -125,18 +125,20 @@ class ModelSource(KModel):
 
 
 class Dataset(KModel):
-    """Training data: JSON Lines, one example per line."""
+    """Training data: JSON Lines, one example per line, or Parquet, one per row."""
 
     uri: str = Field(
-        description=f"Training data (a .jsonl file, or a prefix holding .jsonl files): {URI_HELP}.",
+        description="Training data (a .jsonl or .parquet file, or a prefix holding such files; an hf:// dataset "
+        f"trains on its train split when its files name one): {URI_HELP}.",
         pattern=DATA_URI,
         max_length=1024,
     )
     format: Literal["auto", "alpaca", "chat", "text"] = Field(
         "auto",
-        description="Line format. alpaca: {instruction, input?, output}; chat: {messages: [{role, content}]} "
-        "or ShareGPT {conversations: [{from, value}], system?}, rendered with the tokenizer's chat template; text: {text}. auto detects it from the first line. "
-        "For alpaca and chat, only response tokens count in the loss.",
+        description="Line (or row) format. alpaca: {instruction, input?, output}; chat: {messages: [{role, content}]} "
+        "or ShareGPT {conversations: [{from, value}], system?}, rendered with the tokenizer's chat template; "
+        "text: {text}. auto detects it from the first line. For alpaca and chat, only response tokens count in "
+        "the loss.",
     )
     validation_uri: str | None = Field(
         None, description=f"Separate validation data, same formats: {URI_HELP}.", pattern=DATA_URI, max_length=1024
@@ -154,7 +156,8 @@ class Dataset(KModel):
     )
     on_bad_line: Literal["fail", "skip"] = Field(
         "fail",
-        description="What to do with a malformed line: fail (the run stops and names the file and line numbers) "
+        description="What to do with a malformed line or row: fail (the run stops and names the file and line "
+        "numbers) "
         "or skip (the line is dropped and counted in status.result.metrics.skippedLines).",
     )
 
