@@ -180,7 +180,7 @@ def test_an_https_endpoint_signed_by_a_private_ca_verifies_against_aws_ca_bundle
     said = []
     with pytest.raises(BadConfig) as e:
         st.download_tree(st.S3Location(st.s3_client(storage), "kubetune", "models/tiny"), tmp_path / "dl", log=said.append)
-    assert e.value.message == (f"cannot list s3://kubetune/models/tiny: the S3 endpoint's TLS certificate is not "
+    assert e.value.message == ("cannot list s3://kubetune/models/tiny: the S3 endpoint's TLS certificate is not "
                                "trusted (certificate verify failed): set spec.storage.caBundle to a ConfigMap holding "
                                "the CA that signed it")
     assert not said, said  # no "retrying in" lines
