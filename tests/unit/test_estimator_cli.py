@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from kubetune.cli import main
 from kubetune.estimator import catalog_architecture, estimate, estimate_spec, plan_from_flags
 from kubetune.estimator.memory import GIB
+
+REPO = Path(__file__).resolve().parents[2]
 
 JOB = textwrap.dedent("""\
     apiVersion: kubetune.io/v1alpha1
@@ -232,3 +235,13 @@ def test_a_model_outside_the_catalog_is_read_from_the_hub_as_huggingface_hub_wou
     rc, out, _ = run(capsys, "-f", str(tmp_path / "job.yaml"), "--json")
     assert rc == 0 and json.loads(out)["total_params"] == local["total_params"]
     assert hub_mirror.seen[-1] == ("/acme/gated-1b/resolve/main/config.json", "Bearer hf_ok")
+
+
+def test_a_jobs_auto_micro_batch_is_what_the_operator_would_pick(capsys):
+    """examples/hub-dataset.yaml: a 0.5B model fits micro batches of hundreds, but effectiveBatchSize
+    32 on one GPU caps auto at 32 (no accumulation), as placement does."""
+    rc, out, _ = run(capsys, "-f", str(REPO / "examples" / "hub-dataset.yaml"), "--json")
+    d = json.loads(out)
+    d = d[0] if isinstance(d, list) else d
+    assert rc == 0 and set(d["max_micro_batch"].values()) == {32}
+    assert "micro batch 32 x 1024 tokens |" in d["plan"]

@@ -91,6 +91,25 @@ def test_auto_batch_resolves_and_keeps_the_effective_batch():
     assert mbs >= 1 and mbs * ga * 2 >= 32 and mbs * (ga - 1) * 2 < 32
 
 
+def test_the_estimate_prices_the_accumulation_the_run_will_use():
+    """effectiveBatchSize 16 at micro batch 2 on one GPU: 8 accumulation steps. Accumulated gradients
+    live through each forward, which a full fine-tune without accumulation never holds: the status
+    estimate is that of the plan with 8, not the spec's default of 1."""
+    from kubetune.estimator import estimate
+    from kubetune.plan import plan_from_spec
+
+    spec = copy.deepcopy(SPEC)
+    spec["method"] = {"type": "full"}
+    spec["training"] = {"maxSteps": 10, "microBatchSize": 2, "effectiveBatchSize": 16}
+    o = observe(spec)
+    st = reconcile(o, T0).status
+    assert st.placement.gradient_accumulation_steps == 8
+    with_ga = estimate(o.arch, plan_from_spec(o.spec, gradient_accumulation_steps=8)).total_bytes
+    without = estimate(o.arch, plan_from_spec(o.spec)).total_bytes
+    print(f"\nfull, micro batch 2: {with_ga / 2**30:.2f} GiB with 8 accumulation steps, {without / 2**30:.2f} without")
+    assert st.estimate.per_gpu_bytes == with_ga > without
+
+
 def test_too_big_is_unschedulable_with_fit_advice():
     spec = copy.deepcopy(SPEC)
     spec["model"]["uri"] = "hf://meta-llama/Llama-3.1-70B"

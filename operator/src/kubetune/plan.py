@@ -6,6 +6,7 @@ trainer default changes, it changes here, and both follow. Pure Python: no torch
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -59,6 +60,28 @@ def resolve_sharding(spec: FineTuneJobSpec, num_processes: int) -> Literal["none
     # Full and freeze fine-tuning hold whole model states per GPU under DDP; sharding them is what
     # makes multi-GPU worth it. Adapters are small, so DDP's simplicity wins.
     return "fsdp" if spec.method.type in ("full", "freeze") else "ddp"
+
+
+# `auto` picks at most this micro batch: past it a GPU is saturated and throughput stops improving,
+# while activation memory keeps growing.
+AUTO_BATCH_MAX = 64
+
+
+def auto_micro_batch_cap(spec: FineTuneJobSpec) -> int:
+    """The largest micro batch `auto` may pick: the effective batch per GPU (beyond it the optimizer
+    step would take more examples than asked for), and at most AUTO_BATCH_MAX."""
+    t = spec.training
+    if t.effective_batch_size:
+        return max(1, min(AUTO_BATCH_MAX, t.effective_batch_size // max(1, spec.resources.total_gpus)))
+    return AUTO_BATCH_MAX
+
+
+def accumulation_steps(spec: FineTuneJobSpec, micro_batch_size: int, num_processes: int) -> int:
+    """Gradient accumulation: enough micro batches for training.effectiveBatchSize when it is set."""
+    t = spec.training
+    if t.effective_batch_size:
+        return max(1, math.ceil(t.effective_batch_size / (micro_batch_size * num_processes)))
+    return t.gradient_accumulation_steps
 
 
 def plan_from_spec(

@@ -23,10 +23,10 @@ from kubetune.api.base import quantity_to_float
 from kubetune.api.v1alpha1 import FineTuneJobSpec, Toleration
 from kubetune.controller.fleet import GPU_RESOURCE, FleetNode, GpuSlot, Taint
 from kubetune.estimator.advice import DEFAULT_MARGIN
+from kubetune.plan import auto_micro_batch_cap
 
 MiB = 2**20
 GiB = 2**30
-AUTO_BATCH_MAX = 64
 
 
 def required_bytes(estimate: int) -> int:
@@ -108,9 +108,7 @@ def place(
                          micro_batch_size=1 if auto else int(t.micro_batch_size),
                          estimate_bytes=price(1 if auto else int(t.micro_batch_size)))
 
-    cap_auto = AUTO_BATCH_MAX
-    if auto and t.effective_batch_size:
-        cap_auto = max(1, min(AUTO_BATCH_MAX, t.effective_batch_size // max(1, r.total_gpus)))
+    cap_auto = auto_micro_batch_cap(spec)
 
     sizes = sorted({s.memory_mib for _, s in usable})
     min_mbs = 1 if auto else int(t.micro_batch_size)

@@ -14,7 +14,6 @@ applies at once: pods go, checkpoints stay, and unsuspending resumes from the ne
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -92,14 +91,20 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     from kubetune.estimator import fit_advice, max_micro_batch
     from kubetune.estimator.disk import work_dir_bytes
     from kubetune.estimator.host import whole_model_in_host
-    from kubetune.plan import plan_from_spec
+    from kubetune.plan import accumulation_steps, plan_from_spec
 
     if run_overrides:
         spec = apply_overrides(spec, run_overrides)
     nproc = max(1, spec.resources.total_gpus)
 
+    def ga_for(mbs: int) -> int:
+        if run_overrides and "gradientAccumulationSteps" in run_overrides:
+            return run_overrides["gradientAccumulationSteps"]
+        return accumulation_steps(spec, mbs, nproc)
+
+    # priced with the accumulation it will run with: accumulated gradients live through the forward
     def plan_for(mbs: int):
-        return plan_from_spec(spec, micro_batch_size=mbs, num_processes=nproc)
+        return plan_from_spec(spec, micro_batch_size=mbs, gradient_accumulation_steps=ga_for(mbs), num_processes=nproc)
 
     def price(mbs: int) -> int:
         return estimate_fn(arch, plan_for(mbs)).total_bytes
@@ -114,13 +119,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         sizes = sorted({s.memory_mib for n in fleet for s in n.slots if not s.is_mig}) or [81920]
         advice = [_advice_line(a, spec) for a in fit_advice(arch, plan_for(mbs), [m * 2**20 for m in sizes])][:5]
         return Decision(p, est, None, advice)
-    t = spec.training
-    if t.effective_batch_size:
-        ga = max(1, math.ceil(t.effective_batch_size / (mbs * nproc)))
-    else:
-        ga = t.gradient_accumulation_steps
-    if run_overrides and "gradientAccumulationSteps" in run_overrides:
-        ga = run_overrides["gradientAccumulationSteps"]
+    ga = ga_for(mbs)
     plan = plan_for(mbs)
     resolved = Resolved(
         micro_batch_size=mbs,

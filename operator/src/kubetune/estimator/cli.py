@@ -319,14 +319,19 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
             source: str, spec=None) -> dict:
     from kubetune.estimator.advice import fit_advice, fits, max_micro_batch
     from kubetune.estimator.memory import GIB, estimate
+    from kubetune.plan import accumulation_steps, auto_micro_batch_cap
 
     auto_table = {}
     if auto:
-        auto_table = {n: max_micro_batch(arch, plan, b, margin) for n, b in sizes}
+        # a job's auto picks what the operator would: capped by its effective batch per GPU
+        limit = {"limit": auto_micro_batch_cap(spec)} if spec is not None else {}
+        auto_table = {n: max_micro_batch(arch, plan, b, margin, **limit) for n, b in sizes}
         best = [v for v in auto_table.values() if v > 0]
         if best:  # price the largest micro batch that fits the smallest GPU that takes one
             first = next(n for n, b in sizes if auto_table[n] > 0)
             plan = plan.with_(micro_batch_size=auto_table[first])
+    if spec is not None:
+        plan = plan.with_(gradient_accumulation_steps=accumulation_steps(spec, plan.micro_batch_size, plan.num_processes))
     est = estimate(arch, plan)
     fit = {n: fits(est, b, margin) for n, b in sizes}
     advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin)
