@@ -398,8 +398,9 @@ class Uploader:
             if not committed:
                 with self._cv:
                     self.superseded.append(job.step)
+                when = "while it failed" if attempt else "before its upload started"
                 self.log(f"checkpoint {ckpt_name(job.step)} upload is abandoned: newer checkpoints superseded it "
-                         f"while it failed (retention would delete it once they commit)")
+                         f"{when} (retention would delete it once they commit)")
                 if self.on_drop:
                     self.on_drop(job.step)
             if committed:
