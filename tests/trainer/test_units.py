@@ -143,16 +143,19 @@ def test_a_directory_of_parquet_and_jsonl_is_read_whole(tmp_path):
     assert len(recs) == 5
 
 
-def test_a_hub_datasets_train_split_is_what_trains():
-    assert dt.train_split(["data/test-00000-of-00001.parquet", "data/train-00000-of-00002.parquet",
-                           "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet"]) == [
-        "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
-    assert dt.train_split(["train.jsonl", "test.jsonl"]) == ["train.jsonl"]
-    assert dt.train_split(["train/part-0.parquet", "eval/part-0.parquet"]) == ["train/part-0.parquet"]
-    assert dt.train_split(["sft/Training_set.jsonl", "sft/test.jsonl"]) == ["sft/Training_set.jsonl"]
-    # no split named: everything (and a name that merely contains "train" is not a split)
-    assert dt.train_split(["alpaca_data.jsonl", "extra.parquet"]) == ["alpaca_data.jsonl", "extra.parquet"]
-    assert dt.train_split(["constrained.jsonl", "more.jsonl"]) == ["constrained.jsonl", "more.jsonl"]
+def test_a_hub_datasets_splits_are_picked_by_their_file_names():
+    hub = ["data/test-00000-of-00001.parquet", "data/train-00000-of-00002.parquet",
+           "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet"]
+    assert dt.pick_split(hub, "train") == ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]
+    assert dt.pick_split(hub, "validation") == ["data/validation-00000-of-00001.parquet"]
+    assert dt.pick_split(["train.jsonl", "test.jsonl"], "train") == ["train.jsonl"]
+    assert dt.pick_split(["train.jsonl", "test.jsonl"], "validation") == ["test.jsonl"]  # no validation split: test
+    assert dt.pick_split(["train/part-0.parquet", "eval/part-0.parquet"], "train") == ["train/part-0.parquet"]
+    assert dt.pick_split(["sft/Training_set.jsonl", "sft/dev.jsonl"], "validation") == ["sft/dev.jsonl"]
+    # no split named: everything (and a name that merely contains one is not a split)
+    plain = ["alpaca_data.jsonl", "extra.parquet"]
+    assert dt.pick_split(plain, "train") == plain and dt.pick_split(plain, "validation") == plain
+    assert dt.pick_split(["constrained.jsonl", "retest.jsonl"], "train") == ["constrained.jsonl", "retest.jsonl"]
 
 
 def test_alpaca_loss_counts_only_the_response(model_dir):

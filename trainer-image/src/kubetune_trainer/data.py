@@ -70,12 +70,14 @@ class DataStats:
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
 
-def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print) -> list[tuple[str, Path]]:
-    """(display name, local path) of every .jsonl or .parquet file a dataset URI names: a file or a prefix."""
+def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] = print,
+                  split: str = "train") -> list[tuple[str, Path]]:
+    """(display name, local path) of every .jsonl or .parquet file a dataset URI names: a file or a
+    prefix. ``split`` (train or validation) picks files from an hf:// dataset whose names mark splits."""
     from kubetune_trainer import storage as st
 
     if uri.startswith("hf://"):
-        return _hf_dataset_files(uri, work_dir, log)
+        return _hf_dataset_files(uri, work_dir, log, split)
     local = st.local_path_of(uri)
     if local is not None:
         if local.is_file():
@@ -102,7 +104,7 @@ def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] 
     return [(f"{uri.rstrip('/')}/{p.relative_to(dest).as_posix()}", p) for p in sorted(paths)]
 
 
-def _hf_dataset_files(uri: str, work_dir: Path, log: Callable[[str], None] = print) -> list[tuple[str, Path]]:
+def _hf_dataset_files(uri: str, work_dir: Path, log: Callable[[str], None], split: str) -> list[tuple[str, Path]]:
     repo, _, rev = uri[len("hf://"):].partition("@")
     try:
         from huggingface_hub import snapshot_download
@@ -116,22 +118,30 @@ def _hf_dataset_files(uri: str, work_dir: Path, log: Callable[[str], None] = pri
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.name.endswith(DATA_SUFFIXES))
     if not files:
         raise BadData(f"{uri}: the dataset has no .jsonl or .parquet files")
-    train = train_split(files)
-    if len(train) < len(files):
-        log(f"{uri}: training on its train split ({len(train)} of {len(files)} files); set dataset.validationUri "
-            "to use another split for evaluation")
-    return [(f"{uri}/{f}", path / f) for f in train]
+    picked = pick_split(files, split)
+    if len(picked) < len(files):
+        log(f"{uri}: reading {len(picked)} of its {len(files)} files as the {split} split: {', '.join(picked[:4])}"
+            + (" ..." if len(picked) > 4 else ""))
+    return [(f"{uri}/{f}", path / f) for f in picked]
 
 
-_TRAIN = re.compile(r"(^|/)(train|training)([-._ 0-9/]|$)")
+# A Hub dataset's split is in its file or folder names (the datasets library's convention):
+# train.jsonl, data/train-00000-of-00001.parquet, validation/part-0.parquet.
+SPLIT_NAMES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+               "test": ("test", "testing", "eval", "evaluation")}
 
 
-def train_split(files: list[str]) -> list[str]:
-    """The train split's files, by the Hub's naming (train.jsonl, data/train-00000-of-00001.parquet,
-    train/part-0.parquet); all of them when none is named so. A repository's test split must not
-    be trained on."""
-    train = [f for f in files if _TRAIN.search(f.lower())]
-    return train or files
+def _named(files: list[str], names: tuple[str, ...]) -> list[str]:
+    rx = re.compile(r"(^|/)(" + "|".join(names) + r")([-._ 0-9/]|$)")
+    return [f for f in files if rx.search(f.lower())]
+
+
+def pick_split(files: list[str], split: str) -> list[str]:
+    """The files of one split: train (a repository's test split must not be trained on), or for
+    validation its validation split, else its test split; all files when none is named so."""
+    if split == "train":
+        return _named(files, SPLIT_NAMES["train"]) or files
+    return _named(files, SPLIT_NAMES["validation"]) or _named(files, SPLIT_NAMES["test"]) or files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,7 +304,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     val_ex: list[dt.Example] = []
     if ds.validation_uri:
         vstats = dt.DataStats()
-        vfiles = _on_local_main(accelerator, lambda: dt.resolve_files(ds.validation_uri, spec.storage, work, log))
+        vfiles = _on_local_main(accelerator, lambda: dt.resolve_files(ds.validation_uri, spec.storage, work, log,
+                                                                       split="validation"))
         vrecords, vfmt = dt.read_records(vfiles, ds.format if ds.format != "auto" else fmt, ds.on_bad_line, vstats)
         val_ex = dt.tokenize_all(vrecords, tokenizer, vfmt, ds.max_seq_length, vstats)
         stats.skipped_lines += vstats.skipped_lines

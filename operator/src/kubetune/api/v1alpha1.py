@@ -141,7 +141,8 @@ class Dataset(KModel):
         "the loss.",
     )
     validation_uri: str | None = Field(
-        None, description=f"Separate validation data, same formats: {URI_HELP}.", pattern=DATA_URI, max_length=1024
+        None, description="Separate validation data, same formats (an hf:// dataset: its validation split, else its "
+        f"test split, when its files name them): {URI_HELP}.", pattern=DATA_URI, max_length=1024
     )
     validation_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training data held out for validation (e.g. 0.05)."
