@@ -321,6 +321,12 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     from kubetune.estimator.memory import GIB, estimate
     from kubetune.plan import accumulation_steps, auto_micro_batch_cap
 
+    def as_run(p):  # a job is priced as the operator prices it: with the accumulation it will run
+        if spec is None:
+            return p
+        return p.with_(gradient_accumulation_steps=accumulation_steps(spec, p.micro_batch_size, p.num_processes))
+
+    plan = as_run(plan)
     auto_table = {}
     if auto:
         # a job's auto picks what the operator would: capped by its effective batch per GPU
@@ -329,9 +335,7 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         best = [v for v in auto_table.values() if v > 0]
         if best:  # price the largest micro batch that fits the smallest GPU that takes one
             first = next(n for n, b in sizes if auto_table[n] > 0)
-            plan = plan.with_(micro_batch_size=auto_table[first])
-    if spec is not None:
-        plan = plan.with_(gradient_accumulation_steps=accumulation_steps(spec, plan.micro_batch_size, plan.num_processes))
+            plan = as_run(plan.with_(micro_batch_size=auto_table[first]))
     est = estimate(arch, plan)
     fit = {n: fits(est, b, margin) for n, b in sizes}
     advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin)
