@@ -245,3 +245,40 @@ def test_a_jobs_auto_micro_batch_is_what_the_operator_would_pick(capsys):
     d = d[0] if isinstance(d, list) else d
     assert rc == 0 and set(d["max_micro_batch"].values()) == {32}
     assert "micro batch 32 x 1024 tokens |" in d["plan"]
+
+
+ACCUMULATING = textwrap.dedent("""\
+    apiVersion: kubetune.io/v1alpha1
+    kind: FineTuneJob
+    metadata: {name: accumulating}
+    spec:
+      model: {uri: hf://Qwen/Qwen2.5-0.5B}
+      dataset: {uri: s3://data/train.jsonl, maxSeqLength: 1024}
+      method: {type: full}
+      training: {maxSteps: 10, microBatchSize: 2, effectiveBatchSize: 16}
+      checkpoints: {uri: s3://ckpt/}
+""")
+
+
+@pytest.mark.parametrize("name", ["full-1b", "lora-8b", "multi-gpu-70b", "too-big", "accumulating"])
+def test_estimate_f_prices_a_job_as_the_operator_does(name, capsys, tmp_path):
+    """`kubetune estimate -f` and the operator's status estimate are one rule: the same bytes for a job
+    with a fixed micro batch, its effectiveBatchSize turned into the same accumulation (accumulating:
+    8 steps, whose gradients live through the forward of a full fine-tune)."""
+    from kubetune.api.validation import load_jobs
+    from kubetune.controller.fleet import read_fleet
+    from kubetune.controller.reconcile import decide
+    from kubetune.devenv.fleet import manifests
+    from kubetune.estimator import resolve_architecture
+
+    path = REPO / "examples" / f"{name}.yaml"
+    if name == "accumulating":
+        path = tmp_path / "job.yaml"
+        path.write_text(ACCUMULATING)
+    rc, out, _ = run(capsys, "-f", str(path), "--json")
+    d = json.loads(out)
+    d = d[0] if isinstance(d, list) else d
+    spec = load_jobs(path)[0].spec
+    nodes = [dict(n, status={**n["status"], "conditions": [{"type": "Ready", "status": "True"}]}) for n in manifests()]
+    got = decide(spec, resolve_architecture(spec.model), read_fleet(nodes, []))
+    assert rc == 0 and d["total_bytes"] == got.estimate.total_bytes, (d["plan"], got.estimate.total_bytes)
