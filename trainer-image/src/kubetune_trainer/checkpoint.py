@@ -53,11 +53,27 @@ def _dcp_options(distributed: bool, **kw):
 
 def full_state_dicts(model, optimizer, accelerator, *, trainable_only: bool) -> tuple[dict, dict | None]:
     """The model's (and optimizer's) whole state on process 0, on CPU; empty dicts elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, get_state_dict,
+    )
 
     # FSDP1's full state dict exists on rank 0 only, yet torch then drops the frozen keys on every
     # rank (a KeyError on the others): drop them from the sharded dicts, then gather what is left.
     fsdp = accelerator.distributed_type.value == "FSDP"
+    if trainable_only and not fsdp:
+        # Unsharded, the trainable state is the trainable parameters, named as torch's state-dict
+        # helpers name them (no DDP or compile prefix). Those helpers would also resolve every key of
+        # the whole state dict as an attribute path, which bitsandbytes' 8-bit layers break
+        # ("...base_layer.SCB": the scale lives on the weight, not the layer).
+        if accelerator.num_processes > 1 and not accelerator.is_main_process:
+            msd = {}
+        else:
+            unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+            msd = {n: p.detach() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        osd = None
+        if optimizer is not None:
+            osd = get_optimizer_state_dict(model, optimizer, options=_dcp_options(accelerator.num_processes > 1))
+        return msd, osd
     if fsdp:
         opts = StateDictOptions(full_state_dict=False, ignore_frozen_params=trainable_only)
     else:

@@ -186,7 +186,9 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     kw: dict = dict(dtype=weight_dtype, attn_implementation="sdpa", trust_remote_code=trust)
 
     if plan.method == "qlora":
-        if not on_cuda:
+        # Test knob: bitsandbytes has CPU kernels now, slow but real, so CPU tests can drive the
+        # QLoRA path (quantized load, adapters on Linear4bit, checkpoints, merge). Users get the error.
+        if not on_cuda and os.environ.get("KUBETUNE_DEBUG_QLORA_ON_CPU") != "1":
             raise BadConfig("method.type qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this trainer runs on CPU. "
                             "Use method.type lora, or give the job resources.gpusPerNode >= 1")
         from transformers import BitsAndBytesConfig
@@ -201,7 +203,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
                                    bnb_4bit_quant_storage=storage)
         else:
             q = BitsAndBytesConfig(load_in_8bit=True)
-        kw.update(quantization_config=q, device_map={"": device.index or 0})
+        kw.update(quantization_config=q, device_map={"": device.index or 0} if on_cuda else {"": "cpu"})
     elif place == "device":
         # Straight onto this process's device, tensor by tensor. Read into host memory first, every
         # process of a node would hold the whole model there at once (DDP on 8 GPUs, an 8B model:
@@ -240,6 +242,13 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         detail = "; ".join(found) if found else _short(e)
         raise ModelLoadFailed(f"cannot load the model from {spec.model.uri}: {detail}") from None
     model.config.use_cache = False
+    if plan.method == "qlora" and not on_cuda:
+        # bitsandbytes repacks a CPU Linear4bit for inference the first time it runs in eval mode (our
+        # evaluations), and its matmul on the repacked weight has no backward: later training steps
+        # would stop propagating gradients through the base weights.
+        for mod in model.modules():
+            if hasattr(mod, "support_avx512bf16_for_cpu"):
+                mod.support_avx512bf16_for_cpu = False
 
     for p in model.parameters():
         p.requires_grad_(False)
