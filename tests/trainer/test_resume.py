@@ -221,6 +221,41 @@ def test_resume_from_continues_another_runs_checkpoint_in_a_new_run(tmp_path, mo
         "run's 10 steps; raise spec.training.maxSteps (or epochs) above 12")
 
 
+def test_a_compiled_run_continues_an_eager_runs_checkpoint(tmp_path, model_dir, data):
+    """KUBETUNE_COMPILE=1 (a speed lever of the GPU benchmark) wraps the model in torch.compile: its
+    checkpoints must hold the same keys as an eager run's (no _orig_mod. prefix), so either can
+    resume the other, and it must train the same. Inductor compiles for CPU here (gcc). Dropout off:
+    compiled dropout draws from inductor's own RNG."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def cfg_for(store):
+        cfg = config(tmp_path, model_dir, data, store)
+        cfg["spec"]["method"]["lora"]["dropout"] = 0.0
+        cfg["spec"]["training"]["maxSteps"] = 12
+        cfg["spec"]["checkpoints"]["keep"] = 5
+        return cfg
+
+    eager = TrainerProc(cfg_for(tmp_path / "eager"), tmp_path / "eager.yaml")
+    assert eager.wait(300) == 0, eager.stderr[-3000:]
+    (tmp_path / "compiled" / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "eager" / "ckpt" / "checkpoint-00000008", tmp_path / "compiled" / "ckpt" / "checkpoint-00000008")
+    compiled = TrainerProc(cfg_for(tmp_path / "compiled"), tmp_path / "compiled.yaml", env={"KUBETUNE_COMPILE": "1"})
+    assert compiled.wait(600) == 0, compiled.stderr[-3000:]
+    assert compiled.events_of("load")[0]["compiled"] is True and eager.events_of("load")[0]["compiled"] is False
+    assert compiled.events_of("resumed")[0]["step"] == 8
+    got, want = compiled.losses(), eager.losses()
+    assert sorted(got) == [9, 10, 11, 12]
+    worst = max(abs(got[s] - want[s]) for s in got)
+    print(f"\ncompiled run resumed from the eager run's step 8: max |dloss| over steps 9-12 = {worst:.3g}")
+    assert worst < 1e-4, (got, want)
+    for f in ("ckpt/checkpoint-00000012/model.safetensors", "out/adapter/adapter_model.safetensors"):
+        a, b = load_file(str(tmp_path / "eager" / f)), load_file(str(tmp_path / "compiled" / f))
+        assert a.keys() == b.keys() and len(a) == 28, sorted(b)[:3]
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
 def _schedule(name, lr, warmup, total):
     """The learning rate after each step of a fresh run with this schedule."""
     import torch

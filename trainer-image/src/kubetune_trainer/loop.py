@@ -340,8 +340,9 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     if accelerator.distributed_type.value == "FSDP" and (policy := fsdp_wrap_policy(model, plan.method)) is not None:
         accelerator.state.fsdp_plugin.auto_wrap_policy = policy
     model = accelerator.prepare(model)
-    log_event("load", place=place, materializedBytes=loaded, peakRssMiB=_peak_rss_mib())
-    if os.environ.get("KUBETUNE_COMPILE") == "1":
+    compiled = os.environ.get("KUBETUNE_COMPILE") == "1"
+    log_event("load", place=place, materializedBytes=loaded, peakRssMiB=_peak_rss_mib(), compiled=compiled)
+    if compiled:
         model = torch.compile(model)
     optimizer = accelerator.prepare(build_optimizer(model, plan, t, device))
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
