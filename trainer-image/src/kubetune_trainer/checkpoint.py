@@ -85,6 +85,16 @@ def full_state_dicts(model, optimizer, accelerator, *, trainable_only: bool) -> 
     if fsdp:
         from torch.distributed._state_dict_utils import _gather_state_dict
 
+        if trainable_only:
+            # FSDP's dict also carries state that is not a parameter, which ignore_frozen_params keeps:
+            # a 4-bit base's quantization constants (...base_layer.weight.absmax). Only what trains
+            # belongs in a checkpoint or an adapter.
+            from torch.distributed.fsdp._common_utils import clean_tensor_name
+
+            keep = {clean_tensor_name(n) for n, p in model.named_parameters() if p.requires_grad}
+            if missing := keep - msd.keys():
+                raise RuntimeError(f"trainable parameters missing from the state dict: {sorted(missing)[:3]}")
+            msd = {k: v for k, v in msd.items() if k in keep}
         msd = _gather_state_dict(msd, cpu_offload=True, ranks_only=(0,))
         osd = _gather_state_dict(osd, cpu_offload=True, ranks_only=(0,)) if osd is not None else None
     return msd, osd

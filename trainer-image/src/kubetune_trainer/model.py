@@ -196,8 +196,9 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         compute = DTYPES[plan.compute_dtype] if plan.compute_dtype != "fp32" else torch.bfloat16
         if plan.quant_bits == 4:
             # FSDP flattens a block's packed 4-bit weights with its norms into one tensor of one dtype:
-            # stored as the compute dtype (same bytes), they can be (the FSDP-QLoRA recipe).
-            storage = compute if plan.sharding == "fsdp" else torch.uint8
+            # stored as the norms' dtype (same bytes; on a GPU the compute dtype), they can be (the
+            # FSDP-QLoRA recipe).
+            storage = weight_dtype if plan.sharding == "fsdp" else torch.uint8
             q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=plan.quant_type or "nf4",
                                    bnb_4bit_use_double_quant=plan.double_quant, bnb_4bit_compute_dtype=compute,
                                    bnb_4bit_quant_storage=storage)
