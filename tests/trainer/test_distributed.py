@@ -254,7 +254,7 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
     FSDP over gloo, which it otherwise does only on GPUs. Two FSDP processes train like one process
     with 2 accumulation steps (to FSDP's reduce-scatter rounding), and a kill -9 midway changes no
     loss of the FSDP run (within 1e-4, the resume criterion). QLoRA runs on bitsandbytes' CPU kernels
-    (KUBETUNE_DEBUG_QLORA_ON_CPU): the FSDP-QLoRA path, 4-bit weights flattened with the norms."""
+    (KUBETUNE_DEBUG_BNB_ON_CPU): the FSDP-QLoRA path, 4-bit weights flattened with the norms."""
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
     steps = 12
 
@@ -273,7 +273,7 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
                                     "evalSteps": 6, "sharding": "fsdp" if n > 1 else "auto"}
         return cfg
 
-    knob = {"KUBETUNE_DEBUG_QLORA_ON_CPU": "1"} if method == "qlora" else {}
+    knob = {"KUBETUNE_DEBUG_BNB_ON_CPU": "1"} if method == "qlora" else {}
 
     def fsdp(store, **env):
         return TrainerProc(cfg_for(store, 2), store.with_suffix(".yaml"), env={

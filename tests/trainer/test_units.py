@@ -438,6 +438,20 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, model_dir):
         build_model(plan_for(cfg), cfg.spec, model_dir, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-8bit"])
+def test_an_8bit_optimizer_on_cpu_is_a_clear_error(tmp_path, model_dir, optimizer):
+    from kubetune_trainer.config import plan_for
+    from kubetune_trainer.loop import build_optimizer
+
+    raw = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", training={"optimizer": optimizer})
+    cfg = parse_config(raw)
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(BadConfig) as e:
+        build_optimizer(model, plan_for(cfg), cfg.spec.training, torch.device("cpu"))
+    assert str(e.value) == (f"training.optimizer {optimizer} is bitsandbytes 8-bit AdamW and needs a CUDA GPU; "
+                            "use optimizer adamw on CPU")
+
+
 def _broken_copy(src, dst, config=None, drop=(), truncate=None):
     import shutil
 

@@ -168,7 +168,7 @@ def build_optimizer(model, plan, training, device):
     if plan.optimizer == "adamw":
         fused = device.type == "cuda" and os.environ.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1"
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True if fused else None)
-    if device.type != "cuda":
+    if device.type != "cuda" and os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") != "1":  # test knob, as for qlora
         raise BadConfig(f"training.optimizer {plan.optimizer} is bitsandbytes 8-bit AdamW and needs a CUDA GPU; "
                         "use optimizer adamw on CPU")
     import bitsandbytes as bnb

@@ -188,7 +188,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     if plan.method == "qlora":
         # Test knob: bitsandbytes has CPU kernels now, slow but real, so CPU tests can drive the
         # QLoRA path (quantized load, adapters on Linear4bit, checkpoints, merge). Users get the error.
-        if not on_cuda and os.environ.get("KUBETUNE_DEBUG_QLORA_ON_CPU") != "1":
+        if not on_cuda and os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") != "1":
             raise BadConfig("method.type qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this trainer runs on CPU. "
                             "Use method.type lora, or give the job resources.gpusPerNode >= 1")
         from transformers import BitsAndBytesConfig

@@ -1,7 +1,8 @@
-"""QLoRA for real on CPU. bitsandbytes has CPU kernels (slow, real): with the test knob
-KUBETUNE_DEBUG_QLORA_ON_CPU=1 the trainer loads the base quantized and trains adapters over it, so
-the QLoRA path (quantized load, checkpoints, resume, outputs, merge) runs here, not first on a GPU.
-Users still get the clear error on CPU (test_units.test_qlora_on_cpu_is_a_clear_error)."""
+"""QLoRA and the 8-bit optimizers for real on CPU. bitsandbytes has CPU kernels (slow, real): with
+the test knob KUBETUNE_DEBUG_BNB_ON_CPU=1 the trainer loads the base quantized and trains adapters
+over it, or keeps 8-bit optimizer states, so those paths (quantized load, checkpoints, resume,
+outputs, merge) run here, not first on a GPU. Users still get the clear errors on CPU
+(test_units.test_qlora_on_cpu_is_a_clear_error)."""
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from proc import TrainerProc
 
 pytestmark = pytest.mark.slow
 
-KNOB = {"KUBETUNE_DEBUG_QLORA_ON_CPU": "1"}
+KNOB = {"KUBETUNE_DEBUG_BNB_ON_CPU": "1"}
 STEPS = 16
 
 
@@ -126,3 +127,38 @@ def test_qlora_resumes_exactly_after_kill9(tmp_path, model_dir, data):
 def _yaml(tmp_path, name):
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     return tmp_path / name / "config.yaml"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-8bit", "paged-adamw-8bit"])
+def test_8bit_optimizer_states_resume_exactly_after_kill9(tmp_path, model_dir, data, optimizer):
+    """bitsandbytes' 8-bit AdamW (block-quantized states, with absmax and qmap tensors of their own)
+    through the checkpoint: full fine-tuning, so the blocks' matrices (>= 4,096 elements) get 8-bit
+    states. Paged falls back to unpaged on CPU, but goes through its own class."""
+    import torch
+
+    def cfg_for(store):
+        cfg = config(tmp_path / store, model_dir, data, store=tmp_path / store,
+                     training={"optimizer": optimizer, "learningRate": 3e-3})
+        cfg["spec"]["method"] = {"type": "full"}
+        return cfg
+
+    ref = TrainerProc(cfg_for("ref"), _yaml(tmp_path, "ref"), env=KNOB)
+    finished(ref)
+    first = TrainerProc(cfg_for("run"), _yaml(tmp_path, "run"), env={**KNOB, "KUBETUNE_DEBUG_STEP_SLEEP": "0.3"})
+    first.wait_for(lambda e: e.get("event") == "log" and "checkpoint-00000008 committed" in e.get("message", ""), 300)
+    first.wait_for(lambda e: e.get("event") == "step" and e["step"] >= 10, 60)
+    first.kill9()
+    second = TrainerProc(cfg_for("run"), _yaml(tmp_path, "run"), env=KNOB)
+    finished(second)
+    assert second.events_of("resumed")[0]["step"] == 8
+    got, expected = {**first.losses(), **second.losses()}, ref.losses()
+    worst = max(abs(got[s] - expected[s]) for s in expected)
+    print(f"\nfull + {optimizer}, kill -9 resumed from 8: max |dloss| over {STEPS} steps = {worst:.3g}; "
+          f"loss {expected[1]:.3f} -> {expected[STEPS]:.3f}")
+    assert worst < 1e-4 and expected[STEPS] < expected[1] - 1.0
+    osd = torch.load(tmp_path / "run" / "ckpt" / "checkpoint-00000016" / "optimizer.pt", weights_only=False)
+    # the states really are 8-bit where bitsandbytes quantizes them: tensors of >= 4,096 elements
+    # (embeddings, head, q/o and the MLP matrices of both blocks), saved in its own nested form
+    states = {k: {**st, **st.get("__bnb_optimizer_quant_state__", {})} for k, st in osd["state"].items()}
+    eight_bit = {k for k, st in states.items() if st["state1"].dtype == torch.uint8 and st["state2"].dtype == torch.uint8}
+    assert len(eight_bit) == 12 and "model.layers.1.mlp.down_proj.weight" in eight_bit, sorted(eight_bit)
