@@ -452,6 +452,31 @@ def test_an_8bit_optimizer_on_cpu_is_a_clear_error(tmp_path, model_dir, optimize
                             "use optimizer adamw on CPU")
 
 
+def test_the_fp16_loss_scale_survives_a_checkpoint(tmp_path):
+    """accelerate keeps fp16's GradScaler only on accelerators, so it is put on a CPU accelerator here
+    (a real one): a restart must come back at the saved scale, not at 65536 (which would skip
+    overflowing steps all over again)."""
+    from accelerate import Accelerator
+
+    from kubetune_trainer import checkpoint as ck
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model, opt = acc.prepare(model, opt)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+    acc.scaler.scale(torch.tensor(1.0))
+    acc.scaler.update(1024.0)  # where six overflows leave it
+    saved = ck.save_local(tmp_path / "checkpoint-00000003", model=model, optimizer=opt, scheduler=sched,
+                          loop_state={"step": 3}, accelerator=acc)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)  # the restarted process's
+    loop = ck.load_local(saved, model=model, optimizer=opt, scheduler=sched, accelerator=acc)
+    assert loop["step"] == 3 and acc.scaler.get_scale() == 1024.0
+    acc.scaler = None  # bf16 and fp32 runs have none: the same checkpoint loads without one
+    assert ck.load_local(saved, model=model, optimizer=opt, scheduler=sched, accelerator=acc)["step"] == 3
+
+
 def _broken_copy(src, dst, config=None, drop=(), truncate=None):
     import shutil
 

@@ -151,7 +151,10 @@ def save_local(
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in msd.items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         torch.save(osd, tmp / "optimizer.pt")
-        torch.save({"scheduler": scheduler.state_dict(), "loop": loop_state}, tmp / "state.pt")
+        # fp16's loss scale too: restarted at its initial 65536, a run that had halved it would skip
+        # steps on overflow until it got back down
+        scaler = accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None
+        torch.save({"scheduler": scheduler.state_dict(), "loop": loop_state, "scaler": scaler}, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(loop_state, indent=1, default=str))
         if adapter_model is not None:
             save_adapter(adapter_model, tmp / "adapter", tensors)
@@ -192,6 +195,8 @@ def load_local(ckpt_dir: Path, *, model, optimizer, scheduler, accelerator) -> d
                    options=_dcp_options(distributed, strict=False))
     st = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
     scheduler.load_state_dict(st["scheduler"])
+    if st.get("scaler") and getattr(accelerator, "scaler", None) is not None:
+        accelerator.scaler.load_state_dict(st["scaler"])
     rng_file = ckpt_dir / f"rng_state_{accelerator.process_index}.pt"
     if not rng_file.exists():
         rng_file = ckpt_dir / "rng_state_0.pt"

@@ -29,7 +29,7 @@ from kubetune_trainer import storage as st
 from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
 from kubetune_trainer.model import (LossHead, build_model, check_model_dir, count_params, load_tokenizer, loading_place,
-                                   materialized_bytes, resolve_model_dir)
+                                   materialized_bytes, plan_dtypes_on, resolve_model_dir)
 from kubetune_trainer.progress import Metrics, ProgressReporter, log_event, logger
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
@@ -98,7 +98,7 @@ def make_accelerator(plan):
 
     on_cuda = torch.cuda.is_available()
     mp = "no"
-    if on_cuda and plan.compute_dtype != "fp32":
+    if plan_dtypes_on("cuda" if on_cuda else "cpu") and plan.compute_dtype != "fp32":
         mp = "bf16" if plan.compute_dtype == "bf16" else "fp16"
     kwargs: dict = {"mixed_precision": mp, "cpu": not on_cuda}
     if plan.sharding == "fsdp":
@@ -531,8 +531,9 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
             eta = int((now - run_start) / done * (total_steps - step)) if done else None
             epoch = sched.epoch_of(step * ga)
             lr = scheduler.get_last_lr()[0]
+            scale = {"lossScale": accelerator.scaler.get_scale()} if accelerator.scaler is not None else {}
             log_event("step", step=step, totalSteps=total_steps, loss=step_loss, lr=lr, epoch=round(epoch, 4),
-                      tokensPerSecond=round(tps, 1), gradNorm=float(grad_norm) if grad_norm is not None else None)
+                      tokensPerSecond=round(tps, 1), gradNorm=float(grad_norm) if grad_norm is not None else None, **scale)
             reporter.update(step=step, loss=step_loss, epoch=round(epoch, 4), tokens_per_second=round(tps, 1), eta_seconds=eta)
             mem = peak_device_memory() if device.type == "cuda" else None
             if mem is not None:
@@ -646,7 +647,7 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
         from transformers import AutoModelForCausalLM
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype, torch.float32)
-        if not torch.cuda.is_available():
+        if not plan_dtypes_on("cuda" if torch.cuda.is_available() else "cpu"):
             dtype = torch.float32
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=spec.model.trust_remote_code)
         merged = PeftModel.from_pretrained(base, str(out / sub)).merge_and_unload()

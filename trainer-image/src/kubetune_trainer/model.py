@@ -157,6 +157,13 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return best
 
 
+def plan_dtypes_on(device_type: str) -> bool:
+    """Whether the plan's dtypes apply on this device. On CPU the trainer holds and computes
+    everything in fp32 (no fast bf16 there); the test knob KUBETUNE_DEBUG_PRECISION_ON_CPU=1 keeps a
+    GPU's dtypes (bf16 weights, bf16/fp16 autocast) so the CPU tests drive those paths."""
+    return device_type == "cuda" or os.environ.get("KUBETUNE_DEBUG_PRECISION_ON_CPU") == "1"
+
+
 def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
     """Where a process builds its copy of the base model. Under FSDP, loading it whole on every rank
     would need one GPU to hold all of it before sharding (Llama-3.1-70B in bf16: 141 GB on an 80 GB
@@ -181,7 +188,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     from transformers import AutoConfig, AutoModelForCausalLM
 
     on_cuda = device.type == "cuda"
-    weight_dtype = DTYPES[plan.weight_dtype] if on_cuda else torch.float32
+    weight_dtype = DTYPES[plan.weight_dtype] if plan_dtypes_on(device.type) else torch.float32
     trust = spec.model.trust_remote_code
     kw: dict = dict(dtype=weight_dtype, attn_implementation="sdpa", trust_remote_code=trust)
 
@@ -311,7 +318,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         # peft creates the prompt encoder in the default dtype; the plan says adapters are fp32
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.data = p.data.to(DTYPES[plan.adapter_dtype] if on_cuda else torch.float32)
+                p.data = p.data.to(DTYPES[plan.adapter_dtype] if plan_dtypes_on(device.type) else torch.float32)
     return peft_model, model
 
 
