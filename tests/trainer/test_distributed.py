@@ -247,14 +247,19 @@ def test_lora_under_fsdp_wraps_adapters_apart_so_frozen_weights_get_no_gradient(
     assert out["units"] > 2 * 7  # every adapted linear of both blocks is a unit of its own
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full", "freeze", "prompt-tuning", "prefix-tuning"])
-def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, model_dir, method):
+@pytest.mark.parametrize("case", ["lora", "qlora", "full", "freeze", "prompt-tuning", "prefix-tuning",
+                                  "lora+bf16-mixed", "full+bf16-mixed"])
+def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, model_dir, case):
     """The trainer's FSDP paths (the wrap policy, sharded state gathered into checkpoints, resume into
     sharded parameters, outputs) driven on CPU: KUBETUNE_DEBUG_FSDP_ON_CPU makes accelerate wrap with
     FSDP over gloo, which it otherwise does only on GPUs. Two FSDP processes train like one process
     with 2 accumulation steps (to FSDP's reduce-scatter rounding), and a kill -9 midway changes no
     loss of the FSDP run (within 1e-4, the resume criterion). QLoRA runs on bitsandbytes' CPU kernels
-    (KUBETUNE_DEBUG_BNB_ON_CPU): the FSDP-QLoRA path, 4-bit weights flattened with the norms."""
+    (KUBETUNE_DEBUG_BNB_ON_CPU): the FSDP-QLoRA path, 4-bit weights flattened with the norms.
+    "+bf16-mixed": the GPU default's dtypes (KUBETUNE_DEBUG_PRECISION_ON_CPU): a bf16 base with fp32
+    adapters, or an fp32 master copy, under bf16 autocast."""
+    method, _, precision = case.partition("+")
+    rounding = method == "qlora" or precision == "bf16-mixed"  # bf16 matmuls: FSDP's summation order shows
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
     steps = 12
 
@@ -269,11 +274,15 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         elif method == "qlora":
             cfg["spec"]["method"]["type"] = "qlora"
             cfg["spec"]["resources"]["gpusPerNode"] = 1  # the API's rule for qlora; CPU all the same
+        if precision:
+            cfg["spec"]["training"]["precision"] = precision
         cfg["spec"]["training"] |= {"maxSteps": steps, "learningRate": {"lora": 1e-2, "qlora": 1e-2, "prompt-tuning": 0.05, "prefix-tuning": 1e-2}.get(method, 1e-3),
                                     "evalSteps": 6, "sharding": "fsdp" if n > 1 else "auto"}
         return cfg
 
     knob = {"KUBETUNE_DEBUG_BNB_ON_CPU": "1"} if method == "qlora" else {}
+    if precision:
+        knob["KUBETUNE_DEBUG_PRECISION_ON_CPU"] = "1"
 
     def fsdp(store, **env):
         return TrainerProc(cfg_for(store, 2), store.with_suffix(".yaml"), env={
@@ -297,8 +306,8 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         assert loads[1]["place"] == "meta" and loads[1]["materializedBytes"] == 0, loads
     one, two = single.losses(), reference.losses()
     assert sorted(two) == list(range(1, steps + 1)) and two[steps] < two[1] - (0.2 if method in ("prompt-tuning", "prefix-tuning") else 0.5), two
-    # QLoRA's matmuls run in bf16 (its compute dtype), so FSDP's different summation order shows more
-    assert max(abs(two[s] - one[s]) for s in one) < (1e-2 if method == "qlora" else 2e-3), (two, one)
+    # QLoRA's matmuls run in bf16 (its compute dtype), as bf16-mixed's do: FSDP's summation order shows more
+    assert max(abs(two[s] - one[s]) for s in one) < (2e-2 if rounding else 2e-3), (two, one)
 
     store = tmp_path / "fsdp"
     first = fsdp(store, KUBETUNE_DEBUG_STEP_SLEEP="0.3")
@@ -322,8 +331,12 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
     assert ref.keys() == out.keys() == base.keys() and len(out) >= (1 if method in ("prompt-tuning", "prefix-tuning") else 10), out.keys()
     assert max(float((ref[k] - out[k]).abs().max()) for k in ref) < 1e-5
     # Adam turns rounding in near-zero gradients into updates of up to lr: the bound scales with it
-    # (QLoRA's bf16 matmuls round more: 0.013 measured)
     lr = cfg_for(store, 1)["spec"]["training"]["learningRate"]
-    assert max(float((base[k] - out[k]).abs().max()) for k in ref) < max(1e-3, (2.0 if method == "qlora" else 0.3) * lr)
+    if rounding:  # where bf16 rounding compounds through Adam, compare the tensors as a whole
+        rel = max(float((base[k] - out[k]).norm() / out[k].norm().clamp_min(1e-12)) for k in ref if out[k].norm() > 0)
+        print(f"\n{case}: single process vs FSDP, largest relative difference of a trained tensor {rel:.3g}")
+        assert rel < 0.05
+    else:
+        assert max(float((base[k] - out[k]).abs().max()) for k in ref) < max(1e-3, 0.3 * lr)
     if method == "qlora":  # an adapter holds the adapters: a 4-bit base's constants stay out of it
         assert all(".lora_" in k for k in out) and len(out) == 28, sorted(out)[:3]
