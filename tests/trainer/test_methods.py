@@ -1,5 +1,6 @@
 """Train the tiny model for real with each method and check the loss drops."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,22 @@ def test_a_pvc_model_and_dataset_are_read_in_place_and_left_untouched(tmp_path, 
     assert out.result.merged_uri  # the merge reloaded the base from the claim too
     assert snapshot() == before  # nothing written beside the weights or the data (the mount is read-only)
     assert not (tmp_path / "work" / "model").exists() and not (tmp_path / "work" / "data").exists()  # no copies
+
+
+def test_a_hub_dataset_path_trains_on_the_files_it_names(tmp_path, model_dir):
+    """dataset.uri and validationUri as hf://org/name/<glob>, read by the real huggingface_hub client
+    from its cache in the work dir (HF_HUB_OFFLINE: there is no Hub here)."""
+    from proc import TrainerProc
+    from test_units import ULTRA, hub_cache
+
+    cfg = tiny.trainer_config(tmp_path, model_dir, tmp_path / "unused.jsonl", method=METHODS["lora"][0],
+                              dataset={"uri": "hf://org/ultra/data/train_sft-*", "format": "chat",
+                                       "validationUri": "hf://org/ultra/data/test_sft-*"},
+                              training={"learningRate": 2e-2, "maxSteps": 12, "evalSteps": 6})
+    hub_cache(Path(cfg["paths"]["workDir"]), "org/ultra", ULTRA)
+    run = TrainerProc(cfg, tmp_path / "c.yaml", env={"HF_HUB_OFFLINE": "1"})
+    assert run.wait(300) == 0, run.stderr[-3000:]
+    data = run.events_of("data")[0]
+    assert data["files"] == 1 and data["train"] == 30 and data["validation"] == 6, data  # not train_gen, not test_gen
+    m = json.loads(run.termination.read_text())["result"]["metrics"]
+    assert m["evalLoss"] < m["baseEvalLoss"] - 1.0

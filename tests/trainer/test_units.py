@@ -1,5 +1,6 @@
 """Fast checks of the trainer's parts (no training)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +142,68 @@ def test_a_directory_of_parquet_and_jsonl_is_read_whole(tmp_path):
     assert [n for n, _ in files] == [f"file://{d}/a.parquet", f"file://{d}/b.jsonl"]
     recs, _ = dt.read_records(files, "auto", "fail", dt.DataStats())
     assert len(recs) == 5
+
+
+def hub_cache(work: Path, repo: str, files: dict[str, list[dict]], rev: str = "main") -> None:
+    """A Hub dataset as huggingface_hub caches it (what a finished download leaves in the work dir):
+    with HF_HUB_OFFLINE=1 the real client serves it from there, so no Hub or fake of one is needed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = work / "hf" / f"datasets--{repo.replace('/', '--')}"
+    (cache / "refs" / rev).parent.mkdir(parents=True, exist_ok=True)
+    (cache / "refs" / rev).write_text("c0ffee" * 6 + "c0ff")
+    snap = cache / "snapshots" / ("c0ffee" * 6 + "c0ff")
+    for name, rows in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(rows), str(snap / name))
+        else:
+            tiny.write_jsonl(snap / name, rows)
+
+
+ULTRA = {"data/train_sft-00000-of-00001.parquet": tiny.chat_rows(30), "data/train_gen-00000-of-00001.parquet": tiny.chat_rows(5),
+         "data/test_sft-00000-of-00001.parquet": tiny.chat_rows(6), "data/test_gen-00000-of-00001.parquet": tiny.chat_rows(2),
+         "README.md": []}
+
+
+def test_a_path_in_an_hf_dataset_uri_names_a_file_a_folder_or_a_glob(tmp_path, monkeypatch):
+    """hf://org/name/<path>: a dataset whose file names hold more than the split (ultrachat_200k's
+    train_sft and train_gen) is read only where the path says."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert dt.hub_dataset_parts("hf://org/ultra/data/train_sft-*.parquet@refs/convert/parquet") == (
+        "org/ultra", "data/train_sft-*.parquet", "refs/convert/parquet")
+    assert dt.hub_dataset_parts("hf://org/ultra") == ("org/ultra", "", None)
+    assert dt.hub_patterns("data") == ["data/*.jsonl", "data/*.parquet"]
+    assert dt.hub_patterns("data/train_sft-*") == ["data/train_sft-*"]
+    assert dt.hub_patterns("") == ["*.jsonl", "*.parquet"]
+
+    work = tmp_path / "w"
+    hub_cache(work, "org/ultra", ULTRA)
+    logged = []
+
+    def names(uri, split="train"):
+        return [n for n, _ in dt.resolve_files(uri, None, work, logged.append, split=split)]
+
+    pre = "hf://org/ultra/data/"
+    # by file names alone, train takes both train_ files
+    assert names("hf://org/ultra") == [pre + "train_gen-00000-of-00001.parquet", pre + "train_sft-00000-of-00001.parquet"]
+    assert logged[-1].endswith("; name others with a path: hf://org/ultra/<path>")
+    assert names("hf://org/ultra/data/train_sft-*") == [pre + "train_sft-00000-of-00001.parquet"]
+    assert logged[-1] == "hf://org/ultra/data/train_sft-*: reading 1 file(s): data/train_sft-00000-of-00001.parquet"
+    assert names("hf://org/ultra/data/test_sft-00000-of-00001.parquet", "validation") == [pre + "test_sft-00000-of-00001.parquet"]
+    assert len(names("hf://org/ultra/data")) == 4  # a folder: all of it, no split picking
+    files = dt.resolve_files("hf://org/ultra/data/train_sft-*", None, work)
+    recs, _ = dt.read_records(files, "chat", "fail", dt.DataStats())
+    assert len(recs) == 30
+    with pytest.raises(BadData) as e:
+        dt.resolve_files("hf://org/ultra/data/train.parquet", None, work)
+    assert e.value.message == (
+        "hf://org/ultra/data/train.parquet: no .jsonl or .parquet files at 'data/train.parquet' in the dataset org/ultra "
+        "(it has data/test_gen-00000-of-00001.parquet, data/test_sft-00000-of-00001.parquet, "
+        "data/train_gen-00000-of-00001.parquet, data/train_sft-00000-of-00001.parquet)")
 
 
 def test_a_hub_datasets_splits_are_picked_by_their_file_names():

@@ -69,8 +69,22 @@ def test_model_uri_schemes_accepted(uri):
 
 
 @pytest.mark.parametrize(
+    "uri",
+    ["hf://tatsu-lab/alpaca", "hf://HuggingFaceH4/ultrachat_200k/data/train_sft-*.parquet",
+     "hf://org/name/data@refs/convert/parquet", "hf://org/name/sft/train.jsonl@v2"],
+)
+def test_a_dataset_uri_may_name_a_path_in_an_hf_repository(uri):
+    assert parse_job(job(spec__dataset__uri=uri)).spec.dataset.uri == uri
+
+
+@pytest.mark.parametrize(
     "patch, expected",
     [
+        ({"spec__model__uri": "hf://org/name/subfolder"},
+         "spec.model.uri: 'hf://org/name/subfolder' is not valid: expected a model URI: hf://org/name[@revision]"),
+        ({"spec__dataset__uri": "hf://org/name/"},
+         "spec.dataset.uri: 'hf://org/name/' is not valid: expected a data URI: s3://bucket/file.jsonl, pvc://claim/path, "
+         "hf://org/dataset[/path][@revision] or file:///path"),
         ({"spec__model__uri": "http://example.com/model"},
          "spec.model.uri: 'http://example.com/model' is not valid: expected a model URI: hf://org/name[@revision]"),
         ({"spec__model__uri": "s3://Bad_Bucket/x"}, "spec.model.uri: 's3://Bad_Bucket/x' is not valid: expected a model URI"),

@@ -104,25 +104,65 @@ def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] 
     return [(f"{uri.rstrip('/')}/{p.relative_to(dest).as_posix()}", p) for p in sorted(paths)]
 
 
+def hub_dataset_parts(uri: str) -> tuple[str, str, str | None]:
+    """(repository, path inside it or "", revision or None) of hf://org/name[/path][@revision]. A path
+    needs the org/name form: the first two segments name the repository."""
+    body, _, rev = uri[len("hf://"):].partition("@")
+    parts = body.strip("/").split("/")
+    return "/".join(parts[:2]), "/".join(parts[2:]), rev or None
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def hub_patterns(path: str) -> list[str]:
+    """What to download for a path in a dataset repository: a file, a folder, or a glob
+    (huggingface_hub's fnmatch: ``*`` also crosses folders)."""
+    if not path:
+        return [f"*{x}" for x in DATA_SUFFIXES]
+    if _has_glob(path) or path.endswith(DATA_SUFFIXES):
+        return [path]
+    return [f"{path}/*{x}" for x in DATA_SUFFIXES]
+
+
+def select_path(files: list[str], path: str) -> list[str]:
+    """The data files a path names: the file itself, every file under a folder, or a glob's matches."""
+    import fnmatch
+
+    if _has_glob(path):
+        return [f for f in files if fnmatch.fnmatchcase(f, path)]
+    return [f for f in files if f == path or f.startswith(path.rstrip("/") + "/")]
+
+
 def _hf_dataset_files(uri: str, work_dir: Path, log: Callable[[str], None], split: str) -> list[tuple[str, Path]]:
-    repo, _, rev = uri[len("hf://"):].partition("@")
+    repo, sub, rev = hub_dataset_parts(uri)
     try:
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(repo, repo_type="dataset", revision=rev or None,
-                                      allow_patterns=[f"*{x}" for x in DATA_SUFFIXES], cache_dir=str(work_dir / "hf")))
+        path = Path(snapshot_download(repo, repo_type="dataset", revision=rev, allow_patterns=hub_patterns(sub),
+                                      cache_dir=str(work_dir / "hf")))
     except Exception as e:
         from kubetune_trainer.storage import hub_error
 
         raise hub_error(uri, e, BadData, "dataset") from None
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.name.endswith(DATA_SUFFIXES))
+    base = f"hf://{repo}" + (f"@{rev}" if rev else "")
+    if sub:
+        # the path chose the files: no split picking (hf://org/name/data/train_sft-*.parquet)
+        picked = select_path(files, sub)
+        if not picked:
+            raise BadData(f"{uri}: no .jsonl or .parquet files at {sub!r} in the dataset {repo}"
+                          + (f" (it has {', '.join(files[:4])}{' ...' if len(files) > 4 else ''})" if files else ""))
+        log(f"{uri}: reading {len(picked)} file(s): {', '.join(picked[:4])}" + (" ..." if len(picked) > 4 else ""))
+        return [(f"{base}/{f}", path / f) for f in picked]
     if not files:
         raise BadData(f"{uri}: the dataset has no .jsonl or .parquet files")
     picked = pick_split(files, split)
     if len(picked) < len(files):
         log(f"{uri}: reading {len(picked)} of its {len(files)} files as the {split} split: {', '.join(picked[:4])}"
-            + (" ..." if len(picked) > 4 else ""))
-    return [(f"{uri}/{f}", path / f) for f in picked]
+            + (" ..." if len(picked) > 4 else "") + f"; name others with a path: hf://{repo}/<path>")
+    return [(f"{base}/{f}", path / f) for f in picked]
 
 
 # A Hub dataset's split is in its file or folder names (the datasets library's convention):

@@ -26,6 +26,8 @@ SHORT_NAMES = ["ftj"]
 MAX_NAME_LENGTH = 50
 
 HF_URI = r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$"
+# a dataset may name a file, a folder or a glob inside its repository (after org/name)
+HF_DATA_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*(/[^@\s]+)?)?(@[A-Za-z0-9._/-]+)?$"
 S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
 PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?$"
 FILE_URI = r"^file:///[^\s]*$"
@@ -36,7 +38,7 @@ def _any_of(*patterns: str) -> str:
 
 
 MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI, FILE_URI)
-DATA_URI = _any_of(S3_URI, PVC_URI, HF_URI, FILE_URI)
+DATA_URI = _any_of(S3_URI, PVC_URI, HF_DATA_URI, FILE_URI)
 S3_ONLY = S3_URI
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -50,7 +52,7 @@ URI_HELP = (
 
 PATTERN_HELP.update({
     MODEL_URI: "a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path",
-    DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset or file:///path",
+    DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset[/path][@revision] or file:///path",
     S3_ONLY: "an S3 URI: s3://bucket/prefix/ (bucket: 3-63 lowercase letters, digits, dots or dashes)",
     NAME_PATTERN: "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
     URL_PATTERN: "an http:// or https:// URL",
@@ -129,7 +131,8 @@ class Dataset(KModel):
 
     uri: str = Field(
         description="Training data (a .jsonl or .parquet file, or a prefix holding such files; an hf:// dataset "
-        f"trains on its train split when its files name one): {URI_HELP}.",
+        "trains on its train split when its files name one, or on the file, folder or glob a path after org/name "
+        f"names: hf://HuggingFaceH4/ultrachat_200k/data/train_sft-*.parquet): {URI_HELP}.",
         pattern=DATA_URI,
         max_length=1024,
     )
@@ -142,7 +145,7 @@ class Dataset(KModel):
     )
     validation_uri: str | None = Field(
         None, description="Separate validation data, same formats (an hf:// dataset: its validation split, else its "
-        f"test split, when its files name them): {URI_HELP}.", pattern=DATA_URI, max_length=1024
+        f"test split, when its files name them; or the path it names): {URI_HELP}.", pattern=DATA_URI, max_length=1024
     )
     validation_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training data held out for validation (e.g. 0.05)."
