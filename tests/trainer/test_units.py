@@ -206,6 +206,46 @@ def test_a_path_in_an_hf_dataset_uri_names_a_file_a_folder_or_a_glob(tmp_path, m
         "data/train_gen-00000-of-00001.parquet, data/train_sft-00000-of-00001.parquet)")
 
 
+def test_the_hub_client_trusts_spec_storage_ca_bundle_beside_the_public_roots(tmp_path, monkeypatch, hub_mirror, tls_proxy):
+    """A Hub mirror behind https signed by a private CA: huggingface_hub's own client (httpx, built
+    afresh as in a new pod) verifies it once the trainer has added the pod's AWS_CA_BUNDLE to its
+    trust store, keeps the public roots, and without the bundle the failure names the fix."""
+    import os
+    import ssl
+
+    from huggingface_hub import close_session, get_session
+
+    hub_mirror.repos = {("acme/m", "main"): ({"model_type": "llama"}, None)}
+    proxy = tls_proxy(int(hub_mirror.url.rsplit(":", 1)[1]))
+    url = f"{proxy.url}/acme/m/resolve/main/config.json"
+    monkeypatch.setenv("SSL_CERT_FILE", "")
+    monkeypatch.setenv("HF_ENDPOINT", proxy.url)
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    assert st.trust_ca_for_hub(tmp_path) is None  # no bundle, nothing changes
+    close_session()
+    with pytest.raises(Exception) as e:
+        get_session().get(url)
+    got = st.hub_error("hf://acme/m", e.value, ModelLoadFailed)
+    assert type(got) is BadConfig and got.message == (
+        f"hf://acme/m: the Hub endpoint {proxy.url} did not verify: its TLS certificate is not trusted (certificate "
+        "verify failed): set "
+        "spec.storage.caBundle to a ConfigMap holding the CA that signed it")
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(proxy.ca_file))
+    bundle = st.trust_ca_for_hub(tmp_path)
+    assert os.environ["SSL_CERT_FILE"] == str(bundle)
+    assert ssl.create_default_context(cafile=str(bundle)).cert_store_stats()["x509_ca"] > 100  # the public roots too
+    close_session()
+    try:
+        r = get_session().get(url)
+    finally:
+        close_session()
+    assert r.status_code == 200 and r.json() == {"model_type": "llama"}
+    assert hub_mirror.seen[-1] == ("/acme/m/resolve/main/config.json", None)
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/custom.pem")  # one the user set in resources.env stands
+    assert st.trust_ca_for_hub(tmp_path) is None and os.environ["SSL_CERT_FILE"] == "/etc/custom.pem"
+
+
 def test_a_hub_datasets_splits_are_picked_by_their_file_names():
     hub = ["data/test-00000-of-00001.parquet", "data/train-00000-of-00002.parquet",
            "data/train-00001-of-00002.parquet", "data/validation-00000-of-00001.parquet"]

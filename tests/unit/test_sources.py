@@ -85,3 +85,20 @@ def test_hf_endpoint_accepts_a_base_url(value, want):
 def test_hf_endpoint_rejects_what_is_not_a_base_url(value):
     with pytest.raises(UsageError, match=r"^HF_ENDPOINT must be an http\(s\) URL such as https://hf-mirror.internal, got"):
         hub_endpoint(value, "HF_ENDPOINT")
+
+
+def test_a_mirror_signed_by_a_private_ca_is_read_with_spec_storage_ca_bundle(hub, tls_proxy):
+    """The same mirror behind https with a certificate from a private CA (a real TLS handshake):
+    without the bundle, the refusal names spec.storage.caBundle; with it, config.json is read."""
+    url, seen = hub
+    proxy = tls_proxy(int(url.rsplit(":", 1)[1]))
+    spec = _spec("hf://acme/open-7b")
+    with pytest.raises(ValueError) as e:
+        sources.read_config_json(spec, None, None, proxy.url)
+    assert str(e.value) == (
+        f"the Hub mirror {proxy.url} (--hf-endpoint) did not serve its config.json: its TLS certificate is not trusted "
+        "(certificate verify failed): set spec.storage.caBundle to a ConfigMap holding the CA that signed it")
+    assert json.loads(sources.read_config_json(spec, None, None, proxy.url, ca_pem=proxy.ca_pem)) == CONFIG
+    assert seen == [("/acme/open-7b/resolve/main/config.json", None)] and proxy.handshakes == 1
+    with pytest.raises(ValueError, match="point SSL_CERT_FILE at a bundle holding the CA that signed it$"):
+        sources.read_hub_config("hf://acme/open-7b", None, proxy.url, cli=True)  # kubetune estimate's wording

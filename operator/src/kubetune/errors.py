@@ -5,8 +5,14 @@ class UsageError(Exception):
     """A bad flag, file or input: the CLI prints it as one line and exits 2."""
 
 
-UNTRUSTED_S3 = ("the S3 endpoint's TLS certificate is not trusted (certificate verify failed): set "
-                "spec.storage.caBundle to a ConfigMap holding the CA that signed it")
+def untrusted(whose: str) -> str:
+    """What to do about a certificate that did not verify: spec.storage.caBundle covers the S3
+    endpoint and the Hub mirror alike."""
+    return (f"{whose} TLS certificate is not trusted (certificate verify failed): set spec.storage.caBundle to a "
+            "ConfigMap holding the CA that signed it")
+
+
+UNTRUSTED_S3 = untrusted("the S3 endpoint's")
 
 
 def certificate_untrusted(e: BaseException | None) -> bool:

@@ -276,6 +276,8 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
         torch.use_deterministic_algorithms(True, warn_only=True)
     work = Path(paths.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if (bundle := st.trust_ca_for_hub(work)) is not None:
+        log(f"the Hub client trusts spec.storage.caBundle beside the public roots ({bundle})")
 
     reporter = ProgressReporter(None)
     if main:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
+from kubetune.errors import UNTRUSTED_S3, certificate_untrusted, untrusted
 from kubetune_trainer.errors import BadConfig, StorageFailed
 
 CHUNK = 8 * 1024 * 1024
@@ -403,6 +403,29 @@ def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
             time.sleep(delay)
 
 
+def trust_ca_for_hub(work_dir: Path) -> Path | None:
+    """spec.storage.caBundle (AWS_CA_BUNDLE) for the Hub too: a mirror signed by a private CA.
+    huggingface_hub's client reads SSL_CERT_FILE, which replaces its trust store, so the file it gets
+    holds the public roots and the private CA: huggingface.co and the mirror both verify. A
+    SSL_CERT_FILE set in resources.env stands. Returns the bundle written, if any."""
+    import ssl
+
+    ca = os.environ.get("AWS_CA_BUNDLE")
+    if not ca or os.environ.get("SSL_CERT_FILE"):
+        return None
+    roots = ssl.get_default_verify_paths().openssl_cafile
+    if not os.path.isfile(roots):
+        import certifi
+
+        roots = certifi.where()
+    out = work_dir / "ca-bundle.pem"
+    tmp = out.with_name(f"{out.name}.{os.getpid()}")  # every local rank writes it: each its own, then a rename
+    tmp.write_text(Path(roots).read_text() + "\n" + Path(ca).read_text())
+    os.replace(tmp, out)
+    os.environ["SSL_CERT_FILE"] = str(out)
+    return out
+
+
 def hub_error(uri: str, e: Exception, permanent: type, kind: str = "model") -> Exception:
     """What the Hugging Face Hub said, as the trainer's reason: ``permanent`` (ModelLoadFailed,
     BadData: the Job fails at once) when retrying cannot help, StorageFailed when it may (network,
@@ -422,6 +445,9 @@ def hub_error(uri: str, e: Exception, permanent: type, kind: str = "model") -> E
             "" if have_token else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
     if isinstance(e, (DisabledRepoError, HFValidationError)):
         return permanent(f"{uri}: {short_error(e)}")
+    if certificate_untrusted(e):  # no retry fixes it
+        hub = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return BadConfig(f"{uri}: the Hub endpoint {hub} did not verify: {untrusted('its')}")
     return StorageFailed(f"{uri}: cannot download the {kind} from the Hugging Face Hub: {short_error(e)}")
 
 

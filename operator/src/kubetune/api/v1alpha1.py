@@ -504,8 +504,10 @@ class Storage(KModel):
         None, description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used."
     )
     ca_bundle: ConfigMapKeyRef | None = Field(
-        None, description="PEM CA bundle (a ConfigMap key) to verify an https endpoint signed by a private CA, as "
-                          "on-prem MinIO or Ceph often is. The trainer gets it as AWS_CA_BUNDLE; the operator uses it too.")
+        None, description="PEM CA bundle (a ConfigMap key) to verify https endpoints signed by a private CA: the S3 "
+                          "endpoint (as on-prem MinIO or Ceph often is) and the Hub mirror (the operator's --hf-endpoint). "
+                          "The trainer gets it as AWS_CA_BUNDLE and trusts it beside the public roots for the Hub; the "
+                          "operator uses it too.")
     service_account_name: str | None = Field(
         None, max_length=253, pattern=NAME_PATTERN,
         description="ServiceAccount the trainer pods run as: S3 access by workload identity (EKS IRSA or Pod "

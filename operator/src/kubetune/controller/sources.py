@@ -89,19 +89,27 @@ def hub_endpoint(value: str | None, name: str) -> str | None:
     return value.rstrip("/")
 
 
-def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False) -> str:
+def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False, ca_pem: str | None = None) -> str:
     """config.json of hf://org/name[@revision] from the Hub or a mirror. ``cli``: the refusal names
     what `kubetune estimate` reads (the HF_TOKEN and HF_ENDPOINT variables), not the operator's
-    spec.model.tokenSecret and --hf-endpoint."""
+    spec.model.tokenSecret and --hf-endpoint. ``ca_pem`` (spec.storage.caBundle) is trusted beside
+    the public roots: a mirror signed by a private CA."""
+    import ssl
     import urllib.error
     import urllib.request
+
+    from kubetune.errors import certificate_untrusted, untrusted
 
     name, _, rev = uri[len("hf://"):].partition("@")
     where = "the Hugging Face Hub" if not hub else f"the Hub mirror {hub} ({'HF_ENDPOINT' if cli else '--hf-endpoint'})"
     url = f"{hub or HUB}/{name}/resolve/{rev or 'main'}/config.json"
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    ctx = None
+    if ca_pem:
+        ctx = ssl.create_default_context()
+        ctx.load_verify_locations(cadata=ca_pem)
     try:
-        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 (the Hub or the operator's mirror)
+        with urllib.request.urlopen(req, timeout=5, context=ctx) as r:  # noqa: S310 (the Hub or the operator's mirror)
             return r.read().decode()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
@@ -117,6 +125,10 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
                              "the repository name and revision") from None
         raise ValueError(f"{where} did not serve its config.json ({e})") from None
     except OSError as e:
+        if certificate_untrusted(e):
+            fix = ("its TLS certificate is not trusted (certificate verify failed): point SSL_CERT_FILE at a bundle "
+                   "holding the CA that signed it" if cli else untrusted("its"))
+            raise ValueError(f"{where} did not serve its config.json: {fix}") from None
         raise ValueError(f"{where} did not serve its config.json ({e})") from None
 
 
@@ -136,7 +148,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
         except (ClientError, BotoCoreError) as e:
             raise ValueError(f"cannot read s3://{bucket}/{key}: {UNTRUSTED_S3 if certificate_untrusted(e) else e}") from None
     if uri.startswith("hf://"):
-        return read_hub_config(uri, hf_token, hub)
+        return read_hub_config(uri, hf_token, hub, ca_pem=ca_pem)
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 
