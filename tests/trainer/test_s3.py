@@ -211,11 +211,18 @@ def test_a_dataset_prefix_with_parquet_and_jsonl_objects_is_downloaded_and_read(
         json.dumps(r) + "\n" for r in tiny.alpaca_rows(2)).encode())
     c.put_object(Bucket="kubetune", Key="ds/pq/README.md", Body=b"# card")
     storage = Storage(endpoint=s3.endpoint, region="us-east-1")
+    from kubetune_trainer import storage as st
+
+    listings = []  # what the trainer asks the S3 server to list (a big prefix costs a page per 1,000 keys)
+    st.open_location("s3://kubetune/", storage).client.meta.events.register(
+        "provide-client-params.s3.ListObjectsV2", lambda params, **_: listings.append(params["Prefix"]))
     files = dt.resolve_files("s3://kubetune/ds/pq/", storage, tmp_path / "w", log=lambda m: None)
     assert [n for n, _ in files] == ["s3://kubetune/ds/pq/data/train-00000-of-00001.parquet",
                                      "s3://kubetune/ds/pq/more.jsonl"]
+    assert listings == ["ds/pq/"]  # listed once, not again for the download
     recs, fmt = dt.read_records(files, "auto", "fail", dt.DataStats())
     assert fmt == "alpaca" and len(recs) == 9
     one = dt.resolve_files("s3://kubetune/ds/pq/data/train-00000-of-00001.parquet", storage, tmp_path / "w1",
                            log=lambda m: None)
+    assert listings[1:] == ["ds/pq/data/train-00000-of-00001.parquet"]  # the object's key, not its folder
     assert len(dt.read_records(one, "alpaca", "fail", dt.DataStats())[0]) == 7

@@ -89,18 +89,17 @@ def resolve_files(uri: str, storage, work_dir: Path, log: Callable[[str], None] 
             return [(f"{uri.rstrip('/')}/{p.relative_to(local).as_posix()}", p) for p in files]
         raise BadData(f"{uri}: no such file or directory")
     dest = work_dir / "data" / uri.replace("://", "/").replace("/", "_")
-    if uri.endswith(DATA_SUFFIXES):  # a single object
+    if uri.endswith(DATA_SUFFIXES):  # a single object: list only its key, not the folder it is in
         parent_uri, _, name = uri.rpartition("/")
-        paths = st.download_tree(st.open_location(parent_uri, storage), dest, only=lambda k: k == name, log=log)
+        parent = st.open_location(parent_uri, storage)
+        listed = st.list_objects(parent, name, log=log, where=uri)
+        paths = st.download_tree(parent, dest, only=lambda k: k == name, log=log, listed=listed)
         return [(uri, paths[0])]
     loc = st.open_location(uri, storage)
-    try:
-        objs = loc.list("")
-    except Exception as e:
-        raise st.storage_error(f"cannot list {uri}", e) from None
+    objs = st.list_objects(loc, log=log, where=uri)
     if not any(o.key.endswith(DATA_SUFFIXES) for o in objs):
         raise BadData(f"{uri}: no .jsonl or .parquet objects under this prefix")
-    paths = st.download_tree(loc, dest, only=lambda k: k.endswith(DATA_SUFFIXES), log=log)
+    paths = st.download_tree(loc, dest, only=lambda k: k.endswith(DATA_SUFFIXES), log=log, listed=objs)
     return [(f"{uri.rstrip('/')}/{p.relative_to(dest).as_posix()}", p) for p in sorted(paths)]
 
 

@@ -342,14 +342,17 @@ def download_tree(
     only: Callable[[str], bool] | None = None,
     attempts: int = 4,
     log: Callable[[str], None] = print,
+    listed: list | None = None,
 ) -> list[Path]:
-    """Mirror every object under ``loc`` into ``dest``; returns the local paths.
+    """Mirror every object under ``loc`` into ``dest``; returns the local paths. ``listed``: the
+    caller's listing of ``loc`` (list_objects), so a large prefix is not listed twice.
 
     Restartable: files recorded as verified (same size and ETag) are skipped, and a partial
     ``.part`` file is continued from where it stopped. Each file is verified after download.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    listed = _retry(lambda: list(loc.list()), attempts, f"cannot list {loc.uri}", log)
+    if listed is None:
+        listed = list_objects(loc, attempts=attempts, log=log)
     objs = [o for o in listed if only is None or only(o.key)]
     if not objs:
         raise StorageFailed(f"nothing found at {loc.uri}")
@@ -387,6 +390,14 @@ def download_tree(
         state[o.key] = {"size": o.size, "etag": o.etag}
         state_file.write_text(json.dumps(state))
     return out
+
+
+def list_objects(loc: Location, prefix: str = "", attempts: int = 4, log: Callable[[str], None] = print,
+                 where: str | None = None) -> list:
+    """Every object under ``loc`` (and ``prefix`` in it), retried as downloads are (BadConfig for an
+    untrusted certificate). ``where``: the URI as the user wrote it, for the messages."""
+    where = where or (f"{loc.uri.rstrip('/')}/{prefix}" if prefix else loc.uri)
+    return _retry(lambda: list(loc.list(prefix)), attempts, f"cannot list {where}", log)
 
 
 def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
