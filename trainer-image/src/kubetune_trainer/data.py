@@ -217,22 +217,10 @@ def check_record(obj, fmt: str) -> str | None:
     if fmt == "chat":
         if "messages" not in obj and "conversations" in obj:
             return _check_sharegpt(obj)
-        msgs = obj.get("messages")
-        if msgs is None:
+        if "messages" not in obj:
             return ("missing field 'messages' (chat lines need a list of {role, content}, or ShareGPT "
                     "conversations of {from, value})")
-        if not isinstance(msgs, list) or not msgs:
-            return "field 'messages' must be a non-empty list"
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                return f"messages[{i}] must be an object with role and content"
-            if m.get("role") not in ROLES:
-                return f"messages[{i}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})"
-            if not isinstance(m.get("content"), str):
-                return f"messages[{i}].content must be a string"
-        if not any(m["role"] == "assistant" for m in msgs):
-            return "no assistant message (nothing to learn from)"
-        return None
+        return _check_turns(obj["messages"], "messages", "role", "content", {r: r for r in ROLES}, "assistant message")
     if fmt == "text":
         if "text" not in obj:
             return "missing field 'text'"
@@ -243,20 +231,24 @@ def check_record(obj, fmt: str) -> str | None:
 
 
 def _check_sharegpt(obj: dict) -> str | None:
-    conv = obj["conversations"]
-    if not isinstance(conv, list) or not conv:
-        return "field 'conversations' must be a non-empty list"
     if obj.get("system") is not None and not isinstance(obj["system"], str):
         return "field 'system' must be a string"
-    for i, m in enumerate(conv):
+    return _check_turns(obj["conversations"], "conversations", "from", "value", SHAREGPT_ROLES, "gpt (assistant) turn")
+
+
+def _check_turns(turns, field: str, role_key: str, text_key: str, roles: dict[str, str], assistant: str) -> str | None:
+    """A chat's turns, in either schema: ``roles`` maps its speaker names to chat roles."""
+    if not isinstance(turns, list) or not turns:
+        return f"field {field!r} must be a non-empty list"
+    for i, m in enumerate(turns):
         if not isinstance(m, dict):
-            return f"conversations[{i}] must be an object with from and value"
-        if m.get("from") not in SHAREGPT_ROLES:
-            return f"conversations[{i}].from must be one of {', '.join(SHAREGPT_ROLES)} (got {m.get('from')!r})"
-        if not isinstance(m.get("value"), str):
-            return f"conversations[{i}].value must be a string"
-    if not any(SHAREGPT_ROLES[m["from"]] == "assistant" for m in conv):
-        return "no gpt (assistant) turn (nothing to learn from)"
+            return f"{field}[{i}] must be an object with {role_key} and {text_key}"
+        if m.get(role_key) not in roles:
+            return f"{field}[{i}].{role_key} must be one of {', '.join(roles)} (got {m.get(role_key)!r})"
+        if not isinstance(m.get(text_key), str):
+            return f"{field}[{i}].{text_key} must be a string"
+    if not any(roles[m[role_key]] == "assistant" for m in turns):
+        return f"no {assistant} (nothing to learn from)"
     return None
 
 
