@@ -1,1 +1,8 @@
 """The kubetune trainer: runs inside the pod the operator creates. Imports torch; the operator never imports this."""
+
+import logging as _logging
+
+# bitsandbytes (imported by peft and transformers in every run) looks for an optional CPU kernel on
+# hosts with AVX512-BF16, as most GPU nodes' Xeons are, and warns at import when it is not installed.
+# The trainer never wants it fetched, so the line is noise in every pod's log.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda r: "kernels-community" not in r.getMessage())
