@@ -28,8 +28,8 @@ from kubetune_trainer import data as dt
 from kubetune_trainer import storage as st
 from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData, StorageFailed
-from kubetune_trainer.model import (LossHead, build_model, check_model_dir, count_params, load_tokenizer, loading_place,
-                                   materialized_bytes, plan_dtypes_on, resolve_model_dir)
+from kubetune_trainer.model import (LossHead, bitsandbytes_on, build_model, check_model_dir, count_params, load_tokenizer,
+                                   loading_place, materialized_bytes, plan_dtypes_on, resolve_model_dir)
 from kubetune_trainer.progress import Metrics, ProgressReporter, log_event, logger
 
 ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
@@ -98,7 +98,7 @@ def make_accelerator(plan):
 
     on_cuda = torch.cuda.is_available()
     mp = "no"
-    if plan_dtypes_on("cuda" if on_cuda else "cpu") and plan.compute_dtype != "fp32":
+    if plan_dtypes_on(on_cuda) and plan.compute_dtype != "fp32":
         mp = "bf16" if plan.compute_dtype == "bf16" else "fp16"
     kwargs: dict = {"mixed_precision": mp, "cpu": not on_cuda}
     if plan.sharding == "fsdp":
@@ -168,7 +168,7 @@ def build_optimizer(model, plan, training, device):
     if plan.optimizer == "adamw":
         fused = device.type == "cuda" and os.environ.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1"
         return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True if fused else None)
-    if device.type != "cuda" and os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") != "1":  # test knob, as for qlora
+    if not bitsandbytes_on(device.type == "cuda"):
         raise BadConfig(f"training.optimizer {plan.optimizer} is bitsandbytes 8-bit AdamW and needs a CUDA GPU; "
                         "use optimizer adamw on CPU")
     import bitsandbytes as bnb
@@ -649,7 +649,7 @@ def _write_outputs(plan, spec, model, accelerator, tokenizer, model_dir, work, o
         from transformers import AutoModelForCausalLM
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.compute_dtype, torch.float32)
-        if not plan_dtypes_on("cuda" if torch.cuda.is_available() else "cpu"):
+        if not plan_dtypes_on(torch.cuda.is_available()):
             dtype = torch.float32
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=spec.model.trust_remote_code)
         merged = PeftModel.from_pretrained(base, str(out / sub)).merge_and_unload()

@@ -157,11 +157,17 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return best
 
 
-def plan_dtypes_on(device_type: str) -> bool:
-    """Whether the plan's dtypes apply on this device. On CPU the trainer holds and computes
-    everything in fp32 (no fast bf16 there); the test knob KUBETUNE_DEBUG_PRECISION_ON_CPU=1 keeps a
-    GPU's dtypes (bf16 weights, bf16/fp16 autocast) so the CPU tests drive those paths."""
-    return device_type == "cuda" or os.environ.get("KUBETUNE_DEBUG_PRECISION_ON_CPU") == "1"
+def plan_dtypes_on(on_cuda: bool) -> bool:
+    """Whether the plan's dtypes apply. On CPU the trainer holds and computes everything in fp32 (no
+    fast bf16 there); the test knob KUBETUNE_DEBUG_PRECISION_ON_CPU=1 keeps a GPU's dtypes (bf16
+    weights, bf16/fp16 autocast) so the CPU tests drive those paths."""
+    return on_cuda or os.environ.get("KUBETUNE_DEBUG_PRECISION_ON_CPU") == "1"
+
+
+def bitsandbytes_on(on_cuda: bool) -> bool:
+    """Whether bitsandbytes (QLoRA, 8-bit optimizers) may run. Its CPU kernels are real but slow: the
+    test knob KUBETUNE_DEBUG_BNB_ON_CPU=1 lets CPU tests drive those paths; users get the error."""
+    return on_cuda or os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") == "1"
 
 
 def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
@@ -188,14 +194,12 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     from transformers import AutoConfig, AutoModelForCausalLM
 
     on_cuda = device.type == "cuda"
-    weight_dtype = DTYPES[plan.weight_dtype] if plan_dtypes_on(device.type) else torch.float32
+    weight_dtype = DTYPES[plan.weight_dtype] if plan_dtypes_on(on_cuda) else torch.float32
     trust = spec.model.trust_remote_code
     kw: dict = dict(dtype=weight_dtype, attn_implementation="sdpa", trust_remote_code=trust)
 
     if plan.method == "qlora":
-        # Test knob: bitsandbytes has CPU kernels now, slow but real, so CPU tests can drive the
-        # QLoRA path (quantized load, adapters on Linear4bit, checkpoints, merge). Users get the error.
-        if not on_cuda and os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") != "1":
+        if not bitsandbytes_on(on_cuda):
             raise BadConfig("method.type qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this trainer runs on CPU. "
                             "Use method.type lora, or give the job resources.gpusPerNode >= 1")
         from transformers import BitsAndBytesConfig
@@ -318,7 +322,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         # peft creates the prompt encoder in the default dtype; the plan says adapters are fp32
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.data = p.data.to(DTYPES[plan.adapter_dtype] if plan_dtypes_on(device.type) else torch.float32)
+                p.data = p.data.to(DTYPES[plan.adapter_dtype] if plan_dtypes_on(on_cuda) else torch.float32)
     return peft_model, model
 
 
