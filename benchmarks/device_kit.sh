@@ -30,4 +30,6 @@ run with carry [".whl", ".calib"], one command each (<= 10 min):
 $setup && python3 benchmarks/gpu_trainer_bench.py --dry-run --all 2>&1 | tee \$OUT/dry.log
 2. the benchmark (the target with every lever, beside the plain stack; --all for every calibration config):
 $setup && python3 benchmarks/gpu_trainer_bench.py 2>&1 | tee \$OUT/bench.log
+3. Liger's kernels without checkpointing, against the estimator's figure for them (about 3 min):
+$setup && python3 benchmarks/gpu_trainer_bench.py --no-baseline --configs 1b-lora-b4s2048-gc --variants no-gc no-gc-no-fused-kernels 2>&1 | tee \$OUT/nogc.log
 CMD

@@ -34,6 +34,7 @@ def plan_for_row(r: dict):
     return plan_from_flags(
         method=r["method"], micro_batch_size=r["batch_size"], seq_len=r["seq_len"],
         gradient_checkpointing=r["gradient_checkpointing"], fused_cross_entropy=r["fused_cross_entropy_liger"],
+        fused_kernels=r["fused_cross_entropy_liger"],
         lora_rank=lora.get("rank", 16), lora_alpha=lora.get("alpha", 32), lora_dropout=lora.get("dropout", 0.0),
     )
 

@@ -5,7 +5,8 @@ checkout) it runs kubetune's trainer with each speed lever on and off, one subpr
 peak memory stats are clean, and runs measure.py on the same configs beside it. Random-init models of
 the real dims (no hub on the device); random-token text data made here.
 
-Levers: fused linear cross-entropy (Liger) | packing (variable-length data) | fused AdamW | torch.compile.
+Levers: Liger's RMSNorm/RoPE/SwiGLU kernels | fused linear cross-entropy (Liger) | packing (variable-length
+data) | fused AdamW | torch.compile. Each row also carries the estimator's figure for its plan.
 Target (H100, Llama-3.1-8B dims, LoRA r16 all-linear, b4 x 2048, gradient checkpointing):
 >= 11,000 tokens/s (plain stack 6,951) and <= 20 GiB device memory (plain stack 33.7 GiB).
 
@@ -37,15 +38,21 @@ DRY_STEPS, DRY_WARM, DRY_SEQ = 6, 2, 64
 
 # name: (environment, spec.training overrides, spec.dataset overrides, data kind)
 VARIANTS = {
-    "default": ({}, {}, {}, "full"),  # what the trainer does out of the box: Liger FLCE, fused AdamW
+    # what the trainer does out of the box: Liger's RMSNorm/RoPE/SwiGLU and fused linear CE, fused AdamW
+    "default": ({}, {}, {}, "full"),
+    "no-fused-kernels": ({}, {"fusedKernels": False}, {}, "full"),
     "no-fused-ce": ({}, {"fusedCrossEntropy": False}, {}, "full"),
     "no-fused-optim": ({"KUBETUNE_FUSED_OPTIMIZER": "0"}, {}, {}, "full"),
     "compile": ({"KUBETUNE_COMPILE": "1"}, {}, {}, "full"),
     "torch-chunked-ce": ({"KUBETUNE_FUSED_CE_IMPL": "torch"}, {}, {}, "full"),
     "mixed-no-packing": ({}, {}, {"packing": False}, "mixed"),
     "mixed-packing": ({}, {}, {"packing": True}, "mixed"),
+    # without checkpointing Liger's kernels keep fewer activations, which the estimator prices: run on a
+    # config that fits (--configs 1b-lora-b4s2048-gc --variants no-gc no-gc-no-fused-kernels)
+    "no-gc": ({}, {"gradientCheckpointing": False}, {}, "full"),
+    "no-gc-no-fused-kernels": ({}, {"gradientCheckpointing": False, "fusedKernels": False}, {}, "full"),
 }
-TARGET_VARIANTS = list(VARIANTS)
+TARGET_VARIANTS = [v for v in VARIANTS if not v.startswith("no-gc")]
 DEFAULT_VARIANTS = ["default"]
 
 
@@ -149,6 +156,17 @@ def trainer_config(root: Path, name: str, variant: str, measure, dry: bool = Fal
                   "progressUri": f"file://{run}/progress.json", "workDir": str(run / "work")},
         "metricsPort": 0,
     }, env
+
+
+def estimated_gib(cfg: dict, model_dir: Path) -> dict:
+    """The estimator's device memory for this run's spec (what the operator would place it by)."""
+    from kubetune.api.v1alpha1 import FineTuneJobSpec
+    from kubetune.estimator import estimate_spec
+
+    spec = FineTuneJobSpec.model_validate(cfg["spec"])
+    e = estimate_spec(spec, micro_batch_size=cfg["resolved"]["microBatchSize"], num_processes=1,
+                      read_config=lambda uri: (model_dir / "config.json").read_text())
+    return {"estimate_gib": round(e.total_bytes / 2**30, 3), "estimate_allocated_gib": round(e.allocated_bytes / 2**30, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +282,7 @@ def main() -> None:
         tps = row.get("tokens_per_s")
         print(f"{row['stack']:9s} {row['config']:26s} {row.get('variant', ''):17s} err={str(row.get('error')):5s} "
               f"tok/s={tps} peak_reserved={row.get('peak_reserved_gib')} device_used={row.get('device_used_end_gib')} "
+              f"estimate={row.get('estimate_gib')} "
               f"wall={row.get('wall_s')}", flush=True)
 
     if not (args.no_baseline or args.dry_run):
@@ -295,7 +314,9 @@ def main() -> None:
         _, training, dataset, kind = VARIANTS[v]
         if row.get("step_s") and kind == "full":
             row["tokens_per_s_median_step"] = round(tokens_per_step(cfg) / row["step_s"])  # measure.py's definition
+        row.update(estimated_gib(cfg, Path(cfg["spec"]["model"]["uri"][len("file://"):])))
         row.update(stack="kubetune", config=c, variant=v, levers={
+            "fused_kernels": training.get("fusedKernels", True),
             "fused_ce": training.get("fusedCrossEntropy", True) and env.get("KUBETUNE_FUSED_CE_IMPL", "liger"),
             "fused_optimizer": env.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1",
             "compile": env.get("KUBETUNE_COMPILE") == "1",

@@ -31,13 +31,16 @@ def test_every_benchmark_run_is_a_valid_trainer_config(bench, tmp_path):
     assert bench.TARGET in measure.CONFIGS
     runs = [(c, v) for c in measure.CONFIGS if not measure.CONFIGS[c][5].get("liger")
             for v in (bench.TARGET_VARIANTS if c == bench.TARGET else bench.DEFAULT_VARIANTS)]
-    assert len(runs) >= 10 + len(bench.VARIANTS) - 1
+    assert len(runs) >= 10 + len(bench.TARGET_VARIANTS) - 1
+    runs += [("1b-lora-b4s2048-gc", v) for v in bench.VARIANTS if v.startswith("no-gc")]  # device_kit's step 3
     for c, v in runs:
         raw, env = bench.trainer_config(tmp_path, c, v, measure)
         cfg = parse_config(json.loads(json.dumps(raw)), f"{c}/{v}")
         plan = plan_for(cfg)
         arch, method, batch, seq, gc, _ = measure.CONFIGS[c]
+        gc = gc and not v.startswith("no-gc")
         assert (plan.method, plan.micro_batch_size, plan.gradient_checkpointing) == (method, batch, gc), (c, v)
+        assert plan.fused_kernels == ("no-fused-kernels" not in v), (c, v)
         assert cfg.spec.dataset.max_seq_length == seq
         if v == "no-fused-ce":
             assert not plan.fused_cross_entropy
@@ -79,6 +82,7 @@ def test_the_benchmark_dry_run_trains_each_kind_of_run_end_to_end(bench, tmp_pat
         assert r["steps"] == bench.DRY_STEPS and len(r["losses"]) == bench.DRY_STEPS
         assert all(0 < x < 20 for x in r["losses"]), r["losses"]
         assert r["tokens_per_s"] > 0
+        assert 0 < r["estimate_allocated_gib"] < r["estimate_gib"] < 3, r  # tiny dims: the CUDA context dominates
         if r["variant"] == "default":  # full-length rows: every token real, so both definitions agree
             assert r["levers"]["packing"] is False
             assert r["tokens_per_s_median_step"] > 0
@@ -88,4 +92,4 @@ def test_the_benchmark_dry_run_trains_each_kind_of_run_end_to_end(bench, tmp_pat
     # a misspelt variant is refused before anything runs
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_trainer_bench.py"), "--dry-run", "--work",
                         str(tmp_path / "work"), "--variants", "fused"], capture_output=True, text=True, env=env)
-    assert p.returncode != 0 and "unknown variant fused; variants are: default, no-fused-ce" in p.stderr
+    assert p.returncode != 0 and "unknown variant fused; variants are: default, no-fused-kernels, no-fused-ce" in p.stderr

@@ -43,6 +43,7 @@ def plan_for_row(r: dict):
         seq_len=r["seq_len"],
         gradient_checkpointing=r["gradient_checkpointing"],
         fused_cross_entropy=r["fused_cross_entropy_liger"],
+        fused_kernels=r["fused_cross_entropy_liger"],  # measure.py applies all of apply_liger_kernel_to_llama
         precision="bf16",
         lora_rank=lora.get("rank", 16),
         lora_alpha=lora.get("alpha", 32),

@@ -18,6 +18,13 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 ADAPTER_DTYPE: Dtype = "fp32"  # peft's autocast_adapter_dtype=True keeps LoRA weights in fp32
 ATTENTION = "sdpa"  # no s^2 attention matrix is stored (flash / memory-efficient kernels)
 FUSED_CE_IMPL = "liger"  # liger-kernel's fused linear cross-entropy on CUDA; chunked torch fallback on CPU
+# The estimator's model_types whose RMSNorm, RoPE and gated MLP liger-kernel patches on a model instance
+# (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN; a trainer test checks this list
+# against it). fusedKernels changes the saved activations of these alone.
+LIGER_MODEL_TYPES = frozenset({
+    "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
+    "qwen3", "qwen3_moe",
+})
 OPTIMIZER_IMPL = {"adamw": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit"}
 
 
@@ -47,6 +54,7 @@ class TrainingPlan:
     train_embeddings: bool = False
     virtual_tokens: int | None = None
     adapter_dtype: Dtype = ADAPTER_DTYPE
+    fused_kernels: bool = False  # Liger RMSNorm / RoPE / gated-MLP kernels (model types in LIGER_MODEL_TYPES)
 
     def with_(self, **changes) -> "TrainingPlan":
         return replace(self, **changes)
@@ -135,6 +143,7 @@ def plan_from_spec(
         # twice: the trainer cannot checkpoint activations there, so neither may the estimate assume it.
         gradient_checkpointing=t.gradient_checkpointing and m.type != "prefix-tuning",
         fused_cross_entropy=t.fused_cross_entropy,
+        fused_kernels=t.fused_kernels,
         micro_batch_size=int(mbs),
         seq_len=spec.dataset.max_seq_length,
         gradient_accumulation_steps=gradient_accumulation_steps or t.gradient_accumulation_steps,

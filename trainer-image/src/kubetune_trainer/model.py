@@ -12,6 +12,7 @@ on CPU. Doing it inside the head keeps it inside FSDP's forward, where the head'
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -170,6 +171,42 @@ def bitsandbytes_on(on_cuda: bool) -> bool:
     return on_cuda or os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") == "1"
 
 
+def liger_on(on_cuda: bool) -> bool:
+    """Whether Liger's Triton kernels run. On CPU only under Triton's interpreter: the test knob
+    KUBETUNE_DEBUG_LIGER_ON_CPU=1 with TRITON_INTERPRET=1 runs the very kernels a GPU would, in numpy."""
+    return on_cuda or (os.environ.get("KUBETUNE_DEBUG_LIGER_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# Gated-MLP activations Liger's kernels compute: SwiGLU is silu(gate) * up; GeGLU the tanh-approximated gelu.
+_SWIGLU_ACTS = ("silu", "swish")
+_GEGLU_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+
+
+def apply_fused_kernels(model) -> list[str]:
+    """Swap this model instance's RMSNorm, rotary embedding and gated MLP for Liger's Triton kernels
+    (training.fusedKernels): fewer kernel launches, and the norm and MLP keep fewer activations for the
+    backward (the estimator prices exactly that; kubetune.plan.LIGER_MODEL_TYPES). Loss kernels stay
+    off: LossHead owns the loss. A model type Liger does not know runs unchanged. Returns what it swapped."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(getattr(model.config, "model_type", None))
+    if fn is None:
+        return []
+    params = inspect.signature(fn).parameters
+    kw = {k: False for k in ("cross_entropy", "fused_linear_cross_entropy") if k in params}
+    # An instance patch replaces forward wholesale and never reads the config's activation: a Llama-layout
+    # model with another activation would silently train a different function.
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    act = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
+    if "swiglu" in params and act not in _SWIGLU_ACTS:
+        kw["swiglu"] = False
+    if "geglu" in params and act not in _GEGLU_ACTS:
+        kw["geglu"] = False
+    fn(model=model, **kw)
+    return [k for k in ("rope", "rms_norm", "layer_norm", "swiglu", "geglu")
+            if k in params and kw.get(k, params[k].default) is True]
+
+
 def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
     """Where a process builds its copy of the base model. Under FSDP, loading it whole on every rank
     would need one GPU to hold all of it before sharding (Llama-3.1-70B in bf16: 141 GB on an 80 GB
@@ -254,6 +291,10 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         detail = "; ".join(found) if found else _short(e)
         raise ModelLoadFailed(f"cannot load the model from {spec.model.uri}: {detail}") from None
     model.config.use_cache = False
+    # Before peft wraps the modules, so the patched norms and MLPs are the ones the adapters sit in.
+    model.kubetune_fused_kernels = apply_fused_kernels(model) if plan.fused_kernels and liger_on(on_cuda) else []
+    if model.kubetune_fused_kernels:
+        log(f"Liger kernels: {', '.join(model.kubetune_fused_kernels)}")
     if plan.method == "qlora" and not on_cuda:
         # bitsandbytes repacks a CPU Linear4bit for inference the first time it runs in eval mode (our
         # evaluations), and its matmul on the repacked weight has no backward: later training steps
@@ -428,7 +469,7 @@ class LossHead:
         softcap = getattr(base_model.config, "final_logit_softcapping", None)
         plain = type(self.head) is torch.nn.Linear
         self.mode = "fused" if fused and plain and softcap is None else "logits"
-        impl = impl or os.environ.get("KUBETUNE_FUSED_CE_IMPL") or ("liger" if device.type == "cuda" else "torch")
+        impl = impl or os.environ.get("KUBETUNE_FUSED_CE_IMPL") or ("liger" if liger_on(device.type == "cuda") else "torch")
         self.impl = impl if self.mode == "fused" else "none"
         self._liger = None
         if self.impl == "liger":

@@ -344,6 +344,12 @@ class Training(KModel):
         description="Compute the loss in chunks without materializing full-vocabulary logits (Liger fused "
         "linear cross-entropy on GPU). Saves roughly 16 bytes x batch x sequence x vocab.",
     )
+    fused_kernels: bool = Field(
+        True,
+        description="On GPU, swap the model's RMSNorm, rotary embedding and gated MLP activation for Liger's "
+        "Triton kernels (faster, fewer saved activations), for the model types Liger supports; other models "
+        "run unchanged. Turn off to run transformers' own modules.",
+    )
     sharding: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
         description="Multi-GPU strategy: ddp replicates the model; fsdp shards weights, gradients and optimizer "

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     f.add_argument("--fused-cross-entropy", action="store_true", help="liger fused linear cross-entropy (no full logits)")
+    f.add_argument("--fused-kernels", action="store_true",
+                   help="liger RMSNorm, RoPE and SwiGLU/GeGLU kernels (apply_liger_kernel_to_*: fewer saved activations)")
     f.add_argument("--packing", action="store_true",
                    help="packed sequences (position_ids): SDPA gets a block-diagonal mask and repeats k/v per head")
     f.add_argument("--lora-rank", metavar="R", help="LoRA rank (default 16)")
@@ -207,6 +209,7 @@ def _flag_plan(args: argparse.Namespace):
         seq_len=seq,
         gradient_checkpointing=args.gradient_checkpointing,
         fused_cross_entropy=args.fused_cross_entropy,
+        fused_kernels=args.fused_kernels,
         packing=args.packing,
         precision=_choice(args, "precision", PRECISIONS, "bf16"),
         optimizer=_choice(args, "optimizer", OPTIMIZERS, "adamw"),
@@ -308,6 +311,8 @@ def _plan_line(plan) -> str:
                  + (f" x {plan.gradient_accumulation_steps} accumulation" if plan.gradient_accumulation_steps > 1 else ""))
     parts.append(f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
     parts.append(f"fused CE {'on' if plan.fused_cross_entropy else 'off'}")
+    if plan.fused_kernels:
+        parts.append("fused kernels")
     if plan.packing:
         parts.append("packing")
     g = plan.num_processes
@@ -442,6 +447,7 @@ def run(args: argparse.Namespace) -> int:
         given = [f"--{f.replace('_', '-')}" for f in _FLAG_ONLY if getattr(args, f) is not None]
         given += [f for f, on in (("--gradient-checkpointing", args.gradient_checkpointing),
                                   ("--fused-cross-entropy", args.fused_cross_entropy),
+                                  ("--fused-kernels", args.fused_kernels),
                                   ("--packing", args.packing),
                                   ("--train-embeddings", args.train_embeddings)) if on]
         if given:
