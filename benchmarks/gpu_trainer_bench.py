@@ -5,7 +5,7 @@ checkout) it runs kubetune's trainer with each speed lever on and off, one subpr
 peak memory stats are clean, and runs measure.py on the same configs beside it. Random-init models of
 the real dims (no hub on the device); random-token text data made here.
 
-Levers: Liger's RMSNorm/RoPE/SwiGLU kernels | fused linear cross-entropy (Liger) | packing (variable-length
+Levers: Liger's RMSNorm/RoPE/SwiGLU kernels | the CUDA allocator's expandable segments | fused linear cross-entropy (Liger) | packing (variable-length
 data) | fused AdamW | torch.compile. Each row also carries the estimator's figure for its plan.
 Target (H100, Llama-3.1-8B dims, LoRA r16 all-linear, b4 x 2048, gradient checkpointing):
 >= 11,000 tokens/s (plain stack 6,951) and <= 20 GiB device memory (plain stack 33.7 GiB).
@@ -43,6 +43,7 @@ VARIANTS = {
     "no-fused-kernels": ({}, {"fusedKernels": False}, {}, "full"),
     "no-fused-ce": ({}, {"fusedCrossEntropy": False}, {}, "full"),
     "no-fused-optim": ({"KUBETUNE_FUSED_OPTIMIZER": "0"}, {}, {}, "full"),
+    "no-expandable-segments": ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}, {}, {}, "full"),
     "compile": ({"KUBETUNE_COMPILE": "1"}, {}, {}, "full"),
     "torch-chunked-ce": ({"KUBETUNE_FUSED_CE_IMPL": "torch"}, {}, {}, "full"),
     "mixed-no-packing": ({}, {}, {"packing": False}, "mixed"),
@@ -174,6 +175,7 @@ def estimated_gib(cfg: dict, model_dir: Path) -> dict:
 
 
 def run_one(config_path: str, warm: int = WARM) -> None:
+    import kubetune_trainer  # noqa: F401  (first: it sets the trainer's CUDA allocator config before torch)
     import torch
 
     from kubetune_trainer.config import load_config
@@ -319,6 +321,7 @@ def main() -> None:
             "fused_kernels": training.get("fusedKernels", True),
             "fused_ce": training.get("fusedCrossEntropy", True) and env.get("KUBETUNE_FUSED_CE_IMPL", "liger"),
             "fused_optimizer": env.get("KUBETUNE_FUSED_OPTIMIZER", "1") == "1",
+            "expandable_segments": "False" not in env.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "compile": env.get("KUBETUNE_COMPILE") == "1",
             "packing": dataset.get("packing", False), "data": kind},
             dry_run=args.dry_run, wall_s=round(time.time() - t0, 1))

@@ -46,7 +46,7 @@ def test_every_benchmark_run_is_a_valid_trainer_config(bench, tmp_path):
             assert not plan.fused_cross_entropy
         elif v == "default":
             assert plan.fused_cross_entropy, "the default run must be what the trainer does out of the box"
-        assert set(env) <= {"KUBETUNE_FUSED_OPTIMIZER", "KUBETUNE_COMPILE", "KUBETUNE_FUSED_CE_IMPL"}
+        assert set(env) <= {"KUBETUNE_FUSED_OPTIMIZER", "KUBETUNE_COMPILE", "KUBETUNE_FUSED_CE_IMPL", "PYTORCH_CUDA_ALLOC_CONF"}
         if c == bench.TARGET:  # the target's dims are Llama-3.1-8B's, and its tokenizer covers the vocabulary
             model_dir = Path(raw["spec"]["model"]["uri"][len("file://"):])
             mc = AutoConfig.from_pretrained(model_dir)

@@ -798,3 +798,17 @@ print("survived")
     assert lines[-1] == "survived"
     ack = json.loads(lines[0])
     assert ack["event"] == "preempted" and "60s grace" in ack["message"]
+
+
+def test_the_trainer_grows_cuda_allocator_segments_unless_the_pod_says_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    probe = "import kubetune_trainer, os; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"  # resources.env
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "max_split_size_mb:512"
