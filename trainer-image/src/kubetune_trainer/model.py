@@ -368,12 +368,24 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
 
 
 def materialized_bytes(model) -> int:
-    """Bytes this process holds for the model's parameters and buffers (meta tensors hold none)."""
-    seen, n = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if not t.is_meta and id(t) not in seen:
-            seen.add(id(t))
+    """Bytes this process holds for the model: parameters, buffers and bitsandbytes' quantization
+    constants (a 4-bit weight's absmax and nested state, an int8 weight's row scales), which live on
+    the weight tensor itself rather than as parameters or buffers. Meta tensors hold none."""
+    seen: dict[int, torch.Tensor] = {}  # holds what it saw: as_dict's new tensors must not free their ids
+    n = 0
+
+    def add(t) -> None:
+        nonlocal n
+        if torch.is_tensor(t) and not t.is_meta and id(t) not in seen:
+            seen[id(t)] = t
             n += t.numel() * t.element_size()
+
+    for t in (*model.parameters(), *model.buffers()):
+        add(t)
+        if getattr(t, "quant_state", None) is not None:
+            for v in t.quant_state.as_dict(packed=True).values():
+                add(v)
+        add(getattr(t, "SCB", None))
     return n
 
 
