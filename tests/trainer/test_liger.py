@@ -36,6 +36,8 @@ def _run(tmp_path, model_dir, data, name, method, env):
                               training={"maxSteps": STEPS, "microBatchSize": 2, "learningRate": 3e-3,
                                         "fusedCrossEntropy": True, "fusedKernels": True},
                               dataset={"maxSeqLength": 48})
+    if method["type"] == "qlora":
+        cfg["spec"]["resources"]["gpusPerNode"] = 1  # the API's rule for qlora; CPU all the same
     run = TrainerProc(cfg, tmp_path / f"{name}.yaml", env=env)
     assert run.wait(600) == 0, run.stderr[-3000:]
     return run
@@ -44,12 +46,14 @@ def _run(tmp_path, model_dir, data, name, method, env):
 @pytest.mark.parametrize("family,method", [
     ("llama", {"type": "lora", "lora": {"rank": 8, "alpha": 16}}),
     ("qwen2", {"type": "full"}),  # the norms' weights train: Liger's RMSNorm backward computes dW too
-], ids=["llama-lora", "qwen2-full"])
+    ("llama", {"type": "qlora", "lora": {"rank": 8, "alpha": 16}}),  # around bitsandbytes' 4-bit linears
+], ids=["llama-lora", "qwen2-full", "llama-qlora"])
 def test_liger_kernels_train_like_transformers_modules(tmp_path, family, method):
     model_dir = tiny.build_model_dir(tmp_path / "model", family=family)
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(24, seed=5))
-    liger = _run(tmp_path, model_dir, data, "liger", method, LIGER)
-    plain = _run(tmp_path, model_dir, data, "plain", method, {})
+    bnb = {"KUBETUNE_DEBUG_BNB_ON_CPU": "1"} if method["type"] == "qlora" else {}
+    liger = _run(tmp_path, model_dir, data, "liger", method, {**LIGER, **bnb})
+    plain = _run(tmp_path, model_dir, data, "plain", method, bnb)
 
     m = liger.events_of("model")[0]
     assert m["fusedKernels"] == ["rope", "rms_norm", "swiglu"]
@@ -62,5 +66,7 @@ def test_liger_kernels_train_like_transformers_modules(tmp_path, family, method)
     diff = max(abs(a[s] - b[s]) for s in a)
     print(f"\n{family} {method['type']}: loss {b[1]:.4f} -> {b[STEPS]:.4f}; Liger kernels vs transformers' "
           f"modules: max |dloss| {diff:.2e} over {STEPS} steps")
-    assert diff < 1e-4
+    # QLoRA's 4-bit matmuls compute in bf16: once a last-bit difference (here 1e-6 at step 4) flips a
+    # bf16 rounding, it shows at bf16's resolution
+    assert diff < (5e-3 if method["type"] == "qlora" else 1e-4), [abs(a[s] - b[s]) for s in sorted(a)]
     assert b[STEPS] < b[1] - 0.5  # it learned: the comparison is not between two runs that stood still
