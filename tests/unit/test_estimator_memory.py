@@ -1,6 +1,8 @@
 """The memory model: structure, monotonicity, sharding, and the trainer contract (kubetune.plan)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import kubetune.plan as plan_mod
@@ -188,6 +190,14 @@ def test_fused_kernels_keep_fewer_activations_without_checkpointing():
     # checkpointing: the recomputed block's peak is the measured one (the calibration's Liger rows)
     gc = p.with_(gradient_checkpointing=True)
     assert estimate(L8, gc.with_(fused_kernels=True)).total_bytes == estimate(L8, gc).total_bytes
+    # a gated MLP with an activation Liger's kernel does not compute keeps transformers' MLP; the norms change
+    relu = dataclasses.replace(L8, act_fn="relu", _cache={})
+    saved_relu = estimate(relu, p).breakdown["activations"] - estimate(relu, p.with_(fused_kernels=True)).breakdown["activations"]
+    assert saved_relu == 2 * 2 * 4096 * 32 * 4 * 2048
+    gemma = catalog_architecture("gemma-3-4b")  # gelu_pytorch_tanh: Liger's GeGLU
+    assert gemma.act_fn == "gelu_pytorch_tanh"
+    gp = p.with_(seq_len=512)
+    assert estimate(gemma, gp.with_(fused_kernels=True)).total_bytes < estimate(gemma, gp).total_bytes
     # a model type Liger does not patch keeps transformers' modules
     neox = catalog_architecture("EleutherAI/pythia-1b")
     assert estimate(neox, p.with_(fused_kernels=True)).total_bytes == estimate(neox, p).total_bytes

@@ -25,6 +25,10 @@ LIGER_MODEL_TYPES = frozenset({
     "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
     "qwen3", "qwen3_moe",
 })
+# Gated-MLP activations Liger's kernels compute (SwiGLU: silu(gate) * up; GeGLU: tanh-approximated gelu).
+# Another activation keeps transformers' MLP, in the trainer and in the estimate alike.
+LIGER_SWIGLU_ACTS = ("silu", "swish")
+LIGER_GEGLU_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
 OPTIMIZER_IMPL = {"adamw": "adamw_torch_fused", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit"}
 
 

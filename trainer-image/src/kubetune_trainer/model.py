@@ -177,17 +177,14 @@ def liger_on(on_cuda: bool) -> bool:
     return on_cuda or (os.environ.get("KUBETUNE_DEBUG_LIGER_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# Gated-MLP activations Liger's kernels compute: SwiGLU is silu(gate) * up; GeGLU the tanh-approximated gelu.
-_SWIGLU_ACTS = ("silu", "swish")
-_GEGLU_ACTS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-
-
 def apply_fused_kernels(model) -> list[str]:
     """Swap this model instance's RMSNorm, rotary embedding and gated MLP for Liger's Triton kernels
     (training.fusedKernels): fewer kernel launches, and the norm and MLP keep fewer activations for the
     backward (the estimator prices exactly that; kubetune.plan.LIGER_MODEL_TYPES). Loss kernels stay
     off: LossHead owns the loss. A model type Liger does not know runs unchanged. Returns what it swapped."""
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    from kubetune.plan import LIGER_GEGLU_ACTS, LIGER_SWIGLU_ACTS
 
     fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(getattr(model.config, "model_type", None))
     if fn is None:
@@ -198,9 +195,9 @@ def apply_fused_kernels(model) -> list[str]:
     # model with another activation would silently train a different function.
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     act = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
-    if "swiglu" in params and act not in _SWIGLU_ACTS:
+    if "swiglu" in params and act not in LIGER_SWIGLU_ACTS:
         kw["swiglu"] = False
-    if "geglu" in params and act not in _GEGLU_ACTS:
+    if "geglu" in params and act not in LIGER_GEGLU_ACTS:
         kw["geglu"] = False
     fn(model=model, **kw)
     return [k for k in ("rope", "rms_norm", "layer_norm", "swiglu", "geglu")

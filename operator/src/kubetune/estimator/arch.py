@@ -106,6 +106,7 @@ class Architecture:
     norm: str = "rms"  # rms | gemma | ln  (how norms save activations)
     gated_mlp: bool = True
     act: str = "silu"  # silu | gelu | gelu_new (gelu_new is element-wise python: saves more)
+    act_fn: str = "silu"  # the gated MLP's activation as config.json names it (which Liger kernel fits)
     qk_norm: bool = False
     norms_per_block: int = 2
     parallel_residual: bool = False
@@ -407,6 +408,9 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
         blocks.append((L, Block(attn + dense_mlp(inter), norm_params)))
 
     act = str(_get(cfg, "hidden_act", "hidden_activation", default="silu"))
+    # what the MLP computes: Gemma's modules read hidden_activation, the others hidden_act (transformers'
+    # defaults where config.json leaves it out)
+    act_fn = str(cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu"))
     sliding = cfg.get("sliding_window") if (cfg.get("use_sliding_window", True) is not False) else None
     if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         sliding = None
@@ -429,6 +433,7 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
         norm="gemma" if gemma else "rms",
         gated_mlp=True,
         act="gelu" if "gelu" in act else "silu",
+        act_fn=act_fn,
         qk_norm=qk_norm,
         norms_per_block=norms_per_block,
         final_logit_softcapping=bool(cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)),
@@ -459,6 +464,7 @@ def _phi3(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
         head_dim=hd, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
         blocks=((L, Block(lin, 2 * h)),), embed_params=V * h, other_embed_params=0,
         lm_head_params=0 if tie else V * h, final_norm_params=h, norm="rms",
+        act_fn=str(cfg.get("hidden_act") or "silu"),
         sliding_window=int(sliding) if isinstance(sliding, int) and sliding > 0 else None,
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )

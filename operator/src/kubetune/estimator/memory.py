@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
-from kubetune.plan import LIGER_MODEL_TYPES, TrainingPlan
+from kubetune.plan import LIGER_GEGLU_ACTS, LIGER_MODEL_TYPES, LIGER_SWIGLU_ACTS, TrainingPlan
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -143,7 +143,8 @@ class _Ctx:
     mask: bool  # an explicit attention mask (sliding window / prefix): no native GQA in SDPA
     s_kv: int  # keys per query row (eager attention stores scores of this length)
     moe_lora: bool = False  # peft adapts the router and 3D experts: their inputs are saved as if trained
-    liger: bool = False  # Liger's RMSNorm and gated-MLP kernels replace transformers' (fusedKernels)
+    liger: bool = False  # Liger's RMSNorm replaces transformers' (fusedKernels)
+    liger_mlp: bool = False  # and its SwiGLU/GeGLU the MLP's activation (one it computes)
 
 
 def _group(x: _Ctx, d: int, g: int, saved_already: bool, base: int, n_ad: int) -> int:
@@ -240,7 +241,7 @@ def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
             i = arch.intermediate_size
             o2 = lin_out(g)
             # act input, act output, up output; Liger's SwiGLU/GeGLU keeps gate and up and recomputes the act
-            tot += (2 if x.liger else 3) * o2 * i
+            tot += (2 if x.liger_mlp else 3) * o2 * i
             tot += _group(x, i, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
         else:
             m = blk.moe
@@ -360,6 +361,11 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         adapted = tuple(sorted(counts.items()))
     nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
     s = max(1, plan.seq_len)
+    # Under checkpointing the two measured Liger rows (shared/calibration, 1B and 8B) peak where
+    # transformers' saved set of the recomputed block puts them (within 0.2%), not lower as Liger's
+    # smaller set would: why is unexplained, so the estimate keeps what was measured there.
+    liger = (plan.fused_kernels and not plan.gradient_checkpointing and arch.model_type in LIGER_MODEL_TYPES
+             and arch.family in ("llama", "phi3"))
     return _Ctx(
         w=BYTES[plan.weight_dtype],
         c=c,
@@ -375,11 +381,9 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         mask=_explicit_mask(arch, plan),
         s_kv=s + nv + (int(plan.virtual_tokens or 20) if plan.method == "prompt-tuning" else 0),
         moe_lora=plan.method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)),
-        # Under checkpointing the two measured Liger rows (shared/calibration, 1B and 8B) peak where
-        # transformers' saved set of the recomputed block puts them (within 0.2%), not lower as Liger's
-        # smaller set would: why is unexplained, so the estimate keeps what was measured there.
-        liger=(plan.fused_kernels and not plan.gradient_checkpointing and arch.model_type in LIGER_MODEL_TYPES
-               and arch.family in ("llama", "phi3")),
+        liger=liger,
+        # Liger's Gemma types take GeGLU, the rest SwiGLU: with another activation the MLP stays transformers'
+        liger_mlp=liger and arch.act_fn in (LIGER_GEGLU_ACTS if arch.norm == "gemma" else LIGER_SWIGLU_ACTS),
     )
 
 
