@@ -70,3 +70,63 @@ def test_liger_kernels_train_like_transformers_modules(tmp_path, family, method)
     # bf16 rounding, it shows at bf16's resolution
     assert diff < (5e-3 if method["type"] == "qlora" else 1e-4), [abs(a[s] - b[s]) for s in sorted(a)]
     assert b[STEPS] < b[1] - 0.5  # it learned: the comparison is not between two runs that stood still
+
+
+# Every type the estimator discounts, built tiny and patched by the trainer's own apply_fused_kernels:
+# the loss and every gradient before and after the swap (the rotary patch is module-wide, so the
+# reference runs first). Gemma 3 as its text model (the multimodal wrapper needs a vision tower).
+PATCH_CHECK = r"""
+import json, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from liger_kernel.transformers.rms_norm import LigerRMSNorm
+from kubetune_trainer.model import apply_fused_kernels
+
+out = {}
+for t in sys.argv[1:]:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(t, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=16, vocab_size=256, moe_intermediate_size=32,
+                               num_local_experts=4, num_experts=4, num_experts_per_tok=2,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    m = AutoModelForCausalLM.from_config(cfg)  # SDPA where the model has it (not Gemma 2)
+    x = torch.randint(0, 256, (2, 24))
+
+    def run():
+        m.zero_grad()
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    l0, g0 = run()
+    kernels = apply_fused_kernels(m)
+    l1, g1 = run()
+    norm = m.get_decoder().layers[0].post_attention_layernorm  # every one of these has it (Olmo 2 has no input norm)
+    out[t] = {"kernels": kernels, "dloss": abs(l0 - l1), "grads": len(g0),
+              "dgrad": max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)) for a, b in zip(g0, g1)),
+              "liger_norm": getattr(norm.forward, "__func__", None) is LigerRMSNorm.forward,
+              "mlp": m.get_decoder().layers[0].mlp._get_name()}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_every_model_type_the_estimator_discounts_trains_the_same_under_liger(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from kubetune.plan import LIGER_MODEL_TYPES
+
+    # Mixtral's and Qwen3-MoE's experts go through Liger's autotuned fused-MoE kernel, and autotuning
+    # times kernels on a GPU: the interpreter cannot run it
+    types = sorted(LIGER_MODEL_TYPES - {"gemma3", "mixtral", "qwen3_moe"})
+    p = subprocess.run([sys.executable, "-c", PATCH_CHECK, *types], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **LIGER})
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    assert p.returncode == 0 and line, p.stderr[-3000:]
+    got = json.loads(line[-1][7:])
+    for t in types:
+        r = got[t]
+        print(f"{t:12s} {','.join(r['kernels']):28s} {r['mlp']:24s} dloss {r['dloss']:.1e} max rel dgrad {r['dgrad']:.1e}")
+        assert r["liger_norm"] and "rms_norm" in r["kernels"], (t, r)
+        assert ("geglu" if t.startswith("gemma") else "swiglu") in r["kernels"], (t, r)
+        assert r["grads"] > 10 and r["dloss"] < 1e-5 and r["dgrad"] < 1e-4, (t, r)

@@ -7,6 +7,7 @@ import pytest
 import tiny
 from kubetune_trainer.config import parse_config
 from kubetune_trainer.loop import train
+from proc import TrainerProc
 
 pytestmark = pytest.mark.slow
 
@@ -120,3 +121,36 @@ def test_a_hub_dataset_path_trains_on_the_files_it_names(tmp_path, model_dir):
     assert data["files"] == 1 and data["train"] == 30 and data["validation"] == 6, data  # not train_gen, not test_gen
     m = json.loads(run.termination.read_text())["result"]["metrics"]
     assert m["evalLoss"] < m["baseEvalLoss"] - 1.0
+
+
+def test_a_model_without_sdpa_trains_with_eager_attention(tmp_path):
+    """Gemma 2 has no SDPA path in transformers (its soft-capped scores): asking for SDPA fails the
+    load, so the trainer takes eager attention there, as the estimator prices it (eager_attention)."""
+    model_dir = tiny.build_model_dir(tmp_path / "gemma2", family="gemma2")
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(24, seed=2))
+    cfg = tiny.trainer_config(tmp_path, model_dir, data, training={"maxSteps": 12, "microBatchSize": 2, "learningRate": 1e-2})
+    run = TrainerProc(cfg, tmp_path / "c.yaml")
+    assert run.wait(300) == 0, run.stderr[-3000:]
+    assert run.events_of("model")[0]["attention"] == "eager"
+    losses = run.losses()
+    print(f"\ngemma2 lora (eager attention): loss {losses[1]:.3f} -> {losses[12]:.3f}")
+    assert losses[12] < losses[1] - 1.0
+
+
+def test_the_estimator_and_transformers_agree_on_which_models_lack_sdpa():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kubetune.estimator import from_config
+    from kubetune.estimator.arch import FAMILIES
+
+    checked = 0
+    for t in FAMILIES:
+        try:
+            cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(t))]
+        except (KeyError, ValueError):
+            continue  # not a causal LM here (bert) or not in this transformers
+        cfg = AutoConfig.for_model(t).to_dict()
+        eager = from_config(cfg, t).eager_attention
+        assert eager == (not cls._supports_sdpa), (t, cls.__name__)
+        checked += 1
+    assert checked >= 15

@@ -5,7 +5,8 @@ the CPU tests run Liger's own kernel code unchanged. Put this folder on PYTHONPA
   scalar; Liger calls ``eps.to(tl.float32)`` on one.
 - ``libdevice`` functions imported by name (``from triton.language.extra.libdevice import rsqrt``) are
   compiler stubs the interpreter never swaps for its numpy versions (it patches ``tl.math`` at launch):
-  each is replaced by a call to ``tl.math``'s function of the same name, looked up when it runs.
+  each is replaced by a call to ``tl.math``'s function of the same name, looked up when it runs, and
+  ``tanh`` (Liger's GeGLU), which ``tl.math`` lacks, by 2·sigmoid(2x) − 1 (equal to fp32 rounding).
 """
 import os
 
@@ -30,3 +31,4 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     for _name in dir(libdevice):
         if not _name.startswith("_") and hasattr(tl.math, _name):
             setattr(libdevice, _name, _late(_name))
+    libdevice.tanh = lambda x: 2 * tl.sigmoid(2 * x) - 1

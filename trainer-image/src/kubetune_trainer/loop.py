@@ -336,7 +336,7 @@ def _train(config: TrainerConfig, log: Callable[[str], None], preempt: Preemptio
     loaded = materialized_bytes(model)
     head = LossHead(model, base, plan.fused_cross_entropy, device)
     log_event("model", method=plan.method, params=n_total, trainable=n_train, lossHead=head.mode, lossImpl=head.impl,
-              fusedKernels=base.kubetune_fused_kernels,
+              fusedKernels=base.kubetune_fused_kernels, attention=base.config._attn_implementation,
               weightDtype=str(next(base.parameters()).dtype), gradientCheckpointing=plan.gradient_checkpointing,
               totalSteps=total_steps, microBatch=mbs, gradAccum=ga, processes=accelerator.num_processes,
               sharding=plan.sharding, distributedType=accelerator.distributed_type.value, device=str(device))

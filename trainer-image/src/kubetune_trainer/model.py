@@ -204,6 +204,20 @@ def apply_fused_kernels(model) -> list[str]:
             if k in params and kw.get(k, params[k].default) is True]
 
 
+def attention_for(model_dir: Path, trust: bool) -> str:
+    """transformers' SDPA (flash / memory-efficient kernels, no s^2 scores kept) unless the model has no
+    SDPA path (Gemma 2, for its soft-capped scores), which gets eager attention: what the estimator
+    prices (Architecture.eager_attention). A config this cannot resolve is left to the load to report."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust)
+        cls = AutoModelForCausalLM._model_mapping[type(cfg)]
+    except Exception:
+        return "sdpa"
+    return "sdpa" if getattr(cls, "_supports_sdpa", True) else "eager"
+
+
 def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -> str:
     """Where a process builds its copy of the base model. Under FSDP, loading it whole on every rank
     would need one GPU to hold all of it before sharding (Llama-3.1-70B in bf16: 141 GB on an 80 GB
@@ -230,7 +244,8 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     on_cuda = device.type == "cuda"
     weight_dtype = DTYPES[plan.weight_dtype] if plan_dtypes_on(on_cuda) else torch.float32
     trust = spec.model.trust_remote_code
-    kw: dict = dict(dtype=weight_dtype, attn_implementation="sdpa", trust_remote_code=trust)
+    attention = attention_for(model_dir, trust)
+    kw: dict = dict(dtype=weight_dtype, attn_implementation=attention, trust_remote_code=trust)
 
     if plan.method == "qlora":
         if not bitsandbytes_on(on_cuda):
@@ -270,7 +285,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
                 # benchmarks and estimator calibration: real dims, random weights, no download
                 log(f"no weight files in {model_dir}: random init from config.json (KUBETUNE_ALLOW_RANDOM_INIT=1)")
             with torch.device("meta" if place == "meta" else "cpu" if place == "cpu" else device):
-                model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation="sdpa",
+                model = AutoModelForCausalLM.from_config(cfg, dtype=weight_dtype, attn_implementation=attention,
                                                          trust_remote_code=trust)
         else:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)

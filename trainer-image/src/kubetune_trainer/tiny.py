@@ -95,14 +95,16 @@ def build_tokenizer(out: Path):
 def build_model_dir(out: Path, seed: int = 0, family: str = "llama") -> Path:
     """A tiny random-init model plus tokenizer in out (a transformers model directory)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out)
-    cls = LlamaConfig if family == "llama" else Qwen2Config
-    cfg = cls(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-              vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False, initializer_range=INIT_RANGE,
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # family: a transformers model_type (llama, qwen2, gemma2, ...) at the same tiny dims
+    cfg = AutoConfig.for_model(
+        family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=128, vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
+        initializer_range=INIT_RANGE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out))
