@@ -123,18 +123,25 @@ def test_a_hub_dataset_path_trains_on_the_files_it_names(tmp_path, model_dir):
     assert m["evalLoss"] < m["baseEvalLoss"] - 1.0
 
 
-def test_a_model_without_sdpa_trains_with_eager_attention(tmp_path):
-    """Gemma 2 has no SDPA path in transformers (its soft-capped scores): asking for SDPA fails the
-    load, so the trainer takes eager attention there, as the estimator prices it (eager_attention)."""
-    model_dir = tiny.build_model_dir(tmp_path / "gemma2", family="gemma2")
+# Every causal-LM type the estimator models (kubetune.estimator.arch.FAMILIES), at the tiny dims: the
+# trainer loads it, applies LoRA to all linear layers (Conv1D in GPT-2, 3D experts in the MoEs) and
+# learns. Gemma 2 has no SDPA path in transformers (its soft-capped scores): asking for SDPA fails its
+# load, so the trainer takes eager attention there, as the estimator prices it (eager_attention).
+FAMILY_TYPES = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe",
+                "olmo2", "granite", "phi3", "gpt_neox", "gpt2"]
+
+
+@pytest.mark.parametrize("model_type", FAMILY_TYPES)
+def test_each_model_type_the_estimator_knows_trains_with_lora(tmp_path, model_type):
+    model_dir = tiny.build_model_dir(tmp_path / model_type, family=model_type)
     data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(24, seed=2))
-    cfg = tiny.trainer_config(tmp_path, model_dir, data, training={"maxSteps": 12, "microBatchSize": 2, "learningRate": 1e-2})
+    cfg = tiny.trainer_config(tmp_path, model_dir, data, training={"maxSteps": 8, "microBatchSize": 2, "learningRate": 1e-2})
     run = TrainerProc(cfg, tmp_path / "c.yaml")
     assert run.wait(300) == 0, run.stderr[-3000:]
-    assert run.events_of("model")[0]["attention"] == "eager"
-    losses = run.losses()
-    print(f"\ngemma2 lora (eager attention): loss {losses[1]:.3f} -> {losses[12]:.3f}")
-    assert losses[12] < losses[1] - 1.0
+    m, losses = run.events_of("model")[0], run.losses()
+    print(f"\n{model_type} lora ({m['attention']} attention, {m['trainable']} trainable): loss {losses[1]:.3f} -> {losses[8]:.3f}")
+    assert m["attention"] == ("eager" if model_type == "gemma2" else "sdpa")
+    assert m["trainable"] > 0 and losses[8] < losses[1] - 2.0
 
 
 def test_the_estimator_and_transformers_agree_on_which_models_lack_sdpa():
