@@ -102,11 +102,14 @@ def build_model_dir(out: Path, seed: int = 0, family: str = "llama") -> Path:
     # family: a transformers model_type (llama, qwen2, gemma2, ...) at the same tiny dims
     moe = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                shared_expert_intermediate_size=64) if family in ("mixtral", "qwen2_moe", "qwen3_moe") else {}
+    # grouped-query attention where the type has it: GPT-2 and GPT-NeoX would keep the attribute unused,
+    # and peft's prefix tuning would read it
+    gqa = dict(num_key_value_heads=2, head_dim=16) if family not in ("gpt2", "gpt_neox") else {}
     cfg = AutoConfig.for_model(
-        family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        family, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=128, vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False,
         initializer_range=INIT_RANGE, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, **moe)
+        pad_token_id=tok.pad_token_id, **gqa, **moe)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out))
