@@ -37,7 +37,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "kubetune"
-DENIED = re.compile(r"Forbidden|\b403\b|Not enough permissions|APIForbiddenError")
+# 403 as a status, not the milliseconds of a log timestamp ("08:54:48,403")
+DENIED = re.compile(r"Forbidden|(?<!,)\b403\b|Not enough permissions|APIForbiddenError")
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
