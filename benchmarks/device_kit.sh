@@ -28,8 +28,10 @@ cat <<CMD
 run with carry [".whl", ".calib"], one command each (<= 10 min):
 1. check every run works on tiny dims first (about 2 min):
 $setup && python3 benchmarks/gpu_trainer_bench.py --dry-run --all 2>&1 | tee \$OUT/dry.log
-2. the benchmark (the target with every lever, beside the plain stack; --all for every calibration config):
-$setup && python3 benchmarks/gpu_trainer_bench.py 2>&1 | tee \$OUT/bench.log
+2. the target beside the plain stack, the memory levers (11 runs of 8B in all would pass the 10 minutes of one command):
+$setup && python3 benchmarks/gpu_trainer_bench.py --variants default no-fused-kernels no-fused-ce no-expandable-segments 2>&1 | tee \$OUT/bench.log
+2b. the speed levers on the target (rows in its own \$OUT/trainer_bench.jsonl):
+$setup && python3 benchmarks/gpu_trainer_bench.py --no-baseline --variants no-fused-optim compile torch-chunked-ce mixed-no-packing mixed-packing 2>&1 | tee \$OUT/bench2.log
 3. Liger's kernels without checkpointing, against the estimator's figure for them (about 3 min):
 $setup && python3 benchmarks/gpu_trainer_bench.py --no-baseline --configs 1b-lora-b4s2048-gc --variants no-gc no-gc-no-fused-kernels 2>&1 | tee \$OUT/nogc.log
 CMD
