@@ -245,9 +245,28 @@ def _req_int(cfg: Mapping[str, Any], where: str, *keys: str, default: Any = None
     v = _get(cfg, *keys, default=default)
     if v is None:
         raise UsageError(f"{where}: missing {keys[0]} (needed for the memory estimate)")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")) \
+            or int(v) != v or v < 1:
         raise UsageError(f"{where}: {keys[0]} must be a positive integer, got {v!r}")
+    if v > MAX_DIM:  # bounds the arithmetic below (floats stay finite, ints stay small)
+        raise UsageError(f"{where}: {keys[0]} is {v!r}, more than any model has (at most {MAX_DIM}): check it")
     return int(v)
+
+
+# Hostile or careless input (issue #19): every dimension is bounded, and so is the whole model, so that
+# the estimate's arithmetic stays cheap and its byte counts fit the int64 fields of status.estimate.
+MAX_DIM = 1 << 40
+MAX_PARAMS = 10**15  # 1,000x the largest published model: no cluster trains it
+
+
+def _check_size(arch: "Architecture", where: str) -> "Architecture":
+    n = arch.total_params
+    if n > MAX_PARAMS:
+        raise UsageError(
+            f"{where}: the architecture has {n:.3g} parameters, more than {MAX_PARAMS:.0e} (num_hidden_layers "
+            f"{arch.num_layers}, hidden_size {arch.hidden_size}, intermediate_size {arch.intermediate_size}, "
+            f"vocab_size {arch.vocab_size}): check those fields")
+    return arch
 
 
 # model_type -> family. Families share a block layout; the rest are dims.
@@ -312,7 +331,7 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
     if extra_frozen or approximate or name or disk_bytes != 2:
         arch = _replace(arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name,
                         disk_weight_bytes=disk_bytes)
-    return arch
+    return _check_size(arch, where)
 
 
 def _replace(a: Architecture, **kw: Any) -> Architecture:
@@ -378,6 +397,7 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
         top_k = _req_int(cfg, where, "num_experts_per_tok", default=2)
         moe_i = _req_int(cfg, where, "moe_intermediate_size", "intermediate_size")
         shared_i = int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
+        n_experts = _req_int(cfg, where, "num_local_experts", "num_experts")
         moe = MoE(int(n_experts), top_k, moe_i, shared_i)
         experts = int(n_experts) * 3 * h * moe_i
         router = int(n_experts) * h
@@ -397,9 +417,13 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
             ptargets = (("gate", h + E), ("gate_up_proj", 2 * E * (h + 2 * moe_i)), ("down_proj", E * (moe_i + h)))
         sparse = Block(attn + shared, norm_params + router + experts, experts, moe, ptargets)
         # Qwen-MoE: layer i is sparse iff i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
-        step = int(cfg.get("decoder_sparse_step") or 1)
-        only = set(cfg.get("mlp_only_layers") or [])
-        n_sparse = sum(1 for i in range(L) if i not in only and (i + 1) % step == 0)
+        step = _req_int(cfg, where, "decoder_sparse_step", default=1)
+        only = cfg.get("mlp_only_layers") or []
+        if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+            raise UsageError(f"{where}: mlp_only_layers must be a list of layer indices, got {only!r}")
+        # closed form, never a loop over the layers (a hostile num_hidden_layers must not freeze us):
+        # the multiples of step, less the listed dense layers among them
+        n_sparse = L // step - sum(1 for i in set(only) if 0 <= i < L and (i + 1) % step == 0)
         if n_sparse:
             blocks.append((n_sparse, sparse))
         if L - n_sparse:
@@ -554,7 +578,7 @@ def _gemma3_vision_params(vision: Mapping[str, Any], text: Mapping[str, Any]) ->
     vh = int(vision.get("hidden_size", 1152))
     vi = int(vision.get("intermediate_size", 4304))
     vl = int(vision.get("num_hidden_layers", 27))
-    patch = int(vision.get("patch_size", 14))
+    patch = max(1, int(vision.get("patch_size", 14)))
     img = int(vision.get("image_size", 896))
     ch = int(vision.get("num_channels", 3))
     th = int(text.get("hidden_size", 2560))

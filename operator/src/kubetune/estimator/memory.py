@@ -95,14 +95,16 @@ class Estimate:
     def to_status(self) -> Any:
         from kubetune.api.v1alpha1 import EstimateStatus, MemoryBreakdown
 
+        # The apiserver rejects integers past int64 (issue #19): architectures are bounded (arch.MAX_PARAMS),
+        # and every field saturates anyway, so no plan can make the status patch fail.
         return EstimateStatus(
-            per_gpu=format_gib(self.total_bytes),
-            per_gpu_bytes=self.total_bytes,
-            breakdown=MemoryBreakdown(**self.breakdown),
-            total_params=self.total_params,
-            trainable_params=self.trainable_params,
-            micro_batch_size=self.micro_batch_size,
-            seq_length=self.seq_len,
+            per_gpu=format_gib(min(self.total_bytes, INT64_MAX)),
+            per_gpu_bytes=_i64(self.total_bytes),
+            breakdown=MemoryBreakdown(**{k: _i64(v) for k, v in self.breakdown.items()}),
+            total_params=_i64(self.total_params),
+            trainable_params=_i64(self.trainable_params),
+            micro_batch_size=_i64(self.micro_batch_size),
+            seq_length=_i64(self.seq_len),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +120,13 @@ class Estimate:
             "peak_phase": self.phase,
             "notes": list(self.notes),
         }
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def _i64(n: int) -> int:
+    return max(-INT64_MAX, min(int(n), INT64_MAX))
 
 
 def format_gib(n: int) -> str:
