@@ -34,7 +34,8 @@ class Operator:
     def start(self, *extra: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port", str(self.port),
-             "--metrics-address", "127.0.0.1", "--liveness", "", "--progress-interval", "2", *extra],
+             "--metrics-address", "127.0.0.1", "--liveness", "", "--progress-interval", "2",
+             "--allow-endpoint", "127.0.0.1", *extra],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
         wait_for("operator /metrics", lambda: self.metrics() is not None, 30)
 

@@ -166,7 +166,7 @@ def start_operator(log: Path, kubeconfig: Path, peering: str, *extra: str) -> Op
     op.proc = subprocess.Popen(
         [sys.executable, "-m", "kubetune.cli", "operator", "--kubeconfig", str(kubeconfig), "--peering", peering,
          "--metrics-port", str(op.port), "--metrics-address", "127.0.0.1", "--liveness", "",
-         "--progress-interval", "2", *extra],
+         "--progress-interval", "2", "--allow-endpoint", "127.0.0.1", *extra],
         stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
     wait_for("operator /metrics", lambda: op.metrics() is not None, 30)
     return op

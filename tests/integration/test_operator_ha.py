@@ -27,7 +27,8 @@ def test_two_replicas_never_both_act(ground, crds, ns, tmp_path):
     def start(op: Operator, priority: int) -> None:
         op.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--peering", "kubetune", "--priority", str(priority),
-             "--namespace", ns, "--metrics-port", str(op.port), "--metrics-address", "127.0.0.1", "--liveness", ""],
+             "--namespace", ns, "--metrics-port", str(op.port), "--metrics-address", "127.0.0.1", "--liveness", "",
+             "--allow-endpoint", "127.0.0.1"],
             stdout=op.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
 
     start(high, 200)

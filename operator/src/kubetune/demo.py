@@ -123,7 +123,9 @@ def main() -> int:
     try:
         say("2. The operator, and a local agent that runs trainer pods as processes on this machine")
         bg.start("operator", [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port",
-                              "0", "--liveness", "", "--progress-interval", "3"], env, lay.root / "demo-operator.log")
+                              "0", "--liveness", "", "--progress-interval", "3",
+                              # the ground's S3 server listens on this machine's loopback
+                              "--allow-endpoint", "127.0.0.1"], env, lay.root / "demo-operator.log")
         bg.start("agent", [sys.executable, "-m", "kubetune.devenv.agent", "--node", "local-0", "--cpu", "2"], env,
                  lay.root / "demo-agent.log")
         g.wait_until("the local node", lambda: run(kubectl + ["get", "node", "local-0"], env=env, check=False,

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainer-env", action="append", default=[], metavar="NAME=VALUE",
                    help="an environment variable for every trainer pod (repeatable): proxies, NCCL settings; a "
                         "job's spec.resources.env wins for the same name")
+    p.add_argument("--allow-endpoint", action="append", default=[], metavar="HOST|CIDR[:PORT]",
+                   help="an S3 endpoint address the operator may call although it is loopback, link-local or "
+                        "otherwise refused (repeatable): e.g. a MinIO on the node's loopback in a test cluster. "
+                        "Cloud metadata addresses stay refused unless named here")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     p.add_argument("--verbose", action="store_true")
@@ -89,6 +93,57 @@ def trainer_env(items: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out.items())
 
 
+class _RedactingFilter(logging.Filter):
+    """The last net: no log line of any library leaves the process with a credential's shape in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from kubetune.controller.redact import redact
+
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record whose arguments do not format is left to logging
+            return True
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+def ensure_peering(name: str, namespaces: list[str], log: logging.Logger) -> None:
+    """Leader election needs kopf's peering object, which kopf waits for silently when it is
+    missing. Create it (as the chart does), or refuse to start with the way out."""
+    from kubernetes.client.rest import ApiException
+
+    from kubetune.controller import kube
+
+    custom = kube.custom()
+    plural = "clusterkopfpeerings" if not namespaces else "kopfpeerings"
+    kind = "ClusterKopfPeering" if not namespaces else "KopfPeering"
+    for ns in namespaces or [None]:
+        where = f"{kind} {name!r}" + (f" in namespace {ns}" if ns else "")
+        body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name, **({"namespace": ns} if ns else {})}}
+        try:
+            if ns:
+                custom.create_namespaced_custom_object("kopf.dev", "v1", ns, plural, body)
+            else:
+                custom.create_cluster_custom_object("kopf.dev", "v1", plural, body)
+            log.info(f"created {where} for leader election")
+        except ApiException as e:
+            if e.status == 409:
+                continue
+            if e.status == 404:
+                raise UsageError(f"leader election (--peering {name}) needs kopf's peering CRDs, which are not "
+                                 "installed: kubectl apply -f crds/kopf-peering.yaml (the Helm chart installs them), "
+                                 "or run a single replica with --standalone") from None
+            if e.status == 403:
+                log.warning(f"waiting for {where} (leader election): this operator may not create it; create it "
+                            f"(kubectl apply -f crds/kopf-peering.yaml, then a {kind} named {name}) or run with "
+                            "--standalone")
+                continue
+            raise
+    log.info(f"leader election through {kind} {name!r}: only the replica with the highest priority acts")
+
+
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -115,16 +170,23 @@ def run(args: argparse.Namespace) -> int:
 
     from kubetune.controller import handlers, kube, manifests, metrics
 
+    from kubetune.controller.egress import EgressPolicy
+
     kube.configure(args.kubeconfig)
     handlers.CONFIG.namespaces = list(args.namespace)
+    handlers.CONFIG.egress = EgressPolicy(allow=tuple(args.allow_endpoint))
     handlers.CONFIG.pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint,
                                                 env=env)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     _trim_periodically()
     kopf.configure(verbose=args.verbose)
+    for h in logging.getLogger().handlers:
+        h.addFilter(_RedactingFilter())
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_quiet_success)
+    if not args.standalone:
+        ensure_peering(args.peering, list(args.namespace), logging.getLogger("kubetune.operator"))
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

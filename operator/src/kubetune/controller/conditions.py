@@ -7,6 +7,15 @@ from datetime import datetime
 from kubetune.api.v1alpha1 import Condition
 
 
+# Status and Events are read by people, and the apiserver caps a condition's message at 32768: a message
+# built from user input (huge nodeSelector values, a long URI) is cut well before either limit.
+MAX_MESSAGE = 4096
+
+
+def clip(message: str, limit: int = MAX_MESSAGE) -> str:
+    return message if len(message) <= limit else message[: limit - 40] + f"… ({len(message) - limit + 40} more characters)"
+
+
 def find(conditions: list[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
 
@@ -26,6 +35,7 @@ def set_condition(
     generation: int | None,
 ) -> tuple[list[Condition], bool]:
     """Return the new list and whether status or reason changed (a transition worth an Event)."""
+    message = clip(message)
     s = status if isinstance(status, str) else ("True" if status else "False")
     old = find(conditions, type_)
     if old is not None and old.status == s and old.reason == reason and old.message == message \

@@ -16,12 +16,15 @@ from datetime import datetime, timezone
 
 import kopf
 
+import traceback
+
 from kubetune.api.base import format_errors
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
-from kubetune.controller import kube, manifests, metrics, sources
+from kubetune.controller import guard, kube, manifests, metrics, sources
+from kubetune.controller.egress import EgressPolicy, EndpointRefused
 from kubetune.controller.fleet import expected_pods, read_fleet
 from kubetune.controller.reconcile import Observed, reconcile, status_patch
-from kubetune.errors import UsageError
+from kubetune.controller.redact import Redactor, redact, secret_values
 
 log = logging.getLogger("kubetune.operator")
 
@@ -35,6 +38,8 @@ RETRY_INTERVAL = 30.0  # Pending (a Secret, a model config) and Unschedulable (r
 class Config:
     pod: manifests.PodDefaults = manifests.PodDefaults()
     namespaces: list[str] = field(default_factory=list)
+    # which endpoints a spec may make the operator call (--allow-endpoint)
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
 
 CONFIG = Config()
@@ -110,26 +115,42 @@ def _lock_for(ns: str, name: str) -> threading.Lock:
 # --- observe -------------------------------------------------------------------------------------
 
 
-_arch_cache: dict[tuple[str, str], tuple[float, object, str | None]] = {}
+_arch_cache: dict[tuple[str, str], tuple[float, object, str | None, str | None]] = {}
 
 
 def _architecture(spec: FineTuneJobSpec, creds: dict | None, ns: str, hf_token: str | None = None,
-                  ca_pem: str | None = None) -> tuple[object, str | None]:
-    """The model's architecture: inline, catalog, or its config.json (cached for a minute, so a
-    burst of jobs on one private model reads it once)."""
+                  ca_pem: str | None = None) -> tuple[object, str | None, str | None]:
+    """(architecture, error, reason) of the model: inline, catalog, or its config.json (cached for a minute, so a
+    burst of jobs on one private model reads it once). Any failure, whatever a hostile config.json
+    holds, is a message naming what to fix."""
     from kubetune.estimator import resolve_architecture
 
     key = (ns, spec.model.model_dump_json())
     hit = _arch_cache.get(key)
     if hit and time.monotonic() - hit[0] < 60:
-        return hit[1], hit[2]
+        return hit[1], hit[2], hit[3]
+    refused: list[Exception] = []
+
+    def read(_uri: str) -> str:
+        try:
+            return sources.read_config_json(spec, creds, hf_token, CONFIG.pod.hf_endpoint, ca_pem, CONFIG.egress)
+        except (sources.CredentialsRefused, EndpointRefused) as e:
+            refused.append(e)
+            raise
+
     try:
-        arch, err = resolve_architecture(spec.model, read_config=lambda _uri: sources.read_config_json(
-            spec, creds, hf_token, CONFIG.pod.hf_endpoint, ca_pem)), None
-    except (ValueError, UsageError) as e:  # ArchitectureNotFound is a UsageError
-        arch, err = None, str(e)
-    _arch_cache[key] = (time.monotonic(), arch, err)
-    return arch, err
+        arch, err = resolve_architecture(spec.model, read_config=read), None
+    except Exception as e:  # noqa: BLE001 - ArchitectureNotFound, or a config.json no model has
+        arch, err = None, str(e) if isinstance(e, (ValueError, UsageError)) else (
+            f"spec.model: its config.json cannot be read as a model architecture ({type(e).__name__}: {e})")
+    reason = None
+    if refused:  # the credentials or the endpoint are the cause, not a missing architecture
+        arch, err = None, str(refused[0])
+        reason = "EndpointNotAllowed" if isinstance(refused[0], EndpointRefused) else "StorageCredentialsRefused"
+    if len(_arch_cache) > 4096:
+        _arch_cache.clear()  # bounded whatever the number of distinct specs
+    _arch_cache[key] = (time.monotonic(), arch, err, reason)
+    return arch, err, reason
 
 
 _data_cache: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
@@ -142,6 +163,8 @@ def _data(kind: str, ns: str, name: str) -> dict | None:
     if hit and time.monotonic() - hit[0] < 5:
         return hit[1]
     data = {"Secret": kube.read_secret, "ConfigMap": kube.read_config_map}[kind](ns, name)
+    if len(_data_cache) > 4096:
+        _data_cache.clear()
     _data_cache[(kind, ns, name)] = (time.monotonic(), data)
     return data
 
@@ -178,10 +201,27 @@ def _exists(kind: str, ns: str, name: str) -> bool:
     return False
 
 
-def observe(body: dict) -> tuple[Observed, dict | None]:
+def _secret_problem(ref_name: str, field_name: str, key: str, value: str, token: bool = False) -> str | None:
+    """What is wrong with one key of a Secret the spec names, never quoting the value."""
+    where = f"Secret {ref_name!r} ({field_name}) key {key}"
+    if value == kube.NOT_TEXT:
+        return f"{where} is not UTF-8 text: store the value itself (kubectl create secret generic ... --from-literal)"
+    if not token and value != value.strip():
+        return (f"{where} starts or ends with whitespace (a newline from --from-file?): store the value alone "
+                f"(kubectl create secret generic {ref_name} --from-literal={key}=...)")
+    if not value.strip().isprintable():
+        return f"{where} holds control characters: store the value alone, on one line"
+    return None
+
+
+def observe(body: dict) -> tuple[Observed, dict | None, Redactor]:
+    """What reconcile needs, and a Redactor that knows every Secret value read on the way."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
-    status = FineTuneJobStatus.model_validate(body.get("status") or {})
+    try:
+        status = FineTuneJobStatus.model_validate(body.get("status") or {})
+    except ValueError:
+        status = FineTuneJobStatus()  # not written by this operator: start over rather than crash
     try:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
         spec_error = None
@@ -190,9 +230,15 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
     obs = Observed(name=name, namespace=ns, uid=meta.get("uid", ""), generation=meta.get("generation", 1),
                    spec=spec, spec_error=spec_error, status=status)
     if spec is None:
-        return obs, None
+        return obs, None, redact
 
-    creds, hf_token, missing = None, None, []
+    creds, hf_token, missing, token_data = None, None, [], None
+    refused = ""
+    if spec.storage.endpoint:
+        try:
+            CONFIG.egress.check(spec.storage.endpoint, "spec.storage.endpoint")
+        except EndpointRefused as e:
+            refused = str(e)
     ref = spec.storage.credentials_secret
     if ref is not None:
         creds = _data("Secret", ns, ref.name)
@@ -201,21 +247,27 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
                            f"create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
         elif absent := [k for k in (ref.access_key_id_key, ref.secret_access_key_key) if k not in creds]:
             missing.append(f"Secret {ref.name!r} has no key(s) {', '.join(absent)}: add them")
+        else:
+            missing += [p for k in (ref.access_key_id_key, ref.secret_access_key_key)
+                        if (p := _secret_problem(ref.name, "spec.storage.credentialsSecret", k, creds[k]))]
     tref = spec.model.token_secret
     if tref is not None:
-        data = _data("Secret", ns, tref.name)
-        if data is None:
+        token_data = _data("Secret", ns, tref.name)
+        if token_data is None:
             missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) does not exist in namespace {ns}: create it "
                            f"with key {tref.key} (kubectl create secret generic {tref.name} -n {ns} "
                            f"--from-literal={tref.key}=hf_...)")
-        elif not data.get(tref.key):
+        elif not (token_data.get(tref.key) or "").strip():
             missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) has no key {tref.key}: add the token under it")
+        elif p := _secret_problem(tref.name, "spec.model.tokenSecret", tref.key, token_data[tref.key], token=True):
+            missing.append(p)
         else:
-            hf_token = data[tref.key]
+            hf_token = token_data[tref.key].strip()  # huggingface_hub strips it in the trainer too
+    redactor = Redactor(secret_values(creds, token_data))
     claims = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
               for claim, where in manifests.volume_claims(spec).items() if not _exists("PersistentVolumeClaim", ns, claim)]
     ca_pem, ca_missing = _ca_bundle(spec, ns)
-    absent = {"SecretNotFound": "; ".join(missing), "ConfigMapNotFound": ca_missing,
+    absent = {"EndpointNotAllowed": refused, "SecretNotFound": "; ".join(missing), "ConfigMapNotFound": ca_missing,
               "VolumeClaimNotFound": "; ".join(claims)}
     sa = spec.storage.service_account_name
     if sa and not _exists("ServiceAccount", ns, sa):
@@ -223,7 +275,12 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
             f"ServiceAccount {sa!r} (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
             f"(kubectl create serviceaccount {sa} -n {ns}) with the annotation your cloud's workload identity needs")
     obs.absent = {reason: message for reason, message in absent.items() if message}
-    obs.arch, obs.arch_error = _architecture(spec, creds, ns, hf_token, ca_pem)
+    if obs.absent:
+        # nothing further is read with a refused endpoint or broken credentials
+        return obs, None, redactor
+    obs.arch, obs.arch_error, why = _architecture(spec, creds, ns, hf_token, ca_pem)
+    if why is not None:
+        obs.absent[why] = obs.arch_error or why
     obs.fleet = read_fleet(*kube.fleet_objects())
 
     run = status.history[-1] if status.history else None
@@ -236,54 +293,146 @@ def observe(body: dict) -> tuple[Observed, dict | None]:
         if obs.job is not None and (any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded"))
                                     or any(c.get("type") != "Suspended" for c in jstat.get("conditions") or [])):
             obs.pods = kube.list_pods(ns, name, run.run)
+        if obs.job is not None and not obs.pods and not jstat.get("active") \
+                and not (obs.job.get("spec") or {}).get("suspend"):
+            # no pod yet: the Job controller may be failing to create it, and says so only in an Event
+            obs.pod_create_error = kube.job_failed_create(ns, rid.job_name)
         # Once the trainer has reported, keep reading: a preempted pod may be gone (and the Job show
         # no pod at all) before we see it, and its progress object says what happened.
         if obs.job is not None and (status.progress is not None or any(
                 (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods)):
-            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem)
-    return obs, obs.job
+            obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem,
+                                                 CONFIG.egress)
+    return obs, obs.job, redactor
 
 
 # --- drive: observe -> reconcile -> write ------------------------------------------------------
 
 
 def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = log) -> float | None:
+    """Reconcile one job. Total: whatever goes wrong ends in a status, an Event and a log line naming
+    the job, never in an exception for kopf to log and drop; transient failures are retried."""
+    key = (ns, name)
     with _lock_for(ns, name), metrics.RECONCILE.time():
         body = _body(ns, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
+        redactor = redact
         try:
-            obs, job = observe(body)
-            out = reconcile(obs, datetime.now(timezone.utc), CONFIG.pod)
-            for obj in out.create:
-                created = kube.create(obj)
-                if created and created.get("kind") == "Job":
-                    # its ADDED event will show nothing new
-                    _job_signatures[created["metadata"]["uid"]] = _job_signature({"type": "ADDED"}, created)
-                    _remember_job(created)
-                    if out.status.placement is not None:
-                        kube.add_expected_pods(expected_pods(created, out.status.placement.nodes))
-            if out.job_patch and out.status.history:
-                patched = kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
-                                         out.job_patch)
-                if patched is not None:
-                    _remember_job(patched)
-            new = status_patch(out.status)
-            written = {k: v for k, v in new.items() if v is not None}
-            if written != (body.get("status") or {}):
-                updated = kube.patch_status(ns, name, new)
-                if updated is not None:
-                    _remember(updated)
-            _last_seen[(ns, name)] = (body["metadata"].get("generation"), written)
-            metrics.TABLE.update(ns, name, obs.status, out.status, job)
-            for type_, reason, message in out.events:
-                kube.post_event(body, type_, reason, message)
-                logger.info(f"{ns}/{name}: {reason}: {message}")
+            with WATCHDOG.watch(key):
+                obs, job, redactor = observe(body)
+                out = reconcile(obs, datetime.now(timezone.utc), CONFIG.pod)
+                _write(body, obs, out, job, redactor, logger)
+            RETRIER.succeeded(key)
             return out.requeue_after
-        except Exception:
+        except guard.ReconcileTimeout:
             metrics.ERRORS.inc()
-            raise
+            _fail(body, "Failed", "ReconcileTimeout",
+                  f"reconciling this job took more than {WATCHDOG.budget:.0f} s and was stopped, so the operator "
+                  "stays responsive for other jobs. This is a kubetune bug or a pathological spec: check "
+                  "spec.model.architecture and the model's config.json, and report it", redactor, logger, phase="Failed")
+        except kube.ApiException as e:
+            metrics.ERRORS.inc()
+            if guard.is_transient(e):
+                _retry(key, f"the apiserver answered HTTP {e.status} ({e.reason})", logger)
+            elif getattr(e, "child", None) is not None and e.status in (400, 422):
+                _fail(body, "Validated", "InvalidSpec", guard.child_rejection(e.child, e.status, e.body),
+                      redactor, logger, phase="Failed")
+            else:
+                _fail(body, "Failed", "InternalError",
+                      f"the apiserver refused a request for this job (HTTP {e.status} {e.reason}): "
+                      f"{_api_message(e)}. If it says forbidden, the operator's RBAC is missing a rule",
+                      redactor, logger, exc=e)
+        except Exception as e:  # noqa: BLE001 - the point: no exception leaves a job without status
+            metrics.ERRORS.inc()
+            if guard.is_transient(e):
+                _retry(key, f"{type(e).__name__}: {e}", logger, redactor)
+            else:
+                _fail(body, "Failed", "InternalError",
+                      f"the operator failed on this job ({type(e).__name__}: {e}). This is a kubetune bug: report "
+                      "it with the operator's log; a spec change retries", redactor, logger, exc=e)
+        return None
 
+
+def _write(body: dict, obs: Observed, out, job: dict | None, redactor: Redactor, logger) -> None:
+    ns, name = obs.namespace, obs.name
+    if out.create:
+        # The apiserver checks the Job before anything of the run exists: a refusal (a bad
+        # toleration, a missing label rule) leaves no half-made run behind.
+        kube.create(out.create[-1], dry_run=True)
+    for obj in out.create:
+        created = kube.create(obj)
+        if created and created.get("kind") == "Job":
+            # its ADDED event will show nothing new
+            _job_signatures[created["metadata"]["uid"]] = _job_signature({"type": "ADDED"}, created)
+            _remember_job(created)
+            if out.status.placement is not None:
+                kube.add_expected_pods(expected_pods(created, out.status.placement.nodes))
+    if out.job_patch and out.status.history:
+        patched = kube.patch_job(ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name,
+                                 out.job_patch)
+        if patched is not None:
+            _remember_job(patched)
+    new = redactor.deep(status_patch(out.status))
+    written = {k: v for k, v in new.items() if v is not None}
+    if written != (body.get("status") or {}):
+        updated = kube.patch_status(ns, name, new)
+        if updated is not None:
+            _remember(updated)
+    _last_seen[(ns, name)] = (body["metadata"].get("generation"), written)
+    metrics.TABLE.update(ns, name, obs.status, out.status, job)
+    for type_, reason, message in out.events:
+        message = redactor(message)
+        kube.post_event(body, type_, reason, message)
+        logger.info(f"{ns}/{name}: {reason}: {message}")
+
+
+def _api_message(e) -> str:
+    import json as _json
+
+    try:
+        return str(_json.loads(e.body or "{}").get("message") or "")[:600]
+    except ValueError:
+        return ""
+
+
+def _retry(key: tuple[str, str], why: str, logger, redactor: Redactor = redact) -> None:
+    delay = RETRIER.schedule(key)
+    logger.warning(f"{key[0]}/{key[1]}: {redactor(why)}; retrying in {delay:.0f} s")
+
+
+def _fail(body: dict, type_: str, reason: str, message: str, redactor: Redactor, logger,
+          phase: str | None = None, exc: BaseException | None = None) -> None:
+    """Say what went wrong in status (condition ``type_``), an Event and the log, all redacted. An
+    internal error keeps the phase of a job whose run is under way, and is retried with backoff."""
+    meta = body["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    message = redactor(message)
+    if exc is not None:
+        logger.error(f"{ns}/{name}: {reason}: {message}\n"
+                     + redactor("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+    else:
+        logger.error(f"{ns}/{name}: {reason}: {message}")
+    current = (body.get("status") or {}).get("phase")
+    if phase is None and current in (None, "Pending", "Unschedulable"):
+        phase = "Failed"  # never run, and nothing else will say why
+    if reason == "InternalError":
+        RETRIER.schedule((ns, name))
+    st = guard.failure_status(body.get("status"), meta.get("generation"), datetime.now(timezone.utc), type_,
+                              guard.safe_reason(reason), message, phase)
+    try:
+        updated = kube.patch_status(ns, name, redactor.deep(st))
+        if updated is not None:
+            _remember(updated)
+            _last_seen[(ns, name)] = (meta.get("generation"), {k: v for k, v in st.items() if v is not None})
+        kube.post_event(body, "Warning", guard.safe_reason(reason), message)
+    except Exception as e:  # noqa: BLE001 - the apiserver is gone too: the retry will say it
+        logger.error(f"{ns}/{name}: could not write the failure to status ({type(e).__name__}); retrying")
+        RETRIER.schedule((ns, name))
+
+
+WATCHDOG = guard.Watchdog()
+RETRIER = guard.Retrier(lambda ns, name: drive(ns, name))
 
 # --- kopf wiring -------------------------------------------------------------------------------
 
@@ -314,6 +463,37 @@ def _startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.queueing.idle_timeout = 0.5
     settings.posting.level = logging.WARNING  # our own Events carry the transitions
     settings.watching.server_timeout = 300
+    WATCHDOG.start()
+
+
+@kopf.on.probe(id="workers")
+def _probe_workers(**_) -> dict:
+    """/healthz fails while a reconcile is stuck past its budget and could not be interrupted: the
+    kubelet then restarts the operator, which is all that frees such a thread."""
+    stuck = WATCHDOG.stuck()
+    if stuck:
+        raise kopf.PermanentError(f"{len(stuck)} reconcile(s) stuck: "
+                                  + ", ".join(f"{ns}/{name}" for ns, name in stuck[:5]))
+    return {"retrying": RETRIER.pending()}
+
+
+@kopf.on.cleanup()
+def _exit_on_time(**_) -> None:
+    """kopf stops on SIGTERM, then Python waits for its worker threads at exit: a thread stuck in a
+    reconcile would keep the process alive past the pod's grace period. Exit once the grace is
+    nearly spent, whatever is still running (kopf's own cleanup is done by then)."""
+    import os
+
+    def hard_exit() -> None:
+        time.sleep(EXIT_GRACE_SECONDS)
+        logging.getLogger("kubetune.operator").warning("exiting with reconciles still running")
+        os._exit(0)
+
+    threading.Thread(target=hard_exit, name="exit-on-time", daemon=True).start()
+
+
+# the chart's terminationGracePeriodSeconds is 30: leave kopf time to release its peering first
+EXIT_GRACE_SECONDS = 10.0
 
 
 @kopf.on.login()
@@ -329,6 +509,7 @@ def _forget(key: tuple[str, str]) -> None:
     does not grow with every job it has ever seen."""
     _last_seen.pop(key, None)
     _bodies.pop(key)
+    RETRIER.forget(key)
     with _locks_guard:
         _locks.pop(key, None)
     metrics.TABLE.forget(*key)
@@ -434,6 +615,12 @@ def on_delete(body: kopf.Body, spec: kopf.Spec, logger, **_) -> None:
         parsed = None
     if parsed is not None and parsed.checkpoints.deletion_policy == "Delete":
         creds = kube.read_secret(ns, parsed.storage.credentials_secret.name) if parsed.storage.credentials_secret else None
-        removed = sources.delete_prefix(parsed, creds, manifests.job_prefix(parsed, ns, name), _ca_bundle(parsed, ns)[0])
-        logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
+        prefix = manifests.job_prefix(parsed, ns, name)
+        try:
+            removed = sources.delete_prefix(parsed, creds, prefix, _ca_bundle(parsed, ns)[0], CONFIG.egress)
+            logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
+        except Exception as e:  # noqa: BLE001 - a bad endpoint must not keep the object from being deleted
+            message = Redactor(secret_values(creds))(f"{type(e).__name__}: {e}")
+            logger.error(f"{ns}/{name}: checkpoints.deletionPolicy=Delete could not remove {prefix}: {message}; "
+                         "the checkpoints stay")
     _forget((ns, name))

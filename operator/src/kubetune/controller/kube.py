@@ -116,9 +116,10 @@ def patch_status(namespace: str, name: str, status: dict) -> dict | None:
 # --- children ----------------------------------------------------------------------------------
 
 
-def create(obj: dict) -> dict | None:
+def create(obj: dict, dry_run: bool = False) -> dict | None:
     """Create a child; if it already exists (a re-run or a restarted operator), return that one.
-    None when its namespace is being deleted."""
+    None when its namespace is being deleted. ``dry_run``: only ask the apiserver whether it would
+    accept it. A refusal (400, 422) raises ApiException with ``.child`` set to ``obj``."""
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     create_fn, read_fn = {
         "ConfigMap": (core().create_namespaced_config_map, core().read_namespaced_config_map),
@@ -126,12 +127,14 @@ def create(obj: dict) -> dict | None:
         "Job": (batch().create_namespaced_job, batch().read_namespaced_job),
     }[kind]
     try:
-        return _raw(create_fn, ns, obj)
+        return _raw(create_fn, ns, obj, **({"dry_run": "All"} if dry_run else {}))
     except ApiException as e:
         if e.status == 409:
-            return _raw(read_fn, name, ns)
+            return None if dry_run else _raw(read_fn, name, ns)
         if e.status == 403 and "NamespaceTerminating" in (e.body or ""):
             return None  # the namespace is going away with the FineTuneJob: nothing left to run
+        if e.status in (400, 422):
+            e.child = obj  # type: ignore[attr-defined]
         raise
 
 
@@ -191,11 +194,33 @@ def read_config_map(namespace: str, name: str) -> dict[str, str] | None:
     return None if cm is None else dict(cm.get("data") or {})
 
 
+# The value read_secret gives a key whose bytes are not UTF-8 text: no credential or token is binary,
+# and the raw bytes must not reach a message.
+NOT_TEXT = "\x00kubetune:not-utf8\x00"
+
+
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     s = _get(core().read_namespaced_secret, name, namespace)
     if s is None:
         return None
-    return {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+    out: dict[str, str] = {}
+    for k, v in (s.get("data") or {}).items():
+        try:
+            out[k] = base64.b64decode(v or "").decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            out[k] = NOT_TEXT
+    return out
+
+
+def job_failed_create(namespace: str, job: str) -> str | None:
+    """The newest FailedCreate Event of a Job: why the Job controller cannot create its pod (a
+    missing PriorityClass, a quota, an admission webhook). Nothing else says so."""
+    items = _raw(core().list_namespaced_event, namespace,
+                 field_selector=f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate")["items"]
+    if not items:
+        return None
+    newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    return (newest.get("message") or "")[:1000] or None
 
 
 @dataclass

@@ -31,7 +31,7 @@ from kubetune.api.v1alpha1 import (
     TrainerTermination,
 )
 from kubetune.controller import manifests
-from kubetune.controller.conditions import set_condition
+from kubetune.controller.conditions import clip, set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
 from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib
@@ -60,6 +60,8 @@ class Observed:
     job: dict | None = None  # the current run's batch/v1 Job
     pods: list[dict] = field(default_factory=list)
     progress: TrainerProgress | None = None
+    # the Job controller's newest FailedCreate Event while the run has no pod (a missing PriorityClass)
+    pod_create_error: str | None = None
 
 
 @dataclass
@@ -267,7 +269,7 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
         msg = f"{d.placement.message}.{why} Options that fit: {advice}."
         b.cond("Scheduled", False, d.placement.reason, msg, warn=True)
-        st.placement = PlacementStatus(message=d.placement.message)
+        st.placement = PlacementStatus(message=clip(d.placement.message))
         b.phase("Unschedulable")
         return b.done()  # node changes re-trigger reconcile
 
@@ -371,7 +373,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
                f"run {run.run}: {stopped}; waiting for the replacement pod ({_pending_reason(live)})")
         b.phase("Starting")
     else:
-        pending = _pending_reason(obs.pods)
+        pending = _pending_reason(obs.pods, obs.pod_create_error)
         pulling = any(w["reason"] in IMAGE_PULL_FAILURES for _, _, w in _waiting(obs.pods))
         b.cond("Running", False, "ImagePullFailed" if pulling else "PodPending", pending)
         b.phase("Starting")
@@ -513,7 +515,7 @@ def _termination(pods: list[dict]) -> TrainerTermination | None:
         return TrainerTermination(reason="Error", message=latest["message"][-500:])
 
 
-def _pending_reason(pods: list[dict]) -> str:
+def _pending_reason(pods: list[dict], create_error: str | None = None) -> str:
     if any((p.get("status") or {}).get("phase") in ("Succeeded", "Failed") for p in pods):
         return "the trainer pod has exited; waiting for the Job controller to record it"
     for p in pods:
@@ -528,7 +530,12 @@ def _pending_reason(pods: list[dict]) -> str:
                      "(spec.runPolicy.image or the chart's trainer image; spec.runPolicy.imagePullSecrets for a "
                      "private registry)")
         return what
-    return "waiting for the trainer pod to start" if pods else "waiting for the Job controller to create the pod"
+    if pods:
+        return "waiting for the trainer pod to start"
+    if create_error:
+        return (f"the Job controller cannot create the trainer pod: {create_error}. Fix the spec field it names "
+                "(spec.resources.priorityClassName, spec.runPolicy.image, ...) or the namespace's quota")
+    return "waiting for the Job controller to create the pod"
 
 
 def _waiting(pods: list[dict]):
@@ -572,7 +579,7 @@ def _placement_status(d: Decision, spec: FineTuneJobSpec) -> PlacementStatus:
         micro_batch_size=d.resolved.micro_batch_size if d.resolved else None,
         gradient_accumulation_steps=d.resolved.gradient_accumulation_steps if d.resolved else None,
         ephemeral_storage=manifests.ephemeral_storage(spec.resources, d.resolved) if d.resolved else None,
-        message=p.message,
+        message=clip(p.message) if p.message else p.message,
     )
 
 

@@ -9,9 +9,49 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainerProgress
+from kubetune.controller.egress import EgressPolicy
 from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
 
 _lock = threading.Lock()
+# What the operator reads is small (a progress JSON, a config.json): a larger body is refused unread
+# rather than held in memory, whatever the endpoint serves.
+MAX_BODY_BYTES = 1 << 20
+# S3 error codes that mean the credentials, not the object, are wrong
+_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+                     "AuthorizationHeaderMalformed", "InvalidSecurity", "403")
+
+
+class CredentialsRefused(ValueError):
+    """S3 refused the job's credentials (as opposed to a missing object)."""
+
+
+def read_capped(stream, what: str, limit: int = MAX_BODY_BYTES) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} is larger than {limit // 1024} KiB, more than a real one holds: not read")
+    return data
+
+
+def s3_error(e: BaseException, action: str, where: str) -> ValueError:
+    """One line about a failed S3 call that never echoes the response body (a hostile endpoint
+    chooses it): the error code and HTTP status only, and what to fix."""
+    from botocore.exceptions import ClientError
+
+    if certificate_untrusted(e):
+        return ValueError(f"cannot {action} {where}: {UNTRUSTED_S3}")
+    if isinstance(e, ClientError):
+        code = str((e.response.get("Error") or {}).get("Code") or "")[:64]
+        http = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if code in _CREDENTIAL_CODES or http == 403:
+            return CredentialsRefused(
+                f"cannot {action} {where}: the S3 endpoint refused the credentials ({code or 'HTTP 403'}): check the "
+                "access key id and secret key in the Secret named by spec.storage.credentialsSecret, and that they may "
+                "read this bucket")
+        if code in ("NoSuchKey", "NoSuchBucket", "404"):
+            return ValueError(f"cannot {action} {where}: it does not exist ({code})")
+        return ValueError(f"cannot {action} {where}: the S3 endpoint answered {code or 'an error'}"
+                          + (f" (HTTP {http})" if http else ""))
+    return ValueError(f"cannot {action} {where}: {type(e).__name__}: {e}")
 
 
 @lru_cache(maxsize=64)
@@ -42,9 +82,13 @@ def _client(endpoint: str | None, region: str | None, key: str | None, secret: s
         )
 
 
-def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None):
-    """``creds``: the credentials Secret's data; ``ca_pem``: the caBundle ConfigMap's key."""
+def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None,
+              egress: EgressPolicy | None = None):
+    """``creds``: the credentials Secret's data; ``ca_pem``: the caBundle ConfigMap's key;
+    ``egress``: the operator's rule for which endpoints it may call (EndpointRefused otherwise)."""
     st = spec.storage
+    if egress is not None and st.endpoint:
+        egress.check(st.endpoint, "spec.storage.endpoint")
     key = secret = None
     if creds is not None and st.credentials_secret is not None:
         key = creds.get(st.credentials_secret.access_key_id_key)
@@ -58,14 +102,15 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 
 def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str,
-                  ca_pem: str | None = None) -> TrainerProgress | None:
+                  ca_pem: str | None = None, egress: EgressPolicy | None = None) -> TrainerProgress | None:
     """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
     progress is informative, it must never fail a reconcile)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(uri)
     try:
-        body = s3_client(spec, creds, ca_pem).get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = read_capped(s3_client(spec, creds, ca_pem, egress).get_object(Bucket=bucket, Key=key)["Body"],
+                           "the trainer's progress object")
         return TrainerProgress.model_validate(json.loads(body))
     except (ClientError, BotoCoreError, ValueError):
         return None
@@ -100,6 +145,11 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
 
     from kubetune.errors import certificate_untrusted, untrusted
 
+    # as huggingface_hub cleans HF_TOKEN in the trainer: a token from `--from-file` ends with a newline
+    token = (token or "").replace("\r", "").replace("\n", "").strip() or None
+    if token is not None and not token.isprintable():
+        raise ValueError(f"the token in {'HF_TOKEN' if cli else 'spec.model.tokenSecret'} holds control characters: "
+                         "store the token alone, on one line")
     name, _, rev = uri[len("hf://"):].partition("@")
     where = "the Hugging Face Hub" if not hub else f"the Hub mirror {hub} ({'HF_ENDPOINT' if cli else '--hf-endpoint'})"
     url = f"{hub or HUB}/{name}/resolve/{rev or 'main'}/config.json"
@@ -110,7 +160,7 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
         ctx.load_verify_locations(cadata=ca_pem)
     try:
         with urllib.request.urlopen(req, timeout=5, context=ctx) as r:  # noqa: S310 (the Hub or the operator's mirror)
-            return r.read().decode()
+            return read_capped(r, f"config.json of {name}").decode()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             if token:
@@ -123,7 +173,7 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
         if e.code == 404:
             raise ValueError(f"{where} has no config.json for {name} at revision {rev or 'main'}: check "
                              "the repository name and revision") from None
-        raise ValueError(f"{where} did not serve its config.json ({e})") from None
+        raise ValueError(f"{where} did not serve its config.json (HTTP {e.code})") from None
     except OSError as e:
         if certificate_untrusted(e):
             fix = ("its TLS certificate is not trusted (certificate verify failed): point SSL_CERT_FILE at a bundle "
@@ -133,7 +183,7 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
 
 
 def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None,
-                     hub: str | None = None, ca_pem: str | None = None) -> str:
+                     hub: str | None = None, ca_pem: str | None = None, egress: EgressPolicy | None = None) -> str:
     """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
     operator's --hf-endpoint mirror, else huggingface.co). Raises ValueError with a message naming
     what to fix when it cannot be read."""
@@ -143,19 +193,25 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
 
         bucket, prefix = split_s3(uri)
         key = (prefix.rstrip("/") + "/config.json").lstrip("/")
+        s3 = s3_client(spec, creds, ca_pem, egress)
         try:
-            return s3_client(spec, creds, ca_pem).get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"]
         except (ClientError, BotoCoreError) as e:
-            raise ValueError(f"cannot read s3://{bucket}/{key}: {UNTRUSTED_S3 if certificate_untrusted(e) else e}") from None
+            raise s3_error(e, "read", f"s3://{bucket}/{key}") from None
+        try:
+            return read_capped(body, f"s3://{bucket}/{key}").decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"s3://{bucket}/{key} is not UTF-8 text, so not a config.json") from None
     if uri.startswith("hf://"):
         return read_hub_config(uri, hf_token, hub, ca_pem=ca_pem)
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 
-def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str, ca_pem: str | None = None) -> int:
+def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str, ca_pem: str | None = None,
+                  egress: EgressPolicy | None = None) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
     bucket, prefix = split_s3(uri)
-    s3 = s3_client(spec, creds, ca_pem)
+    s3 = s3_client(spec, creds, ca_pem, egress)
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
