@@ -488,3 +488,26 @@ def test_a_run_requests_the_local_disk_its_download_and_checkpoints_need():
     req = job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
     # Qwen2.5-0.5B from the Hub: 1 GB of bf16 weights, small LoRA checkpoints, 2 GiB of headroom
     assert st.placement.ephemeral_storage == req["ephemeral-storage"] == "4Gi", (st.placement, req)
+
+
+def test_what_the_estimator_refuses_is_an_invalid_spec_not_a_crash():
+    # a typo in a LoRA target (the estimator names the model's linear modules) and a NUL byte
+    for target in ("v_projj", "q_proj\x00"):
+        spec = copy.deepcopy(SPEC)
+        spec["method"]["lora"] = {"targetModules": ["q_proj", target]}
+        out = reconcile(observe(spec), T0)
+        v = cond(out.status, "Validated")
+        assert out.status.phase == "Failed" and not out.create
+        assert v.status == "False" and v.reason == "InvalidSpec"
+        assert f"LoRA target {target!r} is not a linear module of qwen2" in v.message and "v_proj" in v.message
+        assert ("Warning", "InvalidSpec", v.message) in out.events
+
+
+def test_a_pending_job_says_why_the_job_controller_makes_no_pod():
+    _, st = started()
+    obs = observe(status=st, job=job(), pods=[],
+                  pod_create_error='pods "demo-r1-x" is forbidden: no PriorityClass with name training-high was found')
+    running = cond(reconcile(obs, T0).status, "Running")
+    assert running.reason == "PodPending"
+    assert running.message.startswith("the Job controller cannot create the trainer pod: pods \"demo-r1-x\" is "
+                                      "forbidden: no PriorityClass with name training-high was found")

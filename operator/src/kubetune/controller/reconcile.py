@@ -34,6 +34,7 @@ from kubetune.controller import manifests
 from kubetune.controller.conditions import clip, set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
+from kubetune.errors import UsageError
 from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib
 
 TERMINAL = ("Succeeded", "Failed")
@@ -253,7 +254,14 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         b.phase("Pending")
         return b.done(requeue_after=30)
 
-    d = decide(spec, obs.arch, obs.fleet, overrides)
+    try:
+        d = decide(spec, obs.arch, obs.fleet, overrides)
+    except (UsageError, ValueError) as e:
+        # what the estimator refuses (a LoRA target the model does not have, an absurd architecture)
+        # is a spec error like any other: say so, and wait for a fix
+        b.cond("Validated", False, "InvalidSpec", f"{e}. Fix the spec and apply it again.", warn=True)
+        b.phase("Failed")
+        return b.done()
     st.estimate = d.estimate.to_status()
     if need := memory_floor_gib(spec, d.host_model_bytes):
         b.cond("Validated", False, "InsufficientHostMemory",
@@ -405,7 +413,10 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
     spec = obs.spec
     assert spec is not None
     overrides = run.overrides.dump() if run.overrides else None
-    d = decide(spec, obs.arch, obs.fleet, overrides) if obs.arch is not None else None
+    try:
+        d = decide(spec, obs.arch, obs.fleet, overrides) if obs.arch is not None else None
+    except (UsageError, ValueError):
+        d = None  # it was placed once; the message below says it cannot be now
     if d is None or not d.placement.fits or d.resolved is None:
         b.cond("Scheduled", False, "JobMissing",
                f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity", warn=True)
