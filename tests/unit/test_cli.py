@@ -28,6 +28,16 @@ def test_validate_reports_field_and_file(tmp_path: Path, repo: Path):
     assert "Traceback" not in r.stderr
 
 
+def test_validate_checks_lora_targets_against_a_known_model(tmp_path: Path, repo: Path):
+    # the operator refuses a target the model lacks (InvalidSpec): validate says so before kubectl apply
+    bad = (repo / "examples/lora-8b.yaml").read_text().replace("[all-linear]", "[q_proj, v_projj]")
+    f = tmp_path / "typo.yaml"
+    f.write_text(bad)
+    r = run("validate", str(f))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{f}: FineTuneJob/lora-8b: LoRA target 'v_projj' is not a linear module of llama" in r.stderr
+
+
 def test_validate_bad_yaml_names_line(tmp_path: Path):
     f = tmp_path / "broken.yaml"
     f.write_text("apiVersion: kubetune.io/v1alpha1\nkind: FineTuneJob\nspec: [unclosed\n")

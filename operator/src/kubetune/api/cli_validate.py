@@ -23,5 +23,31 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         for job in jobs:
-            print(f"{f}: {job.kind}/{job.metadata.name} is valid")
+            if problem := _model_problem(job.spec):
+                print(f"{f}: {job.kind}/{job.metadata.name}: {problem}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"{f}: {job.kind}/{job.metadata.name} is valid")
     return 1 if failed else 0
+
+
+def _model_problem(spec) -> str | None:
+    """What the operator would refuse about the model when its architecture is known offline (inline
+    or in the catalog): LoRA targets it does not have, an architecture no GPU could hold. A model
+    whose config.json must be read is checked by the operator (or `kubetune estimate -f`)."""
+    from kubetune.estimator import ArchitectureNotFound, resolve_architecture
+    from kubetune.plan import plan_from_spec
+
+    try:
+        arch = resolve_architecture(spec.model)
+    except ArchitectureNotFound:
+        return None
+    except (UsageError, ValueError) as e:
+        return str(e)
+    try:
+        from kubetune.estimator import estimate
+
+        estimate(arch, plan_from_spec(spec, micro_batch_size=1))
+    except (UsageError, ValueError) as e:
+        return str(e)
+    return None

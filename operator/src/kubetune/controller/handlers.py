@@ -539,10 +539,12 @@ def mirror_progress(body: kopf.Body, logger, **_) -> None:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RETRY_INTERVAL, initial_delay=RETRY_INTERVAL, idle=None,
-            when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Unschedulable"))
+            when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Unschedulable", "Starting"))
 def retry_pending(body: kopf.Body, logger, **_) -> None:
     """Jobs waiting for their Secret or a readable model config try again. Unschedulable ones are
-    re-placed on node events; this is the resync that covers a missed or failed one."""
+    re-placed on node events; this is the resync that covers a missed or failed one. Starting ones
+    look again for why their pod does not come (the Job controller's FailedCreate Events send no
+    watch event to the Job)."""
     drive(body.metadata["namespace"], body.metadata["name"], logger)
 
 
