@@ -1,0 +1,64 @@
+"""`kubetune operator` with peering on (the default) says what it waits for, instead of waiting
+silently for a peering object only the chart creates."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from kubetune.controller import cli, kube
+from kubetune.errors import UsageError
+
+
+class FakeCustom:
+    def __init__(self, status: int | None):
+        self.status, self.created = status, []
+
+    def _create(self, *args):
+        self.created.append(args)
+        if self.status is not None:
+            raise ApiException(status=self.status, reason="x")
+
+    def create_cluster_custom_object(self, group, version, plural, body):
+        self._create(group, version, plural, body["metadata"])
+
+    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+        self._create(group, version, ns, plural, body["metadata"])
+
+
+@pytest.mark.parametrize("status", [None, 409])
+def test_the_peering_object_is_created_or_found(monkeypatch, caplog, status):
+    fake = FakeCustom(status)
+    monkeypatch.setattr(kube, "custom", lambda: fake)
+    with caplog.at_level(logging.INFO):
+        cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+    assert fake.created == [("kopf.dev", "v1", "clusterkopfpeerings", {"name": "kubetune"})]
+    assert "leader election through ClusterKopfPeering 'kubetune'" in caplog.text
+
+
+def test_namespaced_operators_peer_in_each_namespace(monkeypatch):
+    fake = FakeCustom(None)
+    monkeypatch.setattr(kube, "custom", lambda: fake)
+    cli.ensure_peering("p", ["a", "b"], logging.getLogger("t"))
+    assert [c[2:4] for c in fake.created] == [("a", "kopfpeerings"), ("b", "kopfpeerings")]
+
+
+def test_missing_peering_crds_refuse_to_start_with_the_way_out(monkeypatch):
+    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(404))
+    with pytest.raises(UsageError) as e:
+        cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+    assert "kubectl apply -f crds/kopf-peering.yaml" in str(e.value) and "--standalone" in str(e.value)
+
+
+def test_no_right_to_create_it_says_what_it_waits_for(monkeypatch, caplog):
+    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(403))
+    cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+    assert "waiting for ClusterKopfPeering 'kubetune' (leader election)" in caplog.text
+
+
+def test_the_log_filter_redacts_what_any_library_logs(caplog):
+    record = logging.LogRecord("urllib3", logging.WARNING, __file__, 1,
+                               "retrying http://%s@minio:9000 with %s", ("admin:pw123", "Bearer tok123456"), None)
+    assert cli._RedactingFilter().filter(record)
+    assert record.getMessage() == "retrying http://***@minio:9000 with Bearer ***"
