@@ -511,3 +511,19 @@ def test_a_pending_job_says_why_the_job_controller_makes_no_pod():
     assert running.reason == "PodPending"
     assert running.message.startswith("the Job controller cannot create the trainer pod: pods \"demo-r1-x\" is "
                                       "forbidden: no PriorityClass with name training-high was found")
+
+
+def test_the_job_carries_the_placement_that_status_shows():
+    from kubetune.controller.reconcile import placement_of
+
+    out, st = started()
+    job_obj = next(o for o in out.create if o["kind"] == "Job")
+    assert placement_of(job_obj) == st.placement and st.placement.node
+    assert placement_of({"metadata": {"annotations": {"kubetune.io/placement": "{not json"}}}) is None
+    # the Job gone, and the fleet changed meanwhile: the recreated Job and status agree again
+    small = [n for n in nodes() if "a100" not in n["metadata"]["name"]]
+    obs = observe(status=st, job=None)
+    obs.fleet = read_fleet(small, [])
+    again = reconcile(obs, T0)
+    new_job = next(o for o in again.create if o["kind"] == "Job")
+    assert placement_of(new_job) == again.status.placement

@@ -23,7 +23,7 @@ from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineT
 from kubetune.controller import guard, kube, manifests, metrics, sources
 from kubetune.controller.egress import EgressPolicy, EndpointRefused
 from kubetune.controller.fleet import expected_pods, read_fleet
-from kubetune.controller.reconcile import Observed, reconcile, status_patch
+from kubetune.controller.reconcile import Observed, placement_of, reconcile, status_patch
 from kubetune.controller.redact import Redactor, redact, secret_values
 
 log = logging.getLogger("kubetune.operator")
@@ -362,6 +362,12 @@ def _write(body: dict, obs: Observed, out, job: dict | None, redactor: Redactor,
         kube.create(out.create[-1], dry_run=True)
     for obj in out.create:
         created = kube.create(obj)
+        if created and created.get("kind") == "Job" and (existing := placement_of(created)) is not None \
+                and existing != out.status.placement:
+            # made by an earlier reconcile whose status write was lost: status tells what runs
+            out.status.placement = existing
+            out.events.append(("Normal", "JobExists", f"Job {created['metadata']['name']} already existed; "
+                               f"status shows its placement: {existing.message or existing.node}"))
         if created and created.get("kind") == "Job":
             # its ADDED event will show nothing new
             _job_signatures[created["metadata"]["uid"]] = _job_signature({"type": "ADDED"}, created)

@@ -284,9 +284,9 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
     run = (st.run or 0) + 1
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run)
     run_spec = apply_overrides(spec, overrides) if overrides else spec
-    create = manifests.children(run_spec, rid, d.resolved, d.placement, defaults)
-    st.run = run
     st.placement = _placement_status(d, run_spec)
+    create = _with_placement(manifests.children(run_spec, rid, d.resolved, d.placement, defaults), st.placement)
+    st.run = run
     st.progress = Progress(step=0, percent="0%")
     st.checkpoints = None
     st.result = None
@@ -425,7 +425,10 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
     b.events.append(("Normal", "JobCreated", f"created Job {rid.job_name} for run {run.run}"))
     run_spec = apply_overrides(spec, overrides) if overrides else spec
-    return b.done(create=manifests.children(run_spec, rid, d.resolved, d.placement, defaults))
+    # the status describes the Job that will exist, not the one that is gone
+    b.status.placement = _placement_status(d, run_spec)
+    return b.done(create=_with_placement(manifests.children(run_spec, rid, d.resolved, d.placement, defaults),
+                                         b.status.placement))
 
 
 def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term: TrainerTermination | None,
@@ -577,6 +580,28 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
         if new:
             b.cond("CheckpointSynced", True, "CheckpointCommitted",
                    f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
+
+
+PLACEMENT_ANNOTATION = "kubetune.io/placement"
+
+
+def _with_placement(children: list[dict], placement: PlacementStatus) -> list[dict]:
+    """The run's Job carries the placement it was made for, so a Job that already exists (the
+    status write of its run was lost to a restart) can set status from what it really is."""
+    for c in children:
+        if c["kind"] == "Job":
+            c["metadata"].setdefault("annotations", {})[PLACEMENT_ANNOTATION] = json.dumps(
+                placement.dump(), sort_keys=True, separators=(",", ":"))
+    return children
+
+
+def placement_of(job: dict) -> PlacementStatus | None:
+    """The placement a Job was created with (None for a Job from before the annotation)."""
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(PLACEMENT_ANNOTATION)
+    try:
+        return PlacementStatus.model_validate(json.loads(raw)) if raw else None
+    except ValueError:
+        return None
 
 
 def _placement_status(d: Decision, spec: FineTuneJobSpec) -> PlacementStatus:
