@@ -62,3 +62,23 @@ def test_the_log_filter_redacts_what_any_library_logs(caplog):
                                "retrying http://%s@minio:9000 with %s", ("admin:pw123", "Bearer tok123456"), None)
     assert cli._RedactingFilter().filter(record)
     assert record.getMessage() == "retrying http://***@minio:9000 with Bearer ***"
+
+
+def test_after_sigterm_a_stuck_worker_cannot_keep_the_process_alive():
+    """kopf returns from SIGTERM, then Python waits for non-daemon worker threads at exit: a worker
+    stuck in a reconcile would hold the pod past its grace period. The cleanup handler ends it."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import threading, time\n"
+        "from kubetune.controller import handlers\n"
+        "handlers.EXIT_GRACE_SECONDS = 0.5\n"
+        "threading.Thread(target=lambda: time.sleep(3600)).start()  # a worker that never returns\n"
+        "handlers._exit_on_time()\n"
+    )
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 15
