@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune.api.validation import parse_job
 from kubetune.devenv.ground import wait_until as wait_for
 
 pytestmark = pytest.mark.integration
@@ -125,3 +126,156 @@ def test_a_valid_finetunejob_is_stored_with_defaults(ground, crd, namespace):
     assert got["spec"]["training"]["maxSteps"] == _base()["spec"]["training"]["maxSteps"]
     # Defaults declared in the schema are applied by the apiserver itself.
     assert got["spec"]["method"]["lora"]["dropout"] == 0.0
+
+
+
+# Hostile and careless input (issue #19). Each case is refused by the real apiserver AND by the
+# models (the operator, `kubetune validate`), and both answers carry the same rule words.
+QTY = "must be a Kubernetes quantity greater than 0 and at most"
+QUALIFIED = "[prefix/]name, the name at most 63 letters, digits, '-', '_' or '.' that starts and ends with a letter or digit"
+LABEL = ("expected a Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+         "letter or digit")
+MODEL_URI = "expected a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path"
+ARCH = {"modelType": "llama", "hiddenSize": 64, "numHiddenLayers": 2, "numAttentionHeads": 4,
+        "intermediateSize": 128, "vocabSize": 512}
+HOSTILE = [
+    ("cpu-negative", {"spec.resources.cpu": "-1"}, f"resources.cpu {QTY} 1024 (e.g. 8)"),
+    ("cpu-zero", {"spec.resources.cpu": 0}, f"resources.cpu {QTY} 1024"),
+    ("memory-1e400", {"spec.resources.memory": "1e400"}, f"resources.memory {QTY} 64Ti (e.g. 32Gi)"),
+    ("memory-1e20", {"spec.resources.memory": "1e20"}, f"resources.memory {QTY} 64Ti"),
+    ("memory-exponent-wraps-int32", {"spec.resources.memory": "1e4294967296"}, f"resources.memory {QTY} 64Ti"),
+    ("memory-fractional-exponent", {"spec.resources.memory": "1e2.5"}, f"resources.memory {QTY} 64Ti"),
+    ("memory-int-past-bound", {"spec.resources.memory": 10**15}, f"resources.memory {QTY} 64Ti"),
+    ("memory-just-past-bound", {"spec.resources.memory": "70368744177664.000000001"}, f"resources.memory {QTY} 64Ti"),
+    ("memory-not-a-quantity", {"spec.resources.memory": "lots"}, f"resources.memory {QTY} 64Ti"),
+    ("ephemeral-negative", {"spec.resources.ephemeralStorage": "-10Gi"}, f"resources.ephemeralStorage {QTY} 1Pi"),
+    ("min-gpu-memory-2Ti", {"spec.resources.minGpuMemory": "2Ti"}, f"resources.minGpuMemory {QTY} 1Ti"),
+    ("annotation-key", {"spec.resources.podAnnotations": {"bad key!": "x"}},
+     f"resources.podAnnotations keys must be qualified names: {QUALIFIED}"),
+    ("annotation-key-two-slashes", {"spec.resources.podAnnotations": {"a/b/c": "x"}},
+     "resources.podAnnotations keys must be qualified names"),
+    ("annotations-total", {"spec.resources.podAnnotations": {f"a{i}": "x" * 2000 for i in range(40)}},
+     "resources.podAnnotations may hold at most 65536 characters in all (keys and values)"),
+    ("node-selector-key", {"spec.resources.nodeSelector": {"pool name": "gpu"}},
+     f"resources.nodeSelector keys must be label keys: {QUALIFIED}"),
+    ("node-selector-value", {"spec.resources.nodeSelector": {"pool": "-gpu"}}, LABEL),
+    ("toleration-key", {"spec.resources.tolerations": [{"key": "bad key", "operator": "Exists"}]},
+     f"a toleration key must be a qualified name: {QUALIFIED}"),
+    ("toleration-value", {"spec.resources.tolerations": [{"key": "k", "value": "a b"}]}, LABEL),
+    ("toleration-exists-with-value", {"spec.resources.tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]},
+     "a toleration with operator Exists matches any value: leave its value out, or use operator Equal"),
+    ("toleration-seconds-without-noexecute", {"spec.resources.tolerations": [{"key": "k", "tolerationSeconds": 60}]},
+     "a toleration's tolerationSeconds is only valid with effect NoExecute"),
+    ("toleration-empty-key-equal", {"spec.resources.tolerations": [{"value": "v"}]},
+     "a toleration without a key must have operator Exists (it then tolerates every taint)"),
+    ("queue-name", {"spec.runPolicy.queueName": "team a"}, LABEL),
+    ("priority-class", {"spec.resources.priorityClassName": "Training_High"},
+     "expected a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit"),
+    ("gpu-product", {"spec.resources.gpuProduct": "NVIDIA H100"}, LABEL),
+    ("image-leading-space", {"spec.runPolicy.image": " ghcr.io/org/trainer:1"},
+     "expected a container image reference: [registry[:port]/]path[:tag][@sha256:digest]"),
+    ("secret-key", {"spec.storage.credentialsSecret": {"name": "s3", "accessKeyIdKey": "AWS KEY"}},
+     "expected a Secret or ConfigMap key: letters, digits, '-', '_' and '.', not starting with '..'"),
+    ("region-newline", {"spec.storage.region": "us-east-1\n"}, "expected an S3 region: letters, digits and '-'"),
+    ("endpoint-userinfo", {"spec.storage.endpoint": "http://minio:s3cr3t@minio:9000"},
+     "without user:password@ (credentials go in storage.credentialsSecret), ?query or #fragment"),
+    ("endpoint-query", {"spec.storage.endpoint": "https://s3.example.com/?X-Amz-Credential=k"},
+     "without user:password@ (credentials go in storage.credentialsSecret), ?query or #fragment"),
+    ("lora-target-nul", {"spec.method.lora.targetModules": ["q_proj\x00"]}, "expected a module name"),
+    # Unicode whitespace and controls: Go's ASCII \s passed these, pydantic's Unicode \s refused them
+    ("uri-nbsp", {"spec.model.uri": "s3://kubetune-models/tiny\u00a0llama/"}, MODEL_URI),
+    ("uri-vt", {"spec.model.uri": "s3://kubetune-models/tiny\x0bllama/"}, MODEL_URI),
+    ("uri-u2028", {"spec.model.uri": "s3://kubetune-models/tiny\u2028llama/"}, MODEL_URI),
+    ("uri-nul", {"spec.model.uri": "s3://kubetune-models/tiny\x00llama/"}, MODEL_URI),
+    ("uri-zero-width-space", {"spec.model.uri": "file:///models/\u200btiny"}, MODEL_URI),
+    ("data-uri-ideographic-space", {"spec.dataset.uri": "s3://kubetune-data/train\u3000.jsonl"}, "expected a data URI"),
+    ("checkpoints-uri-bom", {"spec.checkpoints.uri": "s3://kubetune/\ufeffckpt/"}, "expected an S3 URI"),
+    # integers past any real run (or past int64 downstream)
+    ("max-steps-1e12", {"spec.training.maxSteps": 10**12}, "less than or equal to 100000000"),
+    ("save-steps-1e12", {"spec.checkpoints.saveSteps": 10**12}, "less than or equal to 100000000"),
+    ("active-deadline-2^40", {"spec.runPolicy.activeDeadlineSeconds": 2**40}, "less than or equal to 31622400"),
+    ("ttl-2^31", {"spec.runPolicy.ttlSecondsAfterFinished": 2**31}, "less than or equal to 31622400"),
+    ("effective-batch-2^40", {"spec.training.effectiveBatchSize": 2**40}, "less than or equal to 1048576"),
+    # architecture dims
+    ("arch-layers-1e12", {"spec.model.architecture": {**ARCH, "numHiddenLayers": 10**12}}, "less than or equal to 1024"),
+    ("arch-vocab", {"spec.model.architecture": {**ARCH, "vocabSize": 2**23}}, "less than or equal to 4194304"),
+    ("arch-experts-per-token", {"spec.model.architecture": {**ARCH, "numLocalExperts": 8, "numExpertsPerTok": 9}},
+     "model.architecture.numExpertsPerTok must be at most numLocalExperts (a token is routed to some of the experts)"),
+    ("arch-kv-heads", {"spec.model.architecture": {**ARCH, "numKeyValueHeads": 8}},
+     "model.architecture.numKeyValueHeads must be at most numAttentionHeads"),
+    # the headless Service of a multi-node job is named after the FineTuneJob
+    ("multi-node-dotted-name", {"metadata.name": "tiny.llama", "spec.resources.nodes": 2, "spec.resources.gpusPerNode": 1},
+     "metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and '-', starting with "
+     "a letter, without dots: its headless Service is named after it"),
+    ("multi-node-digit-first", {"metadata.name": "7b-llama", "spec.resources.nodes": 2, "spec.resources.gpusPerNode": 1},
+     "metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters"),
+]
+
+
+def _words(text: str) -> str:
+    # kubectl and the apiserver quote and wrap; compare the words
+    return " ".join(text.replace('\\"', '"').split())
+
+
+@pytest.mark.parametrize("changes,words", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_values_are_refused_by_the_apiserver_and_the_models_in_the_same_words(
+        ground, crd, namespace, changes, words):
+    obj = copy.deepcopy(_base())
+    for path, value in changes.items():
+        _set(obj, path, value)
+    res = ground.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert res.returncode != 0, f"the apiserver accepted it: {res.stdout}"
+    assert words in _words(res.stderr), res.stderr
+    with pytest.raises(ValueError) as e:
+        parse_job(obj)
+    assert words in _words(str(e.value)), str(e.value)
+    # a password in the endpoint is not echoed back (the operator would copy it into the status)
+    assert "s3cr3t" not in res.stderr and "s3cr3t" not in str(e.value)
+    assert ground.kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+SANE = [
+    ("quantities-at-the-bounds", {"spec.resources.cpu": 1024, "spec.resources.memory": "64Ti",
+                                  "spec.resources.ephemeralStorage": "1Pi", "spec.resources.minGpuMemory": "1Ti"}),
+    ("quantities-small", {"spec.resources.cpu": "500m", "spec.resources.memory": 2147483648}),
+    ("annotations-and-selector", {"spec.resources.podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false",
+                                                                   "note": "free text, spaces: ok"},
+                                  "spec.resources.nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                                                                  "pool": ""}}),
+    ("tolerations", {"spec.resources.tolerations": [
+        {"operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300}]}),
+    ("names", {"spec.resources.priorityClassName": "system-cluster-critical", "spec.runPolicy.queueName": "team-a.gpu_q",
+               "spec.runPolicy.image": "registry.local:5000/kubetune/trainer@sha256:" + "a" * 64,
+               "spec.storage.region": "eu-central-1"}),
+    ("endpoint-ipv6-port-path", {"spec.storage.endpoint": "http://[fd00::1]:9000/s3/"}),
+    ("non-ascii-path", {"spec.model.uri": "s3://kubetune-models/données/tiny-llama/"}),
+    ("dotted-name-single-node", {"metadata.name": "tiny.llama"}),
+    ("multi-node-plain-name", {"metadata.name": "tiny-llama", "spec.resources.nodes": 4, "spec.resources.gpusPerNode": 8}),
+    ("architecture-at-the-maxima", {"spec.model.architecture": {
+        **ARCH, "numHiddenLayers": 1024, "hiddenSize": 65536, "intermediateSize": 262144, "vocabSize": 4194304,
+        "numAttentionHeads": 1024, "numKeyValueHeads": 1024, "headDim": 1024, "maxPositionEmbeddings": 2**24,
+        "numLocalExperts": 1024, "numExpertsPerTok": 1024}}),
+]
+
+
+@pytest.mark.parametrize("changes", [s[1] for s in SANE], ids=[s[0] for s in SANE])
+def test_sane_values_are_accepted_by_both(ground, crd, namespace, changes):
+    obj = copy.deepcopy(_base())
+    for path, value in changes.items():
+        _set(obj, path, value)
+    parse_job(obj)
+    res = ground.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_no_admission_message_is_a_regex(ground, crd, namespace):
+    # Every URI field at once: each answer is the rule in words, none a 300-character regex.
+    obj = _base()
+    for path in ("spec.model.uri", "spec.dataset.uri", "spec.checkpoints.uri", "spec.checkpoints.resumeFrom",
+                 "spec.output.uri", "spec.storage.endpoint"):
+        _set(obj, path, "gs://bucket/x")
+    res = ground.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert res.returncode != 0
+    assert res.stderr.count("Invalid value") == 6, res.stderr
+    assert "[^" not in res.stderr and "\\s" not in res.stderr and "should match" not in res.stderr, res.stderr

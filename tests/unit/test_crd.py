@@ -2,6 +2,7 @@
 example validates against both the models and the CRD's own OpenAPI schema."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from kubetune.api.base import PATTERN_HELP, py_regex
 from kubetune.api.crd import crd, render
 from kubetune.api.validation import load_jobs, parse_job
 
@@ -66,8 +68,15 @@ def test_cel_rules_are_emitted():
         "method.quantization is only valid with method.type qlora",
         "microBatchSize must be an integer from 1 to 4096, or 'auto'",
         "metadata.name must be at most 50 characters",
+        "metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and '-'",
+        "resources.memory must be a Kubernetes quantity greater than 0 and at most 64Ti",
+        "resources.podAnnotations keys must be qualified names",
+        "resources.nodeSelector keys must be label keys",
+        "a toleration's tolerationSeconds is only valid with effect NoExecute",
+        "model.architecture.numExpertsPerTok must be at most numLocalExperts",
+        "without user:password@ (credentials go in storage.credentialsSecret)",
     ]:
-        assert message in text
+        assert message in text or any(message in r["message"] for r in _rules(crd())), message
 
 
 def test_printer_columns():
@@ -104,8 +113,9 @@ def test_example_validates_against_models_and_crd_schema(path: Path):
     "where, value, match",
     [
         (("method", "type"), "dpo", "'dpo' is not one of"),
-        (("checkpoints", "uri"), "gs://bucket/x", "does not match"),
-        (("resources", "memory"), "lots", "does not match"),
+        (("training", "maxSteps"), 2**63, "greater than the maximum"),
+        (("resources", "nodeSelector"), {"pool": "x" * 64}, "is too long"),
+        (("resources", "memory"), "9" * 65, "is too long"),
         (("training", "learningRate"), 0, "less than or equal to the minimum"),
         (("method", "lora", "rank"), 0, "less than the minimum"),
     ],
@@ -123,3 +133,66 @@ def test_crd_schema_rejects_what_models_reject(where, value, match):
         jsonschema.Draft4Validator(schema).validate(bad)
     with pytest.raises(ValueError, match=".".join(("spec",) + where[:-1])):
         parse_job(doc)
+
+
+def _rules(node):
+    """Every x-kubernetes-validations entry in the schema, wherever it sits."""
+    if isinstance(node, dict):
+        yield from node.get("x-kubernetes-validations", [])
+        for v in node.values():
+            yield from _rules(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _rules(v)
+
+
+def _regexes(rule: str) -> list[str]:
+    return re.findall(r"matches\(r'([^']*)'\)", rule)
+
+
+def test_no_schema_pattern_the_apiserver_would_answer_with_a_regex():
+    # A failed `pattern` makes the apiserver print the whole regex (300 characters for a URI); a
+    # CEL rule prints its message. Every pattern of the models becomes such a rule.
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert not [p for p, node in _walk(schema) if "pattern" in node]
+    assert "pattern:" not in render()
+
+
+def test_every_message_is_plain_words():
+    rules = list(_rules(crd()))
+    assert len(rules) > 40
+    for r in rules:
+        m = r["message"]
+        assert not re.search(r"\\[sdwpx]|\[\^|\(\?|\^\(|\]\*|\$$", m), f"a regex in the message: {m}"
+        assert len(m) <= 400, m  # a sentence or two, not a dump
+        assert not m.lower().startswith("or "), m
+
+
+def test_a_pattern_rule_says_what_kubetune_validate_says():
+    matched = 0
+    for r in _rules(crd()):
+        if r["rule"].startswith("self.matches(r'") and r["rule"].endswith("')"):
+            (pattern,) = _regexes(r["rule"])
+            assert r["message"] == f"expected {PATTERN_HELP[pattern]}"
+            matched += 1
+    assert matched >= 15
+
+
+def test_cel_regexes_read_the_same_in_go_and_rust():
+    # Go's RE2 (the apiserver) and Rust's regex (pydantic) disagree on \s, \w, \d, \b (ASCII vs
+    # Unicode) and on Unicode tables (\p{..}); our regexes use explicit classes only.
+    found = [p for r in _rules(crd()) for p in _regexes(r["rule"])]
+    assert len(found) >= 20
+    for p in found:
+        assert not re.search(r"\\[sSwWdDbBpP]", p), p
+        assert "(?" not in p, p  # no flags or look-arounds (RE2 has no look-arounds)
+        py_regex(p)  # and Python's re reads it too
+
+
+def test_strings_with_a_rule_have_a_max_length():
+    # CEL's cost estimate is bounded by maxLength; without it the apiserver assumes megabytes.
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        if any("matches(" in r["rule"] and r["rule"].startswith(("self.matches", "string(self)", "self == ''"))
+               for r in node.get("x-kubernetes-validations", [])):
+            assert "maxLength" in node, path

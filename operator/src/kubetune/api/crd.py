@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel
 
 from kubetune.api import v1alpha1 as api
-from kubetune.api.base import KModel
+from kubetune.api.base import PATTERN_HELP, KModel
 
 # Models whose declared Rules become x-kubernetes-validations, keyed by the JSON-schema title
 # pydantic gives their definition.
@@ -53,7 +53,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         target.update(node)
         node = target
         if name in _RULED:
-            node["x-kubernetes-validations"] = [r.schema() for r in _RULED[name].rules]
+            node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []),
+                                                *(r.schema() for r in _RULED[name].rules)]
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -88,9 +89,28 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = True
         else:
             out[key] = value
+    if "x-kubernetes-validations" in out:  # one key order, whichever way a rule was declared
+        out["x-kubernetes-validations"] = [{k: r[k] for k in ("rule", "message", "fieldPath") if k in r}
+                                           for r in out["x-kubernetes-validations"]]
+    if "pattern" in out:
+        out["x-kubernetes-validations"] = [_pattern_rule(out), *out.get("x-kubernetes-validations", [])]
+        del out["pattern"]
     if out.get("type") == "object" and "properties" not in out and "additionalProperties" not in out:
         out["x-kubernetes-preserve-unknown-fields"] = True
     return out
+
+
+def _pattern_rule(node: dict[str, Any]) -> dict[str, str]:
+    """A schema `pattern` as a CEL rule. The apiserver answers a failed pattern with the whole regex;
+    a rule answers with its message: the words PATTERN_HELP gives `kubetune validate` as well."""
+    pattern = node["pattern"]
+    if pattern not in PATTERN_HELP:
+        raise ValueError(f"pattern {pattern!r} has no plain-words help: add it to PATTERN_HELP")
+    if "maxLength" not in node:
+        raise ValueError(f"pattern {pattern!r} needs a maxLength, or the apiserver's CEL cost estimate is unbounded")
+    if "'" in pattern:
+        raise ValueError(f"pattern {pattern!r} cannot be quoted as a CEL raw string")
+    return {"rule": f"self.matches(r'{pattern}')", "message": f"expected {PATTERN_HELP[pattern]}"}
 
 
 def _strip_defaults(node: Any) -> Any:
@@ -129,13 +149,7 @@ def openapi_schema() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
-                "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters: kubetune derives "
-                "Job, pod and label values from it, which Kubernetes limits to 63",
-            }
-        ],
+        "x-kubernetes-validations": [r.schema() for r in api.FineTuneJob.rules],
     }
 
 

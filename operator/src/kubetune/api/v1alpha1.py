@@ -11,7 +11,23 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 
-from kubetune.api.base import PATTERN_HELP, KModel, Quantity, Rule, StatusModel
+from kubetune.api.base import (
+    CONFIG_KEY,
+    DNS1035_LABEL,
+    DNS1123_SUBDOMAIN,
+    LABEL_VALUE,
+    LABEL_VALUE_HELP,
+    PATTERN_HELP,
+    QUALIFIED_NAME_HELP,
+    UNSAFE_CHARS,
+    KModel,
+    Rule,
+    StatusModel,
+    bounded_quantity,
+    full_match,
+    is_qualified_name,
+    qualified_name_cel,
+)
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -25,12 +41,16 @@ SHORT_NAMES = ["ftj"]
 # controller's pod suffix), and must stay within the 63-character label limit.
 MAX_NAME_LENGTH = 50
 
+# Free-form path characters: anything but controls and (Unicode) spaces, spelled out so the
+# apiserver (Go: ASCII \s) and pydantic (Rust: Unicode \s) refuse exactly the same URIs.
+_P = f"[^{UNSAFE_CHARS}]"
+_P_NO_AT = f"[^@{UNSAFE_CHARS}]"
 HF_URI = r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$"
 # a dataset may name a file, a folder or a glob inside its repository (after org/name)
-HF_DATA_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*(/[^@\s]+)?)?(@[A-Za-z0-9._/-]+)?$"
-S3_URI = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$"
-PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[^\s]*)?$"
-FILE_URI = r"^file:///[^\s]*$"
+HF_DATA_URI = rf"^hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*(/{_P_NO_AT}+)?)?(@[A-Za-z0-9._/-]+)?$"
+S3_URI = rf"^s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/{_P}*)?$"
+PVC_URI = rf"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{_P}*)?$"
+FILE_URI = rf"^file:///{_P}*$"
 
 
 def _any_of(*patterns: str) -> str:
@@ -41,8 +61,25 @@ MODEL_URI = _any_of(HF_URI, S3_URI, PVC_URI, FILE_URI)
 DATA_URI = _any_of(S3_URI, PVC_URI, HF_DATA_URI, FILE_URI)
 S3_ONLY = S3_URI
 
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+# Secret, ConfigMap, ServiceAccount and PriorityClass names: the pod spec refuses anything else
+NAME_PATTERN = DNS1123_SUBDOMAIN
+# scheme://host[:port][/path]: no user:password@ (a credential in plain text, echoed by HTTP
+# libraries), no ?query or #fragment (an S3 client appends its own path and query)
+_HOST = r"([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])"
+URL_PATTERN = rf"^https?://{_HOST}(:[0-9]{{1,5}})?(/[^?#{UNSAFE_CHARS}]*)?$"
+# [registry[:port]/]path[:tag][@digest], as github.com/distribution/reference parses it
+IMAGE_PATTERN = (
+    r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*(:[0-9]{1,5})?/)?"
+    r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9A-Fa-f]{32,})?$"
+)
+# a module name as peft's target_modules matches it (q_proj, mlp.down_proj, all-linear)
+MODULE_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_.]*$"
+# botocore's own rule for a region name (it goes into endpoint host names)
+REGION_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$"
+
+URL_HELP = ("an http:// or https:// URL: scheme, host, optional :port and /path, without user:password@ (credentials "
+            "go in storage.credentialsSecret), ?query or #fragment")
 
 URI_HELP = (
     "hf://org/name[@revision] (Hugging Face Hub), s3://bucket/prefix/ (S3 or an S3-compatible "
@@ -54,38 +91,82 @@ PATTERN_HELP.update({
     MODEL_URI: "a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path",
     DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset[/path][@revision] or file:///path",
     S3_ONLY: "an S3 URI: s3://bucket/prefix/ (bucket: 3-63 lowercase letters, digits, dots or dashes)",
-    NAME_PATTERN: "a Kubernetes object name (lowercase letters, digits, '-' and '.')",
-    URL_PATTERN: "an http:// or https:// URL",
+    IMAGE_PATTERN: "a container image reference: [registry[:port]/]path[:tag][@sha256:digest], e.g. "
+                   "ghcr.io/org/trainer:1.2 (lowercase path, no spaces)",
+    MODULE_PATTERN: "a module name: letters, digits, '_', '-' and '.', e.g. q_proj or all-linear",
+    REGION_PATTERN: "an S3 region: letters, digits and '-', e.g. us-east-1",
 })
 
 # ---------------------------------------------------------------------------------------------
 # model
 
 
+# Maxima for inline architecture dims: several times the largest real models (Llama 3.1 405B:
+# 126 layers, hidden 16384, intermediate 53248; Gemma 3: vocab 262144; Kimi K2: 384 experts;
+# Llama 4 Scout: 10M positions), yet small enough that a parameter count stays far inside int64
+# (layers x experts x 3 x hidden x intermediate < 2^56).
+MAX_LAYERS = 1024
+MAX_HIDDEN = 65536
+MAX_INTERMEDIATE = 262144
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+MAX_VOCAB = 4194304
+MAX_EXPERTS = 1024
+MAX_POSITIONS = 2**24
+
+
 class ModelArchitecture(KModel):
     """The transformer dimensions that drive the memory estimate. Field names are the camelCase
     forms of the Hugging Face config.json keys, so an inline architecture and a config.json are
-    interchangeable."""
+    interchangeable. Each dimension has a maximum several times the largest real model's."""
 
     model_type: str = Field(
         description="Architecture family as in config.json model_type: llama, mistral, qwen2, qwen3, "
         "qwen2_moe, qwen3_moe, mixtral, gemma2, gemma3_text, phi3, gpt_neox, gpt2, bert, ...",
         max_length=64,
     )
-    hidden_size: int = Field(ge=1, description="Width of the residual stream (config.json hidden_size).")
-    num_hidden_layers: int = Field(ge=1, description="Number of transformer blocks.")
-    num_attention_heads: int = Field(ge=1, description="Number of query heads.")
+    hidden_size: int = Field(ge=1, le=MAX_HIDDEN, description="Width of the residual stream (config.json hidden_size), "
+                             f"at most {MAX_HIDDEN} (4x Llama 3.1 405B's).")
+    num_hidden_layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of transformer blocks, at most "
+                                   f"{MAX_LAYERS} (8x the deepest real model's).")
+    num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description=f"Number of query heads, at most {MAX_HEADS}.")
     num_key_value_heads: int | None = Field(
-        None, ge=1, description="Number of key/value heads (grouped-query attention); defaults to numAttentionHeads."
+        None, ge=1, le=MAX_HEADS, description="Number of key/value heads (grouped-query attention); defaults to "
+        "numAttentionHeads, and may not exceed it."
     )
-    head_dim: int | None = Field(None, ge=1, description="Per-head dimension; defaults to hiddenSize / numAttentionHeads.")
-    intermediate_size: int = Field(ge=1, description="Width of the MLP (per expert for MoE models).")
-    vocab_size: int = Field(ge=1, description="Vocabulary size; sets the size of the embeddings and the logits.")
+    head_dim: int | None = Field(None, ge=1, le=MAX_HEAD_DIM, description="Per-head dimension; defaults to hiddenSize / "
+                                 f"numAttentionHeads; at most {MAX_HEAD_DIM}.")
+    intermediate_size: int = Field(ge=1, le=MAX_INTERMEDIATE, description="Width of the MLP (per expert for MoE models), "
+                                   f"at most {MAX_INTERMEDIATE} (about 5x the widest real model's).")
+    vocab_size: int = Field(ge=1, le=MAX_VOCAB, description="Vocabulary size; sets the size of the embeddings and the "
+                            f"logits; at most {MAX_VOCAB} (16x Gemma 3's).")
     tie_word_embeddings: bool = Field(False, description="Whether the output head shares the input embedding matrix.")
-    max_position_embeddings: int | None = Field(None, ge=1, description="Longest sequence the model was trained for.")
-    num_local_experts: int | None = Field(None, ge=1, description="MoE: experts per layer (Mixtral num_local_experts, Qwen num_experts).")
-    num_experts_per_tok: int | None = Field(None, ge=1, description="MoE: experts each token is routed to.")
-    moe_intermediate_size: int | None = Field(None, ge=1, description="MoE: MLP width of each expert when it differs from intermediateSize.")
+    max_position_embeddings: int | None = Field(None, ge=1, le=MAX_POSITIONS, description="Longest sequence the model was "
+                                                f"trained for, at most {MAX_POSITIONS} (2^24).")
+    num_local_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="MoE: experts per layer (Mixtral "
+                                          f"num_local_experts, Qwen num_experts), at most {MAX_EXPERTS}.")
+    num_experts_per_tok: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="MoE: experts each token is routed "
+                                            "to; at most numLocalExperts.")
+    moe_intermediate_size: int | None = Field(None, ge=1, le=MAX_INTERMEDIATE, description="MoE: MLP width of each "
+                                              "expert when it differs from intermediateSize.")
+
+    rules: ClassVar = (
+        Rule(
+            cel="!has(self.numKeyValueHeads) || self.numKeyValueHeads <= self.numAttentionHeads",
+            message="model.architecture.numKeyValueHeads must be at most numAttentionHeads (each key/value head "
+                    "serves a group of query heads)",
+            check=lambda a: a.num_key_value_heads is None or a.num_key_value_heads <= a.num_attention_heads,
+            field_path=".numKeyValueHeads",
+        ),
+        Rule(
+            cel="!has(self.numExpertsPerTok) || !has(self.numLocalExperts) || self.numExpertsPerTok <= self.numLocalExperts",
+            message="model.architecture.numExpertsPerTok must be at most numLocalExperts (a token is routed to some "
+                    "of the experts)",
+            check=lambda a: a.num_experts_per_tok is None or a.num_local_experts is None
+            or a.num_experts_per_tok <= a.num_local_experts,
+            field_path=".numExpertsPerTok",
+        ),
+    )
 
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json equivalent (snake_case keys)."""
@@ -96,7 +177,7 @@ class TokenSecretRef(KModel):
     """A Hugging Face token from a Secret in the job's namespace. The token is never written inline."""
 
     name: str = Field(max_length=253, pattern=NAME_PATTERN, description="Secret name.")
-    key: str = Field("HF_TOKEN", max_length=253, description="Key in the Secret holding the token.")
+    key: str = Field("HF_TOKEN", max_length=253, pattern=CONFIG_KEY, description="Key in the Secret holding the token.")
 
 
 class ModelSource(KModel):
@@ -184,7 +265,7 @@ class LoraSettings(KModel):
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank r.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input. Non-zero costs activation memory.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=MODULE_PATTERN)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
@@ -268,6 +349,12 @@ class Method(KModel):
 # training
 
 MICRO_BATCH_RULE = "must be an integer from 1 to 4096, or 'auto'"
+# Step counts and batch sizes far past any real run, and far inside int64 (the trainer's and
+# the status' integers): a careless 1e20 is refused instead of overflowing downstream.
+MAX_STEPS = 100_000_000
+MAX_EFFECTIVE_BATCH = 1_048_576
+# Job durations (Job.spec.activeDeadlineSeconds is int64, ttlSecondsAfterFinished int32)
+MAX_SECONDS = 366 * 24 * 3600
 
 
 def _int_or_auto(v: Any) -> int | str:
@@ -307,7 +394,8 @@ class Training(KModel):
     """Optimization settings."""
 
     epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the training data. Set exactly one of epochs and maxSteps.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run. Set exactly one of epochs and maxSteps.")
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run. Set exactly one of "
+                                  f"epochs and maxSteps. At most {MAX_STEPS:,}.")
     micro_batch_size: IntOrAuto = Field(
         "auto",
         description="Sequences per GPU per forward pass, or auto: the largest that fits the chosen GPU "
@@ -317,8 +405,9 @@ class Training(KModel):
     effective_batch_size: int | None = Field(
         None,
         ge=1,
+        le=MAX_EFFECTIVE_BATCH,
         description="Sequences per optimizer step across all GPUs. With microBatchSize auto, gradient accumulation "
-        "is derived from it; defaults to microBatchSize x gradientAccumulationSteps x GPUs.",
+        f"is derived from it; defaults to microBatchSize x gradientAccumulationSteps x GPUs. At most {MAX_EFFECTIVE_BATCH:,}.",
     )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = Field(
@@ -356,8 +445,9 @@ class Training(KModel):
         "states. auto picks fsdp for full fine-tuning across GPUs and ddp otherwise.",
     )
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for weights of new parameters, data order and dropout.")
-    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; by default only at the end.")
-    logging_steps: int = Field(10, ge=1, description="Report loss and throughput every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate every N optimizer steps; by default "
+                                   "only at the end.")
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Report loss and throughput every N optimizer steps.")
     early_stopping: EarlyStopping | None = Field(None, description="Stop early when the validation loss stops improving.")
 
     rules: ClassVar = (
@@ -382,11 +472,41 @@ class Training(KModel):
 class Toleration(KModel):
     """A core/v1 Toleration, passed to the trainer pod."""
 
-    key: str | None = Field(None, max_length=316, description="Taint key to tolerate; empty with operator Exists matches all.")
+    # The rules are the pod's own (ValidateTolerations): a bad toleration is refused here, not
+    # when the Job controller fails to create the pod.
+
+    key: Annotated[str, Rule(
+        cel="self == '' || " + qualified_name_cel("self"),
+        message="a toleration key must be a qualified name: " + QUALIFIED_NAME_HELP,
+        check=lambda k: k == "" or is_qualified_name(k),
+    )] | None = Field(None, max_length=317, description="Taint key to tolerate; empty with operator Exists matches all.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, max_length=63, description="Taint value to match with operator Equal.")
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE,
+                              description="Taint value to match with operator Equal (a label value).")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect to match; empty matches all.")
-    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.")
+    toleration_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS,
+                                           description="For NoExecute: how long the pod stays bound after the taint appears.")
+
+    rules: ClassVar = (
+        Rule(
+            cel="(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            message="a toleration without a key must have operator Exists (it then tolerates every taint)",
+            check=lambda t: bool(t.key) or t.operator == "Exists",
+            field_path=".operator",
+        ),
+        Rule(
+            cel="!has(self.value) || self.value == '' || !has(self.operator) || self.operator != 'Exists'",
+            message="a toleration with operator Exists matches any value: leave its value out, or use operator Equal",
+            check=lambda t: not t.value or t.operator != "Exists",
+            field_path=".value",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            message="a toleration's tolerationSeconds is only valid with effect NoExecute",
+            check=lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            field_path=".tolerationSeconds",
+        ),
+    )
 
 
 # What the operator sets on every trainer pod (manifests._env), so neither a job's nor the
@@ -395,6 +515,11 @@ RESERVED_ENV = ("HOME", "HF_HOME", "HF_TOKEN", "HF_ENDPOINT", "POD_NAME", "AWS_A
                 "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
                 "MASTER_ADDR", "MASTER_PORT")
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+PATTERN_HELP[ENV_NAME_PATTERN] = "an environment variable name: letters, digits and '_', not starting with a digit"
+# Sizes of what is copied into the trainer's pod and ConfigMap (the ConfigMap embeds the spec, and
+# Kubernetes caps one at 1 MiB; annotations are capped at 256 KiB per object)
+MAX_ENV_TOTAL = 65536
+MAX_ANNOTATIONS_TOTAL = 65536
 RESERVED_ENV_MESSAGE = ("is set by kubetune (KUBETUNE_*, " + ", ".join(RESERVED_ENV) + "): use the spec field for it "
                         "(storage, model.tokenSecret, the operator's --hf-endpoint)")
 
@@ -426,28 +551,56 @@ class Resources(KModel):
     nodes: int = Field(1, ge=1, le=256, description="Trainer pods; more than one makes an Indexed Job with a headless Service for rendezvous.")
     gpu_product: str | None = Field(
         None,
-        max_length=128,
+        max_length=63,
+        pattern=LABEL_VALUE,
         description="Only use GPUs of this product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
     )
-    min_gpu_memory: Quantity | None = Field(
-        None, description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less."
+    # Bounds: a quantity past any real node is a typo (or 1e400), and the pod would never schedule.
+    min_gpu_memory: bounded_quantity("resources.minGpuMemory", "1Ti", "40Gi") | None = Field(
+        None, description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less. "
+        "At most 1Ti."
     )
-    cpu: Quantity = Field("4", description="CPU request of each trainer pod.")
-    memory: Quantity = Field("32Gi", description="Memory request and limit of each trainer pod (host RAM, not GPU memory).")
-    ephemeral_storage: Quantity | None = Field(
+    cpu: bounded_quantity("resources.cpu", "1024", "8") = Field(
+        "4", description="CPU request of each trainer pod: more than 0, at most 1024.")
+    memory: bounded_quantity("resources.memory", "64Ti", "32Gi") = Field(
+        "32Gi", description="Memory request and limit of each trainer pod (host RAM, not GPU memory): more than 0, at "
+        "most 64Ti.")
+    ephemeral_storage: bounded_quantity("resources.ephemeralStorage", "1Pi", "200Gi") | None = Field(
         None,
         description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded model, "
         "checkpoints before upload, the final output. Default: worked out from the model and method "
-        "(status.placement.ephemeralStorage).",
+        "(status.placement.ephemeralStorage). At most 1Pi.",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels the trainer pods require.")
+    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]], Rule(
+        cel="self.all(k, " + qualified_name_cel("k") + ")",
+        message="resources.nodeSelector keys must be label keys: " + QUALIFIED_NAME_HELP,
+        check=lambda d: all(is_qualified_name(k) for k in d),
+    )] = Field(default_factory=dict, max_length=64,
+               description="Extra node labels the trainer pods require (label keys and values).")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
-    priority_class_name: str | None = Field(None, max_length=253, description="PriorityClass of the trainer pods (preemption order).")
-    pod_annotations: dict[str, str] = Field(
+    priority_class_name: str | None = Field(
+        None, max_length=253, pattern=NAME_PATTERN,
+        description="PriorityClass of the trainer pods (preemption order); it must exist (kubectl get priorityclass).")
+    pod_annotations: Annotated[dict[str, Annotated[str, Field(max_length=MAX_ANNOTATIONS_TOTAL)]], Rule(
+        cel="self.all(k, " + qualified_name_cel("k") + ")",
+        message="resources.podAnnotations keys must be qualified names: " + QUALIFIED_NAME_HELP,
+        check=lambda d: all(is_qualified_name(k) for k in d),
+    ), Rule(
+        cel=f"self.map(k, k.size() + self[k].size()).sum() <= {MAX_ANNOTATIONS_TOTAL}",
+        message=f"resources.podAnnotations may hold at most {MAX_ANNOTATIONS_TOTAL} characters in all (keys and values)",
+        check=lambda d: sum(len(k) + len(v) for k, v in d.items()) <= MAX_ANNOTATIONS_TOTAL,
+    )] = Field(
         default_factory=dict,
-        description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\".",
+        max_length=64,
+        description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\". "
+        f"Keys are qualified names; at most 64 entries and {MAX_ANNOTATIONS_TOTAL} characters.",
     )
-    env: list[EnvVar] = Field(
+    env: Annotated[list[EnvVar], Rule(
+        cel=f"self.map(e, has(e.value) ? e.value.size() : 0).sum() <= {MAX_ENV_TOTAL}",
+        message=f"resources.env values may hold at most {MAX_ENV_TOTAL} characters in all (the trainer's ConfigMap "
+                "holds the spec, and Kubernetes caps a ConfigMap at 1 MiB)",
+        check=lambda env: sum(len(e.value) for e in env) <= MAX_ENV_TOTAL,
+    )] = Field(
         default_factory=list, max_length=64,
         description="Extra environment of the trainer container (HTTPS_PROXY, NCCL_IB_HCA, ...); over the operator's "
                     "--trainer-env for the same name.",
@@ -483,9 +636,10 @@ class SecretRef(KModel):
     """S3 credentials from a Secret in the job's namespace. Keys are never written inline."""
 
     name: str = Field(max_length=253, pattern=NAME_PATTERN, description="Secret name.")
-    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, description="Key in the Secret holding the access key id.")
+    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, pattern=CONFIG_KEY,
+                                   description="Key in the Secret holding the access key id.")
     secret_access_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", max_length=253, description="Key in the Secret holding the secret access key."
+        "AWS_SECRET_ACCESS_KEY", max_length=253, pattern=CONFIG_KEY, description="Key in the Secret holding the secret access key."
     )
 
 
@@ -493,19 +647,21 @@ class ConfigMapKeyRef(KModel):
     """One key of a ConfigMap in the job's namespace."""
 
     name: str = Field(max_length=253, pattern=NAME_PATTERN, description="ConfigMap name.")
-    key: str = Field("ca.crt", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key holding the PEM bundle.")
+    key: str = Field("ca.crt", max_length=253, pattern=CONFIG_KEY, description="Key holding the PEM bundle.")
 
 
 class Storage(KModel):
     """How the trainer reaches S3 for every s3:// URI of the job."""
 
+    # The URL rule sits on Storage, not on this string: a failed string rule makes the apiserver
+    # echo the value, and a user:password@ in it is a credential.
     endpoint: str | None = Field(
         None,
-        pattern=URL_PATTERN,
         max_length=512,
-        description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...); AWS S3 when empty.",
+        description="S3-compatible endpoint URL (MinIO, Ceph, R2, ...); AWS S3 when empty. No user:password@ in it: "
+        "credentials go in credentialsSecret.",
     )
-    region: str | None = Field(None, max_length=64, description="S3 region.")
+    region: str | None = Field(None, max_length=63, pattern=REGION_PATTERN, description="S3 region, e.g. us-east-1.")
     credentials_secret: SecretRef | None = Field(
         None, description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used."
     )
@@ -520,6 +676,15 @@ class Storage(KModel):
                     "Identity, GKE Workload Identity) instead of credentialsSecret. Default: the namespace's default.")
     force_path_style: bool = Field(True, description="Path-style addressing (bucket in the path), which most S3-compatible stores need.")
 
+    rules: ClassVar = (
+        Rule(
+            cel=f"!has(self.endpoint) || self.endpoint.matches(r'{URL_PATTERN}')",
+            message="storage.endpoint must be " + URL_HELP,
+            check=lambda s: s.endpoint is None or full_match(URL_PATTERN, s.endpoint),
+            field_path=".endpoint",
+        ),
+    )
+
 
 class Checkpoints(KModel):
     """Checkpoints go to S3 during training; a restarted or preempted pod resumes from the newest one."""
@@ -530,7 +695,7 @@ class Checkpoints(KModel):
         pattern=S3_ONLY,
         max_length=1024,
     )
-    save_steps: int = Field(200, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_steps: int = Field(200, ge=1, le=MAX_STEPS, description="Save a checkpoint every N optimizer steps.")
     keep: int = Field(3, ge=1, le=100, description="Newest checkpoints to keep (the best by eval loss is kept as well).")
     deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="What happens to this job's S3 checkpoints when the FineTuneJob is deleted."
@@ -567,15 +732,19 @@ class RunPolicy(KModel):
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Pod failures before the run fails. Preemption and eviction do not count."
     )
-    active_deadline_seconds: int | None = Field(None, ge=1, description="Fail the run when it has run this long.")
+    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_SECONDS,
+                                                description="Fail the run when it has run this long (at most 366 days).")
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long."
+        None, ge=0, le=MAX_SECONDS,
+        description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long (at most 366 days)."
     )
     suspend: bool = Field(False, description="Stop the trainer pods; checkpoints stay, and unsuspending resumes from the newest.")
     queue_name: str | None = Field(
-        None, max_length=63, description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label."
+        None, max_length=63, pattern=LABEL_VALUE,
+        description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label (so a label value)."
     )
-    image: str | None = Field(None, max_length=512, description="Trainer image override.")
+    image: str | None = Field(None, max_length=512, pattern=IMAGE_PATTERN,
+                              description="Trainer image override, e.g. ghcr.io/org/trainer:1.2.")
     image_pull_secrets: list[Annotated[str, Field(max_length=253, pattern=NAME_PATTERN)]] = Field(
         default_factory=list, max_length=16,
         description="Secrets (in the job's namespace) to pull the trainer image from a private registry.",
@@ -639,6 +808,8 @@ class FineTuneJobSpec(KModel):
 # status
 
 Phase = Literal["Pending", "Unschedulable", "Starting", "Running", "Suspended", "Succeeded", "Failed"]
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+PATTERN_HELP[REASON_PATTERN] = "a CamelCase reason: letters, digits, '_', ',' and ':', starting with a letter"
 CONDITION_TYPES = ("Validated", "Scheduled", "Running", "CheckpointSynced", "Succeeded", "Failed", "Suspended")
 
 
@@ -647,7 +818,7 @@ class Condition(StatusModel):
 
     type: str = Field(max_length=316, description=f"Condition type: one of {', '.join(CONDITION_TYPES)}.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason.")
+    reason: str = Field(max_length=1024, pattern=REASON_PATTERN, description="CamelCase reason.")
     message: str = Field("", max_length=32768, description="What happened and what to do next.")
     last_transition_time: datetime = Field(description="When status last changed.")
     observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition was computed for.")
@@ -767,7 +938,9 @@ class FineTuneJobStatus(StatusModel):
     phase: Phase | None = Field(None, description="Pending, Unschedulable, Starting, Running, Suspended, Succeeded or Failed.")
     observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
     run: int | None = Field(None, description="Current run number.")
-    conditions: list[Condition] = Field(default_factory=list, description="Latest observations, metav1-style.")
+    # maxItems bounds the apiserver's CEL cost estimate of the reason rule on every condition
+    conditions: list[Condition] = Field(default_factory=list, max_length=32,
+                                        description="Latest observations, metav1-style (one per type).")
     estimate: EstimateStatus | None = Field(None, description="Per-GPU memory estimate and its breakdown.")
     placement: PlacementStatus | None = Field(None, description="Chosen GPUs and nodes.")
     progress: Progress | None = Field(None, description="Live training progress.")
@@ -781,7 +954,8 @@ class FineTuneJobStatus(StatusModel):
 class ObjectMeta(StatusModel):
     """The parts of metav1.ObjectMeta kubetune reads."""
 
-    name: str = Field(max_length=MAX_NAME_LENGTH, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    # what the apiserver allows; kubetune's own limits are FineTuneJob.rules (the same words as the CRD's)
+    name: str = Field(max_length=253, pattern=NAME_PATTERN)
     namespace: str | None = None
     uid: str | None = None
     generation: int | None = None
@@ -798,6 +972,33 @@ class FineTuneJob(KModel):
     metadata: ObjectMeta
     spec: FineTuneJobSpec
     status: FineTuneJobStatus | None = None
+
+    # Root-level rules: the CRD emits them at the top of the schema, where CEL may read metadata.name.
+    rules: ClassVar = (
+        Rule(
+            cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+            message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: kubetune derives Job, pod and label "
+                    "values from it, which Kubernetes limits to 63",
+            check=lambda j: len(j.metadata.name) <= MAX_NAME_LENGTH,
+        ),
+        # <name>-r<run> names the headless Service of a multi-node job, and a Service name is a
+        # DNS-1035 label (and the Indexed Job's pod host names DNS labels): no dots, a letter first.
+        Rule(
+            cel="!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1 "
+                f"|| self.metadata.name.matches(r'{DNS1035_LABEL}')",
+            message="metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and '-', "
+                    "starting with a letter, without dots: its headless Service is named after it",
+            check=lambda j: j.spec.resources.nodes <= 1 or full_match(DNS1035_LABEL, j.metadata.name),
+        ),
+    )
+
+
+def check_object(name: str, spec: FineTuneJobSpec) -> list[str]:
+    """What the apiserver checks on the whole object (FineTuneJob.rules: metadata.name together with
+    the spec), for the operator, which parses only the spec: one message per broken rule, in the
+    CRD's words. Empty when the object is valid."""
+    job = FineTuneJob.model_construct(metadata=ObjectMeta.model_construct(name=name), spec=spec)
+    return [r.message for r in FineTuneJob.rules if not r.check(job)]
 
 
 # ---------------------------------------------------------------------------------------------
