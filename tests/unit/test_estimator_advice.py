@@ -58,7 +58,9 @@ def test_advice_when_nothing_fits_and_every_advice_fits():
     adv = fit_advice(L8, p, sizes)
     assert adv
     kinds = " | ".join(a.description for a in adv)
-    for want in ("gradient checkpointing", "fused cross-entropy", "micro batch 1 x 2", "QLoRA", "GPUs with FSDP"):
+    # four single changes fit, so no combination (where QLoRA comes in: alone, without checkpointing, the
+    # 4-bit model's fp32-upcast norms and saved activations do not fit) is needed
+    for want in ("gradient checkpointing", "fused cross-entropy", "micro batch 1 x 2", "GPUs with FSDP"):
         assert want in kinds, kinds
     for a in adv:
         assert fits(a.estimate, a.gpu_bytes) and a.gpu_bytes in sizes

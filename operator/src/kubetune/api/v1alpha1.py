@@ -847,6 +847,12 @@ class EstimateStatus(StatusModel):
     trainable_params: int = Field(0, ge=0, description="Parameters that are trained.")
     micro_batch_size: int = Field(1, ge=1, description="Micro batch the estimate is for.")
     seq_length: int = Field(1, ge=1, description="Sequence length the estimate is for.")
+    allocated_bytes: int = Field(0, ge=0, description="Peak bytes allocated by tensors on each GPU "
+                                 "(torch.cuda.max_memory_allocated).")
+    reserved_bytes: int = Field(0, ge=0, description="Peak bytes the CUDA caching allocator reserves on each GPU "
+                                "(torch.cuda.max_memory_reserved): allocated plus its simulated fragmentation.")
+    allocator_setting: str | None = Field(None, description="The PYTORCH_CUDA_ALLOC_CONF the reserved figure "
+                                          "assumes, e.g. expandable_segments:False.")
 
 
 class PlacementStatus(StatusModel):

@@ -9,9 +9,10 @@ then (docs/estimator.md derives every term):
 - backward (bottom): model states + every gradient + one block
 - optimizer:  model states + every gradient
 
-plus allocator fragmentation, the CUDA context and communication buffers. The constants marked
+plus what the CUDA caching allocator reserves beyond that (simulated: allocator.py replays the step's
+allocation sequence, steptrace.py), the CUDA context and communication buffers. The constants marked
 "calibrated" were fitted to shared/calibration (plain HF Trainer + PEFT on an H100); everything else
-is bytes-per-element arithmetic from the modelling code. Pure Python, no torch: ~20 us an estimate.
+is bytes-per-element arithmetic from the modelling code. Pure Python, no torch.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
+from kubetune.estimator.allocator import EXPANDABLE as ALLOC_EXPANDABLE
 from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
 from kubetune.plan import LIGER_GEGLU_ACTS, LIGER_MODEL_TYPES, LIGER_SWIGLU_ACTS, TrainingPlan
 
@@ -46,13 +49,10 @@ SOFTCAP_EXTRA_BYTES = 2
 # backward (1B and 8B: 0.09 and 0.2 GiB above the saved activations at b4 x 2048).
 BWD_TRANSIENT_MLP = 1.0  # x compute_bytes x intermediate
 BWD_TRANSIENT_HIDDEN = 2.0  # x compute_bytes x hidden
-# Caching-allocator fragmentation (reserved - allocated at the peak), calibrated. The unfused loss
-# allocates and frees several [tokens x vocab] tensors of 2-4 GiB every step; blocks split for other
-# tensors in between cannot hold them again, so about one fp32 logits-sized buffer (a quarter of the
-# 12 B/logit) stays reserved but unused. Activations, even 13 GiB of them without checkpointing, pack
-# well (1B full fine-tune: 1.4 GiB reserved-allocated either way), so they get no term.
-FRAG_LOGITS = 0.26  # x unfused cross-entropy bytes
-FRAG_BASE = int(0.55 * GIB)
+# Caching-allocator fragmentation (reserved - allocated at the peak) is no longer fitted: the allocator
+# simulator (allocator.py) replays the plan's generated step trace (steptrace.py) and says what it reserves.
+# A model load (QLoRA under FSDP) has no step trace: its few large tensors leave one segment's slack.
+LOAD_SLACK = 512 * MIB
 # Collectives: NCCL allocates its own buffers (outside the caching allocator) per communicator.
 NCCL_BUFFERS = int(0.375 * GIB)
 DEEPSPEED_BUCKET = 500_000_000  # elements: reduce_bucket_size / allgather_bucket_size defaults
@@ -79,9 +79,11 @@ class Estimate:
     micro_batch_size: int
     seq_len: int
     phase: str = "loss"  # which moment of the step is the peak: loss | backward | optimizer
-    # what torch.cuda.max_memory_allocated reports: the total less the CUDA context and the allocator's
-    # fragmentation (the two fitted terms), so the physics can be checked apart from the fit
+    # what torch.cuda.max_memory_allocated reports (the physics), and what the caching allocator reserves
+    # (max_memory_reserved: allocated + the simulated fragmentation); the total adds the CUDA context
     allocated_bytes: int = 0
+    reserved_bytes: int = 0
+    allocator_setting: str = ALLOC_DEFAULT  # PYTORCH_CUDA_ALLOC_CONF the reserved figure assumes
     plan: TrainingPlan | None = field(default=None, repr=False)
     notes: tuple[str, ...] = ()
 
@@ -105,6 +107,9 @@ class Estimate:
             trainable_params=_i64(self.trainable_params),
             micro_batch_size=_i64(self.micro_batch_size),
             seq_length=_i64(self.seq_len),
+            allocated_bytes=_i64(self.allocated_bytes),
+            reserved_bytes=_i64(self.reserved_bytes),
+            allocator_setting=self.allocator_setting,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,6 +123,11 @@ class Estimate:
             "micro_batch_size": self.micro_batch_size,
             "seq_len": self.seq_len,
             "peak_phase": self.phase,
+            "allocated_gib": round(self.allocated_bytes / GIB, 3),
+            "allocated_bytes": self.allocated_bytes,
+            "reserved_gib": round(self.reserved_bytes / GIB, 3),
+            "reserved_bytes": self.reserved_bytes,
+            "allocator_setting": self.allocator_setting,
             "notes": list(self.notes),
         }
 
@@ -407,12 +417,19 @@ def _explicit_mask(arch: Architecture, plan: TrainingPlan) -> bool:
     return plan.method == "prefix-tuning" or sliding or plan.packing
 
 
-def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None) -> Estimate:
+def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None,
+             allocator: str = ALLOC_DEFAULT) -> Estimate:
     """Per-GPU device memory (CUDA context included) of training ``arch`` as ``plan`` says.
 
     ``autocast`` defaults to on whenever the compute dtype is bf16/fp16 (what both the HF Trainer with
     bf16=True and kubetune's trainer do); tests turn it off to compare with uncast CPU runs.
+    ``allocator``: the PYTORCH_CUDA_ALLOC_CONF the reserved figure assumes, allocator.DEFAULT (torch's
+    default, ``expandable_segments:False``: the plain HF Trainer stack; the safe default, since it
+    reserves at least what expandable segments do on these traces) or allocator.EXPANDABLE (kubetune's
+    trainer sets it unless the pod's env overrides it).
     """
+    if allocator not in (ALLOC_DEFAULT, ALLOC_EXPANDABLE):
+        raise ValueError(f"allocator must be {ALLOC_DEFAULT!r} or {ALLOC_EXPANDABLE!r}, got {allocator!r}")
     if autocast is None:
         autocast = AUTOCAST_WHEN_REDUCED and plan.compute_dtype != "fp32"
     # Every plan field but the micro batch: a hand-picked key once left packing out, and a cached
@@ -425,7 +442,22 @@ def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = 
         if len(cache) > 4096:
             cache.clear()
         cache[key] = per
-    return _finish(arch, plan, per)
+    return _finish(arch, plan, per, autocast, allocator)
+
+
+def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, tokens: int, allocator: str) -> int:
+    """The simulator's reserved - allocated for the plan's step trace, cached per (plan, tokens, setting)."""
+    from kubetune.estimator.steptrace import reserved_gap
+
+    key = ("gap", *[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast, tokens, allocator)
+    cache = arch._cache
+    gap = cache.get(key)
+    if gap is None:
+        gap = reserved_gap(arch, plan, autocast=autocast, tokens=tokens, expandable=allocator == ALLOC_EXPANDABLE)
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = gap
+    return gap
 
 
 @dataclass(frozen=True)
@@ -439,6 +471,7 @@ class _Prepared:
     grads_bottom: int  # gradients alive at the last block's backward
     grads_early: int  # gradients alive during the forward (accumulation, adapters)
     optimizer: int
+    tied_accum: int  # tied embeddings: the embedding's gradient and its sum with the head's, at the end of the backward
     comm_static: int  # DDP buckets, ZeRO buckets (persistent)
     comm_transient: int  # FSDP unsharded units (forward / backward)
     nccl: int
@@ -495,6 +528,12 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     adapters = adapter_params * t
     grads = used_trainable * t
     optimizer = used_trainable * opt_per
+    head_trained = method == "full" or (method == "freeze" and plan.train_embeddings)
+    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") and head_trained:
+        # the HF Trainer overrides every nn.Embedding to 32-bit bitsandbytes states (Trainer.create_optimizer:
+        # register_module_override(..., {"optim_bits": 32})): 8 B/param there, found with the trace
+        # (1B tied full fine-tune, 8-bit AdamW: 8% under without it)
+        optimizer += arch.embed_params * (2 * 4 - opt_per)
     if sharding in ("fsdp", "zero3"):
         adapters, grads, optimizer = adapters // n, grads // n, int(optimizer / n)
     elif sharding == "zero2":
@@ -508,6 +547,10 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     grads_head = max(grads_early, head_grad)
     emb_grad = arch.embed_params * t // shard if method == "full" else 0
     grads_bottom = grads if ga else max(grads_early, grads - emb_grad)
+    # Tied embeddings: the output head's gradient already holds the shared weight's; the embedding's backward
+    # makes a second one, and AccumulateGrad adds the two out of place: all gradients plus two [V, h] tensors
+    # at the very end of the backward (what the trace of a tied 3B full fine-tune has alive at its peak)
+    tied_accum = 2 * arch.embed_params * t // shard if (head_trained and arch.tie_word_embeddings) else 0
 
     # ---- communication
     comm_static = comm_transient = 0
@@ -541,8 +584,10 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         head_lin = arch.lm_head_params or arch.embed_params
         if method in ("full",) or (method == "freeze"):
             trained_lin = lin_all if method == "full" else int(lin_all * trained_block_params / max(1, arch.block_params))
-            # trainable leaves: autocast caches their bf16 copies for the whole forward
-            copies_loss += trained_lin * c + (head_lin * c if method == "full" else 0)
+            # trainable leaves: autocast caches their bf16 copies for the whole forward; under checkpointing the
+            # blocks' copies die with each block's forward and only the head's stays (the trace of a 1B
+            # fp32-master full fine-tune with checkpointing: 6.7% over when they were counted)
+            copies_loss += (0 if plan.gradient_checkpointing else trained_lin * c) + (head_lin * c if method == "full" else 0)
         if method != "qlora":
             frozen_lin = lin_all - (lin_all if method == "full" else 0)
             if not plan.gradient_checkpointing and method not in ("full", "freeze"):
@@ -604,7 +649,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     mask = 1 if _explicit_mask(arch, plan) else 0  # bool: one byte per (query, key) pair
     return _Prepared(
         weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
-        grads_early=grads_early, optimizer=int(optimizer), comm_static=comm_static, comm_transient=comm_transient,
+        grads_early=grads_early, optimizer=int(optimizer), tied_accum=tied_accum, comm_static=comm_static, comm_transient=comm_transient,
         nccl=nccl, copies_loss=copies_loss, copies_block=copies_block, act_all=blocks_act, act_block=act_block,
         ckpt_one=ckpt if gc else 0, head=head, bwd_transient=bwd, logits_per_token=logits_pt,
         fused=plan.fused_cross_entropy, extra_tokens=extra_tokens, mask_per_s2=mask,
@@ -613,7 +658,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     )
 
 
-def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
+def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool, allocator: str) -> Estimate:
     b = max(1, plan.micro_batch_size)
     s = plan.seq_len + p.extra_tokens
     tok = b * s
@@ -641,6 +686,8 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
         # bottom of the backward: (nearly) every gradient, one block
         ("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block),
         ("optimizer", p.grads, 0, 0),
+        # end of the backward with tied embeddings (see tied_accum)
+        ("backward", p.grads + p.tied_accum, 0, 0),
     )
     best = None
     for name, g, act, cp in moments:
@@ -650,8 +697,9 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
     assert best is not None
     _, phase, grads, act, copies = best
 
-    # allocator fragmentation: grows with what is allocated and freed every step
-    frag = FRAG_BASE + (0 if p.fused else FRAG_LOGITS * ce)
+    # allocator fragmentation: what the caching-allocator simulator reserves beyond the allocated peak when it
+    # replays this plan's step
+    frag = _reserved_gap(arch, plan, autocast, tok, allocator)
     overhead = int(CUDA_CONTEXT + MISC + frag)
     logits_part = ce if phase == "loss" else 0
     act_part = act - logits_part
@@ -669,15 +717,16 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared) -> Estimate:
     notes = p.notes
     if p.load_weights:
         load = {"weights": p.load_weights, "gradients": 0, "optimizer": 0, "adapters": p.load_adapters,
-                "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + FRAG_BASE),
+                "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + LOAD_SLACK),
                 "communication": p.load_unit + p.nccl}
         if sum(load.values()) > total:
-            breakdown, total, phase, frag = load, sum(load.values()), "model load", FRAG_BASE
+            breakdown, total, phase, frag = load, sum(load.values()), "model load", LOAD_SLACK
             notes += (f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
                       "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
                       "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",)
     return Estimate(
         total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
         micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=notes,
-        allocated_bytes=int(total - CUDA_CONTEXT - frag),
+        allocated_bytes=int(total - CUDA_CONTEXT - frag), reserved_bytes=int(total - CUDA_CONTEXT),
+        allocator_setting=allocator,
     )
