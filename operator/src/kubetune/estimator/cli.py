@@ -394,6 +394,9 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         if v or k in ("weights", "activations", "overhead"):
             w(f"    {labels[k]:<26s}{v / GIB:8.2f} GiB\n")
     w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
+    # what torch reports apart: tensors at the peak, and what the caching allocator holds for them
+    w(f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved {est.reserved_bytes / GIB:.2f} "
+      f"GiB (max_memory_reserved, simulated caching allocator, {est.allocator_setting})\n")
     if "local_disk_bytes" in d:
         w(f"  local disk     {d['local_disk_bytes'] / GIB:.0f} GiB per trainer pod (its ephemeral-storage request)\n")
     if "host_model_bytes" in d:

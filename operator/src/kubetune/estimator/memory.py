@@ -445,15 +445,21 @@ def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = 
     return _finish(arch, plan, per, autocast, allocator)
 
 
-def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, tokens: int, allocator: str) -> int:
-    """The simulator's reserved - allocated for the plan's step trace, cached per (plan, tokens, setting)."""
+def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, b: int, s: int, allocator: str) -> int:
+    """The simulator's reserved - allocated for the plan's step trace, cached per (plan, micro batch, setting).
+
+    Simulated at micro batches that are powers of two (exact there); in between, the larger of the two
+    neighbours' figures: a placement's batch search then costs at most one simulation per power of two."""
     from kubetune.estimator.steptrace import reserved_gap
 
-    key = ("gap", *[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast, tokens, allocator)
+    key = ("gap", *[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast, b, allocator)
     cache = arch._cache
     gap = cache.get(key)
     if gap is None:
-        gap = reserved_gap(arch, plan, autocast=autocast, tokens=tokens, expandable=allocator == ALLOC_EXPANDABLE)
+        hi = 1 << (b - 1).bit_length()
+        anchors = (b,) if hi == b else (hi >> 1, hi)
+        gap = max(reserved_gap(arch, plan.with_(micro_batch_size=a), autocast=autocast, tokens=a * s,
+                               expandable=allocator == ALLOC_EXPANDABLE) for a in anchors)
         if len(cache) > 4096:
             cache.clear()
         cache[key] = gap
@@ -699,7 +705,7 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool
 
     # allocator fragmentation: what the caching-allocator simulator reserves beyond the allocated peak when it
     # replays this plan's step
-    frag = _reserved_gap(arch, plan, autocast, tok, allocator)
+    frag = _reserved_gap(arch, plan, autocast, b, s, allocator)
     overhead = int(CUDA_CONTEXT + MISC + frag)
     logits_part = ce if phase == "loss" else 0
     act_part = act - logits_part

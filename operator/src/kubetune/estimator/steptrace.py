@@ -306,7 +306,10 @@ def reserved_gap(arch, plan, *, autocast: bool, tokens: int, expandable: bool) -
     """peak_reserved - peak_allocated of the generated trace in the simulator (+ FUSED_SLACK), cached per
     (architecture dims, plan, tokens, setting) for the process: any architecture object of the same dims
     shares it."""
-    key = (_arch_key(arch), plan, autocast, tokens, expandable)
+    ak = arch._cache.get("steptrace_key")
+    if ak is None:
+        ak = arch._cache["steptrace_key"] = _arch_key(arch)
+    key = (ak, plan, autocast, tokens, expandable)
     gap = _CACHE.get(key)
     if gap is None:
         ev = build_trace(arch, plan, autocast=autocast, tokens=tokens)
