@@ -458,8 +458,9 @@ def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, b: int
     if gap is None:
         hi = 1 << (b - 1).bit_length()
         anchors = (b,) if hi == b else (hi >> 1, hi)
-        gap = max(reserved_gap(arch, plan.with_(micro_batch_size=a), autocast=autocast, tokens=a * s,
-                               expandable=allocator == ALLOC_EXPANDABLE) for a in anchors)
+        pkey = key[1:-3]  # the plan without its micro batch: the trace depends on it through the tokens only
+        gap = max(reserved_gap(arch, plan, autocast=autocast, tokens=a * s, expandable=allocator == ALLOC_EXPANDABLE,
+                               plan_key=pkey) for a in anchors)
         if len(cache) > 4096:
             cache.clear()
         cache[key] = gap

@@ -19,6 +19,8 @@ Checked against recorded traces replayed in the same simulator (benchmarks/estim
 """
 from __future__ import annotations
 
+import weakref
+
 from kubetune.estimator.allocator import simulate
 
 MAX_LAYERS = 32  # blocks replayed (Llama-3.1-8B has 32): deeper models repeat the same per-block pattern
@@ -293,6 +295,7 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
 FUSED_SLACK = int(0.45 * (1 << 30))
 
 _CACHE: dict = {}
+_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Architecture -> its dims key (hashing them is slow)
 
 
 def _arch_key(arch) -> tuple:
@@ -302,14 +305,14 @@ def _arch_key(arch) -> tuple:
             arch.sliding_window, arch.final_logit_softcapping, arch.attn_softcapping)
 
 
-def reserved_gap(arch, plan, *, autocast: bool, tokens: int, expandable: bool) -> int:
+def reserved_gap(arch, plan, *, autocast: bool, tokens: int, expandable: bool, plan_key: tuple | None = None) -> int:
     """peak_reserved - peak_allocated of the generated trace in the simulator (+ FUSED_SLACK), cached per
     (architecture dims, plan, tokens, setting) for the process: any architecture object of the same dims
     shares it."""
-    ak = arch._cache.get("steptrace_key")
+    ak = _KEYS.get(arch)
     if ak is None:
-        ak = arch._cache["steptrace_key"] = _arch_key(arch)
-    key = (ak, plan, autocast, tokens, expandable)
+        ak = _KEYS[arch] = _arch_key(arch)
+    key = (ak, plan if plan_key is None else plan_key, autocast, tokens, expandable)
     gap = _CACHE.get(key)
     if gap is None:
         ev = build_trace(arch, plan, autocast=autocast, tokens=tokens)
