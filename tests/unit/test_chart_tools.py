@@ -162,7 +162,7 @@ NAMESPACED = {
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     *{("", r, v) for r in ("configmaps", "services") for v in ("get", "list", "create", "delete")},
     ("", "pods", "list"), ("", "secrets", "get"), ("", "persistentvolumeclaims", "get"), ("", "serviceaccounts", "get"),
-    ("", "events", "create"),
+    ("", "events", "create"), ("", "events", "list"),
 }
 CLUSTER = {("", "nodes", "list"), ("", "nodes", "watch"), ("", "pods", "list"),
            ("apiextensions.k8s.io", "customresourcedefinitions", "list"),

@@ -12,8 +12,19 @@ from kubetune.errors import UsageError
 
 
 class FakeCustom:
-    def __init__(self, status: int | None):
-        self.status, self.created = status, []
+    def __init__(self, status: int | None, exists: bool = False, list_status: int | None = None):
+        self.status, self.created, self.exists, self.list_status = status, [], exists, list_status
+
+    def _list(self, *args, field_selector):
+        if self.list_status is not None:
+            raise ApiException(status=self.list_status, reason="x")
+        return {"items": [{"metadata": {"name": field_selector.split("=")[1]}}] if self.exists else []}
+
+    def list_cluster_custom_object(self, group, version, plural, field_selector):
+        return self._list(group, version, plural, field_selector=field_selector)
+
+    def list_namespaced_custom_object(self, group, version, ns, plural, field_selector):
+        return self._list(group, version, ns, plural, field_selector=field_selector)
 
     def _create(self, *args):
         self.created.append(args)
@@ -44,8 +55,15 @@ def test_namespaced_operators_peer_in_each_namespace(monkeypatch):
     assert [c[2:4] for c in fake.created] == [("a", "kopfpeerings"), ("b", "kopfpeerings")]
 
 
+def test_an_existing_peering_object_is_used_without_creating_it(monkeypatch):
+    fake = FakeCustom(403, exists=True)  # the chart's RBAC: list, watch, patch; no create
+    monkeypatch.setattr(kube, "custom", lambda: fake)
+    cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+    assert fake.created == []
+
+
 def test_missing_peering_crds_refuse_to_start_with_the_way_out(monkeypatch):
-    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(404))
+    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(404, list_status=404))
     with pytest.raises(UsageError) as e:
         cli.ensure_peering("kubetune", [], logging.getLogger("t"))
     assert "kubectl apply -f crds/kopf-peering.yaml" in str(e.value) and "--standalone" in str(e.value)

@@ -123,6 +123,12 @@ def ensure_peering(name: str, namespaces: list[str], log: logging.Logger) -> Non
         where = f"{kind} {name!r}" + (f" in namespace {ns}" if ns else "")
         body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name, **({"namespace": ns} if ns else {})}}
         try:
+            # list, not get: list is what the chart's RBAC grants on peerings (kopf watches them)
+            sel = {"field_selector": f"metadata.name={name}"}
+            found = (custom.list_namespaced_custom_object("kopf.dev", "v1", ns, plural, **sel) if ns
+                     else custom.list_cluster_custom_object("kopf.dev", "v1", plural, **sel))
+            if found.get("items"):
+                continue
             if ns:
                 custom.create_namespaced_custom_object("kopf.dev", "v1", ns, plural, body)
             else:

@@ -11,20 +11,20 @@ import logging
 import os
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import kopf
 
-import traceback
-
 from kubetune.api.base import format_errors
-from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
+from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus, check_object
 from kubetune.controller import guard, kube, manifests, metrics, sources
 from kubetune.controller.egress import EgressPolicy, EndpointRefused
 from kubetune.controller.fleet import expected_pods, read_fleet
 from kubetune.controller.reconcile import Observed, placement_of, reconcile, status_patch
 from kubetune.controller.redact import Redactor, redact, secret_values
+from kubetune.errors import UsageError
 
 log = logging.getLogger("kubetune.operator")
 
@@ -227,6 +227,9 @@ def observe(body: dict) -> tuple[Observed, dict | None, Redactor]:
         spec_error = None
     except ValueError as e:
         spec, spec_error = None, "; ".join(format_errors(e, root="spec")) if hasattr(e, "errors") else str(e)
+    if spec is not None and (problems := check_object(name, spec)):
+        # the rules on the whole object (a dotted name on a multi-node job): admission checks them too
+        spec, spec_error = None, "; ".join(problems)
     obs = Observed(name=name, namespace=ns, uid=meta.get("uid", ""), generation=meta.get("generation", 1),
                    spec=spec, spec_error=spec_error, status=status)
     if spec is None:

@@ -185,5 +185,5 @@ def _why_nothing_usable(spec: FineTuneJobSpec, fleet: list[FleetNode], all_slots
     if not any(all(tolerates(r.tolerations, t) for t in n.taints) for n, _ in all_slots):
         parts.append("every GPU node has a taint the job does not tolerate (add resources.tolerations)")
     if r.min_gpu_memory:
-        parts.append(f"or no GPU has resources.minGpuMemory {r.min_gpu_memory}")
+        parts.append(f"resources.minGpuMemory {r.min_gpu_memory} may rule out the free GPUs")
     return "; ".join(parts) or "no schedulable GPU node matches the job's constraints"
