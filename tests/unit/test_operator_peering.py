@@ -100,3 +100,18 @@ def test_after_sigterm_a_stuck_worker_cannot_keep_the_process_alive():
     r = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < 15
+
+
+def test_the_liveness_probe_fails_while_a_reconcile_is_stuck(monkeypatch):
+    import kopf
+
+    from kubetune.controller import guard, handlers
+
+    dog = guard.Watchdog(budget=0, stuck_after=0)
+    monkeypatch.setattr(handlers, "WATCHDOG", dog)
+    assert handlers._probe_workers() == {"retrying": handlers.RETRIER.pending()}
+    with dog.watch(("team-a", "spin")):
+        dog._running[next(iter(dog._running))].interrupted = 0.0  # interrupted long ago, still running
+        with pytest.raises(kopf.PermanentError, match="1 reconcile\\(s\\) stuck: team-a/spin"):
+            handlers._probe_workers()
+    assert handlers._probe_workers()["retrying"] >= 0
