@@ -91,3 +91,26 @@ def test_work_is_bounded_for_deep_wide_models():
     t0 = time.perf_counter()
     e = estimate(from_config(cfg), plan_from_flags(method="full", micro_batch_size=64, seq_len=131072))
     assert time.perf_counter() - t0 < 1.0 and e.reserved_bytes >= e.allocated_bytes
+
+
+def test_simulation_key_leaves_out_only_what_the_trace_never_reads():
+    # the simulation is shared by plans differing only in M._TRACE_FREE_FIELDS: their traces must be equal
+    a = from_config(LLAMA1B)
+    base = plan_from_flags(method="qlora", micro_batch_size=2, seq_len=512, gradient_checkpointing=True)
+    ev = ST.build_trace(a, base, autocast=True, tokens=1024)
+    for other in (base.with_(gradient_accumulation_steps=8), base.with_(num_processes=8, sharding="fsdp"),
+                  base.with_(lora_alpha=7), base.with_(quant_type="fp4"), base.with_(micro_batch_size=9)):
+        assert ST.build_trace(a, other, autocast=True, tokens=1024) == ev
+    assert set(M._TRACE_FREE_FIELDS) <= {f.name for f in M.dataclasses.fields(base)}
+    # and a field it reads changes it (the key is not too coarse)
+    assert ST.build_trace(a, base.with_(lora_rank=64), autocast=True, tokens=1024) != ev
+
+
+def test_new_shapes_reuse_the_simulation_across_accumulation_and_gpu_counts():
+    a = from_config(LLAMA1B)
+    p = plan_from_flags(method="lora", micro_batch_size=4, seq_len=768, gradient_checkpointing=True)
+    estimate(a, p)
+    n = len(ST._CACHE)
+    for q in (p.with_(gradient_accumulation_steps=4), p.with_(num_processes=2, sharding="ddp"), p.with_(lora_alpha=64)):
+        estimate(a, q)
+    assert len(ST._CACHE) == n

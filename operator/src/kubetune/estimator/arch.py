@@ -13,6 +13,7 @@ checks the counts against models that transformers builds from the same config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping
 
 from kubetune.errors import UsageError
@@ -37,7 +38,7 @@ class Linear:
     bias: bool
     group: str
 
-    @property
+    @cached_property  # read in every estimate's inner sums; the dataclass is frozen, so it never changes
     def params(self) -> int:
         return self.d_in * self.d_out + (self.d_out if self.bias else 0)
 
@@ -68,11 +69,11 @@ class Block:
     # all-linear (target_parameters, "ParamWrapper"): (name, LoRA params per unit of rank) per block.
     param_targets: tuple[tuple[str, int], ...] = ()
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         return sum(m.params for m in self.linears)
 
-    @property
+    @cached_property
     def params(self) -> int:
         return self.linear_params + self.other_params
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -407,6 +408,15 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
 
 
 _PLAN_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingPlan) if f.name != "micro_batch_size")
+# The fields the generated step trace (steptrace.build_trace, _ctx_for, _block_bytes) does not read: the
+# simulation is keyed without them, so the plans a batch search or fit_advice tries (accumulation steps,
+# GPU counts, sharding) share one simulation. steptrace's test checks the trace is the same across them.
+_TRACE_FREE_FIELDS = ("micro_batch_size", "gradient_accumulation_steps", "num_processes", "sharding", "lora_alpha",
+                      "quant_type")
+_TRACE_KEY_FIELDS = tuple(f for f in _PLAN_KEY_FIELDS if f not in _TRACE_FREE_FIELDS)
+# attrgetter builds the keys in C: a list of getattr calls was a tenth of a cold estimate
+_plan_key = attrgetter(*_PLAN_KEY_FIELDS)
+_trace_key = attrgetter(*_TRACE_KEY_FIELDS)
 
 
 def _explicit_mask(arch: Architecture, plan: TrainingPlan) -> bool:
@@ -434,7 +444,7 @@ def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = 
         autocast = AUTOCAST_WHEN_REDUCED and plan.compute_dtype != "fp32"
     # Every plan field but the micro batch: a hand-picked key once left packing out, and a cached
     # estimate without packing came back for a packed plan.
-    key = (*[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast)
+    key = (_plan_key(plan), autocast)
     cache = arch._cache
     per = cache.get(key)
     if per is None:
@@ -452,13 +462,13 @@ def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, b: int
     neighbours' figures: a placement's batch search then costs at most one simulation per power of two."""
     from kubetune.estimator.steptrace import reserved_gap
 
-    key = ("gap", *[getattr(plan, f) for f in _PLAN_KEY_FIELDS], autocast, b, allocator)
+    key = ("gap", _plan_key(plan), autocast, b, allocator)
     cache = arch._cache
     gap = cache.get(key)
     if gap is None:
         hi = 1 << (b - 1).bit_length()
         anchors = (b,) if hi == b else (hi >> 1, hi)
-        pkey = key[1:-3]  # the plan without its micro batch: the trace depends on it through the tokens only
+        pkey = _trace_key(plan)  # what the trace reads, but the tokens
         gap = max(reserved_gap(arch, plan, autocast=autocast, tokens=a * s, expandable=allocator == ALLOC_EXPANDABLE,
                                plan_key=pkey) for a in anchors)
         if len(cache) > 4096:

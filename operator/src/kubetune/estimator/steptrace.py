@@ -19,6 +19,7 @@ Checked against recorded traces replayed in the same simulator (benchmarks/estim
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 
 from kubetune.estimator.allocator import simulate
@@ -295,7 +296,9 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
 FUSED_SLACK = int(0.45 * (1 << 30))
 
 _CACHE: dict = {}
-_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Architecture -> its dims key (hashing them is slow)
+_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Architecture -> a small int naming its dims
+_DIMS: dict = {}  # dims key -> that int: the dims tuple (blocks of Linears) takes ~10 hashes; an int one
+_NEXT = itertools.count()  # never reused, so clearing _DIMS costs only sharing, never a wrong hit
 
 
 def _arch_key(arch) -> tuple:
@@ -311,7 +314,13 @@ def reserved_gap(arch, plan, *, autocast: bool, tokens: int, expandable: bool, p
     shares it."""
     ak = _KEYS.get(arch)
     if ak is None:
-        ak = _KEYS[arch] = _arch_key(arch)
+        if len(_DIMS) > 4096:
+            _DIMS.clear()
+        dims = _arch_key(arch)
+        ak = _DIMS.get(dims)
+        if ak is None:
+            ak = _DIMS[dims] = next(_NEXT)
+        _KEYS[arch] = ak
     key = (ak, plan if plan_key is None else plan_key, autocast, tokens, expandable)
     gap = _CACHE.get(key)
     if gap is None:
