@@ -296,3 +296,42 @@ def test_estimate_f_prices_a_job_as_the_operator_does(name, capsys, tmp_path):
     nodes = [dict(n, status={**n["status"], "conditions": [{"type": "Ready", "status": "True"}]}) for n in manifests()]
     got = decide(spec, resolve_architecture(spec.model), read_fleet(nodes, []))
     assert rc == 0 and d["total_bytes"] == got.estimate.total_bytes, (d["plan"], got.estimate.total_bytes)
+
+
+@pytest.mark.parametrize("flag,setting", [(None, "expandable_segments:False"), ("default", "expandable_segments:False"),
+                                          ("expandable", "expandable_segments:True"), (" Expandable ", "expandable_segments:True")])
+def test_allocator_flag_picks_the_setting_the_reserved_figure_assumes(capsys, flag, setting):
+    argv = ["--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048",
+            "--gradient-checkpointing", "--json"] + (["--allocator", flag] if flag is not None else [])
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0
+    d = json.loads(out)
+    want = estimate(catalog_architecture("llama-3.1-8b"),
+                    plan_from_flags(method="lora", micro_batch_size=4, seq_len=2048, gradient_checkpointing=True),
+                    allocator=setting)
+    assert d["allocator_setting"] == setting
+    assert d["total_bytes"] == want.total_bytes and d["reserved_bytes"] == want.reserved_bytes
+    assert d["allocated_bytes"] == want.allocated_bytes
+
+
+def test_allocator_flag_reaches_the_human_form_the_job_form_and_auto(capsys, tmp_path):
+    rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048",
+                     "--gradient-checkpointing", "--allocator", "expandable")
+    assert rc == 0 and "simulated caching allocator, expandable_segments:True" in out
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    rc, out, _ = run(capsys, "-f", str(job), "--allocator", "expandable", "--json")
+    assert rc == 0 and json.loads(out)["allocator_setting"] == "expandable_segments:True"
+    # auto micro batch searches with the same setting: expandable segments reserve less here, so never a smaller batch
+    auto = {}
+    for setting in ("default", "expandable"):
+        rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "auto", "--seq-len", "2048",
+                         "--gradient-checkpointing", "--gpu-memory", "24GB", "--allocator", setting, "--json")
+        assert rc == 0
+        auto[setting] = json.loads(out)["max_micro_batch"]["24GB"]
+    assert auto["expandable"] >= auto["default"] >= 1
+
+
+def test_allocator_flag_refuses_other_settings(capsys):
+    rc, out, err = run(capsys, "--model", "llama-3.1-8b", "--allocator", "cudaMallocAsync")
+    assert rc == 2 and "--allocator: must be one of default, expandable" in err and not out

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubetune.estimator.arch import Architecture
+from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
 from kubetune.estimator.memory import DEFAULT_MARGIN, GIB, MIB, Estimate, estimate
 from kubetune.plan import TrainingPlan
 MAX_MICRO_BATCH = 4096
@@ -53,22 +54,23 @@ def fits(est: Estimate, gpu_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
 
 
 def max_micro_batch(
-    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN, limit: int = MAX_MICRO_BATCH
+    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN, limit: int = MAX_MICRO_BATCH,
+    allocator: str = ALLOC_DEFAULT,
 ) -> int:
     """Largest micro batch whose estimate fits ``gpu_bytes`` with ``margin`` to spare (0: not even 1).
 
     Memory grows monotonically with the micro batch, so this is a binary search (~12 estimates).
     """
     budget = gpu_bytes * (1.0 - margin)
-    if estimate(arch, plan.with_(micro_batch_size=1)).total_bytes > budget:
+    if estimate(arch, plan.with_(micro_batch_size=1), allocator=allocator).total_bytes > budget:
         return 0
     lo, hi = 1, 2
-    while hi <= limit and estimate(arch, plan.with_(micro_batch_size=hi)).total_bytes <= budget:
+    while hi <= limit and estimate(arch, plan.with_(micro_batch_size=hi), allocator=allocator).total_bytes <= budget:
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:  # lo fits, hi does not (or is past the limit)
         mid = (lo + hi) // 2
-        if estimate(arch, plan.with_(micro_batch_size=mid)).total_bytes <= budget:
+        if estimate(arch, plan.with_(micro_batch_size=mid), allocator=allocator).total_bytes <= budget:
             lo = mid
         else:
             hi = mid
@@ -117,11 +119,12 @@ def _qlora(p: TrainingPlan) -> TrainingPlan:
     return p.with_(method="qlora", quant_bits=4, quant_type="nf4", double_quant=True)
 
 
-def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float) -> TrainingPlan | None:
+def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float,
+                   allocator: str = ALLOC_DEFAULT) -> TrainingPlan | None:
     """Largest smaller micro batch that fits ``gpu`` and divides the per-GPU batch, accumulating more
     so that micro_batch x accumulation (hence the effective batch) stays the same."""
     per_gpu = p.micro_batch_size * p.gradient_accumulation_steps
-    m = min(max_micro_batch(arch, p, gpu, margin), p.micro_batch_size - 1)
+    m = min(max_micro_batch(arch, p, gpu, margin, allocator=allocator), p.micro_batch_size - 1)
     while m >= 1:
         if per_gpu % m == 0:
             return p.with_(micro_batch_size=m, gradient_accumulation_steps=per_gpu // m)
@@ -129,7 +132,8 @@ def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float)
     return None
 
 
-def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float) -> list[TrainingPlan]:
+def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float,
+               allocator: str = ALLOC_DEFAULT) -> list[TrainingPlan]:
     """For each GPU size (largest first), the fewest GPUs with FSDP that fit it; the effective batch
     (micro batch x accumulation x GPUs) is kept as close as the new GPU count allows. At most two."""
     eff = p.micro_batch_size * p.gradient_accumulation_steps * p.num_processes
@@ -140,7 +144,7 @@ def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: fl
                 continue
             ga = max(1, round(eff / (p.micro_batch_size * n)))
             q = p.with_(num_processes=n, sharding="fsdp", gradient_accumulation_steps=ga)
-            if fits(estimate(arch, q), size, margin):
+            if fits(estimate(arch, q, allocator=allocator), size, margin):
                 if all(o.num_processes != n for o in out):
                     out.append(q)
                 break
@@ -161,7 +165,7 @@ def _gpus_label(plan: TrainingPlan, q: TrainingPlan) -> str:
 
 def fit_advice(
     arch: Architecture, plan: TrainingPlan, gpu_sizes_bytes: tuple[int, ...] | list[int] = GPU_SIZE_BYTES,
-    margin: float = DEFAULT_MARGIN,
+    margin: float = DEFAULT_MARGIN, allocator: str = ALLOC_DEFAULT,
 ) -> list[Advice]:
     """Nearest configurations that fit one of ``gpu_sizes_bytes`` when ``plan`` fits none of them.
 
@@ -171,7 +175,7 @@ def fit_advice(
     Returns [] when ``plan`` already fits.
     """
     sizes = sorted(gpu_sizes_bytes)
-    if not sizes or _smallest_fit(estimate(arch, plan), sizes, margin) is not None:
+    if not sizes or _smallest_fit(estimate(arch, plan, allocator=allocator), sizes, margin) is not None:
         return []
     biggest = sizes[-1]
     out: list[Advice] = []
@@ -184,7 +188,7 @@ def fit_advice(
                q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer)
         if key in seen:
             return
-        e = estimate(arch, q)
+        e = estimate(arch, q, allocator=allocator)
         s = _smallest_fit(e, sizes, margin)
         if s is not None:
             seen.add(key)
@@ -197,7 +201,7 @@ def fit_advice(
         cheap.append(("gradient checkpointing on", plan.with_(gradient_checkpointing=True)))
     for d, q in cheap:
         add(d, q, 1)
-    q = _smaller_batch(arch, plan, biggest, margin)
+    q = _smaller_batch(arch, plan, biggest, margin, allocator)
     if q is not None:
         add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
             f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
@@ -205,7 +209,7 @@ def fit_advice(
         add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
     if plan.method == "lora":
         add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
-    for q in _more_gpus(arch, plan, sizes, margin):
+    for q in _more_gpus(arch, plan, sizes, margin, allocator):
         add(_gpus_label(plan, q), q, 1)
 
     if not out or len(out) < 2:
@@ -216,20 +220,20 @@ def fit_advice(
         if n0 >= 2:
             add(label, both, n0)
         prefix = (label + " + ") if n0 else ""
-        q = _smaller_batch(arch, both, biggest, margin)
+        q = _smaller_batch(arch, both, biggest, margin, allocator)
         if q is not None:
             add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q, n0 + 1)
         if plan.method == "lora":
             add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
-            qb = _smaller_batch(arch, _qlora(both), biggest, margin)
+            qb = _smaller_batch(arch, _qlora(both), biggest, margin, allocator)
             if qb is not None:
                 add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
         if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
             add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
-        for q in _more_gpus(arch, both, sizes, margin):
+        for q in _more_gpus(arch, both, sizes, margin, allocator):
             add(prefix + _gpus_label(plan, q), q, n0 + 1)
         q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
-        for q in _more_gpus(arch, q1, sizes, margin):
+        for q in _more_gpus(arch, q1, sizes, margin, allocator):
             add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)
     out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
     return out

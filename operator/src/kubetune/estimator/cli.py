@@ -58,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi (default 16,24,40,48,80,141 GB)")
     o.add_argument("--margin", metavar="F", help="safety margin as a fraction of GPU memory (default 0.05)")
     o.add_argument("--json", action="store_true", help="machine-readable output; total_gib is per-GPU device memory")
+    o.add_argument("--allocator", metavar="SETTING",
+                   help="the caching allocator the reserved figure assumes: default (expandable_segments:False, torch's "
+                        "default; the plain HF Trainer) or expandable (expandable_segments:True, which kubetune's "
+                        "trainer sets). Default: default, which reserves at least as much on these traces")
 
 
 # ---- parsing helpers (every failure names the flag and the rule) ----------------------------------
@@ -321,10 +325,13 @@ def _plan_line(plan) -> str:
 
 
 def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, as_json: bool,
-            source: str, spec=None) -> dict:
+            source: str, spec=None, allocator: str | None = None) -> dict:
     from kubetune.estimator.advice import fit_advice, fits, max_micro_batch
+    from kubetune.estimator.allocator import DEFAULT
     from kubetune.estimator.memory import GIB, estimate
     from kubetune.plan import accumulation_steps, auto_micro_batch_cap
+
+    allocator = allocator or DEFAULT
 
     def as_run(p):  # a job is priced as the operator prices it: with the accumulation it will run
         if spec is None:
@@ -336,14 +343,14 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     if auto:
         # a job's auto picks what the operator would: capped by its effective batch per GPU
         limit = {"limit": auto_micro_batch_cap(spec)} if spec is not None else {}
-        auto_table = {n: max_micro_batch(arch, plan, b, margin, **limit) for n, b in sizes}
+        auto_table = {n: max_micro_batch(arch, plan, b, margin, allocator=allocator, **limit) for n, b in sizes}
         best = [v for v in auto_table.values() if v > 0]
         if best:  # price the largest micro batch that fits the smallest GPU that takes one
             first = next(n for n, b in sizes if auto_table[n] > 0)
             plan = as_run(plan.with_(micro_batch_size=auto_table[first]))
-    est = estimate(arch, plan)
+    est = estimate(arch, plan, allocator=allocator)
     fit = {n: fits(est, b, margin) for n, b in sizes}
-    advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin)
+    advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin, allocator=allocator)
     d = {
         "name": name,
         "source": source,
@@ -435,13 +442,16 @@ def run(args: argparse.Namespace) -> int:
         if not 0.0 <= margin < 0.5:
             raise UsageError(f"--margin: must be a fraction in [0, 0.5) (got {args.margin!r})")
     sizes = parse_gpu_sizes(args.gpu_memory) if args.gpu_memory else [(g.name, g.bytes) for g in GPU_SIZES]
+    from kubetune.estimator.allocator import DEFAULT, EXPANDABLE
+
+    allocator = {"default": DEFAULT, "expandable": EXPANDABLE}[_choice(args, "allocator", ("default", "expandable"), "default")]
     reports = []
     if args.model:
         arch, source = _load_model(args.model)
         plan, auto = _flag_plan(args)
         # an unknown LoRA target is reported against its flag
         try:
-            reports.append(_report("", arch, plan, auto, sizes, margin, args.json, source))
+            reports.append(_report("", arch, plan, auto, sizes, margin, args.json, source, allocator=allocator))
         except UsageError as e:
             if "LoRA target" in str(e):
                 raise UsageError(f"--lora-targets: {e}") from None
@@ -470,7 +480,7 @@ def run(args: argparse.Namespace) -> int:
                 job_sizes = [(str(spec.resources.min_gpu_memory), q)]
             try:
                 reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}",
-                                       spec=spec))
+                                       spec=spec, allocator=allocator))
             except UsageError as e:
                 if "LoRA target" in str(e):
                     raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None
