@@ -59,6 +59,9 @@ class TrainingPlan:
     virtual_tokens: int | None = None
     adapter_dtype: Dtype = ADAPTER_DTYPE
     fused_kernels: bool = False  # Liger RMSNorm / RoPE / gated-MLP kernels (model types in LIGER_MODEL_TYPES)
+    # 8-bit AdamW: the HF Trainer keeps nn.Embedding states in 32-bit (create_optimizer's bitsandbytes override);
+    # kubetune's trainer builds plain bnb AdamW8bit, which does not. plan_from_spec (kubetune's trainer) sets False.
+    embedding_states_32bit: bool = True
 
     def with_(self, **changes) -> "TrainingPlan":
         return replace(self, **changes)
@@ -154,5 +157,6 @@ def plan_from_spec(
         num_processes=nproc,
         sharding=resolve_sharding(spec, nproc),
         packing=spec.dataset.packing,
+        embedding_states_32bit=False,
         **kw,
     )

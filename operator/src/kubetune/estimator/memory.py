@@ -412,7 +412,7 @@ _PLAN_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingPlan) if f.n
 # simulation is keyed without them, so the plans a batch search or fit_advice tries (accumulation steps,
 # GPU counts, sharding) share one simulation. steptrace's test checks the trace is the same across them.
 _TRACE_FREE_FIELDS = ("micro_batch_size", "gradient_accumulation_steps", "num_processes", "sharding", "lora_alpha",
-                      "quant_type")
+                      "quant_type", "embedding_states_32bit")
 _TRACE_KEY_FIELDS = tuple(f for f in _PLAN_KEY_FIELDS if f not in _TRACE_FREE_FIELDS)
 # attrgetter builds the keys in C: a list of getattr calls was a tenth of a cold estimate
 _plan_key = attrgetter(*_PLAN_KEY_FIELDS)
@@ -546,10 +546,10 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     grads = used_trainable * t
     optimizer = used_trainable * opt_per
     head_trained = method == "full" or (method == "freeze" and plan.train_embeddings)
-    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") and head_trained:
+    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") and head_trained and plan.embedding_states_32bit:
         # the HF Trainer overrides every nn.Embedding to 32-bit bitsandbytes states (Trainer.create_optimizer:
         # register_module_override(..., {"optim_bits": 32})): 8 B/param there, found with the trace
-        # (1B tied full fine-tune, 8-bit AdamW: 8% under without it)
+        # (1B tied full fine-tune, 8-bit AdamW: 8% under without it). kubetune's trainer has no override.
         optimizer += arch.embed_params * (2 * 4 - opt_per)
     if sharding in ("fsdp", "zero3"):
         adapters, grads, optimizer = adapters // n, grads // n, int(optimizer / n)
