@@ -14,6 +14,7 @@ import base64
 import copy
 import http.server
 import json
+import os
 import random
 import socket
 import threading
@@ -149,7 +150,8 @@ def base_job(ground, name: str, ns: str, suspend: bool = True) -> dict:
 def kube_client():
     from kubernetes import client, config
 
-    config.load_kube_config()
+    # named explicitly: the client reads $KUBECONFIG once, when first imported (maybe before the ground set it)
+    config.load_kube_config(config_file=os.environ["KUBECONFIG"])
     return client.CustomObjectsApi()
 
 

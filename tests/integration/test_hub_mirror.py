@@ -21,7 +21,7 @@ def test_models_come_from_the_operators_hub_mirror(ground, crds, ns, hub_mirror,
     op = Operator(tmp_path / "operator.log")
     op.start("--hf-endpoint", hub_mirror.url + "/")
     try:
-        job = small_gpu_job("mirrored")
+        job = small_gpu_job("mirrored", delay="30s")  # Running long enough to be seen (1 s raced on a busy machine)
         job["spec"]["model"]["uri"] = "hf://acme/small-1b"
         apply(ground, ns, job)
         obj = wait_phase(ground, ns, "mirrored", "Running", 60)
