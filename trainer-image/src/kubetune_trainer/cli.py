@@ -19,9 +19,8 @@ import argparse
 import os
 import sys
 
-# Preempted is 128+SIGTERM: non-zero so the Job does not count the pod as a success.
-EXIT = {"Completed": 0, "EarlyStopped": 0, "Preempted": 143, "BadConfig": 2, "BadData": 3, "ModelLoadFailed": 4,
-        "StorageFailed": 5, "OutOfMemory": 6, "Error": 1}
+from kubetune.api.constants import EXIT_CODES as EXIT
+from kubetune.api.constants import GRACE_SECONDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             log_event("launch", command=" ".join(cmd))
             env = dict(os.environ, KUBETUNE_LAUNCHED="1")
             # torchrun waits this long after forwarding SIGTERM before it kills the workers
-            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", env.get("KUBETUNE_GRACE_SECONDS", "60"))
+            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", env.get("KUBETUNE_GRACE_SECONDS", str(GRACE_SECONDS)))
             return supervise(cmd, env)
 
     try:

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from kubetune.api.constants import IGNORE_INDEX
 from kubetune_trainer.errors import BadConfig, BadData
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the label a loss skips (kubetune.api.constants)
 MAX_REPORTED = 8  # bad lines named in one error message
 
 ALPACA_PROMPT = (

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from kubetune.api.constants import GRACE_SECONDS
 from kubetune.api.v1alpha1 import ResultStatus, TrainerConfig
 from kubetune_trainer import checkpoint as ck
 from kubetune_trainer import data as dt
@@ -248,7 +249,7 @@ def upload_dir(local: Path, loc: st.Location, log, attempts: int = 8) -> None:
 
 def train(config: TrainerConfig, log: Callable[[str], None] | None = None) -> Outcome:
     # Installed first: loading a large model takes minutes, and a SIGTERM then must not kill us mid-write.
-    preempt = Preemption(float(os.environ.get("KUBETUNE_GRACE_SECONDS", "60")))
+    preempt = Preemption(float(os.environ.get("KUBETUNE_GRACE_SECONDS", GRACE_SECONDS)))
     try:
         return _train(config, log or logger(), preempt)
     finally:

@@ -21,9 +21,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kubetune.api.constants import IGNORE_INDEX
 from kubetune_trainer.errors import BadConfig, ModelLoadFailed
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the label a loss skips (kubetune.api.constants)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")

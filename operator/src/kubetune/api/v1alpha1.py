@@ -7,16 +7,16 @@ rendered config through them. Descriptions here are what `kubectl explain` print
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 
+from kubetune.api.constants import CONDITION_TYPES, PHASES
 from kubetune.api.base import (
     CONFIG_KEY,
     DNS1035_LABEL,
     DNS1123_SUBDOMAIN,
     LABEL_VALUE,
-    LABEL_VALUE_HELP,
     PATTERN_HELP,
     QUALIFIED_NAME_HELP,
     UNSAFE_CHARS,
@@ -810,7 +810,7 @@ class FineTuneJobSpec(KModel):
 Phase = Literal["Pending", "Unschedulable", "Starting", "Running", "Suspended", "Succeeded", "Failed"]
 REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 PATTERN_HELP[REASON_PATTERN] = "a CamelCase reason: letters, digits, '_', ',' and ':', starting with a letter"
-CONDITION_TYPES = ("Validated", "Scheduled", "Running", "CheckpointSynced", "Succeeded", "Failed", "Suspended")
+assert get_args(Phase) == PHASES  # spelled out for type checkers; kubetune.api.constants is the home
 
 
 class Condition(StatusModel):

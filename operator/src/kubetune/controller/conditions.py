@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from kubetune.api.constants import CONDITION_TYPES
 from kubetune.api.v1alpha1 import Condition
 
 
@@ -51,7 +52,6 @@ def set_condition(
         observed_generation=generation,
     )
     out = [c for c in conditions if c.type != type_] + [new]
-    order = {t: i for i, t in enumerate(
-        ("Validated", "Scheduled", "Running", "CheckpointSynced", "Suspended", "Succeeded", "Failed"))}
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
     out.sort(key=lambda c: order.get(c.type, 99))
     return out, changed

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 import kopf
 
 from kubetune.api.base import format_errors
+from kubetune.api.constants import FAILED, PENDING, RUNNING, STARTING, TERMINAL_PHASES, UNSCHEDULABLE, VALIDATED
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus, check_object
 from kubetune.controller import guard, kube, manifests, metrics, sources
 from kubetune.controller.egress import EgressPolicy, EndpointRefused
@@ -287,7 +288,7 @@ def observe(body: dict) -> tuple[Observed, dict | None, Redactor]:
     obs.fleet = read_fleet(*kube.fleet_objects())
 
     run = status.history[-1] if status.history else None
-    if run is not None and run.phase not in ("Succeeded", "Failed"):
+    if run is not None and run.phase not in TERMINAL_PHASES:
         rid = manifests.RunIdentity(ns, name, obs.uid, run.run)
         obs.job = _job(ns, rid.job_name)
         jstat = (obs.job or {}).get("status") or {}
@@ -330,19 +331,19 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
             return out.requeue_after
         except guard.ReconcileTimeout:
             metrics.ERRORS.inc()
-            _fail(body, "Failed", "ReconcileTimeout",
+            _fail(body, FAILED, "ReconcileTimeout",
                   f"reconciling this job took more than {WATCHDOG.budget:.0f} s and was stopped, so the operator "
                   "stays responsive for other jobs. This is a kubetune bug or a pathological spec: check "
-                  "spec.model.architecture and the model's config.json, and report it", redactor, logger, phase="Failed")
+                  "spec.model.architecture and the model's config.json, and report it", redactor, logger, phase=FAILED)
         except kube.ApiException as e:
             metrics.ERRORS.inc()
             if guard.is_transient(e):
                 _retry(key, f"the apiserver answered HTTP {e.status} ({e.reason})", logger)
             elif getattr(e, "child", None) is not None and e.status in (400, 422):
-                _fail(body, "Validated", "InvalidSpec", guard.child_rejection(e.child, e.status, e.body),
-                      redactor, logger, phase="Failed")
+                _fail(body, VALIDATED, "InvalidSpec", guard.child_rejection(e.child, e.status, e.body),
+                      redactor, logger, phase=FAILED)
             else:
-                _fail(body, "Failed", "InternalError",
+                _fail(body, FAILED, "InternalError",
                       f"the apiserver refused a request for this job (HTTP {e.status} {e.reason}): "
                       f"{_api_message(e)}. If it says forbidden, the operator's RBAC is missing a rule",
                       redactor, logger, exc=e)
@@ -351,7 +352,7 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
             if guard.is_transient(e):
                 _retry(key, f"{type(e).__name__}: {e}", logger, redactor)
             else:
-                _fail(body, "Failed", "InternalError",
+                _fail(body, FAILED, "InternalError",
                       f"the operator failed on this job ({type(e).__name__}: {e}). This is a kubetune bug: report "
                       "it with the operator's log; a spec change retries", redactor, logger, exc=e)
         return None
@@ -423,8 +424,8 @@ def _fail(body: dict, type_: str, reason: str, message: str, redactor: Redactor,
     else:
         logger.error(f"{ns}/{name}: {reason}: {message}")
     current = (body.get("status") or {}).get("phase")
-    if phase is None and current in (None, "Pending", "Unschedulable"):
-        phase = "Failed"  # never run, and nothing else will say why
+    if phase is None and current in (None, PENDING, UNSCHEDULABLE):
+        phase = FAILED  # never run, and nothing else will say why
     if reason == "InternalError":
         RETRIER.schedule((ns, name))
     st = guard.failure_status(body.get("status"), meta.get("generation"), datetime.now(timezone.utc), type_,
@@ -541,14 +542,14 @@ def on_finetunejob(event: dict, body: kopf.Body, logger, **_) -> None:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL, initial_delay=2.0, idle=None,
-            when=lambda status, **_: (status or {}).get("phase") == "Running")
+            when=lambda status, **_: (status or {}).get("phase") == RUNNING)
 def mirror_progress(body: kopf.Body, logger, **_) -> None:
     """Copy the trainer's progress object from S3 into status while it trains."""
     drive(body.metadata["namespace"], body.metadata["name"], logger)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RETRY_INTERVAL, initial_delay=RETRY_INTERVAL, idle=None,
-            when=lambda status, **_: (status or {}).get("phase") in ("Pending", "Unschedulable", "Starting"))
+            when=lambda status, **_: (status or {}).get("phase") in (PENDING, UNSCHEDULABLE, STARTING))
 def retry_pending(body: kopf.Body, logger, **_) -> None:
     """Jobs waiting for their Secret or a readable model config try again. Unschedulable ones are
     re-placed on node events; this is the resync that covers a missed or failed one. Starting ones
@@ -608,7 +609,7 @@ def on_node(event: dict, body: kopf.Body, logger, **_) -> None:
         return
     kube.invalidate_fleet()
     for ftj in kube.list_finetunejobs(CONFIG.namespaces or None):
-        if (ftj.get("status") or {}).get("phase") == "Unschedulable":
+        if (ftj.get("status") or {}).get("phase") == UNSCHEDULABLE:
             drive(ftj["metadata"]["namespace"], ftj["metadata"]["name"], logger)
     # Only now: kopf does not retry event handlers, so after a failure the next event (a heartbeat
     # with the same signature) must not be skipped.

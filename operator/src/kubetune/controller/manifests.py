@@ -20,6 +20,8 @@ from kubetune.api.v1alpha1 import (
     TrainerConfig,
     TrainerPaths,
 )
+# exit codes the Job fails on at once, and the SIGTERM grace: facts shared with the trainer
+from kubetune.api.constants import GRACE_SECONDS, NON_RETRYABLE_EXIT_CODES, OOM_EXIT_CODES
 from kubetune.controller.fleet import GPU_RESOURCE, LABEL_MEMORY, LABEL_PRODUCT
 from kubetune.controller.placement import Placement
 
@@ -36,14 +38,6 @@ WORK_DIR = "/tmp/kubetune"
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9090
 UID = 1000
-# Trainer exit codes that retrying the same pod cannot fix (bad config, bad data, a model that does
-# not load): fail the Job at once instead of burning backoffLimit. StorageFailed (5) may pass, so it
-# is retried. OOM is handled by the operator (retry with fit advice). Codes are the trainer's
-# (kubetune_trainer.cli.EXIT).
-NON_RETRYABLE_EXIT_CODES = (2, 3, 4)
-OOM_EXIT_CODES = (6, 137)
-# The trainer's SIGTERM handler saves a checkpoint at the end of the current step and uploads it within this.
-GRACE_SECONDS = 60  # the trainer exits 6 on CUDA OOM; 137 is the kernel OOM killer
 
 
 @dataclass(frozen=True)

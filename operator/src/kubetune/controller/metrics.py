@@ -13,9 +13,10 @@ from datetime import datetime, timezone
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from kubetune.api import constants
 from kubetune.api.v1alpha1 import FineTuneJobStatus
 
-PHASES = ("Pending", "Unschedulable", "Starting", "Running", "Suspended", "Succeeded", "Failed")
+PHASES = constants.PHASES
 
 REGISTRY = CollectorRegistry()
 CREATED = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per run).", registry=REGISTRY)
@@ -89,7 +90,7 @@ class _Table:
                                ("tps", r.tokens_per_second), ("est", r.estimate_bytes), ("peak", r.peak_bytes)):
                 if value is not None:
                     g[key].add_metric(lab, float(value))
-            if r.checkpoint_time is not None and r.phase in ("Running", "Starting", "Suspended"):
+            if r.checkpoint_time is not None and r.phase in (constants.RUNNING, constants.STARTING, constants.SUSPENDED):
                 g["ckpt"].add_metric(lab, max(0.0, (now - r.checkpoint_time).total_seconds()))
         phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
         for p, n in by_phase.items():
@@ -121,19 +122,19 @@ class _Table:
         if (old.run if old else None) != new.run and new.run:
             CREATED.inc()
         if new.phase != prev_phase:
-            if new.phase == "Succeeded":
+            if new.phase == constants.SUCCEEDED:
                 SUCCEEDED.inc()
-            elif new.phase == "Failed":
+            elif new.phase == constants.FAILED:
                 reason = new.history[-1].reason if new.history else "InvalidSpec"
                 FAILED.labels(reason or "Unknown").inc()
         ran_oom = [r for r in new.history if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
         ran_oom_before = [r for r in (old.history if old else []) if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
         if len(ran_oom) > len(ran_oom_before):
             OOM.inc(len(ran_oom) - len(ran_oom_before))
-        if new.phase == "Unschedulable" and prev_phase != "Unschedulable":
+        if new.phase == constants.UNSCHEDULABLE and prev_phase != constants.UNSCHEDULABLE:
             sched = next((c for c in new.conditions if c.type == "Scheduled"), None)
             PLACEMENT_FAILURES.labels(sched.reason if sched else "Unknown").inc()
-        if new_failures and new.phase not in ("Failed",):
+        if new_failures and new.phase != constants.FAILED:
             RESTARTED.inc(new_failures)
         if _preempted(new) and not (old and _preempted(old)):
             PREEMPTED.inc()
@@ -144,7 +145,7 @@ class _Table:
 
 
 def _preempted(st: FineTuneJobStatus) -> bool:
-    return any(c.type == "Running" and c.reason == "Preempted" for c in st.conditions)
+    return any(c.type == constants.RUNNING and c.reason == "Preempted" for c in st.conditions)
 
 
 TABLE = _Table()

@@ -18,6 +18,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from kubetune.api.constants import (
+    CHECKPOINT_SYNCED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SCHEDULED,
+    STARTING,
+    SUCCEEDED,
+    SUSPENDED,
+    TERMINAL_PHASES,
+    UNSCHEDULABLE,
+    VALIDATED,
+)
 from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -37,7 +50,7 @@ from kubetune.controller.placement import GiB, Placement, place
 from kubetune.errors import UsageError
 from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib
 
-TERMINAL = ("Succeeded", "Failed")
+TERMINAL = TERMINAL_PHASES
 
 
 @dataclass
@@ -208,8 +221,8 @@ def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = ma
     current = st.history[-1] if st.history else None
 
     if obs.spec is None:
-        b.cond("Validated", False, "InvalidSpec", f"{obs.spec_error}. Fix the spec and apply it again.", warn=True)
-        b.phase("Failed")
+        b.cond(VALIDATED, False, "InvalidSpec", f"{obs.spec_error}. Fix the spec and apply it again.", warn=True)
+        b.phase(FAILED)
         return b.done()
 
     active = current is not None and current.phase not in TERMINAL
@@ -229,10 +242,10 @@ def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = ma
 def _validate(b: _Builder, obs: Observed) -> bool:
     # A missing Secret first: without a token a gated model's config.json cannot be read either.
     for reason, message in obs.absent.items():
-        b.cond("Validated", False, reason, message, warn=True)
+        b.cond(VALIDATED, False, reason, message, warn=True)
         return False
     if obs.arch is None:
-        b.cond("Validated", False, "ModelConfigUnavailable",
+        b.cond(VALIDATED, False, "ModelConfigUnavailable",
                f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
                "make its config.json readable, or set spec.model.architecture.", warn=True)
         return False
@@ -242,7 +255,7 @@ def _validate(b: _Builder, obs: Observed) -> bool:
 def _valid(b: _Builder) -> None:
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
     first = not any(c.type == "Validated" for c in b.obs.status.conditions)
-    b.cond("Validated", True, "Valid",
+    b.cond(VALIDATED, True, "Valid",
            "spec is valid, the model architecture is known, and the Secrets and volume claims it names exist",
            event=not first)
 
@@ -251,7 +264,7 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
     st, spec = b.status, obs.spec
     assert spec is not None
     if not _validate(b, obs):
-        b.phase("Pending")
+        b.phase(PENDING)
         return b.done(requeue_after=30)
 
     try:
@@ -259,16 +272,16 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
     except (UsageError, ValueError) as e:
         # what the estimator refuses (a LoRA target the model does not have, an absurd architecture)
         # is a spec error like any other: say so, and wait for a fix
-        b.cond("Validated", False, "InvalidSpec", f"{e}. Fix the spec and apply it again.", warn=True)
-        b.phase("Failed")
+        b.cond(VALIDATED, False, "InvalidSpec", f"{e}. Fix the spec and apply it again.", warn=True)
+        b.phase(FAILED)
         return b.done()
     st.estimate = d.estimate.to_status()
     if need := memory_floor_gib(spec, d.host_model_bytes):
-        b.cond("Validated", False, "InsufficientHostMemory",
+        b.cond(VALIDATED, False, "InsufficientHostMemory",
                f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
                f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "
                f"The pod would be OOM-killed; set spec.resources.memory to at least {need}Gi", warn=True)
-        b.phase("Pending")
+        b.phase(PENDING)
         return b.done()  # a spec change re-triggers reconcile
     _valid(b)
     if not d.placement.fits:
@@ -276,9 +289,9 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)
         why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
         msg = f"{d.placement.message}.{why} Options that fit: {advice}."
-        b.cond("Scheduled", False, d.placement.reason, msg, warn=True)
+        b.cond(SCHEDULED, False, d.placement.reason, msg, warn=True)
         st.placement = PlacementStatus(message=clip(d.placement.message))
-        b.phase("Unschedulable")
+        b.phase(UNSCHEDULABLE)
         return b.done()  # node changes re-trigger reconcile
 
     run = (st.run or 0) + 1
@@ -291,25 +304,25 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
     st.checkpoints = None
     st.result = None
     st.start_time, st.completion_time = b.now, None
-    st.history.append(RunRecord(run=run, generation=obs.generation, phase="Starting", start_time=b.now,
+    st.history.append(RunRecord(run=run, generation=obs.generation, phase=STARTING, start_time=b.now,
                                 overrides=RunOverrides.model_validate(overrides) if overrides else None))
     where = d.placement.gpu_product or "CPU"
-    b.cond("Scheduled", True, "Placed", f"run {run}: {d.placement.message}; Job {rid.job_name} created")
-    for t in ("Running", "Succeeded", "Failed", "CheckpointSynced"):
+    b.cond(SCHEDULED, True, "Placed", f"run {run}: {d.placement.message}; Job {rid.job_name} created")
+    for t in (RUNNING, SUCCEEDED, FAILED, CHECKPOINT_SYNCED):
         if any(c.type == t for c in st.conditions):
             b.cond(t, False, "NewRun", f"run {run} started on {where}")
     if spec.run_policy.suspend:
         _suspended(b, run)  # the Job is created suspended: say so now, not after the Job controller
     else:
-        b.phase("Starting")
+        b.phase(STARTING)
     return b.done(create=create)
 
 
 def _suspended(b: _Builder, run: int) -> None:
-    b.cond("Suspended", True, "Suspended", f"run {run} is suspended: pods are stopped, checkpoints stay "
+    b.cond(SUSPENDED, True, "Suspended", f"run {run} is suspended: pods are stopped, checkpoints stay "
            "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.")
-    b.cond("Running", False, "Suspended", "suspended by spec.runPolicy.suspend", event=False)
-    b.phase("Suspended")
+    b.cond(RUNNING, False, "Suspended", "suspended by spec.runPolicy.suspend", event=False)
+    b.phase(SUSPENDED)
 
 
 def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.PodDefaults) -> Outcome:
@@ -333,10 +346,10 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
             st.progress.step, st.progress.percent = st.progress.total_steps, "100%"
         st.completion_time = b.now
         run.completion_time, run.result, run.reason = b.now, st.result, (term.reason if term else "Completed")
-        b.cond("Running", False, "Completed", f"run {run.run} finished")
-        b.cond("Succeeded", True, term.reason if term else "Completed",
+        b.cond(RUNNING, False, "Completed", f"run {run.run} finished")
+        b.cond(SUCCEEDED, True, term.reason if term else "Completed",
                f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""))
-        b.phase("Succeeded")
+        b.phase(SUCCEEDED)
         return b.done()
 
     if "Failed" in jconds:
@@ -355,12 +368,12 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
         if want_suspend:
             _suspended(b, run.run)
         else:
-            b.cond("Scheduled", True, "Queued",
+            b.cond(SCHEDULED, True, "Queued",
                    f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
-            b.phase("Pending")
+            b.phase(PENDING)
         return b.done(job_patch=patch)
-    if any(c.type == "Suspended" and c.status == "True" for c in st.conditions):
-        b.cond("Suspended", False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
+    if any(c.type == SUSPENDED and c.status == "True" for c in st.conditions):
+        b.cond(SUSPENDED, False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
 
     running = [p for p in obs.pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:
@@ -369,22 +382,22 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
             st.placement.node = node
         step = st.progress.step if st.progress else 0
         doing = _ACTIVITY.get(st.progress.state if st.progress else None, "training")
-        b.cond("Running", True, "TrainerRunning", f"run {run.run} is {doing} on {node or 'a node'}"
+        b.cond(RUNNING, True, "TrainerRunning", f"run {run.run} is {doing} on {node or 'a node'}"
                + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
                   if step else ""))
-        b.phase("Running")
+        b.phase(RUNNING)
     elif (stopped := _preempted_message(term, obs.progress)) is not None:
         # The pod was stopped (preemption, eviction, drain) and saved a checkpoint on the way out; the
         # Job controller starts a replacement that resumes from it.
         live = [p for p in obs.pods if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]
-        b.cond("Running", False, "Preempted",
+        b.cond(RUNNING, False, "Preempted",
                f"run {run.run}: {stopped}; waiting for the replacement pod ({_pending_reason(live)})")
-        b.phase("Starting")
+        b.phase(STARTING)
     else:
         pending = _pending_reason(obs.pods, obs.pod_create_error)
         pulling = any(w["reason"] in IMAGE_PULL_FAILURES for _, _, w in _waiting(obs.pods))
-        b.cond("Running", False, "ImagePullFailed" if pulling else "PodPending", pending)
-        b.phase("Starting")
+        b.cond(RUNNING, False, "ImagePullFailed" if pulling else "PodPending", pending)
+        b.phase(STARTING)
     if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
         b.events.append(("Normal", "SpecChangeQueued",
                          f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
@@ -418,9 +431,9 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
     except (UsageError, ValueError):
         d = None  # it was placed once; the message below says it cannot be now
     if d is None or not d.placement.fits or d.resolved is None:
-        b.cond("Scheduled", False, "JobMissing",
+        b.cond(SCHEDULED, False, "JobMissing",
                f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity", warn=True)
-        b.phase("Pending")
+        b.phase(PENDING)
         return b.done(requeue_after=30)
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
     b.events.append(("Normal", "JobCreated", f"created Job {rid.job_name} for run {run.run}"))
@@ -442,11 +455,11 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
     detail = (term.message if term and term.message else (jcond or {}).get("message")) or "the trainer Job failed"
     run.completion_time, run.reason = b.now, reason
     st.completion_time = b.now
-    b.cond("Running", False, reason, f"run {run.run} stopped")
+    b.cond(RUNNING, False, reason, f"run {run.run} stopped")
     retried = any(r.reason == "OutOfMemoryRetry" for r in st.history if r.generation == run.generation)
     if oom and spec.run_policy.retry_on_oom and not retried:
         overrides = _oom_overrides(spec, st)
-        b.phase("Failed")
+        b.phase(FAILED)
         run.reason = "OutOfMemoryRetry"
         b.events.append(("Warning", "OutOfMemory",
                          f"run {run.run} ran out of GPU memory; retrying once with {_describe(overrides)}"))
@@ -474,8 +487,8 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
         hint += (f" To continue from its newest checkpoint (step {st.checkpoints.latest_step}) once the cause is "
                  f"fixed, set spec.checkpoints.resumeFrom: {st.checkpoints.latest_uri} and change "
                  "spec.runPolicy.rerun.")
-    b.cond("Failed", True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
-    b.phase("Failed")
+    b.cond(FAILED, True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
+    b.phase(FAILED)
     return b.done()
 
 
@@ -578,7 +591,7 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
         new = st.checkpoints is None or st.checkpoints.latest_step != pr.checkpoints.latest_step
         st.checkpoints = pr.checkpoints
         if new:
-            b.cond("CheckpointSynced", True, "CheckpointCommitted",
+            b.cond(CHECKPOINT_SYNCED, True, "CheckpointCommitted",
                    f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
 
 

@@ -1,0 +1,36 @@
+"""Facts the operator and the trainer share, one home each (the trainer image installs this package
+too): how the trainer says why it exited, how long it has to save on SIGTERM, the phases and
+conditions of a FineTuneJob. Like kubeflow/trainer's ``constants`` package."""
+from __future__ import annotations
+
+# --- phases and conditions --------------------------------------------------------------------
+
+PENDING, UNSCHEDULABLE, STARTING, RUNNING = "Pending", "Unschedulable", "Starting", "Running"
+SUSPENDED, SUCCEEDED, FAILED = "Suspended", "Succeeded", "Failed"
+PHASES = (PENDING, UNSCHEDULABLE, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
+TERMINAL_PHASES = (SUCCEEDED, FAILED)
+
+# condition types, in the order status lists them (kubectl describe reads top to bottom)
+VALIDATED, SCHEDULED, CHECKPOINT_SYNCED = "Validated", "Scheduled", "CheckpointSynced"
+CONDITION_TYPES = (VALIDATED, SCHEDULED, RUNNING, CHECKPOINT_SYNCED, SUSPENDED, SUCCEEDED, FAILED)
+
+# --- the trainer's exit ----------------------------------------------------------------------
+
+# The trainer's exit code for each TrainerTermination reason. Preempted is 128+SIGTERM: non-zero,
+# so the Job does not count the pod as a success.
+EXIT_CODES = {"Completed": 0, "EarlyStopped": 0, "Preempted": 143, "BadConfig": 2, "BadData": 3,
+              "ModelLoadFailed": 4, "StorageFailed": 5, "OutOfMemory": 6, "Error": 1}
+# what retrying the same pod cannot fix: the Job fails at once instead of burning backoffLimit
+# (StorageFailed may pass, so it is retried)
+NON_RETRYABLE_EXIT_CODES = tuple(EXIT_CODES[r] for r in ("BadConfig", "BadData", "ModelLoadFailed"))
+KERNEL_OOM_EXIT_CODE = 137  # SIGKILL from the kernel's OOM killer (a cgroup memory limit)
+# the operator handles out-of-memory itself (a retry with fit advice applied)
+OOM_EXIT_CODES = (EXIT_CODES["OutOfMemory"], KERNEL_OOM_EXIT_CODE)
+
+# Seconds between SIGTERM and SIGKILL: the trainer saves the step it is on and uploads it within this.
+GRACE_SECONDS = 60
+
+# --- training ----------------------------------------------------------------------------------
+
+# label value that a loss ignores (torch's cross_entropy ignore_index): prompt tokens, padding
+IGNORE_INDEX = -100
