@@ -313,7 +313,7 @@ def observe(body: dict) -> tuple[Observed, dict | None, Redactor]:
 # --- drive: observe -> reconcile -> write ------------------------------------------------------
 
 
-def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = log) -> float | None:
+def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = log) -> None:
     """Reconcile one job. Total: whatever goes wrong ends in a status, an Event and a log line naming
     the job, never in an exception for kopf to log and drop; transient failures are retried."""
     key = (ns, name)
@@ -328,7 +328,7 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
                 out = reconcile(obs, datetime.now(timezone.utc), CONFIG.pod)
                 _write(body, obs, out, job, redactor, logger)
             RETRIER.succeeded(key)
-            return out.requeue_after
+            return None
         except guard.ReconcileTimeout:
             metrics.ERRORS.inc()
             _fail(body, FAILED, "ReconcileTimeout",

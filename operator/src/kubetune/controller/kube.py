@@ -72,25 +72,25 @@ def _raw(fn, *args, **kw) -> Any:
     return json.loads(fn(*args, _preload_content=False, **kw).data)
 
 
-def _get(fn, *args, **kw) -> dict | None:
+def _if_found(call, *args, **kw) -> Any:
+    """The call's result, or None when its object is not there (404): controller-runtime's IgnoreNotFound."""
     try:
-        return _raw(fn, *args, **kw)
+        return call(*args, **kw)
     except ApiException as e:
         if e.status == 404:
             return None
         raise
+
+
+def _get(fn, *args, **kw) -> dict | None:
+    return _if_found(_raw, fn, *args, **kw)
 
 
 # --- the FineTuneJob itself ------------------------------------------------------------------
 
 
 def get_finetunejob(namespace: str, name: str) -> dict | None:
-    try:
-        return custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    return _if_found(custom().get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
 
 
 def list_finetunejobs(namespaces: list[str] | None = None) -> list[dict]:
@@ -103,14 +103,10 @@ def list_finetunejobs(namespaces: list[str] | None = None) -> list[dict]:
 
 
 def patch_status(namespace: str, name: str, status: dict) -> dict | None:
-    """Merge-patch the status subresource; return the updated object (None if it is gone)."""
-    try:
-        return _raw(custom().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
-                    {"status": status})
-    except ApiException as e:
-        if e.status != 404:  # deleted meanwhile: nothing to report on
-            raise
-        return None
+    """Merge-patch the status subresource; return the updated object (None if it is gone: deleted
+    meanwhile, nothing to report on)."""
+    return _get(custom().patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
+                {"status": status})
 
 
 # --- children ----------------------------------------------------------------------------------
@@ -143,12 +139,7 @@ def get_job(namespace: str, name: str) -> dict | None:
 
 
 def patch_job(namespace: str, name: str, body: dict) -> dict | None:
-    try:
-        return _raw(batch().patch_namespaced_job, name, namespace, body)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    return _get(batch().patch_namespaced_job, name, namespace, body)
 
 
 def list_pods(namespace: str, job: str, run: int) -> list[dict]:
@@ -172,11 +163,7 @@ def delete_children(namespace: str, job: str) -> int:
 
 
 def _delete(fn, name: str, namespace: str, **kw) -> None:
-    try:
-        fn(name, namespace, **kw)
-    except ApiException as e:
-        if e.status != 404:
-            raise
+    _if_found(fn, name, namespace, **kw)
 
 
 # --- what reconcile reads ----------------------------------------------------------------------

@@ -84,7 +84,8 @@ class Outcome:
     create: list[dict] = field(default_factory=list)
     job_patch: dict | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
-    requeue_after: float | None = None  # seconds; None: wait for the next watch event or timer
+    # No requeue: what a job waits for comes as a watch event (its Job, nodes) or on the handlers'
+    # timers (Pending, Unschedulable and Starting jobs every 30 s; running ones every progress interval).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
     assert spec is not None
     if not _validate(b, obs):
         b.phase(PENDING)
-        return b.done(requeue_after=30)
+        return b.done()
 
     try:
         d = decide(spec, obs.arch, obs.fleet, overrides)
@@ -434,7 +435,7 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
         b.cond(SCHEDULED, False, "JobMissing",
                f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity", warn=True)
         b.phase(PENDING)
-        return b.done(requeue_after=30)
+        return b.done()
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
     b.events.append(("Normal", "JobCreated", f"created Job {rid.job_name} for run {run.run}"))
     run_spec = apply_overrides(spec, overrides) if overrides else spec
