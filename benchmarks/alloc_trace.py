@@ -38,6 +38,13 @@ CALIBRATION = REPO.parent / "shared" / "calibration" / "h100-hf-trainer-peft.jso
 GIB = 1 << 30
 
 
+# the tests' model dims: tiny (a real CPU run is instant) and small (estimator terms dominate its constants)
+TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=160, vocab_size=500, tie_word_embeddings=False, max_position_embeddings=256)
+SMALL = dict(TINY, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=704, vocab_size=8000,
+             max_position_embeddings=1024)
+
+
 class StorageLog(TorchDispatchMode):
     """Logs ("a", id, nbytes, op) when an op's output has a storage not seen before and ("f", id) when
     that storage is freed. Parameters (and anything else alive before the mode) can be declared first."""
@@ -62,6 +69,16 @@ class StorageLog(TorchDispatchMode):
         if self.on and k in self.live:
             self.live.pop(k)
             self.events.append(("f", k))
+
+    def track_model(self, model) -> None:
+        """Weights first (tied ones once), then buffers, as the model's load makes them."""
+        seen = set()
+        for p in model.parameters():
+            if p.untyped_storage()._cdata not in seen:
+                seen.add(p.untyped_storage()._cdata)
+                self.track(p.untyped_storage(), "param")
+        for b in model.buffers():
+            self.track(b.untyped_storage(), "buffer")
 
     def mark(self, name: str) -> None:
         self.marks[name] = len(self.events)
@@ -182,13 +199,7 @@ def _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         V = arch["vocab_size"]
         log = StorageLog()
-        seen = set()
-        for p in model.parameters():  # weights first, as the model's load makes them
-            if p.untyped_storage()._cdata not in seen:
-                seen.add(p.untyped_storage()._cdata)
-                log.track(p.untyped_storage(), "param")
-        for b in model.buffers():
-            log.track(b.untyped_storage(), "buffer")
+        log.track_model(model)
         log.mark("loaded")
         with log:
             for step in range(steps):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import tempfile
@@ -114,13 +113,7 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused) -> dict:
             params = [p for p in model.parameters() if p.requires_grad]
             log = _AllValid()
             log.fake = fake
-            seen = set()
-            for p in model.parameters():
-                if p.untyped_storage()._cdata not in seen:
-                    seen.add(p.untyped_storage()._cdata)
-                    log.track(p.untyped_storage(), "param")
-            for b in model.buffers():
-                log.track(b.untyped_storage(), "buffer")
+            log.track_model(model)
             log.mark("loaded")
             V = arch["vocab_size"]
             with log:

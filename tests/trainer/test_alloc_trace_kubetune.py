@@ -17,10 +17,7 @@ import alloc_trace_kubetune as K  # noqa: E402
 from kubetune.estimator import estimate, from_config  # noqa: E402
 from kubetune.estimator import memory as M  # noqa: E402
 
-TINY = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=160, vocab_size=500, tie_word_embeddings=False, max_position_embeddings=256)
-SMALL = dict(TINY, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=704, vocab_size=8000,
-             max_position_embeddings=1024)
+TINY, SMALL = T.TINY, T.SMALL
 
 
 @pytest.mark.parametrize("method,fused", [("lora", True), ("full", True), ("lora", False)])
