@@ -115,3 +115,16 @@ def test_the_liveness_probe_fails_while_a_reconcile_is_stuck(monkeypatch):
         with pytest.raises(kopf.PermanentError, match="1 reconcile\\(s\\) stuck: team-a/spin"):
             handlers._probe_workers()
     assert handlers._probe_workers()["retrying"] >= 0
+
+
+def test_a_failure_before_observe_finishes_still_masks_the_jobs_secrets(monkeypatch):
+    from kubetune.controller import handlers
+
+    secrets = {"s3": {"AWS_SECRET_ACCESS_KEY": "sekrit-value-123"}, "hf": {"HF_TOKEN": "tok-value-456\n"}}
+    monkeypatch.setattr(handlers, "_data", lambda kind, ns, name: secrets.get(name))
+    body = {"metadata": {"namespace": "ns"},
+            "spec": {"storage": {"credentialsSecret": {"name": "s3"}}, "model": {"tokenSecret": {"name": "hf"}},
+                     "method": "not even a mapping"}}
+    r = handlers._secrets_redactor(body)
+    assert r("boom: sekrit-value-123 and 'tok-value-456\\n'") == "boom: *** and '***'"
+    assert handlers._secrets_redactor({"metadata": {"namespace": "ns"}, "spec": {"storage": []}})("x y") == "x y"

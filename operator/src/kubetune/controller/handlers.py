@@ -321,7 +321,9 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
         body = _body(ns, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None
-        redactor = redact
+        # until observe has read this job's Secrets: from the raw spec, so that a failure on the way
+        # (before observe can hand over its own) still masks their values
+        redactor = _secrets_redactor(body)
         try:
             with WATCHDOG.watch(key):
                 obs, job, redactor = observe(body)
@@ -356,6 +358,19 @@ def drive(ns: str, name: str, logger: logging.Logger | logging.LoggerAdapter = l
                       f"the operator failed on this job ({type(e).__name__}: {e}). This is a kubetune bug: report "
                       "it with the operator's log; a spec change retries", redactor, logger, exc=e)
         return None
+
+
+def _secrets_redactor(body: dict) -> Redactor:
+    """A Redactor for the Secrets the raw spec names (no parsing: the spec may not parse)."""
+    spec, ns = body.get("spec") or {}, body["metadata"]["namespace"]
+    values: list[str] = []
+    try:
+        for ref in ((spec.get("storage") or {}).get("credentialsSecret"), (spec.get("model") or {}).get("tokenSecret")):
+            if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+                values += secret_values(_data("Secret", ns, ref["name"]))
+    except Exception:  # noqa: BLE001 - the apiserver unreachable: the shapes still apply
+        pass
+    return Redactor(values)
 
 
 def _write(body: dict, obs: Observed, out, job: dict | None, redactor: Redactor, logger) -> None:
