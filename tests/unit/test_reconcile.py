@@ -530,3 +530,17 @@ def test_the_job_carries_the_placement_that_status_shows():
     again = reconcile(obs, T0)
     new_job = next(o for o in again.create if o["kind"] == "Job")
     assert placement_of(new_job) == again.status.placement
+
+
+def test_an_inline_architecture_no_estimate_can_use_fails_as_invalid():
+    spec = copy.deepcopy(SPEC)
+    spec["model"] = {"uri": "s3://models/x/", "architecture": {
+        "modelType": "llama", "hiddenSize": 65536, "numHiddenLayers": 1024, "numAttentionHeads": 1024,
+        "intermediateSize": 262144, "vocabSize": 4194304}}
+    s = parse_spec(spec)
+    o = Observed(name="demo", namespace="ml", uid="u1", generation=1, spec=s, fleet=FLEET, arch=None,
+                 arch_error="spec.model.architecture: the architecture has 3.9e+15 parameters, more than 1e+15")
+    out = reconcile(o, T0)
+    v = cond(out.status, "Validated")
+    assert out.status.phase == "Failed" and v.reason == "InvalidSpec" and not out.create
+    assert v.message.startswith("spec.model.architecture: the architecture has") and "Fix the spec" in v.message

@@ -264,6 +264,11 @@ def _valid(b: _Builder) -> None:
 def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, overrides: dict | None) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
+    if obs.arch is None and spec.model.architecture is not None and not obs.absent:
+        # an inline architecture that no estimate can use is the spec's fault: nothing to wait for
+        b.cond(VALIDATED, False, "InvalidSpec", f"{obs.arch_error}. Fix the spec and apply it again.", warn=True)
+        b.phase(FAILED)
+        return b.done()
     if not _validate(b, obs):
         b.phase(PENDING)
         return b.done()
