@@ -1,0 +1,88 @@
+"""Training objectives, the trainer's half of the registry (kubetune.api.registry holds the facts).
+
+An objective owns what differs between SFT and preference tuning: how records become examples, how a
+micro batch is collated, what extra model it needs (a reference), its loss and its metrics. The recipe
+calls these and nothing else, so adding an objective is one module here plus its ObjectiveInfo line.
+
+The loss contract: ``loss`` returns the loss SUMMED over the batch's ``count`` units (label tokens for
+SFT, examples for preference objectives) and metric SUMS over the same units. The recipe adds the
+counts of every micro batch on every rank, scales each backward by processes / global count, and
+divides the summed metrics by it, so gradient accumulation and data parallelism give the mean.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from kubetune.api import registry as api_registry
+
+if TYPE_CHECKING:  # the trainer's modules import torch; the type names only
+    import torch
+
+_OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+class Objective:
+    """Base class. Subclasses set ``name`` (an api registry name) and override what differs."""
+
+    name: str = ""
+
+    def __init__(self, spec, plan, log: Callable[[str], None] = print):
+        self.spec, self.plan, self.log = spec, plan, log
+        self.info = api_registry.objective(self.name)
+
+    # --- data -----------------------------------------------------------------------------------
+    def formats(self) -> tuple[str, ...]:
+        """dataset.format values this objective reads (auto detects among them)."""
+        raise NotImplementedError
+
+    def examples(self, records: list[dict], fmt: str, tokenizer, max_len: int, stats) -> list:
+        """Tokenized examples, in record order (the split and the schedule index them)."""
+        raise NotImplementedError
+
+    def collate(self, batch: list, pad_id: int, pad_to: int | None = None) -> dict:
+        """Tensors for one micro batch plus ``count`` (units the loss is summed over) and ``num_tokens``."""
+        raise NotImplementedError
+
+    # --- model ----------------------------------------------------------------------------------
+    def prepare(self, model, head, accelerator) -> None:
+        """Once the model is built: a reference model or its precomputed log-probs (none for SFT)."""
+
+    # --- loss and metrics ------------------------------------------------------------------------
+    def loss(self, model, head, batch: dict) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
+        raise NotImplementedError
+
+    def metric_names(self) -> tuple[str, ...]:
+        return self.info.metrics
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: the name must be one the API registry knows."""
+    api_registry.objective(cls.name)  # UnknownName for a typo
+    if cls.name in _OBJECTIVES:
+        raise ValueError(f"objective {cls.name!r} is registered twice in the trainer")
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Objective]:
+    _load()
+    try:
+        return _OBJECTIVES[name]
+    except KeyError:
+        raise api_registry.UnknownName(
+            f"objective {name!r} has no trainer implementation: one of {', '.join(sorted(_OBJECTIVES))}") from None
+
+
+def names() -> tuple[str, ...]:
+    _load()
+    return tuple(_OBJECTIVES)
+
+
+def _load() -> None:
+    # Importing a module registers its objectives; one line per module.
+    from kubetune_trainer.objectives import sft  # noqa: F401
+    try:
+        from kubetune_trainer.objectives import preference  # noqa: F401
+    except ImportError as e:  # until the preference module lands
+        if "preference" not in str(e):
+            raise
