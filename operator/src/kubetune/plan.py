@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from kubetune.api import registry
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -74,7 +75,7 @@ def resolve_sharding(spec: FineTuneJobSpec, num_processes: int) -> Literal["none
         return spec.training.sharding
     # Full and freeze fine-tuning hold whole model states per GPU under DDP; sharding them is what
     # makes multi-GPU worth it. Adapters are small, so DDP's simplicity wins.
-    return "fsdp" if spec.method.type in ("full", "freeze") else "ddp"
+    return "fsdp" if registry.method(spec.method.type).shard_by_default else "ddp"
 
 
 # `auto` picks at most this micro batch: past it a GPU is saturated and throughput stops improving,
@@ -107,6 +108,7 @@ def plan_from_spec(
 ) -> TrainingPlan:
     """The plan for a spec. ``micro_batch_size`` must be given when the spec says auto."""
     t, m = spec.training, spec.method
+    info = registry.method(m.type)
     mbs = micro_batch_size if micro_batch_size is not None else t.micro_batch_size
     if mbs == "auto":
         raise ValueError("micro batch is 'auto': resolve it (estimator.max_micro_batch) before planning")
@@ -121,21 +123,21 @@ def plan_from_spec(
     else:  # bf16-mixed / fp16: fp32 master copy of what trains, reduced-precision compute
         compute = "bf16" if t.precision == "bf16-mixed" else "fp16"
         trainable = "fp32"
-        weight = "fp32" if m.type in ("full", "freeze") else compute
+        weight = "fp32" if info.master_weights else compute
 
     kw: dict = {}
-    if m.type in ("lora", "qlora"):
+    if info.settings == "lora":
         lo = m.effective_lora
         kw.update(lora_rank=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, lora_targets=tuple(lo.target_modules))
-        trainable = ADAPTER_DTYPE
-    if m.type == "qlora":
+    if info.quantized:
         q = m.effective_quantization
         kw.update(quant_bits=q.bits, quant_type=q.quant_type if q.bits == 4 else None, double_quant=q.double_quant and q.bits == 4)
         weight = "bf16" if compute == "fp32" else compute  # non-quantized parts (embeddings, norms)
-    if m.type in ("prompt-tuning", "prefix-tuning"):
+    if info.settings == "virtualTokens":
         kw.update(virtual_tokens=m.effective_virtual_tokens)
+    if info.adapter:
         trainable = ADAPTER_DTYPE
-    if m.type == "freeze":
+    if info.settings == "freeze":
         assert m.freeze is not None
         kw.update(trainable_layers=m.freeze.trainable_layers, train_embeddings=m.freeze.train_embeddings)
 
@@ -148,7 +150,7 @@ def plan_from_spec(
         optimizer=t.optimizer,
         # peft's prefix tuning feeds its virtual tokens as a KV cache, which recomputation would append
         # twice: the trainer cannot checkpoint activations there, so neither may the estimate assume it.
-        gradient_checkpointing=t.gradient_checkpointing and m.type != "prefix-tuning",
+        gradient_checkpointing=t.gradient_checkpointing and info.checkpointing,
         fused_cross_entropy=t.fused_cross_entropy,
         fused_kernels=t.fused_kernels,
         micro_batch_size=int(mbs),

@@ -77,6 +77,25 @@ class StatusModel(KModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+def cel_in(var: str, names: tuple[str, ...] | list[str]) -> str:
+    """CEL for ``var`` being one of ``names`` (registry names: no quotes in them)."""
+    if len(names) == 1:
+        return f"{var} == '{names[0]}'"
+    return f"{var} in [" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
+def cel_not_in(var: str, names: tuple[str, ...] | list[str]) -> str:
+    if len(names) == 1:
+        return f"{var} != '{names[0]}'"
+    return f"!({cel_in(var, names)})"
+
+
+def one_of(names: tuple[str, ...] | list[str], conj: str = "or") -> str:
+    """'a', 'a or b', 'a, b or c': names as a message lists them."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conj} " + names[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Regexes read the same by the apiserver (Go RE2, in CEL matches()) and pydantic (Rust regex).
 # Neither \s nor \p{..} may appear: Go's \s is ASCII-only while Rust's is Unicode, and the two

@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 
+from kubetune.api import registry
 from kubetune.api.constants import CONDITION_TYPES, PHASES
 from kubetune.api.base import (
     CONFIG_KEY,
@@ -24,8 +25,11 @@ from kubetune.api.base import (
     Rule,
     StatusModel,
     bounded_quantity,
+    cel_in,
+    cel_not_in,
     full_match,
     is_qualified_name,
+    one_of,
     qualified_name_cel,
 )
 
@@ -288,8 +292,14 @@ class FreezeSettings(KModel):
     train_embeddings: bool = Field(False, description="Also train the input embeddings and the output head.")
 
 
-MethodType = Literal["full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning"]
-ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
+MethodType = Literal[registry.METHOD_NAMES]
+# The registry's facts each rule reads (which methods take method.lora, which need a GPU, ...)
+_LORA_METHODS = registry.method_names(settings="lora")
+_QUANTIZED_METHODS = registry.method_names(quantized=True)
+_FREEZE_METHODS = registry.method_names(settings="freeze")
+_VIRTUAL_TOKEN_METHODS = registry.method_names(settings="virtualTokens")
+_MERGEABLE_METHODS = registry.method_names(mergeable=True)
+_ADAPTER_METHODS = registry.method_names(adapter=True)
 
 
 class Method(KModel):
@@ -299,38 +309,46 @@ class Method(KModel):
         description="full: every weight; lora: low-rank adapters; qlora: adapters over a 4- or 8-bit base; "
         "freeze: train only the top k blocks; prompt-tuning / prefix-tuning: learned virtual tokens."
     )
-    lora: LoraSettings | None = Field(None, description="Adapter settings; only with type lora or qlora (defaults apply when omitted).")
-    quantization: Quantization | None = Field(None, description="Base-weight quantization; only with type qlora (defaults to 4-bit NF4).")
-    freeze: FreezeSettings | None = Field(None, description="Which layers train; required with type freeze.")
+    lora: LoraSettings | None = Field(None, description="Adapter settings; only with type "
+                                      f"{one_of(_LORA_METHODS)} (defaults apply when omitted).")
+    quantization: Quantization | None = Field(None, description="Base-weight quantization; only with type "
+                                              f"{one_of(_QUANTIZED_METHODS)} (defaults to 4-bit NF4).")
+    freeze: FreezeSettings | None = Field(None, description="Which layers train; required with type "
+                                          f"{one_of(_FREEZE_METHODS)}.")
     virtual_tokens: int | None = Field(
-        None, ge=1, le=4096, description="Number of virtual tokens; only with prompt-tuning or prefix-tuning (default 20)."
+        None, ge=1, le=4096, description=f"Number of virtual tokens; only with {one_of(_VIRTUAL_TOKEN_METHODS)} (default 20)."
     )
 
     rules: ClassVar = (
         Rule(
-            cel="!has(self.lora) || self.type in ['lora', 'qlora']",
-            message="method.lora is only valid with method.type lora or qlora",
-            check=lambda m: m.lora is None or m.type in ("lora", "qlora"),
+            cel="!has(self.lora) || " + cel_in("self.type", _LORA_METHODS),
+            message=f"method.lora is only valid with method.type {one_of(_LORA_METHODS)}",
+            check=lambda m: m.lora is None or m.type in _LORA_METHODS,
             field_path=".lora",
         ),
         Rule(
-            cel="!has(self.quantization) || self.type == 'qlora'",
-            message="method.quantization is only valid with method.type qlora",
-            check=lambda m: m.quantization is None or m.type == "qlora",
+            cel="!has(self.quantization) || " + cel_in("self.type", _QUANTIZED_METHODS),
+            message=f"method.quantization is only valid with method.type {one_of(_QUANTIZED_METHODS)}",
+            check=lambda m: m.quantization is None or m.type in _QUANTIZED_METHODS,
             field_path=".quantization",
         ),
         Rule(
-            cel="(self.type == 'freeze') == has(self.freeze)",
-            message="method.freeze (with trainableLayers) is required for method.type freeze and invalid otherwise",
-            check=lambda m: (m.type == "freeze") == (m.freeze is not None),
+            cel=f"({cel_in('self.type', _FREEZE_METHODS)}) == has(self.freeze)",
+            message=f"method.freeze (with trainableLayers) is required for method.type {one_of(_FREEZE_METHODS)} "
+                    "and invalid otherwise",
+            check=lambda m: (m.type in _FREEZE_METHODS) == (m.freeze is not None),
         ),
         Rule(
-            cel="!has(self.virtualTokens) || self.type in ['prompt-tuning', 'prefix-tuning']",
-            message="method.virtualTokens is only valid with method.type prompt-tuning or prefix-tuning",
-            check=lambda m: m.virtual_tokens is None or m.type in ("prompt-tuning", "prefix-tuning"),
+            cel="!has(self.virtualTokens) || " + cel_in("self.type", _VIRTUAL_TOKEN_METHODS),
+            message=f"method.virtualTokens is only valid with method.type {one_of(_VIRTUAL_TOKEN_METHODS)}",
+            check=lambda m: m.virtual_tokens is None or m.type in _VIRTUAL_TOKEN_METHODS,
             field_path=".virtualTokens",
         ),
     )
+
+    @property
+    def info(self) -> registry.MethodInfo:
+        return registry.method(self.type)
 
     @property
     def effective_lora(self) -> LoraSettings:
@@ -768,7 +786,7 @@ class FineTuneJobSpec(KModel):
 
     model: ModelSource = Field(description="The base model.")
     dataset: Dataset = Field(description="Training (and validation) data.")
-    method: Method = Field(description="How to fine-tune: full, lora, qlora, freeze, prompt-tuning or prefix-tuning.")
+    method: Method = Field(description=f"How to fine-tune: {one_of(registry.METHOD_NAMES)}.")
     training: Training = Field(description="Optimization settings.")
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and scheduling constraints.")
     storage: Storage = Field(default_factory=Storage, description="S3 endpoint, region and credentials for all s3:// URIs.")
@@ -785,9 +803,10 @@ class FineTuneJobSpec(KModel):
             or s.dataset.validation_split is not None,
         ),
         Rule(
-            cel="!has(self.output) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter || self.method.type in ['lora', 'qlora']",
-            message="output.mergeAdapter is only valid with method.type lora or qlora",
-            check=lambda s: not s.output.merge_adapter or s.method.type in ("lora", "qlora"),
+            cel="!has(self.output) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter || "
+                + cel_in("self.method.type", _MERGEABLE_METHODS),
+            message=f"output.mergeAdapter is only valid with method.type {one_of(_MERGEABLE_METHODS)}",
+            check=lambda s: not s.output.merge_adapter or s.method.type in _MERGEABLE_METHODS,
         ),
         Rule(
             cel="!has(self.model.tokenSecret) || self.model.uri.startsWith('hf://') || self.dataset.uri.startsWith('hf://') "
@@ -797,9 +816,10 @@ class FineTuneJobSpec(KModel):
             or any((u or "").startswith("hf://") for u in (s.model.uri, s.dataset.uri, s.dataset.validation_uri)),
         ),
         Rule(
-            cel="self.method.type != 'qlora' || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
-            message="method.type qlora needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
-            check=lambda s: s.method.type != "qlora" or s.resources.gpus_per_node >= 1,
+            cel=cel_not_in("self.method.type", _QUANTIZED_METHODS)
+                + " || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
+            message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
+            check=lambda s: s.method.type not in _QUANTIZED_METHODS or s.resources.gpus_per_node >= 1,
         ),
     )
 

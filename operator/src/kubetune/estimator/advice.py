@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kubetune.api import registry
 from kubetune.estimator.arch import Architecture
 from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
 from kubetune.estimator.memory import DEFAULT_MARGIN, GIB, MIB, Estimate, estimate
@@ -115,8 +116,22 @@ def _smallest_fit(est: Estimate, sizes: list[int], margin: float) -> int | None:
     return None
 
 
+# LoRA's quantized twin (same method.lora settings, a 4-bit base): what "QLoRA instead of LoRA" switches to
+_QUANTIZED_LORA = registry.method_names(settings="lora", quantized=True)[0]
+
+
+def _offers_qlora(p: TrainingPlan) -> bool:
+    info = registry.method(p.method)
+    return info.settings == "lora" and not info.quantized
+
+
+def _states_heavy(p: TrainingPlan) -> bool:
+    """Whole blocks train with 32/16-bit AdamW states: 8-bit AdamW is worth offering."""
+    return not registry.method(p.method).adapter and p.optimizer == "adamw"
+
+
 def _qlora(p: TrainingPlan) -> TrainingPlan:
-    return p.with_(method="qlora", quant_bits=4, quant_type="nf4", double_quant=True)
+    return p.with_(method=_QUANTIZED_LORA, quant_bits=4, quant_type="nf4", double_quant=True)
 
 
 def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float,
@@ -205,9 +220,9 @@ def fit_advice(
     if q is not None:
         add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
             f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
-    if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
+    if _states_heavy(plan):
         add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
-    if plan.method == "lora":
+    if _offers_qlora(plan):
         add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
     for q in _more_gpus(arch, plan, sizes, margin, allocator):
         add(_gpus_label(plan, q), q, 1)
@@ -223,12 +238,12 @@ def fit_advice(
         q = _smaller_batch(arch, both, biggest, margin, allocator)
         if q is not None:
             add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q, n0 + 1)
-        if plan.method == "lora":
+        if _offers_qlora(plan):
             add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
             qb = _smaller_batch(arch, _qlora(both), biggest, margin, allocator)
             if qb is not None:
                 add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
-        if plan.method in ("full", "freeze") and plan.optimizer == "adamw":
+        if _states_heavy(plan):
             add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
         for q in _more_gpus(arch, both, sizes, margin, allocator):
             add(prefix + _gpus_label(plan, q), q, n0 + 1)

@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Any
 
+from kubetune.api import registry
+from kubetune.api.base import one_of
 from kubetune.errors import UsageError
 
 EPILOG = """examples:
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, Qwen/Qwen2.5-7B), or "
                           "hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for gated models)")
     f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
-    f.add_argument("--method", help="full | lora | qlora | freeze | prompt-tuning | prefix-tuning (default lora)")
+    f.add_argument("--method", help=" | ".join(registry.METHOD_NAMES) + " (default lora)")
     f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
     f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
@@ -167,16 +169,20 @@ def _flag_plan(args: argparse.Namespace):
     from kubetune.estimator.flagplan import METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, plan_from_flags
 
     method = _choice(args, "method", METHODS, "lora")
-    lora = method in ("lora", "qlora")
+    info = registry.method(method)
+
+    def only_with(flag: str, **having) -> None:
+        raise UsageError(f"--{flag}: only valid with --method {one_of(registry.method_names(**having))}")
+
     for flag in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
-        if getattr(args, flag) is not None and not lora:
-            raise UsageError(f"--{flag.replace('_', '-')}: only valid with --method lora or qlora")
-    if args.quant_bits is not None and method != "qlora":
-        raise UsageError("--quant-bits: only valid with --method qlora")
-    if (args.trainable_layers is not None or args.train_embeddings) and method != "freeze":
-        raise UsageError(f"--{'trainable-layers' if args.trainable_layers is not None else 'train-embeddings'}: only valid with --method freeze")
-    if args.virtual_tokens is not None and method not in ("prompt-tuning", "prefix-tuning"):
-        raise UsageError("--virtual-tokens: only valid with --method prompt-tuning or prefix-tuning")
+        if getattr(args, flag) is not None and info.settings != "lora":
+            only_with(flag.replace("_", "-"), settings="lora")
+    if args.quant_bits is not None and not info.quantized:
+        only_with("quant-bits", quantized=True)
+    if (args.trainable_layers is not None or args.train_embeddings) and info.settings != "freeze":
+        only_with("trainable-layers" if args.trainable_layers is not None else "train-embeddings", settings="freeze")
+    if args.virtual_tokens is not None and info.settings != "virtualTokens":
+        only_with("virtual-tokens", settings="virtualTokens")
     auto = str(args.batch_size).strip().lower() == "auto" if args.batch_size is not None else False
     if auto:
         mbs = 1
@@ -298,16 +304,16 @@ def _fmt_params(n: int) -> str:
 
 
 def _plan_line(plan) -> str:
-    m = plan.method
-    parts = [m]
-    if m in ("lora", "qlora"):
+    info = registry.method(plan.method)
+    parts = [plan.method]
+    if info.settings == "lora":
         tg = ",".join(plan.lora_targets) if plan.lora_targets else "all-linear"
         parts[0] += f" r{plan.lora_rank} {tg}" + (f" dropout {plan.lora_dropout:g}" if plan.lora_dropout else "")
-    if m == "qlora":
+    if info.quantized:
         parts[0] += f" ({plan.quant_bits}-bit{' nf4' if plan.quant_bits == 4 else ''})"
-    if m == "freeze":
+    if info.settings == "freeze":
         parts[0] += f" top {plan.trainable_layers}" + (" + embeddings" if plan.train_embeddings else "")
-    if m in ("prompt-tuning", "prefix-tuning"):
+    if info.settings == "virtualTokens":
         parts[0] += f" {plan.virtual_tokens} tokens"
     parts.append(f"weights {plan.weight_dtype}, trainable {plan.trainable_dtype}, compute {plan.compute_dtype}")
     parts.append(plan.optimizer)

@@ -7,6 +7,7 @@ request makes the scheduler pick a node with room. No limit: the kubelet would e
 """
 from __future__ import annotations
 
+from kubetune.api.registry import method as method_info
 from kubetune.estimator.memory import BYTES, GIB
 
 OUTPUT_WEIGHT_BYTES = 2  # the trainer saves the tuned model in bf16
@@ -28,7 +29,7 @@ def work_dir_bytes(spec, plan, total_params: int, trainable_params: int, disk_we
     one being written. The request covers the outage, or a long one would end in eviction."""
     model = total_params * disk_weight_bytes if spec.model.uri.split("://")[0] in ("s3", "hf") else 0
     checkpoint = trainable_params * 3 * BYTES[plan.trainable_dtype]
-    if plan.method in ("full", "freeze"):
+    if not method_info(plan.method).adapter:  # the whole tuned model is the output
         output = total_params * OUTPUT_WEIGHT_BYTES
     else:
         output = trainable_params * 4 + (total_params * OUTPUT_WEIGHT_BYTES if spec.output.merge_adapter else 0)

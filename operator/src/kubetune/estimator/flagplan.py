@@ -17,9 +17,10 @@ instead describes a run of the stack most tutorials use, the one shared/calibrat
 """
 from __future__ import annotations
 
+from kubetune.api import registry
 from kubetune.plan import TrainingPlan
 
-METHODS = ("full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning")
+METHODS = registry.METHOD_NAMES
 PRECISIONS = ("bf16", "fp32-mixed", "fp32")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit")
 SHARDINGS = ("ddp", "fsdp", "zero2", "zero3")
@@ -53,6 +54,7 @@ def plan_from_flags(
     """The plan of a plain HF Trainer + PEFT run with these settings (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    info = registry.method(method)
     if precision == "bf16":
         weight = trainable = compute = "bf16"
     elif precision == "fp32-mixed":
@@ -62,22 +64,22 @@ def plan_from_flags(
     else:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     kw: dict = {}
-    if method in ("lora", "qlora"):
+    if info.adapter:
+        trainable = "fp32"  # peft creates adapters and virtual tokens in fp32
+    if info.settings == "lora":
         kw.update(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets))
-        trainable = "fp32"
-    if method == "qlora":
+    if info.quantized:
         kw.update(quant_bits=quant_bits, quant_type="nf4" if quant_bits == 4 else None, double_quant=double_quant and quant_bits == 4)
         weight = "fp32"  # prepare_model_for_kbit_training upcasts the non-quantized parameters
-    if method in ("prompt-tuning", "prefix-tuning"):
+    if info.settings == "virtualTokens":
         kw.update(virtual_tokens=virtual_tokens)
-        trainable = "fp32"
-    if method == "freeze":
+    if info.settings == "freeze":
         kw.update(trainable_layers=trainable_layers, train_embeddings=train_embeddings)
     nproc = max(1, gpus)
     if nproc <= 1:
         shard = "none"
     elif sharding is None:
-        shard = "fsdp" if method in ("full", "freeze") else "ddp"
+        shard = "fsdp" if info.shard_by_default else "ddp"
     else:
         shard = sharding
     return TrainingPlan(

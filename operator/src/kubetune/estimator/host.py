@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from kubetune.api.base import quantity_to_float
+from kubetune.api.registry import method as method_info
 from kubetune.estimator.memory import BYTES
 
 # Host memory over the whole model that a pod reading it whole must have (the tensors, and the
@@ -22,7 +23,8 @@ HOST_MARGIN = 1.1
 def whole_model_in_host(spec, plan, total_params: int) -> tuple[int, str]:
     """(bytes, why) of the whole model in host memory at once; (0, "") when nothing reads it whole."""
     why = []
-    if plan.sharding == "fsdp" and plan.method != "qlora":
+    # a quantized base is quantized while loading onto each GPU, never whole in host memory
+    if plan.sharding == "fsdp" and not method_info(plan.method).quantized:
         why.append("rank 0 reads it whole under FSDP")
     if spec.output.merge_adapter:
         why.append("output.mergeAdapter loads it whole")

@@ -22,6 +22,7 @@ from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.registry import method as method_info
 from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
 from kubetune.estimator.allocator import EXPANDABLE as ALLOC_EXPANDABLE
 from kubetune.estimator.arch import ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID, SHARED_MID, Architecture, Block
@@ -343,43 +344,47 @@ def _head_bytes(arch: Architecture, x: _Ctx, head_trainable: bool) -> int:
 def _method_info(arch: Architecture, plan: TrainingPlan) -> tuple[int, int, int, int]:
     """(trainable params reported, trainable params that get gradients, adapter params, params of the
     blocks that train)."""
-    m = plan.method
-    if m == "full":
+    info = method_info(plan.method)
+    if info.trains_all:
         used = arch.total_params - arch.extra_frozen_params
         return arch.total_params, used, 0, arch.block_params
-    if m in ("lora", "qlora"):
+    if info.settings == "lora":
         n = arch.lora_params(tuple(plan.lora_targets) or ("all-linear",), int(plan.lora_rank or 16))
         return n, n, n, 0
-    if m == "freeze":
+    if info.settings == "freeze":
         k = min(int(plan.trainable_layers or 1), arch.num_layers)
         blk = arch.blocks[0][1]
         n = k * blk.params
         if plan.train_embeddings:
             n += arch.head_params
         return n, n, 0, k * blk.params
-    if m == "prompt-tuning":
+    if info.virtual_tokens_in == "input":  # one embedding per virtual token
         n = int(plan.virtual_tokens or 20) * arch.hidden_size
         return n, n, n, 0
-    if m == "prefix-tuning":
+    if info.virtual_tokens_in == "kv":  # a key and a value per virtual token in every block
         n = int(plan.virtual_tokens or 20) * arch.num_layers * 2 * arch.kv_dim
         return n, n, n, 0
-    raise ValueError(f"unknown method {m!r}")
+    raise ValueError(f"method {plan.method!r}: the estimator has no parameter count for it")
 
 
-_ADAPTER_METHODS = ("lora", "qlora", "prompt-tuning", "prefix-tuning")
+def _virtual_tokens(plan: TrainingPlan, where: str) -> int:
+    """Virtual tokens the method puts ``where`` ("input": the sequence, "kv": every block's keys/values)."""
+    return int(plan.virtual_tokens or 20) if method_info(plan.method).virtual_tokens_in == where else 0
 
 
 def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool, autocast: bool) -> _Ctx:
     c = BYTES[plan.compute_dtype]
+    info = method_info(plan.method)
+    lora = info.settings == "lora"
     adapted: tuple[tuple[str, int], ...] = ()
-    if plan.method in ("lora", "qlora"):
+    if lora:
         ids = {id(m) for _, m in arch.lora_modules(tuple(plan.lora_targets) or ("all-linear",))}
         counts: dict[str, int] = {}
         for m in blk.linears:
             if id(m) in ids:
                 counts[m.group] = counts.get(m.group, 0) + 1
         adapted = tuple(sorted(counts.items()))
-    nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
+    nv = _virtual_tokens(plan, "kv")
     s = max(1, plan.seq_len)
     # Under checkpointing the two measured Liger rows (shared/calibration, 1B and 8B) peak where
     # transformers' saved set of the recomputed block puts them (within 0.2%), not lower as Liger's
@@ -390,17 +395,17 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
         w=BYTES[plan.weight_dtype],
         c=c,
         # adapters live in the trainable dtype (plan_from_spec sets it from kubetune.plan.ADAPTER_DTYPE)
-        a=BYTES[plan.trainable_dtype if plan.method in _ADAPTER_METHODS else plan.adapter_dtype],
+        a=BYTES[plan.trainable_dtype if info.adapter else plan.adapter_dtype],
         autocast=autocast,
         trainable=trainable,
-        quantized=plan.method == "qlora",
+        quantized=info.quantized,
         adapted=adapted,
-        dropout=plan.method in ("lora", "qlora") and plan.lora_dropout > 0,
-        rank=int(plan.lora_rank or 16) if plan.method in ("lora", "qlora") else 0,
+        dropout=lora and plan.lora_dropout > 0,
+        rank=int(plan.lora_rank or 16) if lora else 0,
         kv_factor=(s + nv) / s,
         mask=_explicit_mask(arch, plan),
-        s_kv=s + nv + (int(plan.virtual_tokens or 20) if plan.method == "prompt-tuning" else 0),
-        moe_lora=plan.method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)),
+        s_kv=s + nv + _virtual_tokens(plan, "input"),
+        moe_lora=lora and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)),
         liger=liger,
         # Liger's Gemma types take GeGLU, the rest SwiGLU: with another activation the MLP stays transformers'
         liger_mlp=liger and arch.act_fn in (LIGER_GEGLU_ACTS if arch.norm == "gemma" else LIGER_SWIGLU_ACTS),
@@ -424,7 +429,7 @@ def _explicit_mask(arch: Architecture, plan: TrainingPlan) -> bool:
     repeated per head): prefix tokens, a sliding window shorter than the sequence, or packing (the
     trainer passes position_ids and transformers builds a block-diagonal mask from them)."""
     sliding = arch.sliding_window is not None and plan.seq_len > arch.sliding_window
-    return plan.method == "prefix-tuning" or sliding or plan.packing
+    return method_info(plan.method).virtual_tokens_in == "kv" or sliding or plan.packing
 
 
 def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None,
@@ -514,7 +519,8 @@ class _Prepared:
 
 def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
     w, t, c = BYTES[plan.weight_dtype], BYTES[plan.trainable_dtype], BYTES[plan.compute_dtype]
-    method = plan.method
+    info = method_info(plan.method)
+    full, freeze, lora = info.trains_all, info.settings == "freeze", info.settings == "lora"
     n = max(1, plan.num_processes)
     sharding = plan.sharding if n > 1 else "none"
     shard = n if sharding in ("fsdp", "zero3") else 1
@@ -525,7 +531,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         notes.append(f"model_type {arch.model_type!r} is not modelled exactly: priced as a llama-style decoder")
 
     # ---- weights
-    if method == "qlora":
+    if info.quantized:
         bits = plan.quant_bits or 4
         q_lin = arch.linear_params  # quantized nn.Linear params (head linears too)
         bias = sum(cnt * m.d_out for cnt, b in arch.blocks for m in b.linears if m.bias)
@@ -545,7 +551,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     adapters = adapter_params * t
     grads = used_trainable * t
     optimizer = used_trainable * opt_per
-    head_trained = method == "full" or (method == "freeze" and plan.train_embeddings)
+    head_trained = full or (freeze and plan.train_embeddings)
     if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") and head_trained and plan.embedding_states_32bit:
         # the HF Trainer overrides every nn.Embedding to 32-bit bitsandbytes states (Trainer.create_optimizer:
         # register_module_override(..., {"optim_bits": 32})): 8 B/param there, found with the trace
@@ -557,12 +563,12 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         grads, optimizer = grads // n, int(optimizer / n)
     # gradients that exist before the optimizer moment
     head_grad = 0
-    if method == "full" or (method == "freeze" and plan.train_embeddings):
+    if head_trained:
         head_grad = (arch.lm_head_params or arch.embed_params) * t // shard
     ga = plan.gradient_accumulation_steps > 1
-    grads_early = grads if ga else (grads if method in ("lora", "qlora", "prompt-tuning", "prefix-tuning") else 0)
+    grads_early = grads if ga else (grads if info.adapter else 0)
     grads_head = max(grads_early, head_grad)
-    emb_grad = arch.embed_params * t // shard if method == "full" else 0
+    emb_grad = arch.embed_params * t // shard if full else 0
     grads_bottom = grads if ga else max(grads_early, grads - emb_grad)
     # Tied embeddings: the output head's gradient already holds the shared weight's; the embedding's backward
     # makes a second one, and AccumulateGrad adds the two out of place: all gradients plus two [V, h] tensors
@@ -579,15 +585,15 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     elif sharding in ("fsdp", "zero3"):
         pdt = c if (autocast and w != c) else w
         unit = arch.largest_block_params
-        if method == "qlora":
+        if info.quantized:
             unit = int(unit * 0.55)
         root = arch.head_params
         # a block's unsharded gradient: whole blocks train under full/freeze; the trainer wraps adapters
         # as units of their own (kubetune_trainer.loop.fsdp_wrap_policy), so frozen blocks have none
-        unit_grad = unit * t if method in ("full", "freeze") else 0
+        unit_grad = unit * t if not info.adapter else 0
         comm_transient = root * pdt + 2 * unit * pdt + unit_grad
     load_weights = load_adapters = load_unit = 0
-    if method == "qlora" and sharding == "fsdp":
+    if info.quantized and sharding == "fsdp":
         # bitsandbytes quantizes while loading onto the GPU, so every rank holds the whole 4-bit model
         # until FSDP wraps it (kubetune_trainer.model.loading_place), plus the flat copy of the unit
         # being wrapped; other methods load in host memory and reach the GPU a unit at a time
@@ -599,22 +605,22 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     if autocast and w != c:
         lin_all = arch.linear_params
         head_lin = arch.lm_head_params or arch.embed_params
-        if method in ("full",) or (method == "freeze"):
-            trained_lin = lin_all if method == "full" else int(lin_all * trained_block_params / max(1, arch.block_params))
+        if not info.adapter:
+            trained_lin = lin_all if full else int(lin_all * trained_block_params / max(1, arch.block_params))
             # trainable leaves: autocast caches their bf16 copies for the whole forward; under checkpointing the
             # blocks' copies die with each block's forward and only the head's stays (the trace of a 1B
             # fp32-master full fine-tune with checkpointing: 6.7% over when they were counted)
-            copies_loss += (0 if plan.gradient_checkpointing else trained_lin * c) + (head_lin * c if method == "full" else 0)
-        if method != "qlora":
-            frozen_lin = lin_all - (lin_all if method == "full" else 0)
-            if not plan.gradient_checkpointing and method not in ("full", "freeze"):
+            copies_loss += (0 if plan.gradient_checkpointing else trained_lin * c) + (head_lin * c if full else 0)
+        if not info.quantized:
+            frozen_lin = lin_all - (lin_all if full else 0)
+            if not plan.gradient_checkpointing and info.adapter:
                 copies_loss += frozen_lin * c  # saved by each frozen linear for its input gradient
-        if method != "full":
+        if not full:
             copies_loss += head_lin * c  # the frozen output head's copy, saved for the hidden-state grad
-        copies_block = max(b.linear_params for _, b in arch.blocks) * c if method != "qlora" else 0
+        copies_block = max(b.linear_params for _, b in arch.blocks) * c if not info.quantized else 0
         if shard > 1:
             copies_loss //= shard
-    if method in ("lora", "qlora") and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
+    if lora and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
         # peft's ParamWrapper adds B@A to the whole expert tensor every forward: the merged expert weights
         # are saved for the backward (and their gradient materialized there): a per-block constant
         merged = max(b.expert_params for _, b in arch.blocks) * (c if autocast else w)
@@ -628,7 +634,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     blocks_act = 0
     act_block = 0
     ckpt = 0
-    if method == "freeze":
+    if freeze:
         k = min(int(plan.trainable_layers or 1), arch.num_layers)
         blk = arch.blocks[0][1]
         a_tr = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, True, autocast))
@@ -643,14 +649,13 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         act_block = max(a_tr, a_fr)
     else:
         for cnt, blk in arch.blocks:
-            x = _ctx_for(arch, plan, blk, method == "full", autocast)
+            x = _ctx_for(arch, plan, blk, full, autocast)
             a = _block_bytes(arch, blk, x)
             act_block = max(act_block, a)
             ckpt = _ckpt_bytes(arch, x)
             blocks_act += cnt * (ckpt if gc else a)
-    head_trainable = method == "full" or (method == "freeze" and plan.train_embeddings)
-    x_any = _ctx_for(arch, plan, arch.blocks[0][1], method == "full", autocast)
-    head = _head_bytes(arch, x_any, head_trainable)
+    x_any = _ctx_for(arch, plan, arch.blocks[0][1], full, autocast)
+    head = _head_bytes(arch, x_any, head_trained)
     if arch.family in ("gpt2", "bert") and arch.hidden_dropout:
         head += arch.hidden_size  # embedding dropout mask
     i_eff = arch.intermediate_size
@@ -662,7 +667,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         logits_pt = c * arch.hidden_size + 4  # liger: grad of the hidden state + loss per token (+ chunks)
     else:
         logits_pt = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
-    extra_tokens = int(plan.virtual_tokens or 20) if method == "prompt-tuning" else 0
+    extra_tokens = _virtual_tokens(plan, "input")
     mask = 1 if _explicit_mask(arch, plan) else 0  # bool: one byte per (query, key) pair
     return _Prepared(
         weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
@@ -680,7 +685,7 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool
     s = plan.seq_len + p.extra_tokens
     tok = b * s
     gc = plan.gradient_checkpointing
-    nv = int(plan.virtual_tokens or 20) if plan.method == "prefix-tuning" else 0
+    nv = _virtual_tokens(plan, "kv")
     mask = p.mask_per_s2 * b * s * (s + nv)
 
     # cross-entropy buffers at the loss

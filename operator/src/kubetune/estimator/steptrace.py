@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import weakref
 
+from kubetune.api.registry import method as method_info
 from kubetune.estimator.allocator import simulate
 
 MAX_LAYERS = 32  # blocks replayed (Llama-3.1-8B has 32): deeper models repeat the same per-block pattern
@@ -71,8 +72,8 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     from kubetune.estimator import memory as M
 
     w, t, c = M.BYTES[plan.weight_dtype], M.BYTES[plan.trainable_dtype], M.BYTES[plan.compute_dtype]
-    method = plan.method
-    full = method in ("full", "freeze")
+    info = method_info(plan.method)
+    full = not info.adapter  # whole blocks train (full, freeze): their gradients stay from the backward on
     gc = plan.gradient_checkpointing
     tok = tokens
     h, V = arch.hidden_size, arch.vocab_size
@@ -87,13 +88,13 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     L = min(arch.num_layers, MAX_LAYERS)
     extra = arch.num_layers - L
     tr = _Trace()
-    lora = method in ("lora", "qlora")
+    lora = info.settings == "lora"
     adapted = arch.lora_modules(tuple(plan.lora_targets) or ("all-linear",)) if lora else ()
     rank = int(plan.lora_rank or 16)
     ad_ids = {id(m) for _, m in adapted}
 
     # ---- parameters, as loading makes them: embeddings, then block by block, then the head
-    if method == "qlora":
+    if info.quantized:
         per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else (M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES)
     else:
         per_q = w
@@ -120,9 +121,10 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
 
     # trainable tensors (their grads and AdamW states), in the backward's order (head first)
     per_block = lin_sizes[::-1] + [max(1, blk.other_params)]
-    head_trained = method == "full" or (method == "freeze" and plan.train_embeddings)
-    train_all = arch.num_layers if method == "full" else (
-        min(int(plan.trainable_layers or 1), arch.num_layers) if method == "freeze" else 0)
+    freeze = info.settings == "freeze"
+    head_trained = info.trains_all or (freeze and plan.train_embeddings)
+    train_all = arch.num_layers if info.trains_all else (
+        min(int(plan.trainable_layers or 1), arch.num_layers) if freeze else 0)
     train_layers = min(train_all, L)
     lump = (train_all - train_layers) * (sum(lin_sizes) + blk.other_params)  # trained blocks not replayed
     head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
@@ -130,7 +132,7 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     if full:
         trainable = (([head_grad] if head_grad else []) + per_block * train_layers + ([lump] if lump else [])
                      + ([embed_grad] if embed_grad else []))
-    elif method in ("prompt-tuning", "prefix-tuning"):
+    elif info.settings == "virtualTokens":
         trainable = [max(1, M._method_info(arch, plan)[1])]
     else:
         trainable = adapters[::-1]
@@ -138,7 +140,7 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     state_bytes = 1 if eight_bit else t
 
     # ---- per-block activation tensors (bytes for all tokens)
-    x = M._ctx_for(arch, plan, blk, method == "full", autocast)
+    x = M._ctx_for(arch, plan, blk, info.trains_all, autocast)
     saved = M._block_bytes(arch, blk, x) * tok
     hid = w * h * tok  # the residual stream (a block's input: the checkpoint)
     wide = (c if autocast else w) * i * tok
@@ -164,7 +166,7 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     bwd_tmp = [wide, wide, narrow, narrow, 4 * h * tok, 4 * h * tok]
 
     # bitsandbytes dequantizes each 4/8-bit weight to the compute dtype for its matmul, forward and backward
-    dequant = [n * c for n in lin_sizes] if method == "qlora" else []
+    dequant = [n * c for n in lin_sizes] if info.quantized else []
     per_dq = max(1, -(-len(dequant) // max(1, len(saved_parts))))
 
     def block_forward(keep: bool) -> list[int]:
