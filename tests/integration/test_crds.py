@@ -279,3 +279,82 @@ def test_no_admission_message_is_a_regex(ground, crd, namespace):
     assert res.returncode != 0
     assert res.stderr.count("Invalid value") == 6, res.stderr
     assert "[^" not in res.stderr and "\\s" not in res.stderr and "should match" not in res.stderr, res.stderr
+
+
+# spec.objective (issue #21): what cannot combine is refused by the apiserver's CEL rules and by the models, in the
+# same words. The quickstart is a LoRA job on alpaca data; each case turns it into a preference job.
+PAIRS = {"spec.dataset.format": "preference"}
+OBJECTIVE_BAD = [
+    ("dpo-on-alpaca-data", {"spec.objective": {"type": "dpo"}},
+     "dataset.format must be auto or preference with objective.type dpo, orpo or simpo (they train on {prompt, "
+     "chosen, rejected} pairs)"),
+    ("kto-on-pairs", {**PAIRS, "spec.objective": {"type": "kto"}},
+     "dataset.format must be auto or kto with objective.type kto (it trains on unpaired {prompt, completion, label} "
+     "examples)"),
+    ("pairs-without-objective", PAIRS,
+     "dataset.format must be auto, alpaca, chat or text with objective.type sft (preference and kto data need a "
+     "preference objective)"),
+    ("implicit-reference-with-full", {**PAIRS, "spec.method": {"type": "full"},
+                                      "spec.objective": {"type": "dpo", "reference": "implicit"}},
+     "objective.reference implicit needs an adapter method (method.type lora, qlora, prompt-tuning or prefix-tuning): "
+     "it disables the adapters to get the base model; with method.type full or freeze use copy or precomputed"),
+    ("reference-with-orpo", {**PAIRS, "spec.objective": {"type": "orpo", "reference": "copy"}},
+     "objective.reference is only valid with objective.type dpo or kto: sft, orpo and simpo use no reference model"),
+    ("gamma-with-dpo", {**PAIRS, "spec.objective": {"type": "dpo", "gamma": 1}},
+     "objective.gamma is only valid with objective.type simpo"),
+    ("beta-with-sft", {"spec.objective": {"type": "sft", "beta": 0.1}},
+     "objective.beta is only valid with objective.type dpo, orpo, kto or simpo"),
+    ("loss-with-kto", {"spec.dataset.format": "kto", "spec.objective": {"type": "kto", "loss": "sigmoid"}},
+     "objective.loss is only valid with objective.type dpo"),
+    ("smoothing-with-ipo", {**PAIRS, "spec.objective": {"type": "dpo", "loss": "ipo", "labelSmoothing": 0.1}},
+     "objective.labelSmoothing is only valid with objective.type dpo and objective.loss sigmoid (the default)"),
+    ("desirable-weight-with-dpo", {**PAIRS, "spec.objective": {"type": "dpo", "desirableWeight": 2}},
+     "objective.desirableWeight is only valid with objective.type kto"),
+    ("undesirable-weight-with-simpo", {**PAIRS, "spec.objective": {"type": "simpo", "undesirableWeight": 2}},
+     "objective.undesirableWeight is only valid with objective.type kto"),
+    ("packing-with-dpo", {**PAIRS, "spec.dataset.packing": True, "spec.objective": {"type": "dpo"}},
+     "dataset.packing is only valid with objective.type sft (preference objectives score each whole sequence on its own)"),
+]
+
+
+@pytest.mark.parametrize("changes,words", [b[1:] for b in OBJECTIVE_BAD], ids=[b[0] for b in OBJECTIVE_BAD])
+def test_objective_rules_are_the_same_words_in_the_apiserver_and_the_models(ground, crd, namespace, changes, words):
+    obj = copy.deepcopy(_base())
+    for path, value in changes.items():
+        _set(obj, path, value)
+    res = ground.kubectl("create", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert res.returncode != 0, f"the apiserver accepted it: {res.stdout}"
+    assert words in _words(res.stderr), res.stderr
+    with pytest.raises(ValueError) as e:
+        parse_job(obj)
+    assert words in _words(str(e.value)), str(e.value)
+
+
+OBJECTIVE_GOOD = [
+    ("dpo-defaults", {**PAIRS, "spec.objective": {"type": "dpo"}}),
+    ("dpo-auto-format", {"spec.dataset.format": "auto", "spec.objective": {"type": "dpo", "beta": 0.5, "loss": "sigmoid",
+                                                                           "labelSmoothing": 0.1, "reference": "precomputed"}}),
+    ("dpo-full-copy", {**PAIRS, "spec.method": {"type": "full"}, "spec.objective": {"type": "dpo", "reference": "copy"}}),
+    ("orpo", {**PAIRS, "spec.objective": {"type": "orpo", "beta": 0.2}}),
+    ("simpo", {**PAIRS, "spec.objective": {"type": "simpo", "beta": 2.5, "gamma": 0.8}}),
+    ("kto", {"spec.dataset.format": "kto", "spec.objective": {"type": "kto", "desirableWeight": 1, "undesirableWeight": 1.5}}),
+    ("sft-empty-objective", {"spec.objective": {}, "spec.dataset.packing": True}),
+]
+
+
+@pytest.mark.parametrize("changes", [g[1] for g in OBJECTIVE_GOOD], ids=[g[0] for g in OBJECTIVE_GOOD])
+def test_good_objectives_are_accepted_by_both(ground, crd, namespace, changes):
+    obj = copy.deepcopy(_base())
+    for path, value in changes.items():
+        _set(obj, path, value)
+    parse_job(obj)
+    res = ground.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", stdin=json.dumps(obj), check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_an_empty_objective_is_stored_as_sft(ground, crd, namespace):
+    obj = copy.deepcopy(_base())
+    _set(obj, "spec.objective", {})
+    got = json.loads(ground.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-", "-o", "json",
+                                    stdin=json.dumps(obj)).stdout)
+    assert got["spec"]["objective"] == {"type": "sft"}  # only the type has a schema default

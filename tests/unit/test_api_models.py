@@ -109,7 +109,7 @@ def test_a_dataset_uri_may_name_a_path_in_an_hf_repository(uri):
         ({"spec__resources__gpusPerNode": 17}, "spec.resources.gpusPerNode: Input should be less than or equal to 16"),
         ({"spec__resources__nodes": 2, "spec__resources__gpusPerNode": 0}, "resources.nodes > 1 needs resources.gpusPerNode >= 1"),
         ({"spec__dataset__validationSplit": 0.1, "spec__dataset__validationUri": "s3://data/v.jsonl"}, "not both"),
-        ({"spec__dataset__format": "csv"}, "spec.dataset.format: Input should be 'auto', 'alpaca', 'chat' or 'text'"),
+        ({"spec__dataset__format": "csv"}, "spec.dataset.format: Input should be 'auto', 'alpaca', 'chat', 'text', 'preference' or 'kto'"),
         ({"spec__storage__credentialsSecret": {"name": "s3", "accessKey": "AKIA..."}}, "spec.storage.credentialsSecret.accessKey: unknown field"),
         ({"spec__model__tokenSecret": {"name": "hf", "token": "hf_x"}}, "spec.model.tokenSecret.token: unknown field"),
         ({"spec__model__uri": "s3://models/llama/", "spec__model__tokenSecret": {"name": "hf"}},

@@ -211,6 +211,10 @@ class ModelSource(KModel):
 # dataset
 
 
+# "auto" detects the format from the first line; each kind of objective data reads its own formats
+DatasetFormat = Literal[("auto",) + tuple(f for fs in registry.DATA_FORMATS.values() for f in fs)]
+
+
 class Dataset(KModel):
     """Training data: JSON Lines, one example per line, or Parquet, one per row."""
 
@@ -221,12 +225,15 @@ class Dataset(KModel):
         pattern=DATA_URI,
         max_length=1024,
     )
-    format: Literal["auto", "alpaca", "chat", "text"] = Field(
+    format: DatasetFormat = Field(
         "auto",
         description="Line (or row) format. alpaca: {instruction, input?, output}; chat: {messages: [{role, content}]} "
         "or ShareGPT {conversations: [{from, value}], system?}, rendered with the tokenizer's chat template; "
         "text: {text}. auto detects it from the first line. For alpaca and chat, only response tokens count in "
-        "the loss.",
+        "the loss. Preference objectives (objective.type dpo, orpo, simpo) read preference: {prompt, chosen, "
+        "rejected}, each a string or chat messages [{role, content}] (the chosen and rejected responses continue "
+        "the prompt); kto reads kto: {prompt, completion, label} with label true for a desirable completion and "
+        "false for an undesirable one. The loss counts only the response tokens.",
     )
     validation_uri: str | None = Field(
         None, description="Separate validation data, same formats (an hf:// dataset: its validation split, else its "
@@ -241,7 +248,8 @@ class Dataset(KModel):
     packing: bool = Field(
         False,
         description="Pack several examples into each sequence of maxSeqLength tokens (no padding, attention kept "
-        "within each example). Faster; the memory estimate assumes full-length sequences either way.",
+        "within each example). Faster; the memory estimate assumes full-length sequences either way. Only with "
+        "objective.type sft.",
     )
     on_bad_line: Literal["fail", "skip"] = Field(
         "fail",
@@ -361,6 +369,205 @@ class Method(KModel):
     @property
     def effective_virtual_tokens(self) -> int:
         return self.virtual_tokens or 20
+
+
+# ---------------------------------------------------------------------------------------------
+# objective
+
+ObjectiveType = Literal[registry.OBJECTIVE_NAMES]
+_OBJ = registry.OBJECTIVES
+_BETA_OBJECTIVES = tuple(n for n, o in _OBJ.items() if o.default_beta is not None)
+_LOSS_OBJECTIVES = tuple(n for n, o in _OBJ.items() if o.loss_variants)
+_SMOOTHING_OBJECTIVES = tuple(n for n, o in _OBJ.items() if o.smoothing_losses)
+_GAMMA_OBJECTIVES = registry.objective_names(gamma=True)
+_WEIGHT_OBJECTIVES = registry.objective_names(label_weights=True)
+_REFERENCE_OBJECTIVES = registry.objective_names(reference=True)
+_NO_REFERENCE_OBJECTIVES = registry.objective_names(reference=False)
+_SFT_DATA_OBJECTIVES = registry.objective_names(data="sft")
+LossVariant = Literal[tuple(dict.fromkeys(v for o in _OBJ.values() for v in o.loss_variants))]
+ReferenceMode = Literal[registry.REFERENCE_MODES]
+
+
+def _only_with(field: str, cel_field: str, names: tuple[str, ...], attr: str, why: str = "") -> Rule:
+    """objective.<field> is valid only with the objective types ``names``."""
+    return Rule(
+        cel=f"!has(self.{cel_field}) || " + cel_in("self.type", names),
+        message=f"objective.{field} is only valid with objective.type {one_of(names)}{why}",
+        check=lambda o: getattr(o, attr) is None or o.type in names,
+        field_path=f".{cel_field}",
+    )
+
+
+def _smoothing_cel() -> str:
+    # per objective: its type, and a loss that takes smoothing (an unset loss is the objective's default)
+    parts = []
+    for n in _SMOOTHING_OBJECTIVES:
+        o = _OBJ[n]
+        loss = cel_in("self.loss", o.smoothing_losses)
+        unset = "!has(self.loss)" if o.loss_variants[0] in o.smoothing_losses else "false"
+        parts.append(f"(self.type == '{n}' && ({unset} || {loss}))")
+    return "!has(self.labelSmoothing) || " + " || ".join(parts)
+
+
+def _smoothing_ok(o: "TrainingObjective") -> bool:
+    return o.label_smoothing is None or (o.type in _SMOOTHING_OBJECTIVES
+                                         and o.effective_loss in _OBJ[o.type].smoothing_losses)
+
+
+def _smoothing_words() -> str:
+    out = []
+    for n in _SMOOTHING_OBJECTIVES:
+        o = _OBJ[n]
+        default = " (the default)" if o.smoothing_losses == o.loss_variants[:1] else ""
+        out.append(f"objective.type {n} and objective.loss {one_of(o.smoothing_losses)}{default}")
+    return "; or ".join(out)
+
+
+class TrainingObjective(KModel):
+    """What the training optimizes: supervised fine-tuning (sft, the default) or a preference objective.
+    Settings left out take the objective's defaults; a setting another objective uses is refused."""
+
+    type: ObjectiveType = Field(
+        "sft",
+        description="sft: next-token loss on the responses; dpo: direct preference optimization on {prompt, "
+        "chosen, rejected} pairs against a reference model; orpo: SFT plus an odds-ratio preference term, no "
+        "reference; kto: Kahneman-Tversky optimization on unpaired {prompt, completion, label} examples against "
+        "a reference model; simpo: length-normalized preference optimization with a target margin, no reference.",
+    )
+    beta: float | None = Field(
+        None, gt=0, le=100,
+        description="Strength of the preference term (DPO/KTO: how far the policy may move from the reference; "
+        "ORPO: the odds-ratio weight; SimPO: the reward scale). Default: " + ", ".join(
+            f"{n} {_OBJ[n].default_beta:g}" for n in _BETA_OBJECTIVES) + ". Not with sft.",
+    )
+    loss: LossVariant | None = Field(
+        None, description="DPO's loss: sigmoid (the paper's, default), ipo (squared, for preferences that are "
+        "nearly deterministic) or hinge (SLiC). Only with dpo.",
+    )
+    label_smoothing: float | None = Field(
+        None, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (conservative "
+        "DPO, robust DPO's noise rate), from 0 up to 0.5. Only with dpo and loss sigmoid. Default 0.",
+    )
+    reference: ReferenceMode | None = Field(
+        None, description="The reference model dpo and kto compare against. implicit: the base model with the "
+        "adapters disabled (adapter methods; no extra memory); copy: a frozen second copy of the model in GPU "
+        "memory; precomputed: the reference log-probs are computed in one pass before training, and no reference "
+        "model is kept. Default: implicit with an adapter method, copy with full or freeze.",
+    )
+    gamma: float | None = Field(
+        None, ge=0, le=100, description="SimPO's target reward margin (default 0.5). Only with simpo.",
+    )
+    desirable_weight: float | None = Field(
+        None, gt=0, le=100, description="KTO's weight on desirable (label true) examples (default 1). Only with kto.",
+    )
+    undesirable_weight: float | None = Field(
+        None, gt=0, le=100, description="KTO's weight on undesirable (label false) examples (default 1); raise it "
+        "when they are fewer. Only with kto.",
+    )
+
+    rules: ClassVar = (
+        _only_with("beta", "beta", _BETA_OBJECTIVES, "beta"),
+        _only_with("loss", "loss", _LOSS_OBJECTIVES, "loss"),
+        Rule(
+            cel=_smoothing_cel(),
+            message=f"objective.labelSmoothing is only valid with {_smoothing_words()}",
+            check=_smoothing_ok,
+            field_path=".labelSmoothing",
+        ),
+        _only_with("gamma", "gamma", _GAMMA_OBJECTIVES, "gamma"),
+        _only_with("desirableWeight", "desirableWeight", _WEIGHT_OBJECTIVES, "desirable_weight"),
+        _only_with("undesirableWeight", "undesirableWeight", _WEIGHT_OBJECTIVES, "undesirable_weight"),
+        _only_with("reference", "reference", _REFERENCE_OBJECTIVES, "reference",
+                   f": {one_of(_NO_REFERENCE_OBJECTIVES, 'and')} use no reference model"),
+    )
+
+    @property
+    def info(self) -> registry.ObjectiveInfo:
+        return registry.objective(self.type)
+
+    # The defaults, in one place for the trainer and the estimator (unset fields stay unset in the spec).
+    @property
+    def effective_beta(self) -> float | None:
+        return self.beta if self.beta is not None else self.info.default_beta
+
+    @property
+    def effective_loss(self) -> str | None:
+        variants = self.info.loss_variants
+        return self.loss if self.loss is not None else (variants[0] if variants else None)
+
+    @property
+    def effective_label_smoothing(self) -> float:
+        return self.label_smoothing if self.label_smoothing is not None else 0.0
+
+    @property
+    def effective_gamma(self) -> float | None:
+        return self.gamma if self.gamma is not None else self.info.default_gamma
+
+    @property
+    def effective_desirable_weight(self) -> float:
+        return self.desirable_weight if self.desirable_weight is not None else registry.DEFAULT_LABEL_WEIGHT
+
+    @property
+    def effective_undesirable_weight(self) -> float:
+        return self.undesirable_weight if self.undesirable_weight is not None else registry.DEFAULT_LABEL_WEIGHT
+
+    def effective_reference(self, method: str) -> Literal["none", "implicit", "copy", "precomputed"]:
+        """The reference model for ``method`` (a method.type): none for objectives without one; unset, the
+        adapters-off base for an adapter method (free), else a frozen copy."""
+        if not self.info.reference:
+            return "none"
+        if self.reference is not None:
+            return self.reference
+        return "implicit" if registry.method(method).adapter else "copy"
+
+
+def _objective_is(names: tuple[str, ...]) -> str:
+    """CEL on the spec: the objective's type is one of ``names`` (no objective, or no type, is sft)."""
+    default = TrainingObjective.model_fields["type"].default
+    test = cel_in("self.objective.type", names)
+    if default in names:
+        return f"(!has(self.objective) || !has(self.objective.type) || {test})"
+    return f"(has(self.objective) && has(self.objective.type) && {test})"
+
+
+# Why each kind of objective data needs its formats (the format rule's message says it)
+_DATA_WHY = {
+    "sft": "(preference and kto data need a preference objective)",
+    "paired": "(they train on {prompt, chosen, rejected} pairs)",
+    "unpaired": "(it trains on unpaired {prompt, completion, label} examples)",
+}
+
+
+def _format_rule(kind: str) -> Rule:
+    names = registry.objective_names(data=kind)
+    allowed = ("auto",) + registry.DATA_FORMATS[kind]
+    return Rule(
+        cel=f"!{_objective_is(names)} || !has(self.dataset.format) || " + cel_in("self.dataset.format", allowed),
+        message=f"dataset.format must be {one_of(allowed)} with objective.type {one_of(names)} {_DATA_WHY[kind]}",
+        check=lambda s: s.effective_objective.type not in names or s.dataset.format in allowed,
+        field_path=".dataset.format",
+    )
+
+
+_OBJECTIVE_SPEC_RULES = (
+    Rule(
+        cel="!has(self.objective) || !has(self.objective.reference) || self.objective.reference != 'implicit' || "
+            + cel_in("self.method.type", _ADAPTER_METHODS),
+        message=f"objective.reference implicit needs an adapter method (method.type {one_of(_ADAPTER_METHODS)}): "
+                "it disables the adapters to get the base model; with method.type "
+                f"{one_of(registry.method_names(adapter=False))} use copy or precomputed",
+        check=lambda s: s.objective is None or s.objective.reference != "implicit" or s.method.type in _ADAPTER_METHODS,
+        field_path=".objective.reference",
+    ),
+    *(_format_rule(kind) for kind in registry.DATA_FORMATS),
+    Rule(
+        cel="!has(self.dataset.packing) || !self.dataset.packing || " + _objective_is(_SFT_DATA_OBJECTIVES),
+        message=f"dataset.packing is only valid with objective.type {one_of(_SFT_DATA_OBJECTIVES)} (preference "
+                "objectives score each whole sequence on its own)",
+        check=lambda s: not s.dataset.packing or s.effective_objective.type in _SFT_DATA_OBJECTIVES,
+        field_path=".dataset.packing",
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -787,6 +994,8 @@ class FineTuneJobSpec(KModel):
     model: ModelSource = Field(description="The base model.")
     dataset: Dataset = Field(description="Training (and validation) data.")
     method: Method = Field(description=f"How to fine-tune: {one_of(registry.METHOD_NAMES)}.")
+    objective: TrainingObjective | None = Field(
+        None, description=f"What to optimize: {one_of(registry.OBJECTIVE_NAMES)} and their settings. Default: sft.")
     training: Training = Field(description="Optimization settings.")
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and scheduling constraints.")
     storage: Storage = Field(default_factory=Storage, description="S3 endpoint, region and credentials for all s3:// URIs.")
@@ -821,8 +1030,15 @@ class FineTuneJobSpec(KModel):
             message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
             check=lambda s: s.method.type not in _QUANTIZED_METHODS or s.resources.gpus_per_node >= 1,
         ),
+        *_OBJECTIVE_SPEC_RULES,
     )
 
+    @property
+    def effective_objective(self) -> TrainingObjective:
+        return self.objective or _SFT
+
+
+_SFT = TrainingObjective()
 
 # ---------------------------------------------------------------------------------------------
 # status
