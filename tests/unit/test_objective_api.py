@@ -208,3 +208,23 @@ def test_no_objective_is_sft_and_round_trips():
     # the trainer reads the spec the operator renders: what is dumped parses to the same spec, unset stays unset
     again = FineTuneJobSpec.model_validate(dpo.dump())
     assert again == dpo and dpo.dump()["objective"] == {"type": "dpo", "beta": 0.2}
+
+
+@pytest.mark.parametrize("objective,method,fmt,want", [
+    (None, "lora", "alpaca", ("sft", 1, "none")),
+    ({"type": "dpo"}, "lora", "preference", ("dpo", 2, "implicit")),
+    ({"type": "dpo"}, "full", "preference", ("dpo", 2, "copy")),
+    ({"type": "dpo", "reference": "precomputed"}, "full", "preference", ("dpo", 2, "precomputed")),
+    ({"type": "orpo"}, "qlora", "preference", ("orpo", 2, "none")),
+    ({"type": "simpo"}, "lora", "auto", ("simpo", 2, "none")),
+    ({"type": "kto"}, "prompt-tuning", "kto", ("kto", 1, "implicit")),
+    ({"type": "kto", "reference": "copy"}, "lora", "kto", ("kto", 1, "copy")),
+])
+def test_the_plan_carries_the_objective(objective, method, fmt, want):
+    from kubetune.plan import plan_from_spec
+
+    spec = parse_job(job(spec__objective=objective if objective is not None else ..., spec__method={"type": method},
+                         spec__dataset__format=fmt, spec__resources={"gpusPerNode": 1})).spec
+    p = plan_from_spec(spec)
+    assert (p.objective, p.sequences_per_example, p.reference) == want
+    assert p.micro_batch_size == 2  # examples per micro batch: the sequences are micro batch x sequences_per_example

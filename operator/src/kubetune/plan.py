@@ -63,6 +63,14 @@ class TrainingPlan:
     # 8-bit AdamW: the HF Trainer keeps nn.Embedding states in 32-bit (create_optimizer's bitsandbytes override);
     # kubetune's trainer builds plain bnb AdamW8bit, which does not. plan_from_spec (kubetune's trainer) sets False.
     embedding_states_32bit: bool = True
+    # The training objective (a registry name). A paired objective puts chosen and rejected through one forward:
+    # sequences_per_example of them per example, so a micro batch of b examples is b x sequences_per_example
+    # sequences. reference: implicit (the base with adapters off) and copy (a frozen second model) run a no-grad
+    # reference forward before each micro batch's policy forward; precomputed reads log-probs from a pass before
+    # training; none: the objective has no reference (sft, orpo, simpo).
+    objective: str = "sft"
+    sequences_per_example: int = 1
+    reference: Literal["none", "implicit", "copy", "precomputed"] = "none"
 
     def with_(self, **changes) -> "TrainingPlan":
         return replace(self, **changes)
@@ -141,6 +149,7 @@ def plan_from_spec(
         assert m.freeze is not None
         kw.update(trainable_layers=m.freeze.trainable_layers, train_embeddings=m.freeze.train_embeddings)
 
+    obj = spec.effective_objective
     return TrainingPlan(
         adapter_dtype=ADAPTER_DTYPE,  # read at call time, so a changed default reaches every plan
         method=m.type,
@@ -160,5 +169,8 @@ def plan_from_spec(
         sharding=resolve_sharding(spec, nproc),
         packing=spec.dataset.packing,
         embedding_states_32bit=False,
+        objective=obj.type,
+        sequences_per_example=obj.info.sequences_per_example,
+        reference=obj.effective_reference(m.type),
         **kw,
     )
