@@ -25,6 +25,7 @@ class Objective:
     """Base class. Subclasses set ``name`` (an api registry name) and override what differs."""
 
     name: str = ""
+    packing: bool = False  # its examples may be packed several to a sequence (data.pack): SFT's are
 
     def __init__(self, spec, plan, log: Callable[[str], None] = print):
         self.spec, self.plan, self.log = spec, plan, log
@@ -45,7 +46,11 @@ class Objective:
 
     # --- model ----------------------------------------------------------------------------------
     def prepare(self, model, head, accelerator) -> None:
-        """Once the model is built: a reference model or its precomputed log-probs (none for SFT)."""
+        """Once the model is built, before accelerator.prepare wraps it: a reference model (none for SFT)."""
+
+    def precompute_reference(self, model, head, accelerator, pad_id: int, *example_lists: list) -> None:
+        """After the model is wrapped, before a checkpoint loads (so from the base weights): reference
+        log-probs computed once over each list of examples (train, validation). None for SFT."""
 
     # --- loss and metrics ------------------------------------------------------------------------
     def loss(self, model, head, batch: dict) -> tuple["torch.Tensor", dict[str, "torch.Tensor"]]:
@@ -53,6 +58,11 @@ class Objective:
 
     def metric_names(self) -> tuple[str, ...]:
         return self.info.metrics
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model's forward takes out of a collated batch (the rest is labels and counts)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 def register(cls: type[Objective]) -> type[Objective]:
