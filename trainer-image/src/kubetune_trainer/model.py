@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kubetune.api.constants import IGNORE_INDEX
+from kubetune_trainer import knobs
 from kubetune_trainer.errors import BadConfig, ModelLoadFailed
 
 IGNORE = IGNORE_INDEX  # the label a loss skips (kubetune.api.constants)
@@ -163,19 +164,20 @@ def plan_dtypes_on(on_cuda: bool) -> bool:
     """Whether the plan's dtypes apply. On CPU the trainer holds and computes everything in fp32 (no
     fast bf16 there); the test knob KUBETUNE_DEBUG_PRECISION_ON_CPU=1 keeps a GPU's dtypes (bf16
     weights, bf16/fp16 autocast) so the CPU tests drive those paths."""
-    return on_cuda or os.environ.get("KUBETUNE_DEBUG_PRECISION_ON_CPU") == "1"
+    return on_cuda or knobs.current().debug_precision_on_cpu
 
 
 def bitsandbytes_on(on_cuda: bool) -> bool:
     """Whether bitsandbytes (QLoRA, 8-bit optimizers) may run. Its CPU kernels are real but slow: the
     test knob KUBETUNE_DEBUG_BNB_ON_CPU=1 lets CPU tests drive those paths; users get the error."""
-    return on_cuda or os.environ.get("KUBETUNE_DEBUG_BNB_ON_CPU") == "1"
+    return on_cuda or knobs.current().debug_bnb_on_cpu
 
 
 def liger_on(on_cuda: bool) -> bool:
     """Whether Liger's Triton kernels run. On CPU only under Triton's interpreter: the test knob
     KUBETUNE_DEBUG_LIGER_ON_CPU=1 with TRITON_INTERPRET=1 runs the very kernels a GPU would, in numpy."""
-    return on_cuda or (os.environ.get("KUBETUNE_DEBUG_LIGER_ON_CPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1")
+    k = knobs.current()
+    return on_cuda or (k.debug_liger_on_cpu and k.triton_interpret)
 
 
 def apply_fused_kernels(model) -> list[str]:
@@ -273,7 +275,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
         kw["device_map"] = {"": device.index or 0} if on_cuda else {"": "cpu"}
 
     has_weights = any(p.suffix in WEIGHT_FILES for p in model_dir.iterdir())
-    random_init = not has_weights and os.environ.get("KUBETUNE_ALLOW_RANDOM_INIT") == "1"
+    random_init = not has_weights and knobs.current().allow_random_init
     if place != "meta" and not has_weights and not random_init:
         hub = spec.model.uri.startswith("hf://")
         raise ModelLoadFailed(f"{spec.model.uri}: no weight files (*.safetensors or *.bin) beside config.json" + (

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from kubetune.api.v1alpha1 import ResultStatus, TrainerProgress, TrainerTermination
+from kubetune_trainer.knobs import termination_log
 
 TERMINATION_LIMIT = 4000  # the kubelet keeps 4096 bytes
 
@@ -78,6 +79,15 @@ class ProgressReporter:
             p.updated_at = datetime.now(timezone.utc)
         self._dirty.set()
 
+    def objective_metrics(self, values: dict[str, float]) -> None:
+        """An objective's per-step metrics (rewardAccuracy, ...), where the API's Progress has room for
+        them; an older API without the field keeps its document as it was."""
+        if not values or "metrics" not in type(self.doc.progress).model_fields:
+            return
+        with self._lock:
+            self.doc.progress.metrics = dict(values)
+        self._dirty.set()
+
     def resumed(self, step: int) -> None:
         with self._lock:
             self.doc.resumed_from_step = step
@@ -127,6 +137,7 @@ class Metrics:
     def __init__(self, port: int, labels: dict[str, str] | None = None):
         self.enabled = False
         self.port = port
+        self._objective: dict = {}
         if not port:
             return
         try:
@@ -172,13 +183,29 @@ class Metrics:
             if v is not None:
                 getattr(self, k).set(v)
 
+    def objective(self, values: dict[str, float]) -> None:
+        """An objective's metrics as kubetune_trainer_<name in snake case> gauges, made on first sight:
+        which ones exist depends on the objective (rewardAccuracy -> kubetune_trainer_reward_accuracy)."""
+        if not self.enabled:
+            return
+        from prometheus_client import Gauge
+
+        for k, v in values.items():
+            g = self._objective.get(k)
+            if g is None:
+                snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in k)
+                g = Gauge(f"kubetune_trainer_{snake}", f"Objective metric {k} of the last step",
+                          list(self._labels), registry=self.registry)
+                g = self._objective[k] = g.labels(**self._labels) if self._labels else g
+            g.set(v)
+
     def inc(self, name: str, amount: float = 1) -> None:
         if self.enabled:
             getattr(self, name).inc(amount)
 
 
 def termination_path() -> str:
-    return os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log")
+    return termination_log()
 
 
 def written_reason(path: str | None = None) -> str | None:
