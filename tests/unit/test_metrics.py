@@ -1,16 +1,16 @@
 """The operator's per-job metrics: the phase series the chart's alerts join on."""
 from __future__ import annotations
 
-from kubetune.controller.metrics import PHASES, JobRow, _Table
+from kubetune.controller.metrics import PHASES, JobRow, JobTable
 
 
-def _samples(table: _Table, family: str) -> dict[tuple, float]:
+def _samples(table: JobTable, family: str) -> dict[tuple, float]:
     fam = next(f for f in table.collect() if f.name == family)
     return {tuple(sorted(s.labels.items())): s.value for s in fam.samples}
 
 
 def test_each_job_has_one_phase_series_and_it_follows_the_phase():
-    t = _Table()
+    t = JobTable()
     t.rows[("team-a", "llama")] = JobRow(phase="Running", step=40, total_steps=100)
     t.rows[("team-b", "done")] = JobRow(phase="Succeeded", step=100, total_steps=100)
     t.rows[("team-b", "new")] = JobRow()  # not reconciled to a phase yet: no series
@@ -28,7 +28,7 @@ def test_each_job_has_one_phase_series_and_it_follows_the_phase():
 
 
 def test_phase_counts_still_cover_every_phase():
-    t = _Table()
+    t = JobTable()
     t.rows[("a", "x")] = JobRow(phase="Unschedulable")
     counts = {dict(k)["phase"]: v for k, v in _samples(t, "kubetune_finetunejobs").items()}
     assert counts == {p: (1.0 if p == "Unschedulable" else 0.0) for p in PHASES}
@@ -50,7 +50,7 @@ def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries
         return (REGISTRY.get_sample_value("kubetune_runs_preempted_total") or 0.0,
                 REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0)
 
-    t = _Table()
+    t = JobTable()
     job = {"status": {"active": 1}}  # no status.failed: the disruption was ignored
     p0, r0 = counts()
     t.update("a", "x", None, status("TrainerRunning"), job)
@@ -69,7 +69,7 @@ def test_a_restarted_operator_does_not_recount_earlier_pod_failures():
     from kubetune.controller.metrics import REGISTRY
 
     running = FineTuneJobStatus.model_validate({"phase": "Running", "run": 1})
-    t = _Table()
+    t = JobTable()
     r0 = REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0
     t.update("a", "old", running, running, {"status": {"failed": 2, "active": 1}})
     assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0

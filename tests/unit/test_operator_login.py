@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.controller import handlers, kube
+from kubetune.controller import handlers
+from kubetune.controller.kube import Kube
 
 
 def _kubeconfig(path: Path, server: str, token: str) -> Path:
@@ -24,15 +25,14 @@ def _kubeconfig(path: Path, server: str, token: str) -> Path:
 @pytest.fixture
 def no_client(monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: kubeconfig
-    monkeypatch.setattr(kube, "_api", None)
 
 
 def test_kopf_logs_in_with_the_kubeconfig_flag_not_kubeconfig_env(no_client, tmp_path, monkeypatch):
     # kopf's default login reads $KUBECONFIG (as seen at import) and would run its watches,
     # finalizer patches and peering as that identity while our own calls use --kubeconfig
     monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "admin", "https://admin.example:6443", "admin-t")))
-    kube.configure(str(_kubeconfig(tmp_path / "sa", "https://sa.example:6443", "sa-token")))
-    info = handlers._login()
+    kube = Kube.connect(str(_kubeconfig(tmp_path / "sa", "https://sa.example:6443", "sa-token")))
+    info = handlers._login(memo=handlers.new_state(kube))
     assert (info.server, info.scheme, info.token) == ("https://sa.example:6443", "Bearer", "sa-token")
     assert info.ca_path and Path(info.ca_path).read_bytes() == b"ca" and not info.insecure
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 from kubernetes.client.rest import ApiException
 
-from kubetune.controller import cli, kube
+from kubetune.controller import cli
 from kubetune.errors import UsageError
 
 
@@ -39,39 +39,34 @@ class FakeCustom:
 
 
 @pytest.mark.parametrize("status", [None, 409])
-def test_the_peering_object_is_created_or_found(monkeypatch, caplog, status):
+def test_the_peering_object_is_created_or_found(caplog, status):
     fake = FakeCustom(status)
-    monkeypatch.setattr(kube, "custom", lambda: fake)
     with caplog.at_level(logging.INFO):
-        cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+        cli.ensure_peering(fake, "kubetune", [], logging.getLogger("t"))
     assert fake.created == [("kopf.dev", "v1", "clusterkopfpeerings", {"name": "kubetune"})]
     assert "leader election through ClusterKopfPeering 'kubetune'" in caplog.text
 
 
-def test_namespaced_operators_peer_in_each_namespace(monkeypatch):
+def test_namespaced_operators_peer_in_each_namespace():
     fake = FakeCustom(None)
-    monkeypatch.setattr(kube, "custom", lambda: fake)
-    cli.ensure_peering("p", ["a", "b"], logging.getLogger("t"))
+    cli.ensure_peering(fake, "p", ["a", "b"], logging.getLogger("t"))
     assert [c[2:4] for c in fake.created] == [("a", "kopfpeerings"), ("b", "kopfpeerings")]
 
 
-def test_an_existing_peering_object_is_used_without_creating_it(monkeypatch):
+def test_an_existing_peering_object_is_used_without_creating_it():
     fake = FakeCustom(403, exists=True)  # the chart's RBAC: list, watch, patch; no create
-    monkeypatch.setattr(kube, "custom", lambda: fake)
-    cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+    cli.ensure_peering(fake, "kubetune", [], logging.getLogger("t"))
     assert fake.created == []
 
 
-def test_missing_peering_crds_refuse_to_start_with_the_way_out(monkeypatch):
-    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(404, list_status=404))
+def test_missing_peering_crds_refuse_to_start_with_the_way_out():
     with pytest.raises(UsageError) as e:
-        cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+        cli.ensure_peering(FakeCustom(404, list_status=404), "kubetune", [], logging.getLogger("t"))
     assert "kubectl apply -f crds/kopf-peering.yaml" in str(e.value) and "--standalone" in str(e.value)
 
 
-def test_no_right_to_create_it_says_what_it_waits_for(monkeypatch, caplog):
-    monkeypatch.setattr(kube, "custom", lambda: FakeCustom(403))
-    cli.ensure_peering("kubetune", [], logging.getLogger("t"))
+def test_no_right_to_create_it_says_what_it_waits_for(caplog):
+    cli.ensure_peering(FakeCustom(403), "kubetune", [], logging.getLogger("t"))
     assert "waiting for ClusterKopfPeering 'kubetune' (leader election)" in caplog.text
 
 
@@ -92,9 +87,10 @@ def test_after_sigterm_a_stuck_worker_cannot_keep_the_process_alive():
     code = (
         "import threading, time\n"
         "from kubetune.controller import handlers\n"
-        "handlers.EXIT_GRACE_SECONDS = 0.5\n"
+        "from kubetune.controller.state import Config\n"
+        "state = handlers.new_state(None, Config(exit_grace_seconds=0.5))\n"
         "threading.Thread(target=lambda: time.sleep(3600)).start()  # a worker that never returns\n"
-        "handlers._exit_on_time()\n"
+        "handlers._exit_on_time(memo=state)\n"
     )
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", code], timeout=30, capture_output=True, text=True)
@@ -102,29 +98,34 @@ def test_after_sigterm_a_stuck_worker_cannot_keep_the_process_alive():
     assert time.monotonic() - t0 < 15
 
 
-def test_the_liveness_probe_fails_while_a_reconcile_is_stuck(monkeypatch):
+def test_the_liveness_probe_fails_while_a_reconcile_is_stuck():
     import kopf
 
     from kubetune.controller import guard, handlers
 
-    dog = guard.Watchdog(budget=0, stuck_after=0)
-    monkeypatch.setattr(handlers, "WATCHDOG", dog)
-    assert handlers._probe_workers() == {"retrying": handlers.RETRIER.pending()}
+    state = handlers.new_state(None)
+    state.watchdog = dog = guard.Watchdog(budget=0, stuck_after=0)
+    assert handlers._probe_workers(memo=state) == {"retrying": 0}
     with dog.watch(("team-a", "spin")):
         dog._running[next(iter(dog._running))].interrupted = 0.0  # interrupted long ago, still running
         with pytest.raises(kopf.PermanentError, match="1 reconcile\\(s\\) stuck: team-a/spin"):
-            handlers._probe_workers()
-    assert handlers._probe_workers()["retrying"] >= 0
+            handlers._probe_workers(memo=state)
+    assert handlers._probe_workers(memo=state) == {"retrying": 0}
 
 
-def test_a_failure_before_observe_finishes_still_masks_the_jobs_secrets(monkeypatch):
+def test_a_failure_before_observe_finishes_still_masks_the_jobs_secrets():
     from kubetune.controller import handlers
 
     secrets = {"s3": {"AWS_SECRET_ACCESS_KEY": "sekrit-value-123"}, "hf": {"HF_TOKEN": "tok-value-456\n"}}
-    monkeypatch.setattr(handlers, "_data", lambda kind, ns, name: secrets.get(name))
+
+    class Secrets:
+        def read_secret(self, ns, name):
+            return secrets.get(name)
+
+    state = handlers.new_state(Secrets())
     body = {"metadata": {"namespace": "ns"},
             "spec": {"storage": {"credentialsSecret": {"name": "s3"}}, "model": {"tokenSecret": {"name": "hf"}},
                      "method": "not even a mapping"}}
-    r = handlers._secrets_redactor(body)
+    r = handlers._secrets_redactor(state, body)
     assert r("boom: sekrit-value-123 and 'tok-value-456\\n'") == "boom: *** and '***'"
-    assert handlers._secrets_redactor({"metadata": {"namespace": "ns"}, "spec": {"storage": []}})("x y") == "x y"
+    assert handlers._secrets_redactor(state, {"metadata": {"namespace": "ns"}, "spec": {"storage": []}})("x y") == "x y"

@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+from typing import TYPE_CHECKING
 
 from kubetune.errors import UsageError
+
+if TYPE_CHECKING:
+    from kubetune.controller.state import Config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,14 +113,12 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-def ensure_peering(name: str, namespaces: list[str], log: logging.Logger) -> None:
+def ensure_peering(custom, name: str, namespaces: list[str], log: logging.Logger) -> None:
     """Leader election needs kopf's peering object, which kopf waits for silently when it is
-    missing. Create it (as the chart does), or refuse to start with the way out."""
+    missing. Create it (as the chart does), or refuse to start with the way out. ``custom``: the
+    operator's CustomObjectsApi (``Kube.custom``)."""
     from kubernetes.client.rest import ApiException
 
-    from kubetune.controller import kube
-
-    custom = kube.custom()
     plural = "clusterkopfpeerings" if not namespaces else "kopfpeerings"
     kind = "ClusterKopfPeering" if not namespaces else "KopfPeering"
     for ns in namespaces or [None]:
@@ -150,6 +152,25 @@ def ensure_peering(name: str, namespaces: list[str], log: logging.Logger) -> Non
     log.info(f"leader election through {kind} {name!r}: only the replica with the highest priority acts")
 
 
+def operator_config(args: argparse.Namespace) -> Config:
+    """The handlers' Config from the flags, each checked."""
+    import os
+
+    from kubetune.controller import manifests
+    from kubetune.controller.egress import EgressPolicy
+    from kubetune.controller.sources import hub_endpoint
+    from kubetune.controller.state import Config
+
+    if args.hf_endpoint is not None:
+        hf_endpoint = hub_endpoint(args.hf_endpoint, "--hf-endpoint")
+    else:
+        hf_endpoint = hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT")
+    pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint,
+                                env=trainer_env(args.trainer_env))
+    return Config(pod=pod, namespaces=tuple(args.namespace), egress=EgressPolicy(allow=tuple(args.allow_endpoint)),
+                  progress_interval=args.progress_interval)
+
+
 def run(args: argparse.Namespace) -> int:
     _bounded_malloc()
     if args.priority == "random":
@@ -162,29 +183,16 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.metrics_port <= 65535:
         raise UsageError(f"--metrics-port must be 0-65535, got {args.metrics_port}")
 
-    import os
-
-    from kubetune.controller.sources import hub_endpoint
-
-    if args.hf_endpoint is not None:
-        hf_endpoint = hub_endpoint(args.hf_endpoint, "--hf-endpoint")
-    else:
-        hf_endpoint = hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT")
-    env = trainer_env(args.trainer_env)
-    os.environ["KUBETUNE_PROGRESS_INTERVAL"] = str(args.progress_interval)  # read when handlers load
     import kopf
 
-    from kubetune.controller import handlers, kube, manifests, metrics
+    from kubetune.controller import handlers, metrics
+    from kubetune.controller.kube import Kube
 
-    from kubetune.controller.egress import EgressPolicy
-
-    kube.configure(args.kubeconfig)
-    handlers.CONFIG.namespaces = list(args.namespace)
-    handlers.CONFIG.egress = EgressPolicy(allow=tuple(args.allow_endpoint))
-    handlers.CONFIG.pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint,
-                                                env=env)
+    config = operator_config(args)
+    kube = Kube.connect(args.kubeconfig)
+    state = handlers.new_state(kube, config)
     if args.metrics_port:
-        metrics.serve(args.metrics_port, args.metrics_address)
+        metrics.serve(state.table, args.metrics_port, args.metrics_address)
     _trim_periodically()
     kopf.configure(verbose=args.verbose)
     for h in logging.getLogger().handlers:
@@ -192,8 +200,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_quiet_success)
     if not args.standalone:
-        ensure_peering(args.peering, list(args.namespace), logging.getLogger("kubetune.operator"))
+        ensure_peering(kube.custom, args.peering, list(args.namespace), logging.getLogger("kubetune.operator"))
     kopf.run(
+        registry=handlers.registry(config),
+        memo=state,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,
