@@ -544,3 +544,15 @@ def test_an_inline_architecture_no_estimate_can_use_fails_as_invalid():
     v = cond(out.status, "Validated")
     assert out.status.phase == "Failed" and v.reason == "InvalidSpec" and not out.create
     assert v.message.startswith("spec.model.architecture: the architecture has") and "Fix the spec" in v.message
+
+
+def test_the_pure_core_loads_no_client_library():
+    """reconcile (and the estimator it calls) stays pure: importing it loads no kubernetes, kopf or boto3."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport kubetune.controller.reconcile\n"
+            "print([m for m in ('kubernetes', 'kopf', 'boto3', 'botocore') if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

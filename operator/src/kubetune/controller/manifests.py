@@ -251,34 +251,53 @@ def volume_claims(spec: FineTuneJobSpec) -> dict[str, str]:
     return out
 
 
-def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
-        defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
-    r, rp = spec.resources, spec.run_policy
-    claims = volume_claims(spec)  # read-only: models and data are read in place, outputs go to S3
+def _resources(spec: FineTuneJobSpec, resolved: Resolved, placement: Placement) -> dict[str, dict[str, str]]:
+    r = spec.resources
     limits: dict[str, str] = {"memory": str(r.memory)}
     requests: dict[str, str] = {"cpu": str(r.cpu), "memory": str(r.memory)}
-    if disk := ephemeral_storage(r, cfg.resolved):
+    if disk := ephemeral_storage(r, resolved):
         requests["ephemeral-storage"] = disk  # no limit: the kubelet evicts a pod over its limit
     if placement.resource and r.gpus_per_node:
         limits[placement.resource] = str(r.gpus_per_node)
         requests[placement.resource] = str(r.gpus_per_node)
-    container = {
+    return {"requests": requests, "limits": limits}
+
+
+def _volume_mounts(spec: FineTuneJobSpec, claims: dict[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        *([{"name": "ca", "mountPath": CA_MOUNT, "readOnly": True}] if spec.storage.ca_bundle else []),
+        # The root filesystem is read-only; /tmp (HOME, HF cache, compile caches, local checkpoints) is not.
+        {"name": "work", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ] + [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True} for i, claim in enumerate(claims)]
+
+
+def _volumes(spec: FineTuneJobSpec, rid: RunIdentity, claims: dict[str, str]) -> list[dict[str, Any]]:
+    ca = spec.storage.ca_bundle
+    return [
+        {"name": "config", "configMap": {"name": rid.config_name}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        *([{"name": "ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}] if ca else []),
+    ] + [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+         for i, claim in enumerate(claims)]
+
+
+def _container(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
+               defaults: PodDefaults, claims: dict[str, str]) -> dict[str, Any]:
+    """The trainer container: non-root, read-only root filesystem, no capabilities."""
+    multi_node = spec.resources.nodes > 1
+    return {
         "name": "trainer",
-        "image": rp.image or defaults.image,
+        "image": spec.run_policy.image or defaults.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["kubetune", "train", "--config", f"{CONFIG_MOUNT}/{CONFIG_KEY}"],
         "env": _env(spec, rid, defaults),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}]
-        + ([{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}] if r.nodes > 1 else []),
-        "resources": {"requests": requests, "limits": limits},
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
-            *([{"name": "ca", "mountPath": CA_MOUNT, "readOnly": True}] if spec.storage.ca_bundle else []),
-            # The root filesystem is read-only; /tmp (HOME, HF cache, compile caches, local checkpoints) is not.
-            {"name": "work", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ] + [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True}
-             for i, claim in enumerate(claims)],
+        + ([{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}] if multi_node else []),
+        "resources": _resources(spec, cfg.resolved, placement),
+        "volumeMounts": _volume_mounts(spec, claims),
         "terminationMessagePath": "/dev/termination-log",
         # The trainer writes a JSON TrainerTermination there; fall back to the log tail if it crashed first.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -290,6 +309,11 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
+
+
+def _pod_spec(spec: FineTuneJobSpec, rid: RunIdentity, container: dict[str, Any], placement: Placement,
+              claims: dict[str, str]) -> dict[str, Any]:
+    r, rp = spec.resources, spec.run_policy
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
@@ -297,15 +321,7 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
             "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumes": [
-            {"name": "config", "configMap": {"name": rid.config_name}},
-            {"name": "work", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            *([{"name": "ca", "configMap": {"name": spec.storage.ca_bundle.name,
-                                            "items": [{"key": spec.storage.ca_bundle.key, "path": "ca.crt"}]}}]
-              if spec.storage.ca_bundle else []),
-        ] + [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-             for i, claim in enumerate(claims)],
+        "volumes": _volumes(spec, rid, claims),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": GRACE_SECONDS,
     }
@@ -323,20 +339,31 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         pod_spec["imagePullSecrets"] = [{"name": n} for n in rp.image_pull_secrets]
     if r.nodes > 1:
         pod_spec["subdomain"] = rid.service_name
+    return pod_spec
 
+
+def _failure_policy() -> dict[str, Any]:
+    return {"rules": [
+        # Preemption, eviction and node drain are not the trainer's fault: retry without counting.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                              "values": list(NON_RETRYABLE_EXIT_CODES + OOM_EXIT_CODES)}},
+    ]}
+
+
+def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
+        defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
+    r, rp = spec.resources, spec.run_policy
+    claims = volume_claims(spec)  # read-only: models and data are read in place, outputs go to S3
+    container = _container(spec, rid, cfg, placement, defaults, claims)
     extra = {KUEUE_QUEUE_LABEL: rp.queue_name} if rp.queue_name else None
     job_spec: dict[str, Any] = {
         "backoffLimit": rp.backoff_limit,
         "suspend": rp.suspend,
-        "podFailurePolicy": {"rules": [
-            # Preemption, eviction and node drain are not the trainer's fault: retry without counting.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                  "values": list(NON_RETRYABLE_EXIT_CODES + OOM_EXIT_CODES)}},
-        ]},
+        "podFailurePolicy": _failure_policy(),
         "template": {"metadata": {"labels": {**rid.labels(), **(extra or {})},
                                   **({"annotations": dict(r.pod_annotations)} if r.pod_annotations else {})},
-                     "spec": pod_spec},
+                     "spec": _pod_spec(spec, rid, container, placement, claims)},
     }
     if rp.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from kubetune.api.base import quantity_to_float
 from kubetune.api.v1alpha1 import FineTuneJobSpec, Toleration
@@ -84,6 +84,17 @@ def _slot_ok(slot: GpuSlot, spec: FineTuneJobSpec, gpus: int, single: bool) -> b
     return True
 
 
+class SizeOption(NamedTuple):
+    """One GPU size (and resource) that holds the job, and where it could run."""
+
+    memory_mib: int
+    resource: str
+    micro_batch_size: int
+    estimate_bytes: int
+    slots: list[tuple[FleetNode, GpuSlot]]  # the usable slots of this size
+    free_nodes: list[tuple[int, str]]  # (free GPUs, node) of the nodes that have enough free now, fewest first
+
+
 def place(
     spec: FineTuneJobSpec,
     fleet: list[FleetNode],
@@ -91,28 +102,32 @@ def place(
     max_batch: Callable[[int], int],
 ) -> Placement:
     r, t = spec.resources, spec.training
-    gpus, nodes_needed = r.gpus_per_node, r.nodes
     auto = t.micro_batch_size == "auto"
-    if gpus == 0:
-        mbs = 1 if auto else int(t.micro_batch_size)
+    min_mbs = 1 if auto else int(t.micro_batch_size)
+    if r.gpus_per_node == 0:
         return Placement(True, "CPUOnly", "runs on CPU (resources.gpusPerNode is 0); no GPU placement",
-                         micro_batch_size=mbs, estimate_bytes=price(mbs))
+                         micro_batch_size=min_mbs, estimate_bytes=price(min_mbs))
 
-    single = gpus == 1 and nodes_needed == 1
+    single = r.gpus_per_node == 1 and r.nodes == 1
     all_slots = [(n, s) for n in fleet for s in n.slots]
     largest = max((s.memory_mib for _, s in all_slots if not s.is_mig), default=None)
-    usable = [(n, s) for n, s in all_slots if eligible(n, spec) and _slot_ok(s, spec, gpus, single)]
+    usable = [(n, s) for n, s in all_slots if eligible(n, spec) and _slot_ok(s, spec, r.gpus_per_node, single)]
     if not usable:
-        why = _why_nothing_usable(spec, fleet, all_slots)
-        return Placement(False, "NoMatchingNodes", why, largest_gpu_mib=largest,
-                         micro_batch_size=1 if auto else int(t.micro_batch_size),
-                         estimate_bytes=price(1 if auto else int(t.micro_batch_size)))
+        return Placement(False, "NoMatchingNodes", _why_nothing_usable(spec, fleet, all_slots),
+                         largest_gpu_mib=largest, micro_batch_size=min_mbs, estimate_bytes=price(min_mbs))
+    options = size_options(spec, usable, price, max_batch)
+    if options:
+        return _placed(spec, usable, options, largest)
+    return _too_small(spec, usable, price(min_mbs), min_mbs, largest)
 
+
+def size_options(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], price: Callable[[int], int],
+                 max_batch: Callable[[int], int]) -> list[SizeOption]:
+    """Each usable GPU size that holds the job at its micro batch (auto: the largest that fits, up to
+    the cap) and has enough nodes, smallest first."""
+    r, t = spec.resources, spec.training
+    auto = t.micro_batch_size == "auto"
     cap_auto = auto_micro_batch_cap(spec)
-
-    sizes = sorted({s.memory_mib for _, s in usable})
-    min_mbs = 1 if auto else int(t.micro_batch_size)
-    smallest_need = price(min_mbs)
     options = []
     for size, resource in sorted({(s.memory_mib, s.resource) for _, s in usable}):
         capacity = size * MiB
@@ -123,49 +138,60 @@ def place(
         if required_bytes(est) > capacity:
             continue
         of_size = [(n, s) for n, s in usable if s.memory_mib == size and s.resource == resource]
-        if len({n.name for n, _ in of_size}) < nodes_needed:
+        if len({n.name for n, _ in of_size}) < r.nodes:
             continue  # not enough nodes of this size for a multi-node job; a bigger size may have them
-        free_nodes = sorted((s.free, n.name) for n, s in of_size if s.free >= gpus)
-        options.append((size, resource, mbs, est, of_size, free_nodes))
-    if options:
-        # The smallest size that can start now; if none can, the smallest whole-GPU size, whose
-        # required affinity (Gt) still lets the scheduler use any larger GPU that frees up. A MIG
-        # slice is a fixed resource request, so it is only chosen when one is free.
-        now = [o for o in options if len(o[5]) >= nodes_needed]
-        whole = [o for o in options if o[1] == GPU_RESOURCE]
-        size, resource, mbs, est, of_size, free_nodes = (now or whole or options)[0]
-        need = required_bytes(est)
-        need_mib = math.ceil(need / MiB)
-        if r.min_gpu_memory:
-            need_mib = max(need_mib, math.ceil(quantity_to_float(r.min_gpu_memory) / MiB))
-        # Best fit among nodes of that size: fewest free GPUs that still hold the job, then by name.
-        preferred = tuple(name for _, name in free_nodes)
-        candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
-        slot = of_size[0][1]
-        smallest = options[0]
-        msg = (f"needs {est / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro batch {mbs}; "
-               f"{'smallest GPU that fits' if (size, resource) == smallest[:2] else 'smallest GPU free now'}: "
-               f"{slot.product} ({size / 1024:.1f} GiB)")
-        if not preferred:
-            msg += f"; no {slot.product} has {gpus} free GPU(s) now, so the pod waits or runs on a larger GPU"
-        return Placement(
-            True, "Placed", msg, micro_batch_size=mbs, estimate_bytes=est, resource=resource,
-            gpu_product=slot.product, gpu_memory_mib=size, min_gpu_memory_mib=need_mib,
-            preferred_nodes=preferred, candidate_nodes=candidates if resource == GPU_RESOURCE else preferred,
-            largest_gpu_mib=largest,
-        )
+        free_nodes = sorted((s.free, n.name) for n, s in of_size if s.free >= r.gpus_per_node)
+        options.append(SizeOption(size, resource, mbs, est, of_size, free_nodes))
+    return options
 
-    biggest_usable = sizes[-1]
-    if nodes_needed > 1 and required_bytes(smallest_need) <= biggest_usable * MiB:
+
+def _placed(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], options: list[SizeOption],
+            largest: int | None) -> Placement:
+    # The smallest size that can start now; if none can, the smallest whole-GPU size, whose
+    # required affinity (Gt) still lets the scheduler use any larger GPU that frees up. A MIG
+    # slice is a fixed resource request, so it is only chosen when one is free.
+    r = spec.resources
+    now = [o for o in options if len(o.free_nodes) >= r.nodes]
+    whole = [o for o in options if o.resource == GPU_RESOURCE]
+    o = (now or whole or options)[0]
+    need = required_bytes(o.estimate_bytes)
+    need_mib = math.ceil(need / MiB)
+    if r.min_gpu_memory:
+        need_mib = max(need_mib, math.ceil(quantity_to_float(r.min_gpu_memory) / MiB))
+    # Best fit among nodes of that size: fewest free GPUs that still hold the job, then by name.
+    preferred = tuple(name for _, name in o.free_nodes)
+    candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
+    slot = o.slots[0][1]
+    smallest = options[0]
+    msg = (f"needs {o.estimate_bytes / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro "
+           f"batch {o.micro_batch_size}; "
+           f"{'smallest GPU that fits' if o[:2] == smallest[:2] else 'smallest GPU free now'}: "
+           f"{slot.product} ({o.memory_mib / 1024:.1f} GiB)")
+    if not preferred:
+        msg += f"; no {slot.product} has {r.gpus_per_node} free GPU(s) now, so the pod waits or runs on a larger GPU"
+    return Placement(
+        True, "Placed", msg, micro_batch_size=o.micro_batch_size, estimate_bytes=o.estimate_bytes,
+        resource=o.resource, gpu_product=slot.product, gpu_memory_mib=o.memory_mib, min_gpu_memory_mib=need_mib,
+        preferred_nodes=preferred, candidate_nodes=candidates if o.resource == GPU_RESOURCE else preferred,
+        largest_gpu_mib=largest,
+    )
+
+
+def _too_small(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], need: int, mbs: int,
+               largest: int | None) -> Placement:
+    """No usable size holds the job (``need`` bytes per GPU at micro batch ``mbs``), or not on enough nodes."""
+    r = spec.resources
+    biggest_usable = max(s.memory_mib for _, s in usable)
+    if r.nodes > 1 and required_bytes(need) <= biggest_usable * MiB:
         return Placement(False, "NotEnoughNodes",
-                         f"needs {nodes_needed} nodes with {gpus} GPU(s) of at least "
-                         f"{required_bytes(smallest_need) / GiB:.1f} GiB each; the cluster has fewer",
-                         micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest)
+                         f"needs {r.nodes} nodes with {r.gpus_per_node} GPU(s) of at least "
+                         f"{required_bytes(need) / GiB:.1f} GiB each; the cluster has fewer",
+                         micro_batch_size=mbs, estimate_bytes=need, largest_gpu_mib=largest)
     return Placement(
         False, "InsufficientGPUMemory",
-        f"needs {smallest_need / GiB:.1f} GiB per GPU ({required_bytes(smallest_need) / GiB:.1f} GiB with the 5% "
-        f"margin) at micro batch {min_mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
-        micro_batch_size=min_mbs, estimate_bytes=smallest_need, largest_gpu_mib=largest,
+        f"needs {need / GiB:.1f} GiB per GPU ({required_bytes(need) / GiB:.1f} GiB with the 5% "
+        f"margin) at micro batch {mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
+        micro_batch_size=mbs, estimate_bytes=need, largest_gpu_mib=largest,
     )
 
 

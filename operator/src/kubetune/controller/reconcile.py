@@ -48,7 +48,11 @@ from kubetune.controller.conditions import clip, set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
 from kubetune.errors import UsageError
-from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib
+from kubetune.estimator import Architecture, Estimate, estimate, fit_advice, max_micro_batch
+from kubetune.estimator.advice import Advice
+from kubetune.estimator.disk import work_dir_bytes
+from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib, whole_model_in_host
+from kubetune.plan import TrainingPlan, accumulation_steps, plan_from_spec
 
 TERMINAL = TERMINAL_PHASES
 
@@ -69,7 +73,7 @@ class Observed:
     # SecretNotFound (or a key), ConfigMapNotFound (caBundle), VolumeClaimNotFound (pvc:// URIs),
     # ServiceAccountNotFound.
     absent: dict[str, str] = field(default_factory=dict)
-    arch: Any = None  # estimator Architecture
+    arch: Architecture | None = None
     arch_error: str | None = None
     job: dict | None = None  # the current run's batch/v1 Job
     pods: list[dict] = field(default_factory=list)
@@ -95,21 +99,16 @@ class Outcome:
 @dataclass(frozen=True)
 class Decision:
     placement: Placement
-    estimate: Any  # estimator Estimate at the chosen micro batch
+    estimate: Estimate  # at the chosen micro batch
     resolved: Resolved | None
     advice: list[str]
     host_model_bytes: int = 0  # the whole model in host memory at once (estimator.host), and why
     host_why: str = ""
 
 
-def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrides: dict | None = None) -> Decision:
+def decide(spec: FineTuneJobSpec, arch: Architecture, fleet: list[FleetNode],
+           run_overrides: dict | None = None) -> Decision:
     """Estimate, place, resolve auto batch and accumulation; fit advice when nothing fits."""
-    from kubetune.estimator import estimate as estimate_fn
-    from kubetune.estimator import fit_advice, max_micro_batch
-    from kubetune.estimator.disk import work_dir_bytes
-    from kubetune.estimator.host import whole_model_in_host
-    from kubetune.plan import accumulation_steps, plan_from_spec
-
     if run_overrides:
         spec = apply_overrides(spec, run_overrides)
     nproc = max(1, spec.resources.total_gpus)
@@ -120,27 +119,26 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
         return accumulation_steps(spec, mbs, nproc)
 
     # priced with the accumulation it will run with: accumulated gradients live through the forward
-    def plan_for(mbs: int):
+    def plan_for(mbs: int) -> TrainingPlan:
         return plan_from_spec(spec, micro_batch_size=mbs, gradient_accumulation_steps=ga_for(mbs), num_processes=nproc)
 
     def price(mbs: int) -> int:
-        return estimate_fn(arch, plan_for(mbs)).total_bytes
+        return estimate(arch, plan_for(mbs)).total_bytes
 
     def max_batch(capacity: int) -> int:
         return max_micro_batch(arch, plan_for(1), capacity)
 
     p = place(spec, fleet, price, max_batch)
     mbs = p.micro_batch_size or 1
-    est = estimate_fn(arch, plan_for(mbs))
+    plan = plan_for(mbs)
+    est = estimate(arch, plan)
     if not p.fits:
         sizes = sorted({s.memory_mib for n in fleet for s in n.slots if not s.is_mig}) or [81920]
-        advice = [_advice_line(a, spec) for a in fit_advice(arch, plan_for(mbs), [m * 2**20 for m in sizes])][:5]
+        advice = [_advice_line(a, spec) for a in fit_advice(arch, plan, [m * 2**20 for m in sizes])][:5]
         return Decision(p, est, None, advice)
-    ga = ga_for(mbs)
-    plan = plan_for(mbs)
     resolved = Resolved(
         micro_batch_size=mbs,
-        gradient_accumulation_steps=ga,
+        gradient_accumulation_steps=ga_for(mbs),
         num_processes=nproc,
         sharding=plan.sharding,
         estimate_bytes=est.total_bytes,
@@ -150,7 +148,7 @@ def decide(spec: FineTuneJobSpec, arch: Any, fleet: list[FleetNode], run_overrid
     return Decision(p, est, resolved, [], *whole_model_in_host(spec, plan, est.total_params))
 
 
-def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
+def _without_advice(est: Estimate, fleet: list[FleetNode]) -> str:
     """fit_advice offers nothing when the job as written fits some GPU of the cluster (only its own
     constraints rule that GPU out), or when no nearby change fits any."""
     fits = sorted({(s.memory_mib, s.product) for n in fleet for s in n.slots if not s.is_mig
@@ -164,7 +162,7 @@ def _without_advice(est: Any, fleet: list[FleetNode]) -> str:
             f"a smaller model, shorter sequences or more GPUs")
 
 
-def _advice_line(a: Any, spec: FineTuneJobSpec) -> str:
+def _advice_line(a: Advice, spec: FineTuneJobSpec) -> str:
     line = f"{a.description} ({a.estimate.total_gib:.1f} GiB per GPU, fits {a.gpu_bytes / GiB:.0f} GiB GPUs"
     if need := advice_memory_floor_gib(spec, a):  # FSDP advice: rank 0 then reads the whole model into host memory
         line += f", with spec.resources.memory at least {need}Gi"
@@ -262,26 +260,21 @@ def _valid(b: _Builder) -> None:
 
 
 def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, overrides: dict | None) -> Outcome:
-    st, spec = b.status, obs.spec
+    spec = obs.spec
     assert spec is not None
     if obs.arch is None and spec.model.architecture is not None and not obs.absent:
         # an inline architecture that no estimate can use is the spec's fault: nothing to wait for
-        b.cond(VALIDATED, False, "InvalidSpec", f"{obs.arch_error}. Fix the spec and apply it again.", warn=True)
-        b.phase(FAILED)
-        return b.done()
-    if not _validate(b, obs):
+        return _invalid(b, str(obs.arch_error))
+    if not _validate(b, obs) or obs.arch is None:
         b.phase(PENDING)
         return b.done()
-
     try:
         d = decide(spec, obs.arch, obs.fleet, overrides)
     except (UsageError, ValueError) as e:
         # what the estimator refuses (a LoRA target the model does not have, an absurd architecture)
         # is a spec error like any other: say so, and wait for a fix
-        b.cond(VALIDATED, False, "InvalidSpec", f"{e}. Fix the spec and apply it again.", warn=True)
-        b.phase(FAILED)
-        return b.done()
-    st.estimate = d.estimate.to_status()
+        return _invalid(b, str(e))
+    b.status.estimate = d.estimate.to_status()
     if need := memory_floor_gib(spec, d.host_model_bytes):
         b.cond(VALIDATED, False, "InsufficientHostMemory",
                f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
@@ -291,15 +284,32 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         return b.done()  # a spec change re-triggers reconcile
     _valid(b)
     if not d.placement.fits:
-        advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, obs.fleet)
-        # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)
-        why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
-        msg = f"{d.placement.message}.{why} Options that fit: {advice}."
-        b.cond(SCHEDULED, False, d.placement.reason, msg, warn=True)
-        st.placement = PlacementStatus(message=clip(d.placement.message))
-        b.phase(UNSCHEDULABLE)
-        return b.done()  # node changes re-trigger reconcile
+        return _unschedulable(b, d, obs.fleet)
+    return _new_run(b, obs, spec, d, defaults, overrides)
 
+
+def _invalid(b: _Builder, error: str) -> Outcome:
+    b.cond(VALIDATED, False, "InvalidSpec", f"{error}. Fix the spec and apply it again.", warn=True)
+    b.phase(FAILED)
+    return b.done()
+
+
+def _unschedulable(b: _Builder, d: Decision, fleet: list[FleetNode]) -> Outcome:
+    advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, fleet)
+    # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)
+    why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
+    msg = f"{d.placement.message}.{why} Options that fit: {advice}."
+    b.cond(SCHEDULED, False, d.placement.reason, msg, warn=True)
+    b.status.placement = PlacementStatus(message=clip(d.placement.message))
+    b.phase(UNSCHEDULABLE)
+    return b.done()  # node changes re-trigger reconcile
+
+
+def _new_run(b: _Builder, obs: Observed, spec: FineTuneJobSpec, d: Decision, defaults: manifests.PodDefaults,
+             overrides: dict | None) -> Outcome:
+    """Run n+1: its children, a fresh run record, and conditions that say it started."""
+    st = b.status
+    assert d.resolved is not None
     run = (st.run or 0) + 1
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run)
     run_spec = apply_overrides(spec, overrides) if overrides else spec
@@ -332,9 +342,9 @@ def _suspended(b: _Builder, run: int) -> None:
 
 
 def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.PodDefaults) -> Outcome:
-    st, spec = b.status, obs.spec
+    """The active run as its Job and pods show it: finished, failed, suspended, or on its way."""
+    spec = obs.spec
     assert spec is not None
-    rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
     job = obs.job
     if job is None:
         # Deleted behind our back, or the create did not land before a restart: recreate the run's
@@ -345,42 +355,63 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
     jstat = job.get("status") or {}
     jconds = {c.get("type"): c for c in jstat.get("conditions") or [] if c.get("status") == "True"}
     term = _termination(obs.pods)
-
     if "Complete" in jconds:
-        st.result = term.result if term and term.result else st.result
-        if st.progress and st.progress.total_steps:
-            st.progress.step, st.progress.percent = st.progress.total_steps, "100%"
-        st.completion_time = b.now
-        run.completion_time, run.result, run.reason = b.now, st.result, (term.reason if term else "Completed")
-        b.cond(RUNNING, False, "Completed", f"run {run.run} finished")
-        b.cond(SUCCEEDED, True, term.reason if term else "Completed",
-               f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""))
-        b.phase(SUCCEEDED)
-        return b.done()
-
+        return _succeeded(b, run, term)
     if "Failed" in jconds:
         # Not FailureTarget: the Job controller is still terminating pods, whose termination
         # messages (OOM, bad data) decide the reason.
         return _failed(b, obs, run, jconds["Failed"], term, defaults)
 
-    patch = None
-    want_suspend = spec.run_policy.suspend
-    suspended = bool((job.get("spec") or {}).get("suspend"))
-    if want_suspend != suspended and not (spec.run_policy.queue_name and suspended and not want_suspend
-                                          and _kueue_holds(job)):
-        patch = {"spec": {"suspend": want_suspend}}
-        suspended = want_suspend
+    patch, suspended = _suspend_patch(spec, job)
     if suspended:
-        if want_suspend:
-            _suspended(b, run.run)
-        else:
-            b.cond(SCHEDULED, True, "Queued",
-                   f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
-            b.phase(PENDING)
+        _held(b, obs, spec, run)
         return b.done(job_patch=patch)
-    if any(c.type == SUSPENDED and c.status == "True" for c in st.conditions):
+    if any(c.type == SUSPENDED and c.status == "True" for c in b.status.conditions):
         b.cond(SUSPENDED, False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
+    _pod_progress(b, obs, run, term)
+    if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
+        b.events.append(("Normal", "SpecChangeQueued",
+                         f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
+    return b.done(job_patch=patch)
 
+
+def _succeeded(b: _Builder, run: RunRecord, term: TrainerTermination | None) -> Outcome:
+    st = b.status
+    st.result = term.result if term and term.result else st.result
+    if st.progress and st.progress.total_steps:
+        st.progress.step, st.progress.percent = st.progress.total_steps, "100%"
+    st.completion_time = b.now
+    run.completion_time, run.result, run.reason = b.now, st.result, (term.reason if term else "Completed")
+    b.cond(RUNNING, False, "Completed", f"run {run.run} finished")
+    b.cond(SUCCEEDED, True, term.reason if term else "Completed",
+           f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""))
+    b.phase(SUCCEEDED)
+    return b.done()
+
+
+def _suspend_patch(spec: FineTuneJobSpec, job: dict) -> tuple[dict | None, bool]:
+    """(the Job patch that makes it follow spec.runPolicy.suspend, or None; whether it is suspended after)."""
+    want = spec.run_policy.suspend
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    if want != suspended and not (spec.run_policy.queue_name and suspended and not want and _kueue_holds(job)):
+        return {"spec": {"suspend": want}}, want
+    return None, suspended
+
+
+def _held(b: _Builder, obs: Observed, spec: FineTuneJobSpec, run: RunRecord) -> None:
+    """A suspended Job: by the spec, or by Kueue until it admits the Job."""
+    if spec.run_policy.suspend:
+        _suspended(b, run.run)
+        return
+    rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
+    b.cond(SCHEDULED, True, "Queued",
+           f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
+    b.phase(PENDING)
+
+
+def _pod_progress(b: _Builder, obs: Observed, run: RunRecord, term: TrainerTermination | None) -> None:
+    """Running, preempted and waiting for its replacement, or waiting for its pod."""
+    st = b.status
     running = [p for p in obs.pods if (p.get("status") or {}).get("phase") == "Running"]
     if running:
         node = (running[0].get("spec") or {}).get("nodeName")
@@ -404,10 +435,6 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
         pulling = any(w["reason"] in IMAGE_PULL_FAILURES for _, _, w in _waiting(obs.pods))
         b.cond(RUNNING, False, "ImagePullFailed" if pulling else "PodPending", pending)
         b.phase(STARTING)
-    if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
-        b.events.append(("Normal", "SpecChangeQueued",
-                         f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
-    return b.done(job_patch=patch)
 
 
 # What the Running condition says the trainer is doing: loading a large model or uploading a merged
