@@ -16,11 +16,11 @@ from the Indexed Job's environment:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 from kubetune.api.constants import EXIT_CODES as EXIT
-from kubetune.api.constants import GRACE_SECONDS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,16 +29,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="never re-execute under `accelerate launch` (set automatically in launched workers)")
 
 
-def launch_command(config, config_path: str, env: dict[str, str] | None = None) -> list[str] | None:
+def launch_command(config, config_path: str, env: dict[str, str] | None = None, knobs=None) -> list[str] | None:
     """The `accelerate launch` command for a multi-process run, or None for a single process."""
+    from kubetune_trainer.knobs import Knobs
+
     env = dict(os.environ if env is None else env)
+    k = knobs or Knobs.from_env(env)
     nproc = config.resolved.num_processes
-    if nproc <= 1 or "LOCAL_RANK" in env or env.get("KUBETUNE_LAUNCHED") == "1":
+    if nproc <= 1 or "LOCAL_RANK" in env or k.launched:
         return None
-    nodes = int(env.get("KUBETUNE_NUM_NODES") or config.spec.resources.nodes)
-    rank = int(env.get("KUBETUNE_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
-    addr = env.get("KUBETUNE_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1"
-    port = env.get("KUBETUNE_MASTER_PORT") or env.get("MASTER_PORT") or "29500"
+    nodes = k.num_nodes or config.spec.resources.nodes
+    rank = k.node_rank or 0
+    addr = k.master_addr or "127.0.0.1"
+    port = k.master_port or "29500"
     # --multi_gpu always: accelerate only infers it from the local GPU count, so one GPU per pod on
     # several nodes would start independent single-process runs. On CPU (tests) it runs gloo.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
@@ -80,6 +83,7 @@ def supervise(cmd: list[str], env: dict[str, str]) -> int:
 def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.config import load_config
     from kubetune_trainer.errors import TrainerError
+    from kubetune_trainer.knobs import Knobs
     from kubetune_trainer.progress import log_event, write_termination
 
     def fail(reason: str, message: str, step=None) -> int:
@@ -90,16 +94,17 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        knobs = Knobs.from_env()
     except TrainerError as e:
         return fail(e.reason, e.message)
 
     if not args.no_launch:
-        cmd = launch_command(config, args.config)
+        cmd = launch_command(config, args.config, knobs=knobs)
         if cmd is not None:
             log_event("launch", command=" ".join(cmd))
             env = dict(os.environ, KUBETUNE_LAUNCHED="1")
-            # torchrun waits this long after forwarding SIGTERM before it kills the workers
-            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", env.get("KUBETUNE_GRACE_SECONDS", str(GRACE_SECONDS)))
+            # torchrun waits this long (whole seconds) after forwarding SIGTERM before it kills the workers
+            env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(knobs.grace_seconds)))
             return supervise(cmd, env)
 
     try:
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from kubetune_trainer.loop import train
 
     try:
-        outcome = train(config)
+        outcome = train(config, knobs=knobs)
     except TrainerError as e:
         return fail(e.reason, e.message)
     except torch.OutOfMemoryError as e:
