@@ -99,11 +99,15 @@ def test_simulation_key_leaves_out_only_what_the_trace_never_reads():
     base = plan_from_flags(method="qlora", micro_batch_size=2, seq_len=512, gradient_checkpointing=True)
     ev = ST.build_trace(a, base, autocast=True, tokens=1024)
     for other in (base.with_(gradient_accumulation_steps=8), base.with_(num_processes=8, sharding="fsdp"),
-                  base.with_(lora_alpha=7), base.with_(quant_type="fp4"), base.with_(micro_batch_size=9)):
+                  base.with_(lora_alpha=7), base.with_(quant_type="fp4"), base.with_(micro_batch_size=9),
+                  # the objective's sequences are in the tokens the trace is given
+                  base.with_(objective="orpo", sequences_per_example=2)):
         assert ST.build_trace(a, other, autocast=True, tokens=1024) == ev
     assert set(M._TRACE_FREE_FIELDS) <= {f.name for f in M.dataclasses.fields(base)}
     # and a field it reads changes it (the key is not too coarse)
     assert ST.build_trace(a, base.with_(lora_rank=64), autocast=True, tokens=1024) != ev
+    assert ST.build_trace(a, base.with_(objective="dpo", sequences_per_example=2, reference="implicit"), autocast=True,
+                          tokens=1024) != ev
 
 
 def test_new_shapes_reuse_the_simulation_across_accumulation_and_gpu_counts():

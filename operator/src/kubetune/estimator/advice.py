@@ -99,6 +99,7 @@ class Advice:
             "fits": self.gpu,
             "total_gib": round(self.estimate.total_gib, 3),
             "method": p.method,
+            "reference": p.reference,
             "micro_batch_size": p.micro_batch_size,
             "gradient_accumulation_steps": p.gradient_accumulation_steps,
             "gradient_checkpointing": p.gradient_checkpointing,
@@ -200,7 +201,7 @@ def fit_advice(
         if q is None:
             return
         key = (q.method, q.micro_batch_size, q.gradient_accumulation_steps, q.gradient_checkpointing,
-               q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer)
+               q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer, q.reference)
         if key in seen:
             return
         e = estimate(arch, q, allocator=allocator)
@@ -224,6 +225,8 @@ def fit_advice(
         add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
     if _offers_qlora(plan):
         add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
+    if plan.reference == "copy":  # no second model in GPU memory: log-probs from one pass before training
+        add("objective.reference precomputed instead of copy", plan.with_(reference="precomputed"), 1)
     for q in _more_gpus(arch, plan, sizes, margin, allocator):
         add(_gpus_label(plan, q), q, 1)
 

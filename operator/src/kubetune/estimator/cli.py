@@ -50,6 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--trainable-layers", metavar="K", help="freeze: top K blocks train (default 2)")
     f.add_argument("--train-embeddings", action="store_true", help="freeze: also train embeddings and the output head")
     f.add_argument("--virtual-tokens", metavar="N", help="prompt/prefix tuning: virtual tokens (default 20)")
+    f.add_argument("--objective", help=" | ".join(registry.OBJECTIVE_NAMES) + " (default sft). "
+                   f"{one_of(registry.objective_names(data='paired'))} put chosen and rejected through one forward: "
+                   "--batch-size counts examples, twice as many sequences")
+    f.add_argument("--reference",
+                   help=f"with --objective {one_of(registry.objective_names(reference=True))}: implicit (the base with "
+                        "the adapters off; the default for adapter methods) | copy (a frozen second model; the default "
+                        "for full and freeze) | precomputed (log-probs from a pass before training)")
     f.add_argument("--precision", help="bf16 (bf16 weights and AdamW states, default) | fp32-mixed | fp32")
     f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
     f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
@@ -161,7 +168,7 @@ def _load_model(arg: str):
 # ---- the two forms ---------------------------------------------------------------------------------
 
 
-_FLAG_ONLY = ("method", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant_bits",
+_FLAG_ONLY = ("method", "objective", "reference", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant_bits",
               "trainable_layers", "virtual_tokens", "precision", "optimizer", "gradient_accumulation_steps", "gpus", "sharding")
 
 
@@ -183,6 +190,18 @@ def _flag_plan(args: argparse.Namespace):
         only_with("trainable-layers" if args.trainable_layers is not None else "train-embeddings", settings="freeze")
     if args.virtual_tokens is not None and info.settings != "virtualTokens":
         only_with("virtual-tokens", settings="virtualTokens")
+    objective = _choice(args, "objective", registry.OBJECTIVE_NAMES, "sft")
+    reference = _choice(args, "reference", registry.REFERENCE_MODES, None)  # type: ignore[arg-type]
+    oinfo = registry.objective(objective)
+    if reference is not None and not oinfo.reference:
+        raise UsageError(f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
+                         f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
+    if reference == "implicit" and not info.adapter:
+        raise UsageError(f"--reference implicit: needs an adapter --method ({one_of(registry.method_names(adapter=True))}): "
+                         "it disables the adapters to get the base model; use copy or precomputed")
+    if args.packing and oinfo.data != "sft":
+        raise UsageError(f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
+                         "(preference objectives score each whole sequence on its own)")
     auto = str(args.batch_size).strip().lower() == "auto" if args.batch_size is not None else False
     if auto:
         mbs = 1
@@ -234,6 +253,8 @@ def _flag_plan(args: argparse.Namespace):
         gpus=gpus,
         sharding=sharding,
         gradient_accumulation_steps=_int(args, "gradient-accumulation-steps", 1, 1, 1 << 20),
+        objective=objective,
+        reference=reference,
     )
     return plan, auto
 
@@ -315,9 +336,13 @@ def _plan_line(plan) -> str:
         parts[0] += f" top {plan.trainable_layers}" + (" + embeddings" if plan.train_embeddings else "")
     if info.settings == "virtualTokens":
         parts[0] += f" {plan.virtual_tokens} tokens"
+    if plan.objective != "sft":
+        parts.append(plan.objective + (f", reference {plan.reference}" if plan.reference != "none" else ""))
     parts.append(f"weights {plan.weight_dtype}, trainable {plan.trainable_dtype}, compute {plan.compute_dtype}")
     parts.append(plan.optimizer)
-    parts.append(f"micro batch {plan.micro_batch_size} x {plan.seq_len} tokens"
+    seqs = plan.sequences_per_example
+    examples = f" examples ({plan.micro_batch_size * seqs} sequences)" if seqs > 1 else ""
+    parts.append(f"micro batch {plan.micro_batch_size}{examples} x {plan.seq_len} tokens"
                  + (f" x {plan.gradient_accumulation_steps} accumulation" if plan.gradient_accumulation_steps > 1 else ""))
     parts.append(f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
     parts.append(f"fused CE {'on' if plan.fused_cross_entropy else 'off'}")

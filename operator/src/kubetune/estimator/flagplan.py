@@ -14,6 +14,9 @@ instead describes a run of the stack most tutorials use, the one shared/calibrat
   ``weight_dtype="fp32"`` (the dtype of the non-quantized parts).
 - cross-entropy unfused (transformers' ``ForCausalLMLoss``) unless ``fused_cross_entropy`` is asked for
   (liger-kernel's fused linear cross-entropy); gradient checkpointing off unless asked for.
+- ``objective`` (sft by default) and its ``reference``, as kubetune's trainer runs them (docs/estimator.md
+  "Objectives"): the flag form and ``-f`` price a preference objective alike; the defaults are the API's
+  (``TrainingObjective.effective_reference``).
 """
 from __future__ import annotations
 
@@ -50,11 +53,14 @@ def plan_from_flags(
     gpus: int = 1,
     sharding: str | None = None,
     gradient_accumulation_steps: int = 1,
+    objective: str = "sft",
+    reference: str | None = None,
 ) -> TrainingPlan:
     """The plan of a plain HF Trainer + PEFT run with these settings (see the module docstring)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}")
     info = registry.method(method)
+    obj = _objective(method, objective, reference, packing)
     if precision == "bf16":
         weight = trainable = compute = "bf16"
     elif precision == "fp32-mixed":
@@ -98,5 +104,30 @@ def plan_from_flags(
         num_processes=nproc,
         sharding=shard,  # type: ignore[arg-type]  # zero2 / zero3 are estimator-only strategies
         adapter_dtype="fp32",
+        objective=objective,
+        sequences_per_example=registry.objective(objective).sequences_per_example,
+        reference=obj.effective_reference(method),  # type: ignore[arg-type]
         **kw,
     )
+
+
+def _objective(method: str, objective: str, reference: str | None, packing: bool):
+    """The objective as the API would take it (the same rules, the same defaults)."""
+    from kubetune.api.base import one_of
+    from kubetune.api.v1alpha1 import TrainingObjective
+
+    if objective not in registry.OBJECTIVE_NAMES:
+        raise ValueError(f"objective must be one of {', '.join(registry.OBJECTIVE_NAMES)}")
+    info = registry.objective(objective)
+    if reference is not None:
+        if reference not in registry.REFERENCE_MODES:
+            raise ValueError(f"reference must be one of {', '.join(registry.REFERENCE_MODES)}")
+        if not info.reference:
+            raise ValueError(f"reference: only valid with objective {one_of(registry.objective_names(reference=True))} "
+                             f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
+        if reference == "implicit" and not registry.method(method).adapter:
+            raise ValueError(f"reference implicit needs an adapter method ({one_of(registry.method_names(adapter=True))}): "
+                             "it disables the adapters to get the base model")
+    if packing and info.data != "sft":
+        raise ValueError(f"packing: only valid with objective {one_of(registry.objective_names(data='sft'))}")
+    return TrainingObjective.model_construct(type=objective, reference=reference)

@@ -64,6 +64,10 @@ BNB_8BIT_STATE = 2 + 2 * 4 / 256  # two uint8 states + fp32 absmax per 256-block
 NF4_BYTES_DQ = 0.5 + 1 / 64 + 4 / (64 * 256)
 NF4_BYTES = 0.5 + 4 / 64
 INT8_BYTES = 1.0
+# The reference forward of a preference objective (no grad) turns each logit into its log-probability: the
+# logits in the compute dtype, their fp32 copy and the fp32 log-softmax are alive together, 8 bytes + the compute
+# dtype's per logit (over all tokens unfused, over one chunk of the fused head).
+REF_LOGIT_FP32_BYTES = 8
 # Safety margin: a plan fits a GPU when its estimate is at most (1 - margin) x the GPU's memory; the
 # estimator is calibrated to be at most 5% under the measured device memory.
 DEFAULT_MARGIN = 0.05
@@ -80,7 +84,7 @@ class Estimate:
     trainable_params: int
     micro_batch_size: int
     seq_len: int
-    phase: str = "loss"  # which moment of the step is the peak: loss | backward | optimizer
+    phase: str = "loss"  # which moment of the step is the peak: loss | backward | optimizer | reference forward
     # what torch.cuda.max_memory_allocated reports (the physics), and what the caching allocator reserves
     # (max_memory_reserved: allocated + the simulated fragmentation); the total adds the CUDA context
     allocated_bytes: int = 0
@@ -416,8 +420,9 @@ _PLAN_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingPlan) if f.n
 # The fields the generated step trace (steptrace.build_trace, _ctx_for, _block_bytes) does not read: the
 # simulation is keyed without them, so the plans a batch search or fit_advice tries (accumulation steps,
 # GPU counts, sharding) share one simulation. steptrace's test checks the trace is the same across them.
+# (the objective's sequences per example are in the trace's tokens, which are passed apart)
 _TRACE_FREE_FIELDS = ("micro_batch_size", "gradient_accumulation_steps", "num_processes", "sharding", "lora_alpha",
-                      "quant_type", "embedding_states_32bit")
+                      "quant_type", "embedding_states_32bit", "objective", "sequences_per_example")
 _TRACE_KEY_FIELDS = tuple(f for f in _PLAN_KEY_FIELDS if f not in _TRACE_FREE_FIELDS)
 # attrgetter builds the keys in C: a list of getattr calls was a tenth of a cold estimate
 _plan_key = attrgetter(*_PLAN_KEY_FIELDS)
@@ -515,6 +520,14 @@ class _Prepared:
     load_weights: int = 0
     load_adapters: int = 0
     load_unit: int = 0
+    # the objective (docs/estimator.md "Objectives"): sequences each example puts through the forward (chosen and
+    # rejected: 2), a frozen reference copy of the weights, and the no-grad reference forward before the policy's
+    seqs: int = 1
+    ref_weights: int = 0
+    ref_forward: bool = False
+    resid: int = 0  # the residual stream, per token: a block's input and output in the reference forward
+    ref_block: int = 0  # one frozen block's activations, per token (the reference forward holds one at a time)
+    ref_logit_bytes: int = 0  # bytes per logit while the reference's log-probs are taken
 
 
 def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
@@ -529,6 +542,10 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     notes: list[str] = []
     if arch.approximate:
         notes.append(f"model_type {arch.model_type!r} is not modelled exactly: priced as a llama-style decoder")
+    seqs = max(1, plan.sequences_per_example)
+    if seqs > 1:
+        notes.append(f"objective {plan.objective}: each example puts {seqs} sequences (chosen and rejected) through "
+                     f"one forward, so a micro batch of b examples is {seqs}b sequences")
 
     # ---- weights
     if info.quantized:
@@ -599,6 +616,8 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         # being wrapped; other methods load in host memory and reach the GPU a unit at a time
         load_weights, load_adapters = int(weights_whole), adapter_params * t
         load_unit = int(arch.largest_block_params * 0.55) * w
+        if plan.reference == "copy":  # the reference copy is loaded the same way
+            load_weights *= 2
 
     # ---- autocast weight copies (fp32 weights, bf16 compute)
     copies_loss = copies_block = 0
@@ -669,6 +688,21 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         logits_pt = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
     extra_tokens = _virtual_tokens(plan, "input")
     mask = 1 if _explicit_mask(arch, plan) else 0  # bool: one byte per (query, key) pair
+
+    # ---- the reference model (dpo, kto): a frozen copy of the weights (copy) and/or a no-grad forward (implicit,
+    # copy) over the same sequences before the policy's; precomputed has neither in the step
+    ref_weights = weights if plan.reference == "copy" else 0  # the same dtype, quantization and sharding
+    if ref_weights:
+        notes.append(f"reference copy: a frozen second copy of the model weights ({ref_weights / GIB:.1f} GiB per GPU)")
+    ref_forward = plan.reference in ("implicit", "copy")
+    resid = ref_block = ref_logit = 0
+    if ref_forward:
+        resid = _ckpt_bytes(arch, x_any)
+        for _, blk in arch.blocks:  # frozen, adapters off (implicit) or none (copy)
+            xr = dataclasses.replace(_ctx_for(arch, plan, blk, False, autocast), adapted=(), dropout=False, rank=0,
+                                     moe_lora=False)
+            ref_block = max(ref_block, _block_bytes(arch, blk, xr))
+        ref_logit = c + REF_LOGIT_FP32_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)
     return _Prepared(
         weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
         grads_early=grads_early, optimizer=int(optimizer), tied_accum=tied_accum, comm_static=comm_static, comm_transient=comm_transient,
@@ -677,16 +711,19 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         fused=plan.fused_cross_entropy, extra_tokens=extra_tokens, mask_per_s2=mask,
         trainable_params=reported, notes=tuple(notes),
         load_weights=load_weights, load_adapters=load_adapters, load_unit=load_unit,
+        seqs=seqs, ref_weights=ref_weights, ref_forward=ref_forward, resid=resid, ref_block=ref_block,
+        ref_logit_bytes=ref_logit,
     )
 
 
 def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool, allocator: str) -> Estimate:
     b = max(1, plan.micro_batch_size)
     s = plan.seq_len + p.extra_tokens
-    tok = b * s
+    seqs = b * p.seqs  # sequences in one forward: chosen and rejected of every example for a paired objective
+    tok = seqs * s
     gc = plan.gradient_checkpointing
     nv = _virtual_tokens(plan, "kv")
-    mask = p.mask_per_s2 * b * s * (s + nv)
+    mask = p.mask_per_s2 * seqs * s * (s + nv)
 
     # cross-entropy buffers at the loss
     if p.fused:
@@ -700,33 +737,39 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool
     block = p.act_block * tok
     bwd = p.bwd_transient * tok
 
-    moments = (
+    moments = [
         # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
-        ("loss", p.grads_early, acts_all + ce, p.copies_loss),
+        ("loss", p.grads_early, acts_all + ce, p.copies_loss, ce),
         # top of the backward: checkpoints, one recomputed block, its transients
-        ("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd, p.copies_loss if not gc else p.copies_block),
+        ("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd, p.copies_loss if not gc else p.copies_block, 0),
         # bottom of the backward: (nearly) every gradient, one block
-        ("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block),
-        ("optimizer", p.grads, 0, 0),
+        ("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block, 0),
+        ("optimizer", p.grads, 0, 0, 0),
         # end of the backward with tied embeddings (see tied_accum)
-        ("backward", p.grads + p.tied_accum, 0, 0),
-    )
+        ("backward", p.grads + p.tied_accum, 0, 0, 0),
+    ]
+    if p.ref_forward:
+        # the no-grad reference forward before the policy's: a block's input and output and one block's activations
+        # at a time, then the log-probs of the logits (all of them unfused, a chunk of them fused); all freed before
+        # the policy forward, which then starts from the same memory as without it
+        ref_logits = p.ref_logit_bytes * arch.vocab_size * (chunk if p.fused else tok)
+        moments.append(("reference forward", p.grads_early, (2 * p.resid + p.ref_block) * tok + mask + ref_logits, 0,
+                        ref_logits))
     best = None
-    for name, g, act, cp in moments:
+    for name, g, act, cp, lg in moments:
         tot = g + act + cp + (p.comm_transient if name != "optimizer" else 0)
         if best is None or tot > best[0]:
-            best = (tot, name, g, act, cp)
+            best = (tot, name, g, act, cp, lg)
     assert best is not None
-    _, phase, grads, act, copies = best
+    _, phase, grads, act, copies, logits_part = best
 
     # allocator fragmentation: what the caching-allocator simulator reserves beyond the allocated peak when it
     # replays this plan's step
-    frag = _reserved_gap(arch, plan, autocast, b, s, allocator)
+    frag = _reserved_gap(arch, plan, autocast, b, s * p.seqs, allocator)
     overhead = int(CUDA_CONTEXT + MISC + frag)
-    logits_part = ce if phase == "loss" else 0
     act_part = act - logits_part
     breakdown = {
-        "weights": int(p.weights),
+        "weights": int(p.weights + p.ref_weights),
         "gradients": int(grads),
         "optimizer": int(p.optimizer),
         "adapters": int(p.adapters),

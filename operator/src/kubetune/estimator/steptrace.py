@@ -12,7 +12,10 @@ log-softmax; the Trainer drops the logits before the backward), the backward (lo
 size, then per block from the top: the recomputed saved set, the gradient transients, the parameter
 gradients of full fine-tunes, which stay), the optimizer step (AdamW states on the first step) and
 zero_grad(set_to_none) freeing every gradient. Two steps are replayed, the peaks taken over both, as
-torch's are over a whole run. Tensors are grouped: what matters to the allocator is the sizes and
+torch's are over a whole run. A preference objective's reference model adds a frozen copy of the weights
+(reference copy) and, before each policy forward, a no-grad reference forward over the same tokens (implicit and
+copy): per block the frozen saved set made and freed, then the log-probs of the logits; the caller's ``tokens``
+already count chosen and rejected. Tensors are grouped: what matters to the allocator is the sizes and
 lifetimes of the large ones, and each group has the size of the tensors it stands for.
 
 Checked against recorded traces replayed in the same simulator (benchmarks/estimator_calibration.py).
@@ -98,19 +101,25 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
         per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else (M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES)
     else:
         per_q = w
-    tr.a(arch.embed_params * w)
     lin_sizes = [m.d_in * m.d_out for m in blk.linears]
-    for _ in range(L):
-        for n in lin_sizes:
-            tr.a(n * per_q)
-        tr.a(max(1, blk.other_params - blk.expert_params) * w)
-        if blk.expert_params:
-            for _ in range(2):
-                tr.a(blk.expert_params / 2 * w)
-    if extra:
-        tr.a(extra * (sum(lin_sizes) * per_q + blk.other_params * w))
-    if arch.lm_head_params:
-        tr.a(arch.lm_head_params * w)
+
+    def load_weights() -> None:
+        tr.a(arch.embed_params * w)
+        for _ in range(L):
+            for n in lin_sizes:
+                tr.a(n * per_q)
+            tr.a(max(1, blk.other_params - blk.expert_params) * w)
+            if blk.expert_params:
+                for _ in range(2):
+                    tr.a(blk.expert_params / 2 * w)
+        if extra:
+            tr.a(extra * (sum(lin_sizes) * per_q + blk.other_params * w))
+        if arch.lm_head_params:
+            tr.a(arch.lm_head_params * w)
+
+    load_weights()
+    if plan.reference == "copy":
+        load_weights()  # the frozen reference model: the same tensors again, never freed
     adapters = []
     for cnt, m in adapted:
         for _ in range(min(cnt, L)):
@@ -150,11 +159,20 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
         wide_parts = [wide / _MOE_EXPERT_SPLIT] * (n_wide * _MOE_EXPERT_SPLIT)
     else:
         wide_parts = [wide] * n_wide
-    rest = saved - sum(wide_parts)
-    if rest < 0:
-        wide_parts, rest = [saved], 0
-    # attention and norms: h-wide tensors; the fp32 norm copies are twice as wide
-    saved_parts = _split(rest, narrow) + wide_parts
+
+    def parts(saved: float) -> list[float]:
+        # attention and norms: h-wide tensors; the fp32 norm copies are twice as wide
+        rest = saved - sum(wide_parts)
+        if rest < 0:
+            return [saved]
+        return _split(rest, narrow) + wide_parts
+
+    saved_parts = parts(saved)
+    ref_forward = plan.reference in ("implicit", "copy")
+    if ref_forward:  # a frozen block, adapters off (implicit) or none (copy)
+        xr = M.dataclasses.replace(M._ctx_for(arch, plan, blk, False, autocast), adapted=(), dropout=False, rank=0,
+                                   moe_lora=False)
+        ref_parts = parts(M._block_bytes(arch, blk, xr) * tok)
     # transients of the forward: fp32 copies inside each RMSNorm, and peft's fp32 copy of the input of
     # each adapted group (cast back for lora_A under autocast)
     norm_tmp = [4 * h * tok, 4 * h * tok]
@@ -190,10 +208,38 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
     # ---- loss sizes
     fused = plan.fused_cross_entropy
     logits = tok * V
+    chunk = min(tok, 1 << max(0, (-(-tok // max(1, -(-V // h))) - 1).bit_length()))
+
+    def reference_forward() -> int:
+        """The no-grad reference forward: one block's tensors at a time, the log-probs of the logits (a chunk at a
+        time fused); all freed but the per-sequence log-probs it returns."""
+        h0 = tr.a(hid)
+        ref_dq = max(1, -(-len(dequant) // max(1, len(ref_parts))))
+        for _ in range(L):
+            for n in norm_tmp:
+                tr.tmp(n)
+            ids = []
+            for j, n in enumerate(ref_parts):
+                for dq in dequant[j * ref_dq:(j + 1) * ref_dq]:
+                    tr.tmp(dq)
+                ids.append(tr.a(n))
+            h1 = tr.a(hid)
+            for j in ids:
+                tr.f(j)
+            tr.f(h0)
+            h0 = h1
+        fp32 = M.REF_LOGIT_FP32_BYTES // 2
+        for _ in range(max(1, -(-tok // chunk)) if fused else 1):
+            n = chunk if fused else tok
+            tr.tmp(n * V * c, n * V * fp32, n * V * fp32)  # logits, their fp32 copy, the log-softmax
+        tr.f(h0)
+        return tr.a(4 * tok)  # per-token log-probs, summed per sequence (a small tensor)
     grads: list[int] = []
     states: list[int] = []
     for step in range(steps):
         inputs = [tr.a(8 * tok) for _ in range(3)]
+        if ref_forward:
+            inputs.append(reference_forward())
         ckpts: list[int] = []
         acts: list[list[int]] = []
         hcur = tr.a(hid)  # embedding output
@@ -207,7 +253,6 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
                 tr.f(prev)  # the saved set holds what the backward needs
         head_saved = [tr.a(4 * h * tok), tr.a(narrow)]
         if fused:
-            chunk = min(tok, 1 << max(0, (-(-tok // max(1, -(-V // h))) - 1).bit_length()))
             gh = tr.a(narrow)  # liger computes the hidden state's gradient in the forward
             for _ in range(max(1, -(-tok // chunk))):
                 tr.tmp(2 * chunk * V * c, chunk * V * 4)
