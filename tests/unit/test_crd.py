@@ -96,7 +96,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yam
 def test_all_required_examples_exist():
     names = {p.name for p in EXAMPLES}
     assert {"quickstart.yaml", "lora-8b.yaml", "qlora-8b.yaml", "full-1b.yaml", "multi-gpu-70b.yaml",
-            "too-big.yaml"} <= names
+            "too-big.yaml", "dpo-8b.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -274,7 +274,7 @@ ACCUMULATING = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.parametrize("name", ["full-1b", "lora-8b", "multi-gpu-70b", "too-big", "accumulating"])
+@pytest.mark.parametrize("name", ["full-1b", "lora-8b", "multi-gpu-70b", "too-big", "accumulating", "dpo-8b"])
 def test_estimate_f_prices_a_job_as_the_operator_does(name, capsys, tmp_path):
     """`kubetune estimate -f` and the operator's status estimate are one rule: the same bytes for a job
     with a fixed micro batch, its effectiveBatchSize turned into the same accumulation (accumulating:
