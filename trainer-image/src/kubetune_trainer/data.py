@@ -1,5 +1,5 @@
-"""Training data: JSON Lines (or Parquet, a row per line) in three formats, validated line by line,
-tokenized, optionally packed.
+"""Training data: JSON Lines (or Parquet, a row per line), validated line by line, tokenized, optionally
+packed. Supervised fine-tuning reads three formats:
 
 - alpaca: {"instruction": str, "input": str?, "output": str}; the prompt is the Alpaca template.
 - chat:   {"messages": [{"role": "system|user|assistant|tool", "content": str}, ...]}, rendered with the
@@ -7,6 +7,14 @@ tokenized, optionally packed.
           str}, ...], "system"?: str}, which is read as the same messages.
 - text:   {"text": str}
 For alpaca and chat only response (assistant) tokens count in the loss.
+
+Preference objectives read two more (tokenized in kubetune_trainer.objectives.prefdata):
+
+- preference: {"prompt", "chosen", "rejected"} (DPO, ORPO, SimPO), each text or a list of chat messages.
+- kto:        {"prompt", "completion", "label": bool} (KTO: one completion, desirable or not).
+Text throughout is used as it is; if any field is a message list the record is a chat: a text prompt
+becomes one user message, a text response one assistant message, and a response that repeats the
+prompt's messages first (UltraFeedback's layout) has them removed.
 
 Labels are shifted per example here (``labels[t]`` is the token to predict after ``input_ids[t]``, or
 -100), so a packed sequence never learns to predict one example's first token from the previous one.
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from kubetune.api import registry as api_registry
 from kubetune.api.constants import IGNORE_INDEX
 from kubetune_trainer.errors import BadConfig, BadData
 
@@ -188,16 +197,37 @@ def pick_split(files: list[str], split: str) -> list[str]:
 # parsing and validation
 
 
-def detect_format(obj) -> str | None:
+SFT_FORMATS = ("alpaca", "chat", "text")
+# the keys that tell a format apart, in the order auto tries them (SFT's first, as before preference data)
+FORMAT_KEYS = {"chat": (("messages",), ("conversations",)), "alpaca": (("instruction", "output"),),
+               "text": (("text",),), "preference": (("prompt", "chosen", "rejected"),),
+               "kto": (("prompt", "completion", "label"),)}
+FORMAT_DATA = {"preference": "paired", "kto": "unpaired"}  # registry ObjectiveInfo.data; the others: sft
+
+
+def detect_format(obj, formats: tuple[str, ...] = SFT_FORMATS) -> str | None:
+    """The first of ``formats`` whose keys the record has. A UltraFeedback line has messages as well as
+    prompt, chosen and rejected: SFT reads it as chat, a preference objective as preference."""
     if not isinstance(obj, dict):
         return None
-    if "messages" in obj or "conversations" in obj:
-        return "chat"
-    if "instruction" in obj and "output" in obj:
-        return "alpaca"
-    if "text" in obj:
-        return "text"
+    for fmt, key_sets in FORMAT_KEYS.items():
+        if fmt in formats and any(all(k in obj for k in keys) for keys in key_sets):
+            return fmt
     return None
+
+
+def _undetected(obj, formats: tuple[str, ...]) -> str:
+    if formats == SFT_FORMATS:  # SFT's message, word for word
+        msg = ("cannot detect the format from the first line: expected keys "
+               "instruction+output (alpaca), messages or conversations (chat) or text (text)")
+    else:
+        expected = " or ".join(f"{' or '.join('+'.join(k) for k in FORMAT_KEYS[f])} ({f})" for f in formats)
+        msg = f"cannot detect the format from the first line: expected keys {expected}"
+    other = detect_format(obj, tuple(FORMAT_KEYS))
+    if other is not None and other not in formats:
+        readers = api_registry.objective_names(data=FORMAT_DATA.get(other, "sft"))
+        msg += f"; it looks like {other} data, which objective {' or '.join(readers)} reads (spec.objective.type)"
+    return msg
 
 
 def check_record(obj, fmt: str) -> str | None:
@@ -228,7 +258,67 @@ def check_record(obj, fmt: str) -> str | None:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             return "field 'text' must be a non-empty string"
         return None
+    if fmt in ("preference", "kto"):
+        got = preference_record(obj, fmt)
+        return got if isinstance(got, str) else None
     raise BadConfig(f"unknown dataset format {fmt!r}")
+
+
+RESPONSES = {"preference": ("chosen", "rejected"), "kto": ("completion",)}
+
+
+def preference_record(obj: dict, fmt: str) -> dict | str:
+    """A preference or kto line as {prompt, <responses>[, label]}, all text or all chat messages (the
+    prompt's messages removed from the front of each response); or what is wrong with it."""
+    responses = RESPONSES[fmt]
+    for k in ("prompt", *responses) + (("label",) if fmt == "kto" else ()):
+        if k not in obj:
+            return f"missing field {k!r} ({fmt} lines need {', '.join(FORMAT_KEYS[fmt][0])})"
+    if fmt == "kto" and not isinstance(obj["label"], bool):
+        return f"field 'label' must be true (desirable) or false (undesirable), got {obj['label']!r}"[:200]
+    for k in ("prompt", *responses):
+        v = obj[k]
+        if not isinstance(v, (str, list)):
+            return f"field {k!r} must be text or a list of chat messages {{role, content}}, got {type(v).__name__}"
+        if isinstance(v, list) and not v and k != "prompt":
+            return f"field {k!r} is an empty list (it needs the response's assistant message)"
+        if isinstance(v, list) and (problem := _check_messages(v, k)):
+            return problem
+    out = {"label": obj["label"]} if fmt == "kto" else {}
+    if all(isinstance(obj[k], str) for k in ("prompt", *responses)):
+        for k in responses:
+            if not obj[k].strip():
+                return f"field {k!r} is empty"
+        return {"prompt": obj["prompt"], **{k: obj[k] for k in responses}, **out}
+    p = obj["prompt"]
+    prompt = p if isinstance(p, list) else ([{"role": "user", "content": p}] if p else [])
+    out["prompt"] = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    for k in responses:
+        r = obj[k]
+        msgs = [{"role": "assistant", "content": r}] if isinstance(r, str) else [
+            {"role": m["role"], "content": m["content"]} for m in r]
+        if prompt and msgs[:len(prompt)] == out["prompt"]:
+            msgs = msgs[len(prompt):]
+        if not msgs:
+            return f"field {k!r} holds only the prompt's messages: no response"
+        if msgs[0]["role"] != "assistant":
+            return (f"field {k!r} must continue the prompt with an assistant message "
+                    f"(its first message after the prompt has role {msgs[0]['role']!r})")
+        if isinstance(r, str) and not r.strip():
+            return f"field {k!r} is empty"
+        out[k] = msgs
+    return out
+
+
+def _check_messages(turns: list, field: str) -> str | None:
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict):
+            return f"{field}[{i}] must be an object with role and content"
+        if m.get("role") not in ROLES:
+            return f"{field}[{i}].role must be one of {', '.join(ROLES)} (got {m.get('role')!r})"[:200]
+        if not isinstance(m.get("content"), str):
+            return f"{field}[{i}].content must be a string"
+    return None
 
 
 def _check_sharegpt(obj: dict) -> str | None:
@@ -262,8 +352,22 @@ def as_messages(obj: dict) -> dict:
     return {"messages": msgs}
 
 
-def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stats: DataStats) -> tuple[list[dict], str]:
-    """Parse and validate every line (or Parquet row). Returns the records and the (detected) format."""
+def as_record(obj: dict, fmt: str) -> dict:
+    """A valid line as the tokenizer reads it."""
+    if fmt == "chat":
+        return as_messages(obj)
+    if fmt in RESPONSES:
+        return preference_record(obj, fmt)
+    return obj
+
+
+def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stats: DataStats,
+                 formats: tuple[str, ...] = SFT_FORMATS) -> tuple[list[dict], str]:
+    """Parse and validate every line (or Parquet row). Returns the records and the (detected) format.
+    ``formats``: what the objective reads (Objective.formats()); auto detects among them."""
+    if fmt != "auto" and fmt not in formats:
+        raise BadConfig(f"dataset.format {fmt} is not a format this objective reads: "
+                        + " or ".join(f"{f} ({'+'.join(FORMAT_KEYS[f][0])})" for f in formats))
     records: list[dict] = []
     bad: list[tuple[str, str, str]] = []
     bad_count = 0
@@ -274,10 +378,9 @@ def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stat
             stats.lines += 1
             if problem is None:
                 if fmt == "auto":
-                    detected = detect_format(obj)
+                    detected = detect_format(obj, formats)
                     if detected is None:
-                        problem = ("cannot detect the format from the first line: expected keys "
-                                   "instruction+output (alpaca), messages or conversations (chat) or text (text)")
+                        problem = _undetected(obj, formats)
                     else:
                         fmt = detected
                 if problem is None:
@@ -287,7 +390,7 @@ def read_records(files: list[tuple[str, Path]], fmt: str, on_bad_line: str, stat
                 if len(bad) < MAX_REPORTED:
                     bad.append((name, where, problem))
                 continue
-            records.append(as_messages(obj) if fmt == "chat" else obj)
+            records.append(as_record(obj, fmt))
     if bad_count and on_bad_line == "fail":
         raise BadData(_bad_message(bad, bad_count))
     if bad_count:
@@ -493,6 +596,14 @@ def collate(batch: list[Example], pad_id: int, pad_to: int | None = None):
     return out
 
 
+def void(e):
+    """A copy of an example that adds nothing to the loss or the count, for a rank with no example
+    of its own in a batch: SFT's with every label masked; a preference example marks itself."""
+    if hasattr(e, "void"):
+        return e.void()
+    return Example(e.input_ids, [IGNORE] * len(e), e.position_ids)
+
+
 class Schedule:
     """Which examples make up each micro batch, as a pure function of the micro-batch index.
 
@@ -540,9 +651,8 @@ class Schedule:
         if idx:
             return [examples[i] for i in idx]
         # Every rank must still run the forward and backward (the gradient all-reduce waits for it):
-        # one example with every label masked adds nothing to the loss or the label count.
-        e = examples[self._chunk(m)[0]]
-        return [Example(e.input_ids, [IGNORE] * len(e), e.position_ids)]
+        # one example that adds nothing to the loss or the count.
+        return [void(examples[self._chunk(m)[0]])]
 
     def epoch_of(self, m: int) -> float:
         return m / self.per_epoch
