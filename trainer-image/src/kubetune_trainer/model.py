@@ -488,10 +488,15 @@ class LossHead:
     mode "fused": the output head computes the loss from hidden states (Liger on CUDA, chunked torch
     on CPU); "logits": the head computes full logits and the loss is taken from them (fusedCrossEntropy
     off, an adapted head, or models that transform logits after the head, e.g. soft-capping).
+
+    Under ``computing_sequence_nll(labels)`` the loss is instead a [rows] tensor: each row's summed
+    token NLL over its labelled tokens (preference objectives need one log-prob per sequence), still
+    without an [rows, tokens, vocab] logits tensor in fused mode.
     """
 
     def __init__(self, model, base_model, fused: bool, device: torch.device, impl: str | None = None):
         self.labels: torch.Tensor | None = None
+        self.per_sequence = False  # loss_from gives [rows] summed NLL instead of one sum
         self.head = base_model.get_output_embeddings()
         softcap = getattr(base_model.config, "final_logit_softcapping", None)
         plain = type(self.head) is torch.nn.Linear
@@ -499,6 +504,7 @@ class LossHead:
         impl = impl or os.environ.get("KUBETUNE_FUSED_CE_IMPL") or ("liger" if liger_on(device.type == "cuda") else "torch")
         self.impl = impl if self.mode == "fused" else "none"
         self._liger = None
+        self._liger_tokens = None  # reduction="none", for computing_sequence_nll; made on first use
         if self.impl == "liger":
             try:
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -520,6 +526,8 @@ class LossHead:
     def _fused_forward(self, hidden):
         if self.labels is None:
             return self._orig(hidden)
+        if self.per_sequence:
+            return self._sequence_nll_fused(hidden)
         y = self._labels_for(hidden.shape[1]).reshape(-1)
         h = hidden.reshape(-1, hidden.shape[-1])
         if self._liger is not None:
@@ -531,6 +539,10 @@ class LossHead:
         if self.mode == "fused":
             return logits
         y = self._labels_for(logits.shape[1])
+        if self.per_sequence:
+            tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                                  reduction="none")
+            return tok.view(y.shape).sum(1)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
     @contextlib.contextmanager
@@ -541,5 +553,109 @@ class LossHead:
         finally:
             self.labels = None
 
+    @contextlib.contextmanager
+    def computing_sequence_nll(self, labels: torch.Tensor):
+        """``loss_from`` gives each row's summed NLL over its labelled tokens ([rows], fp32, with grad
+        when grad is enabled): a sequence's log-prob is its negative; its token count is (labels != IGNORE)."""
+        self.labels, self.per_sequence = labels, True
+        try:
+            yield
+        finally:
+            self.labels, self.per_sequence = None, False
+
+    def _sequence_nll_fused(self, hidden) -> torch.Tensor:
+        y = self._labels_for(hidden.shape[1])
+        rows = y.shape[0]
+        h, yy = hidden.reshape(-1, hidden.shape[-1]), y.reshape(-1)
+        if self.impl == "liger":
+            # Liger >= 0.8.5 recomputes its chunks in the backward for reduction="none", where the
+            # per-token upstream gradient is known (an unscaled gradient could not be fixed afterwards).
+            if self._liger_tokens is None:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+                self._liger_tokens = LigerFusedLinearCrossEntropyLoss(reduction="none", ignore_index=IGNORE)
+            tok = self._liger_tokens(self.head.weight, h, yy, self.head.bias)
+        else:
+            tok = chunked_linear_token_nll(h, self.head.weight, self.head.bias, yy)
+        return tok.float().view(rows, -1).sum(1)
+
+    @contextlib.contextmanager
+    def unpatched(self):
+        """The head's own forward for a while: a deep copy of the model must not carry this object's hook."""
+        self.restore()
+        try:
+            yield
+        finally:
+            if self.mode == "fused":
+                self.head.forward = self._fused_forward
+
     def restore(self) -> None:
         self.head.forward = self._orig
+
+
+class _ChunkedLinearTokenNLL(torch.autograd.Function):
+    """Per-token cross-entropy of (h @ W.T + b), 0 where the label is IGNORE, without storing the logits.
+
+    Unlike _ChunkedLinearCE (one scalar, so its gradients can be finished in the forward), each token's
+    upstream gradient differs here (each sequence's log-prob is weighted by its own loss term), and the
+    head's weight gradient sums over tokens, so it cannot be rescaled afterwards: the backward recomputes
+    each chunk's logits (as Liger does for reduction="none"). One more head matmul per token, no more memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, chunk_rows: int):
+        out, valid = _token_nll(h, weight, bias, labels, chunk_rows)
+        ctx.save_for_backward(h, weight, bias, labels, valid)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, labels, valid = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for i in range(0, valid.numel(), ctx.chunk_rows):
+            rows = valid[i:i + ctx.chunk_rows]
+            hc = h.index_select(0, rows)
+            g = torch.softmax(_chunk_logits(hc, weight, bias), dim=-1)
+            g[torch.arange(rows.numel(), device=h.device), labels.index_select(0, rows)] -= 1.0
+            g *= grad_out.index_select(0, rows).float()[:, None]
+            if need_h:
+                grad_h.index_copy_(0, rows, (g.to(weight.dtype) @ weight).to(h.dtype))
+            if need_w:
+                grad_w += g.t() @ hc.float()
+            if need_b:
+                grad_b += g.sum(0)
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, grad_b.to(bias.dtype) if need_b else None,
+                None, None)
+
+
+def _token_nll(h, weight, bias, labels, chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    valid = (labels != IGNORE).nonzero(as_tuple=True)[0]
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device)
+    for i in range(0, valid.numel(), chunk_rows):
+        rows = valid[i:i + chunk_rows]
+        logits = _chunk_logits(h.index_select(0, rows), weight, bias)
+        y = labels.index_select(0, rows)
+        out.index_copy_(0, rows, torch.logsumexp(logits, -1) - logits.gather(1, y[:, None]).squeeze(1))
+    return out, valid
+
+
+def _chunk_logits(hc, weight, bias):
+    logits = (hc @ weight.t()).float()
+    return logits + bias.float() if bias is not None else logits
+
+
+def chunked_linear_token_nll(h, weight, bias, labels, chunk_rows: int | None = None):
+    """[tokens] NLL of each labelled token (0 elsewhere); gradients flow to h, weight and bias."""
+    if chunk_rows is None:
+        chunk_rows = max(16, (256 * 2**20) // (4 * weight.shape[0]))  # ~256 MiB of fp32 logits a chunk, as above
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                              or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        return _ChunkedLinearTokenNLL.apply(h, weight, bias, labels, chunk_rows)
+    with torch.no_grad():
+        return _token_nll(h, weight, bias, labels, chunk_rows)[0]

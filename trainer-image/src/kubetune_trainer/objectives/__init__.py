@@ -91,8 +91,4 @@ def names() -> tuple[str, ...]:
 def _load() -> None:
     # Importing a module registers its objectives; one line per module.
     from kubetune_trainer.objectives import sft  # noqa: F401
-    try:
-        from kubetune_trainer.objectives import preference  # noqa: F401
-    except ImportError as e:  # until the preference module lands
-        if "preference" not in str(e):
-            raise
+    from kubetune_trainer.objectives import preference  # noqa: F401
