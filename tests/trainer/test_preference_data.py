@@ -68,8 +68,8 @@ def test_bad_lines_name_the_file_the_line_and_the_rule(tmp_path):
                  "line 3: field 'chosen' must be text or a list of chat messages {role, content}, got int",
                  "line 4: field 'rejected' is empty",
                  "line 5: chosen[0].role must be one of system, user, assistant, tool (got 'bot')",
-                 "line 6: field 'chosen' must continue the prompt with an assistant message (its first message "
-                 "after the prompt has role 'user')",
+                 ("line 6: field 'chosen' must continue the prompt with an assistant message (its first message "
+                  "after the prompt has role 'user')"),
                  "line 7: field 'rejected' is an empty list",
                  "line 9: invalid JSON"):
         assert part in msg, (part, msg)

@@ -139,6 +139,15 @@ def test_settings_take_the_registry_defaults_and_refuse_what_cannot_work():
     o = SimpleNamespace(type="kto", beta=None, effective_beta=0.3, effective_reference=lambda m: "precomputed")
     s = settings_for(SimpleNamespace(objective=o), SimpleNamespace(method="lora"), registry.objective("kto"))
     assert (s.beta, s.reference) == (0.3, "precomputed")
+    # and the API's own model
+    from kubetune.api.v1alpha1 import TrainingObjective
+
+    o = TrainingObjective.model_validate({"type": "kto", "beta": 0.2, "undesirableWeight": 1.5})
+    s = settings_for(SimpleNamespace(objective=o), SimpleNamespace(method="full"), registry.objective("kto"))
+    assert (s.beta, s.desirable_weight, s.undesirable_weight, s.reference) == (0.2, 1.0, 1.5, "copy")
+    o = TrainingObjective.model_validate({"type": "simpo"})
+    s = settings_for(SimpleNamespace(objective=o), SimpleNamespace(method="lora"), registry.objective("simpo"))
+    assert (s.beta, s.gamma, s.reference) == (2.0, 0.5, None)
 
 
 def test_the_registered_objectives_are_the_apis():

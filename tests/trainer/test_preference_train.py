@@ -6,7 +6,6 @@ The toy task: the chosen response is the prompt's words reversed, the rejected o
 the same length, so what is preferred can be learned and the two responses are equally long."""
 import random
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,14 +48,17 @@ def unpaired(rows: list[dict]) -> list[dict]:
 
 
 def setup(tmp_path, model_dir, name: str, method: dict, fused: bool = True, **settings):
-    cfg = parse_config(tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", method=method,
-                                           training={"microBatchSize": 8, "fusedCrossEntropy": fused}))
+    """The objective as the trainer builds it: from a validated TrainerConfig's spec.objective."""
+    raw = tiny.trainer_config(tmp_path, model_dir, tmp_path / "d.jsonl", method=method,
+                              training={"microBatchSize": 8, "fusedCrossEntropy": fused})
+    raw["spec"]["objective"] = {"type": name, **settings}
+    raw["spec"]["dataset"]["format"] = "kto" if name == "kto" else "preference"
+    cfg = parse_config(raw)
     plan = plan_for(cfg)
     torch.manual_seed(0)
     model, base = build_model(plan, cfg.spec, model_dir, CPU, log=lambda m: None)
     head = LossHead(model, base, plan.fused_cross_entropy, CPU)
-    spec = SimpleNamespace(objective=SimpleNamespace(type=name, **settings), method=cfg.spec.method)
-    obj = objectives.get(name)(spec, plan, log=lambda m: None)
+    obj = objectives.get(name)(cfg.spec, plan, log=lambda m: None)
     return obj, model, head
 
 
@@ -95,7 +97,7 @@ def train(tmp_path, model_dir, name: str, method: dict, steps: int, lr: float, f
 @pytest.mark.parametrize("name,method,settings,steps,lr", [
     ("dpo", LORA, {"reference": "implicit"}, 30, 1e-2),
     ("dpo", FULL, {"reference": "copy"}, 20, 1e-3),
-    ("dpo", FULL, {"reference": "precomputed", "loss": "ipo"}, 20, 1e-3),
+    ("dpo", FULL, {"reference": "precomputed", "loss": "ipo"}, 30, 1e-3),
     ("dpo", LORA, {"reference": "precomputed", "loss": "hinge"}, 30, 1e-2),
     ("orpo", LORA, {}, 30, 1e-2),
     ("simpo", LORA, {}, 30, 1e-2),
@@ -103,7 +105,7 @@ def train(tmp_path, model_dir, name: str, method: dict, steps: int, lr: float, f
 ], ids=["dpo-lora-implicit", "dpo-full-copy", "dpo-full-precomputed-ipo", "dpo-lora-precomputed-hinge", "orpo",
         "simpo", "kto"])
 def test_each_objective_learns_its_preferences(tmp_path, model_dir, name, method, settings, steps, lr):
-    before, after, seconds, obj = train(tmp_path, model_dir, name, method, steps, lr, **settings)
+    before, after, seconds, _ = train(tmp_path, model_dir, name, method, steps, lr, **settings)
     print(f"{name} {settings}: reward accuracy {before:.2f} -> {after:.2f} in {seconds:.1f}s")
     assert after > 0.9, (before, after)
 

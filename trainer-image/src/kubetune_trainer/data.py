@@ -197,12 +197,12 @@ def pick_split(files: list[str], split: str) -> list[str]:
 # parsing and validation
 
 
-SFT_FORMATS = ("alpaca", "chat", "text")
+SFT_FORMATS = api_registry.DATA_FORMATS["sft"]
 # the keys that tell a format apart, in the order auto tries them (SFT's first, as before preference data)
 FORMAT_KEYS = {"chat": (("messages",), ("conversations",)), "alpaca": (("instruction", "output"),),
                "text": (("text",),), "preference": (("prompt", "chosen", "rejected"),),
                "kto": (("prompt", "completion", "label"),)}
-FORMAT_DATA = {"preference": "paired", "kto": "unpaired"}  # registry ObjectiveInfo.data; the others: sft
+FORMAT_DATA = {f: kind for kind, fs in api_registry.DATA_FORMATS.items() for f in fs}  # format -> ObjectiveInfo.data
 
 
 def detect_format(obj, formats: tuple[str, ...] = SFT_FORMATS) -> str | None:
@@ -225,7 +225,7 @@ def _undetected(obj, formats: tuple[str, ...]) -> str:
         msg = f"cannot detect the format from the first line: expected keys {expected}"
     other = detect_format(obj, tuple(FORMAT_KEYS))
     if other is not None and other not in formats:
-        readers = api_registry.objective_names(data=FORMAT_DATA.get(other, "sft"))
+        readers = api_registry.objective_names(data=FORMAT_DATA[other])
         msg += f"; it looks like {other} data, which objective {' or '.join(readers)} reads (spec.objective.type)"
     return msg
 

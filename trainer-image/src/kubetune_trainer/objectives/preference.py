@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
 from kubetune.api import registry as api_registry
+
 from kubetune_trainer import data as dt
 from kubetune_trainer.errors import BadConfig
 from kubetune_trainer.objectives import Objective, losses, prefdata, reference, register
-
-SIMPO_GAMMA = 0.5  # SimPO's target margin when objective.gamma is unset (the paper's and TRL's default)
 
 
 @dataclass(frozen=True)
@@ -34,36 +32,39 @@ class Settings:
     beta: float
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
-    gamma: float = SIMPO_GAMMA
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
+    gamma: float = 0.0
+    desirable_weight: float = api_registry.DEFAULT_LABEL_WEIGHT
+    undesirable_weight: float = api_registry.DEFAULT_LABEL_WEIGHT
     reference: str | None = None  # implicit | copy | precomputed; None: the objective needs none
 
 
 def settings_for(spec, plan, info: api_registry.ObjectiveInfo) -> Settings:
-    """spec.objective's values with the registry's defaults. Read with getattr so a spec without the
-    field (or a test's SimpleNamespace) works."""
+    """spec.objective's settings, defaults applied by its effective_* helpers (the API's one place for
+    them); read with getattr, so a spec without objective, or a test's SimpleNamespace of the raw fields,
+    gets the registry's defaults."""
     o = getattr(spec, "objective", None)
 
     def get(name: str, default):
-        v = getattr(o, name, None) if o is not None else None
+        v = getattr(o, f"effective_{name}", None)
+        if v is None:
+            v = getattr(o, name, None)
         return default if v is None else v
 
-    beta = getattr(o, "effective_beta", None) if o is not None else None
-    beta = beta() if callable(beta) else beta
-    adapter = api_registry.method(plan.method).adapter
     ref = None
     if info.reference:
-        eff = getattr(o, "effective_reference", None) if o is not None else None
+        eff = getattr(o, "effective_reference", None)
+        adapter = api_registry.method(plan.method).adapter
         ref = eff(plan.method) if callable(eff) else get("reference", "implicit" if adapter else "copy")
         if ref == "implicit" and not adapter:
             raise BadConfig(f"objective.reference implicit (the base with the adapters disabled) needs an adapter "
                             f"method, not method.type {plan.method}: use copy or precomputed")
-    return Settings(beta=float(beta if beta is not None else get("beta", info.default_beta)),
+    return Settings(beta=float(get("beta", info.default_beta)),
                     loss=get("loss", info.loss_variants[0] if info.loss_variants else "sigmoid"),
-                    label_smoothing=float(get("label_smoothing", 0.0)), gamma=float(get("gamma", SIMPO_GAMMA)),
-                    desirable_weight=float(get("desirable_weight", 1.0)),
-                    undesirable_weight=float(get("undesirable_weight", 1.0)), reference=ref)
+                    label_smoothing=float(get("label_smoothing", 0.0)),
+                    gamma=float(get("gamma", info.default_gamma or 0.0)),
+                    desirable_weight=float(get("desirable_weight", api_registry.DEFAULT_LABEL_WEIGHT)),
+                    undesirable_weight=float(get("undesirable_weight", api_registry.DEFAULT_LABEL_WEIGHT)),
+                    reference=ref)
 
 
 class _Preference(Objective):
@@ -74,7 +75,7 @@ class _Preference(Objective):
 
     # --- data -----------------------------------------------------------------------------------
     def formats(self) -> tuple[str, ...]:
-        return ("kto",) if self.info.data == "unpaired" else ("preference",)
+        return api_registry.DATA_FORMATS[self.info.data]
 
     def examples(self, records: list[dict], fmt: str, tokenizer, max_len: int, stats) -> list:
         if fmt not in self.formats():

@@ -117,8 +117,10 @@ class Copy(Reference):
         device = next(ref.parameters()).device
         self.head = LossHead(ref, base, fused=head.mode == "fused", device=device,
                              impl=head.impl if head.mode == "fused" else None)
-        if _is_fsdp(accelerator):  # sharded like the policy (rank 0's values broadcast as for it)
-            ref = accelerator.prepare_model(ref, evaluation_mode=True)
+        if accelerator is not None:
+            # the policy's autocast and device; under FSDP sharded like it (rank 0's values broadcast as
+            # for it), which accelerate does only outside evaluation mode (no DDP wrap: nothing trains)
+            ref = accelerator.prepare_model(ref, evaluation_mode=not _is_fsdp(accelerator))
         self.model = ref
 
     def logps(self, model, head, batch):
