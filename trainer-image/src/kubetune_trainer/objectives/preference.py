@@ -133,26 +133,33 @@ class DPO(_Preference):
         return per, losses.pair_metrics(s.beta * (pc - rc), s.beta * (pr - rr), batch["live"])
 
 
-@register
-class ORPO(_Preference):
-    name = "orpo"
+class _LengthNormalized(_Preference):
+    """ORPO and SimPO: no reference; their rewards are β·mean token log-prob (as TRL reports them)."""
 
     def terms(self, logps, counts, ref, batch):
         (pc, pr), (nc, nr) = _halves(logps), _halves(counts)
         beta = self.settings.beta
-        per = losses.orpo_losses(pc, pr, nc, nr, beta)
-        return per, losses.pair_metrics(beta * pc / nc, beta * pr / nr, batch["live"])
+        return self.pair_losses(pc, pr, nc, nr), losses.pair_metrics(beta * pc / nc, beta * pr / nr, batch["live"])
+
+    def pair_losses(self, pc, pr, nc, nr) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @register
-class SimPO(_Preference):
+class ORPO(_LengthNormalized):
+    name = "orpo"
+
+    def pair_losses(self, pc, pr, nc, nr):
+        return losses.orpo_losses(pc, pr, nc, nr, self.settings.beta)
+
+
+@register
+class SimPO(_LengthNormalized):
     name = "simpo"
 
-    def terms(self, logps, counts, ref, batch):
+    def pair_losses(self, pc, pr, nc, nr):
         s = self.settings
-        (pc, pr), (nc, nr) = _halves(logps), _halves(counts)
-        per = losses.simpo_losses(pc, pr, nc, nr, s.beta, s.gamma, s.label_smoothing)
-        return per, losses.pair_metrics(s.beta * pc / nc, s.beta * pr / nr, batch["live"])
+        return losses.simpo_losses(pc, pr, nc, nr, s.beta, s.gamma, s.label_smoothing)
 
 
 @register
