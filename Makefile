@@ -11,6 +11,12 @@ DEPS_KEY := $(shell cat pyproject.toml trainer-image/constraints.txt | sha256sum
 VENV ?= $(KUBETUNE_CACHE)/venv-$(DEPS_KEY)
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# make test runs pytest-xdist workers: the integration tests in one (they share the session's test ground,
+# and mostly wait on it), the CPU-bound tiers (training on CPU, unit) spread over the others, one thread
+# each (tests/conftest.py). 4 suits 2 cores; PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 4
+# Where the time goes, in every run's report.
+PYTEST_DURATIONS ?= 25
 
 .PHONY: help venv test test-fast crd check-crd demo ground-build clean
 
@@ -23,7 +29,7 @@ help:
 $(VENV)/.ready: pyproject.toml trainer-image/constraints.txt
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv
 	@[ -x $(BIN)/python ] || uv venv -q -p $(PYTHON) $(VENV)
-	VIRTUAL_ENV=$(VENV) uv pip install -q -c trainer-image/constraints.txt -e '.[trainer,dev]'
+	VIRTUAL_ENV=$(VENV) uv pip install -q --compile-bytecode -c trainer-image/constraints.txt -e '.[trainer,dev]'
 	@touch $@
 
 # Re-point the cached env at this checkout (a fresh clone lives elsewhere) on every run: cheap.
@@ -47,9 +53,11 @@ check-crd: venv
 ground-build: venv
 	$(BIN)/kubetune dev build
 
-# pytest exits 5 when it collected nothing: that is a failure here, never a pass.
+# pytest exits 5 when it collected nothing: that is a failure here, never a pass. A failure in any
+# worker fails the run (xdist reports every worker's tests in one summary and exit code).
 test: venv ground-build
-	@rc=0; $(BIN)/python -m pytest tests $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --durations=$(PYTEST_DURATIONS) \
+	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # `tools` tests run helm and promtool (no cluster); make test runs them after ground-build.
