@@ -1127,6 +1127,10 @@ class Progress(StatusModel):
     peak_gpu_memory_bytes: int | None = Field(
         None, description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for estimate-vs-actual."
     )
+    # A map, not fields: each objective names its own (the registry's ObjectiveInfo.metrics).
+    metrics: dict[str, float] | None = Field(
+        None, max_length=32, description="The objective's recent per-step metrics, e.g. rewardAccuracy, rewardMargin, "
+        "rewardsChosen and rewardsRejected for the preference objectives.")
     updated_at: datetime | None = Field(None, description="When the trainer reported this.")
 
 
