@@ -17,7 +17,6 @@ from kubetune_trainer.config import parse_config, plan_for
 from kubetune_trainer.model import LossHead, build_model, load_tokenizer
 from kubetune_trainer.objectives import reference
 
-WORDS = tiny.FRUITS + tiny.ANIMALS + tiny.SOUNDS
 LORA = {"type": "lora", "lora": {"rank": 8, "alpha": 16}}
 FULL = {"type": "full"}
 CPU = torch.device("cpu")
@@ -30,21 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def pairs(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(4)]
-        rows.append({"prompt": " ".join(words), "chosen": " ".join(reversed(words)),
-                     "rejected": " ".join(rng.choice(WORDS) for _ in range(4))})
-    return rows
-
-
-def unpaired(rows: list[dict]) -> list[dict]:
-    return [r for p in rows for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
-                                      {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
 
 
 def setup(tmp_path, model_dir, name: str, method: dict, fused: bool = True, **settings):
@@ -73,8 +57,7 @@ def train(tmp_path, model_dir, name: str, method: dict, steps: int, lr: float, f
     t0 = time.perf_counter()
     obj, model, head = setup(tmp_path, model_dir, name, method, fused, **settings)
     tok = load_tokenizer(model_dir)
-    rows = pairs(16)
-    f = tiny.write_jsonl(tmp_path / "train.jsonl", unpaired(rows) if name == "kto" else rows)
+    f = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.kto_rows(16) if name == "kto" else tiny.preference_rows(16))
     records, fmt = dt.read_records([("train.jsonl", f)], "auto", "fail", dt.DataStats(), formats=obj.formats())
     examples = obj.examples(records, fmt, tok, 64, dt.DataStats())
     obj.prepare(model, head, None)
@@ -117,7 +100,7 @@ def test_the_logits_head_trains_as_the_fused_one(tmp_path, model_dir):
 
 def _batch(obj, model_dir, n=4):
     tok = load_tokenizer(model_dir)
-    recs = [dt.preference_record(r, "preference") for r in pairs(n, seed=3)]
+    recs = [dt.preference_record(r, "preference") for r in tiny.preference_rows(n, seed=3)]
     return obj.collate(obj.examples(recs, "preference", tok, 64, dt.DataStats()), tok.pad_token_id)
 
 
@@ -149,7 +132,7 @@ def test_every_reference_gives_the_models_log_probs_as_built(tmp_path, model_dir
 
     pre, pmodel, phead = setup(tmp_path, model_dir, "dpo", FULL, reference="precomputed")
     tok = load_tokenizer(model_dir)
-    recs = [dt.preference_record(r, "preference") for r in pairs(4, seed=3)]
+    recs = [dt.preference_record(r, "preference") for r in tiny.preference_rows(4, seed=3)]
     ex = pre.examples(recs, "preference", tok, 64, dt.DataStats())
     pre.prepare(pmodel, phead, None)
     pre.precompute_reference(pmodel, phead, None, tok.pad_token_id, ex[:3], ex[3:])  # train and validation lists
@@ -161,7 +144,7 @@ def test_a_void_example_counts_for_nothing(tmp_path, model_dir):
     obj, model, head = setup(tmp_path, model_dir, "dpo", LORA)
     obj.prepare(model, head, None)
     tok = load_tokenizer(model_dir)
-    recs = [dt.preference_record(r, "preference") for r in pairs(3, seed=5)]
+    recs = [dt.preference_record(r, "preference") for r in tiny.preference_rows(3, seed=5)]
     ex = obj.examples(recs, "preference", tok, 64, dt.DataStats())
     whole = obj.collate(ex[:2], tok.pad_token_id)
     padded = obj.collate(ex[:2] + [dt.void(ex[2])], tok.pad_token_id)

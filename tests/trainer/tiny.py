@@ -5,7 +5,7 @@ from pathlib import Path
 
 from kubetune_trainer.tiny import (  # noqa: F401  (re-exported for the tests)
     ANIMALS, CHAT_TEMPLATE, COLORS, FRUITS, INIT_RANGE, SOUNDS, SPECIALS, alpaca_rows, build_model_dir,
-    build_tokenizer, chat_rows, text_rows, write_jsonl,
+    build_tokenizer, chat_rows, kto_rows, preference_rows, text_rows, write_jsonl,
 )
 
 

@@ -49,6 +49,27 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """{prompt, chosen, rejected}: the chosen response is the prompt's words reversed, the rejected one
+    random words of the same length, so the preference is learnable and the responses equally long."""
+    rng = random.Random(seed)
+    words = FRUITS + ANIMALS + SOUNDS
+    rows = []
+    for _ in range(n):
+        prompt = [rng.choice(words) for _ in range(4)]
+        rows.append({"prompt": " ".join(prompt), "chosen": " ".join(reversed(prompt)),
+                     "rejected": " ".join(rng.choice(words) for _ in range(4))})
+    return rows
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict]:
+    """KTO's unpaired {prompt, completion, label}: each preference pair as one desirable and one
+    undesirable example."""
+    return [r for p in preference_rows(n, seed) for r in (
+        {"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+        {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+
+
 def text_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
