@@ -193,65 +193,90 @@ def fit_advice(
     sizes = sorted(gpu_sizes_bytes)
     if not sizes or _smallest_fit(estimate(arch, plan, allocator=allocator), sizes, margin) is not None:
         return []
-    biggest = sizes[-1]
-    out: list[Advice] = []
-    seen: set[tuple] = set()
+    found = _Found(arch, sizes, margin, allocator)
+    cheap = _cheap_changes(plan)
+    _single_changes(found, plan, cheap)
+    if not found.out or len(found.out) < 2:
+        _combined_changes(found, plan, cheap)
+    found.out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
+    return found.out
 
-    def add(desc: str, q: TrainingPlan | None, changes: int) -> None:
+
+class _Found:
+    """The advice found so far: each plan priced once, kept when it fits one of the sizes."""
+
+    def __init__(self, arch: Architecture, sizes: list[int], margin: float, allocator: str) -> None:
+        self.arch, self.sizes, self.margin, self.allocator = arch, sizes, margin, allocator
+        self.out: list[Advice] = []
+        self.seen: set[tuple] = set()
+
+    def add(self, desc: str, q: TrainingPlan | None, changes: int) -> None:
         if q is None:
             return
         key = (q.method, q.micro_batch_size, q.gradient_accumulation_steps, q.gradient_checkpointing,
                q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer, q.reference)
-        if key in seen:
+        if key in self.seen:
             return
-        e = estimate(arch, q, allocator=allocator)
-        s = _smallest_fit(e, sizes, margin)
+        e = estimate(self.arch, q, allocator=self.allocator)
+        s = _smallest_fit(e, self.sizes, self.margin)
         if s is not None:
-            seen.add(key)
-            out.append(Advice(desc, q, e, s, changes))
+            self.seen.add(key)
+            self.out.append(Advice(desc, q, e, s, changes))
 
+    def smaller_batch(self, plan: TrainingPlan) -> TrainingPlan | None:
+        return _smaller_batch(self.arch, plan, self.sizes[-1], self.margin, self.allocator)
+
+    def more_gpus(self, plan: TrainingPlan) -> list[TrainingPlan]:
+        return _more_gpus(self.arch, plan, self.sizes, self.margin, self.allocator)
+
+
+def _cheap_changes(plan: TrainingPlan) -> list[tuple[str, TrainingPlan]]:
     cheap: list[tuple[str, TrainingPlan]] = []
     if not plan.fused_cross_entropy:
         cheap.append(("fused cross-entropy on", plan.with_(fused_cross_entropy=True)))
     if not plan.gradient_checkpointing:
         cheap.append(("gradient checkpointing on", plan.with_(gradient_checkpointing=True)))
-    for d, q in cheap:
-        add(d, q, 1)
-    q = _smaller_batch(arch, plan, biggest, margin, allocator)
-    if q is not None:
-        add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
-            f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
-    if _states_heavy(plan):
-        add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
-    if _offers_qlora(plan):
-        add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
-    if plan.reference == "copy":  # no second model in GPU memory: log-probs from one pass before training
-        add("objective.reference precomputed instead of copy", plan.with_(reference="precomputed"), 1)
-    for q in _more_gpus(arch, plan, sizes, margin, allocator):
-        add(_gpus_label(plan, q), q, 1)
+    return cheap
 
-    if not out or len(out) < 2:
-        # combinations: all cheap changes, then each bigger change on top of them
-        both = plan.with_(fused_cross_entropy=True, gradient_checkpointing=True)
-        n0 = sum(1 for _ in cheap)
-        label = " + ".join(d for d, _ in cheap)
-        if n0 >= 2:
-            add(label, both, n0)
-        prefix = (label + " + ") if n0 else ""
-        q = _smaller_batch(arch, both, biggest, margin, allocator)
-        if q is not None:
-            add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q, n0 + 1)
-        if _offers_qlora(plan):
-            add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
-            qb = _smaller_batch(arch, _qlora(both), biggest, margin, allocator)
-            if qb is not None:
-                add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
-        if _states_heavy(plan):
-            add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
-        for q in _more_gpus(arch, both, sizes, margin, allocator):
-            add(prefix + _gpus_label(plan, q), q, n0 + 1)
-        q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
-        for q in _more_gpus(arch, q1, sizes, margin, allocator):
-            add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)
-    out.sort(key=lambda a: (a.changes, a.gpu_bytes, a.estimate.total_bytes))
-    return out
+
+def _single_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, TrainingPlan]]) -> None:
+    for d, q in cheap:
+        found.add(d, q, 1)
+    q = found.smaller_batch(plan)
+    if q is not None:
+        found.add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
+                  f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
+    if _states_heavy(plan):
+        found.add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
+    if _offers_qlora(plan):
+        found.add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
+    if plan.reference == "copy":  # no second model in GPU memory: log-probs from one pass before training
+        found.add("objective.reference precomputed instead of copy", plan.with_(reference="precomputed"), 1)
+    for q in found.more_gpus(plan):
+        found.add(_gpus_label(plan, q), q, 1)
+
+
+def _combined_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, TrainingPlan]]) -> None:
+    """All cheap changes, then each bigger change on top of them."""
+    both = plan.with_(fused_cross_entropy=True, gradient_checkpointing=True)
+    n0 = len(cheap)
+    label = " + ".join(d for d, _ in cheap)
+    if n0 >= 2:
+        found.add(label, both, n0)
+    prefix = (label + " + ") if n0 else ""
+    q = found.smaller_batch(both)
+    if q is not None:
+        found.add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q,
+                  n0 + 1)
+    if _offers_qlora(plan):
+        found.add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
+        qb = found.smaller_batch(_qlora(both))
+        if qb is not None:
+            found.add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
+    if _states_heavy(plan):
+        found.add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
+    for q in found.more_gpus(both):
+        found.add(prefix + _gpus_label(plan, q), q, n0 + 1)
+    q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
+    for q in found.more_gpus(q1):
+        found.add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from kubetune.errors import UsageError
 
@@ -360,78 +360,47 @@ def _attn_dims(cfg: Mapping[str, Any], where: str, h: int) -> tuple[int, int, in
     return heads, kv, hd
 
 
-def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+class _DecoderDims(NamedTuple):
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def _decoder_dims(cfg: Mapping[str, Any], where: str) -> _DecoderDims:
+    """The dimensions llama- and phi3-style config.json files share (read in this order: the first missing one
+    is the one an error names)."""
     h = _req_int(cfg, where, "hidden_size")
-    L = _req_int(cfg, where, "num_hidden_layers")
+    layers = _req_int(cfg, where, "num_hidden_layers")
     heads, kv, hd = _attn_dims(cfg, where, h)
     inter = _req_int(cfg, where, "intermediate_size")
-    V = _req_int(cfg, where, "vocab_size")
-    qd, kvd = heads * hd, kv * hd
+    return _DecoderDims(h, layers, heads, kv, hd, inter, _req_int(cfg, where, "vocab_size"))
+
+
+def _sliding_window(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
+    d = _decoder_dims(cfg, where)
     gemma = model_type.startswith("gemma")
-    if model_type in ("qwen2", "qwen2_moe"):
-        qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
-    else:
-        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-    mlp_bias = bool(cfg.get("mlp_bias", False))
     qk_norm = model_type in ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2")
-    attn = (
-        Linear("q_proj", h, qd, qkv_bias, ATTN_IN),
-        Linear("k_proj", h, kvd, qkv_bias, ATTN_IN),
-        Linear("v_proj", h, kvd, qkv_bias, ATTN_IN),
-        Linear("o_proj", qd, h, o_bias, ATTN_OUT),
-    )
     norms_per_block = 4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2
-    norm_params = norms_per_block * h + (2 * hd if qk_norm else 0)
+    norm_params = norms_per_block * d.hidden + (2 * d.head_dim if qk_norm else 0)
     if model_type == "olmo2":  # q/k norms over the whole projection
-        norm_params = norms_per_block * h + qd + kvd
-
-    def dense_mlp(i: int) -> tuple[Linear, ...]:
-        return (
-            Linear("gate_proj", h, i, mlp_bias, MLP_IN),
-            Linear("up_proj", h, i, mlp_bias, MLP_IN),
-            Linear("down_proj", i, h, mlp_bias, MLP_MID),
-        )
-
-    blocks: list[tuple[int, Block]] = []
-    n_experts = _get(cfg, "num_local_experts", "num_experts", default=0) or 0
-    if n_experts:
-        top_k = _req_int(cfg, where, "num_experts_per_tok", default=2)
-        moe_i = _req_int(cfg, where, "moe_intermediate_size", "intermediate_size")
-        shared_i = int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
-        n_experts = _req_int(cfg, where, "num_local_experts", "num_experts")
-        moe = MoE(int(n_experts), top_k, moe_i, shared_i)
-        experts = int(n_experts) * 3 * h * moe_i
-        router = int(n_experts) * h
-        shared: tuple[Linear, ...] = ()
-        if shared_i:
-            shared = (
-                Linear("gate_proj", h, shared_i, False, MLP_IN),
-                Linear("up_proj", h, shared_i, False, MLP_IN),
-                Linear("down_proj", shared_i, h, False, SHARED_MID),
-                Linear("shared_expert_gate", h, 1, False, MLP_IN),
-            )
-        # peft maps all-linear on these v5 MoE layouts to the router weight (rank r) and the experts'
-        # gate_up_proj (rank 2r: gate and up fused) and down_proj (rank r), each stacked over the experts
-        ptargets: tuple[tuple[str, int], ...] = ()
-        if model_type in PEFT_MOE_PARAM_TARGETS:
-            E = int(n_experts)
-            ptargets = (("gate", h + E), ("gate_up_proj", 2 * E * (h + 2 * moe_i)), ("down_proj", E * (moe_i + h)))
-        sparse = Block(attn + shared, norm_params + router + experts, experts, moe, ptargets)
-        # Qwen-MoE: layer i is sparse iff i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
-        step = _req_int(cfg, where, "decoder_sparse_step", default=1)
-        only = cfg.get("mlp_only_layers") or []
-        if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
-            raise UsageError(f"{where}: mlp_only_layers must be a list of layer indices, got {only!r}")
-        # closed form, never a loop over the layers (a hostile num_hidden_layers must not freeze us):
-        # the multiples of step, less the listed dense layers among them
-        n_sparse = L // step - sum(1 for i in set(only) if 0 <= i < L and (i + 1) % step == 0)
-        if n_sparse:
-            blocks.append((n_sparse, sparse))
-        if L - n_sparse:
-            blocks.append((L - n_sparse, Block(attn + dense_mlp(inter), norm_params)))
-    else:
-        blocks.append((L, Block(attn + dense_mlp(inter), norm_params)))
-
+        norm_params = norms_per_block * d.hidden + d.q_dim + d.kv_dim
+    blocks = _llama_blocks(cfg, model_type, where, d, _llama_attention(cfg, model_type, d), norm_params)
     act = str(_get(cfg, "hidden_act", "hidden_activation", default="silu"))
     # what the MLP computes: Gemma's modules read hidden_activation, the others hidden_act (transformers'
     # defaults where config.json leaves it out)
@@ -439,58 +408,104 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
     sliding = cfg.get("sliding_window") if (cfg.get("use_sliding_window", True) is not False) else None
     if model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         sliding = None
+    tie = _tie(cfg, model_type)
     return Architecture(
-        model_type=model_type,
-        family="llama",
-        hidden_size=h,
-        num_layers=L,
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=hd,
-        intermediate_size=inter,
-        vocab_size=V,
-        tie_word_embeddings=_tie(cfg, model_type),
-        blocks=tuple(blocks),
-        embed_params=V * h,
-        other_embed_params=0,
-        lm_head_params=0 if _tie(cfg, model_type) else V * h,
-        final_norm_params=h,
-        norm="gemma" if gemma else "rms",
-        gated_mlp=True,
-        act="gelu" if "gelu" in act else "silu",
-        act_fn=act_fn,
-        qk_norm=qk_norm,
-        norms_per_block=norms_per_block,
+        model_type=model_type, family="llama", hidden_size=d.hidden, num_layers=d.layers, num_heads=d.heads,
+        num_kv_heads=d.kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate, vocab_size=d.vocab,
+        tie_word_embeddings=tie, blocks=blocks, embed_params=d.vocab * d.hidden, other_embed_params=0,
+        lm_head_params=0 if tie else d.vocab * d.hidden, final_norm_params=d.hidden,
+        norm="gemma" if gemma else "rms", gated_mlp=True, act="gelu" if "gelu" in act else "silu", act_fn=act_fn,
+        qk_norm=qk_norm, norms_per_block=norms_per_block,
         final_logit_softcapping=bool(cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)),
         attn_softcapping=bool(cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)),
-        eager_attention=model_type == "gemma2",
-        sliding_window=int(sliding) if isinstance(sliding, int) and sliding > 0 else None,
+        eager_attention=model_type == "gemma2", sliding_window=_sliding_window(sliding),
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )
 
 
+def _llama_attention(cfg: Mapping[str, Any], model_type: str, d: _DecoderDims) -> tuple[Linear, ...]:
+    if model_type in ("qwen2", "qwen2_moe"):
+        qkv_bias, o_bias = bool(cfg.get("qkv_bias", True)), False
+    else:
+        qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+    return (
+        Linear("q_proj", d.hidden, d.q_dim, qkv_bias, ATTN_IN),
+        Linear("k_proj", d.hidden, d.kv_dim, qkv_bias, ATTN_IN),
+        Linear("v_proj", d.hidden, d.kv_dim, qkv_bias, ATTN_IN),
+        Linear("o_proj", d.q_dim, d.hidden, o_bias, ATTN_OUT),
+    )
+
+
+def _gated_mlp(hidden: int, inter: int, bias: bool, down_group: str = MLP_MID) -> tuple[Linear, ...]:
+    return (
+        Linear("gate_proj", hidden, inter, bias, MLP_IN),
+        Linear("up_proj", hidden, inter, bias, MLP_IN),
+        Linear("down_proj", inter, hidden, bias, down_group),
+    )
+
+
+def _llama_blocks(cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...],
+                  norm_params: int) -> tuple[tuple[int, Block], ...]:
+    """(count, Block): every layer dense, or the sparse (MoE) layers and the dense ones among them."""
+    dense = Block(attn + _gated_mlp(d.hidden, d.intermediate, bool(cfg.get("mlp_bias", False))), norm_params)
+    if not (_get(cfg, "num_local_experts", "num_experts", default=0) or 0):
+        return ((d.layers, dense),)
+    sparse = _moe_block(cfg, model_type, where, d, attn, norm_params)
+    # Qwen-MoE: layer i is sparse iff i not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
+    step = _req_int(cfg, where, "decoder_sparse_step", default=1)
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in only):
+        raise UsageError(f"{where}: mlp_only_layers must be a list of layer indices, got {only!r}")
+    # closed form, never a loop over the layers (a hostile num_hidden_layers must not freeze us):
+    # the multiples of step, less the listed dense layers among them
+    layers = d.layers
+    n_sparse = layers // step - sum(1 for i in set(only) if 0 <= i < layers and (i + 1) % step == 0)
+    blocks: list[tuple[int, Block]] = []
+    if n_sparse:
+        blocks.append((n_sparse, sparse))
+    if layers - n_sparse:
+        blocks.append((layers - n_sparse, dense))
+    return tuple(blocks)
+
+
+def _moe_block(cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...],
+               norm_params: int) -> Block:
+    """A sparse layer: the router and the experts' fused 3D tensors (not Linears), an optional shared expert."""
+    h = d.hidden
+    top_k = _req_int(cfg, where, "num_experts_per_tok", default=2)
+    moe_i = _req_int(cfg, where, "moe_intermediate_size", "intermediate_size")
+    shared_i = int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
+    n_experts = _req_int(cfg, where, "num_local_experts", "num_experts")
+    experts = n_experts * 3 * h * moe_i
+    shared: tuple[Linear, ...] = ()
+    if shared_i:
+        shared = _gated_mlp(h, shared_i, False, SHARED_MID) + (Linear("shared_expert_gate", h, 1, False, MLP_IN),)
+    # peft maps all-linear on these v5 MoE layouts to the router weight (rank r) and the experts'
+    # gate_up_proj (rank 2r: gate and up fused) and down_proj (rank r), each stacked over the experts
+    ptargets: tuple[tuple[str, int], ...] = ()
+    if model_type in PEFT_MOE_PARAM_TARGETS:
+        ptargets = (("gate", h + n_experts), ("gate_up_proj", 2 * n_experts * (h + 2 * moe_i)),
+                    ("down_proj", n_experts * (moe_i + h)))
+    return Block(attn + shared, norm_params + n_experts * h + experts, experts,
+                 MoE(n_experts, top_k, moe_i, shared_i), ptargets)
+
+
 def _phi3(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
-    h = _req_int(cfg, where, "hidden_size")
-    L = _req_int(cfg, where, "num_hidden_layers")
-    heads, kv, hd = _attn_dims(cfg, where, h)
-    inter = _req_int(cfg, where, "intermediate_size")
-    V = _req_int(cfg, where, "vocab_size")
-    qd, kvd = heads * hd, kv * hd
+    d = _decoder_dims(cfg, where)
+    h, inter = d.hidden, d.intermediate
     lin = (
-        Linear("qkv_proj", h, qd + 2 * kvd, False, ATTN_IN),
-        Linear("o_proj", qd, h, False, ATTN_OUT),
+        Linear("qkv_proj", h, d.q_dim + 2 * d.kv_dim, False, ATTN_IN),
+        Linear("o_proj", d.q_dim, h, False, ATTN_OUT),
         Linear("gate_up_proj", h, 2 * inter, False, MLP_IN),
         Linear("down_proj", inter, h, False, MLP_MID),
     )
     tie = _tie(cfg, model_type)
-    sliding = cfg.get("sliding_window")
     return Architecture(
-        model_type=model_type, family="phi3", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=kv,
-        head_dim=hd, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
-        blocks=((L, Block(lin, 2 * h)),), embed_params=V * h, other_embed_params=0,
-        lm_head_params=0 if tie else V * h, final_norm_params=h, norm="rms",
-        act_fn=str(cfg.get("hidden_act") or "silu"),
-        sliding_window=int(sliding) if isinstance(sliding, int) and sliding > 0 else None,
+        model_type=model_type, family="phi3", hidden_size=h, num_layers=d.layers, num_heads=d.heads,
+        num_kv_heads=d.kv_heads, head_dim=d.head_dim, intermediate_size=inter, vocab_size=d.vocab,
+        tie_word_embeddings=tie, blocks=((d.layers, Block(lin, 2 * h)),), embed_params=d.vocab * h,
+        other_embed_params=0, lm_head_params=0 if tie else d.vocab * h, final_norm_params=h, norm="rms",
+        act_fn=str(cfg.get("hidden_act") or "silu"), sliding_window=_sliding_window(cfg.get("sliding_window")),
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )
 

@@ -173,65 +173,21 @@ _FLAG_ONLY = ("method", "objective", "reference", "batch_size", "seq_len", "lora
 
 
 def _flag_plan(args: argparse.Namespace):
-    from kubetune.estimator.flagplan import METHODS, OPTIMIZERS, PRECISIONS, SHARDINGS, plan_from_flags
+    """The flag form's plan and whether --batch-size is auto; each flag is checked in the order given here, so the
+    first error a command line has is the one reported."""
+    from kubetune.estimator.flagplan import METHODS, OPTIMIZERS, PRECISIONS, plan_from_flags
 
     method = _choice(args, "method", METHODS, "lora")
     info = registry.method(method)
-
-    def only_with(flag: str, **having) -> None:
-        raise UsageError(f"--{flag}: only valid with --method {one_of(registry.method_names(**having))}")
-
-    for flag in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
-        if getattr(args, flag) is not None and info.settings != "lora":
-            only_with(flag.replace("_", "-"), settings="lora")
-    if args.quant_bits is not None and not info.quantized:
-        only_with("quant-bits", quantized=True)
-    if (args.trainable_layers is not None or args.train_embeddings) and info.settings != "freeze":
-        only_with("trainable-layers" if args.trainable_layers is not None else "train-embeddings", settings="freeze")
-    if args.virtual_tokens is not None and info.settings != "virtualTokens":
-        only_with("virtual-tokens", settings="virtualTokens")
-    objective = _choice(args, "objective", registry.OBJECTIVE_NAMES, "sft")
-    reference = _choice(args, "reference", registry.REFERENCE_MODES, None)  # type: ignore[arg-type]
-    oinfo = registry.objective(objective)
-    if reference is not None and not oinfo.reference:
-        raise UsageError(f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
-                         f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
-    if reference == "implicit" and not info.adapter:
-        raise UsageError(f"--reference implicit: needs an adapter --method ({one_of(registry.method_names(adapter=True))}): "
-                         "it disables the adapters to get the base model; use copy or precomputed")
-    if args.packing and oinfo.data != "sft":
-        raise UsageError(f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
-                         "(preference objectives score each whole sequence on its own)")
-    auto = str(args.batch_size).strip().lower() == "auto" if args.batch_size is not None else False
-    if auto:
-        mbs = 1
-    else:
-        if args.batch_size is not None and not str(args.batch_size).strip().isdigit():
-            raise UsageError(f"--batch-size: must be a positive integer or auto (got {args.batch_size!r})")
-        mbs = _int(args, "batch-size", 1, 1, 4096)
+    _check_method_flags(args, info)
+    objective, reference = _flag_objective(args, info)
+    mbs, auto = _flag_batch(args)
     seq = _int(args, "seq-len", 2048, 1, 1 << 20)
-    dropout = 0.0
-    if args.lora_dropout is not None:
-        try:
-            dropout = float(args.lora_dropout)
-        except ValueError:
-            dropout = -1.0
-        if not 0.0 <= dropout < 1.0 or math.isnan(dropout):
-            raise UsageError(f"--lora-dropout: must be a number in [0, 1) (got {args.lora_dropout!r})")
-    targets: tuple[str, ...] = ("all-linear",)
-    if args.lora_targets is not None:
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        if not targets:
-            raise UsageError("--lora-targets: give all-linear or a comma-separated list of module names")
+    dropout, targets = _flag_lora(args)
     quant_bits = _int(args, "quant-bits", 4, 4, 8)
     if quant_bits not in (4, 8):
         raise UsageError(f"--quant-bits: must be 4 or 8 (got {quant_bits})")
-    gpus = _int(args, "gpus", 1, 1, 4096)
-    sharding = None
-    if args.sharding is not None:
-        sharding = _choice(args, "sharding", SHARDINGS, "ddp")
-        if gpus < 2:
-            raise UsageError("--sharding: needs --gpus 2 or more")
+    gpus, sharding = _flag_gpus(args)
     plan = plan_from_flags(
         method=method,
         micro_batch_size=mbs,
@@ -257,6 +213,80 @@ def _flag_plan(args: argparse.Namespace):
         reference=reference,
     )
     return plan, auto
+
+
+def _check_method_flags(args: argparse.Namespace, info: registry.MethodInfo) -> None:
+    """A method's own flags given with another method."""
+
+    def only_with(flag: str, **having) -> None:
+        raise UsageError(f"--{flag}: only valid with --method {one_of(registry.method_names(**having))}")
+
+    for flag in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets"):
+        if getattr(args, flag) is not None and info.settings != "lora":
+            only_with(flag.replace("_", "-"), settings="lora")
+    if args.quant_bits is not None and not info.quantized:
+        only_with("quant-bits", quantized=True)
+    if (args.trainable_layers is not None or args.train_embeddings) and info.settings != "freeze":
+        only_with("trainable-layers" if args.trainable_layers is not None else "train-embeddings", settings="freeze")
+    if args.virtual_tokens is not None and info.settings != "virtualTokens":
+        only_with("virtual-tokens", settings="virtualTokens")
+
+
+def _flag_objective(args: argparse.Namespace, info: registry.MethodInfo) -> tuple[str, str | None]:
+    """--objective and --reference, checked against each other, the method and --packing."""
+    objective = _choice(args, "objective", registry.OBJECTIVE_NAMES, "sft")
+    reference = _choice(args, "reference", registry.REFERENCE_MODES, None)  # type: ignore[arg-type]
+    oinfo = registry.objective(objective)
+    if reference is not None and not oinfo.reference:
+        raise UsageError(f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
+                         f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
+    if reference == "implicit" and not info.adapter:
+        raise UsageError(f"--reference implicit: needs an adapter --method ({one_of(registry.method_names(adapter=True))}): "
+                         "it disables the adapters to get the base model; use copy or precomputed")
+    if args.packing and oinfo.data != "sft":
+        raise UsageError(f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
+                         "(preference objectives score each whole sequence on its own)")
+    return objective, reference
+
+
+def _flag_batch(args: argparse.Namespace) -> tuple[int, bool]:
+    """(micro batch, auto): auto is priced at 1 until the solver picks one."""
+    auto = str(args.batch_size).strip().lower() == "auto" if args.batch_size is not None else False
+    if auto:
+        return 1, True
+    if args.batch_size is not None and not str(args.batch_size).strip().isdigit():
+        raise UsageError(f"--batch-size: must be a positive integer or auto (got {args.batch_size!r})")
+    return _int(args, "batch-size", 1, 1, 4096), False
+
+
+def _flag_lora(args: argparse.Namespace) -> tuple[float, tuple[str, ...]]:
+    """--lora-dropout and --lora-targets."""
+    dropout = 0.0
+    if args.lora_dropout is not None:
+        try:
+            dropout = float(args.lora_dropout)
+        except ValueError:
+            dropout = -1.0
+        if not 0.0 <= dropout < 1.0 or math.isnan(dropout):
+            raise UsageError(f"--lora-dropout: must be a number in [0, 1) (got {args.lora_dropout!r})")
+    targets: tuple[str, ...] = ("all-linear",)
+    if args.lora_targets is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if not targets:
+            raise UsageError("--lora-targets: give all-linear or a comma-separated list of module names")
+    return dropout, targets
+
+
+def _flag_gpus(args: argparse.Namespace) -> tuple[int, str | None]:
+    from kubetune.estimator.flagplan import SHARDINGS
+
+    gpus = _int(args, "gpus", 1, 1, 4096)
+    sharding = None
+    if args.sharding is not None:
+        sharding = _choice(args, "sharding", SHARDINGS, "ddp")
+        if gpus < 2:
+            raise UsageError("--sharding: needs --gpus 2 or more")
+    return gpus, sharding
 
 
 def _load_jobs(path: str) -> list[tuple[str, Any]]:
@@ -357,28 +387,14 @@ def _plan_line(plan) -> str:
 
 def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, as_json: bool,
             source: str, spec=None, allocator: str | None = None) -> dict:
-    from kubetune.estimator.advice import fit_advice, fits, max_micro_batch
+    """One model and plan priced (auto resolved as the operator would), with fit and advice; printed unless
+    ``as_json``. Returns the JSON form."""
+    from kubetune.estimator.advice import fit_advice, fits
     from kubetune.estimator.allocator import DEFAULT
     from kubetune.estimator.memory import GIB, estimate
-    from kubetune.plan import accumulation_steps, auto_micro_batch_cap
 
     allocator = allocator or DEFAULT
-
-    def as_run(p):  # a job is priced as the operator prices it: with the accumulation it will run
-        if spec is None:
-            return p
-        return p.with_(gradient_accumulation_steps=accumulation_steps(spec, p.micro_batch_size, p.num_processes))
-
-    plan = as_run(plan)
-    auto_table = {}
-    if auto:
-        # a job's auto picks what the operator would: capped by its effective batch per GPU
-        limit = {"limit": auto_micro_batch_cap(spec)} if spec is not None else {}
-        auto_table = {n: max_micro_batch(arch, plan, b, margin, allocator=allocator, **limit) for n, b in sizes}
-        best = [v for v in auto_table.values() if v > 0]
-        if best:  # price the largest micro batch that fits the smallest GPU that takes one
-            first = next(n for n, b in sizes if auto_table[n] > 0)
-            plan = as_run(plan.with_(micro_batch_size=auto_table[first]))
+    plan, auto_table = _priced_plan(arch, plan, auto, sizes, margin, spec, allocator)
     est = estimate(arch, plan, allocator=allocator)
     fit = {n: fits(est, b, margin) for n, b in sizes}
     advice = [] if any(fit.values()) else fit_advice(arch, plan, [b for _, b in sizes], margin, allocator=allocator)
@@ -404,20 +420,59 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
                 a["min_memory_gib"] = need
     if auto:
         d["max_micro_batch"] = auto_table
-    if spec is not None:  # a job file: the trainer pod's ephemeral-storage request, as the operator sets it
-        from kubetune.estimator.disk import work_dir_bytes
+    if spec is not None:
+        _add_pod_resources(d, spec, plan, est, arch)
+    if not as_json:
+        _print_report(d, arch, est, sizes, fit, auto, advice, floors)
+    return d
 
-        from kubetune.estimator.host import whole_model_in_host
 
-        d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes)
-        host, why = whole_model_in_host(spec, plan, est.total_params)
-        if host:
-            d["host_model_bytes"], d["host_model_why"] = host, why
-    if as_json:
-        return d
-    out = sys.stdout
-    w = out.write
-    w(f"{name}\n" if name else "")
+def _priced_plan(arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, spec, allocator: str):
+    """(the plan to price, the auto micro batch per GPU size): a job is priced as the operator prices it, with
+    the accumulation it will run; auto takes the largest micro batch that fits the smallest GPU taking one."""
+    from kubetune.estimator.advice import max_micro_batch
+    from kubetune.plan import accumulation_steps, auto_micro_batch_cap
+
+    def as_run(p):
+        if spec is None:
+            return p
+        return p.with_(gradient_accumulation_steps=accumulation_steps(spec, p.micro_batch_size, p.num_processes))
+
+    plan = as_run(plan)
+    auto_table: dict[str, int] = {}
+    if auto:
+        # a job's auto picks what the operator would: capped by its effective batch per GPU
+        limit = {"limit": auto_micro_batch_cap(spec)} if spec is not None else {}
+        auto_table = {n: max_micro_batch(arch, plan, b, margin, allocator=allocator, **limit) for n, b in sizes}
+        if any(v > 0 for v in auto_table.values()):
+            first = next(n for n, b in sizes if auto_table[n] > 0)
+            plan = as_run(plan.with_(micro_batch_size=auto_table[first]))
+    return plan, auto_table
+
+
+def _add_pod_resources(d: dict, spec, plan, est, arch) -> None:
+    """A job file: the trainer pod's ephemeral-storage request, as the operator sets it, and whether its host
+    memory must hold the whole model."""
+    from kubetune.estimator.disk import work_dir_bytes
+    from kubetune.estimator.host import whole_model_in_host
+
+    d["local_disk_bytes"] = work_dir_bytes(spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes)
+    host, why = whole_model_in_host(spec, plan, est.total_params)
+    if host:
+        d["host_model_bytes"], d["host_model_why"] = host, why
+
+
+_BREAKDOWN_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
+                     "adapters": "adapters", "activations": "activations", "logits": "logits / loss",
+                     "overhead": "CUDA context + allocator", "communication": "communication"}
+
+
+def _print_report(d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[str, bool], auto: bool, advice: list,
+                  floors: list) -> None:
+    from kubetune.estimator.memory import GIB
+
+    w = sys.stdout.write
+    w(f"{d['name']}\n" if d["name"] else "")
     w(f"  model        {d['model']}: {arch.summary().split(': ', 1)[-1]}\n")
     pct = est.trainable_params / est.total_params * 100 if est.total_params else 0
     w(f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable ({pct:.2f}%)\n")
@@ -425,12 +480,9 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
     for note in est.notes:
         w(f"  note         {note}\n")
     w(f"\n  per-GPU memory {est.total_gib:.2f} GiB (peak at the {est.phase})\n")
-    labels = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states", "adapters": "adapters",
-              "activations": "activations", "logits": "logits / loss", "overhead": "CUDA context + allocator",
-              "communication": "communication"}
     for k, v in est.breakdown.items():
         if v or k in ("weights", "activations", "overhead"):
-            w(f"    {labels[k]:<26s}{v / GIB:8.2f} GiB\n")
+            w(f"    {_BREAKDOWN_LABELS[k]:<26s}{v / GIB:8.2f} GiB\n")
     w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
     # what torch reports apart: tensors at the peak, and what the caching allocator holds for them
     w(f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved {est.reserved_bytes / GIB:.2f} "
@@ -441,12 +493,10 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         w(f"  host memory    the whole model, {d['host_model_bytes'] / GIB:.1f} GiB, is read into it "
           f"({d['host_model_why']}): spec.resources.memory must hold it\n")
     w("\n")
-    cells = []
-    for n, b in sizes:
-        cells.append(f"{n} {'yes' if fit[n] else 'no'}")
-    w(f"  fits ({int(margin * 100)}% margin): {' | '.join(cells)}\n")
+    cells = " | ".join(f"{n} {'yes' if fit[n] else 'no'}" for n, _ in sizes)
+    w(f"  fits ({int(d['margin'] * 100)}% margin): {cells}\n")
     if auto:
-        w("  auto micro batch: " + " | ".join(f"{n} -> {v}" for n, v in auto_table.items()) + "\n")
+        w("  auto micro batch: " + " | ".join(f"{n} -> {v}" for n, v in d["max_micro_batch"].items()) + "\n")
     if advice:
         w("\n  fits none of these GPUs; nearest configurations that do:\n")
         for a, need in list(zip(advice, floors))[:8]:
@@ -454,72 +504,85 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
             w(f"    - {a.description}: {a.estimate.total_gib:.2f} GiB, fits {a.gpu}{mem}\n")
     elif not any(fit.values()):
         w("\n  fits none of these GPUs, and no nearby configuration does either\n")
-    return d
 
 
 def run(args: argparse.Namespace) -> int:
-    from kubetune.estimator.advice import DEFAULT_MARGIN, GPU_SIZES
+    from kubetune.estimator.advice import GPU_SIZES
+    from kubetune.estimator.allocator import DEFAULT, EXPANDABLE
 
     if args.file and args.model:
         raise UsageError("-f and --model: give one of them (a job file, or a model with flags)")
     if not args.file and not args.model:
         raise UsageError("give -f JOB_YAML or --model CONFIG_JSON_OR_NAME (see kubetune estimate -h)")
-    margin = DEFAULT_MARGIN
-    if args.margin is not None:
-        try:
-            margin = float(args.margin)
-        except ValueError:
-            margin = -1.0
-        if not 0.0 <= margin < 0.5:
-            raise UsageError(f"--margin: must be a fraction in [0, 0.5) (got {args.margin!r})")
+    margin = _margin(args)
     sizes = parse_gpu_sizes(args.gpu_memory) if args.gpu_memory else [(g.name, g.bytes) for g in GPU_SIZES]
-    from kubetune.estimator.allocator import DEFAULT, EXPANDABLE
-
     allocator = {"default": DEFAULT, "expandable": EXPANDABLE}[_choice(args, "allocator", ("default", "expandable"), "default")]
-    reports = []
     if args.model:
-        arch, source = _load_model(args.model)
-        plan, auto = _flag_plan(args)
-        # an unknown LoRA target is reported against its flag
-        try:
-            reports.append(_report("", arch, plan, auto, sizes, margin, args.json, source, allocator=allocator))
-        except UsageError as e:
-            if "LoRA target" in str(e):
-                raise UsageError(f"--lora-targets: {e}") from None
-            raise
+        reports = [_flag_report(args, sizes, margin, allocator)]
     else:
-        given = [f"--{f.replace('_', '-')}" for f in _FLAG_ONLY if getattr(args, f) is not None]
-        given += [f for f, on in (("--gradient-checkpointing", args.gradient_checkpointing),
-                                  ("--fused-cross-entropy", args.fused_cross_entropy),
-                                  ("--fused-kernels", args.fused_kernels),
-                                  ("--packing", args.packing),
-                                  ("--train-embeddings", args.train_embeddings)) if on]
-        if given:
-            raise UsageError(f"{given[0]}: not used with -f (the job file sets it); use the flag form with --model")
-        from kubetune.estimator import resolve_architecture
-        from kubetune.plan import plan_from_spec
-
-        for name, spec in _load_jobs(args.file):
-            arch = resolve_architecture(spec.model, _read_config_for_cli)
-            auto = spec.training.micro_batch_size == "auto"
-            plan = plan_from_spec(spec, micro_batch_size=1 if auto else None)
-            job_sizes = sizes
-            if auto and spec.resources.min_gpu_memory and not args.gpu_memory:
-                from kubetune.api.base import quantity_to_float
-
-                q = int(quantity_to_float(spec.resources.min_gpu_memory))
-                job_sizes = [(str(spec.resources.min_gpu_memory), q)]
-            try:
-                reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}",
-                                       spec=spec, allocator=allocator))
-            except UsageError as e:
-                if "LoRA target" in str(e):
-                    raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None
-                raise
-            if not args.json:
-                sys.stdout.write("\n")
+        reports = _job_reports(args, sizes, margin, allocator)
     if args.json:
         doc = reports[0] if len(reports) == 1 else {"jobs": reports, "total_gib": max(r["total_gib"] for r in reports)}
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 0
+
+
+def _margin(args: argparse.Namespace) -> float:
+    from kubetune.estimator.advice import DEFAULT_MARGIN
+
+    if args.margin is None:
+        return DEFAULT_MARGIN
+    try:
+        margin = float(args.margin)
+    except ValueError:
+        margin = -1.0
+    if not 0.0 <= margin < 0.5:
+        raise UsageError(f"--margin: must be a fraction in [0, 0.5) (got {args.margin!r})")
+    return margin
+
+
+def _flag_report(args: argparse.Namespace, sizes: list[tuple[str, int]], margin: float, allocator: str) -> dict:
+    arch, source = _load_model(args.model)
+    plan, auto = _flag_plan(args)
+    try:
+        return _report("", arch, plan, auto, sizes, margin, args.json, source, allocator=allocator)
+    except UsageError as e:
+        if "LoRA target" in str(e):  # an unknown LoRA target is reported against its flag
+            raise UsageError(f"--lora-targets: {e}") from None
+        raise
+
+
+def _job_reports(args: argparse.Namespace, sizes: list[tuple[str, int]], margin: float, allocator: str) -> list[dict]:
+    from kubetune.estimator import resolve_architecture
+    from kubetune.plan import plan_from_spec
+
+    given = [f"--{f.replace('_', '-')}" for f in _FLAG_ONLY if getattr(args, f) is not None]
+    given += [f for f, on in (("--gradient-checkpointing", args.gradient_checkpointing),
+                              ("--fused-cross-entropy", args.fused_cross_entropy),
+                              ("--fused-kernels", args.fused_kernels),
+                              ("--packing", args.packing),
+                              ("--train-embeddings", args.train_embeddings)) if on]
+    if given:
+        raise UsageError(f"{given[0]}: not used with -f (the job file sets it); use the flag form with --model")
+    reports = []
+    for name, spec in _load_jobs(args.file):
+        arch = resolve_architecture(spec.model, _read_config_for_cli)
+        auto = spec.training.micro_batch_size == "auto"
+        plan = plan_from_spec(spec, micro_batch_size=1 if auto else None)
+        job_sizes = sizes
+        if auto and spec.resources.min_gpu_memory and not args.gpu_memory:
+            from kubetune.api.base import quantity_to_float
+
+            q = int(quantity_to_float(spec.resources.min_gpu_memory))
+            job_sizes = [(str(spec.resources.min_gpu_memory), q)]
+        try:
+            reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}",
+                                   spec=spec, allocator=allocator))
+        except UsageError as e:
+            if "LoRA target" in str(e):
+                raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None
+            raise
+        if not args.json:
+            sys.stdout.write("\n")
+    return reports

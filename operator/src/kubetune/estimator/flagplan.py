@@ -61,14 +61,7 @@ def plan_from_flags(
         raise ValueError(f"method must be one of {', '.join(METHODS)}")
     info = registry.method(method)
     obj = _objective(method, objective, reference, packing)
-    if precision == "bf16":
-        weight = trainable = compute = "bf16"
-    elif precision == "fp32-mixed":
-        weight, trainable, compute = "fp32", "fp32", "bf16"
-    elif precision == "fp32":
-        weight = trainable = compute = "fp32"
-    else:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    weight, trainable, compute = _dtypes(precision)
     kw: dict = {}
     if info.adapter:
         trainable = "fp32"  # peft creates adapters and virtual tokens in fp32
@@ -82,12 +75,6 @@ def plan_from_flags(
     if info.settings == "freeze":
         kw.update(trainable_layers=trainable_layers, train_embeddings=train_embeddings)
     nproc = max(1, gpus)
-    if nproc <= 1:
-        shard = "none"
-    elif sharding is None:
-        shard = "fsdp" if info.shard_by_default else "ddp"
-    else:
-        shard = sharding
     return TrainingPlan(
         method=method,
         weight_dtype=weight,  # type: ignore[arg-type]
@@ -102,13 +89,33 @@ def plan_from_flags(
         seq_len=seq_len,
         gradient_accumulation_steps=gradient_accumulation_steps,
         num_processes=nproc,
-        sharding=shard,  # type: ignore[arg-type]  # zero2 / zero3 are estimator-only strategies
+        # zero2 / zero3 are estimator-only strategies
+        sharding=_sharding(info, nproc, sharding),  # type: ignore[arg-type]
         adapter_dtype="fp32",
         objective=objective,
         sequences_per_example=registry.objective(objective).sequences_per_example,
         reference=obj.effective_reference(method),  # type: ignore[arg-type]
         **kw,
     )
+
+
+def _dtypes(precision: str) -> tuple[str, str, str]:
+    """(weights, trainable, compute) of a --precision."""
+    if precision == "bf16":
+        return "bf16", "bf16", "bf16"
+    if precision == "fp32-mixed":
+        return "fp32", "fp32", "bf16"
+    if precision == "fp32":
+        return "fp32", "fp32", "fp32"
+    raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+
+
+def _sharding(info: registry.MethodInfo, nproc: int, sharding: str | None) -> str:
+    if nproc <= 1:
+        return "none"
+    if sharding is None:
+        return "fsdp" if info.shard_by_default else "ddp"
+    return sharding
 
 
 def _objective(method: str, objective: str, reference: str | None, packing: bool):

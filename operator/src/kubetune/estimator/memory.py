@@ -20,8 +20,9 @@ import dataclasses
 import math
 from operator import attrgetter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+from kubetune.api.registry import MethodInfo
 from kubetune.api.registry import method as method_info
 from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
 from kubetune.estimator.allocator import EXPANDABLE as ALLOC_EXPANDABLE
@@ -205,123 +206,175 @@ def _counts(blk: Block) -> dict[str, int]:
     return out
 
 
-def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
-    """Saved activations of one block, bytes per token (sequence position)."""
-    h, qd, kvd, heads = arch.hidden_size, arch.q_dim, arch.kv_dim, arch.num_heads
-    c, w, ac, T = x.c, x.w, x.autocast, x.trainable
-    base = _counts(blk)
-    ad = dict(x.adapted)
-    kvf = x.kv_factor
+class _BlockView(NamedTuple):
+    """One block as its saved-activation terms read it."""
 
-    def lin_out(g: int) -> int:
-        if x.quantized:
-            return g  # bitsandbytes casts the result back to the input dtype
-        return c if ac else max(g, w)
+    arch: Architecture
+    blk: Block
+    x: _Ctx
+    base: dict[str, int]  # group -> linears of the block
+    adapted: dict[str, int]  # group -> LoRA-adapted linears
 
-    fam = arch.family
-    tot = 0
-    masks = 0
+    def group(self, group: str, width: int, dtype_bytes: int, saved_already: bool, more_base: int = 0,
+              more_adapted: int = 0) -> int:
+        """_group for the block's linears of ``group`` (plus ``more_*`` modules reading the same input)."""
+        return _group(self.x, width, dtype_bytes, saved_already, self.base.get(group, 0) + more_base,
+                      self.adapted.get(group, 0) + more_adapted)
 
-    def layer_norms(count: int, shared_input: bool) -> int:
+    def linear_output(self, input_bytes: int) -> int:
+        """Bytes per element of a linear's output."""
+        if self.x.quantized:
+            return input_bytes  # bitsandbytes casts the result back to the input dtype
+        return self.x.c if self.x.autocast else max(input_bytes, self.x.w)
+
+    def layer_norms(self, count: int, shared_input: bool) -> int:
         # LayerNorm: under autocast it runs in fp32 and saves an fp32 copy of its input (one per call: only
         # casts of leaf tensors are cached) plus fp32 mean/rstd; without autocast it saves the input itself.
-        if ac:
-            return count * (4 * h + 8)
-        return (1 if shared_input else count) * w * h + count * 2 * w
+        hidden, w = self.arch.hidden_size, self.x.w
+        if self.x.autocast:
+            return count * (4 * hidden + 8)
+        return (1 if shared_input else count) * w * hidden + count * 2 * w
 
-    if fam in ("llama", "phi3"):
-        # RMSNorm saves an fp32 copy of its input (pow/mul) and the fp32 rsqrt; the weight product's input if
-        # the weight trains (Gemma: the fp32 normalized tensor).
-        per_norm = 4 * h + 4 + ((4 * h if arch.norm == "gemma" else w * h) if T else 0)
-        if x.liger:  # Liger's RMSNorm keeps its input (a view) and the fp32 rstd, and derives dW from them
-            per_norm = w * h + 4
-        tot += arch.norms_per_block * per_norm
-        g = w  # norm output: weight(w) * x.to(w)
-        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
-        o1 = lin_out(g)
-        sd = c if ac else max(o1, w)
-        if arch.qk_norm:  # per-head RMSNorm on q and k
-            tot += 4 * (qd + kvd) + 4 * (heads + arch.num_kv_heads)
-            if T:
-                tot += (4 if arch.norm == "gemma" else w) * (qd + kvd)
-        if arch.eager_attention:
-            # eager: q and head-repeated k, v saved by the matmuls; per score: the soft-cap tanh output,
-            # the fp32 softmax and its compute-dtype cast; the output is re-laid out for o_proj (a copy)
-            tot += sd * 3 * qd * kvf + heads * x.s_kv * (sd + 4 + (sd if arch.attn_softcapping else 0))
-            tot += _group(x, qd, sd, False, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
-        else:
-            repeated = x.mask and arch.num_kv_heads != heads
-            if x.mask:  # SDPA turns the bool mask into an additive one in the compute dtype, per call, kept for backward
-                tot += sd * x.s_kv
-            kv_saved = qd if repeated else kvd  # repeat_kv when a mask is given
-            tot += sd * (2 * qd + 2 * kv_saved * kvf) + 4 * heads  # q, k, v, out (+ fp32 logsumexp)
-            if fam == "phi3" and not repeated and kvf == 1:
-                # v is a view of the fused qkv_proj output, so SDPA keeps all of it alive (the trainer runs
-                # without a KV cache, whose concatenation would have copied v out)
-                tot += sd * (qd + kvd)
-            tot += _group(x, qd, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
-        mlp_base = base.get(MLP_IN, 0) + (1 if blk.moe else 0)  # the MoE router reads the norm output too
-        tot += _group(x, h, g, False, mlp_base, ad.get(MLP_IN, 0) + (1 if x.moe_lora and blk.param_targets else 0))
-        if blk.moe is None:
-            i = arch.intermediate_size
-            o2 = lin_out(g)
-            # act input, act output, up output; Liger's SwiGLU/GeGLU keeps gate and up and recomputes the act
-            tot += (2 if x.liger_mlp else 3) * o2 * i
-            tot += _group(x, i, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
-        else:
-            m = blk.moe
-            oe = c if ac else w  # experts are 3D tensors: plain autocast matmuls, never quantized
-            gi = (c if (ac and g != c) else g) * h
-            # per routed (token, expert): gathered input (if trained), gate_up output, act output, product
-            # (if trained), down output (kept for the routing-weight product), routing weight and indices
-            te = T or (x.moe_lora and bool(blk.param_targets))  # expert weights require grad
-            per = 3 * oe * m.intermediate + oe * h + 28 + ((gi + oe * m.intermediate) if te else 0)
-            tot += m.top_k * per + 4 * m.experts + 12 * m.top_k + 4  # router probs, top-k values/indices
-            if m.shared_intermediate:
-                o2 = lin_out(g)
-                tot += 3 * o2 * m.shared_intermediate + o2 * h + 8  # + shared-expert gate product
-                tot += _group(x, m.shared_intermediate, o2, False, base.get(SHARED_MID, 0), ad.get(SHARED_MID, 0))
-    elif fam == "gpt_neox":
-        g = 4 if ac else w  # LayerNorm output
-        tot += layer_norms(2, arch.parallel_residual)
-        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
-        o1 = lin_out(g)
-        sd = c if ac else o1
-        tot += sd * 4 * h + 4 * heads  # q and k (rotary makes new tensors), v, out
-        if kvf == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
-            tot += sd * 2 * h
-        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
-        tot += _group(x, h, g, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
-        o2 = lin_out(g)
-        tot += o2 * arch.intermediate_size  # gelu input
-        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
-    elif fam == "gpt2":
-        g = 4 if ac else w
-        tot += layer_norms(2, False)
-        tot += _group(x, h, g, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
-        o1 = lin_out(g)
-        sd = c if ac else o1
-        tot += o1 * 3 * h + sd * h + 4 * heads  # q, k, v are views of c_attn's output; out
-        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
-        tot += _group(x, h, g, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
-        o2 = lin_out(g)
-        tot += (4 if arch.act == "gelu_new" else 1) * o2 * arch.intermediate_size  # python gelu_new: 4 saves
-        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
-        masks = 2 if arch.hidden_dropout else 0
-    else:  # bert: post-LN; the block input is the previous LayerNorm's output
-        g_in = 4 if ac else w
-        tot += _group(x, h, g_in, False, base.get(ATTN_IN, 0), ad.get(ATTN_IN, 0))
-        o1 = lin_out(g_in)
-        sd = c if ac else o1
-        tot += sd * 4 * h + 4 * heads  # q, k, v, out
-        tot += _group(x, h, sd, True, base.get(ATTN_OUT, 0), ad.get(ATTN_OUT, 0))
-        tot += layer_norms(2, False)
-        tot += _group(x, h, g_in, False, base.get(MLP_IN, 0), ad.get(MLP_IN, 0))
-        o2 = lin_out(g_in)
-        tot += o2 * arch.intermediate_size
-        tot += _group(x, arch.intermediate_size, o2, False, base.get(MLP_MID, 0), ad.get(MLP_MID, 0))
-        masks = 2 if arch.hidden_dropout else 0
-    return int(tot + masks * h)
+
+def _block_bytes(arch: Architecture, blk: Block, x: _Ctx) -> int:
+    """Saved activations of one block, bytes per token (sequence position)."""
+    view = _BlockView(arch, blk, x, _counts(blk), dict(x.adapted))
+    terms = _FAMILY_TERMS[arch.family](view)
+    # summed in the order the terms come: a prefix's kv_factor makes some of them floats, and the int() at the
+    # end must see the same float sum whatever the code's shape
+    return int(sum(terms))
+
+
+def _decoder_terms(v: _BlockView) -> list[float]:
+    """llama and phi3: pre-norm RMSNorm blocks, SDPA (or Gemma 2's eager) attention, a gated MLP or MoE."""
+    arch, x = v.arch, v.x
+    hidden, weight_trains = arch.hidden_size, x.trainable
+    # RMSNorm saves an fp32 copy of its input (pow/mul) and the fp32 rsqrt; the weight product's input if
+    # the weight trains (Gemma: the fp32 normalized tensor).
+    per_norm = 4 * hidden + 4 + ((4 * hidden if arch.norm == "gemma" else x.w * hidden) if weight_trains else 0)
+    if x.liger:  # Liger's RMSNorm keeps its input (a view) and the fp32 rstd, and derives dW from them
+        per_norm = x.w * hidden + 4
+    norm_out = x.w  # norm output: weight(w) * x.to(w)
+    terms: list[float] = [arch.norms_per_block * per_norm, v.group(ATTN_IN, hidden, norm_out, False)]
+    terms += _decoder_attention_terms(v, v.linear_output(norm_out))
+    # the MoE router reads the norm output too
+    terms.append(v.group(MLP_IN, hidden, norm_out, False, 1 if v.blk.moe else 0,
+                         1 if x.moe_lora and v.blk.param_targets else 0))
+    if v.blk.moe is None:
+        mlp_out = v.linear_output(norm_out)
+        # act input, act output, up output; Liger's SwiGLU/GeGLU keeps gate and up and recomputes the act
+        terms.append((2 if x.liger_mlp else 3) * mlp_out * arch.intermediate_size)
+        terms.append(v.group(MLP_MID, arch.intermediate_size, mlp_out, False))
+    else:
+        terms += _moe_terms(v, norm_out)
+    return terms
+
+
+def _decoder_attention_terms(v: _BlockView, qkv_out: int) -> list[float]:
+    """q/k norms, what SDPA (or eager attention) saves, and o_proj's input; ``qkv_out``: the projections' bytes."""
+    arch, x = v.arch, v.x
+    q_dim, kv_dim, heads, kv_factor = arch.q_dim, arch.kv_dim, arch.num_heads, x.kv_factor
+    attn = x.c if x.autocast else max(qkv_out, x.w)  # bytes of the attention's tensors
+    terms: list[float] = []
+    if arch.qk_norm:  # per-head RMSNorm on q and k
+        terms.append(4 * (q_dim + kv_dim) + 4 * (heads + arch.num_kv_heads))
+        if x.trainable:
+            terms.append((4 if arch.norm == "gemma" else x.w) * (q_dim + kv_dim))
+    if arch.eager_attention:
+        # eager: q and head-repeated k, v saved by the matmuls; per score: the soft-cap tanh output,
+        # the fp32 softmax and its compute-dtype cast; the output is re-laid out for o_proj (a copy)
+        terms.append(attn * 3 * q_dim * kv_factor
+                     + heads * x.s_kv * (attn + 4 + (attn if arch.attn_softcapping else 0)))
+        terms.append(v.group(ATTN_OUT, q_dim, attn, False))
+        return terms
+    repeated = x.mask and arch.num_kv_heads != heads
+    if x.mask:  # SDPA turns the bool mask into an additive one in the compute dtype, per call, kept for backward
+        terms.append(attn * x.s_kv)
+    kv_saved = q_dim if repeated else kv_dim  # repeat_kv when a mask is given
+    terms.append(attn * (2 * q_dim + 2 * kv_saved * kv_factor) + 4 * heads)  # q, k, v, out (+ fp32 logsumexp)
+    if arch.family == "phi3" and not repeated and kv_factor == 1:
+        # v is a view of the fused qkv_proj output, so SDPA keeps all of it alive (the trainer runs
+        # without a KV cache, whose concatenation would have copied v out)
+        terms.append(attn * (q_dim + kv_dim))
+    terms.append(v.group(ATTN_OUT, q_dim, attn, True))
+    return terms
+
+
+def _moe_terms(v: _BlockView, norm_out: int) -> list[float]:
+    """A sparse block's MLP: routed experts (3D tensors) and the optional shared expert."""
+    arch, x, moe = v.arch, v.x, v.blk.moe
+    assert moe is not None
+    hidden = arch.hidden_size
+    expert_out = x.c if x.autocast else x.w  # experts are 3D tensors: plain autocast matmuls, never quantized
+    gathered_input = (x.c if (x.autocast and norm_out != x.c) else norm_out) * hidden
+    # per routed (token, expert): gathered input (if trained), gate_up output, act output, product
+    # (if trained), down output (kept for the routing-weight product), routing weight and indices
+    experts_train = x.trainable or (x.moe_lora and bool(v.blk.param_targets))  # expert weights require grad
+    per_route = (3 * expert_out * moe.intermediate + expert_out * hidden + 28
+                 + ((gathered_input + expert_out * moe.intermediate) if experts_train else 0))
+    terms: list[float] = [moe.top_k * per_route + 4 * moe.experts + 12 * moe.top_k + 4]  # router probs, top-k
+    if moe.shared_intermediate:
+        shared_out = v.linear_output(norm_out)
+        terms.append(3 * shared_out * moe.shared_intermediate + shared_out * hidden + 8)  # + shared-expert gate
+        terms.append(v.group(SHARED_MID, moe.shared_intermediate, shared_out, False))
+    return terms
+
+
+def _gpt_neox_terms(v: _BlockView) -> list[float]:
+    arch, x = v.arch, v.x
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    norm_out = 4 if x.autocast else x.w  # LayerNorm output
+    qkv_out = v.linear_output(norm_out)
+    attn = x.c if x.autocast else qkv_out
+    terms = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, hidden, norm_out, False),
+             attn * 4 * hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
+    if x.kv_factor == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
+        terms.append(attn * 2 * hidden)
+    mlp_out = v.linear_output(norm_out)
+    terms += [v.group(ATTN_OUT, hidden, attn, True), v.group(MLP_IN, hidden, norm_out, False),
+              mlp_out * inter,  # gelu input
+              v.group(MLP_MID, inter, mlp_out, False)]
+    return terms
+
+
+def _gpt2_terms(v: _BlockView) -> list[float]:
+    arch, x = v.arch, v.x
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    norm_out = 4 if x.autocast else x.w
+    qkv_out = v.linear_output(norm_out)
+    attn = x.c if x.autocast else qkv_out
+    mlp_out = v.linear_output(norm_out)
+    return [v.layer_norms(2, False), v.group(ATTN_IN, hidden, norm_out, False),
+            qkv_out * 3 * hidden + attn * hidden + 4 * arch.num_heads,  # q, k, v are views of c_attn's output; out
+            v.group(ATTN_OUT, hidden, attn, True), v.group(MLP_IN, hidden, norm_out, False),
+            (4 if arch.act == "gelu_new" else 1) * mlp_out * inter,  # python gelu_new: 4 saves
+            v.group(MLP_MID, inter, mlp_out, False),
+            _dropout_masks(arch)]
+
+
+def _bert_terms(v: _BlockView) -> list[float]:
+    """Post-LN: the block input is the previous LayerNorm's output."""
+    arch, x = v.arch, v.x
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    block_in = 4 if x.autocast else x.w
+    qkv_out = v.linear_output(block_in)
+    attn = x.c if x.autocast else qkv_out
+    mlp_out = v.linear_output(block_in)
+    return [v.group(ATTN_IN, hidden, block_in, False),
+            attn * 4 * hidden + 4 * arch.num_heads,  # q, k, v, out
+            v.group(ATTN_OUT, hidden, attn, True), v.layer_norms(2, False), v.group(MLP_IN, hidden, block_in, False),
+            mlp_out * inter,
+            v.group(MLP_MID, inter, mlp_out, False),
+            _dropout_masks(arch)]
+
+
+def _dropout_masks(arch: Architecture) -> int:
+    """Hidden dropout's bool masks (attention output and MLP output), per token."""
+    return (2 if arch.hidden_dropout else 0) * arch.hidden_size
+
+
+_FAMILY_TERMS = {"llama": _decoder_terms, "phi3": _decoder_terms, "gpt_neox": _gpt_neox_terms, "gpt2": _gpt2_terms,
+                 "bert": _bert_terms}
 
 
 def _ckpt_bytes(arch: Architecture, x: _Ctx) -> int:
@@ -530,15 +583,278 @@ class _Prepared:
     ref_logit_bytes: int = 0  # bytes per logit while the reference's log-probs are taken
 
 
-def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
-    w, t, c = BYTES[plan.weight_dtype], BYTES[plan.trainable_dtype], BYTES[plan.compute_dtype]
+class _Setup(NamedTuple):
+    """What every section of _prepare reads: bytes per element, the method, how the model states are sharded."""
+
+    weight: int  # bytes of a base weight
+    trainable: int  # bytes of a trainable parameter, hence of its gradient (and AdamW's states but 8-bit)
+    compute: int  # bytes of the autocast compute dtype
+    info: MethodInfo
+    full: bool  # every weight trains
+    freeze: bool  # the top blocks train
+    lora: bool
+    head_trained: bool  # the output head (and the embedding) train
+    gpus: int
+    sharding: str  # "none" on one GPU
+    shard: int  # what fsdp and zero3 divide the weights by (1 otherwise)
+    autocast: bool
+    reported: int  # trainable params, as the status reports them
+    used_trainable: int  # trainable params that get gradients
+    adapter_params: int
+    trained_block_params: int  # params of the blocks that train
+
+
+def _setup(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Setup:
+    weight, trainable, compute = BYTES[plan.weight_dtype], BYTES[plan.trainable_dtype], BYTES[plan.compute_dtype]
     info = method_info(plan.method)
-    full, freeze, lora = info.trains_all, info.settings == "freeze", info.settings == "lora"
-    n = max(1, plan.num_processes)
-    sharding = plan.sharding if n > 1 else "none"
-    shard = n if sharding in ("fsdp", "zero3") else 1
+    full, freeze = info.trains_all, info.settings == "freeze"
+    gpus = max(1, plan.num_processes)
+    sharding = plan.sharding if gpus > 1 else "none"
     reported, used_trainable, adapter_params, trained_block_params = _method_info(arch, plan)
+    return _Setup(
+        weight=weight, trainable=trainable, compute=compute, info=info, full=full, freeze=freeze,
+        lora=info.settings == "lora", head_trained=full or (freeze and plan.train_embeddings), gpus=gpus,
+        sharding=sharding, shard=gpus if sharding in ("fsdp", "zero3") else 1, autocast=autocast, reported=reported,
+        used_trainable=used_trainable, adapter_params=adapter_params, trained_block_params=trained_block_params,
+    )
+
+
+class _Weights(NamedTuple):
+    per_gpu: int
+    whole: float  # every GPU's share before sharding (QLoRA under FSDP loads all of it)
+
+
+def weight_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Weights:
+    """The base weights: quantized linears at their bits (biases stay in the weight dtype), the rest in it."""
     total = arch.total_params
+    if s.info.quantized:
+        bits = plan.quant_bits or 4
+        q_lin = arch.linear_params  # quantized nn.Linear params (head linears too)
+        bias = sum(cnt * m.d_out for cnt, b in arch.blocks for m in b.linears if m.bias)
+        bias += sum(m.d_out for m in arch.head_linears if m.bias)
+        per_q = INT8_BYTES if bits == 8 else (NF4_BYTES_DQ if plan.double_quant else NF4_BYTES)
+        weights = (q_lin - bias) * per_q + (total - q_lin + bias) * s.weight
+    else:
+        weights = total * s.weight
+    return _Weights(int(weights / s.shard), weights)
+
+
+class _States(NamedTuple):
+    adapters: int
+    grads: int  # every gradient (the optimizer moment)
+    optimizer: float  # AdamW's states
+
+
+def trainable_state_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _States:
+    """Adapters, gradients and optimizer states per GPU (sharded as the plan says)."""
+    t, n = s.trainable, s.gpus
+    eight_bit = plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
+    opt_per = BNB_8BIT_STATE if eight_bit else 2 * t  # exp_avg, exp_avg_sq in the trainable dtype
+    adapters = s.adapter_params * t
+    grads = s.used_trainable * t
+    optimizer = s.used_trainable * opt_per
+    if eight_bit and s.head_trained and plan.embedding_states_32bit:
+        # the HF Trainer overrides every nn.Embedding to 32-bit bitsandbytes states (Trainer.create_optimizer:
+        # register_module_override(..., {"optim_bits": 32})): 8 B/param there, found with the trace
+        # (1B tied full fine-tune, 8-bit AdamW: 8% under without it). kubetune's trainer has no override.
+        optimizer += arch.embed_params * (2 * 4 - opt_per)
+    if s.sharding in ("fsdp", "zero3"):
+        adapters, grads, optimizer = adapters // n, grads // n, int(optimizer / n)
+    elif s.sharding == "zero2":
+        grads, optimizer = grads // n, int(optimizer / n)
+    return _States(adapters, grads, optimizer)
+
+
+class _GradientTimeline(NamedTuple):
+    early: int  # alive during the forward (accumulation, adapters)
+    head: int  # right after the output head's backward
+    bottom: int  # at the last block's backward
+    tied_accum: int  # tied embeddings: the embedding's gradient and its sum with the head's, at the very end
+
+
+def gradient_timeline(arch: Architecture, plan: TrainingPlan, s: _Setup, grads: int) -> _GradientTimeline:
+    """Which of the gradients exist at each moment before the optimizer's."""
+    t, shard = s.trainable, s.shard
+    head_grad = (arch.lm_head_params or arch.embed_params) * t // shard if s.head_trained else 0
+    accumulating = plan.gradient_accumulation_steps > 1
+    early = grads if accumulating else (grads if s.info.adapter else 0)
+    emb_grad = arch.embed_params * t // shard if s.full else 0
+    bottom = grads if accumulating else max(early, grads - emb_grad)
+    # Tied embeddings: the output head's gradient already holds the shared weight's; the embedding's backward
+    # makes a second one, and AccumulateGrad adds the two out of place: all gradients plus two [V, h] tensors
+    # at the very end of the backward (what the trace of a tied 3B full fine-tune has alive at its peak)
+    tied = 2 * arch.embed_params * t // shard if (s.head_trained and arch.tie_word_embeddings) else 0
+    return _GradientTimeline(early, max(early, head_grad), bottom, tied)
+
+
+class _Communication(NamedTuple):
+    static: int  # DDP buckets, ZeRO buckets (persistent)
+    transient: int  # FSDP unsharded units (forward / backward)
+    nccl: int
+
+
+def communication_bytes(arch: Architecture, s: _Setup) -> _Communication:
+    static = transient = 0
+    nccl = NCCL_BUFFERS if s.gpus > 1 else 0
+    if s.sharding == "ddp":
+        static = s.used_trainable * s.trainable  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
+    elif s.sharding == "zero2":
+        static = 2 * min(s.used_trainable, DEEPSPEED_BUCKET) * s.compute
+    elif s.sharding in ("fsdp", "zero3"):
+        unsharded = s.compute if (s.autocast and s.weight != s.compute) else s.weight
+        unit = arch.largest_block_params
+        if s.info.quantized:
+            unit = int(unit * 0.55)
+        # a block's unsharded gradient: whole blocks train under full/freeze; the trainer wraps adapters
+        # as units of their own (kubetune_trainer.loop.fsdp_wrap_policy), so frozen blocks have none
+        unit_grad = unit * s.trainable if not s.info.adapter else 0
+        transient = arch.head_params * unsharded + 2 * unit * unsharded + unit_grad
+    return _Communication(static, transient, nccl)
+
+
+class _ModelLoad(NamedTuple):
+    weights: int
+    adapters: int
+    unit: int
+
+
+def model_load_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup, weights_whole: float) -> _ModelLoad:
+    """What a GPU holds while loading, when that can be the peak (0s: it cannot)."""
+    if not (s.info.quantized and s.sharding == "fsdp"):
+        return _ModelLoad(0, 0, 0)
+    # bitsandbytes quantizes while loading onto the GPU, so every rank holds the whole 4-bit model
+    # until FSDP wraps it (kubetune_trainer.model.loading_place), plus the flat copy of the unit
+    # being wrapped; other methods load in host memory and reach the GPU a unit at a time
+    weights = int(weights_whole)
+    if plan.reference == "copy":  # the reference copy is loaded the same way
+        weights *= 2
+    return _ModelLoad(weights, s.adapter_params * s.trainable, int(arch.largest_block_params * 0.55) * s.weight)
+
+
+class _Copies(NamedTuple):
+    loss: int  # weight copies alive at the loss
+    block: int  # copies of one block's weights in its backward
+
+
+def weight_copy_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Copies:
+    """Weight copies the step makes: autocast's (fp32 weights, bf16 compute) and peft's merged MoE experts."""
+    loss, block = _autocast_copies(arch, plan, s) if (s.autocast and s.weight != s.compute) else (0, 0)
+    if s.lora and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
+        # peft's ParamWrapper adds B@A to the whole expert tensor every forward: the merged expert weights
+        # are saved for the backward (and their gradient materialized there): a per-block constant
+        merged = max(b.expert_params for _, b in arch.blocks) * (s.compute if s.autocast else s.weight)
+        sparse = sum(n for n, b in arch.blocks if b.param_targets)
+        block += 2 * merged
+        if not plan.gradient_checkpointing:
+            loss += sparse * merged
+    return _Copies(loss, block)
+
+
+def _autocast_copies(arch: Architecture, plan: TrainingPlan, s: _Setup) -> tuple[int, int]:
+    c, full, gc = s.compute, s.full, plan.gradient_checkpointing
+    loss = 0
+    lin_all = arch.linear_params
+    head_lin = arch.lm_head_params or arch.embed_params
+    if not s.info.adapter:
+        trained_lin = lin_all if full else int(lin_all * s.trained_block_params / max(1, arch.block_params))
+        # trainable leaves: autocast caches their bf16 copies for the whole forward; under checkpointing the
+        # blocks' copies die with each block's forward and only the head's stays (the trace of a 1B
+        # fp32-master full fine-tune with checkpointing: 6.7% over when they were counted)
+        loss += (0 if gc else trained_lin * c) + (head_lin * c if full else 0)
+    if not s.info.quantized:
+        frozen_lin = lin_all - (lin_all if full else 0)
+        if not gc and s.info.adapter:
+            loss += frozen_lin * c  # saved by each frozen linear for its input gradient
+    if not full:
+        loss += head_lin * c  # the frozen output head's copy, saved for the hidden-state grad
+    block = max(b.linear_params for _, b in arch.blocks) * c if not s.info.quantized else 0
+    if s.shard > 1:
+        loss //= s.shard
+    return loss, block
+
+
+class _Activations(NamedTuple):
+    """Per token bytes."""
+
+    all_blocks: int  # saved activations of every block that keeps them (no GC) / checkpoints (GC)
+    one_block: int  # one block's saved activations (the recomputed one under GC)
+    checkpoint: int  # one block's checkpoint (0 without checkpointing)
+    head: int
+    backward_transient: int
+    logits: int  # unfused: k*V; fused: the grad of the hidden state
+    extra_tokens: int  # prompt tuning: virtual tokens join the sequence
+    mask_per_s2: int  # explicit attention mask bytes per (b * s * s_kv)
+
+
+def activation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Activations:
+    all_blocks, one_block, ckpt = _saved_block_bytes(arch, plan, s)
+    head = _head_bytes(arch, _ctx_for(arch, plan, arch.blocks[0][1], s.full, s.autocast), s.head_trained)
+    if arch.family in ("gpt2", "bert") and arch.hidden_dropout:
+        head += arch.hidden_size  # embedding dropout mask
+    inter = arch.intermediate_size
+    moe = arch.blocks[0][1].moe
+    if moe:
+        inter = max(moe.top_k * moe.intermediate, moe.shared_intermediate)
+    bwd = int(BWD_TRANSIENT_MLP * s.compute * inter + BWD_TRANSIENT_HIDDEN * s.compute * arch.hidden_size)
+    if plan.fused_cross_entropy:
+        logits = s.compute * arch.hidden_size + 4  # liger: grad of the hidden state + loss per token (+ chunks)
+    else:
+        logits = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
+    return _Activations(
+        all_blocks=all_blocks, one_block=one_block, checkpoint=ckpt if plan.gradient_checkpointing else 0, head=head,
+        backward_transient=bwd, logits=logits, extra_tokens=_virtual_tokens(plan, "input"),
+        mask_per_s2=1 if _explicit_mask(arch, plan) else 0,  # bool: one byte per (query, key) pair
+    )
+
+
+def _saved_block_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> tuple[int, int, int]:
+    """(what every block keeps, the largest block's saved set, a checkpoint), per token."""
+    gc = plan.gradient_checkpointing
+    if s.freeze:
+        k = min(int(plan.trainable_layers or 1), arch.num_layers)
+        blk = arch.blocks[0][1]
+        trained = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, True, s.autocast))
+        frozen = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, False, s.autocast)) if plan.train_embeddings else 0
+        n_frozen = arch.num_layers - k
+        if gc:
+            ckpt = _ckpt_bytes(arch, _ctx_for(arch, plan, blk, True, s.autocast))
+            return ckpt * (k + (n_frozen if plan.train_embeddings else 0)), max(trained, frozen), ckpt
+        return trained * k + frozen * n_frozen, max(trained, frozen), 0
+    all_blocks = one_block = ckpt = 0
+    for cnt, blk in arch.blocks:
+        x = _ctx_for(arch, plan, blk, s.full, s.autocast)
+        saved = _block_bytes(arch, blk, x)
+        one_block = max(one_block, saved)
+        ckpt = _ckpt_bytes(arch, x)
+        all_blocks += cnt * (ckpt if gc else saved)
+    return all_blocks, one_block, ckpt
+
+
+class _Reference(NamedTuple):
+    weights: int  # a frozen copy of the weights (copy)
+    forward: bool  # a no-grad forward before the policy's (implicit, copy)
+    resid: int  # the residual stream, per token: a block's input and output in the reference forward
+    block: int  # one frozen block's activations, per token (the reference forward holds one at a time)
+    logit_bytes: int  # bytes per logit while the reference's log-probs are taken
+
+
+def reference_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup, weights: int) -> _Reference:
+    """The reference model (dpo, kto): a frozen copy of the weights (copy) and/or a no-grad forward (implicit,
+    copy) over the same sequences before the policy's; precomputed has neither in the step."""
+    ref_weights = weights if plan.reference == "copy" else 0  # the same dtype, quantization and sharding
+    if plan.reference not in ("implicit", "copy"):
+        return _Reference(ref_weights, False, 0, 0, 0)
+    resid = _ckpt_bytes(arch, _ctx_for(arch, plan, arch.blocks[0][1], s.full, s.autocast))
+    block = 0
+    for _, blk in arch.blocks:  # frozen, adapters off (implicit) or none (copy)
+        x = dataclasses.replace(_ctx_for(arch, plan, blk, False, s.autocast), adapted=(), dropout=False, rank=0,
+                                moe_lora=False)
+        block = max(block, _block_bytes(arch, blk, x))
+    logit = s.compute + REF_LOGIT_FP32_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)
+    return _Reference(ref_weights, True, resid, block, logit)
+
+
+def _notes(arch: Architecture, plan: TrainingPlan, ref: _Reference) -> tuple[str, ...]:
     notes: list[str] = []
     if arch.approximate:
         notes.append(f"model_type {arch.model_type!r} is not modelled exactly: priced as a llama-style decoder")
@@ -546,252 +862,134 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     if seqs > 1:
         notes.append(f"objective {plan.objective}: each example puts {seqs} sequences (chosen and rejected) through "
                      f"one forward, so a micro batch of b examples is {seqs}b sequences")
+    if ref.weights:
+        notes.append(f"reference copy: a frozen second copy of the model weights ({ref.weights / GIB:.1f} GiB per GPU)")
+    return tuple(notes)
 
-    # ---- weights
-    if info.quantized:
-        bits = plan.quant_bits or 4
-        q_lin = arch.linear_params  # quantized nn.Linear params (head linears too)
-        bias = sum(cnt * m.d_out for cnt, b in arch.blocks for m in b.linears if m.bias)
-        bias += sum(m.d_out for m in arch.head_linears if m.bias)
-        per_q = INT8_BYTES if bits == 8 else (NF4_BYTES_DQ if plan.double_quant else NF4_BYTES)
-        weights = (q_lin - bias) * per_q + (total - q_lin + bias) * w
-    else:
-        weights = total * w
-    weights_whole = weights
-    weights = int(weights / shard)
 
-    # ---- trainable states
-    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
-        opt_per = BNB_8BIT_STATE
-    else:
-        opt_per = 2 * t  # exp_avg, exp_avg_sq in the trainable dtype (fp32 for fp32 master weights)
-    adapters = adapter_params * t
-    grads = used_trainable * t
-    optimizer = used_trainable * opt_per
-    head_trained = full or (freeze and plan.train_embeddings)
-    if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") and head_trained and plan.embedding_states_32bit:
-        # the HF Trainer overrides every nn.Embedding to 32-bit bitsandbytes states (Trainer.create_optimizer:
-        # register_module_override(..., {"optim_bits": 32})): 8 B/param there, found with the trace
-        # (1B tied full fine-tune, 8-bit AdamW: 8% under without it). kubetune's trainer has no override.
-        optimizer += arch.embed_params * (2 * 4 - opt_per)
-    if sharding in ("fsdp", "zero3"):
-        adapters, grads, optimizer = adapters // n, grads // n, int(optimizer / n)
-    elif sharding == "zero2":
-        grads, optimizer = grads // n, int(optimizer / n)
-    # gradients that exist before the optimizer moment
-    head_grad = 0
-    if head_trained:
-        head_grad = (arch.lm_head_params or arch.embed_params) * t // shard
-    ga = plan.gradient_accumulation_steps > 1
-    grads_early = grads if ga else (grads if info.adapter else 0)
-    grads_head = max(grads_early, head_grad)
-    emb_grad = arch.embed_params * t // shard if full else 0
-    grads_bottom = grads if ga else max(grads_early, grads - emb_grad)
-    # Tied embeddings: the output head's gradient already holds the shared weight's; the embedding's backward
-    # makes a second one, and AccumulateGrad adds the two out of place: all gradients plus two [V, h] tensors
-    # at the very end of the backward (what the trace of a tied 3B full fine-tune has alive at its peak)
-    tied_accum = 2 * arch.embed_params * t // shard if (head_trained and arch.tie_word_embeddings) else 0
-
-    # ---- communication
-    comm_static = comm_transient = 0
-    nccl = NCCL_BUFFERS if n > 1 else 0
-    if sharding == "ddp":
-        comm_static = used_trainable * t  # DDP's flat gradient buckets (gradient_as_bucket_view=False)
-    elif sharding == "zero2":
-        comm_static = 2 * min(used_trainable, DEEPSPEED_BUCKET) * c
-    elif sharding in ("fsdp", "zero3"):
-        pdt = c if (autocast and w != c) else w
-        unit = arch.largest_block_params
-        if info.quantized:
-            unit = int(unit * 0.55)
-        root = arch.head_params
-        # a block's unsharded gradient: whole blocks train under full/freeze; the trainer wraps adapters
-        # as units of their own (kubetune_trainer.loop.fsdp_wrap_policy), so frozen blocks have none
-        unit_grad = unit * t if not info.adapter else 0
-        comm_transient = root * pdt + 2 * unit * pdt + unit_grad
-    load_weights = load_adapters = load_unit = 0
-    if info.quantized and sharding == "fsdp":
-        # bitsandbytes quantizes while loading onto the GPU, so every rank holds the whole 4-bit model
-        # until FSDP wraps it (kubetune_trainer.model.loading_place), plus the flat copy of the unit
-        # being wrapped; other methods load in host memory and reach the GPU a unit at a time
-        load_weights, load_adapters = int(weights_whole), adapter_params * t
-        load_unit = int(arch.largest_block_params * 0.55) * w
-        if plan.reference == "copy":  # the reference copy is loaded the same way
-            load_weights *= 2
-
-    # ---- autocast weight copies (fp32 weights, bf16 compute)
-    copies_loss = copies_block = 0
-    if autocast and w != c:
-        lin_all = arch.linear_params
-        head_lin = arch.lm_head_params or arch.embed_params
-        if not info.adapter:
-            trained_lin = lin_all if full else int(lin_all * trained_block_params / max(1, arch.block_params))
-            # trainable leaves: autocast caches their bf16 copies for the whole forward; under checkpointing the
-            # blocks' copies die with each block's forward and only the head's stays (the trace of a 1B
-            # fp32-master full fine-tune with checkpointing: 6.7% over when they were counted)
-            copies_loss += (0 if plan.gradient_checkpointing else trained_lin * c) + (head_lin * c if full else 0)
-        if not info.quantized:
-            frozen_lin = lin_all - (lin_all if full else 0)
-            if not plan.gradient_checkpointing and info.adapter:
-                copies_loss += frozen_lin * c  # saved by each frozen linear for its input gradient
-        if not full:
-            copies_loss += head_lin * c  # the frozen output head's copy, saved for the hidden-state grad
-        copies_block = max(b.linear_params for _, b in arch.blocks) * c if not info.quantized else 0
-        if shard > 1:
-            copies_loss //= shard
-    if lora and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
-        # peft's ParamWrapper adds B@A to the whole expert tensor every forward: the merged expert weights
-        # are saved for the backward (and their gradient materialized there): a per-block constant
-        merged = max(b.expert_params for _, b in arch.blocks) * (c if autocast else w)
-        sparse = sum(n for n, b in arch.blocks if b.param_targets)
-        copies_block += 2 * merged
-        if not plan.gradient_checkpointing:
-            copies_loss += sparse * merged
-
-    # ---- activations (per token)
-    gc = plan.gradient_checkpointing
-    blocks_act = 0
-    act_block = 0
-    ckpt = 0
-    if freeze:
-        k = min(int(plan.trainable_layers or 1), arch.num_layers)
-        blk = arch.blocks[0][1]
-        a_tr = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, True, autocast))
-        a_fr = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, False, autocast)) if plan.train_embeddings else 0
-        n_fr = arch.num_layers - k
-        x0 = _ctx_for(arch, plan, blk, True, autocast)
-        if gc:
-            ckpt = _ckpt_bytes(arch, x0)
-            blocks_act = ckpt * (k + (n_fr if plan.train_embeddings else 0))
-        else:
-            blocks_act = a_tr * k + a_fr * n_fr
-        act_block = max(a_tr, a_fr)
-    else:
-        for cnt, blk in arch.blocks:
-            x = _ctx_for(arch, plan, blk, full, autocast)
-            a = _block_bytes(arch, blk, x)
-            act_block = max(act_block, a)
-            ckpt = _ckpt_bytes(arch, x)
-            blocks_act += cnt * (ckpt if gc else a)
-    x_any = _ctx_for(arch, plan, arch.blocks[0][1], full, autocast)
-    head = _head_bytes(arch, x_any, head_trained)
-    if arch.family in ("gpt2", "bert") and arch.hidden_dropout:
-        head += arch.hidden_size  # embedding dropout mask
-    i_eff = arch.intermediate_size
-    moe = arch.blocks[0][1].moe
-    if moe:
-        i_eff = max(moe.top_k * moe.intermediate, moe.shared_intermediate)
-    bwd = int(BWD_TRANSIENT_MLP * c * i_eff + BWD_TRANSIENT_HIDDEN * c * arch.hidden_size)
-    if plan.fused_cross_entropy:
-        logits_pt = c * arch.hidden_size + 4  # liger: grad of the hidden state + loss per token (+ chunks)
-    else:
-        logits_pt = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
-    extra_tokens = _virtual_tokens(plan, "input")
-    mask = 1 if _explicit_mask(arch, plan) else 0  # bool: one byte per (query, key) pair
-
-    # ---- the reference model (dpo, kto): a frozen copy of the weights (copy) and/or a no-grad forward (implicit,
-    # copy) over the same sequences before the policy's; precomputed has neither in the step
-    ref_weights = weights if plan.reference == "copy" else 0  # the same dtype, quantization and sharding
-    if ref_weights:
-        notes.append(f"reference copy: a frozen second copy of the model weights ({ref_weights / GIB:.1f} GiB per GPU)")
-    ref_forward = plan.reference in ("implicit", "copy")
-    resid = ref_block = ref_logit = 0
-    if ref_forward:
-        resid = _ckpt_bytes(arch, x_any)
-        for _, blk in arch.blocks:  # frozen, adapters off (implicit) or none (copy)
-            xr = dataclasses.replace(_ctx_for(arch, plan, blk, False, autocast), adapted=(), dropout=False, rank=0,
-                                     moe_lora=False)
-            ref_block = max(ref_block, _block_bytes(arch, blk, xr))
-        ref_logit = c + REF_LOGIT_FP32_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)
+def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
+    s = _setup(arch, plan, autocast)
+    weights = weight_bytes(arch, plan, s)
+    states = trainable_state_bytes(arch, plan, s)
+    grads = gradient_timeline(arch, plan, s, states.grads)
+    comm = communication_bytes(arch, s)
+    load = model_load_bytes(arch, plan, s, weights.whole)
+    copies = weight_copy_bytes(arch, plan, s)
+    acts = activation_bytes(arch, plan, s)
+    ref = reference_bytes(arch, plan, s, weights.per_gpu)
     return _Prepared(
-        weights=weights, adapters=adapters, grads=grads, grads_head=grads_head, grads_bottom=grads_bottom,
-        grads_early=grads_early, optimizer=int(optimizer), tied_accum=tied_accum, comm_static=comm_static, comm_transient=comm_transient,
-        nccl=nccl, copies_loss=copies_loss, copies_block=copies_block, act_all=blocks_act, act_block=act_block,
-        ckpt_one=ckpt if gc else 0, head=head, bwd_transient=bwd, logits_per_token=logits_pt,
-        fused=plan.fused_cross_entropy, extra_tokens=extra_tokens, mask_per_s2=mask,
-        trainable_params=reported, notes=tuple(notes),
-        load_weights=load_weights, load_adapters=load_adapters, load_unit=load_unit,
-        seqs=seqs, ref_weights=ref_weights, ref_forward=ref_forward, resid=resid, ref_block=ref_block,
-        ref_logit_bytes=ref_logit,
+        weights=weights.per_gpu, adapters=states.adapters, grads=states.grads, grads_head=grads.head,
+        grads_bottom=grads.bottom, grads_early=grads.early, optimizer=int(states.optimizer),
+        tied_accum=grads.tied_accum, comm_static=comm.static, comm_transient=comm.transient, nccl=comm.nccl,
+        copies_loss=copies.loss, copies_block=copies.block, act_all=acts.all_blocks, act_block=acts.one_block,
+        ckpt_one=acts.checkpoint, head=acts.head, bwd_transient=acts.backward_transient,
+        logits_per_token=acts.logits, fused=plan.fused_cross_entropy, extra_tokens=acts.extra_tokens,
+        mask_per_s2=acts.mask_per_s2, trainable_params=s.reported, notes=_notes(arch, plan, ref),
+        load_weights=load.weights, load_adapters=load.adapters, load_unit=load.unit,
+        seqs=max(1, plan.sequences_per_example), ref_weights=ref.weights, ref_forward=ref.forward, resid=ref.resid,
+        ref_block=ref.block, ref_logit_bytes=ref.logit_bytes,
     )
+
+
+class _Moment(NamedTuple):
+    """What is alive at one moment of the step."""
+
+    name: str
+    grads: int
+    activations: int  # the logits' buffers included
+    copies: int
+    logits: int  # the logits' part of ``activations``
 
 
 def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool, allocator: str) -> Estimate:
     b = max(1, plan.micro_batch_size)
     s = plan.seq_len + p.extra_tokens
-    seqs = b * p.seqs  # sequences in one forward: chosen and rejected of every example for a paired objective
-    tok = seqs * s
-    gc = plan.gradient_checkpointing
-    nv = _virtual_tokens(plan, "kv")
-    mask = p.mask_per_s2 * seqs * s * (s + nv)
-
-    # cross-entropy buffers at the loss
-    if p.fused:
-        bt = tok
-        inc = -(-arch.vocab_size // arch.hidden_size)
-        chunk = min(bt, 1 << max(0, (-(-bt // inc) - 1).bit_length()))
-        ce = p.logits_per_token * tok + 2 * chunk * arch.vocab_size * BYTES[plan.compute_dtype]
-    else:
-        ce = p.logits_per_token * tok
-    acts_all = p.act_all * tok + p.head * tok + mask
-    block = p.act_block * tok
-    bwd = p.bwd_transient * tok
-
-    moments = [
-        # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
-        ("loss", p.grads_early, acts_all + ce, p.copies_loss, ce),
-        # top of the backward: checkpoints, one recomputed block, its transients
-        ("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd, p.copies_loss if not gc else p.copies_block, 0),
-        # bottom of the backward: (nearly) every gradient, one block
-        ("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block, 0),
-        ("optimizer", p.grads, 0, 0, 0),
-        # end of the backward with tied embeddings (see tied_accum)
-        ("backward", p.grads + p.tied_accum, 0, 0, 0),
-    ]
-    if p.ref_forward:
-        # the no-grad reference forward before the policy's: a block's input and output and one block's activations
-        # at a time, then the log-probs of the logits (all of them unfused, a chunk of them fused); all freed before
-        # the policy forward, which then starts from the same memory as without it
-        ref_logits = p.ref_logit_bytes * arch.vocab_size * (chunk if p.fused else tok)
-        moments.append(("reference forward", p.grads_early, (2 * p.resid + p.ref_block) * tok + mask + ref_logits, 0,
-                        ref_logits))
-    best = None
-    for name, g, act, cp, lg in moments:
-        tot = g + act + cp + (p.comm_transient if name != "optimizer" else 0)
-        if best is None or tot > best[0]:
-            best = (tot, name, g, act, cp, lg)
-    assert best is not None
-    _, phase, grads, act, copies, logits_part = best
-
+    moment = _peak(_moments(arch, plan, p, b, s), p.comm_transient)
     # allocator fragmentation: what the caching-allocator simulator reserves beyond the allocated peak when it
     # replays this plan's step
     frag = _reserved_gap(arch, plan, autocast, b, s * p.seqs, allocator)
     overhead = int(CUDA_CONTEXT + MISC + frag)
-    act_part = act - logits_part
     breakdown = {
         "weights": int(p.weights + p.ref_weights),
-        "gradients": int(grads),
+        "gradients": int(moment.grads),
         "optimizer": int(p.optimizer),
         "adapters": int(p.adapters),
-        "activations": int(act_part + copies),
-        "logits": int(logits_part),
+        "activations": int(moment.activations - moment.logits + moment.copies),
+        "logits": int(moment.logits),
         "overhead": overhead,
-        "communication": int(p.comm_static + (p.comm_transient if phase != "optimizer" else 0) + p.nccl),
+        "communication": int(p.comm_static + (p.comm_transient if moment.name != "optimizer" else 0) + p.nccl),
     }
-    total = sum(breakdown.values())
-    notes = p.notes
-    if p.load_weights:
-        load = {"weights": p.load_weights, "gradients": 0, "optimizer": 0, "adapters": p.load_adapters,
-                "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + LOAD_SLACK),
-                "communication": p.load_unit + p.nccl}
-        if sum(load.values()) > total:
-            breakdown, total, phase, frag = load, sum(load.values()), "model load", LOAD_SLACK
-            notes += (f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
-                      "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
-                      "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",)
+    total, phase, notes = sum(breakdown.values()), moment.name, p.notes
+    load = _model_load(p)
+    if load is not None and sum(load.values()) > total:
+        breakdown, total, phase, frag = load, sum(load.values()), "model load", LOAD_SLACK
+        notes += (f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
+                  "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
+                  "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",)
     return Estimate(
         total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
         micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=notes,
         allocated_bytes=int(total - CUDA_CONTEXT - frag), reserved_bytes=int(total - CUDA_CONTEXT),
         allocator_setting=allocator,
     )
+
+
+def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: int) -> list[_Moment]:
+    """The moments of the step whose largest is the peak, for a micro batch of ``b`` and ``s`` tokens a sequence."""
+    seqs = b * p.seqs  # sequences in one forward: chosen and rejected of every example for a paired objective
+    tok = seqs * s
+    gc = plan.gradient_checkpointing
+    mask = p.mask_per_s2 * seqs * s * (s + _virtual_tokens(plan, "kv"))
+    # cross-entropy buffers at the loss
+    chunk = _logit_chunk(arch, tok)
+    ce = p.logits_per_token * tok
+    if p.fused:
+        ce += 2 * chunk * arch.vocab_size * BYTES[plan.compute_dtype]
+    acts_all = p.act_all * tok + p.head * tok + mask
+    block = p.act_block * tok
+    bwd = p.bwd_transient * tok
+    moments = [
+        # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
+        _Moment("loss", p.grads_early, acts_all + ce, p.copies_loss, ce),
+        # top of the backward: checkpoints, one recomputed block, its transients
+        _Moment("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd,
+                p.copies_loss if not gc else p.copies_block, 0),
+        # bottom of the backward: (nearly) every gradient, one block
+        _Moment("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block, 0),
+        _Moment("optimizer", p.grads, 0, 0, 0),
+        # end of the backward with tied embeddings (see tied_accum)
+        _Moment("backward", p.grads + p.tied_accum, 0, 0, 0),
+    ]
+    if p.ref_forward:
+        # the no-grad reference forward before the policy's: a block's input and output and one block's activations
+        # at a time, then the log-probs of the logits (all of them unfused, a chunk of them fused); all freed before
+        # the policy forward, which then starts from the same memory as without it
+        ref_logits = p.ref_logit_bytes * arch.vocab_size * (chunk if p.fused else tok)
+        moments.append(_Moment("reference forward", p.grads_early, (2 * p.resid + p.ref_block) * tok + mask + ref_logits,
+                               0, ref_logits))
+    return moments
+
+
+def _logit_chunk(arch: Architecture, tokens: int) -> int:
+    """Tokens per chunk of the fused cross-entropy (Liger's: the power of two near tokens / ceil(V / h))."""
+    inc = -(-arch.vocab_size // arch.hidden_size)
+    return min(tokens, 1 << max(0, (-(-tokens // inc) - 1).bit_length()))
+
+
+def _peak(moments: list[_Moment], comm_transient: int) -> _Moment:
+    """The first of the largest moments (FSDP's unsharded units are alive in all but the optimizer's)."""
+    best, best_total = moments[0], None
+    for m in moments:
+        total = m.grads + m.activations + m.copies + (comm_transient if m.name != "optimizer" else 0)
+        if best_total is None or total > best_total:
+            best, best_total = m, total
+    return best
+
+
+def _model_load(p: _Prepared) -> dict[str, int] | None:
+    """The breakdown while a QLoRA model loads under FSDP (None: no such moment)."""
+    if not p.load_weights:
+        return None
+    return {"weights": p.load_weights, "gradients": 0, "optimizer": 0, "adapters": p.load_adapters,
+            "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + LOAD_SLACK),
+            "communication": p.load_unit + p.nccl}

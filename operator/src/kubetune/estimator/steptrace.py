@@ -22,10 +22,12 @@ Checked against recorded traces replayed in the same simulator (benchmarks/estim
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 
 from kubetune.api.registry import method as method_info
+from kubetune.estimator import memory as M
 from kubetune.estimator.allocator import simulate
 
 MAX_LAYERS = 32  # blocks replayed (Llama-3.1-8B has 32): deeper models repeat the same per-block pattern
@@ -72,131 +74,202 @@ def _split(total: float, width: float) -> list[float]:
 
 def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> list[tuple]:
     """The generated allocation events of ``steps`` training steps (see the module doc)."""
-    from kubetune.estimator import memory as M
+    trace = _StepTrace(arch, plan, autocast, tokens)
+    trace.load_parameters()
+    for _ in range(steps):
+        trace.step()
+    return trace.tr.ev
 
-    w, t, c = M.BYTES[plan.weight_dtype], M.BYTES[plan.trainable_dtype], M.BYTES[plan.compute_dtype]
-    info = method_info(plan.method)
-    full = not info.adapter  # whole blocks train (full, freeze): their gradients stay from the backward on
-    gc = plan.gradient_checkpointing
-    tok = tokens
-    h, V = arch.hidden_size, arch.vocab_size
+
+def _largest_block(arch):
     blk = arch.blocks[0][1]
     for _, b in arch.blocks:
         if b.params > blk.params:
             blk = b
-    moe = blk.moe
-    i = arch.intermediate_size if moe is None else max(moe.top_k * moe.intermediate, moe.shared_intermediate, 1)
-    # at most MAX_LAYERS blocks are replayed (bounded work for any architecture): the per-block pattern
-    # repeats, and the weights, gradients and states of the blocks beyond are single tensors of their size
-    L = min(arch.num_layers, MAX_LAYERS)
-    extra = arch.num_layers - L
-    tr = _Trace()
-    lora = info.settings == "lora"
-    adapted = arch.lora_modules(tuple(plan.lora_targets) or ("all-linear",)) if lora else ()
-    rank = int(plan.lora_rank or 16)
-    ad_ids = {id(m) for _, m in adapted}
+    return blk
+
+
+class _StepTrace:
+    """The events of a plan's training steps. The constructor sizes the tensors (the estimator's terms, for
+    all ``tokens``); the methods emit them in the order the real step makes and frees them."""
+
+    def __init__(self, arch, plan, autocast: bool, tokens: int) -> None:
+        self.tr = _Trace()
+        self.arch, self.plan, self.autocast, self.tok = arch, plan, autocast, tokens
+        self.w, self.t, self.c = M.BYTES[plan.weight_dtype], M.BYTES[plan.trainable_dtype], M.BYTES[plan.compute_dtype]
+        self.info = method_info(plan.method)
+        self.full = not self.info.adapter  # whole blocks train (full, freeze): their gradients stay from the backward on
+        self.gc = plan.gradient_checkpointing
+        self.fused = plan.fused_cross_entropy
+        self.blk = _largest_block(arch)
+        # at most MAX_LAYERS blocks are replayed (bounded work for any architecture): the per-block pattern
+        # repeats, and the weights, gradients and states of the blocks beyond are single tensors of their size
+        self.layers = min(arch.num_layers, MAX_LAYERS)
+        self.extra_layers = arch.num_layers - self.layers
+        self.lora = self.info.settings == "lora"
+        self.adapted = arch.lora_modules(tuple(plan.lora_targets) or ("all-linear",)) if self.lora else ()
+        self.lin_sizes = [m.d_in * m.d_out for m in self.blk.linears]
+        self._size_trainable()
+        self._size_activations()
+        self.grads: list[int] = []
+        self.states: list[int] = []
+
+    # ---- sizes
+
+    def _size_trainable(self) -> None:
+        """Adapters, and the trainable tensors (their grads and AdamW states) in the backward's order (head first)."""
+        arch, plan, info, blk = self.arch, self.plan, self.info, self.blk
+        rank = int(plan.lora_rank or 16)
+        self.adapters = [n for cnt, m in self.adapted for _ in range(min(cnt, self.layers))
+                         for n in (rank * m.d_in, rank * m.d_out)]
+        per_block = self.lin_sizes[::-1] + [max(1, blk.other_params)]
+        freeze = info.settings == "freeze"
+        head_trained = info.trains_all or (freeze and plan.train_embeddings)
+        train_all = arch.num_layers if info.trains_all else (
+            min(int(plan.trainable_layers or 1), arch.num_layers) if freeze else 0)
+        self.train_layers = min(train_all, self.layers)
+        # trained blocks not replayed
+        self.lump = (train_all - self.train_layers) * (sum(self.lin_sizes) + blk.other_params)
+        self.head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
+        self.embed_grad = arch.embed_params if (head_trained and arch.lm_head_params) else 0
+        if self.full:
+            self.trainable = (([self.head_grad] if self.head_grad else []) + per_block * self.train_layers
+                              + ([self.lump] if self.lump else []) + ([self.embed_grad] if self.embed_grad else []))
+        elif info.settings == "virtualTokens":
+            self.trainable = [max(1, M._method_info(arch, plan)[1])]
+        else:
+            self.trainable = self.adapters[::-1]
+        self.state_bytes = 1 if plan.optimizer in ("adamw-8bit", "paged-adamw-8bit") else self.t
+
+    def _size_activations(self) -> None:
+        """A block's saved tensors, the forward's and the backward's transients, the logits' chunks."""
+        arch, plan, blk, tok, c, h = self.arch, self.plan, self.blk, self.tok, self.c, self.arch.hidden_size
+        moe = blk.moe
+        inter = arch.intermediate_size if moe is None else max(moe.top_k * moe.intermediate, moe.shared_intermediate, 1)
+        x = M._ctx_for(arch, plan, blk, self.info.trains_all, self.autocast)
+        act = c if self.autocast else self.w
+        self.hid = self.w * h * tok  # the residual stream (a block's input: the checkpoint)
+        self.narrow = act * h * tok
+        wide = act * inter * tok
+        n_wide = 2 if (x.liger_mlp) else 3
+        if moe is not None:
+            self.wide_parts = [wide / _MOE_EXPERT_SPLIT] * (n_wide * _MOE_EXPERT_SPLIT)
+        else:
+            self.wide_parts = [wide] * n_wide
+        self.saved_parts = self._parts(M._block_bytes(arch, blk, x) * tok)
+        self.ref_forward = plan.reference in ("implicit", "copy")
+        if self.ref_forward:  # a frozen block, adapters off (implicit) or none (copy)
+            xr = dataclasses.replace(M._ctx_for(arch, plan, blk, False, self.autocast), adapted=(), dropout=False,
+                                     rank=0, moe_lora=False)
+            self.ref_parts = self._parts(M._block_bytes(arch, blk, xr) * tok)
+        # transients of the forward: fp32 copies inside each RMSNorm, and peft's fp32 copy of the input of
+        # each adapted group (cast back for lora_A under autocast)
+        self.norm_tmp = [4 * h * tok, 4 * h * tok]
+        ad_ids = {id(m) for _, m in self.adapted}
+        ad_groups: dict[str, int] = {}
+        for m in blk.linears:
+            if id(m) in ad_ids:
+                ad_groups[m.group] = max(ad_groups.get(m.group, 0), m.d_in)
+        self.lora_tmp = [d * tok * self.t for d in ad_groups.values()] if (self.lora and self.t != c) else []
+        # bitsandbytes dequantizes each 4/8-bit weight to the compute dtype for its matmul, forward and backward
+        self.dequant = [n * c for n in self.lin_sizes] if self.info.quantized else []
+        self.logits = tok * arch.vocab_size
+        self.chunk = min(tok, 1 << max(0, (-(-tok // max(1, -(-arch.vocab_size // h))) - 1).bit_length()))
+
+    def _parts(self, saved: float) -> list[float]:
+        # attention and norms: h-wide tensors; the fp32 norm copies are twice as wide
+        rest = saved - sum(self.wide_parts)
+        if rest < 0:
+            return [saved]
+        return _split(rest, self.narrow) + self.wide_parts
 
     # ---- parameters, as loading makes them: embeddings, then block by block, then the head
-    if info.quantized:
-        per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else (M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES)
-    else:
-        per_q = w
-    lin_sizes = [m.d_in * m.d_out for m in blk.linears]
 
-    def load_weights() -> None:
+    def load_parameters(self) -> None:
+        self._load_weights()
+        if self.plan.reference == "copy":
+            self._load_weights()  # the frozen reference model: the same tensors again, never freed
+        for n in self.adapters:
+            self.tr.a(n * self.t)
+
+    def _load_weights(self) -> None:
+        arch, plan, blk, tr, w = self.arch, self.plan, self.blk, self.tr, self.w
+        if self.info.quantized:
+            per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else (M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES)
+        else:
+            per_q = w
         tr.a(arch.embed_params * w)
-        for _ in range(L):
-            for n in lin_sizes:
+        for _ in range(self.layers):
+            for n in self.lin_sizes:
                 tr.a(n * per_q)
             tr.a(max(1, blk.other_params - blk.expert_params) * w)
             if blk.expert_params:
                 for _ in range(2):
                     tr.a(blk.expert_params / 2 * w)
-        if extra:
-            tr.a(extra * (sum(lin_sizes) * per_q + blk.other_params * w))
+        if self.extra_layers:
+            tr.a(self.extra_layers * (sum(self.lin_sizes) * per_q + blk.other_params * w))
         if arch.lm_head_params:
             tr.a(arch.lm_head_params * w)
 
-    load_weights()
-    if plan.reference == "copy":
-        load_weights()  # the frozen reference model: the same tensors again, never freed
-    adapters = []
-    for cnt, m in adapted:
-        for _ in range(min(cnt, L)):
-            adapters.append(rank * m.d_in)
-            adapters.append(rank * m.d_out)
-    for n in adapters:
-        tr.a(n * t)
+    # ---- one step
 
-    # trainable tensors (their grads and AdamW states), in the backward's order (head first)
-    per_block = lin_sizes[::-1] + [max(1, blk.other_params)]
-    freeze = info.settings == "freeze"
-    head_trained = info.trains_all or (freeze and plan.train_embeddings)
-    train_all = arch.num_layers if info.trains_all else (
-        min(int(plan.trainable_layers or 1), arch.num_layers) if freeze else 0)
-    train_layers = min(train_all, L)
-    lump = (train_all - train_layers) * (sum(lin_sizes) + blk.other_params)  # trained blocks not replayed
-    head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
-    embed_grad = arch.embed_params if (head_trained and arch.lm_head_params) else 0
-    if full:
-        trainable = (([head_grad] if head_grad else []) + per_block * train_layers + ([lump] if lump else [])
-                     + ([embed_grad] if embed_grad else []))
-    elif info.settings == "virtualTokens":
-        trainable = [max(1, M._method_info(arch, plan)[1])]
-    else:
-        trainable = adapters[::-1]
-    eight_bit = plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
-    state_bytes = 1 if eight_bit else t
+    def step(self) -> None:
+        tr = self.tr
+        inputs = [tr.a(8 * self.tok) for _ in range(3)]
+        if self.ref_forward:
+            inputs.append(self._reference_forward())
+        ckpts, acts, hidden = self._forward()
+        head_saved = [tr.a(4 * self.arch.hidden_size * self.tok), tr.a(self.narrow)]
+        grad_hidden = self._loss_and_its_backward(hidden)
+        for j in head_saved:
+            tr.f(j)
+        self._backward_blocks(grad_hidden, ckpts, acts)
+        if self.lump:
+            self.grads.append(tr.a(self.lump * self.t))
+        if self.embed_grad:
+            self.grads.append(tr.a(self.embed_grad * self.t))
+        if not self.full:
+            for n in self.trainable:
+                self.grads.append(tr.a(n * self.t))
+        for j in inputs:
+            tr.f(j)
+        # optimizer: AdamW's states on the first step; clip_grad_norm_ and the fused step make only scalars
+        if not self.states:
+            for n in self.trainable:
+                self.states.append(tr.a(n * self.state_bytes))
+                self.states.append(tr.a(n * self.state_bytes))
+        for j in self.grads:
+            tr.f(j)
+        self.grads = []
 
-    # ---- per-block activation tensors (bytes for all tokens)
-    x = M._ctx_for(arch, plan, blk, info.trains_all, autocast)
-    saved = M._block_bytes(arch, blk, x) * tok
-    hid = w * h * tok  # the residual stream (a block's input: the checkpoint)
-    wide = (c if autocast else w) * i * tok
-    narrow = (c if autocast else w) * h * tok
-    n_wide = 2 if (x.liger_mlp) else 3
-    if moe is not None:
-        wide_parts = [wide / _MOE_EXPERT_SPLIT] * (n_wide * _MOE_EXPERT_SPLIT)
-    else:
-        wide_parts = [wide] * n_wide
+    def _forward(self) -> tuple[list[int], list[list[int]], int]:
+        """The blocks' forward: (checkpoints, each block's saved tensors, the last hidden state)."""
+        tr = self.tr
+        ckpts: list[int] = []
+        acts: list[list[int]] = []
+        hcur = tr.a(self.hid)  # embedding output
+        for _ in range(self.layers):
+            prev = hcur
+            acts.append(self._block_forward(keep=not self.gc))
+            hcur = tr.a(self.hid)
+            if self.gc:
+                ckpts.append(prev)  # the block input is the checkpoint
+            else:
+                tr.f(prev)  # the saved set holds what the backward needs
+        return ckpts, acts, hcur
 
-    def parts(saved: float) -> list[float]:
-        # attention and norms: h-wide tensors; the fp32 norm copies are twice as wide
-        rest = saved - sum(wide_parts)
-        if rest < 0:
-            return [saved]
-        return _split(rest, narrow) + wide_parts
-
-    saved_parts = parts(saved)
-    ref_forward = plan.reference in ("implicit", "copy")
-    if ref_forward:  # a frozen block, adapters off (implicit) or none (copy)
-        xr = M.dataclasses.replace(M._ctx_for(arch, plan, blk, False, autocast), adapted=(), dropout=False, rank=0,
-                                   moe_lora=False)
-        ref_parts = parts(M._block_bytes(arch, blk, xr) * tok)
-    # transients of the forward: fp32 copies inside each RMSNorm, and peft's fp32 copy of the input of
-    # each adapted group (cast back for lora_A under autocast)
-    norm_tmp = [4 * h * tok, 4 * h * tok]
-    ad_groups = {}
-    for m in blk.linears:
-        if id(m) in ad_ids:
-            ad_groups[m.group] = max(ad_groups.get(m.group, 0), m.d_in)
-    lora_tmp = [d * tok * t for d in ad_groups.values()] if (lora and t != c) else []
-    bwd_tmp = [wide, wide, narrow, narrow, 4 * h * tok, 4 * h * tok]
-
-    # bitsandbytes dequantizes each 4/8-bit weight to the compute dtype for its matmul, forward and backward
-    dequant = [n * c for n in lin_sizes] if info.quantized else []
-    per_dq = max(1, -(-len(dequant) // max(1, len(saved_parts))))
-
-    def block_forward(keep: bool) -> list[int]:
+    def _block_forward(self, keep: bool) -> list[int]:
+        tr = self.tr
         ids: list[int] = []
-        for n in norm_tmp:
+        for n in self.norm_tmp:
             tr.tmp(n)
-        half = len(saved_parts) // 2
-        for j, n in enumerate(saved_parts):
+        per_dq = max(1, -(-len(self.dequant) // max(1, len(self.saved_parts))))
+        half = len(self.saved_parts) // 2
+        for j, n in enumerate(self.saved_parts):
             if j == half:
-                for n2 in lora_tmp:
+                for n2 in self.lora_tmp:
                     tr.tmp(n2, n2 / 2)
-            for dq in dequant[j * per_dq:(j + 1) * per_dq]:
+            for dq in self.dequant[j * per_dq:(j + 1) * per_dq]:
                 tr.tmp(dq)
             ids.append(tr.a(n))
         if not keep:
@@ -205,135 +278,102 @@ def build_trace(arch, plan, *, autocast: bool, tokens: int, steps: int = 2) -> l
             return []
         return ids
 
-    # ---- loss sizes
-    fused = plan.fused_cross_entropy
-    logits = tok * V
-    chunk = min(tok, 1 << max(0, (-(-tok // max(1, -(-V // h))) - 1).bit_length()))
+    def _loss_and_its_backward(self, hidden: int) -> int:
+        """The loss (fused: Liger computes the hidden state's gradient in the forward; unfused: the Trainer keeps
+        only the log-softmax) and its backward down to the hidden state's gradient, which it returns."""
+        tr, logits, c, vocab, chunk = self.tr, self.logits, self.c, self.arch.vocab_size, self.chunk
+        if self.fused:
+            grad_hidden = tr.a(self.narrow)
+            for _ in range(max(1, -(-self.tok // chunk))):
+                tr.tmp(2 * chunk * vocab * c, chunk * vocab * 4)
+            tr.f(hidden)
+            if self.head_grad:
+                self.grads.append(tr.a(self.head_grad * self.t))
+            return grad_hidden
+        lg = tr.a(logits * c)
+        up = tr.a(logits * 4)
+        lsm = tr.a(logits * 4)
+        tr.f(up)
+        tr.f(lg)  # the Trainer keeps only the loss
+        tr.f(hidden)
+        g1 = tr.a(logits * 4)
+        g2 = tr.a(logits * 4)
+        tr.f(g1)
+        tr.f(lsm)
+        g3 = tr.a(logits * c)
+        tr.f(g2)
+        grad_hidden = tr.a(self.narrow)
+        if self.head_grad:
+            self.grads.append(tr.a(self.head_grad * self.t))
+        tr.f(g3)
+        return grad_hidden
 
-    def reference_forward() -> int:
+    def _backward_blocks(self, gcur: int, ckpts: list[int], acts: list[list[int]]) -> None:
+        tr = self.tr
+        lin_rev = [(m.d_in, m.d_out) for m in self.blk.linears][::-1]
+        for layer in reversed(range(self.layers)):
+            ids = self._block_forward(keep=True) if self.gc else acts[layer]
+            trained = layer >= self.layers - self.train_layers
+            gprev = self._backward_linears(ids, lin_rev, trained)
+            if trained:
+                self.grads.append(tr.a(max(1, self.blk.other_params) * self.t))
+            gnext = tr.a(self.narrow)
+            tr.tmp(4 * self.arch.hidden_size * self.tok, 4 * self.arch.hidden_size * self.tok)
+            if gprev is not None:
+                tr.f(gprev)
+            tr.f(gcur)
+            gcur = gnext
+            if self.gc:
+                tr.f(ckpts[layer])
+        tr.f(gcur)
+
+    def _backward_linears(self, ids: list[int], lin_rev: list[tuple[int, int]], trained: bool) -> int | None:
+        """Linear by linear from the top: the input's gradient, the weight's gradient (kept: AccumulateGrad takes
+        it) and the saved tensors that op needed die, in that order. Returns the last input gradient."""
+        tr, c, tok = self.tr, self.c, self.tok
+        per = max(1, -(-len(ids) // max(1, len(lin_rev))))
+        gprev = None
+        rev_ids = ids[::-1]
+        for k, (d_in, d_out) in enumerate(lin_rev):
+            if self.dequant:
+                tr.tmp(d_in * d_out * c)
+            g_in = tr.a((c if self.autocast else self.w) * d_in * tok)
+            if trained:
+                self.grads.append(tr.a(d_in * d_out * self.t))
+            for j in rev_ids[k * per:(k + 1) * per]:
+                tr.f(j)
+            if gprev is not None:
+                tr.f(gprev)
+            gprev = g_in
+        for j in rev_ids[len(lin_rev) * per:]:
+            tr.f(j)
+        return gprev
+
+    def _reference_forward(self) -> int:
         """The no-grad reference forward: one block's tensors at a time, the log-probs of the logits (a chunk at a
         time fused); all freed but the per-sequence log-probs it returns."""
-        h0 = tr.a(hid)
-        ref_dq = max(1, -(-len(dequant) // max(1, len(ref_parts))))
-        for _ in range(L):
-            for n in norm_tmp:
+        tr, tok, chunk, vocab = self.tr, self.tok, self.chunk, self.arch.vocab_size
+        h0 = tr.a(self.hid)
+        ref_dq = max(1, -(-len(self.dequant) // max(1, len(self.ref_parts))))
+        for _ in range(self.layers):
+            for n in self.norm_tmp:
                 tr.tmp(n)
             ids = []
-            for j, n in enumerate(ref_parts):
-                for dq in dequant[j * ref_dq:(j + 1) * ref_dq]:
+            for j, n in enumerate(self.ref_parts):
+                for dq in self.dequant[j * ref_dq:(j + 1) * ref_dq]:
                     tr.tmp(dq)
                 ids.append(tr.a(n))
-            h1 = tr.a(hid)
+            h1 = tr.a(self.hid)
             for j in ids:
                 tr.f(j)
             tr.f(h0)
             h0 = h1
         fp32 = M.REF_LOGIT_FP32_BYTES // 2
-        for _ in range(max(1, -(-tok // chunk)) if fused else 1):
-            n = chunk if fused else tok
-            tr.tmp(n * V * c, n * V * fp32, n * V * fp32)  # logits, their fp32 copy, the log-softmax
+        for _ in range(max(1, -(-tok // chunk)) if self.fused else 1):
+            n = chunk if self.fused else tok
+            tr.tmp(n * vocab * self.c, n * vocab * fp32, n * vocab * fp32)  # logits, their fp32 copy, the log-softmax
         tr.f(h0)
         return tr.a(4 * tok)  # per-token log-probs, summed per sequence (a small tensor)
-    grads: list[int] = []
-    states: list[int] = []
-    for step in range(steps):
-        inputs = [tr.a(8 * tok) for _ in range(3)]
-        if ref_forward:
-            inputs.append(reference_forward())
-        ckpts: list[int] = []
-        acts: list[list[int]] = []
-        hcur = tr.a(hid)  # embedding output
-        for _ in range(L):
-            prev = hcur
-            acts.append(block_forward(keep=not gc))
-            hcur = tr.a(hid)
-            if gc:
-                ckpts.append(prev)  # the block input is the checkpoint
-            else:
-                tr.f(prev)  # the saved set holds what the backward needs
-        head_saved = [tr.a(4 * h * tok), tr.a(narrow)]
-        if fused:
-            gh = tr.a(narrow)  # liger computes the hidden state's gradient in the forward
-            for _ in range(max(1, -(-tok // chunk))):
-                tr.tmp(2 * chunk * V * c, chunk * V * 4)
-            tr.f(hcur)
-            loss_keep = [gh]
-        else:
-            lg = tr.a(logits * c)
-            up = tr.a(logits * 4)
-            lsm = tr.a(logits * 4)
-            tr.f(up)
-            tr.f(lg)  # the Trainer keeps only the loss
-            tr.f(hcur)
-            loss_keep = [lsm]
-        # backward
-        if not fused:
-            g1 = tr.a(logits * 4)
-            g2 = tr.a(logits * 4)
-            tr.f(g1)
-            tr.f(loss_keep[0])
-            g3 = tr.a(logits * c)
-            tr.f(g2)
-            gh = tr.a(narrow)
-            if head_grad:
-                grads.append(tr.a(head_grad * t))
-            tr.f(g3)
-        elif head_grad:
-            grads.append(tr.a(head_grad * t))
-        for j in head_saved:
-            tr.f(j)
-        gcur = gh
-        lin_rev = [(m.d_in, m.d_out) for m in blk.linears][::-1]
-        for layer in reversed(range(L)):
-            ids = block_forward(keep=True) if gc else acts[layer]
-            trained = layer >= L - train_layers
-            # linear by linear from the top: the input's gradient, the weight's gradient (kept: AccumulateGrad
-            # takes it) and the saved tensors that op needed die, in that order
-            per = max(1, -(-len(ids) // max(1, len(lin_rev))))
-            gprev = None
-            rev_ids = ids[::-1]
-            for k, (d_in, d_out) in enumerate(lin_rev):
-                if dequant:
-                    tr.tmp(d_in * d_out * c)
-                g_in = tr.a((c if autocast else w) * d_in * tok)
-                if trained:
-                    grads.append(tr.a(d_in * d_out * t))
-                for j in rev_ids[k * per:(k + 1) * per]:
-                    tr.f(j)
-                if gprev is not None:
-                    tr.f(gprev)
-                gprev = g_in
-            for j in rev_ids[len(lin_rev) * per:]:
-                tr.f(j)
-            if trained:
-                grads.append(tr.a(max(1, blk.other_params) * t))
-            gnext = tr.a(narrow)
-            tr.tmp(*bwd_tmp[4:])
-            if gprev is not None:
-                tr.f(gprev)
-            tr.f(gcur)
-            gcur = gnext
-            if gc:
-                tr.f(ckpts[layer])
-        tr.f(gcur)
-        if lump:
-            grads.append(tr.a(lump * t))
-        if embed_grad:
-            grads.append(tr.a(embed_grad * t))
-        if not full:
-            for n in trainable:
-                grads.append(tr.a(n * t))
-        for j in inputs:
-            tr.f(j)
-        # optimizer: AdamW's states on the first step; clip_grad_norm_ and the fused step make only scalars
-        if not states:
-            for n in trainable:
-                states.append(tr.a(n * state_bytes))
-                states.append(tr.a(n * state_bytes))
-        for j in grads:
-            tr.f(j)
-        grads = []
-    return tr.ev
 
 
 # Liger's fused linear cross-entropy and kernels (Triton) allocate their chunk and gradient buffers in ways
