@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from kubetune import hub as hub_module
 from kubetune.api.validation import parse_spec
 from kubetune.controller import sources
 from kubetune.controller.sources import hub_endpoint
@@ -102,3 +103,15 @@ def test_a_mirror_signed_by_a_private_ca_is_read_with_spec_storage_ca_bundle(hub
     assert seen == [("/acme/open-7b/resolve/main/config.json", None)] and proxy.handshakes == 1
     with pytest.raises(ValueError, match="point SSL_CERT_FILE at a bundle holding the CA that signed it$"):
         sources.read_hub_config("hf://acme/open-7b", None, proxy.url, cli=True)  # kubetune estimate's wording
+
+
+def test_the_hub_reader_sits_below_the_controller_and_the_estimator():
+    """`kubetune estimate` reads the Hub without importing the operator's controller (or kubernetes, kopf)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kubetune.estimator.cli as c; c._read_config_for_cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('kubetune.controller', 'kubernetes', 'kopf'))))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert sources.read_hub_config is hub_module.read_hub_config and sources.hub_endpoint is hub_module.hub_endpoint
+

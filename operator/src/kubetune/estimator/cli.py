@@ -337,7 +337,7 @@ def _read_config_for_cli(uri: str) -> str:
         with open(p, encoding="utf-8") as fh:
             return fh.read()
     if uri.startswith("hf://"):
-        from kubetune.controller.sources import hub_endpoint, read_hub_config
+        from kubetune.hub import hub_endpoint, read_hub_config
 
         return read_hub_config(uri, os.environ.get("HF_TOKEN") or None,
                                hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT"), cli=True)
