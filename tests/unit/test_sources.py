@@ -115,3 +115,12 @@ def test_the_hub_reader_sits_below_the_controller_and_the_estimator():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     assert sources.read_hub_config is hub_module.read_hub_config and sources.hub_endpoint is hub_module.hub_endpoint
 
+
+def test_the_operator_splits_s3_uris_as_the_trainer_does():
+    """One split (kubetune.api.storage) on both sides: a key holding '#' or '?' is the key the trainer wrote."""
+    from kubetune.api.storage import split_s3_uri
+    from kubetune_trainer import storage as trainer_storage
+
+    for uri in ("s3://ckpt/run-1/progress.json", "s3://ckpt/a#b/c?d/", "s3://ckpt"):
+        assert trainer_storage.split_s3(uri) == split_s3_uri(uri)
+    assert trainer_storage._join("a/", "b") == "a/b"  # the trainer's own names stay

@@ -16,11 +16,11 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from kubetune.api.storage import join_key, retry, s3_uri, split_s3_uri
 from kubetune.errors import UNTRUSTED_S3, certificate_untrusted, untrusted
 from kubetune_trainer.errors import BadConfig, StorageFailed
 
@@ -67,18 +67,14 @@ def local_path_of(uri: str) -> Path | None:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise BadConfig(f"not an s3:// URI: {uri}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise BadConfig(f"s3 URI without a bucket: {uri}")
-    return bucket, key
+    """(bucket, key) as the operator splits it too (kubetune.api.storage); BadConfig when it is no s3:// URI."""
+    try:
+        return split_s3_uri(uri)
+    except ValueError as e:
+        raise BadConfig(str(e)) from None
 
 
-def _join(prefix: str, key: str) -> str:
-    if not prefix:
-        return key
-    return prefix.rstrip("/") + "/" + key.lstrip("/") if key else prefix
+_join = join_key  # the trainer's modules and tests call st._join
 
 
 class Location:
@@ -188,7 +184,7 @@ class S3Location(Location):
         self.client = client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self.uri = s3_uri(bucket, self.prefix)
 
     def child(self, key: str) -> "S3Location":
         return S3Location(self.client, self.bucket, _join(self.prefix, key))
@@ -401,17 +397,11 @@ def list_objects(loc: Location, prefix: str = "", attempts: int = 4, log: Callab
 
 
 def _retry(fn, attempts: int, what: str, log, base_delay: float = 1.0):
-    for i in range(attempts):
-        try:
-            return fn()
-        except (StorageFailed, BadConfig):
-            raise
-        except Exception as e:  # network, 5xx, throttling: back off and try again
-            if i == attempts - 1 or certificate_untrusted(e):
-                raise storage_error(what, e) from None
-            delay = min(30.0, base_delay * 2**i)
-            log(f"{what} failed ({short_error(e)}); retrying in {delay:.0f}s")
-            time.sleep(delay)
+    """``fn()`` with backoff (kubetune.api.storage.retry): a failure is the trainer's reason (storage_error),
+    its own reasons pass at once, and an untrusted certificate is not retried."""
+    return retry(fn, attempts, fail=lambda e: storage_error(what, e),
+                 log_retry=lambda e, delay: log(f"{what} failed ({short_error(e)}); retrying in {delay:.0f}s"),
+                 give_up=certificate_untrusted, passthrough=(StorageFailed, BadConfig), base_delay=base_delay)
 
 
 def trust_ca_for_hub(work_dir: Path) -> Path | None:

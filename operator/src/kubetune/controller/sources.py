@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import threading
 from functools import lru_cache
-from urllib.parse import urlparse
 
+from kubetune.api.storage import join_key, s3_uri, split_s3_uri
 from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainerProgress
 from kubetune.controller.egress import EgressPolicy
 from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
@@ -88,18 +88,13 @@ def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str |
     return _client(st.endpoint, st.region, key, secret, st.force_path_style, ca_pem)
 
 
-def split_s3(uri: str) -> tuple[str, str]:
-    u = urlparse(uri)
-    return u.netloc, u.path.lstrip("/")
-
-
 def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str,
                   ca_pem: str | None = None, egress: EgressPolicy | None = None) -> TrainerProgress | None:
     """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
     progress is informative, it must never fail a reconcile)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, key = split_s3(uri)
+    bucket, key = split_s3_uri(uri)
     try:
         body = read_capped(s3_client(spec, creds, ca_pem, egress).get_object(Bucket=bucket, Key=key)["Body"],
                            "the trainer's progress object")
@@ -117,17 +112,18 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
     if uri.startswith("s3://"):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, prefix = split_s3(uri)
-        key = (prefix.rstrip("/") + "/config.json").lstrip("/")
+        bucket, prefix = split_s3_uri(uri)
+        key = join_key(prefix, "config.json")
+        where = s3_uri(bucket, key)
         s3 = s3_client(spec, creds, ca_pem, egress)
         try:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"]
         except (ClientError, BotoCoreError) as e:
-            raise s3_error(e, "read", f"s3://{bucket}/{key}") from None
+            raise s3_error(e, "read", where) from None
         try:
-            return read_capped(body, f"s3://{bucket}/{key}").decode()
+            return read_capped(body, where).decode()
         except UnicodeDecodeError:
-            raise ValueError(f"s3://{bucket}/{key} is not UTF-8 text, so not a config.json") from None
+            raise ValueError(f"{where} is not UTF-8 text, so not a config.json") from None
     if uri.startswith("hf://"):
         return read_hub_config(uri, hf_token, hub, ca_pem=ca_pem)
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
@@ -136,7 +132,7 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
 def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str, ca_pem: str | None = None,
                   egress: EgressPolicy | None = None) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
-    bucket, prefix = split_s3(uri)
+    bucket, prefix = split_s3_uri(uri)
     s3 = s3_client(spec, creds, ca_pem, egress)
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
