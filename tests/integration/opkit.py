@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -96,20 +97,34 @@ def cond(obj: dict, type_: str) -> dict:
     return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), {})
 
 
-def wait_phase(ground, ns, name, want: str, timeout: float = 60) -> dict:
-    """Wait for a phase; on timeout the error says where the job got to instead."""
+def wait_ftj(ground, ns, name, want: str | Callable[[dict], object], timeout: float = 60, what: str = "") -> dict:
+    """Wait until the FineTuneJob is in phase ``want`` (a str) or ``want(obj)`` is true; returns the object.
+    On timeout the error says where the job got to instead: its phase and conditions.
+
+        wait_ftj(ground, ns, "retrain", lambda o: status(o).get("run") == 2, what="run 2")
+    """
     deadline = time.monotonic() + timeout
+    is_it = (lambda o: status(o).get("phase") == want) if isinstance(want, str) else want
     while True:
         obj = ftj(ground, ns, name)
-        st = obj.get("status") or {}
-        if st.get("phase") == want:
+        if is_it(obj):
             return obj
         if time.monotonic() > deadline:
+            st = status(obj)
             conds = "; ".join(f"{c['type']}={c['status']} {c.get('reason')}: {c.get('message')}"
                               for c in st.get("conditions") or [])
-            raise AssertionError(f"{ns}/{name}: no phase {want} after {timeout:.0f}s; "
-                                 f"it is {st.get('phase')} ({conds})")
+            wanted = f"phase {want}" if isinstance(want, str) else (what or "the condition waited for")
+            raise AssertionError(f"{ns}/{name}: no {wanted} after {timeout:.0f}s; it is {st.get('phase')} ({conds})")
         time.sleep(0.5)
+
+
+def wait_phase(ground, ns, name, want: str, timeout: float = 60) -> dict:
+    """Wait for a phase (wait_ftj with a phase)."""
+    return wait_ftj(ground, ns, name, want, timeout)
+
+
+def status(obj: dict) -> dict:
+    return obj.get("status") or {}
 
 
 def small_gpu_job(name: str, delay: str = "1s") -> dict:

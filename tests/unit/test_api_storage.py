@@ -1,11 +1,9 @@
-"""kubetune.api.storage: the s3:// split and join and the retry with backoff that the operator
-(controller/sources.py) and the trainer (kubetune_trainer/storage.py) share."""
+"""kubetune.api.storage: the s3:// split and join that the operator (controller/sources.py) and the trainer
+(kubetune_trainer/storage.py) share, and the retry with backoff (the trainer's _retry)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from builders import modules_loaded_by
 
 from kubetune.api import storage as st
 
@@ -100,6 +98,4 @@ def test_give_up_and_passthrough_stop_at_once(monkeypatch):
 
 
 def test_the_shared_module_imports_no_client_library():
-    code = ("import sys, kubetune.api.storage; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'kubernetes', 'kopf')))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert modules_loaded_by("import kubetune.api.storage", "boto3", "botocore", "kubernetes", "kopf") == []

@@ -6,8 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from builders import run_estimate
 
-from kubetune.cli import main
 from kubetune.estimator import catalog_architecture, estimate, estimate_spec, plan_from_flags
 from kubetune.estimator.memory import GIB
 
@@ -34,10 +34,7 @@ JOB = textwrap.dedent("""\
 """)
 
 
-def run(capsys, *argv):
-    rc = main(["estimate", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_estimate
 
 
 def test_flag_form_human(capsys):
@@ -181,31 +178,22 @@ def test_errors_are_one_line_naming_the_flag(capsys, argv, msg):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_bad_files(tmp_path, capsys):
-    bad = tmp_path / "config.json"
-    bad.write_text('{"model_type": "llama", "hidden_size": 64,')
-    rc, _, err = run(capsys, "--model", str(bad))
-    assert rc == 2 and f"--model {bad}: not valid JSON" in err
-    bad.write_text('{"model_type": "llama", "hidden_size": 64}')
-    rc, _, err = run(capsys, "--model", str(bad))
-    assert rc == 2 and f"{bad}: missing num_hidden_layers" in err
-    job = tmp_path / "job.yaml"
-    job.write_text(JOB.replace("type: lora", "type: lorax"))
-    rc, _, err = run(capsys, "-f", str(job))
-    assert rc == 2 and f"-f {job}: spec.method.type" in err and err.count("\n") == 1
-    job.write_text(JOB.replace("hf://meta-llama/Llama-3.1-8B@main", "s3://models/private/"))
-    rc, _, err = run(capsys, "-f", str(job))
-    assert rc == 2 and "spec.model.uri s3://models/private/: not in kubetune's model catalog" in err
-    job.write_text("spec: [unclosed")
-    rc, _, err = run(capsys, "-f", str(job))
-    assert rc == 2 and "not valid YAML" in err
-    job.write_text(JOB)
-    rc, _, err = run(capsys, "-f", str(job), "--batch-size", "2")
-    assert rc == 2 and "--batch-size: not used with -f" in err
-    rc, _, err = run(capsys, "-f", str(job), "--packing")
-    assert rc == 2 and "--packing: not used with -f (the job file sets it)" in err
-    rc, _, err = run(capsys, "-f", str(job), "--fused-kernels")
-    assert rc == 2 and "--fused-kernels: not used with -f (the job file sets it)" in err
+@pytest.mark.parametrize("name,text,argv,msg", [
+    ("config.json", '{"model_type": "llama", "hidden_size": 64,', ["--model", "{f}"], "--model {f}: not valid JSON"),
+    ("config.json", '{"model_type": "llama", "hidden_size": 64}', ["--model", "{f}"], "{f}: missing num_hidden_layers"),
+    ("job.yaml", JOB.replace("type: lora", "type: lorax"), ["-f", "{f}"], "-f {f}: spec.method.type"),
+    ("job.yaml", JOB.replace("hf://meta-llama/Llama-3.1-8B@main", "s3://models/private/"), ["-f", "{f}"],
+     "spec.model.uri s3://models/private/: not in kubetune's model catalog"),
+    ("job.yaml", "spec: [unclosed", ["-f", "{f}"], "not valid YAML"),
+    ("job.yaml", JOB, ["-f", "{f}", "--batch-size", "2"], "--batch-size: not used with -f"),
+    ("job.yaml", JOB, ["-f", "{f}", "--packing"], "--packing: not used with -f (the job file sets it)"),
+    ("job.yaml", JOB, ["-f", "{f}", "--fused-kernels"], "--fused-kernels: not used with -f (the job file sets it)"),
+])
+def test_bad_files(tmp_path, capsys, name, text, argv, msg):
+    f = tmp_path / name
+    f.write_text(text)
+    rc, _, err = run(capsys, *(a.format(f=f) for a in argv))
+    assert rc == 2 and msg.format(f=f) in err and err.count("\n") == 1, err
 
 
 def test_fused_kernels_flag(capsys):

@@ -1,29 +1,19 @@
 """The work dir's local disk (the trainer pod's ephemeral-storage request)."""
 from __future__ import annotations
 
-import copy
+from builders import spec, spec_dict
 
-from kubetune.api.validation import parse_spec
 from kubetune.estimator import catalog_architecture
 from kubetune.estimator.disk import HEADROOM, work_dir_bytes
 from kubetune.estimator.memory import GIB
 from kubetune.plan import plan_from_spec
 
-SPEC = {
-    "model": {"uri": "hf://meta-llama/Llama-3.1-70B"},
-    "dataset": {"uri": "s3://data/train.jsonl"},
-    "method": {"type": "lora"},
-    "training": {"maxSteps": 10, "microBatchSize": 1},
-    "checkpoints": {"uri": "s3://ckpt/runs"},
-    "resources": {"gpusPerNode": 8},
-}
+SPEC = spec_dict(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, training={"microBatchSize": 1},
+                 checkpoints={"uri": "s3://ckpt/runs"}, resources={"gpusPerNode": 8})
 
 
 def need(arch, **over):
-    d = copy.deepcopy(SPEC)
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) and k != "method" else v
-    s = parse_spec(d)
+    s = spec(SPEC, **over)
     plan = plan_from_spec(s, micro_batch_size=1, num_processes=s.resources.total_gpus)
     from kubetune.estimator import estimate
 
@@ -67,7 +57,7 @@ def test_an_fp32_checkpoint_downloads_twice_what_a_bf16_one_does():
     assert from_config({**cfg, "dtype": "float32"}).disk_weight_bytes == 4  # transformers 5 writes "dtype"
     assert from_config(cfg).disk_weight_bytes == 2  # unknown: priced as bf16
     assert from_config({**cfg, "torch_dtype": "float32", "quantization_config": {"bits": 4}}).disk_weight_bytes == 2
-    s = parse_spec(SPEC)
+    s = spec(SPEC)
     plan = plan_from_spec(s, micro_batch_size=1, num_processes=8)
     e = estimate(fp32, plan)
     small = work_dir_bytes(s, plan, e.total_params, e.trainable_params, bf16.disk_weight_bytes)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from builders import spec  # Llama-3.1-8B, LoRA, micro batch 4 x 2048
 
 import kubetune.plan as plan_mod
-from kubetune.api.v1alpha1 import EstimateStatus, FineTuneJobSpec, MemoryBreakdown
+from kubetune.api.v1alpha1 import EstimateStatus, MemoryBreakdown
 from kubetune.estimator import BREAKDOWN_KEYS, catalog_architecture, estimate, estimate_spec, plan_from_flags
 from kubetune.estimator import memory as M
 from kubetune.estimator.memory import GIB, format_gib
@@ -19,19 +20,6 @@ def lora(**kw):
     base = dict(method="lora", micro_batch_size=4, seq_len=2048, gradient_checkpointing=True)
     base.update(kw)
     return plan_from_flags(**base)
-
-
-def spec(**over) -> FineTuneJobSpec:
-    d = {
-        "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
-        "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 2048},
-        "method": {"type": "lora"},
-        "training": {"maxSteps": 10, "microBatchSize": 4},
-        "checkpoints": {"uri": "s3://ckpt/"},
-    }
-    for k, v in over.items():
-        d[k] = {**d.get(k, {}), **v}
-    return FineTuneJobSpec.model_validate(d)
 
 
 def test_breakdown_keys_sum_and_status():

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import yaml
+from builders import job_yaml, run_estimate
 
 from kubetune.api.v1alpha1 import FineTuneJob
-from kubetune.cli import main
 from kubetune.estimator import catalog_architecture, estimate, from_config, max_micro_batch, plan_from_flags
 from kubetune.estimator import memory as M
 from kubetune.estimator import steptrace as ST
@@ -29,25 +29,12 @@ def dpo(p, reference="implicit"):
 
 def _job(objective, method, mbs, fmt, extra):
     """A FineTuneJob on Llama-3.1-8B (one GPU) in YAML."""
-    doc = {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "pref"},
-        "spec": {
-            "model": {"uri": "hf://meta-llama/Llama-3.1-8B"},
-            "dataset": {"uri": "s3://data/pairs.jsonl", "format": fmt, "maxSeqLength": 2048},
-            "method": {"type": method},
-            "training": {"maxSteps": 100, "microBatchSize": mbs if mbs == "auto" else int(mbs), **extra},
-            "checkpoints": {"uri": "s3://ckpt/"},
-        },
-    }
-    if objective:
-        doc["spec"]["objective"] = objective
-    return yaml.safe_dump(doc)
+    return job_yaml("pref", dataset={"uri": "s3://data/pairs.jsonl", "format": fmt}, method={"type": method},
+                    training={"maxSteps": 100, "microBatchSize": mbs if mbs == "auto" else int(mbs), **extra},
+                    objective=objective or None)
 
 
-def run(capsys, *argv):
-    rc = main(["estimate", *argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
+run = run_estimate
 
 
 # ---- the terms ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ trainer (loop.py: plain bnb.optim.AdamW8bit) does not."""
 from __future__ import annotations
 
 import pytest
+from builders import spec
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.estimator import catalog_architecture, estimate, plan_from_flags
@@ -14,13 +15,8 @@ L1 = catalog_architecture("llama-3.2-1b")
 
 
 def job(method: dict, optimizer: str) -> FineTuneJobSpec:
-    return FineTuneJobSpec.model_validate({
-        "model": {"uri": "hf://meta-llama/Llama-3.2-1B"},
-        "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 1024},
-        "method": method,
-        "training": {"maxSteps": 10, "microBatchSize": 2, "optimizer": optimizer},
-        "checkpoints": {"uri": "s3://ckpt/"},
-    })
+    return spec(model={"uri": "hf://meta-llama/Llama-3.2-1B"}, dataset={"maxSeqLength": 1024}, method=method,
+                training={"microBatchSize": 2, "optimizer": optimizer})
 
 
 def test_plans_say_which_stack_keeps_embedding_states_in_32_bit():

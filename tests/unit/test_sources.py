@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import modules_loaded_by
 
 from kubetune import hub as hub_module
 from kubetune.api.validation import parse_spec
@@ -45,19 +46,19 @@ def test_a_gated_model_is_read_with_the_token_at_the_revision_in_the_uri(hub):
     assert seen == [("/acme/gated-7b/resolve/v2/config.json", "Bearer hf_good")]
 
 
-def test_each_refusal_says_what_to_fix(hub):
+@pytest.mark.parametrize("uri,token,refusal", [
+    ("hf://acme/gated-7b", None, "refused its config.json (HTTP 401): it is gated or private: set spec.model.tokenSecret "
+                                 "to a Secret holding an HF_TOKEN with access"),
+    ("hf://acme/gated-7b", "hf_other", "refused its config.json (HTTP 403): the token in spec.model.tokenSecret has no "
+                                       "access to it: accept the model's licence on the Hub with that account"),
+    ("hf://acme/open-7b@nope", None, "has no config.json for acme/open-7b at revision nope: check the repository name "
+                                     "and revision"),
+])
+def test_each_refusal_says_what_to_fix(hub, uri, token, refusal):
     url, _ = hub
     with pytest.raises(ValueError) as e:
-        sources.read_config_json(_spec("hf://acme/gated-7b"), None, None, url)
-    assert str(e.value) == (f"the Hub mirror {url} (--hf-endpoint) refused its config.json (HTTP 401): it is gated "
-                            "or private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
-    with pytest.raises(ValueError) as e:
-        sources.read_config_json(_spec("hf://acme/gated-7b"), None, "hf_other", url)
-    assert "(HTTP 403): the token in spec.model.tokenSecret has no access to it: accept the model's licence" in str(e.value)
-    with pytest.raises(ValueError) as e:
-        sources.read_config_json(_spec("hf://acme/open-7b@nope"), None, None, url)
-    assert str(e.value) == (f"the Hub mirror {url} (--hf-endpoint) has no config.json for acme/open-7b at revision "
-                            "nope: check the repository name and revision")
+        sources.read_config_json(_spec(uri), None, token, url)
+    assert str(e.value) == f"the Hub mirror {url} (--hf-endpoint) {refusal}"
 
 
 def test_an_unreachable_hub_fails_one_reconcile_with_a_message_not_a_traceback(hub):
@@ -107,12 +108,7 @@ def test_a_mirror_signed_by_a_private_ca_is_read_with_spec_storage_ca_bundle(hub
 
 def test_the_hub_reader_sits_below_the_controller_and_the_estimator():
     """`kubetune estimate` reads the Hub without importing the operator's controller (or kubernetes, kopf)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, kubetune.estimator.cli as c; c._read_config_for_cli; "
-            "print(sorted(m for m in sys.modules if m.startswith(('kubetune.controller', 'kubernetes', 'kopf'))))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert modules_loaded_by("import kubetune.estimator.cli", "kubetune.controller", "kubernetes", "kopf") == []
     assert sources.read_hub_config is hub_module.read_hub_config and sources.hub_endpoint is hub_module.hub_endpoint
 
 
