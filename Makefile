@@ -13,8 +13,9 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 # make test runs pytest-xdist workers: the integration tests in one (they share the session's test ground,
 # and mostly wait on it), the CPU-bound tiers (training on CPU, unit) spread over the others, one thread
-# each (tests/conftest.py). 4 suits 2 cores; PYTEST_WORKERS=0 runs everything in one process.
-PYTEST_WORKERS ?= 4
+# each (tests/conftest.py). 3 suits 2 cores (more stretches the trainer tests toward their timeouts);
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 3
 # Where the time goes, in every run's report.
 PYTEST_DURATIONS ?= 25
 
