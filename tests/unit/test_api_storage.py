@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from builders import modules_loaded_by
 
 from kubetune.api import storage as st
+
+from builders import modules_loaded_by
 
 
 @pytest.mark.parametrize("uri,bucket,key", [

@@ -28,7 +28,8 @@ def test_gpu_sizes_are_reported_totals():
 @pytest.mark.parametrize("method,gc,fused", [("lora", True, False), ("lora", False, True), ("full", True, True),
                                              ("qlora", True, False), ("prompt-tuning", True, True)])
 def test_max_micro_batch_is_the_boundary(method, gc, fused):
-    p = plan_from_flags(method=method, micro_batch_size=1, seq_len=2048, gradient_checkpointing=gc, fused_cross_entropy=fused)
+    p = plan_from_flags(method=method, micro_batch_size=1, seq_len=2048, gradient_checkpointing=gc,
+                        fused_cross_entropy=fused)
     b = max_micro_batch(L8, p, H100.bytes)
     assert b >= 1
     budget = H100.bytes * (1 - DEFAULT_MARGIN)
@@ -77,8 +78,8 @@ def test_more_gpus_keep_the_effective_batch_when_it_divides():
     assert gpus
     for a in gpus:
         n, ga = a.plan.num_processes, a.plan.gradient_accumulation_steps
-        assert 2 * ga * n == 16 and f"{n} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: same effective batch 16" \
-            in a.description, a.description
+        want = f"{n} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: same effective batch 16"
+        assert 2 * ga * n == 16 and want in a.description, a.description
 
 
 def test_no_advice_when_it_fits():

@@ -5,8 +5,7 @@ import pytest
 
 from kubetune.api.v1alpha1 import ModelSource
 from kubetune.errors import UsageError
-from kubetune.estimator import ArchitectureNotFound, catalog_architecture, from_config, resolve_architecture
-from kubetune.estimator import catalog
+from kubetune.estimator import ArchitectureNotFound, catalog, catalog_architecture, from_config, resolve_architecture
 
 # Published totals (model cards / safetensors metadata): exact where the number is exact.
 EXACT = {
@@ -77,7 +76,8 @@ def test_config_json_keys_of_each_family():
     phi = catalog_architecture("phi-3-mini")
     assert {m.name for _, b in phi.blocks for m in b.linears} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     neox = catalog_architecture("EleutherAI/pythia-160m")
-    assert {m.name for _, b in neox.blocks for m in b.linears} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert {m.name for _, b in neox.blocks for m in b.linears} == {"query_key_value", "dense", "dense_h_to_4h",
+                                                                  "dense_4h_to_h"}
     # nested text_config (Gemma 3 multimodal): the vision tower counts as frozen parameters
     g3 = catalog_architecture("gemma-3-4b")
     assert g3.model_type == "gemma3_text" and g3.extra_frozen_params > 4e8
@@ -95,10 +95,11 @@ def test_unknown_model_type_is_approximated_or_rejected():
     ({"hidden_size": 64}, "missing model_type"),
     ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10},
      "missing intermediate_size"),
-    ({"model_type": "llama", "hidden_size": -1, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 8,
-      "vocab_size": 10}, "hidden_size must be a positive integer"),
-    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6, "intermediate_size": 8,
-      "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 10}, "not a multiple of num_key_value_heads"),
+    ({"model_type": "llama", "hidden_size": -1, "num_hidden_layers": 2, "num_attention_heads": 4,
+      "intermediate_size": 8, "vocab_size": 10}, "hidden_size must be a positive integer"),
+    ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 6,
+      "intermediate_size": 8, "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 10},
+     "not a multiple of num_key_value_heads"),
     ([1, 2], "expected a JSON object"),
 ])
 def test_bad_config_names_file_and_rule(cfg, msg):
@@ -125,7 +126,8 @@ def test_resolve_inline_then_catalog_then_reader():
 
 
 def test_resolve_errors_name_the_uri():
-    with pytest.raises(ArchitectureNotFound, match=r"spec.model.uri hf://acme/secret-model: not in kubetune's model catalog"):
+    with pytest.raises(ArchitectureNotFound,
+                       match=r"spec.model.uri hf://acme/secret-model: not in kubetune's model catalog"):
         resolve_architecture(ModelSource(uri="hf://acme/secret-model"))
 
     def broken(uri):

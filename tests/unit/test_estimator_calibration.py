@@ -68,7 +68,8 @@ def test_every_row_within_bounds():
     bad = {k: round(v, 1) for k, v in errors.items() if not -5.0 <= v <= 10.0}
     print("\ncalibration error (signed %):", {k: round(v, 1) for k, v in errors.items()})
     print(f"max {max(errors.values()):+.1f}%  min {min(errors.values()):+.1f}%  "
-          f"mean {sum(errors.values()) / len(errors):+.1f}%  mean |e| {sum(map(abs, errors.values())) / len(errors):.1f}%")
+          f"mean {sum(errors.values()) / len(errors):+.1f}%  "
+          f"mean |e| {sum(map(abs, errors.values())) / len(errors):.1f}%")
     assert len(errors) >= 12
     assert not bad, f"outside [-5%, +10%]: {bad}"
 

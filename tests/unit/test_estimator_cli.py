@@ -6,10 +6,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from builders import run_estimate
 
 from kubetune.estimator import catalog_architecture, estimate, estimate_spec, plan_from_flags
 from kubetune.estimator.memory import GIB
+
+from builders import run_estimate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +80,8 @@ def test_config_json_and_directory(tmp_path, capsys):
            "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for model in (str(tmp_path / "config.json"), str(tmp_path)):
-        rc, out, _ = run(capsys, "--model", model, "--method", "full", "--batch-size", "8", "--seq-len", "1024", "--json")
+        rc, out, _ = run(capsys, "--model", model, "--method", "full", "--batch-size", "8", "--seq-len", "1024",
+                         "--json")
         assert rc == 0 and json.loads(out)["total_params"] == 494_032_768
 
 
@@ -99,8 +101,9 @@ def test_job_file_uses_kubetune_trainer_defaults(tmp_path, capsys):
     rc, out, _ = run(capsys, "-f", str(f), "--json")
     assert rc == 0
     d = json.loads(out)
-    from kubetune.api.v1alpha1 import FineTuneJob
     import yaml
+
+    from kubetune.api.v1alpha1 import FineTuneJob
 
     spec = FineTuneJob.model_validate(yaml.safe_load(JOB)).spec
     assert d["total_bytes"] == estimate_spec(spec).total_bytes
@@ -161,11 +164,14 @@ def test_job_file_with_auto_micro_batch(tmp_path, capsys):
     (["--model", "llama-3.1-8b", "--seq-len", "-5"], "--seq-len: must be an integer"),
     (["--model", "llama-3.1-8b", "--method", "dpo"], "--method: must be one of full, lora, qlora"),
     (["--model", "llama-3.1-8b", "--precision", "fp8"], "--precision: must be one of bf16, fp32-mixed, fp32"),
-    (["--model", "llama-3.1-8b", "--method", "full", "--lora-rank", "8"], "--lora-rank: only valid with --method lora or qlora"),
+    (["--model", "llama-3.1-8b", "--method", "full", "--lora-rank", "8"],
+     "--lora-rank: only valid with --method lora or qlora"),
     (["--model", "llama-3.1-8b", "--lora-dropout", "1.5"], "--lora-dropout: must be a number in [0, 1)"),
-    (["--model", "llama-3.1-8b", "--lora-targets", "c_attn"], "--lora-targets: LoRA target 'c_attn' is not a linear module"),
+    (["--model", "llama-3.1-8b", "--lora-targets", "c_attn"],
+     "--lora-targets: LoRA target 'c_attn' is not a linear module"),
     (["--model", "llama-3.1-8b", "--sharding", "fsdp"], "--sharding: needs --gpus 2 or more"),
-    (["--model", "llama-3.1-8b", "--gpus", "2", "--sharding", "tp"], "--sharding: must be one of ddp, fsdp, zero2, zero3"),
+    (["--model", "llama-3.1-8b", "--gpus", "2", "--sharding", "tp"],
+     "--sharding: must be one of ddp, fsdp, zero2, zero3"),
     (["--model", "llama-3.1-8b", "--gpu-memory", "lots"], "--gpu-memory: 'lots' is not a size"),
     (["--model", "llama-3.1-8b", "--quant-bits", "4"], "--quant-bits: only valid with --method qlora"),
     ([], "give -f JOB_YAML or --model"),
@@ -229,8 +235,9 @@ def test_a_model_outside_the_catalog_is_read_from_the_hub_as_huggingface_hub_wou
 
     rc, _, err = run(capsys, "--model", "hf://acme/gated-1b")
     assert rc == 2 and err.strip() == (
-        f"kubetune estimate: error: --model hf://acme/gated-1b: not in kubetune's catalog, and the Hub mirror {hub_mirror.url} "
-        "(HF_ENDPOINT) refused its config.json (HTTP 401): it is gated or private: set HF_TOKEN to a token with access")
+        "kubetune estimate: error: --model hf://acme/gated-1b: not in kubetune's catalog, and the Hub mirror "
+        f"{hub_mirror.url} (HF_ENDPOINT) refused its config.json (HTTP 401): it is gated or private: set HF_TOKEN to "
+        "a token with access")
     monkeypatch.setenv("HF_TOKEN", "hf_ok")
     job = JOB.replace("hf://meta-llama/Llama-3.1-8B@main", "hf://acme/gated-1b")
     (tmp_path / "job.yaml").write_text(job)
@@ -286,8 +293,10 @@ def test_estimate_f_prices_a_job_as_the_operator_does(name, capsys, tmp_path):
     assert rc == 0 and d["total_bytes"] == got.estimate.total_bytes, (d["plan"], got.estimate.total_bytes)
 
 
-@pytest.mark.parametrize("flag,setting", [(None, "expandable_segments:False"), ("default", "expandable_segments:False"),
-                                          ("expandable", "expandable_segments:True"), (" Expandable ", "expandable_segments:True")])
+@pytest.mark.parametrize("flag,setting", [(None, "expandable_segments:False"),
+                                          ("default", "expandable_segments:False"),
+                                          ("expandable", "expandable_segments:True"),
+                                          (" Expandable ", "expandable_segments:True")])
 def test_allocator_flag_picks_the_setting_the_reserved_figure_assumes(capsys, flag, setting):
     argv = ["--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "4", "--seq-len", "2048",
             "--gradient-checkpointing", "--json"] + (["--allocator", flag] if flag is not None else [])
@@ -313,8 +322,8 @@ def test_allocator_flag_reaches_the_human_form_the_job_form_and_auto(capsys, tmp
     # auto micro batch searches with the same setting: expandable segments reserve less here, so never a smaller batch
     auto = {}
     for setting in ("default", "expandable"):
-        rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "auto", "--seq-len", "2048",
-                         "--gradient-checkpointing", "--gpu-memory", "24GB", "--allocator", setting, "--json")
+        rc, out, _ = run(capsys, "--model", "llama-3.1-8b", "--method", "lora", "--batch-size", "auto", "--seq-len",
+                         "2048", "--gradient-checkpointing", "--gpu-memory", "24GB", "--allocator", setting, "--json")
         assert rc == 0
         auto[setting] = json.loads(out)["max_micro_batch"]["24GB"]
     assert auto["expandable"] >= auto["default"] >= 1

@@ -1,12 +1,12 @@
 """The work dir's local disk (the trainer pod's ephemeral-storage request)."""
 from __future__ import annotations
 
-from builders import spec, spec_dict
-
 from kubetune.estimator import catalog_architecture
 from kubetune.estimator.disk import HEADROOM, work_dir_bytes
 from kubetune.estimator.memory import GIB
 from kubetune.plan import plan_from_spec
+
+from builders import spec, spec_dict
 
 SPEC = spec_dict(model={"uri": "hf://meta-llama/Llama-3.1-70B"}, training={"microBatchSize": 1},
                  checkpoints={"uri": "s3://ckpt/runs"}, resources={"gpusPerNode": 8})
@@ -26,7 +26,8 @@ def test_a_downloaded_model_is_the_bulk_of_it_and_a_model_read_in_place_is_not_c
     hf, e = need(l70)
     assert hf % GIB == 0
     model = e.total_params * 2
-    assert model < hf - HEADROOM < model + 14 * GIB  # 141 GB of bf16 weights; five LoRA checkpoints (fp32, AdamW) are 12
+    # 141 GB of bf16 weights; five LoRA checkpoints (fp32, AdamW) are 12
+    assert model < hf - HEADROOM < model + 14 * GIB
     assert 139 * GIB < hf < 147 * GIB
     pvc, _ = need(l70, model={"uri": "pvc://models/llama-3.1-70b"})
     assert pvc <= hf - model + GIB  # read in place: no download

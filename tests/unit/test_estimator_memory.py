@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from builders import spec  # Llama-3.1-8B, LoRA, micro batch 4 x 2048
 
 import kubetune.plan as plan_mod
 from kubetune.api.v1alpha1 import EstimateStatus, MemoryBreakdown
 from kubetune.estimator import BREAKDOWN_KEYS, catalog_architecture, estimate, estimate_spec, plan_from_flags
 from kubetune.estimator import memory as M
 from kubetune.estimator.memory import GIB, format_gib
+
+from builders import spec  # Llama-3.1-8B, LoRA, micro batch 4 x 2048
 
 L8 = catalog_architecture("llama-3.1-8b")
 L1 = catalog_architecture("llama-3.2-1b")
@@ -138,7 +139,8 @@ def test_qlora_under_fsdp_peaks_while_every_gpu_holds_the_whole_4bit_model():
     ddp = estimate(L70, q.with_(num_processes=8, sharding="ddp"))
     assert ddp.phase != "model load"  # every rank keeps its whole model anyway: training is the peak
     lora8 = estimate(L70, plan_from_flags(method="lora", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
-                                          fused_cross_entropy=True, precision="bf16").with_(num_processes=8, sharding="fsdp"))
+                                          fused_cross_entropy=True, precision="bf16")
+                     .with_(num_processes=8, sharding="fsdp"))
     assert lora8.phase != "model load" and lora8.breakdown["weights"] * 8 >= L70.total_params * 2 * 0.99
 
 
@@ -175,14 +177,17 @@ def test_fused_kernels_keep_fewer_activations_without_checkpointing():
     its SwiGLU keeps gate and up where transformers' keeps the act's input, output and up: per token and
     block 2 x 2h + 2i bytes fewer (8B: h 4096, i 14336; 32 blocks; 4 x 2048 tokens)."""
     p = lora(gradient_checkpointing=False, fused_cross_entropy=True)
-    saved = estimate(L8, p).breakdown["activations"] - estimate(L8, p.with_(fused_kernels=True)).breakdown["activations"]
+    def acts(arch, plan):
+        return estimate(arch, plan).breakdown["activations"]
+
+    saved = acts(L8, p) - acts(L8, p.with_(fused_kernels=True))
     assert saved == (2 * 2 * 4096 + 2 * 14336) * 32 * 4 * 2048  # 11.0 GiB
     # checkpointing: the recomputed block's peak is the measured one (the calibration's Liger rows)
     gc = p.with_(gradient_checkpointing=True)
     assert estimate(L8, gc.with_(fused_kernels=True)).total_bytes == estimate(L8, gc).total_bytes
     # a gated MLP with an activation Liger's kernel does not compute keeps transformers' MLP; the norms change
     relu = dataclasses.replace(L8, act_fn="relu", _cache={})
-    saved_relu = estimate(relu, p).breakdown["activations"] - estimate(relu, p.with_(fused_kernels=True)).breakdown["activations"]
+    saved_relu = acts(relu, p) - acts(relu, p.with_(fused_kernels=True))
     assert saved_relu == 2 * 2 * 4096 * 32 * 4 * 2048
     gemma = catalog_architecture("gemma-3-4b")  # gelu_pytorch_tanh: Liger's GeGLU
     assert gemma.act_fn == "gelu_pytorch_tanh"

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import yaml
-from builders import job_yaml, run_estimate
 
 from kubetune.api.v1alpha1 import FineTuneJob
 from kubetune.estimator import catalog_architecture, estimate, from_config, max_micro_batch, plan_from_flags
@@ -17,6 +16,8 @@ from kubetune.estimator import steptrace as ST
 from kubetune.estimator.advice import GPU_SIZE_BYTES, fit_advice
 from kubetune.estimator.allocator import simulate
 from kubetune.plan import plan_from_spec
+
+from builders import job_yaml, run_estimate
 
 GIB = 1 << 30
 SMALL = dict(model_type="llama", hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
@@ -71,7 +72,8 @@ def test_a_reference_copy_holds_a_second_frozen_copy_of_the_weights_sharded_like
     w = a.total_params * 2  # bf16
     assert pre.breakdown["weights"] == w and copy.breakdown["weights"] == 2 * w
     # no gradients and no optimizer states for it
-    assert (copy.breakdown["gradients"], copy.breakdown["optimizer"]) == (pre.breakdown["gradients"], pre.breakdown["optimizer"])
+    states = ("gradients", "optimizer")
+    assert [copy.breakdown[k] for k in states] == [pre.breakdown[k] for k in states]
     assert copy.allocated_bytes - pre.allocated_bytes == w
     assert any("reference copy: a frozen second copy of the model weights (15.0 GiB per GPU)" in n for n in copy.notes)
     fsdp = dpo(p.with_(num_processes=4, sharding="fsdp"), "copy")
@@ -158,7 +160,8 @@ def test_auto_micro_batch_for_dpo_is_about_half_of_sfts(method, objective):
     # half, within the allocator's fragmentation (simulated per power-of-two batch)
     assert b_sft >= 16 and 0.9 * b_sft / 2 - 1 <= b_dpo <= b_sft / 2, (b_sft, b_dpo)
     if method == "full":  # a reference copy's weights leave less room still
-        copy = FineTuneJob.model_validate(yaml.safe_load(_job({"type": "dpo"}, method, "auto", "preference", extra))).spec
+        doc = yaml.safe_load(_job({"type": "dpo"}, method, "auto", "preference", extra))
+        copy = FineTuneJob.model_validate(doc).spec
         assert max_micro_batch(a, plan_from_spec(copy, micro_batch_size=1), gpu) < b_dpo
 
 

@@ -142,12 +142,13 @@ def _two_and_three_layers(name: str, method: str) -> dict:
     return built
 
 
-def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40, packed: bool = False) -> float:
+def _per_token_per_block(name: str, method: str, autocast: bool, b: int = 2, s: int = 40,
+                         packed: bool = False) -> float:
     """Bytes per token of one more block: differences over layers and over sequence length remove the
     per-model and per-layer constants (embeddings, loss, autocast weight copies)."""
     built = _two_and_three_layers(name, method)
-    per = [(_saved_bytes(built[3], b, seq, autocast, packed) - _saved_bytes(built[2], b, seq, autocast, packed)) / (b * seq)
-           for seq in (s, 2 * s)]
+    per = [(_saved_bytes(built[3], b, seq, autocast, packed) - _saved_bytes(built[2], b, seq, autocast, packed))
+           / (b * seq) for seq in (s, 2 * s)]
     return 2 * per[1] - per[0]
 
 
@@ -179,8 +180,8 @@ def test_packing_saves_what_the_estimate_says(name, method, s):
     mask, SDPA keeps an additive copy of it per block (s^2, so compared at each length rather than
     extrapolated) and repeats k/v per head (no native GQA). The estimate prices all of it."""
     built = _two_and_three_layers(name, method)
-    per_block = {packed: (_saved_bytes(built[3], 2, s, True, packed) - _saved_bytes(built[2], 2, s, True, packed)) / (2 * s)
-                 for packed in (False, True)}
+    per_block = {packed: (_saved_bytes(built[3], 2, s, True, packed) - _saved_bytes(built[2], 2, s, True, packed))
+                 / (2 * s) for packed in (False, True)}
     assert per_block[True] > per_block[False]
     arch = from_config(_cfg(name))
     blk = arch.blocks[0][1]

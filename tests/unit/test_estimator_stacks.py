@@ -4,12 +4,13 @@ trainer (loop.py: plain bnb.optim.AdamW8bit) does not."""
 from __future__ import annotations
 
 import pytest
-from builders import spec
 
 from kubetune.api.v1alpha1 import FineTuneJobSpec
 from kubetune.estimator import catalog_architecture, estimate, plan_from_flags
 from kubetune.estimator import memory as M
 from kubetune.plan import plan_from_spec
+
+from builders import spec
 
 L1 = catalog_architecture("llama-3.2-1b")
 

@@ -17,12 +17,12 @@ from kubetune.estimator import steptrace as ST
 from kubetune.estimator.allocator import DEFAULT, EXPANDABLE, simulate
 
 GIB = 1 << 30
-LLAMA3B_TIED = dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
-QWEN3B_TIED = dict(model_type="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                   intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True)
-LLAMA1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+LLAMA3B_TIED = dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
+QWEN3B_TIED = dict(model_type="qwen2", hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                   num_key_value_heads=2, intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True)
+LLAMA1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
 FULL_B2 = dict(method="full", micro_batch_size=2, seq_len=2048, gradient_checkpointing=True)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from builders import modules_loaded_by
 
 from kubetune import hub as hub_module
 from kubetune.api.validation import parse_spec
@@ -14,6 +13,8 @@ from kubetune.controller import sources
 from kubetune.controller.sources import hub_endpoint
 from kubetune.errors import UsageError
 from kubetune.estimator import resolve_architecture
+
+from builders import modules_loaded_by
 
 CONFIG = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "torch_dtype": "bfloat16"}
@@ -47,8 +48,8 @@ def test_a_gated_model_is_read_with_the_token_at_the_revision_in_the_uri(hub):
 
 
 @pytest.mark.parametrize("uri,token,refusal", [
-    ("hf://acme/gated-7b", None, "refused its config.json (HTTP 401): it is gated or private: set spec.model.tokenSecret "
-                                 "to a Secret holding an HF_TOKEN with access"),
+    ("hf://acme/gated-7b", None, "refused its config.json (HTTP 401): it is gated or private: set "
+                                 "spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"),
     ("hf://acme/gated-7b", "hf_other", "refused its config.json (HTTP 403): the token in spec.model.tokenSecret has no "
                                        "access to it: accept the model's licence on the Hub with that account"),
     ("hf://acme/open-7b@nope", None, "has no config.json for acme/open-7b at revision nope: check the repository name "
@@ -85,7 +86,8 @@ def test_hf_endpoint_accepts_a_base_url(value, want):
 
 @pytest.mark.parametrize("value", ["hf-mirror.internal", "ftp://m/x", "https://m/?a=1", "https://"])
 def test_hf_endpoint_rejects_what_is_not_a_base_url(value):
-    with pytest.raises(UsageError, match=r"^HF_ENDPOINT must be an http\(s\) URL such as https://hf-mirror.internal, got"):
+    with pytest.raises(UsageError,
+                       match=r"^HF_ENDPOINT must be an http\(s\) URL such as https://hf-mirror.internal, got"):
         hub_endpoint(value, "HF_ENDPOINT")
 
 

@@ -33,7 +33,8 @@ def hub_endpoint(value: str | None, name: str) -> str | None:
     return value.rstrip("/")
 
 
-def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False, ca_pem: str | None = None) -> str:
+def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool = False,
+                    ca_pem: str | None = None) -> str:
     """config.json of hf://org/name[@revision] from the Hub or a mirror. ``cli``: the refusal names
     what `kubetune estimate` reads (the HF_TOKEN and HF_ENDPOINT variables), not the operator's
     spec.model.tokenSecret and --hf-endpoint. ``ca_pem`` (spec.storage.caBundle) is trusted beside
@@ -66,8 +67,9 @@ def read_hub_config(uri: str, token: str | None, hub: str | None, *, cli: bool =
                 why = (f"the token in {'HF_TOKEN' if cli else 'spec.model.tokenSecret'} has no access to it: "
                        "accept the model's licence on the Hub with that account")
             else:
-                why = "it is gated or private: " + ("set HF_TOKEN to a token with access" if cli else
-                                                   "set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
+                why = "it is gated or private: " + (
+                    "set HF_TOKEN to a token with access" if cli
+                    else "set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access")
             raise ValueError(f"{where} refused its config.json (HTTP {e.code}): {why}") from None
         if e.code == 404:
             raise ValueError(f"{where} has no config.json for {name} at revision {rev or 'main'}: check "

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -235,7 +236,8 @@ class S3Location(Location):
     def list_dirs(self):
         full = self.prefix + "/" if self.prefix else ""
         names = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+        for page in pages:
             for cp in page.get("CommonPrefixes", []):
                 names.append(cp["Prefix"][len(full):].rstrip("/"))
         return sorted(names)
@@ -277,8 +279,9 @@ def s3_client(storage=None):
     import boto3
     from botocore.config import Config
 
-    endpoint = getattr(storage, "endpoint", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = getattr(storage, "region", None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    env = os.environ
+    endpoint = getattr(storage, "endpoint", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = getattr(storage, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
     path_style = getattr(storage, "force_path_style", True)
     cfg = Config(
         region_name=region,
@@ -300,7 +303,8 @@ def open_location(uri: str, storage=None) -> Location:
     """The Location of an s3://, pvc://, file:// URI or a local path."""
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
-        ident = (getattr(storage, "endpoint", None), getattr(storage, "region", None), getattr(storage, "force_path_style", True))
+        ident = (getattr(storage, "endpoint", None), getattr(storage, "region", None),
+                 getattr(storage, "force_path_style", True))
         if ident not in _CLIENTS:
             _CLIENTS[ident] = s3_client(storage)
         return S3Location(_CLIENTS[ident], bucket, key)
@@ -369,13 +373,15 @@ def download_tree(
         target = dest / o.key
         out.append(target)
         rec = state.get(o.key)
-        if rec and target.exists() and rec.get("size") == o.size and rec.get("etag") == o.etag and target.stat().st_size == o.size:
+        if (rec and target.exists() and rec.get("size") == o.size and rec.get("etag") == o.etag
+                and target.stat().st_size == o.size):
             continue
         sha = shas.get(o.key)
         if sha is None and isinstance(loc, S3Location):
-            sha = _retry(lambda: loc.head_sha256(o.key), attempts, f"read metadata of {loc.uri}/{o.key}", log)
+            sha = _retry(partial(loc.head_sha256, o.key), attempts, f"read metadata of {loc.uri}/{o.key}", log)
         for attempt in range(2):
-            _retry(lambda: loc.download(o.key, target, o.size, o.etag, sha), attempts, f"download {loc.uri}/{o.key}", log)
+            _retry(partial(loc.download, o.key, target, o.size, o.etag, sha), attempts, f"download {loc.uri}/{o.key}",
+                   log)
             problem = _verify(target, o, sha)
             if problem is None:
                 break
@@ -431,19 +437,26 @@ def hub_error(uri: str, e: Exception, permanent: type, kind: str = "model") -> E
     """What the Hugging Face Hub said, as the trainer's reason: ``permanent`` (ModelLoadFailed,
     BadData: the Job fails at once) when retrying cannot help, StorageFailed when it may (network,
     a 5xx: the Job retries the pod)."""
-    from huggingface_hub.errors import (DisabledRepoError, GatedRepoError, HFValidationError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     have_token = bool(os.environ.get("HF_TOKEN"))
     if isinstance(e, GatedRepoError):
         return permanent(f"{uri}: gated on the Hugging Face Hub, and " + (
             "the token in spec.model.tokenSecret has no access: accept the licence on the Hub with that account"
-            if have_token else "no token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+            if have_token
+            else "no token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
     if isinstance(e, RevisionNotFoundError):
         return permanent(f"{uri}: the Hub has no such revision (the part after @)")
     if isinstance(e, RepositoryNotFoundError):
         return permanent(f"{uri}: no such {kind} on the Hugging Face Hub" + (
-            "" if have_token else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
+            "" if have_token
+            else ", or it is private: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"))
     if isinstance(e, (DisabledRepoError, HFValidationError)):
         return permanent(f"{uri}: {short_error(e)}")
     if certificate_untrusted(e):  # no retry fixes it

@@ -118,7 +118,7 @@ def estimate_spec(
 
     arch = resolve_architecture(spec.model, read_config)
     mbs = micro_batch_size
-    note = ()
+    note: tuple[str, ...] = ()
     if mbs is None and spec.training.micro_batch_size == "auto":
         mbs, note = 1, ("microBatchSize is auto: estimated at micro batch 1",)
     plan = plan_from_spec(spec, micro_batch_size=mbs, gradient_accumulation_steps=gradient_accumulation_steps,

@@ -4,12 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kubetune.api import registry
-from kubetune.estimator.arch import Architecture
 from kubetune.estimator.allocator import DEFAULT as ALLOC_DEFAULT
+from kubetune.estimator.arch import Architecture
 from kubetune.estimator.memory import DEFAULT_MARGIN, GIB, MIB, Estimate, estimate
 from kubetune.plan import TrainingPlan
+
 MAX_MICRO_BATCH = 4096
-__all__ = ["DEFAULT_MARGIN", "GPU_SIZES", "GPU_SIZE_BYTES", "Advice", "GpuSize", "fit_advice", "fits", "max_micro_batch"]
+__all__ = ["DEFAULT_MARGIN", "GPU_SIZES", "GPU_SIZE_BYTES", "Advice", "GpuSize", "fit_advice", "fits",
+           "max_micro_batch"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ def fits(est: Estimate, gpu_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
 
 
 def max_micro_batch(
-    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN, limit: int = MAX_MICRO_BATCH,
-    allocator: str = ALLOC_DEFAULT,
+    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN,
+    limit: int = MAX_MICRO_BATCH, allocator: str = ALLOC_DEFAULT,
 ) -> int:
     """Largest micro batch whose estimate fits ``gpu_bytes`` with ``margin`` to spare (0: not even 1).
 
@@ -175,7 +177,8 @@ def _gpus_label(plan: TrainingPlan, q: TrainingPlan) -> str:
     q_eff = q.micro_batch_size * q.gradient_accumulation_steps * q.num_processes
     ga = q.gradient_accumulation_steps
     if q_eff == eff:
-        return f"{q.num_processes} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: same effective batch {eff}"
+        return (f"{q.num_processes} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: "
+                f"same effective batch {eff}")
     return f"{q.num_processes} GPUs with FSDP: effective batch {q_eff} (was {eff})"
 
 
@@ -242,18 +245,19 @@ def _cheap_changes(plan: TrainingPlan) -> list[tuple[str, TrainingPlan]]:
 def _single_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, TrainingPlan]]) -> None:
     for d, q in cheap:
         found.add(d, q, 1)
-    q = found.smaller_batch(plan)
-    if q is not None:
-        found.add(f"micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps "
-                  f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)", q, 1)
+    smaller = found.smaller_batch(plan)
+    if smaller is not None:
+        found.add(f"micro batch {smaller.micro_batch_size} x {smaller.gradient_accumulation_steps} accumulation steps "
+                  f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)",
+                  smaller, 1)
     if _states_heavy(plan):
         found.add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
     if _offers_qlora(plan):
         found.add("QLoRA (4-bit NF4 base) instead of LoRA", _qlora(plan), 1)
     if plan.reference == "copy":  # no second model in GPU memory: log-probs from one pass before training
         found.add("objective.reference precomputed instead of copy", plan.with_(reference="precomputed"), 1)
-    for q in found.more_gpus(plan):
-        found.add(_gpus_label(plan, q), q, 1)
+    for more in found.more_gpus(plan):
+        found.add(_gpus_label(plan, more), more, 1)
 
 
 def _combined_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, TrainingPlan]]) -> None:
@@ -272,11 +276,13 @@ def _combined_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, 
         found.add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
         qb = found.smaller_batch(_qlora(both))
         if qb is not None:
-            found.add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2)
+            found.add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb,
+                      n0 + 2)
     if _states_heavy(plan):
         found.add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
     for q in found.more_gpus(both):
         found.add(prefix + _gpus_label(plan, q), q, n0 + 1)
-    q1 = both.with_(micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
+    q1 = both.with_(micro_batch_size=1,
+                    gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
     for q in found.more_gpus(q1):
         found.add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)

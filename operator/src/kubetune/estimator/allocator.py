@@ -221,7 +221,10 @@ class CachingAllocator:
         pool = self.pools[small]
         b = self._get_free_block(pool, size, stream)
         if b is None:
-            b = self._alloc_expandable(size, small, stream) if self.expandable else self._alloc_segment(size, small, stream)
+            if self.expandable:
+                b = self._alloc_expandable(size, small, stream)
+            else:
+                b = self._alloc_segment(size, small, stream)
         rem = b.size - size
         if small or self.expandable:
             split = rem >= K_MIN_BLOCK

@@ -303,7 +303,8 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
     model_type = cfg.get("model_type")
     # What the download weighs: fp32 checkpoints (GPT-2, BERT, many small models) are twice bf16.
     # No dtype (or a pre-quantized one, smaller) is priced as bf16.
-    disk_bytes = 4 if (cfg.get("dtype") or cfg.get("torch_dtype")) == "float32" and not cfg.get("quantization_config") else 2
+    fp32 = (cfg.get("dtype") or cfg.get("torch_dtype")) == "float32"
+    disk_bytes = 4 if fp32 and not cfg.get("quantization_config") else 2
     # Multimodal wrappers (Gemma 3 4B+): the language model is text_config; the vision tower is
     # counted as frozen parameters that a text fine-tune never runs.
     extra_frozen = 0
@@ -319,9 +320,10 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
         raise UsageError(f"{where}: missing model_type (one of {', '.join(SUPPORTED)})")
     family = FAMILIES.get(model_type)
     approximate = family is None
-    if approximate:
+    if family is None:
         # Unknown decoder: if it has the usual keys, price it as a llama-style block and say so.
-        if not all(k in cfg for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")):
+        usual = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        if not all(k in cfg for k in usual):
             raise UsageError(
                 f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)}); "
                 "give an inline spec.model.architecture with a supported modelType"

@@ -31,7 +31,8 @@ _ENTRIES: dict[str, _E] = {
     "HuggingFaceTB/SmolLM2-360M": ("llama", 960, 32, 15, 5, 64, 2560, 49152, True, 8192, {}),
     "HuggingFaceTB/SmolLM2-1.7B": ("llama", 2048, 24, 32, 32, 64, 8192, 49152, True, 8192, {}),
     # Mistral
-    "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 128, 14336, 32000, False, 32768, {"sliding_window": 4096}),
+    "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 128, 14336, 32000, False, 32768,
+                                  {"sliding_window": 4096}),
     "mistralai/Mistral-7B-v0.3": ("mistral", 4096, 32, 32, 8, 128, 14336, 32768, False, 32768, {}),
     "mistralai/Mistral-Nemo-Base-2407": ("mistral", 5120, 40, 32, 8, 128, 14336, 131072, False, 1024000, {}),
     "mistralai/Mistral-Small-24B-Base-2501": ("mistral", 5120, 40, 32, 8, 128, 32768, 131072, False, 32768, {}),
@@ -71,9 +72,11 @@ _ENTRIES: dict[str, _E] = {
     "google/gemma-3-12b-pt": ("gemma3", 3840, 48, 16, 8, 256, 15360, 262208, True, 131072, {"sliding_window": 1024}),
     "google/gemma-3-27b-pt": ("gemma3", 5376, 62, 32, 16, 128, 21504, 262208, True, 131072, {"sliding_window": 1024}),
     # Phi (phi3 architecture)
-    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 4096, {"sliding_window": 2047}),
+    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 4096,
+                                         {"sliding_window": 2047}),
     "microsoft/Phi-3.5-mini-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 131072, {}),
-    "microsoft/Phi-3-medium-4k-instruct": ("phi3", 5120, 40, 40, 10, 128, 17920, 32064, False, 4096, {"sliding_window": 2047}),
+    "microsoft/Phi-3-medium-4k-instruct": ("phi3", 5120, 40, 40, 10, 128, 17920, 32064, False, 4096,
+                                           {"sliding_window": 2047}),
     "microsoft/phi-4": ("phi3", 5120, 40, 40, 10, 128, 17920, 100352, False, 16384, {}),
     "microsoft/Phi-4-mini-instruct": ("phi3", 3072, 32, 24, 8, 128, 8192, 200064, True, 131072, {}),
     # GPT-NeoX (Pythia)
@@ -180,13 +183,15 @@ ALIASES.update({
     "llama-3.1-405b": "meta-llama/Llama-3.1-405B", "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "llama-2-13b": "meta-llama/Llama-2-13b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
     "mistral-7b": "mistralai/Mistral-7B-v0.3", "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
-    "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407", "mistral-small-24b": "mistralai/Mistral-Small-24B-Base-2501",
+    "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407",
+    "mistral-small-24b": "mistralai/Mistral-Small-24B-Base-2501",
     "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
     "gemma-3-1b": "google/gemma-3-1b-pt", "gemma-3-4b": "google/gemma-3-4b-pt",
     "gemma-3-12b": "google/gemma-3-12b-pt", "gemma-3-27b": "google/gemma-3-27b-pt",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct", "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
     "phi-3-medium": "microsoft/Phi-3-medium-4k-instruct", "phi-4": "microsoft/phi-4",
-    "phi-4-mini": "microsoft/Phi-4-mini-instruct", "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+    "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
 })
 
 

@@ -28,18 +28,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_argument_group("what to estimate (one of)")
-    src.add_argument("-f", "--file", metavar="JOB_YAML", help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults")
+    src.add_argument("-f", "--file", metavar="JOB_YAML",
+                     help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults")
     src.add_argument("--model", metavar="CONFIG_JSON_OR_NAME",
-                     help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, Qwen/Qwen2.5-7B), or "
-                          "hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for gated models)")
+                     help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, "
+                          "Qwen/Qwen2.5-7B), or hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for "
+                          "gated models)")
     f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
     f.add_argument("--method", help=" | ".join(registry.METHOD_NAMES) + " (default lora)")
     f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
     f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    f.add_argument("--fused-cross-entropy", action="store_true", help="liger fused linear cross-entropy (no full logits)")
+    f.add_argument("--fused-cross-entropy", action="store_true",
+                   help="liger fused linear cross-entropy (no full logits)")
     f.add_argument("--fused-kernels", action="store_true",
-                   help="liger RMSNorm, RoPE and SwiGLU/GeGLU kernels (apply_liger_kernel_to_*: fewer saved activations)")
+                   help="liger RMSNorm, RoPE and SwiGLU/GeGLU kernels (apply_liger_kernel_to_*: fewer saved "
+                        "activations)")
     f.add_argument("--packing", action="store_true",
                    help="packed sequences (position_ids): SDPA gets a block-diagonal mask and repeats k/v per head")
     f.add_argument("--lora-rank", metavar="R", help="LoRA rank (default 16)")
@@ -61,16 +65,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
     f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
     f.add_argument("--gpus", metavar="N", help="GPUs (processes) the job runs on (default 1)")
-    f.add_argument("--sharding", help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)")
+    f.add_argument("--sharding",
+                   help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)")
     o = p.add_argument_group("output")
     o.add_argument("--gpu-memory", metavar="SIZE",
-                   help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi (default 16,24,40,48,80,141 GB)")
+                   help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi "
+                        "(default 16,24,40,48,80,141 GB)")
     o.add_argument("--margin", metavar="F", help="safety margin as a fraction of GPU memory (default 0.05)")
     o.add_argument("--json", action="store_true", help="machine-readable output; total_gib is per-GPU device memory")
     o.add_argument("--allocator", metavar="SETTING",
-                   help="the caching allocator the reserved figure assumes: default (expandable_segments:False, torch's "
-                        "default; the plain HF Trainer) or expandable (expandable_segments:True, which kubetune's "
-                        "trainer sets). Default: default, which reserves at least as much on these traces")
+                   help="the caching allocator the reserved figure assumes: default (expandable_segments:False, "
+                        "torch's default; the plain HF Trainer) or expandable (expandable_segments:True, which "
+                        "kubetune's trainer sets). Default: default, which reserves at least as much on these traces")
 
 
 # ---- parsing helpers (every failure names the flag and the rule) ----------------------------------
@@ -160,7 +166,8 @@ def _load_model(arg: str):
         if arg.endswith(".json") or arg.startswith((os.sep, ".")):
             raise UsageError(f"--model {arg}: no such file")
         close = [k for k in sorted(catalog.ALIASES) if arg.lower().split("/")[-1][:5] in k][:5]
-        hint = f" (did you mean {', '.join(close)}?)" if close else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)"
+        hint = (f" (did you mean {', '.join(close)}?)" if close
+                else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)")
         raise UsageError(f"--model {arg}: not a config.json file nor a model in kubetune's catalog{hint}")
     return a, a.name or arg
 
@@ -168,8 +175,9 @@ def _load_model(arg: str):
 # ---- the two forms ---------------------------------------------------------------------------------
 
 
-_FLAG_ONLY = ("method", "objective", "reference", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "quant_bits",
-              "trainable_layers", "virtual_tokens", "precision", "optimizer", "gradient_accumulation_steps", "gpus", "sharding")
+_FLAG_ONLY = ("method", "objective", "reference", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout",
+              "lora_targets", "quant_bits", "trainable_layers", "virtual_tokens", "precision", "optimizer",
+              "gradient_accumulation_steps", "gpus", "sharding")
 
 
 def _flag_plan(args: argparse.Namespace):
@@ -241,8 +249,9 @@ def _flag_objective(args: argparse.Namespace, info: registry.MethodInfo) -> tupl
         raise UsageError(f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
                          f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
     if reference == "implicit" and not info.adapter:
-        raise UsageError(f"--reference implicit: needs an adapter --method ({one_of(registry.method_names(adapter=True))}): "
-                         "it disables the adapters to get the base model; use copy or precomputed")
+        raise UsageError(f"--reference implicit: needs an adapter --method "
+                         f"({one_of(registry.method_names(adapter=True))}): it disables the adapters to get the base "
+                         "model; use copy or precomputed")
     if args.packing and oinfo.data != "sft":
         raise UsageError(f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
                          "(preference objectives score each whole sequence on its own)")
@@ -372,8 +381,9 @@ def _plan_line(plan) -> str:
     parts.append(plan.optimizer)
     seqs = plan.sequences_per_example
     examples = f" examples ({plan.micro_batch_size * seqs} sequences)" if seqs > 1 else ""
+    accumulation = plan.gradient_accumulation_steps
     parts.append(f"micro batch {plan.micro_batch_size}{examples} x {plan.seq_len} tokens"
-                 + (f" x {plan.gradient_accumulation_steps} accumulation" if plan.gradient_accumulation_steps > 1 else ""))
+                 + (f" x {accumulation} accumulation" if accumulation > 1 else ""))
     parts.append(f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
     parts.append(f"fused CE {'on' if plan.fused_cross_entropy else 'off'}")
     if plan.fused_kernels:
@@ -410,7 +420,7 @@ def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], mar
         "fits": fit,
         "advice": [a.to_dict() for a in advice],
     }
-    floors = [None] * len(advice)
+    floors: list[int | None] = [None] * len(advice)
     if spec is not None:  # a job file: an FSDP option also needs host memory for rank 0's whole-model read
         from kubetune.estimator.host import advice_memory_floor_gib
 
@@ -475,7 +485,8 @@ def _print_report(d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[st
     w(f"{d['name']}\n" if d["name"] else "")
     w(f"  model        {d['model']}: {arch.summary().split(': ', 1)[-1]}\n")
     pct = est.trainable_params / est.total_params * 100 if est.total_params else 0
-    w(f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable ({pct:.2f}%)\n")
+    w(f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable "
+      f"({pct:.2f}%)\n")
     w(f"  plan         {d['plan']}\n")
     for note in est.notes:
         w(f"  note         {note}\n")
@@ -485,8 +496,9 @@ def _print_report(d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[st
             w(f"    {_BREAKDOWN_LABELS[k]:<26s}{v / GIB:8.2f} GiB\n")
     w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
     # what torch reports apart: tensors at the peak, and what the caching allocator holds for them
-    w(f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved {est.reserved_bytes / GIB:.2f} "
-      f"GiB (max_memory_reserved, simulated caching allocator, {est.allocator_setting})\n")
+    w(f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved "
+      f"{est.reserved_bytes / GIB:.2f} GiB (max_memory_reserved, simulated caching allocator, "
+      f"{est.allocator_setting})\n")
     if "local_disk_bytes" in d:
         w(f"  local disk     {d['local_disk_bytes'] / GIB:.0f} GiB per trainer pod (its ephemeral-storage request)\n")
     if "host_model_bytes" in d:
@@ -516,7 +528,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give -f JOB_YAML or --model CONFIG_JSON_OR_NAME (see kubetune estimate -h)")
     margin = _margin(args)
     sizes = parse_gpu_sizes(args.gpu_memory) if args.gpu_memory else [(g.name, g.bytes) for g in GPU_SIZES]
-    allocator = {"default": DEFAULT, "expandable": EXPANDABLE}[_choice(args, "allocator", ("default", "expandable"), "default")]
+    allocator = {"default": DEFAULT, "expandable": EXPANDABLE}[
+        _choice(args, "allocator", ("default", "expandable"), "default")]
     if args.model:
         reports = [_flag_report(args, sizes, margin, allocator)]
     else:
@@ -577,8 +590,8 @@ def _job_reports(args: argparse.Namespace, sizes: list[tuple[str, int]], margin:
             q = int(quantity_to_float(spec.resources.min_gpu_memory))
             job_sizes = [(str(spec.resources.min_gpu_memory), q)]
         try:
-            reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json, f"{args.file}: {spec.model.uri}",
-                                   spec=spec, allocator=allocator))
+            reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json,
+                                   f"{args.file}: {spec.model.uri}", spec=spec, allocator=allocator))
         except UsageError as e:
             if "LoRA target" in str(e):
                 raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None

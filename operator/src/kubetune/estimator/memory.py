@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from operator import attrgetter
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from kubetune.api.registry import MethodInfo
@@ -326,8 +326,8 @@ def _gpt_neox_terms(v: _BlockView) -> list[float]:
     norm_out = 4 if x.autocast else x.w  # LayerNorm output
     qkv_out = v.linear_output(norm_out)
     attn = x.c if x.autocast else qkv_out
-    terms = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, hidden, norm_out, False),
-             attn * 4 * hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
+    terms: list[float] = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, hidden, norm_out, False),
+                          attn * 4 * hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
     if x.kv_factor == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
         terms.append(attn * 2 * hidden)
     mlp_out = v.linear_output(norm_out)
@@ -955,7 +955,8 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
         _Moment("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd,
                 p.copies_loss if not gc else p.copies_block, 0),
         # bottom of the backward: (nearly) every gradient, one block
-        _Moment("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block, 0),
+        _Moment("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block,
+                0),
         _Moment("optimizer", p.grads, 0, 0, 0),
         # end of the backward with tied embeddings (see tied_accum)
         _Moment("backward", p.grads + p.tied_accum, 0, 0, 0),
@@ -965,8 +966,8 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
         # at a time, then the log-probs of the logits (all of them unfused, a chunk of them fused); all freed before
         # the policy forward, which then starts from the same memory as without it
         ref_logits = p.ref_logit_bytes * arch.vocab_size * (chunk if p.fused else tok)
-        moments.append(_Moment("reference forward", p.grads_early, (2 * p.resid + p.ref_block) * tok + mask + ref_logits,
-                               0, ref_logits))
+        ref_acts = (2 * p.resid + p.ref_block) * tok + mask + ref_logits
+        moments.append(_Moment("reference forward", p.grads_early, ref_acts, 0, ref_logits))
     return moments
 
 

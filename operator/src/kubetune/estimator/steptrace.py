@@ -98,7 +98,8 @@ class _StepTrace:
         self.arch, self.plan, self.autocast, self.tok = arch, plan, autocast, tokens
         self.w, self.t, self.c = M.BYTES[plan.weight_dtype], M.BYTES[plan.trainable_dtype], M.BYTES[plan.compute_dtype]
         self.info = method_info(plan.method)
-        self.full = not self.info.adapter  # whole blocks train (full, freeze): their gradients stay from the backward on
+        # whole blocks train (full, freeze): their gradients stay from the backward on
+        self.full = not self.info.adapter
         self.gc = plan.gradient_checkpointing
         self.fused = plan.fused_cross_entropy
         self.blk = _largest_block(arch)
@@ -195,7 +196,8 @@ class _StepTrace:
     def _load_weights(self) -> None:
         arch, plan, blk, tr, w = self.arch, self.plan, self.blk, self.tr, self.w
         if self.info.quantized:
-            per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else (M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES)
+            nf4 = M.NF4_BYTES_DQ if plan.double_quant else M.NF4_BYTES
+            per_q = M.INT8_BYTES if (plan.quant_bits or 4) == 8 else nf4
         else:
             per_q = w
         tr.a(arch.embed_params * w)
