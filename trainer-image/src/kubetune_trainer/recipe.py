@@ -61,11 +61,16 @@ class RunState:
     train_loss: float | None = None
     # Set only when a preemption saves (whether that step's eval is still due); absent from other checkpoints.
     pending_eval: bool | None = None
+    # The objective's eval metrics (reward accuracy, ...) of the base model and of the newest eval:
+    # the result's A/B needs both, and a resumed pod does not evaluate the base again.
+    base_eval_metrics: dict | None = None
+    last_eval_metrics: dict | None = None
 
     def to_checkpoint(self) -> dict:
         d = asdict(self)
-        if d["pending_eval"] is None:
-            del d["pending_eval"]
+        for key in ("pending_eval", "base_eval_metrics", "last_eval_metrics"):  # SFT's keys stay as they were
+            if d[key] is None:
+                del d[key]
         return d
 
     def restore(self, saved: dict) -> None:
@@ -160,7 +165,7 @@ class FineTuneRecipe:
         self._fetch_model()
         self.stats = dt.DataStats()
         files = on_local_main(acc, lambda: dt.resolve_files(ds.uri, spec.storage, self.work, log))
-        records, fmt = dt.read_records(files, ds.format, ds.on_bad_line, self.stats)
+        records, fmt = dt.read_records(files, ds.format, ds.on_bad_line, self.stats, formats=self.objective.formats())
         train_ex = self.objective.examples(records, fmt, self.tokenizer, ds.max_seq_length, self.stats)
         val_ex: list = []
         if ds.validation_uri:
@@ -197,7 +202,8 @@ class FineTuneRecipe:
         vstats = dt.DataStats()
         vfiles = on_local_main(self.accelerator, lambda: dt.resolve_files(ds.validation_uri, self.spec.storage, self.work,
                                                                            self.log, split="validation"))
-        vrecords, vfmt = dt.read_records(vfiles, ds.format if ds.format != "auto" else train_fmt, ds.on_bad_line, vstats)
+        vrecords, vfmt = dt.read_records(vfiles, ds.format if ds.format != "auto" else train_fmt, ds.on_bad_line, vstats,
+                                         formats=self.objective.formats())
         self.stats.skipped_lines += vstats.skipped_lines
         return self.objective.examples(vrecords, vfmt, self.tokenizer, ds.max_seq_length, vstats)
 
@@ -410,6 +416,7 @@ class FineTuneRecipe:
             if not self.resumed:
                 self.reporter.update(state="evaluating")
                 s.base_eval_loss, metrics = self.eval_pass()
+                s.base_eval_metrics = metrics or None
                 if s.base_eval_loss is not None:
                     log_event("eval", step=0, baseEvalLoss=s.base_eval_loss, **_prefixed("base", metrics))
                 self.reporter.update(state="training")
@@ -427,7 +434,7 @@ class FineTuneRecipe:
         s, es = self.state, self.spec.training.early_stopping
         self.reporter.update(state="evaluating")
         eval_loss, metrics = self.eval_pass()
-        s.last_eval_loss, s.last_eval_step = eval_loss, step
+        s.last_eval_loss, s.last_eval_step, s.last_eval_metrics = eval_loss, step, metrics or None
         min_delta = es.min_delta if es else 0.0
         if s.best_eval_loss is None or eval_loss < s.best_eval_loss - min_delta:
             s.best_eval_loss, s.best_step, s.evals_without_improvement = eval_loss, step, 0
@@ -498,7 +505,7 @@ class FineTuneRecipe:
             self.save(step, s.last_eval_loss if evaluated else None)
         self.reporter.update(state="evaluating")
         try:
-            tuned, metrics = (s.last_eval_loss, {}) if evaluated else self.eval_pass()
+            tuned, metrics = (s.last_eval_loss, s.last_eval_metrics or {}) if evaluated else self.eval_pass()
         except EvalStopped:  # the last step is saved: the next pod only evaluates and writes the outputs
             return self.preempted(step)
         result = self.result(tuned, metrics)
@@ -527,10 +534,11 @@ class FineTuneRecipe:
         if tuned is not None:
             m["evalLoss"] = tuned
             m["perplexity"] = ppl(tuned)
-            m.update(_prefixed("eval", metrics))
+            m.update(metrics)  # the tuned model's on the validation set: rewardAccuracy, rewardMargin, ...
         if s.base_eval_loss is not None:
             m["baseEvalLoss"] = s.base_eval_loss
             m["basePerplexity"] = ppl(s.base_eval_loss)
+            m.update(_prefixed("base", s.base_eval_metrics or {}))  # the A/B: the same metrics of the base model
         if s.best_eval_loss is not None:
             m["bestEvalLoss"] = s.best_eval_loss
             m["bestStep"] = float(s.best_step)
