@@ -370,14 +370,8 @@ class _DecoderDims(NamedTuple):
     head_dim: int
     intermediate: int
     vocab: int
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
+    q_dim: int  # heads x head_dim
+    kv_dim: int  # kv_heads x head_dim
 
 
 def _decoder_dims(cfg: Mapping[str, Any], where: str) -> _DecoderDims:
@@ -387,7 +381,7 @@ def _decoder_dims(cfg: Mapping[str, Any], where: str) -> _DecoderDims:
     layers = _req_int(cfg, where, "num_hidden_layers")
     heads, kv, hd = _attn_dims(cfg, where, h)
     inter = _req_int(cfg, where, "intermediate_size")
-    return _DecoderDims(h, layers, heads, kv, hd, inter, _req_int(cfg, where, "vocab_size"))
+    return _DecoderDims(h, layers, heads, kv, hd, inter, _req_int(cfg, where, "vocab_size"), heads * hd, kv * hd)
 
 
 def _sliding_window(value: Any) -> int | None:

@@ -320,52 +320,59 @@ def _moe_terms(v: _BlockView, norm_out: int) -> list[float]:
     return terms
 
 
+class _LayerNormBlock(NamedTuple):
+    """The bytes per element gpt_neox, gpt2 and bert blocks share."""
+
+    hidden: int
+    inter: int
+    norm_out: int  # a LayerNorm's output (BERT: the block input): fp32 under autocast
+    linear_out: int  # a linear's output reading it
+    attn: int  # the attention's tensors
+
+
+def _layer_norm_block(v: _BlockView) -> _LayerNormBlock:
+    x = v.x
+    norm_out = 4 if x.autocast else x.w
+    linear_out = v.linear_output(norm_out)
+    return _LayerNormBlock(v.arch.hidden_size, v.arch.intermediate_size, norm_out, linear_out,
+                           x.c if x.autocast else linear_out)
+
+
 def _gpt_neox_terms(v: _BlockView) -> list[float]:
-    arch, x = v.arch, v.x
-    hidden, inter = arch.hidden_size, arch.intermediate_size
-    norm_out = 4 if x.autocast else x.w  # LayerNorm output
-    qkv_out = v.linear_output(norm_out)
-    attn = x.c if x.autocast else qkv_out
-    terms: list[float] = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, hidden, norm_out, False),
-                          attn * 4 * hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
-    if x.kv_factor == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
-        terms.append(attn * 2 * hidden)
-    mlp_out = v.linear_output(norm_out)
-    terms += [v.group(ATTN_OUT, hidden, attn, True), v.group(MLP_IN, hidden, norm_out, False),
-              mlp_out * inter,  # gelu input
-              v.group(MLP_MID, inter, mlp_out, False)]
+    arch = v.arch
+    d = _layer_norm_block(v)
+    terms: list[float] = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, d.hidden, d.norm_out, False),
+                          d.attn * 4 * d.hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
+    if v.x.kv_factor == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
+        terms.append(d.attn * 2 * d.hidden)
+    terms += [v.group(ATTN_OUT, d.hidden, d.attn, True), v.group(MLP_IN, d.hidden, d.norm_out, False),
+              d.linear_out * d.inter,  # gelu input
+              v.group(MLP_MID, d.inter, d.linear_out, False)]
     return terms
 
 
 def _gpt2_terms(v: _BlockView) -> list[float]:
-    arch, x = v.arch, v.x
-    hidden, inter = arch.hidden_size, arch.intermediate_size
-    norm_out = 4 if x.autocast else x.w
-    qkv_out = v.linear_output(norm_out)
-    attn = x.c if x.autocast else qkv_out
-    mlp_out = v.linear_output(norm_out)
-    return [v.layer_norms(2, False), v.group(ATTN_IN, hidden, norm_out, False),
-            qkv_out * 3 * hidden + attn * hidden + 4 * arch.num_heads,  # q, k, v are views of c_attn's output; out
-            v.group(ATTN_OUT, hidden, attn, True), v.group(MLP_IN, hidden, norm_out, False),
-            (4 if arch.act == "gelu_new" else 1) * mlp_out * inter,  # python gelu_new: 4 saves
-            v.group(MLP_MID, inter, mlp_out, False),
+    arch = v.arch
+    d = _layer_norm_block(v)
+    return [v.layer_norms(2, False), v.group(ATTN_IN, d.hidden, d.norm_out, False),
+            # q, k, v are views of c_attn's output; out
+            d.linear_out * 3 * d.hidden + d.attn * d.hidden + 4 * arch.num_heads,
+            v.group(ATTN_OUT, d.hidden, d.attn, True), v.group(MLP_IN, d.hidden, d.norm_out, False),
+            (4 if arch.act == "gelu_new" else 1) * d.linear_out * d.inter,  # python gelu_new: 4 saves
+            v.group(MLP_MID, d.inter, d.linear_out, False),
             _dropout_masks(arch)]
 
 
 def _bert_terms(v: _BlockView) -> list[float]:
     """Post-LN: the block input is the previous LayerNorm's output."""
-    arch, x = v.arch, v.x
-    hidden, inter = arch.hidden_size, arch.intermediate_size
-    block_in = 4 if x.autocast else x.w
-    qkv_out = v.linear_output(block_in)
-    attn = x.c if x.autocast else qkv_out
-    mlp_out = v.linear_output(block_in)
-    return [v.group(ATTN_IN, hidden, block_in, False),
-            attn * 4 * hidden + 4 * arch.num_heads,  # q, k, v, out
-            v.group(ATTN_OUT, hidden, attn, True), v.layer_norms(2, False), v.group(MLP_IN, hidden, block_in, False),
-            mlp_out * inter,
-            v.group(MLP_MID, inter, mlp_out, False),
-            _dropout_masks(arch)]
+    d = _layer_norm_block(v)
+    return [v.group(ATTN_IN, d.hidden, d.norm_out, False),
+            d.attn * 4 * d.hidden + 4 * v.arch.num_heads,  # q, k, v, out
+            v.group(ATTN_OUT, d.hidden, d.attn, True), v.layer_norms(2, False),
+            v.group(MLP_IN, d.hidden, d.norm_out, False),
+            d.linear_out * d.inter,
+            v.group(MLP_MID, d.inter, d.linear_out, False),
+            _dropout_masks(v.arch)]
 
 
 def _dropout_masks(arch: Architecture) -> int:
