@@ -39,12 +39,20 @@ def pytest_configure(config):
             os.environ.setdefault(var, "1")
 
 
+# Tests that must not run beside each other, each prefix one xdist unit (run in turn by one worker):
+# - the integration tests (see pytest_xdist_make_scheduler);
+# - the trainer's single-node multi-process runs: accelerate gives torchrun no rendezvous endpoint on one
+#   machine, so each one's c10d store listens on torchrun's default port 29400, whatever
+#   KUBETUNE_MASTER_PORT says, and two at once meet in one store and fail (RendezvousConnectionError).
+ONE_WORKER = ("tests/integration/", "tests/trainer/test_distributed.py::")
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown without it
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist the integration tests go to one worker, in one unit: they share one session's
     test ground (the first one's `ground` fixture starts it, the session's end stops it) and module-scoped
-    operators. Every other test is a unit of its own, spread over the workers as they free up; the
-    biggest unit (the integration tests) is handed out first. (xdist's own --dist loadgroup marks cannot
+    operators. Each prefix of ONE_WORKER is likewise one unit; every other test is a unit of its own,
+    spread over the workers as they free up; the biggest units are handed out first. (xdist's own --dist loadgroup marks cannot
     do this under pytest 9: it renames items through an attribute pytest no longer reads.)"""
     if config.getoption("dist") == "each":
         return None
@@ -52,7 +60,10 @@ def pytest_xdist_make_scheduler(config, log):
 
     class GroundScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "tests/integration" if nodeid.startswith("tests/integration/") else nodeid
+            for unit in ONE_WORKER:
+                if nodeid.startswith(unit):
+                    return unit
+            return nodeid
 
     return GroundScheduling(config, log)
 
