@@ -52,8 +52,9 @@ def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist the integration tests go to one worker, in one unit: they share one session's
     test ground (the first one's `ground` fixture starts it, the session's end stops it) and module-scoped
     operators. Each prefix of ONE_WORKER is likewise one unit; every other test is a unit of its own,
-    spread over the workers as they free up; the biggest units are handed out first. (xdist's own --dist loadgroup marks cannot
-    do this under pytest 9: it renames items through an attribute pytest no longer reads.)"""
+    spread over the workers as they free up; the biggest units are handed out first. (xdist's own
+    --dist loadgroup marks cannot do this under pytest 9: it renames items through an attribute pytest
+    no longer reads.)"""
     if config.getoption("dist") == "each":
         return None
     from xdist.scheduler import LoadScopeScheduling
