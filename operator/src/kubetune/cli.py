@@ -4,6 +4,7 @@ Each subcommand lives in its own module that exposes ``add_arguments(parser)`` a
 Those modules keep their top-level imports light (no torch, no kubernetes client) so that
 ``kubetune crd`` or ``kubetune estimate`` start fast and the operator image never loads the trainer.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -12,6 +12,7 @@
 
 The ground stays up afterwards (`kubetune dev down` stops it); the operator and agent stop.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def say(title: str) -> None:
     print(f"\n\033[1m==> {title}\033[0m", flush=True)
 
 
-def run(cmd: list[str], env: dict | None = None, check: bool = True, stdin: str | None = None,
-        quiet: bool = False) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], env: dict | None = None, check: bool = True, stdin: str | None = None, quiet: bool = False
+) -> subprocess.CompletedProcess:
     if not quiet:
         print("$ " + " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd)), flush=True)
     r = subprocess.run(cmd, env=env, input=stdin, text=True, capture_output=quiet)
@@ -74,8 +76,9 @@ def upload_tiny_model_and_data(s3) -> None:
             s3.upload_file(str(f), "kubetune-models", f"tiny-llama/{f.name}")
         print(f"s3://kubetune-models/tiny-llama/: {', '.join(sorted(p.name for p in model.iterdir()))}")
     rows = alpaca_rows(400, seed=1)
-    s3.put_object(Bucket="kubetune-data", Key="quickstart/train.jsonl",
-                  Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    s3.put_object(
+        Bucket="kubetune-data", Key="quickstart/train.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode()
+    )
     print(f"s3://kubetune-data/quickstart/train.jsonl: {len(rows)} alpaca examples, e.g. {json.dumps(rows[0])}")
 
 
@@ -122,28 +125,82 @@ def main() -> int:
     bg = Background()
     try:
         say("2. The operator, and a local agent that runs trainer pods as processes on this machine")
-        bg.start("operator", [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port",
-                              "0", "--liveness", "", "--progress-interval", "3",
-                              # the ground's S3 server listens on this machine's loopback
-                              "--allow-endpoint", "127.0.0.1"], env, lay.root / "demo-operator.log")
-        bg.start("agent", [sys.executable, "-m", "kubetune.devenv.agent", "--node", "local-0", "--cpu", "2"], env,
-                 lay.root / "demo-agent.log")
-        g.wait_until("the local node", lambda: run(kubectl + ["get", "node", "local-0"], env=env, check=False,
-                                                   quiet=True).returncode == 0, 60)
+        bg.start(
+            "operator",
+            [
+                sys.executable,
+                "-m",
+                "kubetune.cli",
+                "operator",
+                "--standalone",
+                "--metrics-port",
+                "0",
+                "--liveness",
+                "",
+                "--progress-interval",
+                "3",
+                # the ground's S3 server listens on this machine's loopback
+                "--allow-endpoint",
+                "127.0.0.1",
+            ],
+            env,
+            lay.root / "demo-operator.log",
+        )
+        bg.start(
+            "agent",
+            [sys.executable, "-m", "kubetune.devenv.agent", "--node", "local-0", "--cpu", "2"],
+            env,
+            lay.root / "demo-agent.log",
+        )
+        g.wait_until(
+            "the local node",
+            lambda: run(kubectl + ["get", "node", "local-0"], env=env, check=False, quiet=True).returncode == 0,
+            60,
+        )
 
         say("3. A tiny random-init Llama and alpaca data in S3 (no hub downloads)")
         upload_tiny_model_and_data(g.s3_client(state))
         run(kubectl + ["create", "namespace", NS], env=env, check=False, quiet=True)
         s3 = state["s3"]
-        secret = run(kubectl + ["create", "secret", "generic", "kubetune-s3", "-n", NS, "--dry-run=client", "-o",
-                                "yaml", f"--from-literal=AWS_ACCESS_KEY_ID={s3['access_key']}",
-                                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['secret_key']}"], env=env, quiet=True).stdout
+        secret = run(
+            kubectl
+            + [
+                "create",
+                "secret",
+                "generic",
+                "kubetune-s3",
+                "-n",
+                NS,
+                "--dry-run=client",
+                "-o",
+                "yaml",
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3['access_key']}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3['secret_key']}",
+            ],
+            env=env,
+            quiet=True,
+        ).stdout
         run(kubectl + ["apply", "-f", "-"], env=env, stdin=secret, quiet=True)
         # The meta-llama examples of step 5 name a Hub token Secret (the models are gated). Their
         # architectures come from kubetune's catalog and KWOK plays their pods, so nothing reads the
         # Hub here: a placeholder token does.
-        token = run(kubectl + ["create", "secret", "generic", "hf-token", "-n", NS, "--dry-run=client", "-o", "yaml",
-                               "--from-literal=HF_TOKEN=hf_placeholder"], env=env, quiet=True).stdout
+        token = run(
+            kubectl
+            + [
+                "create",
+                "secret",
+                "generic",
+                "hf-token",
+                "-n",
+                NS,
+                "--dry-run=client",
+                "-o",
+                "yaml",
+                "--from-literal=HF_TOKEN=hf_placeholder",
+            ],
+            env=env,
+            quiet=True,
+        ).stdout
         run(kubectl + ["apply", "-f", "-"], env=env, stdin=token, quiet=True)
         run(kubectl + ["delete", "ftj", "--all", "-n", NS, "--wait=true"], env=env, check=False, quiet=True)
 
@@ -157,9 +214,11 @@ def main() -> int:
             print((lay.root / "demo-agent.log").read_text()[-3000:])
             raise SystemExit("demo: the quickstart run failed (agent log above)")
         m = (st.get("result") or {}).get("metrics", {})
-        print(f"\n  eval loss: base model {m.get('baseEvalLoss', float('nan')):.3f} -> tuned "
-              f"{m.get('evalLoss', float('nan')):.3f} (perplexity {m.get('basePerplexity', float('nan')):.1f} -> "
-              f"{m.get('perplexity', float('nan')):.1f})")
+        print(
+            f"\n  eval loss: base model {m.get('baseEvalLoss', float('nan')):.3f} -> tuned "
+            f"{m.get('evalLoss', float('nan')):.3f} (perplexity {m.get('basePerplexity', float('nan')):.1f} -> "
+            f"{m.get('perplexity', float('nan')):.1f})"
+        )
         print(f"  adapter: {st['result'].get('adapterUri')}")
         print(f"  checkpoints: {(st.get('checkpoints') or {}).get('latestUri')}")
 
@@ -168,9 +227,17 @@ def main() -> int:
             obj = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
             obj["spec"]["resources"]["podAnnotations"] = {"pod-complete.stage.kwok.x-k8s.io/delay": "120s"}
             run(kubectl + ["apply", "-n", NS, "-f", "-"], env=env, stdin=json.dumps(obj))
-        g.wait_until("placement decided", lambda: all(
-            json.loads(run(kubectl + ["get", "ftj", n, "-n", NS, "-o", "json"], env=env, quiet=True).stdout)
-            .get("status", {}).get("phase") in ("Running", "Unschedulable") for n in ("lora-8b", "too-big")), 60)
+        g.wait_until(
+            "placement decided",
+            lambda: all(
+                json.loads(run(kubectl + ["get", "ftj", n, "-n", NS, "-o", "json"], env=env, quiet=True).stdout)
+                .get("status", {})
+                .get("phase")
+                in ("Running", "Unschedulable")
+                for n in ("lora-8b", "too-big")
+            ),
+            60,
+        )
         run(kubectl + ["get", "ftj", "-n", NS], env=env)
         big = json.loads(run(kubectl + ["get", "ftj", "too-big", "-n", NS, "-o", "json"], env=env, quiet=True).stdout)
         sched = next(c for c in big["status"]["conditions"] if c["type"] == "Scheduled")
@@ -178,7 +245,7 @@ def main() -> int:
         run(kubectl + ["delete", "ftj", "lora-8b", "too-big", "-n", NS, "--wait=false"], env=env, quiet=True)
     finally:
         bg.stop()
-    print("\nThe ground is still up: `eval \"$(kubetune dev env)\"` to use kubectl, `kubetune dev down` to stop it.")
+    print('\nThe ground is still up: `eval "$(kubetune dev env)"` to use kubectl, `kubetune dev down` to stop it.')
     return 0
 
 

@@ -8,8 +8,10 @@ class UsageError(Exception):
 def untrusted(whose: str) -> str:
     """What to do about a certificate that did not verify: spec.storage.caBundle covers the S3
     endpoint and the Hub mirror alike."""
-    return (f"{whose} TLS certificate is not trusted (certificate verify failed): set spec.storage.caBundle to a "
-            "ConfigMap holding the CA that signed it")
+    return (
+        f"{whose} TLS certificate is not trusted (certificate verify failed): set spec.storage.caBundle to a "
+        "ConfigMap holding the CA that signed it"
+    )
 
 
 UNTRUSTED_S3 = untrusted("the S3 endpoint's")

@@ -4,6 +4,7 @@ This is the contract between the estimator and the trainer: the trainer builds i
 optimizer and loss from a TrainingPlan, and the estimator prices the same TrainingPlan. When a
 trainer default changes, it changes here, and both follow. Pure Python: no torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,23 @@ FUSED_CE_IMPL = "liger"  # liger-kernel's fused linear cross-entropy on CUDA; ch
 # The estimator's model_types whose RMSNorm, RoPE and gated MLP liger-kernel patches on a model instance
 # (liger_kernel.transformers.monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN; a trainer test checks this list
 # against it). fusedKernels changes the saved activations of these alone.
-LIGER_MODEL_TYPES = frozenset({
-    "gemma", "gemma2", "gemma3", "gemma3_text", "granite", "llama", "mistral", "mixtral", "olmo2", "phi3", "qwen2",
-    "qwen3", "qwen3_moe",
-})
+LIGER_MODEL_TYPES = frozenset(
+    {
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma3_text",
+        "granite",
+        "llama",
+        "mistral",
+        "mixtral",
+        "olmo2",
+        "phi3",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+    }
+)
 # Gated-MLP activations Liger's kernels compute (SwiGLU: silu(gate) * up; GeGLU: tanh-approximated gelu).
 # Another activation keeps transformers' MLP, in the trainer and in the estimate alike.
 LIGER_SWIGLU_ACTS = ("silu", "swish")
@@ -136,10 +150,16 @@ def plan_from_spec(
     kw: dict = {}
     if info.settings == "lora":
         lo = m.effective_lora
-        kw.update(lora_rank=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, lora_targets=tuple(lo.target_modules))
+        kw.update(
+            lora_rank=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, lora_targets=tuple(lo.target_modules)
+        )
     if info.quantized:
         q = m.effective_quantization
-        kw.update(quant_bits=q.bits, quant_type=q.quant_type if q.bits == 4 else None, double_quant=q.double_quant and q.bits == 4)
+        kw.update(
+            quant_bits=q.bits,
+            quant_type=q.quant_type if q.bits == 4 else None,
+            double_quant=q.double_quant and q.bits == 4,
+        )
         weight = "bf16" if compute == "fp32" else compute  # non-quantized parts (embeddings, norms)
     if info.settings == "virtualTokens":
         kw.update(virtual_tokens=m.effective_virtual_tokens)

@@ -1,6 +1,7 @@
 """Building blocks shared by every API model: camelCase aliases, cross-field rules that are
 written once and emitted both as CEL (for the apiserver) and as Python checks (for pydantic),
 and error formatting that names the field a user has to fix."""
+
 from __future__ import annotations
 
 import functools
@@ -103,8 +104,10 @@ def one_of(names: tuple[str, ...] | list[str], conj: str = "or") -> str:
 
 # Never in a URI or a name: ASCII and C1 controls, space, and the Unicode spaces and invisible
 # format characters (NBSP, U+2028, zero-width and bidi controls, BOM, specials).
-UNSAFE_CHARS = (r"\x00-\x20\x7F-\x9F\x{A0}\x{AD}\x{1680}\x{180E}\x{2000}-\x{200F}\x{2028}-\x{202F}"
-                r"\x{205F}-\x{206F}\x{3000}\x{FEFF}\x{FFF9}-\x{FFFF}")
+UNSAFE_CHARS = (
+    r"\x00-\x20\x7F-\x9F\x{A0}\x{AD}\x{1680}\x{180E}\x{2000}-\x{200F}\x{2028}-\x{202F}"
+    r"\x{205F}-\x{206F}\x{3000}\x{FEFF}\x{FFF9}-\x{FFFF}"
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,8 +127,10 @@ DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-
 DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 # [prefix/]name: the prefix a DNS subdomain (length checked apart), the name at most 63 characters
-QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                  r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 QUALIFIED_NAME_MAX = 253 + 1 + 63
 # a Secret or ConfigMap key (validation.IsConfigMapKey): not '.', '..' or '..'-prefixed
 CONFIG_KEY = r"^\.?[-_A-Za-z0-9][-._A-Za-z0-9]*$"
@@ -140,8 +145,10 @@ def qualified_name_cel(var: str) -> str:
     return f"{var}.size() <= {QUALIFIED_NAME_MAX} && {var}.indexOf('/') <= 253 && {var}.matches(r'{QUALIFIED_NAME}')"
 
 
-QUALIFIED_NAME_HELP = ("[prefix/]name, the name at most 63 letters, digits, '-', '_' or '.' that starts and ends "
-                       "with a letter or digit, the optional prefix a DNS subdomain (e.g. example.com/team)")
+QUALIFIED_NAME_HELP = (
+    "[prefix/]name, the name at most 63 letters, digits, '-', '_' or '.' that starts and ends "
+    "with a letter or digit, the optional prefix a DNS subdomain (e.g. example.com/team)"
+)
 LABEL_VALUE_HELP = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
 
 
@@ -161,7 +168,7 @@ def quantity_rule(field: str, maximum: str, example: str) -> Rule:
     return Rule(
         # the pattern as well as isQuantity, so that both sides accept exactly the same syntax
         cel=f"string(self).matches(r'{QUANTITY_PATTERN}') && isQuantity(string(self)) "
-            f"&& {q}.isGreaterThan(quantity('0')) && !{q}.isGreaterThan(quantity('{maximum}'))",
+        f"&& {q}.isGreaterThan(quantity('0')) && !{q}.isGreaterThan(quantity('{maximum}'))",
         message=f"{field} must be a Kubernetes quantity greater than 0 and at most {maximum} (e.g. {example})",
         check=lambda v: _quantity_in(v, quantity_to_decimal(maximum)),
     )
@@ -190,6 +197,7 @@ def bounded_quantity(field: str, maximum: str, example: str) -> Any:
         "x-kubernetes-validations": [rule.schema()],
     }
     return Annotated[str, BeforeValidator(check), WithJsonSchema(schema)]
+
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 _DECIMAL = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
@@ -225,7 +233,7 @@ def quantity_to_float(q: str | int) -> float:
 # <these words>", so the apiserver and pydantic say the same thing (and it refuses an unlisted one).
 PATTERN_HELP: dict[str, str] = {
     DNS1123_SUBDOMAIN: "a Kubernetes object name: lowercase letters, digits, '-' and '.', starting and ending "
-                       "with a letter or digit",
+    "with a letter or digit",
     LABEL_VALUE: "a Kubernetes label value: " + LABEL_VALUE_HELP,
     CONFIG_KEY: "a Secret or ConfigMap key: letters, digits, '-', '_' and '.', not starting with '..'",
 }

@@ -1,4 +1,5 @@
 """`kubetune crd`: print (or write) the CRD generated from the API models."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """`kubetune validate FILE...`: check FineTuneJob YAML against the API models, offline."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,6 +1,7 @@
 """Facts the operator and the trainer share, one home each (the trainer image installs this package
 too): how the trainer says why it exited, how long it has to save on SIGTERM, the phases and
 conditions of a FineTuneJob. Like kubeflow/trainer's ``constants`` package."""
+
 from __future__ import annotations
 
 # --- phases and conditions --------------------------------------------------------------------
@@ -18,8 +19,17 @@ CONDITION_TYPES = (VALIDATED, SCHEDULED, RUNNING, CHECKPOINT_SYNCED, SUSPENDED, 
 
 # The trainer's exit code for each TrainerTermination reason. Preempted is 128+SIGTERM: non-zero,
 # so the Job does not count the pod as a success.
-EXIT_CODES = {"Completed": 0, "EarlyStopped": 0, "Preempted": 143, "BadConfig": 2, "BadData": 3,
-              "ModelLoadFailed": 4, "StorageFailed": 5, "OutOfMemory": 6, "Error": 1}
+EXIT_CODES = {
+    "Completed": 0,
+    "EarlyStopped": 0,
+    "Preempted": 143,
+    "BadConfig": 2,
+    "BadData": 3,
+    "ModelLoadFailed": 4,
+    "StorageFailed": 5,
+    "OutOfMemory": 6,
+    "Error": 1,
+}
 # what retrying the same pod cannot fix: the Job fails at once instead of burning backoffLimit
 # (StorageFailed may pass, so it is retried)
 NON_RETRYABLE_EXIT_CODES = tuple(EXIT_CODES[r] for r in ("BadConfig", "BadData", "ModelLoadFailed"))

@@ -4,6 +4,7 @@ pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3 s
 no anyOf carrying types, no additionalProperties next to properties, a type on every node. This
 module turns one into the other and adds the CEL rules declared on the models.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,8 +54,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         target.update(node)
         node = target
         if name in _RULED:
-            node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []),
-                                                *(r.schema() for r in _RULED[name].rules)]
+            node["x-kubernetes-validations"] = [
+                *node.get("x-kubernetes-validations", []),
+                *(r.schema() for r in _RULED[name].rules),
+            ]
     if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) != 1:
@@ -90,8 +93,9 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
         else:
             out[key] = value
     if "x-kubernetes-validations" in out:  # one key order, whichever way a rule was declared
-        out["x-kubernetes-validations"] = [{k: r[k] for k in ("rule", "message", "fieldPath") if k in r}
-                                           for r in out["x-kubernetes-validations"]]
+        out["x-kubernetes-validations"] = [
+            {k: r[k] for k in ("rule", "message", "fieldPath") if k in r} for r in out["x-kubernetes-validations"]
+        ]
     if "pattern" in out:
         out["x-kubernetes-validations"] = [_pattern_rule(out), *out.get("x-kubernetes-validations", [])]
         del out["pattern"]
@@ -158,9 +162,19 @@ PRINTER_COLUMNS = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent"},
-    {"name": "State", "type": "string", "jsonPath": ".status.progress.state", "priority": 1,
-     "description": "What the trainer is doing (kubectl get -o wide)"},
-    {"name": "GPU Mem", "type": "string", "jsonPath": ".status.estimate.perGpu", "description": "Per-GPU memory estimate"},
+    {
+        "name": "State",
+        "type": "string",
+        "jsonPath": ".status.progress.state",
+        "priority": 1,
+        "description": "What the trainer is doing (kubectl get -o wide)",
+    },
+    {
+        "name": "GPU Mem",
+        "type": "string",
+        "jsonPath": ".status.estimate.perGpu",
+        "description": "Per-GPU memory estimate",
+    },
     {"name": "Node", "type": "string", "jsonPath": ".status.placement.node"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -10,6 +10,7 @@ Adding an objective: one ``ObjectiveInfo`` line here, one trainer module, tests.
 
     python -c "from kubetune.api import registry; print(registry.describe())"
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -58,8 +59,11 @@ OBJECTIVES: dict[str, ObjectiveInfo] = {}
 REFERENCE_MODES = ("implicit", "copy", "precomputed")
 PREFERENCE_METRICS = ("rewardsChosen", "rewardsRejected", "rewardMargin", "rewardAccuracy")
 # dataset.format values (besides auto, which detects among them) each kind of objective data reads
-DATA_FORMATS: dict[str, tuple[str, ...]] = {"sft": ("alpaca", "chat", "text"), "paired": ("preference",),
-                                            "unpaired": ("kto",)}
+DATA_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("alpaca", "chat", "text"),
+    "paired": ("preference",),
+    "unpaired": ("kto",),
+}
 DEFAULT_LABEL_WEIGHT = 1.0  # KTO's desirableWeight and undesirableWeight when unset
 
 
@@ -112,35 +116,117 @@ def describe() -> str:
 
 # --- the entries ---------------------------------------------------------------------------------
 
-register_method(MethodInfo("full", "every weight trains", adapter=False, master_weights=True, shard_by_default=True,
-                           trains_all=True))
-register_method(MethodInfo("lora", "low-rank adapters on frozen weights", adapter=True, peft_type="LORA",
-                           mergeable=True, settings="lora"))
-register_method(MethodInfo("qlora", "low-rank adapters on a 4- or 8-bit frozen base", adapter=True, peft_type="LORA",
-                           quantized=True, mergeable=True, settings="lora"))
-register_method(MethodInfo("freeze", "only the top k blocks train", adapter=False, master_weights=True,
-                           shard_by_default=True, settings="freeze"))
-register_method(MethodInfo("prompt-tuning", "learned virtual tokens before the input", adapter=True,
-                           peft_type="PROMPT_TUNING", settings="virtualTokens", virtual_tokens_in="input"))
-register_method(MethodInfo("prefix-tuning", "learned virtual key/values in every block", adapter=True,
-                           peft_type="PREFIX_TUNING", settings="virtualTokens", checkpointing=False,
-                           virtual_tokens_in="kv"))
+register_method(
+    MethodInfo(
+        "full", "every weight trains", adapter=False, master_weights=True, shard_by_default=True, trains_all=True
+    )
+)
+register_method(
+    MethodInfo(
+        "lora", "low-rank adapters on frozen weights", adapter=True, peft_type="LORA", mergeable=True, settings="lora"
+    )
+)
+register_method(
+    MethodInfo(
+        "qlora",
+        "low-rank adapters on a 4- or 8-bit frozen base",
+        adapter=True,
+        peft_type="LORA",
+        quantized=True,
+        mergeable=True,
+        settings="lora",
+    )
+)
+register_method(
+    MethodInfo(
+        "freeze",
+        "only the top k blocks train",
+        adapter=False,
+        master_weights=True,
+        shard_by_default=True,
+        settings="freeze",
+    )
+)
+register_method(
+    MethodInfo(
+        "prompt-tuning",
+        "learned virtual tokens before the input",
+        adapter=True,
+        peft_type="PROMPT_TUNING",
+        settings="virtualTokens",
+        virtual_tokens_in="input",
+    )
+)
+register_method(
+    MethodInfo(
+        "prefix-tuning",
+        "learned virtual key/values in every block",
+        adapter=True,
+        peft_type="PREFIX_TUNING",
+        settings="virtualTokens",
+        checkpointing=False,
+        virtual_tokens_in="kv",
+    )
+)
 
-register_objective(ObjectiveInfo("sft", "supervised fine-tuning: next-token loss on the responses", data="sft",
-                                 sequences_per_example=1, reference=False))
-register_objective(ObjectiveInfo("dpo", "direct preference optimization on {prompt, chosen, rejected} pairs",
-                                 data="paired", sequences_per_example=2, reference=True, default_beta=0.1,
-                                 loss_variants=("sigmoid", "ipo", "hinge"), metrics=PREFERENCE_METRICS,
-                                 smoothing_losses=("sigmoid",)))
-register_objective(ObjectiveInfo("orpo", "odds-ratio preference optimization: SFT plus a preference term, no reference",
-                                 data="paired", sequences_per_example=2, reference=False, default_beta=0.1,
-                                 metrics=PREFERENCE_METRICS))
-register_objective(ObjectiveInfo("kto", "Kahneman-Tversky optimization on unpaired {prompt, completion, label}",
-                                 data="unpaired", sequences_per_example=1, reference=True, default_beta=0.1,
-                                 metrics=PREFERENCE_METRICS, label_weights=True))
-register_objective(ObjectiveInfo("simpo", "simple preference optimization: length-normalized, no reference",
-                                 data="paired", sequences_per_example=2, reference=False, default_beta=2.0,
-                                 gamma=True, default_gamma=0.5, metrics=PREFERENCE_METRICS))
+register_objective(
+    ObjectiveInfo(
+        "sft",
+        "supervised fine-tuning: next-token loss on the responses",
+        data="sft",
+        sequences_per_example=1,
+        reference=False,
+    )
+)
+register_objective(
+    ObjectiveInfo(
+        "dpo",
+        "direct preference optimization on {prompt, chosen, rejected} pairs",
+        data="paired",
+        sequences_per_example=2,
+        reference=True,
+        default_beta=0.1,
+        loss_variants=("sigmoid", "ipo", "hinge"),
+        metrics=PREFERENCE_METRICS,
+        smoothing_losses=("sigmoid",),
+    )
+)
+register_objective(
+    ObjectiveInfo(
+        "orpo",
+        "odds-ratio preference optimization: SFT plus a preference term, no reference",
+        data="paired",
+        sequences_per_example=2,
+        reference=False,
+        default_beta=0.1,
+        metrics=PREFERENCE_METRICS,
+    )
+)
+register_objective(
+    ObjectiveInfo(
+        "kto",
+        "Kahneman-Tversky optimization on unpaired {prompt, completion, label}",
+        data="unpaired",
+        sequences_per_example=1,
+        reference=True,
+        default_beta=0.1,
+        metrics=PREFERENCE_METRICS,
+        label_weights=True,
+    )
+)
+register_objective(
+    ObjectiveInfo(
+        "simpo",
+        "simple preference optimization: length-normalized, no reference",
+        data="paired",
+        sequences_per_example=2,
+        reference=False,
+        default_beta=2.0,
+        gamma=True,
+        default_gamma=0.5,
+        metrics=PREFERENCE_METRICS,
+    )
+)
 
 METHOD_NAMES = tuple(METHODS)
 OBJECTIVE_NAMES = tuple(OBJECTIVES)

@@ -1,6 +1,7 @@
 """What the operator and the trainer share about object storage: how an s3:// URI splits into a bucket
 and a key and how keys join, so the operator reads and deletes exactly the keys the trainer writes; and
 retry with exponential backoff. Pure Python: no boto3 or kubernetes here (both images install it)."""
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     is not s3:// or names no bucket."""
     if not uri.startswith(S3_SCHEME):
         raise ValueError(f"not an s3:// URI: {uri}")
-    bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+    bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
     if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri}")
     return bucket, key.lstrip("/")
@@ -39,9 +40,17 @@ def backoff_delay(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
     return min(cap, base * 2**attempt)
 
 
-def retry(fn: Callable[[], T], attempts: int, *, fail: Callable[[Exception], Exception],
-          log_retry: Callable[[Exception, float], None], give_up: Callable[[Exception], bool] | None = None,
-          passthrough: tuple[type[BaseException], ...] = (), base_delay: float = 1.0, cap: float = 30.0) -> T | None:
+def retry(
+    fn: Callable[[], T],
+    attempts: int,
+    *,
+    fail: Callable[[Exception], Exception],
+    log_retry: Callable[[Exception, float], None],
+    give_up: Callable[[Exception], bool] | None = None,
+    passthrough: tuple[type[BaseException], ...] = (),
+    base_delay: float = 1.0,
+    cap: float = 30.0,
+) -> T | None:
     """``fn()``, tried up to ``attempts`` times with backoff_delay between tries (``log_retry(error, delay)``
     before each wait). The last failure, or one ``give_up`` says no retry fixes, raises ``fail(error)``;
     ``passthrough`` exceptions are raised as they are, at once. None when ``attempts`` is 0."""

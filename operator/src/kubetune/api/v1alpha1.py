@@ -4,6 +4,7 @@ These models are the single source of truth: the CRD in crds/ is generated from 
 (`kubetune crd`), the operator parses custom resources with them, and the trainer reads its
 rendered config through them. Descriptions here are what `kubectl explain` prints.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -82,8 +83,10 @@ MODULE_PATTERN = r"^[A-Za-z0-9_][-A-Za-z0-9_.]*$"
 # botocore's own rule for a region name (it goes into endpoint host names)
 REGION_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$"
 
-URL_HELP = ("an http:// or https:// URL: scheme, host, optional :port and /path, without user:password@ (credentials "
-            "go in storage.credentialsSecret), ?query or #fragment")
+URL_HELP = (
+    "an http:// or https:// URL: scheme, host, optional :port and /path, without user:password@ (credentials "
+    "go in storage.credentialsSecret), ?query or #fragment"
+)
 
 URI_HELP = (
     "hf://org/name[@revision] (Hugging Face Hub), s3://bucket/prefix/ (S3 or an S3-compatible "
@@ -91,15 +94,17 @@ URI_HELP = (
     "or file:///path (a path inside the trainer container)"
 )
 
-PATTERN_HELP.update({
-    MODEL_URI: "a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path",
-    DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset[/path][@revision] or file:///path",
-    S3_ONLY: "an S3 URI: s3://bucket/prefix/ (bucket: 3-63 lowercase letters, digits, dots or dashes)",
-    IMAGE_PATTERN: "a container image reference: [registry[:port]/]path[:tag][@sha256:digest], e.g. "
-                   "ghcr.io/org/trainer:1.2 (lowercase path, no spaces)",
-    MODULE_PATTERN: "a module name: letters, digits, '_', '-' and '.', e.g. q_proj or all-linear",
-    REGION_PATTERN: "an S3 region: letters, digits and '-', e.g. us-east-1",
-})
+PATTERN_HELP.update(
+    {
+        MODEL_URI: "a model URI: hf://org/name[@revision], s3://bucket/prefix/, pvc://claim/path or file:///path",
+        DATA_URI: "a data URI: s3://bucket/file.jsonl, pvc://claim/path, hf://org/dataset[/path][@revision] or file:///path",
+        S3_ONLY: "an S3 URI: s3://bucket/prefix/ (bucket: 3-63 lowercase letters, digits, dots or dashes)",
+        IMAGE_PATTERN: "a container image reference: [registry[:port]/]path[:tag][@sha256:digest], e.g. "
+        "ghcr.io/org/trainer:1.2 (lowercase path, no spaces)",
+        MODULE_PATTERN: "a module name: letters, digits, '_', '-' and '.', e.g. q_proj or all-linear",
+        REGION_PATTERN: "an S3 region: letters, digits and '-', e.g. us-east-1",
+    }
+)
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -129,45 +134,83 @@ class ModelArchitecture(KModel):
         "qwen2_moe, qwen3_moe, mixtral, gemma2, gemma3_text, phi3, gpt_neox, gpt2, bert, ...",
         max_length=64,
     )
-    hidden_size: int = Field(ge=1, le=MAX_HIDDEN, description="Width of the residual stream (config.json hidden_size), "
-                             f"at most {MAX_HIDDEN} (4x Llama 3.1 405B's).")
-    num_hidden_layers: int = Field(ge=1, le=MAX_LAYERS, description="Number of transformer blocks, at most "
-                                   f"{MAX_LAYERS} (8x the deepest real model's).")
+    hidden_size: int = Field(
+        ge=1,
+        le=MAX_HIDDEN,
+        description="Width of the residual stream (config.json hidden_size), "
+        f"at most {MAX_HIDDEN} (4x Llama 3.1 405B's).",
+    )
+    num_hidden_layers: int = Field(
+        ge=1,
+        le=MAX_LAYERS,
+        description=f"Number of transformer blocks, at most {MAX_LAYERS} (8x the deepest real model's).",
+    )
     num_attention_heads: int = Field(ge=1, le=MAX_HEADS, description=f"Number of query heads, at most {MAX_HEADS}.")
     num_key_value_heads: int | None = Field(
-        None, ge=1, le=MAX_HEADS, description="Number of key/value heads (grouped-query attention); defaults to "
-        "numAttentionHeads, and may not exceed it."
+        None,
+        ge=1,
+        le=MAX_HEADS,
+        description="Number of key/value heads (grouped-query attention); defaults to "
+        "numAttentionHeads, and may not exceed it.",
     )
-    head_dim: int | None = Field(None, ge=1, le=MAX_HEAD_DIM, description="Per-head dimension; defaults to hiddenSize / "
-                                 f"numAttentionHeads; at most {MAX_HEAD_DIM}.")
-    intermediate_size: int = Field(ge=1, le=MAX_INTERMEDIATE, description="Width of the MLP (per expert for MoE models), "
-                                   f"at most {MAX_INTERMEDIATE} (about 5x the widest real model's).")
-    vocab_size: int = Field(ge=1, le=MAX_VOCAB, description="Vocabulary size; sets the size of the embeddings and the "
-                            f"logits; at most {MAX_VOCAB} (16x Gemma 3's).")
+    head_dim: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_HEAD_DIM,
+        description=f"Per-head dimension; defaults to hiddenSize / numAttentionHeads; at most {MAX_HEAD_DIM}.",
+    )
+    intermediate_size: int = Field(
+        ge=1,
+        le=MAX_INTERMEDIATE,
+        description="Width of the MLP (per expert for MoE models), "
+        f"at most {MAX_INTERMEDIATE} (about 5x the widest real model's).",
+    )
+    vocab_size: int = Field(
+        ge=1,
+        le=MAX_VOCAB,
+        description="Vocabulary size; sets the size of the embeddings and the "
+        f"logits; at most {MAX_VOCAB} (16x Gemma 3's).",
+    )
     tie_word_embeddings: bool = Field(False, description="Whether the output head shares the input embedding matrix.")
-    max_position_embeddings: int | None = Field(None, ge=1, le=MAX_POSITIONS, description="Longest sequence the model was "
-                                                f"trained for, at most {MAX_POSITIONS} (2^24).")
-    num_local_experts: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="MoE: experts per layer (Mixtral "
-                                          f"num_local_experts, Qwen num_experts), at most {MAX_EXPERTS}.")
-    num_experts_per_tok: int | None = Field(None, ge=1, le=MAX_EXPERTS, description="MoE: experts each token is routed "
-                                            "to; at most numLocalExperts.")
-    moe_intermediate_size: int | None = Field(None, ge=1, le=MAX_INTERMEDIATE, description="MoE: MLP width of each "
-                                              "expert when it differs from intermediateSize.")
+    max_position_embeddings: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_POSITIONS,
+        description=f"Longest sequence the model was trained for, at most {MAX_POSITIONS} (2^24).",
+    )
+    num_local_experts: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EXPERTS,
+        description=f"MoE: experts per layer (Mixtral num_local_experts, Qwen num_experts), at most {MAX_EXPERTS}.",
+    )
+    num_experts_per_tok: int | None = Field(
+        None, ge=1, le=MAX_EXPERTS, description="MoE: experts each token is routed to; at most numLocalExperts."
+    )
+    moe_intermediate_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_INTERMEDIATE,
+        description="MoE: MLP width of each expert when it differs from intermediateSize.",
+    )
 
     rules: ClassVar = (
         Rule(
             cel="!has(self.numKeyValueHeads) || self.numKeyValueHeads <= self.numAttentionHeads",
             message="model.architecture.numKeyValueHeads must be at most numAttentionHeads (each key/value head "
-                    "serves a group of query heads)",
+            "serves a group of query heads)",
             check=lambda a: a.num_key_value_heads is None or a.num_key_value_heads <= a.num_attention_heads,
             field_path=".numKeyValueHeads",
         ),
         Rule(
             cel="!has(self.numExpertsPerTok) || !has(self.numLocalExperts) || self.numExpertsPerTok <= self.numLocalExperts",
             message="model.architecture.numExpertsPerTok must be at most numLocalExperts (a token is routed to some "
-                    "of the experts)",
-            check=lambda a: a.num_experts_per_tok is None or a.num_local_experts is None
-            or a.num_experts_per_tok <= a.num_local_experts,
+            "of the experts)",
+            check=lambda a: (
+                a.num_experts_per_tok is None
+                or a.num_local_experts is None
+                or a.num_experts_per_tok <= a.num_local_experts
+            ),
             field_path=".numExpertsPerTok",
         ),
     )
@@ -198,13 +241,14 @@ class ModelSource(KModel):
         description="Inline architecture for the memory estimate, used when the model is not in kubetune's "
         "catalog and its config.json cannot be read by the operator (e.g. a private pvc:// model).",
     )
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code shipped with the model (transformers trust_remote_code).")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modelling code shipped with the model (transformers trust_remote_code)."
+    )
     token_secret: TokenSecretRef | None = Field(
         None,
         description="Secret with a Hugging Face token, for gated or private hf:// models (meta-llama/*) and "
         "datasets: the trainer gets it as HF_TOKEN and the operator reads the model's config.json with it.",
     )
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,8 +280,11 @@ class Dataset(KModel):
         "false for an undesirable one. The loss counts only the response tokens.",
     )
     validation_uri: str | None = Field(
-        None, description="Separate validation data, same formats (an hf:// dataset: its validation split, else its "
-        f"test split, when its files name them; or the path it names): {URI_HELP}.", pattern=DATA_URI, max_length=1024
+        None,
+        description="Separate validation data, same formats (an hf:// dataset: its validation split, else its "
+        f"test split, when its files name them; or the path it names): {URI_HELP}.",
+        pattern=DATA_URI,
+        max_length=1024,
     )
     validation_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training data held out for validation (e.g. 0.05)."
@@ -276,7 +323,9 @@ class LoraSettings(KModel):
 
     rank: int = Field(16, ge=1, le=1024, description="Adapter rank r.")
     alpha: int = Field(32, ge=1, le=4096, description="Scaling numerator: updates are scaled by alpha/rank.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input. Non-zero costs activation memory.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapter input. Non-zero costs activation memory."
+    )
     target_modules: list[Annotated[str, Field(min_length=1, max_length=128, pattern=MODULE_PATTERN)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -317,14 +366,21 @@ class Method(KModel):
         description="full: every weight; lora: low-rank adapters; qlora: adapters over a 4- or 8-bit base; "
         "freeze: train only the top k blocks; prompt-tuning / prefix-tuning: learned virtual tokens."
     )
-    lora: LoraSettings | None = Field(None, description="Adapter settings; only with type "
-                                      f"{one_of(_LORA_METHODS)} (defaults apply when omitted).")
-    quantization: Quantization | None = Field(None, description="Base-weight quantization; only with type "
-                                              f"{one_of(_QUANTIZED_METHODS)} (defaults to 4-bit NF4).")
-    freeze: FreezeSettings | None = Field(None, description="Which layers train; required with type "
-                                          f"{one_of(_FREEZE_METHODS)}.")
+    lora: LoraSettings | None = Field(
+        None, description=f"Adapter settings; only with type {one_of(_LORA_METHODS)} (defaults apply when omitted)."
+    )
+    quantization: Quantization | None = Field(
+        None,
+        description=f"Base-weight quantization; only with type {one_of(_QUANTIZED_METHODS)} (defaults to 4-bit NF4).",
+    )
+    freeze: FreezeSettings | None = Field(
+        None, description=f"Which layers train; required with type {one_of(_FREEZE_METHODS)}."
+    )
     virtual_tokens: int | None = Field(
-        None, ge=1, le=4096, description=f"Number of virtual tokens; only with {one_of(_VIRTUAL_TOKEN_METHODS)} (default 20)."
+        None,
+        ge=1,
+        le=4096,
+        description=f"Number of virtual tokens; only with {one_of(_VIRTUAL_TOKEN_METHODS)} (default 20).",
     )
 
     rules: ClassVar = (
@@ -343,7 +399,7 @@ class Method(KModel):
         Rule(
             cel=f"({cel_in('self.type', _FREEZE_METHODS)}) == has(self.freeze)",
             message=f"method.freeze (with trainableLayers) is required for method.type {one_of(_FREEZE_METHODS)} "
-                    "and invalid otherwise",
+            "and invalid otherwise",
             check=lambda m: (m.type in _FREEZE_METHODS) == (m.freeze is not None),
         ),
         Rule(
@@ -410,8 +466,9 @@ def _smoothing_cel() -> str:
 
 
 def _smoothing_ok(o: "TrainingObjective") -> bool:
-    return o.label_smoothing is None or (o.type in _SMOOTHING_OBJECTIVES
-                                         and o.effective_loss in _OBJ[o.type].smoothing_losses)
+    return o.label_smoothing is None or (
+        o.type in _SMOOTHING_OBJECTIVES and o.effective_loss in _OBJ[o.type].smoothing_losses
+    )
 
 
 def _smoothing_words() -> str:
@@ -435,33 +492,50 @@ class TrainingObjective(KModel):
         "a reference model; simpo: length-normalized preference optimization with a target margin, no reference.",
     )
     beta: float | None = Field(
-        None, gt=0, le=100,
+        None,
+        gt=0,
+        le=100,
         description="Strength of the preference term (DPO/KTO: how far the policy may move from the reference; "
-        "ORPO: the odds-ratio weight; SimPO: the reward scale). Default: " + ", ".join(
-            f"{n} {_OBJ[n].default_beta:g}" for n in _BETA_OBJECTIVES) + ". Not with sft.",
+        "ORPO: the odds-ratio weight; SimPO: the reward scale). Default: "
+        + ", ".join(f"{n} {_OBJ[n].default_beta:g}" for n in _BETA_OBJECTIVES)
+        + ". Not with sft.",
     )
     loss: LossVariant | None = Field(
-        None, description="DPO's loss: sigmoid (the paper's, default), ipo (squared, for preferences that are "
+        None,
+        description="DPO's loss: sigmoid (the paper's, default), ipo (squared, for preferences that are "
         "nearly deterministic) or hinge (SLiC). Only with dpo.",
     )
     label_smoothing: float | None = Field(
-        None, ge=0, lt=0.5, description="Assumed probability that a preference label is flipped (conservative "
+        None,
+        ge=0,
+        lt=0.5,
+        description="Assumed probability that a preference label is flipped (conservative "
         "DPO, robust DPO's noise rate), from 0 up to 0.5. Only with dpo and loss sigmoid. Default 0.",
     )
     reference: ReferenceMode | None = Field(
-        None, description="The reference model dpo and kto compare against. implicit: the base model with the "
+        None,
+        description="The reference model dpo and kto compare against. implicit: the base model with the "
         "adapters disabled (adapter methods; no extra memory); copy: a frozen second copy of the model in GPU "
         "memory; precomputed: the reference log-probs are computed in one pass before training, and no reference "
         "model is kept. Default: implicit with an adapter method, copy with full or freeze.",
     )
     gamma: float | None = Field(
-        None, ge=0, le=100, description="SimPO's target reward margin (default 0.5). Only with simpo.",
+        None,
+        ge=0,
+        le=100,
+        description="SimPO's target reward margin (default 0.5). Only with simpo.",
     )
     desirable_weight: float | None = Field(
-        None, gt=0, le=100, description="KTO's weight on desirable (label true) examples (default 1). Only with kto.",
+        None,
+        gt=0,
+        le=100,
+        description="KTO's weight on desirable (label true) examples (default 1). Only with kto.",
     )
     undesirable_weight: float | None = Field(
-        None, gt=0, le=100, description="KTO's weight on undesirable (label false) examples (default 1); raise it "
+        None,
+        gt=0,
+        le=100,
+        description="KTO's weight on undesirable (label false) examples (default 1); raise it "
         "when they are fewer. Only with kto.",
     )
 
@@ -477,8 +551,13 @@ class TrainingObjective(KModel):
         _only_with("gamma", "gamma", _GAMMA_OBJECTIVES, "gamma"),
         _only_with("desirableWeight", "desirableWeight", _WEIGHT_OBJECTIVES, "desirable_weight"),
         _only_with("undesirableWeight", "undesirableWeight", _WEIGHT_OBJECTIVES, "undesirable_weight"),
-        _only_with("reference", "reference", _REFERENCE_OBJECTIVES, "reference",
-                   f": {one_of(_NO_REFERENCE_OBJECTIVES, 'and')} use no reference model"),
+        _only_with(
+            "reference",
+            "reference",
+            _REFERENCE_OBJECTIVES,
+            "reference",
+            f": {one_of(_NO_REFERENCE_OBJECTIVES, 'and')} use no reference model",
+        ),
     )
 
     @property
@@ -552,10 +631,10 @@ def _format_rule(kind: str) -> Rule:
 _OBJECTIVE_SPEC_RULES = (
     Rule(
         cel="!has(self.objective) || !has(self.objective.reference) || self.objective.reference != 'implicit' || "
-            + cel_in("self.method.type", _ADAPTER_METHODS),
+        + cel_in("self.method.type", _ADAPTER_METHODS),
         message=f"objective.reference implicit needs an adapter method (method.type {one_of(_ADAPTER_METHODS)}): "
-                "it disables the adapters to get the base model; with method.type "
-                f"{one_of(registry.method_names(adapter=False))} use copy or precomputed",
+        "it disables the adapters to get the base model; with method.type "
+        f"{one_of(registry.method_names(adapter=False))} use copy or precomputed",
         check=lambda s: s.objective is None or s.objective.reference != "implicit" or s.method.type in _ADAPTER_METHODS,
         field_path=".objective.reference",
     ),
@@ -563,7 +642,7 @@ _OBJECTIVE_SPEC_RULES = (
     Rule(
         cel="!has(self.dataset.packing) || !self.dataset.packing || " + _objective_is(_SFT_DATA_OBJECTIVES),
         message=f"dataset.packing is only valid with objective.type {one_of(_SFT_DATA_OBJECTIVES)} (preference "
-                "objectives score each whole sequence on its own)",
+        "objectives score each whole sequence on its own)",
         check=lambda s: not s.dataset.packing or s.effective_objective.type in _SFT_DATA_OBJECTIVES,
         field_path=".dataset.packing",
     ),
@@ -618,9 +697,15 @@ class EarlyStopping(KModel):
 class Training(KModel):
     """Optimization settings."""
 
-    epochs: float | None = Field(None, gt=0, le=1000, description="Passes over the training data. Set exactly one of epochs and maxSteps.")
-    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to run. Set exactly one of "
-                                  f"epochs and maxSteps. At most {MAX_STEPS:,}.")
+    epochs: float | None = Field(
+        None, gt=0, le=1000, description="Passes over the training data. Set exactly one of epochs and maxSteps."
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_STEPS,
+        description=f"Optimizer steps to run. Set exactly one of epochs and maxSteps. At most {MAX_STEPS:,}.",
+    )
     micro_batch_size: IntOrAuto = Field(
         "auto",
         description="Sequences per GPU per forward pass, or auto: the largest that fits the chosen GPU "
@@ -670,10 +755,15 @@ class Training(KModel):
         "states. auto picks fsdp for full fine-tuning across GPUs and ddp otherwise.",
     )
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for weights of new parameters, data order and dropout.")
-    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate every N optimizer steps; by default "
-                                   "only at the end.")
-    logging_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Report loss and throughput every N optimizer steps.")
-    early_stopping: EarlyStopping | None = Field(None, description="Stop early when the validation loss stops improving.")
+    eval_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Evaluate every N optimizer steps; by default only at the end."
+    )
+    logging_steps: int = Field(
+        10, ge=1, le=MAX_STEPS, description="Report loss and throughput every N optimizer steps."
+    )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop early when the validation loss stops improving."
+    )
 
     rules: ClassVar = (
         Rule(
@@ -700,17 +790,30 @@ class Toleration(KModel):
     # The rules are the pod's own (ValidateTolerations): a bad toleration is refused here, not
     # when the Job controller fails to create the pod.
 
-    key: Annotated[str, Rule(
-        cel="self == '' || " + qualified_name_cel("self"),
-        message="a toleration key must be a qualified name: " + QUALIFIED_NAME_HELP,
-        check=lambda k: k == "" or is_qualified_name(k),
-    )] | None = Field(None, max_length=317, description="Taint key to tolerate; empty with operator Exists matches all.")
+    key: (
+        Annotated[
+            str,
+            Rule(
+                cel="self == '' || " + qualified_name_cel("self"),
+                message="a toleration key must be a qualified name: " + QUALIFIED_NAME_HELP,
+                check=lambda k: k == "" or is_qualified_name(k),
+            ),
+        ]
+        | None
+    ) = Field(None, max_length=317, description="Taint key to tolerate; empty with operator Exists matches all.")
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
-    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE,
-                              description="Taint value to match with operator Equal (a label value).")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="Taint effect to match; empty matches all.")
-    toleration_seconds: int | None = Field(None, ge=0, le=MAX_SECONDS,
-                                           description="For NoExecute: how long the pod stays bound after the taint appears.")
+    value: str | None = Field(
+        None,
+        max_length=63,
+        pattern=LABEL_VALUE,
+        description="Taint value to match with operator Equal (a label value).",
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match; empty matches all."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=MAX_SECONDS, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
 
     rules: ClassVar = (
         Rule(
@@ -736,17 +839,34 @@ class Toleration(KModel):
 
 # What the operator sets on every trainer pod (manifests._env), so neither a job's nor the
 # operator's --trainer-env may: a second value would silently win or lose.
-RESERVED_ENV = ("HOME", "HF_HOME", "HF_TOKEN", "HF_ENDPOINT", "POD_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CA_BUNDLE", "NNODES", "NPROC_PER_NODE", "NODE_RANK",
-                "MASTER_ADDR", "MASTER_PORT")
+RESERVED_ENV = (
+    "HOME",
+    "HF_HOME",
+    "HF_TOKEN",
+    "HF_ENDPOINT",
+    "POD_NAME",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CA_BUNDLE",
+    "NNODES",
+    "NPROC_PER_NODE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 PATTERN_HELP[ENV_NAME_PATTERN] = "an environment variable name: letters, digits and '_', not starting with a digit"
 # Sizes of what is copied into the trainer's pod and ConfigMap (the ConfigMap embeds the spec, and
 # Kubernetes caps one at 1 MiB; annotations are capped at 256 KiB per object)
 MAX_ENV_TOTAL = 65536
 MAX_ANNOTATIONS_TOTAL = 65536
-RESERVED_ENV_MESSAGE = ("is set by kubetune (KUBETUNE_*, " + ", ".join(RESERVED_ENV) + "): use the spec field for it "
-                        "(storage, model.tokenSecret, the operator's --hf-endpoint)")
+RESERVED_ENV_MESSAGE = (
+    "is set by kubetune (KUBETUNE_*, " + ", ".join(RESERVED_ENV) + "): use the spec field for it "
+    "(storage, model.tokenSecret, the operator's --hf-endpoint)"
+)
 
 
 def reserved_env(name: str) -> bool:
@@ -758,11 +878,15 @@ class EnvVar(KModel):
     settings, a CA bundle path."""
 
     name: str = Field(max_length=256, pattern=ENV_NAME_PATTERN, description="Variable name.")
-    value: str = Field("", max_length=32768, description="Its value (in plain text: Secrets go through the spec fields).")
+    value: str = Field(
+        "", max_length=32768, description="Its value (in plain text: Secrets go through the spec fields)."
+    )
 
     rules: ClassVar = (
         Rule(
-            cel="!self.name.startsWith('KUBETUNE_') && !(self.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "])",
+            cel="!self.name.startsWith('KUBETUNE_') && !(self.name in ["
+            + ", ".join(f"'{n}'" for n in RESERVED_ENV)
+            + "])",
             message="this name " + RESERVED_ENV_MESSAGE,
             check=lambda e: not reserved_env(e.name),
         ),
@@ -772,8 +896,15 @@ class EnvVar(KModel):
 class Resources(KModel):
     """Where and on how much hardware the trainer runs."""
 
-    gpus_per_node: int = Field(1, ge=0, le=16, description="GPUs per trainer pod (one pod per node). 0 runs on CPU (tiny models only).")
-    nodes: int = Field(1, ge=1, le=256, description="Trainer pods; more than one makes an Indexed Job with a headless Service for rendezvous.")
+    gpus_per_node: int = Field(
+        1, ge=0, le=16, description="GPUs per trainer pod (one pod per node). 0 runs on CPU (tiny models only)."
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Trainer pods; more than one makes an Indexed Job with a headless Service for rendezvous.",
+    )
     gpu_product: str | None = Field(
         None,
         max_length=63,
@@ -782,53 +913,76 @@ class Resources(KModel):
     )
     # Bounds: a quantity past any real node is a typo (or 1e400), and the pod would never schedule.
     min_gpu_memory: bounded_quantity("resources.minGpuMemory", "1Ti", "40Gi") | None = Field(
-        None, description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less. "
-        "At most 1Ti."
+        None,
+        description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less. "
+        "At most 1Ti.",
     )
     cpu: bounded_quantity("resources.cpu", "1024", "8") = Field(
-        "4", description="CPU request of each trainer pod: more than 0, at most 1024.")
+        "4", description="CPU request of each trainer pod: more than 0, at most 1024."
+    )
     memory: bounded_quantity("resources.memory", "64Ti", "32Gi") = Field(
-        "32Gi", description="Memory request and limit of each trainer pod (host RAM, not GPU memory): more than 0, at "
-        "most 64Ti.")
+        "32Gi",
+        description="Memory request and limit of each trainer pod (host RAM, not GPU memory): more than 0, at "
+        "most 64Ti.",
+    )
     ephemeral_storage: bounded_quantity("resources.ephemeralStorage", "1Pi", "200Gi") | None = Field(
         None,
         description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded model, "
         "checkpoints before upload, the final output. Default: worked out from the model and method "
         "(status.placement.ephemeralStorage). At most 1Pi.",
     )
-    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]], Rule(
-        cel="self.all(k, " + qualified_name_cel("k") + ")",
-        message="resources.nodeSelector keys must be label keys: " + QUALIFIED_NAME_HELP,
-        check=lambda d: all(is_qualified_name(k) for k in d),
-    )] = Field(default_factory=dict, max_length=64,
-               description="Extra node labels the trainer pods require (label keys and values).")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
-    priority_class_name: str | None = Field(
-        None, max_length=253, pattern=NAME_PATTERN,
-        description="PriorityClass of the trainer pods (preemption order); it must exist (kubectl get priorityclass).")
-    pod_annotations: Annotated[dict[str, Annotated[str, Field(max_length=MAX_ANNOTATIONS_TOTAL)]], Rule(
-        cel="self.all(k, " + qualified_name_cel("k") + ")",
-        message="resources.podAnnotations keys must be qualified names: " + QUALIFIED_NAME_HELP,
-        check=lambda d: all(is_qualified_name(k) for k in d),
-    ), Rule(
-        cel=f"self.map(k, k.size() + self[k].size()).sum() <= {MAX_ANNOTATIONS_TOTAL}",
-        message=f"resources.podAnnotations may hold at most {MAX_ANNOTATIONS_TOTAL} characters in all (keys and values)",
-        check=lambda d: sum(len(k) + len(v) for k, v in d.items()) <= MAX_ANNOTATIONS_TOTAL,
-    )] = Field(
+    node_selector: Annotated[
+        dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+        Rule(
+            cel="self.all(k, " + qualified_name_cel("k") + ")",
+            message="resources.nodeSelector keys must be label keys: " + QUALIFIED_NAME_HELP,
+            check=lambda d: all(is_qualified_name(k) for k in d),
+        ),
+    ] = Field(
         default_factory=dict,
         max_length=64,
-        description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: \"false\". "
+        description="Extra node labels the trainer pods require (label keys and values).",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes."
+    )
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
+        description="PriorityClass of the trainer pods (preemption order); it must exist (kubectl get priorityclass).",
+    )
+    pod_annotations: Annotated[
+        dict[str, Annotated[str, Field(max_length=MAX_ANNOTATIONS_TOTAL)]],
+        Rule(
+            cel="self.all(k, " + qualified_name_cel("k") + ")",
+            message="resources.podAnnotations keys must be qualified names: " + QUALIFIED_NAME_HELP,
+            check=lambda d: all(is_qualified_name(k) for k in d),
+        ),
+        Rule(
+            cel=f"self.map(k, k.size() + self[k].size()).sum() <= {MAX_ANNOTATIONS_TOTAL}",
+            message=f"resources.podAnnotations may hold at most {MAX_ANNOTATIONS_TOTAL} characters in all (keys and values)",
+            check=lambda d: sum(len(k) + len(v) for k, v in d.items()) <= MAX_ANNOTATIONS_TOTAL,
+        ),
+    ] = Field(
+        default_factory=dict,
+        max_length=64,
+        description='Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: "false". '
         f"Keys are qualified names; at most 64 entries and {MAX_ANNOTATIONS_TOTAL} characters.",
     )
-    env: Annotated[list[EnvVar], Rule(
-        cel=f"self.map(e, has(e.value) ? e.value.size() : 0).sum() <= {MAX_ENV_TOTAL}",
-        message=f"resources.env values may hold at most {MAX_ENV_TOTAL} characters in all (the trainer's ConfigMap "
-                "holds the spec, and Kubernetes caps a ConfigMap at 1 MiB)",
-        check=lambda env: sum(len(e.value) for e in env) <= MAX_ENV_TOTAL,
-    )] = Field(
-        default_factory=list, max_length=64,
+    env: Annotated[
+        list[EnvVar],
+        Rule(
+            cel=f"self.map(e, has(e.value) ? e.value.size() : 0).sum() <= {MAX_ENV_TOTAL}",
+            message=f"resources.env values may hold at most {MAX_ENV_TOTAL} characters in all (the trainer's ConfigMap "
+            "holds the spec, and Kubernetes caps a ConfigMap at 1 MiB)",
+            check=lambda env: sum(len(e.value) for e in env) <= MAX_ENV_TOTAL,
+        ),
+    ] = Field(
+        default_factory=list,
+        max_length=64,
         description="Extra environment of the trainer container (HTTPS_PROXY, NCCL_IB_HCA, ...); over the operator's "
-                    "--trainer-env for the same name.",
+        "--trainer-env for the same name.",
         # a map keyed by name: the apiserver refuses a name given twice, and server-side apply merges by name
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
@@ -861,10 +1015,17 @@ class SecretRef(KModel):
     """S3 credentials from a Secret in the job's namespace. Keys are never written inline."""
 
     name: str = Field(max_length=253, pattern=NAME_PATTERN, description="Secret name.")
-    access_key_id_key: str = Field("AWS_ACCESS_KEY_ID", max_length=253, pattern=CONFIG_KEY,
-                                   description="Key in the Secret holding the access key id.")
+    access_key_id_key: str = Field(
+        "AWS_ACCESS_KEY_ID",
+        max_length=253,
+        pattern=CONFIG_KEY,
+        description="Key in the Secret holding the access key id.",
+    )
     secret_access_key_key: str = Field(
-        "AWS_SECRET_ACCESS_KEY", max_length=253, pattern=CONFIG_KEY, description="Key in the Secret holding the secret access key."
+        "AWS_SECRET_ACCESS_KEY",
+        max_length=253,
+        pattern=CONFIG_KEY,
+        description="Key in the Secret holding the secret access key.",
     )
 
 
@@ -888,18 +1049,26 @@ class Storage(KModel):
     )
     region: str | None = Field(None, max_length=63, pattern=REGION_PATTERN, description="S3 region, e.g. us-east-1.")
     credentials_secret: SecretRef | None = Field(
-        None, description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used."
+        None,
+        description="Secret with the credentials; without it the pod's ambient identity (serviceAccountName) is used.",
     )
     ca_bundle: ConfigMapKeyRef | None = Field(
-        None, description="PEM CA bundle (a ConfigMap key) to verify https endpoints signed by a private CA: the S3 "
-                          "endpoint (as on-prem MinIO or Ceph often is) and the Hub mirror (the operator's --hf-endpoint). "
-                          "The trainer gets it as AWS_CA_BUNDLE and trusts it beside the public roots for the Hub; the "
-                          "operator uses it too.")
+        None,
+        description="PEM CA bundle (a ConfigMap key) to verify https endpoints signed by a private CA: the S3 "
+        "endpoint (as on-prem MinIO or Ceph often is) and the Hub mirror (the operator's --hf-endpoint). "
+        "The trainer gets it as AWS_CA_BUNDLE and trusts it beside the public roots for the Hub; the "
+        "operator uses it too.",
+    )
     service_account_name: str | None = Field(
-        None, max_length=253, pattern=NAME_PATTERN,
+        None,
+        max_length=253,
+        pattern=NAME_PATTERN,
         description="ServiceAccount the trainer pods run as: S3 access by workload identity (EKS IRSA or Pod "
-                    "Identity, GKE Workload Identity) instead of credentialsSecret. Default: the namespace's default.")
-    force_path_style: bool = Field(True, description="Path-style addressing (bucket in the path), which most S3-compatible stores need.")
+        "Identity, GKE Workload Identity) instead of credentialsSecret. Default: the namespace's default.",
+    )
+    force_path_style: bool = Field(
+        True, description="Path-style addressing (bucket in the path), which most S3-compatible stores need."
+    )
 
     rules: ClassVar = (
         Rule(
@@ -921,7 +1090,9 @@ class Checkpoints(KModel):
         max_length=1024,
     )
     save_steps: int = Field(200, ge=1, le=MAX_STEPS, description="Save a checkpoint every N optimizer steps.")
-    keep: int = Field(3, ge=1, le=100, description="Newest checkpoints to keep (the best by eval loss is kept as well).")
+    keep: int = Field(
+        3, ge=1, le=100, description="Newest checkpoints to keep (the best by eval loss is kept as well)."
+    )
     deletion_policy: Literal["Retain", "Delete"] = Field(
         "Retain", description="What happens to this job's S3 checkpoints when the FineTuneJob is deleted."
     )
@@ -948,7 +1119,9 @@ class Output(KModel):
         description="S3 prefix for the adapter (or full model); kubetune writes under <uri>/<namespace>/<name>/run-<n>/. "
         "Defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
     )
-    merge_adapter: bool = Field(False, description="Also upload the base model with the adapter merged in (LoRA/QLoRA).")
+    merge_adapter: bool = Field(
+        False, description="Also upload the base model with the adapter merged in (LoRA/QLoRA)."
+    )
 
 
 class RunPolicy(KModel):
@@ -957,31 +1130,42 @@ class RunPolicy(KModel):
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Pod failures before the run fails. Preemption and eviction do not count."
     )
-    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_SECONDS,
-                                                description="Fail the run when it has run this long (at most 366 days).")
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=MAX_SECONDS, description="Fail the run when it has run this long (at most 366 days)."
+    )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, le=MAX_SECONDS,
-        description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long (at most 366 days)."
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long (at most 366 days).",
     )
-    suspend: bool = Field(False, description="Stop the trainer pods; checkpoints stay, and unsuspending resumes from the newest.")
+    suspend: bool = Field(
+        False, description="Stop the trainer pods; checkpoints stay, and unsuspending resumes from the newest."
+    )
     queue_name: str | None = Field(
-        None, max_length=63, pattern=LABEL_VALUE,
-        description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label (so a label value)."
+        None,
+        max_length=63,
+        pattern=LABEL_VALUE,
+        description="Kueue LocalQueue; passed to the Job as the kueue.x-k8s.io/queue-name label (so a label value).",
     )
-    image: str | None = Field(None, max_length=512, pattern=IMAGE_PATTERN,
-                              description="Trainer image override, e.g. ghcr.io/org/trainer:1.2.")
+    image: str | None = Field(
+        None, max_length=512, pattern=IMAGE_PATTERN, description="Trainer image override, e.g. ghcr.io/org/trainer:1.2."
+    )
     image_pull_secrets: list[Annotated[str, Field(max_length=253, pattern=NAME_PATTERN)]] = Field(
-        default_factory=list, max_length=16,
+        default_factory=list,
+        max_length=16,
         description="Secrets (in the job's namespace) to pull the trainer image from a private registry.",
     )
     retry_on_oom: bool = Field(
         True, description="When the trainer runs out of GPU memory, retry once with the estimator's fit advice applied."
     )
     rerun: str | None = Field(
-        None, max_length=253,
+        None,
+        max_length=253,
         description="Change it (to any string: a date, a data version) to start a new run of an unchanged spec: "
-                    "retrain on data updated in place, or retry a failed run once its cause is fixed. Like any "
-                    "spec change, it waits for an active run to end.")
+        "retrain on data updated in place, or retry a failed run once its cause is fixed. Like any "
+        "spec change, it waits for an active run to end.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -995,25 +1179,32 @@ class FineTuneJobSpec(KModel):
     dataset: Dataset = Field(description="Training (and validation) data.")
     method: Method = Field(description=f"How to fine-tune: {one_of(registry.METHOD_NAMES)}.")
     objective: TrainingObjective | None = Field(
-        None, description=f"What to optimize: {one_of(registry.OBJECTIVE_NAMES)} and their settings. Default: sft.")
+        None, description=f"What to optimize: {one_of(registry.OBJECTIVE_NAMES)} and their settings. Default: sft."
+    )
     training: Training = Field(description="Optimization settings.")
     resources: Resources = Field(default_factory=Resources, description="GPUs, nodes and scheduling constraints.")
-    storage: Storage = Field(default_factory=Storage, description="S3 endpoint, region and credentials for all s3:// URIs.")
+    storage: Storage = Field(
+        default_factory=Storage, description="S3 endpoint, region and credentials for all s3:// URIs."
+    )
     checkpoints: Checkpoints = Field(description="Checkpoint location and cadence.")
     output: Output = Field(default_factory=Output, description="Where the trained adapter or model goes.")
-    run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing and image.")
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing and image."
+    )
 
     rules: ClassVar = (
         Rule(
             cel="!has(self.training.earlyStopping) || has(self.dataset.validationUri) || has(self.dataset.validationSplit)",
             message="training.earlyStopping needs validation data: set dataset.validationUri or dataset.validationSplit",
-            check=lambda s: s.training.early_stopping is None
-            or s.dataset.validation_uri is not None
-            or s.dataset.validation_split is not None,
+            check=lambda s: (
+                s.training.early_stopping is None
+                or s.dataset.validation_uri is not None
+                or s.dataset.validation_split is not None
+            ),
         ),
         Rule(
             cel="!has(self.output) || !has(self.output.mergeAdapter) || !self.output.mergeAdapter || "
-                + cel_in("self.method.type", _MERGEABLE_METHODS),
+            + cel_in("self.method.type", _MERGEABLE_METHODS),
             message=f"output.mergeAdapter is only valid with method.type {one_of(_MERGEABLE_METHODS)}",
             check=lambda s: not s.output.merge_adapter or s.method.type in _MERGEABLE_METHODS,
         ),
@@ -1021,12 +1212,14 @@ class FineTuneJobSpec(KModel):
             cel="!has(self.model.tokenSecret) || self.model.uri.startsWith('hf://') || self.dataset.uri.startsWith('hf://') "
             "|| (has(self.dataset.validationUri) && self.dataset.validationUri.startsWith('hf://'))",
             message="model.tokenSecret is for hf:// models and datasets; s3:// uses spec.storage.credentialsSecret",
-            check=lambda s: s.model.token_secret is None
-            or any((u or "").startswith("hf://") for u in (s.model.uri, s.dataset.uri, s.dataset.validation_uri)),
+            check=lambda s: (
+                s.model.token_secret is None
+                or any((u or "").startswith("hf://") for u in (s.model.uri, s.dataset.uri, s.dataset.validation_uri))
+            ),
         ),
         Rule(
             cel=cel_not_in("self.method.type", _QUANTIZED_METHODS)
-                + " || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
+            + " || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
             message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
             check=lambda s: s.method.type not in _QUANTIZED_METHODS or s.resources.gpus_per_node >= 1,
         ),
@@ -1057,7 +1250,9 @@ class Condition(StatusModel):
     reason: str = Field(max_length=1024, pattern=REASON_PATTERN, description="CamelCase reason.")
     message: str = Field("", max_length=32768, description="What happened and what to do next.")
     last_transition_time: datetime = Field(description="When status last changed.")
-    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition was computed for.")
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed for."
+    )
 
 
 class MemoryBreakdown(StatusModel):
@@ -1083,12 +1278,18 @@ class EstimateStatus(StatusModel):
     trainable_params: int = Field(0, ge=0, description="Parameters that are trained.")
     micro_batch_size: int = Field(1, ge=1, description="Micro batch the estimate is for.")
     seq_length: int = Field(1, ge=1, description="Sequence length the estimate is for.")
-    allocated_bytes: int = Field(0, ge=0, description="Peak bytes allocated by tensors on each GPU "
-                                 "(torch.cuda.max_memory_allocated).")
-    reserved_bytes: int = Field(0, ge=0, description="Peak bytes the CUDA caching allocator reserves on each GPU "
-                                "(torch.cuda.max_memory_reserved): allocated plus its simulated fragmentation.")
-    allocator_setting: str | None = Field(None, description="The PYTORCH_CUDA_ALLOC_CONF the reserved figure "
-                                          "assumes, e.g. expandable_segments:False.")
+    allocated_bytes: int = Field(
+        0, ge=0, description="Peak bytes allocated by tensors on each GPU (torch.cuda.max_memory_allocated)."
+    )
+    reserved_bytes: int = Field(
+        0,
+        ge=0,
+        description="Peak bytes the CUDA caching allocator reserves on each GPU "
+        "(torch.cuda.max_memory_reserved): allocated plus its simulated fragmentation.",
+    )
+    allocator_setting: str | None = Field(
+        None, description="The PYTORCH_CUDA_ALLOC_CONF the reserved figure assumes, e.g. expandable_segments:False."
+    )
 
 
 class PlacementStatus(StatusModel):
@@ -1099,7 +1300,9 @@ class PlacementStatus(StatusModel):
     gpu_product: str | None = Field(None, description="GPU product of the chosen size.")
     gpu_memory_mi_b: int | None = Field(None, alias="gpuMemoryMiB", description="Memory of each chosen GPU in MiB.")
     min_gpu_memory_mi_b: int | None = Field(
-        None, alias="minGpuMemoryMiB", description="Threshold passed to kube-scheduler as nodeAffinity nvidia.com/gpu.memory Gt."
+        None,
+        alias="minGpuMemoryMiB",
+        description="Threshold passed to kube-scheduler as nodeAffinity nvidia.com/gpu.memory Gt.",
     )
     micro_batch_size: int | None = Field(None, description="Micro batch the trainer runs with (resolved from auto).")
     gradient_accumulation_steps: int | None = Field(None, description="Gradient accumulation the trainer runs with.")
@@ -1114,8 +1317,10 @@ class Progress(StatusModel):
     """Live training progress, mirrored from the trainer."""
 
     state: TrainerState | None = Field(
-        None, description="What the trainer is doing: starting (loading the model and data), training, evaluating, "
-                          "uploading (the final outputs), finished, failed or preempted.")
+        None,
+        description="What the trainer is doing: starting (loading the model and data), training, evaluating, "
+        "uploading (the final outputs), finished, failed or preempted.",
+    )
     step: int = Field(0, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(None, ge=0, description="Optimizer steps planned.")
     percent: str | None = Field(None, description="step/totalSteps as a percentage, e.g. 42% (the Progress column).")
@@ -1125,12 +1330,16 @@ class Progress(StatusModel):
     tokens_per_second: float | None = Field(None, description="Training throughput over all GPUs.")
     eta_seconds: int | None = Field(None, description="Estimated seconds to completion.")
     peak_gpu_memory_bytes: int | None = Field(
-        None, description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for estimate-vs-actual."
+        None,
+        description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for estimate-vs-actual.",
     )
     # A map, not fields: each objective names its own (the registry's ObjectiveInfo.metrics).
     metrics: dict[str, float] | None = Field(
-        None, max_length=32, description="The objective's recent per-step metrics, e.g. rewardAccuracy, rewardMargin, "
-        "rewardsChosen and rewardsRejected for the preference objectives.")
+        None,
+        max_length=32,
+        description="The objective's recent per-step metrics, e.g. rewardAccuracy, rewardMargin, "
+        "rewardsChosen and rewardsRejected for the preference objectives.",
+    )
     updated_at: datetime | None = Field(None, description="When the trainer reported this.")
 
 
@@ -1174,19 +1383,23 @@ class RunRecord(StatusModel):
     completion_time: datetime | None = Field(None, description="When it finished.")
     result: ResultStatus | None = Field(None, description="What it produced.")
     overrides: RunOverrides | None = Field(
-        None, description="Settings the operator changed for this run on top of the spec (after an out-of-memory failure)."
+        None,
+        description="Settings the operator changed for this run on top of the spec (after an out-of-memory failure).",
     )
 
 
 class FineTuneJobStatus(StatusModel):
     """Observed state, written by the operator."""
 
-    phase: Phase | None = Field(None, description="Pending, Unschedulable, Starting, Running, Suspended, Succeeded or Failed.")
+    phase: Phase | None = Field(
+        None, description="Pending, Unschedulable, Starting, Running, Suspended, Succeeded or Failed."
+    )
     observed_generation: int | None = Field(None, description="metadata.generation the status reflects.")
     run: int | None = Field(None, description="Current run number.")
     # maxItems bounds the apiserver's CEL cost estimate of the reason rule on every condition
-    conditions: list[Condition] = Field(default_factory=list, max_length=32,
-                                        description="Latest observations, metav1-style (one per type).")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=32, description="Latest observations, metav1-style (one per type)."
+    )
     estimate: EstimateStatus | None = Field(None, description="Per-GPU memory estimate and its breakdown.")
     placement: PlacementStatus | None = Field(None, description="Chosen GPUs and nodes.")
     progress: Progress | None = Field(None, description="Live training progress.")
@@ -1224,16 +1437,16 @@ class FineTuneJob(KModel):
         Rule(
             cel=f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
             message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: kubetune derives Job, pod and label "
-                    "values from it, which Kubernetes limits to 63",
+            "values from it, which Kubernetes limits to 63",
             check=lambda j: len(j.metadata.name) <= MAX_NAME_LENGTH,
         ),
         # <name>-r<run> names the headless Service of a multi-node job, and a Service name is a
         # DNS-1035 label (and the Indexed Job's pod host names DNS labels): no dots, a letter first.
         Rule(
             cel="!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1 "
-                f"|| self.metadata.name.matches(r'{DNS1035_LABEL}')",
+            f"|| self.metadata.name.matches(r'{DNS1035_LABEL}')",
             message="metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and '-', "
-                    "starting with a letter, without dots: its headless Service is named after it",
+            "starting with a letter, without dots: its headless Service is named after it",
             check=lambda j: j.spec.resources.nodes <= 1 or full_match(DNS1035_LABEL, j.metadata.name),
         ),
     )
@@ -1269,7 +1482,8 @@ class Resolved(KModel):
     sharding: Literal["none", "ddp", "fsdp"] = Field("none", description="Strategy across processes.")
     estimate_bytes: int | None = Field(None, ge=0, description="Per-GPU estimate the placement used.")
     ephemeral_storage_bytes: int | None = Field(
-        None, ge=0, description="Local disk each trainer pod requests when resources.ephemeralStorage is unset.")
+        None, ge=0, description="Local disk each trainer pod requests when resources.ephemeralStorage is unset."
+    )
 
 
 class TrainerPaths(KModel):
@@ -1291,7 +1505,9 @@ class TrainerConfig(KModel):
     spec: FineTuneJobSpec
     resolved: Resolved
     paths: TrainerPaths
-    metrics_port: int = Field(9090, ge=0, le=65535, description="Port of the trainer's Prometheus /metrics (0 disables it).")
+    metrics_port: int = Field(
+        9090, ge=0, le=65535, description="Port of the trainer's Prometheus /metrics (0 disables it)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1312,8 +1528,15 @@ class TrainerProgress(StatusModel):
 
 
 TerminationReason = Literal[
-    "Completed", "EarlyStopped", "Preempted", "OutOfMemory", "BadData", "BadConfig", "ModelLoadFailed",
-    "StorageFailed", "Error",
+    "Completed",
+    "EarlyStopped",
+    "Preempted",
+    "OutOfMemory",
+    "BadData",
+    "BadConfig",
+    "ModelLoadFailed",
+    "StorageFailed",
+    "Error",
 ]
 
 

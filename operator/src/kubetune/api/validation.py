@@ -1,4 +1,5 @@
 """Parse FineTuneJob documents with the API models and report problems by field and file."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -65,7 +66,9 @@ def load_jobs(path: str | Path) -> list[FineTuneJob]:
     for label, doc in load_documents(path):
         if isinstance(doc, dict) and (doc.get("kind"), doc.get("apiVersion")) != (KIND, API_VERSION):
             if doc.get("kind") == KIND:
-                problems.append(Problem(label, [f"apiVersion: expected {API_VERSION!r}, got {doc.get('apiVersion')!r}"]))
+                problems.append(
+                    Problem(label, [f"apiVersion: expected {API_VERSION!r}, got {doc.get('apiVersion')!r}"])
+                )
             continue
         try:
             jobs.append(parse_job(doc))

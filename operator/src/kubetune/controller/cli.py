@@ -1,4 +1,5 @@
 """`kubetune operator`: run the FineTuneJob operator (kopf)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,29 +14,56 @@ if TYPE_CHECKING:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
-                   help="watch only this namespace (repeatable); default: all namespaces")
+    p.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="watch only this namespace (repeatable); default: all namespaces",
+    )
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0 disables)")
     p.add_argument("--metrics-address", default="0.0.0.0", help="address for /metrics")
     p.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint ('' disables)")
-    p.add_argument("--peering", default="kubetune", metavar="NAME",
-                   help="kopf peering object for leader election: of the replicas sharing it, only the one with "
-                        "the highest priority acts")
+    p.add_argument(
+        "--peering",
+        default="kubetune",
+        metavar="NAME",
+        help="kopf peering object for leader election: of the replicas sharing it, only the one with "
+        "the highest priority acts",
+    )
     p.add_argument("--standalone", action="store_true", help="no peering (a single replica, or tests)")
-    p.add_argument("--priority", default="random",
-                   help="peering priority; 'random' (default) gives each replica a distinct one, because kopf "
-                        "pauses every operator when two share the highest priority")
+    p.add_argument(
+        "--priority",
+        default="random",
+        help="peering priority; 'random' (default) gives each replica a distinct one, because kopf "
+        "pauses every operator when two share the highest priority",
+    )
     p.add_argument("--image", default=None, help="default trainer image (runPolicy.image overrides it per job)")
-    p.add_argument("--hf-endpoint", default=None, metavar="URL",
-                   help="a Hugging Face Hub mirror for hf:// models and datasets: the operator reads config.json "
-                        "from it and trainer pods get it as HF_ENDPOINT (default: $HF_ENDPOINT, else the Hub)")
-    p.add_argument("--trainer-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="an environment variable for every trainer pod (repeatable): proxies, NCCL settings; a "
-                        "job's spec.resources.env wins for the same name")
-    p.add_argument("--allow-endpoint", action="append", default=[], metavar="HOST|CIDR[:PORT]",
-                   help="an S3 endpoint address the operator may call although it is loopback, link-local or "
-                        "otherwise refused (repeatable): e.g. a MinIO on the node's loopback in a test cluster. "
-                        "Cloud metadata addresses stay refused unless named here")
+    p.add_argument(
+        "--hf-endpoint",
+        default=None,
+        metavar="URL",
+        help="a Hugging Face Hub mirror for hf:// models and datasets: the operator reads config.json "
+        "from it and trainer pods get it as HF_ENDPOINT (default: $HF_ENDPOINT, else the Hub)",
+    )
+    p.add_argument(
+        "--trainer-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for every trainer pod (repeatable): proxies, NCCL settings; a "
+        "job's spec.resources.env wins for the same name",
+    )
+    p.add_argument(
+        "--allow-endpoint",
+        action="append",
+        default=[],
+        metavar="HOST|CIDR[:PORT]",
+        help="an S3 endpoint address the operator may call although it is loopback, link-local or "
+        "otherwise refused (repeatable): e.g. a MinIO on the node's loopback in a test cluster. "
+        "Cloud metadata addresses stay refused unless named here",
+    )
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     p.add_argument("--verbose", action="store_true")
@@ -76,8 +104,12 @@ def _trim_periodically(every: float = 30.0) -> None:
 def _quiet_success(record: logging.LogRecord) -> bool:
     """kopf logs every successful handler and timer call at INFO: with node heartbeats and progress
     polls that is thousands of lines an hour that say nothing. Failures and our own lines stay."""
-    return not (record.levelno == logging.INFO and isinstance(record.msg, str)
-                and record.msg.startswith(("Handler '", "Timer '")) and record.msg.endswith(" succeeded."))
+    return not (
+        record.levelno == logging.INFO
+        and isinstance(record.msg, str)
+        and record.msg.startswith(("Handler '", "Timer '"))
+        and record.msg.endswith(" succeeded.")
+    )
 
 
 def trainer_env(items: list[str]) -> tuple[tuple[str, str], ...]:
@@ -123,12 +155,19 @@ def ensure_peering(custom, name: str, namespaces: list[str], log: logging.Logger
     kind = "ClusterKopfPeering" if not namespaces else "KopfPeering"
     for ns in namespaces or [None]:
         where = f"{kind} {name!r}" + (f" in namespace {ns}" if ns else "")
-        body = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name, **({"namespace": ns} if ns else {})}}
+        body = {
+            "apiVersion": "kopf.dev/v1",
+            "kind": kind,
+            "metadata": {"name": name, **({"namespace": ns} if ns else {})},
+        }
         try:
             # list, not get: list is what the chart's RBAC grants on peerings (kopf watches them)
             sel = {"field_selector": f"metadata.name={name}"}
-            found = (custom.list_namespaced_custom_object("kopf.dev", "v1", ns, plural, **sel) if ns
-                     else custom.list_cluster_custom_object("kopf.dev", "v1", plural, **sel))
+            found = (
+                custom.list_namespaced_custom_object("kopf.dev", "v1", ns, plural, **sel)
+                if ns
+                else custom.list_cluster_custom_object("kopf.dev", "v1", plural, **sel)
+            )
             if found.get("items"):
                 continue
             if ns:
@@ -140,13 +179,17 @@ def ensure_peering(custom, name: str, namespaces: list[str], log: logging.Logger
             if e.status == 409:
                 continue
             if e.status == 404:
-                raise UsageError(f"leader election (--peering {name}) needs kopf's peering CRDs, which are not "
-                                 "installed: kubectl apply -f crds/kopf-peering.yaml (the Helm chart installs them), "
-                                 "or run a single replica with --standalone") from None
+                raise UsageError(
+                    f"leader election (--peering {name}) needs kopf's peering CRDs, which are not "
+                    "installed: kubectl apply -f crds/kopf-peering.yaml (the Helm chart installs them), "
+                    "or run a single replica with --standalone"
+                ) from None
             if e.status == 403:
-                log.warning(f"waiting for {where} (leader election): this operator may not create it; create it "
-                            f"(kubectl apply -f crds/kopf-peering.yaml, then a {kind} named {name}) or run with "
-                            "--standalone")
+                log.warning(
+                    f"waiting for {where} (leader election): this operator may not create it; create it "
+                    f"(kubectl apply -f crds/kopf-peering.yaml, then a {kind} named {name}) or run with "
+                    "--standalone"
+                )
                 continue
             raise
     log.info(f"leader election through {kind} {name!r}: only the replica with the highest priority acts")
@@ -165,10 +208,15 @@ def operator_config(args: argparse.Namespace) -> Config:
         hf_endpoint = hub_endpoint(args.hf_endpoint, "--hf-endpoint")
     else:
         hf_endpoint = hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT")
-    pod = manifests.PodDefaults(image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint,
-                                env=trainer_env(args.trainer_env))
-    return Config(pod=pod, namespaces=tuple(args.namespace), egress=EgressPolicy(allow=tuple(args.allow_endpoint)),
-                  progress_interval=args.progress_interval)
+    pod = manifests.PodDefaults(
+        image=args.image or manifests.DEFAULT_IMAGE, hf_endpoint=hf_endpoint, env=trainer_env(args.trainer_env)
+    )
+    return Config(
+        pod=pod,
+        namespaces=tuple(args.namespace),
+        egress=EgressPolicy(allow=tuple(args.allow_endpoint)),
+        progress_interval=args.progress_interval,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

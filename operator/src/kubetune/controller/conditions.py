@@ -1,5 +1,6 @@
 """metav1.Condition helpers, in the manner of apimachinery's meta.SetStatusCondition (used by kueue):
 lastTransitionTime moves only when status flips, so `kubectl describe` tells how long a state has held."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -14,7 +15,9 @@ MAX_MESSAGE = 4096
 
 
 def clip(message: str, limit: int = MAX_MESSAGE) -> str:
-    return message if len(message) <= limit else message[: limit - 40] + f"… ({len(message) - limit + 40} more characters)"
+    return (
+        message if len(message) <= limit else message[: limit - 40] + f"… ({len(message) - limit + 40} more characters)"
+    )
 
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:
@@ -39,8 +42,13 @@ def set_condition(
     message = clip(message)
     s = status if isinstance(status, str) else ("True" if status else "False")
     old = find(conditions, type_)
-    if old is not None and old.status == s and old.reason == reason and old.message == message \
-            and old.observed_generation == generation:
+    if (
+        old is not None
+        and old.status == s
+        and old.reason == reason
+        and old.message == message
+        and old.observed_generation == generation
+    ):
         return conditions, False
     changed = old is None or old.status != s or old.reason != reason
     new = Condition(

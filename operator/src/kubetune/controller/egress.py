@@ -10,6 +10,7 @@ metadata service's host names. Every resolved address of a name must pass, so a 
 to one allowed and one refused address is refused. A name that resolves differently later (DNS
 rebinding) is not covered: that is NetworkPolicy's job for the operator pod (docs/operator.md).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -20,7 +21,13 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 # Names of metadata services that resolve only inside a cloud; refused before any lookup.
-METADATA_NAMES = ("metadata", "metadata.google.internal", "metadata.goog", "instance-data", "instance-data.ec2.internal")
+METADATA_NAMES = (
+    "metadata",
+    "metadata.google.internal",
+    "metadata.goog",
+    "instance-data",
+    "instance-data.ec2.internal",
+)
 
 
 class EndpointRefused(ValueError):
@@ -30,9 +37,13 @@ class EndpointRefused(ValueError):
 def _refused_kind(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for kind, test in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local),
-                       ("unspecified", ip.is_unspecified), ("multicast", ip.is_multicast),
-                       ("reserved", ip.is_reserved)):
+    for kind, test in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("unspecified", ip.is_unspecified),
+        ("multicast", ip.is_multicast),
+        ("reserved", ip.is_reserved),
+    ):
         if test:
             return kind
     if isinstance(ip, ipaddress.IPv6Address) and ip in ipaddress.ip_network("fd00:ec2::/32"):
@@ -103,15 +114,19 @@ class EgressPolicy:
         if u.scheme not in ("http", "https") or not host:
             raise EndpointRefused(f"{field_name}: {_show(url)} is not an http(s) URL with a host")
         if u.username is not None or u.password is not None:
-            raise EndpointRefused(f"{field_name}: credentials in the URL are not allowed: put them in "
-                                  "spec.storage.credentialsSecret")
-        way_out = (f"use an endpoint the operator may call, or ask the cluster admin to allow it "
-                   f"(kubetune operator --allow-endpoint {host}, Helm value operator.allowEndpoints)")
+            raise EndpointRefused(
+                f"{field_name}: credentials in the URL are not allowed: put them in spec.storage.credentialsSecret"
+            )
+        way_out = (
+            f"use an endpoint the operator may call, or ask the cluster admin to allow it "
+            f"(kubetune operator --allow-endpoint {host}, Helm value operator.allowEndpoints)"
+        )
         if self._allowed(host, port, None):
             return
         if host in METADATA_NAMES or host.endswith(".metadata.google.internal"):
-            raise EndpointRefused(f"{field_name}: {host} is a cloud metadata service, which the operator never "
-                                  f"calls: {way_out}")
+            raise EndpointRefused(
+                f"{field_name}: {host} is a cloud metadata service, which the operator never calls: {way_out}"
+            )
         try:
             literal = ipaddress.ip_address(host)
             addrs: tuple[str, ...] = (str(literal),)
@@ -119,15 +134,18 @@ class EgressPolicy:
             try:
                 addrs = self._addresses(host, port)
             except (OSError, UnicodeError) as e:
-                raise EndpointRefused(f"{field_name}: the host {host} does not resolve "
-                                      f"({getattr(e, 'strerror', None) or type(e).__name__}): check the URL") from None
+                raise EndpointRefused(
+                    f"{field_name}: the host {host} does not resolve "
+                    f"({getattr(e, 'strerror', None) or type(e).__name__}): check the URL"
+                ) from None
         for a in addrs:
             ip = ipaddress.ip_address(a.split("%", 1)[0])
             kind = _refused_kind(ip)
             if kind and not self._allowed(host, port, ip):
                 where = host if host == a else f"{host} ({a})"
-                raise EndpointRefused(f"{field_name}: {where} is a {kind} address, which the operator does not "
-                                      f"call: {way_out}")
+                raise EndpointRefused(
+                    f"{field_name}: {where} is a {kind} address, which the operator does not call: {way_out}"
+                )
 
 
 def _show(url: str) -> str:

@@ -4,6 +4,7 @@ Pure: the kube module lists nodes and pods; this turns them into what placement 
 come from NVIDIA GPU Feature Discovery labels; free GPUs are allocatable minus what non-terminated
 pods bound to the node request.
 """
+
 from __future__ import annotations
 
 import re
@@ -94,10 +95,14 @@ def expected_pods(job: dict, nodes: list[str]) -> list[dict]:
     spec = job.get("spec") or {}
     if spec.get("suspend"):
         return []
-    containers = [{"resources": c.get("resources") or {}}
-                  for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []]
-    return [{"spec": {"nodeName": n, "containers": containers}, "status": {"phase": "Pending"}}
-            for n in nodes[:max(1, int(spec.get("parallelism") or 1))]]
+    containers = [
+        {"resources": c.get("resources") or {}}
+        for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    ]
+    return [
+        {"spec": {"nodeName": n, "containers": containers}, "status": {"phase": "Pending"}}
+        for n in nodes[: max(1, int(spec.get("parallelism") or 1))]
+    ]
 
 
 def read_fleet(nodes: Iterable[dict], pods: Iterable[dict]) -> list[FleetNode]:

@@ -5,6 +5,7 @@ cannot be stopped fails the liveness probe so the kubelet restarts the pod.
 ``failure_status`` and ``child_rejection`` are pure; ``Watchdog`` and ``Retrier`` are the two small
 pieces of machinery, each with its own lock.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -105,16 +106,21 @@ def child_rejection(obj: dict, status: int, body: str | None) -> str:
     parts = []
     for c in causes[:5]:
         field = str(c.get("field") or "")
-        parts.append(f"{field or kind}: {str(c.get('message') or c.get('reason') or '')[:300]} "
-                     f"(from {_spec_field(kind, field)})")
+        parts.append(
+            f"{field or kind}: {str(c.get('message') or c.get('reason') or '')[:300]} (from {_spec_field(kind, field)})"
+        )
     if not parts:
         parts.append(f"{str(st.get('message') or f'HTTP {status}')[:600]}")
-    return (f"the apiserver refused the {kind} {name} this job needs: " + "; ".join(parts)
-            + ". Fix the spec field named and apply it again")
+    return (
+        f"the apiserver refused the {kind} {name} this job needs: "
+        + "; ".join(parts)
+        + ". Fix the spec field named and apply it again"
+    )
 
 
-def failure_status(status: dict | None, generation: int | None, now: datetime, type_: str, reason: str,
-                   message: str, phase: str | None) -> dict:
+def failure_status(
+    status: dict | None, generation: int | None, now: datetime, type_: str, reason: str, message: str, phase: str | None
+) -> dict:
     """A status that says what went wrong, from what the object holds now (a status the operator
     itself cannot parse is replaced). ``phase`` None keeps the current phase."""
     try:
@@ -122,8 +128,9 @@ def failure_status(status: dict | None, generation: int | None, now: datetime, t
     except ValueError:
         st = FineTuneJobStatus()
     # Validated/Scheduled say what holds (False: it does not); Failed says what happened (True)
-    st.conditions, _ = set_condition(st.conditions, type_, type_ not in ("Validated", "Scheduled"), reason,
-                                     message, now, generation)
+    st.conditions, _ = set_condition(
+        st.conditions, type_, type_ not in ("Validated", "Scheduled"), reason, message, now, generation
+    )
     if phase is not None:
         st.phase = phase  # type: ignore[assignment]
         st.observed_generation = generation
@@ -145,8 +152,12 @@ class Watchdog:
     (at its next Python instruction); one still running ``stuck_after`` seconds later is stuck, which
     ``stuck()`` reports for the liveness probe."""
 
-    def __init__(self, budget: float = RECONCILE_BUDGET_SECONDS, stuck_after: float = STUCK_AFTER_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        budget: float = RECONCILE_BUDGET_SECONDS,
+        stuck_after: float = STUCK_AFTER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.budget, self.stuck_after, self._clock = budget, stuck_after, clock
         self._running: dict[int, _Watched] = {}
         self._lock = threading.Lock()
@@ -179,8 +190,11 @@ class Watchdog:
     def stuck(self) -> list[tuple[str, str]]:
         now = self._clock()
         with self._lock:
-            return [w.key for w in self._running.values()
-                    if w.interrupted is not None and now - w.interrupted > self.stuck_after]
+            return [
+                w.key
+                for w in self._running.values()
+                if w.interrupted is not None and now - w.interrupted > self.stuck_after
+            ]
 
     def start(self, every: float = 1.0) -> None:
         if self._thread is not None:
@@ -203,8 +217,9 @@ class Retrier:
     up to ``cap``): kopf does not retry event handlers, and the next event may never come. One
     timer thread; the re-drive itself runs in ``submit`` (a thread pool)."""
 
-    def __init__(self, drive: Callable[[str, str], Any], submit: Callable[..., Any] | None = None,
-                 cap: float = 300.0) -> None:
+    def __init__(
+        self, drive: Callable[[str, str], Any], submit: Callable[..., Any] | None = None, cap: float = 300.0
+    ) -> None:
         self._drive, self.cap = drive, cap
         self._submit = submit or (lambda fn, *a: threading.Thread(target=fn, args=a, daemon=True).start())
         self._heap: list[tuple[float, tuple[str, str]]] = []
@@ -215,7 +230,7 @@ class Retrier:
 
     def delay(self, key: tuple[str, str]) -> float:
         n = self._attempts.get(key, 0)
-        return min(self.cap, 2.0 ** n) * random.uniform(0.8, 1.2)
+        return min(self.cap, 2.0**n) * random.uniform(0.8, 1.2)
 
     def schedule(self, key: tuple[str, str]) -> float:
         """Retry ``key`` after its next backoff; returns the delay."""

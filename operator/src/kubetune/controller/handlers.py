@@ -9,6 +9,7 @@ No module state: what the handlers share is the ``OperatorState`` kopf hands eac
 and ``registry(config)`` registers them (a timer's interval is a flag, so nothing is decided at
 import time).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,14 @@ def new_state(kube: KubeClient, config: Config | None = None) -> OperatorState:
 # --- observe -------------------------------------------------------------------------------------
 
 
-def _architecture(state: OperatorState, spec: FineTuneJobSpec, creds: dict | None, key: JobKey,
-                  hf_token: str | None = None, ca_pem: str | None = None
-                  ) -> tuple[Architecture | None, str | None, str | None]:
+def _architecture(
+    state: OperatorState,
+    spec: FineTuneJobSpec,
+    creds: dict | None,
+    key: JobKey,
+    hf_token: str | None = None,
+    ca_pem: str | None = None,
+) -> tuple[Architecture | None, str | None, str | None]:
     """(architecture, error, reason) of the model: inline, catalog, or its config.json (cached for a
     minute, so a burst of jobs on one private model reads it once). Any failure, whatever a hostile
     config.json holds, is a message naming what to fix."""
@@ -74,8 +80,12 @@ def _architecture(state: OperatorState, spec: FineTuneJobSpec, creds: dict | Non
     try:
         arch, err = resolve_architecture(spec.model, read_config=read), None
     except Exception as e:  # noqa: BLE001 - ArchitectureNotFound, or a config.json no model has
-        arch, err = None, str(e) if isinstance(e, (ValueError, UsageError)) else (
-            f"spec.model: its config.json cannot be read as a model architecture ({type(e).__name__}: {e})")
+        arch, err = (
+            None,
+            str(e)
+            if isinstance(e, (ValueError, UsageError))
+            else (f"spec.model: its config.json cannot be read as a model architecture ({type(e).__name__}: {e})"),
+        )
     reason = None
     if refused:  # the credentials or the endpoint are the cause, not a missing architecture
         arch, err = None, str(refused[0])
@@ -103,8 +113,10 @@ def _ca_bundle(state: OperatorState, spec: FineTuneJobSpec, job: JobKey) -> tupl
         return None, ""
     data = _data(state, "ConfigMap", ns, ref.name, job)
     if data is None:
-        return None, (f"ConfigMap {ref.name!r} (spec.storage.caBundle) does not exist in namespace {ns}: create it "
-                      f"(kubectl create configmap {ref.name} -n {ns} --from-file={ref.key}=ca.pem)")
+        return None, (
+            f"ConfigMap {ref.name!r} (spec.storage.caBundle) does not exist in namespace {ns}: create it "
+            f"(kubectl create configmap {ref.name} -n {ns} --from-file={ref.key}=ca.pem)"
+        )
     if not data.get(ref.key):
         return None, f"ConfigMap {ref.name!r} (spec.storage.caBundle) has no key {ref.key}: add the PEM bundle under it"
     return data[ref.key], ""
@@ -130,8 +142,10 @@ def _secret_problem(ref_name: str, field_name: str, key: str, value: str, token:
     if value == NOT_TEXT:
         return f"{where} is not UTF-8 text: store the value itself (kubectl create secret generic ... --from-literal)"
     if not token and value != value.strip():
-        return (f"{where} starts or ends with whitespace (a newline from --from-file?): store the value alone "
-                f"(kubectl create secret generic {ref_name} --from-literal={key}=...)")
+        return (
+            f"{where} starts or ends with whitespace (a newline from --from-file?): store the value alone "
+            f"(kubectl create secret generic {ref_name} --from-literal={key}=...)"
+        )
     if not value.strip().isprintable():
         return f"{where} holds control characters: store the value alone, on one line"
     return None
@@ -152,8 +166,15 @@ def _parse(body: dict) -> Observed:
     if spec is not None and (problems := check_object(meta["name"], spec)):
         # the rules on the whole object (a dotted name on a multi-node job): admission checks them too
         spec, spec_error = None, "; ".join(problems)
-    return Observed(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""),
-                    generation=meta.get("generation", 1), spec=spec, spec_error=spec_error, status=status)
+    return Observed(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta.get("uid", ""),
+        generation=meta.get("generation", 1),
+        spec=spec,
+        spec_error=spec_error,
+        status=status,
+    )
 
 
 @dataclass
@@ -173,13 +194,16 @@ def _read_credentials(state: OperatorState, spec: FineTuneJobSpec, job: JobKey, 
     out.creds = _data(state, "Secret", ns, ref.name, job)
     keys = (ref.access_key_id_key, ref.secret_access_key_key)
     if out.creds is None:
-        out.missing.append(f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace {ns}: "
-                           f"create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}")
+        out.missing.append(
+            f"Secret {ref.name!r} (spec.storage.credentialsSecret) does not exist in namespace {ns}: "
+            f"create it with keys {ref.access_key_id_key} and {ref.secret_access_key_key}"
+        )
     elif absent := [k for k in keys if k not in out.creds]:
         out.missing.append(f"Secret {ref.name!r} has no key(s) {', '.join(absent)}: add them")
     else:
-        out.missing += [p for k in keys
-                        if (p := _secret_problem(ref.name, "spec.storage.credentialsSecret", k, out.creds[k]))]
+        out.missing += [
+            p for k in keys if (p := _secret_problem(ref.name, "spec.storage.credentialsSecret", k, out.creds[k]))
+        ]
 
 
 def _read_token(state: OperatorState, spec: FineTuneJobSpec, job: JobKey, out: _Secrets) -> None:
@@ -188,19 +212,24 @@ def _read_token(state: OperatorState, spec: FineTuneJobSpec, job: JobKey, out: _
         return
     out.token_data = data = _data(state, "Secret", ns, tref.name, job)
     if data is None:
-        out.missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) does not exist in namespace {ns}: create "
-                           f"it with key {tref.key} (kubectl create secret generic {tref.name} -n {ns} "
-                           f"--from-literal={tref.key}=hf_...)")
+        out.missing.append(
+            f"Secret {tref.name!r} (spec.model.tokenSecret) does not exist in namespace {ns}: create "
+            f"it with key {tref.key} (kubectl create secret generic {tref.name} -n {ns} "
+            f"--from-literal={tref.key}=hf_...)"
+        )
     elif not (data.get(tref.key) or "").strip():
-        out.missing.append(f"Secret {tref.name!r} (spec.model.tokenSecret) has no key {tref.key}: add the token under it")
+        out.missing.append(
+            f"Secret {tref.name!r} (spec.model.tokenSecret) has no key {tref.key}: add the token under it"
+        )
     elif p := _secret_problem(tref.name, "spec.model.tokenSecret", tref.key, data[tref.key], token=True):
         out.missing.append(p)
     else:
         out.hf_token = data[tref.key].strip()  # huggingface_hub strips it in the trainer too
 
 
-def _absent(state: OperatorState, spec: FineTuneJobSpec, job: JobKey, secrets: _Secrets,
-            ca_missing: str) -> dict[str, str]:
+def _absent(
+    state: OperatorState, spec: FineTuneJobSpec, job: JobKey, secrets: _Secrets, ca_missing: str
+) -> dict[str, str]:
     """What the spec names that does not exist or may not be used, reason -> message, in the order
     to report them."""
     ns = job[0]
@@ -210,21 +239,29 @@ def _absent(state: OperatorState, spec: FineTuneJobSpec, job: JobKey, secrets: _
             state.config.egress.check(spec.storage.endpoint, "spec.storage.endpoint")
         except EndpointRefused as e:
             refused = str(e)
-    claims = [f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
-              for claim, where in manifests.volume_claims(spec).items()
-              if not _exists(state, "PersistentVolumeClaim", claim, job)]
-    absent = {"EndpointNotAllowed": refused, "SecretNotFound": "; ".join(secrets.missing),
-              "ConfigMapNotFound": ca_missing, "VolumeClaimNotFound": "; ".join(claims)}
+    claims = [
+        f"PersistentVolumeClaim {claim!r} ({where}) does not exist in namespace {ns}: create it, or fix the URI"
+        for claim, where in manifests.volume_claims(spec).items()
+        if not _exists(state, "PersistentVolumeClaim", claim, job)
+    ]
+    absent = {
+        "EndpointNotAllowed": refused,
+        "SecretNotFound": "; ".join(secrets.missing),
+        "ConfigMapNotFound": ca_missing,
+        "VolumeClaimNotFound": "; ".join(claims),
+    }
     sa = spec.storage.service_account_name
     if sa and not _exists(state, "ServiceAccount", sa, job):
         absent["ServiceAccountNotFound"] = (
             f"ServiceAccount {sa!r} (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
-            f"(kubectl create serviceaccount {sa} -n {ns}) with the annotation your cloud's workload identity needs")
+            f"(kubectl create serviceaccount {sa} -n {ns}) with the annotation your cloud's workload identity needs"
+        )
     return {reason: message for reason, message in absent.items() if message}
 
 
-def _observe_run(state: OperatorState, obs: Observed, spec: FineTuneJobSpec, creds: dict | None,
-                 ca_pem: str | None) -> None:
+def _observe_run(
+    state: OperatorState, obs: Observed, spec: FineTuneJobSpec, creds: dict | None, ca_pem: str | None
+) -> None:
     """The active run's Job, its pods, why the Job controller cannot make one, and the trainer's progress."""
     status, ns, name = obs.status, obs.namespace, obs.name
     run = status.history[-1] if status.history else None
@@ -237,8 +274,9 @@ def _observe_run(state: OperatorState, obs: Observed, spec: FineTuneJobSpec, cre
     jstat = job.get("status") or {}
     # Pods matter once one exists (counted by the Job) or the Job ended (termination messages);
     # a suspended Job (its only condition Suspended) has none.
-    if (any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded"))
-            or any(c.get("type") != "Suspended" for c in jstat.get("conditions") or [])):
+    if any(jstat.get(k) for k in ("active", "ready", "failed", "succeeded")) or any(
+        c.get("type") != "Suspended" for c in jstat.get("conditions") or []
+    ):
         obs.pods = state.kube.list_pods(ns, name, run.run)
     if not obs.pods and not jstat.get("active") and not (job.get("spec") or {}).get("suspend"):
         # no pod yet: the Job controller may be failing to create it, and says so only in an Event
@@ -246,9 +284,11 @@ def _observe_run(state: OperatorState, obs: Observed, spec: FineTuneJobSpec, cre
     # Once the trainer has reported, keep reading: a preempted pod may be gone (and the Job show
     # no pod at all) before we see it, and its progress object says what happened.
     if status.progress is not None or any(
-            (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods):
-        obs.progress = sources.read_progress(spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem,
-                                             state.config.egress)
+        (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods
+    ):
+        obs.progress = sources.read_progress(
+            spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem, state.config.egress
+        )
 
 
 def observe(state: OperatorState, body: dict) -> tuple[Observed, dict | None, Redactor]:
@@ -296,10 +336,18 @@ def drive(state: OperatorState, ns: str, name: str, logger: Logger = log) -> Non
             state.retrier.succeeded(key)
         except guard.ReconcileTimeout:
             metrics.ERRORS.inc()
-            _fail(state, body, FAILED, "ReconcileTimeout",
-                  f"reconciling this job took more than {state.watchdog.budget:.0f} s and was stopped, so the "
-                  "operator stays responsive for other jobs. This is a kubetune bug or a pathological spec: check "
-                  "spec.model.architecture and the model's config.json, and report it", redactor, logger, phase=FAILED)
+            _fail(
+                state,
+                body,
+                FAILED,
+                "ReconcileTimeout",
+                f"reconciling this job took more than {state.watchdog.budget:.0f} s and was stopped, so the "
+                "operator stays responsive for other jobs. This is a kubetune bug or a pathological spec: check "
+                "spec.model.architecture and the model's config.json, and report it",
+                redactor,
+                logger,
+                phase=FAILED,
+            )
         except Exception as e:  # noqa: BLE001 - the point: no exception leaves a job without status
             metrics.ERRORS.inc()
             _failed_reconcile(state, body, e, redactor, logger)
@@ -312,19 +360,42 @@ def _failed_reconcile(state: OperatorState, body: dict, e: Exception, redactor: 
         if guard.is_transient(e):
             _retry(state, key, f"the apiserver answered HTTP {e.status} ({e.reason})", logger)
         elif getattr(e, "child", None) is not None and e.status in (400, 422):
-            _fail(state, body, VALIDATED, "InvalidSpec", guard.child_rejection(e.child, e.status, e.body),  # type: ignore[attr-defined]
-                  redactor, logger, phase=FAILED)
+            _fail(
+                state,
+                body,
+                VALIDATED,
+                "InvalidSpec",
+                guard.child_rejection(e.child, e.status, e.body),  # type: ignore[attr-defined]
+                redactor,
+                logger,
+                phase=FAILED,
+            )
         else:
-            _fail(state, body, FAILED, "InternalError",
-                  f"the apiserver refused a request for this job (HTTP {e.status} {e.reason}): "
-                  f"{_api_message(e)}. If it says forbidden, the operator's RBAC is missing a rule",
-                  redactor, logger, exc=e)
+            _fail(
+                state,
+                body,
+                FAILED,
+                "InternalError",
+                f"the apiserver refused a request for this job (HTTP {e.status} {e.reason}): "
+                f"{_api_message(e)}. If it says forbidden, the operator's RBAC is missing a rule",
+                redactor,
+                logger,
+                exc=e,
+            )
     elif guard.is_transient(e):
         _retry(state, key, f"{type(e).__name__}: {e}", logger, redactor)
     else:
-        _fail(state, body, FAILED, "InternalError",
-              f"the operator failed on this job ({type(e).__name__}: {e}). This is a kubetune bug: report "
-              "it with the operator's log; a spec change retries", redactor, logger, exc=e)
+        _fail(
+            state,
+            body,
+            FAILED,
+            "InternalError",
+            f"the operator failed on this job ({type(e).__name__}: {e}). This is a kubetune bug: report "
+            "it with the operator's log; a spec change retries",
+            redactor,
+            logger,
+            exc=e,
+        )
 
 
 def _secrets_redactor(state: OperatorState, body: dict) -> Redactor:
@@ -353,23 +424,34 @@ def _create_children(state: OperatorState, out: Outcome) -> None:
         if (existing := placement_of(created)) is not None and existing != out.status.placement:
             # made by an earlier reconcile whose status write was lost: status tells what runs
             out.status.placement = existing
-            out.events.append(("Normal", "JobExists", f"Job {created['metadata']['name']} already existed; "
-                               f"status shows its placement: {existing.message or existing.node}"))
+            out.events.append(
+                (
+                    "Normal",
+                    "JobExists",
+                    f"Job {created['metadata']['name']} already existed; "
+                    f"status shows its placement: {existing.message or existing.node}",
+                )
+            )
         # its ADDED event will show nothing new
-        owner = (created["metadata"]["namespace"], (created["metadata"].get("labels") or {}).get(manifests.LABEL_JOB, ""))
+        owner = (
+            created["metadata"]["namespace"],
+            (created["metadata"].get("labels") or {}).get(manifests.LABEL_JOB, ""),
+        )
         state.child_changed(created["metadata"]["uid"], owner, _job_signature({"type": "ADDED"}, created))
         state.children.put(created)
         if out.status.placement is not None:
             state.kube.add_expected_pods(expected_pods(created, out.status.placement.nodes))
 
 
-def _write(state: OperatorState, body: dict, obs: Observed, out: Outcome, job: dict | None, redactor: Redactor,
-           logger: Logger) -> None:
+def _write(
+    state: OperatorState, body: dict, obs: Observed, out: Outcome, job: dict | None, redactor: Redactor, logger: Logger
+) -> None:
     ns, name = obs.namespace, obs.name
     _create_children(state, out)
     if out.job_patch and out.status.history:
         patched = state.kube.patch_job(
-            ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name, out.job_patch)
+            ns, manifests.RunIdentity(ns, name, obs.uid, out.status.history[-1].run).job_name, out.job_patch
+        )
         if patched is not None:
             state.children.put(patched)
     new = redactor.deep(status_patch(out.status))
@@ -398,16 +480,27 @@ def _retry(state: OperatorState, key: JobKey, why: str, logger: Logger, redactor
     logger.warning(f"{key[0]}/{key[1]}: {redactor(why)}; retrying in {delay:.0f} s")
 
 
-def _fail(state: OperatorState, body: dict, type_: str, reason: str, message: str, redactor: Redactor,
-          logger: Logger, phase: str | None = None, exc: BaseException | None = None) -> None:
+def _fail(
+    state: OperatorState,
+    body: dict,
+    type_: str,
+    reason: str,
+    message: str,
+    redactor: Redactor,
+    logger: Logger,
+    phase: str | None = None,
+    exc: BaseException | None = None,
+) -> None:
     """Say what went wrong in status (condition ``type_``), an Event and the log, all redacted. An
     internal error keeps the phase of a job whose run is under way, and is retried with backoff."""
     meta = body["metadata"]
     ns, name = meta["namespace"], meta["name"]
     message = redactor(message)
     if exc is not None:
-        logger.error(f"{ns}/{name}: {reason}: {message}\n"
-                     + redactor("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        logger.error(
+            f"{ns}/{name}: {reason}: {message}\n"
+            + redactor("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        )
     else:
         logger.error(f"{ns}/{name}: {reason}: {message}")
     current = (body.get("status") or {}).get("phase")
@@ -415,8 +508,15 @@ def _fail(state: OperatorState, body: dict, type_: str, reason: str, message: st
         phase = FAILED  # never run, and nothing else will say why
     if reason == "InternalError":
         state.retrier.schedule((ns, name))
-    st = guard.failure_status(body.get("status"), meta.get("generation"), datetime.now(timezone.utc), type_,
-                              guard.safe_reason(reason), message, phase)
+    st = guard.failure_status(
+        body.get("status"),
+        meta.get("generation"),
+        datetime.now(timezone.utc),
+        type_,
+        guard.safe_reason(reason),
+        message,
+        phase,
+    )
     try:
         updated = state.kube.patch_status(ns, name, redactor.deep(st))
         if updated is not None:
@@ -464,8 +564,9 @@ def _probe_workers(memo: OperatorState, **_: Any) -> dict:
     kubelet then restarts the operator, which is all that frees such a thread."""
     stuck = memo.watchdog.stuck()
     if stuck:
-        raise kopf.PermanentError(f"{len(stuck)} reconcile(s) stuck: "
-                                  + ", ".join(f"{ns}/{name}" for ns, name in stuck[:5]))
+        raise kopf.PermanentError(
+            f"{len(stuck)} reconcile(s) stuck: " + ", ".join(f"{ns}/{name}" for ns, name in stuck[:5])
+        )
     return {"retrying": memo.retrier.pending()}
 
 
@@ -521,8 +622,15 @@ def retry_pending(body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any
 def _job_signature(event: dict, body: dict) -> tuple:
     st = body.get("status") or {}
     conds = tuple(sorted((c.get("type"), c.get("status")) for c in st.get("conditions") or []))
-    return (event.get("type") == "DELETED", bool((body.get("spec") or {}).get("suspend")), st.get("active"),
-            st.get("ready"), st.get("failed"), st.get("succeeded"), conds)
+    return (
+        event.get("type") == "DELETED",
+        bool((body.get("spec") or {}).get("suspend")),
+        st.get("active"),
+        st.get("ready"),
+        st.get("failed"),
+        st.get("succeeded"),
+        conds,
+    )
 
 
 def on_child_job(event: dict, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
@@ -543,11 +651,13 @@ def on_child_job(event: dict, body: kopf.Body, logger: Logger, memo: OperatorSta
 def _node_signature(event: dict, body: kopf.Body) -> tuple:
     labels = body.metadata.get("labels") or {}
     status = body.get("status") or {}
-    return (event.get("type") == "DELETED",
-            tuple(sorted((k, v) for k, v in labels.items() if k.startswith("nvidia.com/"))),
-            tuple(sorted(status.get("allocatable", {}).items())),
-            bool((body.get("spec") or {}).get("unschedulable")),
-            any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []))
+    return (
+        event.get("type") == "DELETED",
+        tuple(sorted((k, v) for k, v in labels.items() if k.startswith("nvidia.com/"))),
+        tuple(sorted(status.get("allocatable", {}).items())),
+        bool((body.get("spec") or {}).get("unschedulable")),
+        any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []),
+    )
 
 
 def on_node(event: dict, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
@@ -589,8 +699,9 @@ def _delete_checkpoints(state: OperatorState, spec: FineTuneJobSpec, key: JobKey
         logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
     except Exception as e:  # noqa: BLE001 - a bad endpoint must not keep the object from being deleted
         message = Redactor(secret_values(creds))(f"{type(e).__name__}: {e}")
-        logger.error(f"{ns}/{name}: checkpoints.deletionPolicy=Delete could not remove {prefix}: {message}; "
-                     "the checkpoints stay")
+        logger.error(
+            f"{ns}/{name}: checkpoints.deletionPolicy=Delete could not remove {prefix}: {message}; the checkpoints stay"
+        )
 
 
 def registry(config: Config) -> kopf.OperatorRegistry:
@@ -601,11 +712,26 @@ def registry(config: Config) -> kopf.OperatorRegistry:
     kopf.on.cleanup(registry=reg)(_exit_on_time)
     kopf.on.login(registry=reg)(_login)
     kopf.on.event(GROUP, VERSION, PLURAL, registry=reg)(on_finetunejob)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=config.progress_interval, initial_delay=2.0, idle=None,
-               when=lambda status, **_: (status or {}).get("phase") == RUNNING, registry=reg)(mirror_progress)
-    kopf.timer(GROUP, VERSION, PLURAL, interval=RETRY_INTERVAL, initial_delay=RETRY_INTERVAL, idle=None,
-               when=lambda status, **_: (status or {}).get("phase") in (PENDING, UNSCHEDULABLE, STARTING),
-               registry=reg)(retry_pending)
+    kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=config.progress_interval,
+        initial_delay=2.0,
+        idle=None,
+        when=lambda status, **_: (status or {}).get("phase") == RUNNING,
+        registry=reg,
+    )(mirror_progress)
+    kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=RETRY_INTERVAL,
+        initial_delay=RETRY_INTERVAL,
+        idle=None,
+        when=lambda status, **_: (status or {}).get("phase") in (PENDING, UNSCHEDULABLE, STARTING),
+        registry=reg,
+    )(retry_pending)
     kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_JOB: kopf.PRESENT}, registry=reg)(on_child_job)
     kopf.on.event("", "v1", "nodes", registry=reg)(on_node)
     kopf.on.delete(GROUP, VERSION, PLURAL, registry=reg)(on_delete)

@@ -7,6 +7,7 @@ and status is written as a merge patch to the status subresource.
 One ``Kube`` per operator, held by its OperatorState (controller-runtime's client, injected the way
 kubeflow's ``NewTrainJobReconciler(client, ...)`` takes it): tests pass a fake with the same methods.
 """
+
 from __future__ import annotations
 
 import base64
@@ -96,10 +97,17 @@ class Kube:
         cfg = self.api.configuration
         header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization") or ""
         scheme, _, token = header.rpartition(" ")
-        return {"server": cfg.host, "ca_path": cfg.ssl_ca_cert, "insecure": not cfg.verify_ssl,
-                "certificate_path": cfg.cert_file, "private_key_path": cfg.key_file,
-                "username": cfg.username or None, "password": cfg.password or None,
-                "scheme": scheme or None, "token": token or None}
+        return {
+            "server": cfg.host,
+            "ca_path": cfg.ssl_ca_cert,
+            "insecure": not cfg.verify_ssl,
+            "certificate_path": cfg.cert_file,
+            "private_key_path": cfg.key_file,
+            "username": cfg.username or None,
+            "password": cfg.password or None,
+            "scheme": scheme or None,
+            "token": token or None,
+        }
 
     # --- the FineTuneJob itself --------------------------------------------------------------
 
@@ -117,8 +125,15 @@ class Kube:
     def patch_status(self, namespace: str, name: str, status: dict) -> dict | None:
         """Merge-patch the status subresource; return the updated object (None if it is gone: deleted
         meanwhile, nothing to report on)."""
-        return _get(self.custom.patch_namespaced_custom_object_status, GROUP, VERSION, namespace, PLURAL, name,
-                    {"status": status})
+        return _get(
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": status},
+        )
 
     # --- children ------------------------------------------------------------------------------
 
@@ -171,8 +186,10 @@ class Kube:
 
     def exists(self, kind: str, namespace: str, name: str) -> bool:
         """Whether a PersistentVolumeClaim or ServiceAccount the spec names exists."""
-        read = {"PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
-                "ServiceAccount": self.core.read_namespaced_service_account}[kind]
+        read = {
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
+            "ServiceAccount": self.core.read_namespaced_service_account,
+        }[kind]
         return _get(read, name, namespace) is not None
 
     def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
@@ -194,8 +211,11 @@ class Kube:
     def job_failed_create(self, namespace: str, job: str) -> str | None:
         """The newest FailedCreate Event of a Job: why the Job controller cannot create its pod (a
         missing PriorityClass, a quota, an admission webhook). Nothing else says so."""
-        items = _raw(self.core.list_namespaced_event, namespace,
-                     field_selector=f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate")["items"]
+        items = _raw(
+            self.core.list_namespaced_event,
+            namespace,
+            field_selector=f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate",
+        )["items"]
         if not items:
             return None
         newest = max(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
@@ -209,14 +229,21 @@ class Kube:
         with self._fleet_lock:
             if self._fleet.nodes is None or time.monotonic() - self._fleet.at > max_age:
                 nodes = _raw(self.core.list_node)["items"]
-                pods = _raw(self.core.list_pod_for_all_namespaces,
-                            field_selector="status.phase!=Succeeded,status.phase!=Failed")["items"]
+                pods = _raw(
+                    self.core.list_pod_for_all_namespaces, field_selector="status.phase!=Succeeded,status.phase!=Failed"
+                )["items"]
                 # Keep only what fleet reading needs: a thousand full pod objects are megabytes.
-                gpu_pods = [{"spec": {"nodeName": p["spec"].get("nodeName"),
-                                      "containers": [{"resources": c.get("resources") or {}}
-                                                     for c in p["spec"]["containers"]]},
-                             "status": {"phase": p.get("status", {}).get("phase")}}
-                            for p in pods if p["spec"].get("nodeName") and _requests_gpu(p)]
+                gpu_pods = [
+                    {
+                        "spec": {
+                            "nodeName": p["spec"].get("nodeName"),
+                            "containers": [{"resources": c.get("resources") or {}} for c in p["spec"]["containers"]],
+                        },
+                        "status": {"phase": p.get("status", {}).get("phase")},
+                    }
+                    for p in pods
+                    if p["spec"].get("nodeName") and _requests_gpu(p)
+                ]
                 self._fleet = _FleetCache(time.monotonic(), nodes, gpu_pods)
             return self._fleet.nodes or [], self._fleet.pods or []
 
@@ -233,15 +260,21 @@ class Kube:
 
     # --- events ----------------------------------------------------------------------------------
 
-    def post_event(self, obj: dict, type_: str, reason: str, message: str,
-                   component: str = "kubetune-operator") -> None:
+    def post_event(
+        self, obj: dict, type_: str, reason: str, message: str, component: str = "kubetune-operator"
+    ) -> None:
         meta = obj["metadata"]
         now = datetime.now(timezone.utc)
         ev = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
             involved_object=client.V1ObjectReference(
-                api_version=obj.get("apiVersion"), kind=obj.get("kind"), name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"), resource_version=meta.get("resourceVersion")),
+                api_version=obj.get("apiVersion"),
+                kind=obj.get("kind"),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
             reason=reason,
             message=message[:1024],
             type=type_,

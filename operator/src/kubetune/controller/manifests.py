@@ -4,6 +4,7 @@ for multi-node runs, a headless Service for rendezvous.
 Pure: same inputs, same objects. Names are deterministic (<name>-r<run>), so creating them again
 is a no-op ("already exists" is success) and a restarted operator finds what it made.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from kubetune.api.v1alpha1 import (
     TrainerConfig,
     TrainerPaths,
 )
+
 # exit codes the Job fails on at once, and the SIGTERM grace: facts shared with the trainer
 from kubetune.api.constants import GRACE_SECONDS, NON_RETRYABLE_EXIT_CODES, OOM_EXIT_CODES
 from kubetune.controller.fleet import GPU_RESOURCE, LABEL_MEMORY, LABEL_PRODUCT
@@ -43,6 +45,7 @@ UID = 1000
 @dataclass(frozen=True)
 class PodDefaults:
     """Cluster-wide settings of `kubetune operator` that every trainer pod gets."""
+
     image: str = DEFAULT_IMAGE
     # A Hugging Face Hub mirror (air-gapped clusters, a caching proxy): the trainer's huggingface_hub
     # reads HF_ENDPOINT, and the operator reads config.json from the same place.
@@ -113,7 +116,9 @@ def job_prefix(spec: FineTuneJobSpec, namespace: str, name: str) -> str:
 
 def run_paths(spec: FineTuneJobSpec, rid: RunIdentity) -> TrainerPaths:
     run_prefix = job_prefix(spec, rid.namespace, rid.name) + f"run-{rid.run}/"
-    output = _join(spec.output.uri, rid.namespace, rid.name, f"run-{rid.run}") if spec.output.uri else run_prefix + "final/"
+    output = (
+        _join(spec.output.uri, rid.namespace, rid.name, f"run-{rid.run}") if spec.output.uri else run_prefix + "final/"
+    )
     return TrainerPaths(
         checkpoints_uri=run_prefix + "checkpoints/",
         output_uri=output,
@@ -160,10 +165,18 @@ def headless_service(rid: RunIdentity) -> dict[str, Any]:
 def _affinity(spec: FineTuneJobSpec, placement: Placement) -> dict[str, Any] | None:
     if placement.resource is None:
         # CPU run: keep GPU nodes free for GPU work when any other node can take it.
-        return {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-            "weight": 100,
-            "preference": {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]},
-        }]}}
+        return {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "preference": {
+                            "matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]
+                        },
+                    }
+                ]
+            }
+        }
     required: list[dict[str, Any]] = []
     if placement.resource == GPU_RESOURCE and placement.min_gpu_memory_mib:
         # kube-scheduler enforces "enough memory per GPU" itself: Gt is exclusive.
@@ -179,8 +192,14 @@ def _affinity(spec: FineTuneJobSpec, placement: Placement) -> dict[str, Any] | N
         # Best fit first: the scheduler weighs these, but may still use any node that satisfies `required`.
         prefs = []
         for i, node in enumerate(placement.preferred_nodes[:5]):
-            prefs.append({"weight": 100 - 10 * i, "preference": {
-                "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}})
+            prefs.append(
+                {
+                    "weight": 100 - 10 * i,
+                    "preference": {
+                        "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]
+                    },
+                }
+            )
         affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] = prefs
     return affinity if affinity["nodeAffinity"] else None
 
@@ -204,8 +223,10 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list
         s = st.credentials_secret
         env += [
             {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.access_key_id_key}}},
-            {"name": "AWS_SECRET_ACCESS_KEY",
-             "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.secret_access_key_key}}},
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.secret_access_key_key}},
+            },
         ]
     if st.ca_bundle:
         env += [{"name": "AWS_CA_BUNDLE", "value": f"{CA_MOUNT}/ca.crt"}]
@@ -222,8 +243,12 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list
         env += [
             {"name": "NNODES", "value": str(r.nodes)},
             {"name": "NPROC_PER_NODE", "value": str(max(1, r.gpus_per_node))},
-            {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
-                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+            {
+                "name": "NODE_RANK",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                },
+            },
             {"name": "MASTER_ADDR", "value": f"{rid.job_name}-0.{rid.service_name}.{rid.namespace}.svc"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         ]
@@ -244,10 +269,13 @@ PVC_ROOT = "/mnt/pvc"  # the trainer image's KUBETUNE_PVC_ROOT: pvc://claim/path
 def volume_claims(spec: FineTuneJobSpec) -> dict[str, str]:
     """The PersistentVolumeClaims the job reads (pvc:// model and data URIs): claim -> the field."""
     out: dict[str, str] = {}
-    for field_name, uri in (("spec.model.uri", spec.model.uri), ("spec.dataset.uri", spec.dataset.uri),
-                            ("spec.dataset.validationUri", spec.dataset.validation_uri)):
+    for field_name, uri in (
+        ("spec.model.uri", spec.model.uri),
+        ("spec.dataset.uri", spec.dataset.uri),
+        ("spec.dataset.validationUri", spec.dataset.validation_uri),
+    ):
         if uri and uri.startswith("pvc://"):
-            out.setdefault(uri[len("pvc://"):].split("/", 1)[0], field_name)
+            out.setdefault(uri[len("pvc://") :].split("/", 1)[0], field_name)
     return out
 
 
@@ -280,12 +308,20 @@ def _volumes(spec: FineTuneJobSpec, rid: RunIdentity, claims: dict[str, str]) ->
         {"name": "work", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
         *([{"name": "ca", "configMap": {"name": ca.name, "items": [{"key": ca.key, "path": "ca.crt"}]}}] if ca else []),
-    ] + [{"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-         for i, claim in enumerate(claims)]
+    ] + [
+        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        for i, claim in enumerate(claims)
+    ]
 
 
-def _container(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
-               defaults: PodDefaults, claims: dict[str, str]) -> dict[str, Any]:
+def _container(
+    spec: FineTuneJobSpec,
+    rid: RunIdentity,
+    cfg: TrainerConfig,
+    placement: Placement,
+    defaults: PodDefaults,
+    claims: dict[str, str],
+) -> dict[str, Any]:
     """The trainer container: non-root, read-only root filesystem, no capabilities."""
     multi_node = spec.resources.nodes > 1
     return {
@@ -311,14 +347,18 @@ def _container(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, plac
     }
 
 
-def _pod_spec(spec: FineTuneJobSpec, rid: RunIdentity, container: dict[str, Any], placement: Placement,
-              claims: dict[str, str]) -> dict[str, Any]:
+def _pod_spec(
+    spec: FineTuneJobSpec, rid: RunIdentity, container: dict[str, Any], placement: Placement, claims: dict[str, str]
+) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "containers": [container],
         "securityContext": {
-            "runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumes": _volumes(spec, rid, claims),
@@ -343,16 +383,29 @@ def _pod_spec(spec: FineTuneJobSpec, rid: RunIdentity, container: dict[str, Any]
 
 
 def _failure_policy() -> dict[str, Any]:
-    return {"rules": [
-        # Preemption, eviction and node drain are not the trainer's fault: retry without counting.
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                              "values": list(NON_RETRYABLE_EXIT_CODES + OOM_EXIT_CODES)}},
-    ]}
+    return {
+        "rules": [
+            # Preemption, eviction and node drain are not the trainer's fault: retry without counting.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": "trainer",
+                    "operator": "In",
+                    "values": list(NON_RETRYABLE_EXIT_CODES + OOM_EXIT_CODES),
+                },
+            },
+        ]
+    }
 
 
-def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: Placement,
-        defaults: PodDefaults = PodDefaults()) -> dict[str, Any]:
+def job(
+    spec: FineTuneJobSpec,
+    rid: RunIdentity,
+    cfg: TrainerConfig,
+    placement: Placement,
+    defaults: PodDefaults = PodDefaults(),
+) -> dict[str, Any]:
     r, rp = spec.resources, spec.run_policy
     claims = volume_claims(spec)  # read-only: models and data are read in place, outputs go to S3
     container = _container(spec, rid, cfg, placement, defaults, claims)
@@ -361,9 +414,13 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
         "backoffLimit": rp.backoff_limit,
         "suspend": rp.suspend,
         "podFailurePolicy": _failure_policy(),
-        "template": {"metadata": {"labels": {**rid.labels(), **(extra or {})},
-                                  **({"annotations": dict(r.pod_annotations)} if r.pod_annotations else {})},
-                     "spec": _pod_spec(spec, rid, container, placement, claims)},
+        "template": {
+            "metadata": {
+                "labels": {**rid.labels(), **(extra or {})},
+                **({"annotations": dict(r.pod_annotations)} if r.pod_annotations else {}),
+            },
+            "spec": _pod_spec(spec, rid, container, placement, claims),
+        },
     }
     if rp.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = rp.active_deadline_seconds
@@ -376,8 +433,13 @@ def job(spec: FineTuneJobSpec, rid: RunIdentity, cfg: TrainerConfig, placement: 
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": rid.metadata(rid.job_name, extra), "spec": job_spec}
 
 
-def children(spec: FineTuneJobSpec, rid: RunIdentity, resolved: Resolved, placement: Placement,
-             defaults: PodDefaults = PodDefaults()) -> list[dict[str, Any]]:
+def children(
+    spec: FineTuneJobSpec,
+    rid: RunIdentity,
+    resolved: Resolved,
+    placement: Placement,
+    defaults: PodDefaults = PodDefaults(),
+) -> list[dict[str, Any]]:
     """Everything a run needs, in creation order (the Job last, so its pod finds its config)."""
     cfg = trainer_config(spec, rid, resolved)
     out = [config_map(cfg, rid)]

@@ -4,6 +4,7 @@ Per-job gauges come from a table the handlers update after each reconcile and ar
 scrape time by a collector, so a deleted job's series disappear and "seconds since the last
 checkpoint" is computed when Prometheus asks, not when the operator last looked.
 """
+
 from __future__ import annotations
 
 import threading
@@ -22,18 +23,27 @@ REGISTRY = CollectorRegistry()
 CREATED = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per run).", registry=REGISTRY)
 SUCCEEDED = Counter("kubetune_runs_succeeded_total", "Runs that succeeded.", registry=REGISTRY)
 FAILED = Counter("kubetune_runs_failed_total", "Runs that failed.", ["reason"], registry=REGISTRY)
-RESTARTED = Counter("kubetune_runs_restarted_total",
-                    "Trainer pods that failed and were retried within a run (counted against backoffLimit).",
-                    registry=REGISTRY)
+RESTARTED = Counter(
+    "kubetune_runs_restarted_total",
+    "Trainer pods that failed and were retried within a run (counted against backoffLimit).",
+    registry=REGISTRY,
+)
 # Disruptions the Job ignores (podFailurePolicy) never reach status.failed: counted from the condition.
-PREEMPTED = Counter("kubetune_runs_preempted_total",
-                    "Trainer pods stopped by preemption, eviction or drain; each saved its step and was replaced.",
-                    registry=REGISTRY)
+PREEMPTED = Counter(
+    "kubetune_runs_preempted_total",
+    "Trainer pods stopped by preemption, eviction or drain; each saved its step and was replaced.",
+    registry=REGISTRY,
+)
 OOM = Counter("kubetune_runs_oom_total", "Runs that ran out of memory.", registry=REGISTRY)
-PLACEMENT_FAILURES = Counter("kubetune_placement_failures_total", "Placements that found no GPU that fits.",
-                             ["reason"], registry=REGISTRY)
-RECONCILE = Histogram("kubetune_reconcile_duration_seconds", "Time to reconcile one FineTuneJob.",
-                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=REGISTRY)
+PLACEMENT_FAILURES = Counter(
+    "kubetune_placement_failures_total", "Placements that found no GPU that fits.", ["reason"], registry=REGISTRY
+)
+RECONCILE = Histogram(
+    "kubetune_reconcile_duration_seconds",
+    "Time to reconcile one FineTuneJob.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
 ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised (and will be retried).", registry=REGISTRY)
 
 
@@ -64,24 +74,37 @@ class JobTable:
         by_phase = {p: 0 for p in PHASES}
         g = {
             "step": GaugeMetricFamily("kubetune_training_step", "Optimizer steps done.", labels=["namespace", "name"]),
-            "total": GaugeMetricFamily("kubetune_training_total_steps", "Optimizer steps planned.",
-                                       labels=["namespace", "name"]),
+            "total": GaugeMetricFamily(
+                "kubetune_training_total_steps", "Optimizer steps planned.", labels=["namespace", "name"]
+            ),
             "loss": GaugeMetricFamily("kubetune_training_loss", "Recent training loss.", labels=["namespace", "name"]),
-            "eval": GaugeMetricFamily("kubetune_training_eval_loss", "Latest validation loss.",
-                                      labels=["namespace", "name"]),
-            "tps": GaugeMetricFamily("kubetune_training_tokens_per_second", "Training throughput.",
-                                     labels=["namespace", "name"]),
-            "ckpt": GaugeMetricFamily("kubetune_training_seconds_since_checkpoint",
-                                      "Seconds since the newest committed checkpoint.", labels=["namespace", "name"]),
-            "est": GaugeMetricFamily("kubetune_gpu_memory_estimate_bytes", "Per-GPU memory estimate.",
-                                     labels=["namespace", "name"]),
-            "peak": GaugeMetricFamily("kubetune_gpu_memory_peak_bytes",
-                                      "Peak per-GPU device memory the trainer reported.", labels=["namespace", "name"]),
+            "eval": GaugeMetricFamily(
+                "kubetune_training_eval_loss", "Latest validation loss.", labels=["namespace", "name"]
+            ),
+            "tps": GaugeMetricFamily(
+                "kubetune_training_tokens_per_second", "Training throughput.", labels=["namespace", "name"]
+            ),
+            "ckpt": GaugeMetricFamily(
+                "kubetune_training_seconds_since_checkpoint",
+                "Seconds since the newest committed checkpoint.",
+                labels=["namespace", "name"],
+            ),
+            "est": GaugeMetricFamily(
+                "kubetune_gpu_memory_estimate_bytes", "Per-GPU memory estimate.", labels=["namespace", "name"]
+            ),
+            "peak": GaugeMetricFamily(
+                "kubetune_gpu_memory_peak_bytes",
+                "Peak per-GPU device memory the trainer reported.",
+                labels=["namespace", "name"],
+            ),
         }
         # Which phase each job is in: alerts such as "stalled while Running" need it, since the
         # per-job gauges above keep their last values after a job ends or is suspended.
-        job_phase = GaugeMetricFamily("kubetune_finetunejob_phase", "1 for the phase each FineTuneJob is in.",
-                                      labels=["namespace", "name", "phase"])
+        job_phase = GaugeMetricFamily(
+            "kubetune_finetunejob_phase",
+            "1 for the phase each FineTuneJob is in.",
+            labels=["namespace", "name", "phase"],
+        )
         with self.lock:
             rows = list(self.rows.items())
         for (ns, name), r in rows:
@@ -89,11 +112,22 @@ class JobTable:
                 by_phase[r.phase] += 1
                 job_phase.add_metric([ns, name, r.phase], 1)
             lab = [ns, name]
-            for key, value in (("step", r.step), ("total", r.total_steps), ("loss", r.loss), ("eval", r.eval_loss),
-                               ("tps", r.tokens_per_second), ("est", r.estimate_bytes), ("peak", r.peak_bytes)):
+            for key, value in (
+                ("step", r.step),
+                ("total", r.total_steps),
+                ("loss", r.loss),
+                ("eval", r.eval_loss),
+                ("tps", r.tokens_per_second),
+                ("est", r.estimate_bytes),
+                ("peak", r.peak_bytes),
+            ):
                 if value is not None:
                     g[key].add_metric(lab, float(value))
-            if r.checkpoint_time is not None and r.phase in (constants.RUNNING, constants.STARTING, constants.SUSPENDED):
+            if r.checkpoint_time is not None and r.phase in (
+                constants.RUNNING,
+                constants.STARTING,
+                constants.SUSPENDED,
+            ):
                 g["ckpt"].add_metric(lab, max(0.0, (now - r.checkpoint_time).total_seconds()))
         phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
         for p, n in by_phase.items():
@@ -102,8 +136,9 @@ class JobTable:
         yield job_phase
         yield from g.values()
 
-    def update(self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus,
-               job: dict | None) -> None:
+    def update(
+        self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus, job: dict | None
+    ) -> None:
         key = (ns, name)
         with self.lock:
             first_sight = key not in self.rows

@@ -13,6 +13,7 @@ Rules (issue "The operator", placement):
   it too) plus preferred affinity for the best-fit nodes;
 - microBatchSize auto: the largest micro batch that fits the chosen size.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,24 +106,39 @@ def place(
     auto = t.micro_batch_size == "auto"
     min_mbs = 1 if auto else int(t.micro_batch_size)
     if r.gpus_per_node == 0:
-        return Placement(True, "CPUOnly", "runs on CPU (resources.gpusPerNode is 0); no GPU placement",
-                         micro_batch_size=min_mbs, estimate_bytes=price(min_mbs))
+        return Placement(
+            True,
+            "CPUOnly",
+            "runs on CPU (resources.gpusPerNode is 0); no GPU placement",
+            micro_batch_size=min_mbs,
+            estimate_bytes=price(min_mbs),
+        )
 
     single = r.gpus_per_node == 1 and r.nodes == 1
     all_slots = [(n, s) for n in fleet for s in n.slots]
     largest = max((s.memory_mib for _, s in all_slots if not s.is_mig), default=None)
     usable = [(n, s) for n, s in all_slots if eligible(n, spec) and _slot_ok(s, spec, r.gpus_per_node, single)]
     if not usable:
-        return Placement(False, "NoMatchingNodes", _why_nothing_usable(spec, fleet, all_slots),
-                         largest_gpu_mib=largest, micro_batch_size=min_mbs, estimate_bytes=price(min_mbs))
+        return Placement(
+            False,
+            "NoMatchingNodes",
+            _why_nothing_usable(spec, fleet, all_slots),
+            largest_gpu_mib=largest,
+            micro_batch_size=min_mbs,
+            estimate_bytes=price(min_mbs),
+        )
     options = size_options(spec, usable, price, max_batch)
     if options:
         return _placed(spec, usable, options, largest)
     return _too_small(spec, usable, price(min_mbs), min_mbs, largest)
 
 
-def size_options(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], price: Callable[[int], int],
-                 max_batch: Callable[[int], int]) -> list[SizeOption]:
+def size_options(
+    spec: FineTuneJobSpec,
+    usable: list[tuple[FleetNode, GpuSlot]],
+    price: Callable[[int], int],
+    max_batch: Callable[[int], int],
+) -> list[SizeOption]:
     """Each usable GPU size that holds the job at its micro batch (auto: the largest that fits, up to
     the cap) and has enough nodes, smallest first."""
     r, t = spec.resources, spec.training
@@ -145,8 +161,9 @@ def size_options(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]],
     return options
 
 
-def _placed(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], options: list[SizeOption],
-            largest: int | None) -> Placement:
+def _placed(
+    spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], options: list[SizeOption], largest: int | None
+) -> Placement:
     # The smallest size that can start now; if none can, the smallest whole-GPU size, whose
     # required affinity (Gt) still lets the scheduler use any larger GPU that frees up. A MIG
     # slice is a fixed resource request, so it is only chosen when one is free.
@@ -163,35 +180,54 @@ def _placed(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], opti
     candidates = tuple(sorted({n.name for n, s in usable if s.memory_mib >= need_mib and not s.is_mig}))
     slot = o.slots[0][1]
     smallest = options[0]
-    msg = (f"needs {o.estimate_bytes / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro "
-           f"batch {o.micro_batch_size}; "
-           f"{'smallest GPU that fits' if o[:2] == smallest[:2] else 'smallest GPU free now'}: "
-           f"{slot.product} ({o.memory_mib / 1024:.1f} GiB)")
+    msg = (
+        f"needs {o.estimate_bytes / GiB:.1f} GiB per GPU ({need / GiB:.1f} GiB with the 5% margin) at micro "
+        f"batch {o.micro_batch_size}; "
+        f"{'smallest GPU that fits' if o[:2] == smallest[:2] else 'smallest GPU free now'}: "
+        f"{slot.product} ({o.memory_mib / 1024:.1f} GiB)"
+    )
     if not preferred:
         msg += f"; no {slot.product} has {r.gpus_per_node} free GPU(s) now, so the pod waits or runs on a larger GPU"
     return Placement(
-        True, "Placed", msg, micro_batch_size=o.micro_batch_size, estimate_bytes=o.estimate_bytes,
-        resource=o.resource, gpu_product=slot.product, gpu_memory_mib=o.memory_mib, min_gpu_memory_mib=need_mib,
-        preferred_nodes=preferred, candidate_nodes=candidates if o.resource == GPU_RESOURCE else preferred,
+        True,
+        "Placed",
+        msg,
+        micro_batch_size=o.micro_batch_size,
+        estimate_bytes=o.estimate_bytes,
+        resource=o.resource,
+        gpu_product=slot.product,
+        gpu_memory_mib=o.memory_mib,
+        min_gpu_memory_mib=need_mib,
+        preferred_nodes=preferred,
+        candidate_nodes=candidates if o.resource == GPU_RESOURCE else preferred,
         largest_gpu_mib=largest,
     )
 
 
-def _too_small(spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], need: int, mbs: int,
-               largest: int | None) -> Placement:
+def _too_small(
+    spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], need: int, mbs: int, largest: int | None
+) -> Placement:
     """No usable size holds the job (``need`` bytes per GPU at micro batch ``mbs``), or not on enough nodes."""
     r = spec.resources
     biggest_usable = max(s.memory_mib for _, s in usable)
     if r.nodes > 1 and required_bytes(need) <= biggest_usable * MiB:
-        return Placement(False, "NotEnoughNodes",
-                         f"needs {r.nodes} nodes with {r.gpus_per_node} GPU(s) of at least "
-                         f"{required_bytes(need) / GiB:.1f} GiB each; the cluster has fewer",
-                         micro_batch_size=mbs, estimate_bytes=need, largest_gpu_mib=largest)
+        return Placement(
+            False,
+            "NotEnoughNodes",
+            f"needs {r.nodes} nodes with {r.gpus_per_node} GPU(s) of at least "
+            f"{required_bytes(need) / GiB:.1f} GiB each; the cluster has fewer",
+            micro_batch_size=mbs,
+            estimate_bytes=need,
+            largest_gpu_mib=largest,
+        )
     return Placement(
-        False, "InsufficientGPUMemory",
+        False,
+        "InsufficientGPUMemory",
         f"needs {need / GiB:.1f} GiB per GPU ({required_bytes(need) / GiB:.1f} GiB with the 5% "
         f"margin) at micro batch {mbs}; the largest GPU available to this job has {biggest_usable / 1024:.1f} GiB",
-        micro_batch_size=mbs, estimate_bytes=need, largest_gpu_mib=largest,
+        micro_batch_size=mbs,
+        estimate_bytes=need,
+        largest_gpu_mib=largest,
     )
 
 
@@ -204,8 +240,9 @@ def _why_nothing_usable(spec: FineTuneJobSpec, fleet: list[FleetNode], all_slots
         have = sorted({s.product for _, s in all_slots if not s.is_mig})
         parts.append(f"no GPU of product {r.gpu_product!r} (the cluster has: {', '.join(have)})")
     if not any(s.allocatable >= r.gpus_per_node for _, s in all_slots):
-        parts.append(f"no node has {r.gpus_per_node} GPUs (the most on one node is "
-                     f"{max(s.allocatable for _, s in all_slots)})")
+        parts.append(
+            f"no node has {r.gpus_per_node} GPUs (the most on one node is {max(s.allocatable for _, s in all_slots)})"
+        )
     if r.node_selector and not any(all(n.labels.get(k) == v for k, v in r.node_selector.items()) for n in fleet):
         parts.append(f"no node matches resources.nodeSelector {r.node_selector}")
     if not any(all(tolerates(r.tolerations, t) for t in n.taints) for n, _ in all_slots):

@@ -11,6 +11,7 @@ does not disturb it: the run keeps the spec it started with (its ConfigMap is im
 new generation starts as the next run when it ends. ``runPolicy.suspend`` is the exception and
 applies at once: pods go, checkpoints stay, and unsuspending resumes from the newest checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -106,8 +107,9 @@ class Decision:
     host_why: str = ""
 
 
-def decide(spec: FineTuneJobSpec, arch: Architecture, fleet: list[FleetNode],
-           run_overrides: dict | None = None) -> Decision:
+def decide(
+    spec: FineTuneJobSpec, arch: Architecture, fleet: list[FleetNode], run_overrides: dict | None = None
+) -> Decision:
     """Estimate, place, resolve auto batch and accumulation; fit advice when nothing fits."""
     if run_overrides:
         spec = apply_overrides(spec, run_overrides)
@@ -142,8 +144,9 @@ def decide(spec: FineTuneJobSpec, arch: Architecture, fleet: list[FleetNode],
         num_processes=nproc,
         sharding=plan.sharding,
         estimate_bytes=est.total_bytes,
-        ephemeral_storage_bytes=work_dir_bytes(spec, plan, est.total_params, est.trainable_params,
-                                                arch.disk_weight_bytes),
+        ephemeral_storage_bytes=work_dir_bytes(
+            spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes
+        ),
     )
     return Decision(p, est, resolved, [], *whole_model_in_host(spec, plan, est.total_params))
 
@@ -151,15 +154,20 @@ def decide(spec: FineTuneJobSpec, arch: Architecture, fleet: list[FleetNode],
 def _without_advice(est: Estimate, fleet: list[FleetNode]) -> str:
     """fit_advice offers nothing when the job as written fits some GPU of the cluster (only its own
     constraints rule that GPU out), or when no nearby change fits any."""
-    fits = sorted({(s.memory_mib, s.product) for n in fleet for s in n.slots if not s.is_mig
-                   and est.fits(s.memory_mib * 2**20)})
+    fits = sorted(
+        {(s.memory_mib, s.product) for n in fleet for s in n.slots if not s.is_mig and est.fits(s.memory_mib * 2**20)}
+    )
     if fits:
         mib, product = fits[0]
-        return (f"as written it fits {product} GPUs ({mib / 1024:.1f} GiB), which its resources rule out "
-                f"(gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): relax them")
+        return (
+            f"as written it fits {product} GPUs ({mib / 1024:.1f} GiB), which its resources rule out "
+            f"(gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): relax them"
+        )
     largest = max((s.memory_mib for n in fleet for s in n.slots if not s.is_mig), default=0)
-    return (f"none near this configuration fits the cluster's GPUs (the largest has {largest / 1024:.1f} GiB): "
-            f"a smaller model, shorter sequences or more GPUs")
+    return (
+        f"none near this configuration fits the cluster's GPUs (the largest has {largest / 1024:.1f} GiB): "
+        f"a smaller model, shorter sequences or more GPUs"
+    )
 
 
 def _advice_line(a: Advice, spec: FineTuneJobSpec) -> str:
@@ -171,14 +179,18 @@ def _advice_line(a: Advice, spec: FineTuneJobSpec) -> str:
 
 def apply_overrides(spec: FineTuneJobSpec, overrides: dict) -> FineTuneJobSpec:
     """Settings the operator changed for a run (OOM retry), on top of the user's spec."""
-    t = spec.training.model_copy(update={
-        k: v for k, v in {
-            "micro_batch_size": overrides.get("microBatchSize"),
-            "gradient_accumulation_steps": overrides.get("gradientAccumulationSteps"),
-            "gradient_checkpointing": overrides.get("gradientCheckpointing"),
-            "fused_cross_entropy": overrides.get("fusedCrossEntropy"),
-        }.items() if v is not None
-    })
+    t = spec.training.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "micro_batch_size": overrides.get("microBatchSize"),
+                "gradient_accumulation_steps": overrides.get("gradientAccumulationSteps"),
+                "gradient_checkpointing": overrides.get("gradientCheckpointing"),
+                "fused_cross_entropy": overrides.get("fusedCrossEntropy"),
+            }.items()
+            if v is not None
+        }
+    )
     return spec.model_copy(update={"training": t})
 
 
@@ -194,12 +206,14 @@ class _Builder:
         self.status = obs.status.model_copy(deep=True)
         self.events: list[tuple[str, str, str]] = []
 
-    def cond(self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False,
-             event: bool = True) -> None:
+    def cond(
+        self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False, event: bool = True
+    ) -> None:
         """Set a condition; a change also makes an Event unless another Event of the same
         reconcile already tells the story (event=False)."""
         self.status.conditions, changed = set_condition(
-            self.status.conditions, type_, status, reason, message, self.now, self.obs.generation)
+            self.status.conditions, type_, status, reason, message, self.now, self.obs.generation
+        )
         if changed and event:
             self.events.append(("Warning" if warn else "Normal", reason, message))
 
@@ -244,9 +258,14 @@ def _validate(b: _Builder, obs: Observed) -> bool:
         b.cond(VALIDATED, False, reason, message, warn=True)
         return False
     if obs.arch is None:
-        b.cond(VALIDATED, False, "ModelConfigUnavailable",
-               f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
-               "make its config.json readable, or set spec.model.architecture.", warn=True)
+        b.cond(
+            VALIDATED,
+            False,
+            "ModelConfigUnavailable",
+            f"{obs.arch_error or 'cannot read the model architecture'}. Use a model from kubetune's catalog, "
+            "make its config.json readable, or set spec.model.architecture.",
+            warn=True,
+        )
         return False
     return True
 
@@ -254,9 +273,13 @@ def _validate(b: _Builder, obs: Observed) -> bool:
 def _valid(b: _Builder) -> None:
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
     first = not any(c.type == "Validated" for c in b.obs.status.conditions)
-    b.cond(VALIDATED, True, "Valid",
-           "spec is valid, the model architecture is known, and the Secrets and volume claims it names exist",
-           event=not first)
+    b.cond(
+        VALIDATED,
+        True,
+        "Valid",
+        "spec is valid, the model architecture is known, and the Secrets and volume claims it names exist",
+        event=not first,
+    )
 
 
 def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, overrides: dict | None) -> Outcome:
@@ -276,10 +299,15 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         return _invalid(b, str(e))
     b.status.estimate = d.estimate.to_status()
     if need := memory_floor_gib(spec, d.host_model_bytes):
-        b.cond(VALIDATED, False, "InsufficientHostMemory",
-               f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
-               f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "
-               f"The pod would be OOM-killed; set spec.resources.memory to at least {need}Gi", warn=True)
+        b.cond(
+            VALIDATED,
+            False,
+            "InsufficientHostMemory",
+            f"spec.resources.memory {spec.resources.memory} cannot hold the whole model, "
+            f"{d.host_model_bytes / 2**30:.1f} GiB, which the trainer reads into host memory ({d.host_why}). "
+            f"The pod would be OOM-killed; set spec.resources.memory to at least {need}Gi",
+            warn=True,
+        )
         b.phase(PENDING)
         return b.done()  # a spec change re-triggers reconcile
     _valid(b)
@@ -305,8 +333,14 @@ def _unschedulable(b: _Builder, d: Decision, fleet: list[FleetNode]) -> Outcome:
     return b.done()  # node changes re-trigger reconcile
 
 
-def _new_run(b: _Builder, obs: Observed, spec: FineTuneJobSpec, d: Decision, defaults: manifests.PodDefaults,
-             overrides: dict | None) -> Outcome:
+def _new_run(
+    b: _Builder,
+    obs: Observed,
+    spec: FineTuneJobSpec,
+    d: Decision,
+    defaults: manifests.PodDefaults,
+    overrides: dict | None,
+) -> Outcome:
     """Run n+1: its children, a fresh run record, and conditions that say it started."""
     st = b.status
     assert d.resolved is not None
@@ -320,8 +354,15 @@ def _new_run(b: _Builder, obs: Observed, spec: FineTuneJobSpec, d: Decision, def
     st.checkpoints = None
     st.result = None
     st.start_time, st.completion_time = b.now, None
-    st.history.append(RunRecord(run=run, generation=obs.generation, phase=STARTING, start_time=b.now,
-                                overrides=RunOverrides.model_validate(overrides) if overrides else None))
+    st.history.append(
+        RunRecord(
+            run=run,
+            generation=obs.generation,
+            phase=STARTING,
+            start_time=b.now,
+            overrides=RunOverrides.model_validate(overrides) if overrides else None,
+        )
+    )
     where = d.placement.gpu_product or "CPU"
     b.cond(SCHEDULED, True, "Placed", f"run {run}: {d.placement.message}; Job {rid.job_name} created")
     for t in (RUNNING, SUCCEEDED, FAILED, CHECKPOINT_SYNCED):
@@ -335,8 +376,13 @@ def _new_run(b: _Builder, obs: Observed, spec: FineTuneJobSpec, d: Decision, def
 
 
 def _suspended(b: _Builder, run: int) -> None:
-    b.cond(SUSPENDED, True, "Suspended", f"run {run} is suspended: pods are stopped, checkpoints stay "
-           "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.")
+    b.cond(
+        SUSPENDED,
+        True,
+        "Suspended",
+        f"run {run} is suspended: pods are stopped, checkpoints stay "
+        "in S3. Set spec.runPolicy.suspend=false to resume from the newest checkpoint.",
+    )
     b.cond(RUNNING, False, "Suspended", "suspended by spec.runPolicy.suspend", event=False)
     b.phase(SUSPENDED)
 
@@ -370,8 +416,13 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
         b.cond(SUSPENDED, False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
     _pod_progress(b, obs, run, term)
     if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
-        b.events.append(("Normal", "SpecChangeQueued",
-                         f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends"))
+        b.events.append(
+            (
+                "Normal",
+                "SpecChangeQueued",
+                f"generation {obs.generation} will start as run {run.run + 1} when run {run.run} ends",
+            )
+        )
     return b.done(job_patch=patch)
 
 
@@ -383,8 +434,12 @@ def _succeeded(b: _Builder, run: RunRecord, term: TrainerTermination | None) -> 
     st.completion_time = b.now
     run.completion_time, run.result, run.reason = b.now, st.result, (term.reason if term else "Completed")
     b.cond(RUNNING, False, "Completed", f"run {run.run} finished")
-    b.cond(SUCCEEDED, True, term.reason if term else "Completed",
-           f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""))
+    b.cond(
+        SUCCEEDED,
+        True,
+        term.reason if term else "Completed",
+        f"run {run.run} succeeded" + (f": {_metrics_line(st.result)}" if st.result else ""),
+    )
     b.phase(SUCCEEDED)
     return b.done()
 
@@ -404,8 +459,12 @@ def _held(b: _Builder, obs: Observed, spec: FineTuneJobSpec, run: RunRecord) -> 
         _suspended(b, run.run)
         return
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
-    b.cond(SCHEDULED, True, "Queued",
-           f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}")
+    b.cond(
+        SCHEDULED,
+        True,
+        "Queued",
+        f"waiting for Kueue to admit Job {rid.job_name} in queue {spec.run_policy.queue_name}",
+    )
     b.phase(PENDING)
 
 
@@ -419,16 +478,28 @@ def _pod_progress(b: _Builder, obs: Observed, run: RunRecord, term: TrainerTermi
             st.placement.node = node
         step = st.progress.step if st.progress else 0
         doing = _ACTIVITY.get(st.progress.state if st.progress else None, "training")
-        b.cond(RUNNING, True, "TrainerRunning", f"run {run.run} is {doing} on {node or 'a node'}"
-               + (f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
-                  if step else ""))
+        b.cond(
+            RUNNING,
+            True,
+            "TrainerRunning",
+            f"run {run.run} is {doing} on {node or 'a node'}"
+            + (
+                f", step {step}" + (f"/{st.progress.total_steps}" if st.progress and st.progress.total_steps else "")
+                if step
+                else ""
+            ),
+        )
         b.phase(RUNNING)
     elif (stopped := _preempted_message(term, obs.progress)) is not None:
         # The pod was stopped (preemption, eviction, drain) and saved a checkpoint on the way out; the
         # Job controller starts a replacement that resumes from it.
         live = [p for p in obs.pods if (p.get("status") or {}).get("phase") not in ("Failed", "Succeeded")]
-        b.cond(RUNNING, False, "Preempted",
-               f"run {run.run}: {stopped}; waiting for the replacement pod ({_pending_reason(live)})")
+        b.cond(
+            RUNNING,
+            False,
+            "Preempted",
+            f"run {run.run}: {stopped}; waiting for the replacement pod ({_pending_reason(live)})",
+        )
         b.phase(STARTING)
     else:
         pending = _pending_reason(obs.pods, obs.pod_create_error)
@@ -464,8 +535,13 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
     except (UsageError, ValueError):
         d = None  # it was placed once; the message below says it cannot be now
     if d is None or not d.placement.fits or d.resolved is None:
-        b.cond(SCHEDULED, False, "JobMissing",
-               f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity", warn=True)
+        b.cond(
+            SCHEDULED,
+            False,
+            "JobMissing",
+            f"the Job of run {run.run} is gone and cannot be re-placed now; waiting for capacity",
+            warn=True,
+        )
         b.phase(PENDING)
         return b.done()
     rid = manifests.RunIdentity(obs.namespace, obs.name, obs.uid, run.run)
@@ -473,18 +549,28 @@ def _recreate(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests.Po
     run_spec = apply_overrides(spec, overrides) if overrides else spec
     # the status describes the Job that will exist, not the one that is gone
     b.status.placement = _placement_status(d, run_spec)
-    return b.done(create=_with_placement(manifests.children(run_spec, rid, d.resolved, d.placement, defaults),
-                                         b.status.placement))
+    return b.done(
+        create=_with_placement(manifests.children(run_spec, rid, d.resolved, d.placement, defaults), b.status.placement)
+    )
 
 
-def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term: TrainerTermination | None,
-            defaults: manifests.PodDefaults) -> Outcome:
+def _failed(
+    b: _Builder,
+    obs: Observed,
+    run: RunRecord,
+    jcond: dict | None,
+    term: TrainerTermination | None,
+    defaults: manifests.PodDefaults,
+) -> Outcome:
     st, spec = b.status, obs.spec
     assert spec is not None
     kind = _oom_kind(obs.pods, term)
     oom = kind == "gpu"
     reason = {"gpu": "OutOfMemory", "host": "HostOutOfMemory"}.get(kind) or (
-        term.reason if term and term.reason not in ("Completed", "Error") else (jcond or {}).get("reason") or "TrainerFailed")
+        term.reason
+        if term and term.reason not in ("Completed", "Error")
+        else (jcond or {}).get("reason") or "TrainerFailed"
+    )
     detail = (term.message if term and term.message else (jcond or {}).get("message")) or "the trainer Job failed"
     run.completion_time, run.reason = b.now, reason
     st.completion_time = b.now
@@ -494,32 +580,41 @@ def _failed(b: _Builder, obs: Observed, run: RunRecord, jcond: dict | None, term
         overrides = _oom_overrides(spec, st)
         b.phase(FAILED)
         run.reason = "OutOfMemoryRetry"
-        b.events.append(("Warning", "OutOfMemory",
-                         f"run {run.run} ran out of GPU memory; retrying once with {_describe(overrides)}"))
+        b.events.append(
+            (
+                "Warning",
+                "OutOfMemory",
+                f"run {run.run} ran out of GPU memory; retrying once with {_describe(overrides)}",
+            )
+        )
         out = _start_run(b, obs, defaults, overrides)
         return out
     hint = {
         "OutOfMemory": "The run ran out of memory. Lower training.microBatchSize or dataset.maxSeqLength, turn on "
-                       "training.gradientCheckpointing, or use method qlora.",
+        "training.gradientCheckpointing, or use method qlora.",
         "HostOutOfMemory": f"The kernel OOM-killed the trainer: it needs more host memory than spec.resources.memory "
-                           f"({spec.resources.memory}), so a smaller batch would not help. Raise spec.resources.memory: "
-                           "rank 0 reads the whole model into host memory under FSDP, and so does merging the adapter.",
+        f"({spec.resources.memory}), so a smaller batch would not help. Raise spec.resources.memory: "
+        "rank 0 reads the whole model into host memory under FSDP, and so does merging the adapter.",
         "BadData": "Fix the dataset lines named above and change spec.runPolicy.rerun to run again (or set "
-                   "dataset.onBadLine: skip).",
+        "dataset.onBadLine: skip).",
         "BadConfig": "Fix the spec field named above and apply it again.",
         "ModelLoadFailed": "Fix spec.model (the URI, its files, spec.model.tokenSecret) as named above; after a fix "
-                           "outside the spec (the files, the Secret), change spec.runPolicy.rerun to run again.",
+        "outside the spec (the files, the Secret), change spec.runPolicy.rerun to run again.",
         "DeadlineExceeded": "The run hit runPolicy.activeDeadlineSeconds; raise it to let it finish.",
         "Preempted": "Its pods were stopped more often than runPolicy.backoffLimit allows without a disruption "
-                     "condition (kubectl delete pod does not set one); raise runPolicy.backoffLimit. This run's "
-                     "checkpoints stay under spec.checkpoints.uri.",
+        "condition (kubectl delete pod does not set one); raise runPolicy.backoffLimit. This run's "
+        "checkpoints stay under spec.checkpoints.uri.",
         "BackoffLimitExceeded": "The trainer failed runPolicy.backoffLimit times; see the pod logs.",
-    }.get(reason, "See the trainer pod's logs; a spec change (spec.runPolicy.rerun for the same spec) starts a new run.")
+    }.get(
+        reason, "See the trainer pod's logs; a spec change (spec.runPolicy.rerun for the same spec) starts a new run."
+    )
     if st.checkpoints is not None and st.checkpoints.latest_uri and reason not in ("BadConfig", "ModelLoadFailed"):
         # the work done so far need not be lost: a new run can start where this one stopped
-        hint += (f" To continue from its newest checkpoint (step {st.checkpoints.latest_step}) once the cause is "
-                 f"fixed, set spec.checkpoints.resumeFrom: {st.checkpoints.latest_uri} and change "
-                 "spec.runPolicy.rerun.")
+        hint += (
+            f" To continue from its newest checkpoint (step {st.checkpoints.latest_step}) once the cause is "
+            f"fixed, set spec.checkpoints.resumeFrom: {st.checkpoints.latest_uri} and change "
+            "spec.runPolicy.rerun."
+        )
     b.cond(FAILED, True, reason, f"run {run.run} failed: {detail}. {hint}", warn=True)
     b.phase(FAILED)
     return b.done()
@@ -529,10 +624,16 @@ def _oom_overrides(spec: FineTuneJobSpec, st: FineTuneJobStatus) -> dict:
     """The cheapest change that lowers memory while keeping the effective batch: halve the micro
     batch and double accumulation; at micro batch 1, turn on checkpointing and fused CE."""
     t = spec.training
-    mbs = (st.placement.micro_batch_size if st.placement and st.placement.micro_batch_size else
-           (1 if t.micro_batch_size == "auto" else int(t.micro_batch_size)))
-    ga = (st.placement.gradient_accumulation_steps if st.placement and st.placement.gradient_accumulation_steps
-          else t.gradient_accumulation_steps)
+    mbs = (
+        st.placement.micro_batch_size
+        if st.placement and st.placement.micro_batch_size
+        else (1 if t.micro_batch_size == "auto" else int(t.micro_batch_size))
+    )
+    ga = (
+        st.placement.gradient_accumulation_steps
+        if st.placement and st.placement.gradient_accumulation_steps
+        else t.gradient_accumulation_steps
+    )
     if mbs > 1:
         return {"microBatchSize": mbs // 2, "gradientAccumulationSteps": ga * 2}
     return {"gradientCheckpointing": True, "fusedCrossEntropy": True}
@@ -543,7 +644,7 @@ def _describe(overrides: dict) -> str:
 
 
 def _oom_kind(pods: list[dict], term: TrainerTermination | None) -> str | None:
-    """"gpu" when the trainer ran out of GPU memory (it reports that itself: exit 6, reason
+    """ "gpu" when the trainer ran out of GPU memory (it reports that itself: exit 6, reason
     OutOfMemory), "host" when the kernel OOM-killed the container (OOMKilled, 137): a cgroup limit
     on host memory, which a smaller micro batch does not fix."""
     if term and term.reason == "OutOfMemory":
@@ -584,17 +685,23 @@ def _pending_reason(pods: list[dict], create_error: str | None = None) -> str:
                 return f"pod {p['metadata']['name']} is not scheduled yet: {c.get('message') or c.get('reason')}"
     for p, cs, waiting in _waiting(pods):
         reason = waiting["reason"]
-        what = f"pod {p['metadata']['name']} is {reason}" + (f": {waiting['message']}" if waiting.get("message") else "")
+        what = f"pod {p['metadata']['name']} is {reason}" + (
+            f": {waiting['message']}" if waiting.get("message") else ""
+        )
         if reason in IMAGE_PULL_FAILURES:
-            what += (f"; check that image {cs.get('image')} exists and that the node can pull it "
-                     "(spec.runPolicy.image or the chart's trainer image; spec.runPolicy.imagePullSecrets for a "
-                     "private registry)")
+            what += (
+                f"; check that image {cs.get('image')} exists and that the node can pull it "
+                "(spec.runPolicy.image or the chart's trainer image; spec.runPolicy.imagePullSecrets for a "
+                "private registry)"
+            )
         return what
     if pods:
         return "waiting for the trainer pod to start"
     if create_error:
-        return (f"the Job controller cannot create the trainer pod: {create_error}. Fix the spec field it names "
-                "(spec.resources.priorityClassName, spec.runPolicy.image, ...) or the namespace's quota")
+        return (
+            f"the Job controller cannot create the trainer pod: {create_error}. Fix the spec field it names "
+            "(spec.resources.priorityClassName, spec.runPolicy.image, ...) or the namespace's quota"
+        )
     return "waiting for the Job controller to create the pod"
 
 
@@ -624,8 +731,12 @@ def _mirror_progress(b: _Builder, obs: Observed) -> None:
         new = st.checkpoints is None or st.checkpoints.latest_step != pr.checkpoints.latest_step
         st.checkpoints = pr.checkpoints
         if new:
-            b.cond(CHECKPOINT_SYNCED, True, "CheckpointCommitted",
-                   f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}")
+            b.cond(
+                CHECKPOINT_SYNCED,
+                True,
+                "CheckpointCommitted",
+                f"checkpoint at step {pr.checkpoints.latest_step} committed to {pr.checkpoints.latest_uri}",
+            )
 
 
 PLACEMENT_ANNOTATION = "kubetune.io/placement"
@@ -637,7 +748,8 @@ def _with_placement(children: list[dict], placement: PlacementStatus) -> list[di
     for c in children:
         if c["kind"] == "Job":
             c["metadata"].setdefault("annotations", {})[PLACEMENT_ANNOTATION] = json.dumps(
-                placement.dump(), sort_keys=True, separators=(",", ":"))
+                placement.dump(), sort_keys=True, separators=(",", ":")
+            )
     return children
 
 
@@ -680,4 +792,3 @@ def status_patch(status: FineTuneJobStatus) -> dict[str, Any]:
         if key not in body:
             body[key] = None
     return body
-

@@ -7,6 +7,7 @@ password in an endpoint URL, a signed request. Two nets, both applied to every o
 the exact values of the Secrets this job's reconcile read (in the forms libraries print them),
 and the shapes of credentials whatever their source.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,8 +35,14 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 
 def _forms(value: str) -> set[str]:
     """How a library may print a secret: as is, stripped, escaped (repr of str or bytes), URL-quoted."""
-    out = {value, value.strip(), value.encode("unicode_escape").decode("ascii"),
-           value.strip().encode("unicode_escape").decode("ascii"), quote(value, safe=""), quote(value.strip(), safe="")}
+    out = {
+        value,
+        value.strip(),
+        value.encode("unicode_escape").decode("ascii"),
+        value.strip().encode("unicode_escape").decode("ascii"),
+        quote(value, safe=""),
+        quote(value.strip(), safe=""),
+    }
     return {f for f in out if len(f) >= 4}  # a 1-3 character "secret" would mask half of every message
 
 

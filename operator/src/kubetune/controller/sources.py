@@ -2,6 +2,7 @@
 the catalog) and the trainer's progress object in S3. Both use the job's own storage settings and
 credentials, so the operator sees exactly what the trainer sees. The Hub reader is kubetune.hub (below
 the controller and the estimator, which both use it); its names stay importable from here."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,16 @@ from kubetune.hub import HUB, MAX_BODY_BYTES, hub_endpoint, read_capped, read_hu
 
 _lock = threading.Lock()
 # S3 error codes that mean the credentials, not the object, are wrong
-_CREDENTIAL_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
-                     "AuthorizationHeaderMalformed", "InvalidSecurity", "403")
+_CREDENTIAL_CODES = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "InvalidSecurity",
+    "403",
+)
 
 
 class CredentialsRefused(ValueError):
@@ -38,11 +47,14 @@ def s3_error(e: BaseException, action: str, where: str) -> ValueError:
             return CredentialsRefused(
                 f"cannot {action} {where}: the S3 endpoint refused the credentials ({code or 'HTTP 403'}): check the "
                 "access key id and secret key in the Secret named by spec.storage.credentialsSecret, and that they may "
-                "read this bucket")
+                "read this bucket"
+            )
         if code in ("NoSuchKey", "NoSuchBucket", "404"):
             return ValueError(f"cannot {action} {where}: it does not exist ({code})")
-        return ValueError(f"cannot {action} {where}: the S3 endpoint answered {code or 'an error'}"
-                          + (f" (HTTP {http})" if http else ""))
+        return ValueError(
+            f"cannot {action} {where}: the S3 endpoint answered {code or 'an error'}"
+            + (f" (HTTP {http})" if http else "")
+        )
     return ValueError(f"cannot {action} {where}: {type(e).__name__}: {e}")
 
 
@@ -59,23 +71,38 @@ def _ca_file(pem: str) -> str:
 
 
 @lru_cache(maxsize=64)
-def _client(endpoint: str | None, region: str | None, key: str | None, secret: str | None, path_style: bool,
-            ca_pem: str | None = None):
+def _client(
+    endpoint: str | None,
+    region: str | None,
+    key: str | None,
+    secret: str | None,
+    path_style: bool,
+    ca_pem: str | None = None,
+):
     import boto3
     from botocore.config import Config
 
     with _lock:  # boto3's default session is not thread-safe to create clients from
         session = boto3.session.Session()
         return session.client(
-            "s3", endpoint_url=endpoint, region_name=region or "us-east-1",
-            aws_access_key_id=key, aws_secret_access_key=secret, verify=_ca_file(ca_pem) if ca_pem else None,
-            config=Config(s3={"addressing_style": "path" if path_style else "auto"},
-                          retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=5),
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region or "us-east-1",
+            aws_access_key_id=key,
+            aws_secret_access_key=secret,
+            verify=_ca_file(ca_pem) if ca_pem else None,
+            config=Config(
+                s3={"addressing_style": "path" if path_style else "auto"},
+                retries={"max_attempts": 2, "mode": "standard"},
+                connect_timeout=3,
+                read_timeout=5,
+            ),
         )
 
 
-def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None,
-              egress: EgressPolicy | None = None):
+def s3_client(
+    spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None, egress: EgressPolicy | None = None
+):
     """``creds``: the credentials Secret's data; ``ca_pem``: the caBundle ConfigMap's key;
     ``egress``: the operator's rule for which endpoints it may call (EndpointRefused otherwise)."""
     st = spec.storage
@@ -88,23 +115,36 @@ def s3_client(spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str |
     return _client(st.endpoint, st.region, key, secret, st.force_path_style, ca_pem)
 
 
-def read_progress(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str,
-                  ca_pem: str | None = None, egress: EgressPolicy | None = None) -> TrainerProgress | None:
+def read_progress(
+    spec: FineTuneJobSpec,
+    creds: dict[str, str] | None,
+    uri: str,
+    ca_pem: str | None = None,
+    egress: EgressPolicy | None = None,
+) -> TrainerProgress | None:
     """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
     progress is informative, it must never fail a reconcile)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3_uri(uri)
     try:
-        body = read_capped(s3_client(spec, creds, ca_pem, egress).get_object(Bucket=bucket, Key=key)["Body"],
-                           "the trainer's progress object")
+        body = read_capped(
+            s3_client(spec, creds, ca_pem, egress).get_object(Bucket=bucket, Key=key)["Body"],
+            "the trainer's progress object",
+        )
         return TrainerProgress.model_validate(json.loads(body))
     except (ClientError, BotoCoreError, ValueError):
         return None
 
 
-def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_token: str | None = None,
-                     hub: str | None = None, ca_pem: str | None = None, egress: EgressPolicy | None = None) -> str:
+def read_config_json(
+    spec: FineTuneJobSpec,
+    creds: dict[str, str] | None,
+    hf_token: str | None = None,
+    hub: str | None = None,
+    ca_pem: str | None = None,
+    egress: EgressPolicy | None = None,
+) -> str:
     """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
     operator's --hf-endpoint mirror, else huggingface.co). Raises ValueError with a message naming
     what to fix when it cannot be read."""
@@ -129,8 +169,13 @@ def read_config_json(spec: FineTuneJobSpec, creds: dict[str, str] | None, hf_tok
     raise ValueError(f"the operator cannot read {uri.split('://')[0]}:// models")
 
 
-def delete_prefix(spec: FineTuneJobSpec, creds: dict[str, str] | None, uri: str, ca_pem: str | None = None,
-                  egress: EgressPolicy | None = None) -> int:
+def delete_prefix(
+    spec: FineTuneJobSpec,
+    creds: dict[str, str] | None,
+    uri: str,
+    ca_pem: str | None = None,
+    egress: EgressPolicy | None = None,
+) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
     bucket, prefix = split_s3_uri(uri)
     s3 = s3_client(spec, creds, ca_pem, egress)

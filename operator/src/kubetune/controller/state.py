@@ -8,6 +8,7 @@ its own state around a fake ``Kube``. kopf runs sync handlers on up to 16 worker
 structure that they share takes a lock; every cache is bounded, and a deleted FineTuneJob is
 forgotten by all of them (``forget``).
 """
+
 from __future__ import annotations
 
 import threading
@@ -98,8 +99,11 @@ class Newest:
     def pop_labelled(self, ns: str, label: str, value: str) -> None:
         """Drop the objects of namespace ``ns`` whose label ``label`` is ``value`` (a job's children)."""
         with self._lock:
-            for key in [k for k, o in self._objs.items()
-                        if k[0] == ns and ((o["metadata"].get("labels") or {}).get(label) == value)]:
+            for key in [
+                k
+                for k, o in self._objs.items()
+                if k[0] == ns and ((o["metadata"].get("labels") or {}).get(label) == value)
+            ]:
                 del self._objs[key]
 
     def __len__(self) -> int:
@@ -179,16 +183,23 @@ def slim(body: dict) -> dict:
 def trim_job(job: dict) -> dict:
     """A child Job as reconcile reads it: its counters, conditions and suspend."""
     m = job.get("metadata") or {}
-    return {"metadata": {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "labels") if k in m},
-            "spec": {"suspend": (job.get("spec") or {}).get("suspend")}, "status": job.get("status") or {}}
+    return {
+        "metadata": {k: m[k] for k in ("name", "namespace", "uid", "resourceVersion", "labels") if k in m},
+        "spec": {"suspend": (job.get("spec") or {}).get("suspend")},
+        "status": job.get("status") or {},
+    }
 
 
 class OperatorState:
     """Everything the handlers share. ``drive(state, namespace, name)`` is what the retrier calls to
     reconcile a job again after a transient failure."""
 
-    def __init__(self, kube: KubeClient, config: Config | None = None,
-                 drive: Callable[[OperatorState, str, str], Any] | None = None) -> None:
+    def __init__(
+        self,
+        kube: KubeClient,
+        config: Config | None = None,
+        drive: Callable[[OperatorState, str, str], Any] | None = None,
+    ) -> None:
         self.kube, self.config = kube, config or Config()
         # FineTuneJobs (status writes return the object too) and their child Jobs
         self.bodies = Newest(slim, lambda ns, name: self.kube.get_finetunejob(ns, name))
@@ -275,8 +286,17 @@ class OperatorState:
     def sizes(self) -> dict[str, int]:
         """How many entries each structure holds (tests, and a look at a live operator's memory)."""
         with self._lock:
-            own = {"locks": len(self._locks), "last_seen": len(self._last_seen),
-                   "job_signatures": len(self._job_signatures), "node_signatures": len(self._node_signatures)}
-        return own | {"bodies": len(self.bodies), "children": len(self.children),
-                      "architectures": len(self.architectures), "objects": len(self.objects),
-                      "present": len(self.present), "table": len(self.table.rows)}
+            own = {
+                "locks": len(self._locks),
+                "last_seen": len(self._last_seen),
+                "job_signatures": len(self._job_signatures),
+                "node_signatures": len(self._node_signatures),
+            }
+        return own | {
+            "bodies": len(self.bodies),
+            "children": len(self.children),
+            "architectures": len(self.architectures),
+            "objects": len(self.objects),
+            "present": len(self.present),
+            "table": len(self.table.rows),
+        }

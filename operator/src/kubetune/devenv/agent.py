@@ -15,6 +15,7 @@ It registers a Node (without KWOK's annotation, so KWOK leaves it alone) tainted
 
 It is a test tool, not a container runtime: images are ignored and nothing is isolated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,20 +48,49 @@ def node_manifest(name: str, cpu: str, memory: str) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                              "kubernetes.io/arch": "amd64", LABEL: "true"}},
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                LABEL: "true",
+            },
+        },
         "spec": {"taints": [{"key": TAINT_KEY, "value": "true", "effect": "NoSchedule"}]},
     }
 
 
 def node_status(cpu: str, memory: str) -> dict:
     res = {"cpu": cpu, "memory": memory, "pods": "8", "ephemeral-storage": "50Gi"}
-    return {"status": {"capacity": res, "allocatable": res, "conditions": [
-        {"type": "Ready", "status": "True", "reason": "KubetuneAgentReady", "message": "local agent is running",
-         "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
-        "nodeInfo": {"kubeletVersion": "kubetune-agent", "containerRuntimeVersion": "local-process",
-                     "architecture": "amd64", "operatingSystem": "linux", "osImage": "", "kernelVersion": "",
-                     "bootID": "", "machineID": "", "systemUUID": "", "kubeProxyVersion": ""}}}
+    return {
+        "status": {
+            "capacity": res,
+            "allocatable": res,
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubetuneAgentReady",
+                    "message": "local agent is running",
+                    "lastHeartbeatTime": now(),
+                    "lastTransitionTime": now(),
+                }
+            ],
+            "nodeInfo": {
+                "kubeletVersion": "kubetune-agent",
+                "containerRuntimeVersion": "local-process",
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "osImage": "",
+                "kernelVersion": "",
+                "bootID": "",
+                "machineID": "",
+                "systemUUID": "",
+                "kubeProxyVersion": "",
+            },
+        }
+    }
 
 
 @dataclass
@@ -99,8 +129,10 @@ class Agent:
         self.core.patch_node_status(self.node, node_status(self.cpu, self.memory))
         coord = client.CoordinationV1Api()
         renew = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        lease = {"metadata": {"name": self.node, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": renew}}
+        lease = {
+            "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": renew},
+        }
         try:
             coord.patch_namespaced_lease(self.node, "kube-node-lease", {"spec": lease["spec"]})
         except ApiException as e:
@@ -123,8 +155,11 @@ class Agent:
         while not self.stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node}",
-                                   timeout_seconds=60):
+                for ev in w.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=f"spec.nodeName={self.node}",
+                    timeout_seconds=60,
+                ):
                     self.handle(ev["type"], ev["object"])
                     if self.stop.is_set():
                         break
@@ -156,9 +191,22 @@ class Agent:
 
     def pull_then_launch(self, pod) -> None:
         uid, c = pod.metadata.uid, pod.spec.containers[0]
-        self.patch_status(pod, {"containerStatuses": [{
-            "name": c.name, "image": c.image, "imageID": "", "ready": False, "started": False, "restartCount": 0,
-            "state": {"waiting": {"reason": "ContainerCreating"}}}]})
+        self.patch_status(
+            pod,
+            {
+                "containerStatuses": [
+                    {
+                        "name": c.name,
+                        "image": c.image,
+                        "imageID": "",
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "state": {"waiting": {"reason": "ContainerCreating"}},
+                    }
+                ]
+            },
+        )
         time.sleep(self.pull_seconds)
         try:
             pod = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
@@ -193,8 +241,11 @@ class Agent:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         mounts = self.volumes(pod, workdir)
-        env = {k: v for k, v in os.environ.items()
-               if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV") or k.startswith("KUBETUNE_DEBUG_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV") or k.startswith("KUBETUNE_DEBUG_")
+        }
         # A value naming a path in a mount (HOME, HF_HOME, AWS_CA_BUNDLE, ...) points at the local
         # directory that backs it, as the path would resolve inside a container.
         env.update({k: remap(v, mounts) for k, v in self.env(pod, c).items()})
@@ -207,15 +258,32 @@ class Agent:
             cmd = [sys.executable, "-m", "kubetune.cli", *cmd[1:]]
         log.info("starting %s/%s: %s", pod.metadata.namespace, pod.metadata.name, " ".join(cmd))
         out = (workdir / "container.log").open("w")
-        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         started = now()
-        self.patch_status(pod, {"phase": "Running", "startTime": started, "hostIP": "127.0.0.1", "podIP": "127.0.0.1",
-                                "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
-                                               for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
-                                "containerStatuses": [{"name": c.name, "image": c.image, "imageID": "",
-                                                       "ready": True, "started": True, "restartCount": 0,
-                                                       "state": {"running": {"startedAt": started}}}]})
+        self.patch_status(
+            pod,
+            {
+                "phase": "Running",
+                "startTime": started,
+                "hostIP": "127.0.0.1",
+                "podIP": "127.0.0.1",
+                "conditions": [
+                    {"type": t, "status": "True", "lastTransitionTime": started}
+                    for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+                ],
+                "containerStatuses": [
+                    {
+                        "name": c.name,
+                        "image": c.image,
+                        "imageID": "",
+                        "ready": True,
+                        "started": True,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": started}},
+                    }
+                ],
+            },
+        )
         return Running(proc, workdir, term_log, started)
 
     def supervise(self, pod, r: Running) -> None:
@@ -235,14 +303,35 @@ class Agent:
 
     def report_exit(self, pod, code: int, reason: str, message: str, started: str) -> None:
         c = pod.spec.containers[0]
-        self.patch_status(pod, {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now()},
-                           {"type": "ContainersReady", "status": "False", "lastTransitionTime": now()}],
-            "containerStatuses": [{"name": c.name, "image": c.image, "imageID": "", "ready": False, "started": False,
-                                   "restartCount": 0, "state": {"terminated": {
-                                       "exitCode": code, "reason": reason, "message": message,
-                                       "startedAt": started, "finishedAt": now()}}}]})
+        self.patch_status(
+            pod,
+            {
+                "phase": "Succeeded" if code == 0 else "Failed",
+                "conditions": [
+                    {"type": "Ready", "status": "False", "lastTransitionTime": now()},
+                    {"type": "ContainersReady", "status": "False", "lastTransitionTime": now()},
+                ],
+                "containerStatuses": [
+                    {
+                        "name": c.name,
+                        "image": c.image,
+                        "imageID": "",
+                        "ready": False,
+                        "started": False,
+                        "restartCount": 0,
+                        "state": {
+                            "terminated": {
+                                "exitCode": code,
+                                "reason": reason,
+                                "message": message,
+                                "startedAt": started,
+                                "finishedAt": now(),
+                            }
+                        },
+                    }
+                ],
+            },
+        )
 
     def terminate(self, pod, r: Running) -> None:
         grace = pod.spec.termination_grace_period_seconds or 30
@@ -324,7 +413,7 @@ class Agent:
                 elif path == "metadata.namespace":
                     out[e.name] = ns
                 elif path.startswith("metadata.annotations["):
-                    key = path[len("metadata.annotations['"):-2]
+                    key = path[len("metadata.annotations['") : -2]
                     out[e.name] = (pod.metadata.annotations or {}).get(key, "")
         return out
 
@@ -333,7 +422,7 @@ def remap(value: str, mounts: dict[str, str]) -> str:
     """Rewrite a container path onto the local directory that backs its mount (longest mount first)."""
     for mount in sorted(mounts, key=len, reverse=True):
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
-            return mounts[mount] + value[len(mount.rstrip("/")):]
+            return mounts[mount] + value[len(mount.rstrip("/")) :]
     return value
 
 
@@ -344,8 +433,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", default=str(os.cpu_count() or 2))
     p.add_argument("--memory", default="8Gi")
     p.add_argument("--kubeconfig", default=None)
-    p.add_argument("--pull-seconds", type=float, default=0.0,
-                   help="hold each pod in ContainerCreating this long before starting it, as an image pull would")
+    p.add_argument(
+        "--pull-seconds",
+        type=float,
+        default=0.0,
+        help="hold each pod in ContainerCreating this long before starting it, as an image pull would",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s agent: %(message)s")
     config.load_kube_config(config_file=args.kubeconfig)

@@ -6,6 +6,7 @@ Each component is built into a temporary directory that is renamed into place on
 interrupted build never looks cached. Builds run one after another (2 cores here) under a file lock, so two
 `kubetune dev up` at once don't both compile.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +50,7 @@ class Component:
 
 # --- running the toolchains ---------------------------------------------------------------------------
 
+
 def _go_env() -> dict[str, str]:
     env = dict(os.environ)
     # Static binaries that run anywhere; the local toolchain only (GOTOOLCHAIN=auto would try to download
@@ -62,8 +64,9 @@ def _run(cmd: list[str], cwd: Path, log_file: Path, env: dict[str, str] | None =
     with log_file.open("a") as log:
         log.write(f"$ {' '.join(cmd)}  (in {cwd})\n")
         log.flush()
-        proc = subprocess.run(cmd, cwd=cwd, env=env or _go_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env or _go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         log.write(proc.stdout)
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
@@ -83,10 +86,11 @@ def _new_module(work: Path, name: str, log_file: Path) -> None:
 
 # --- per-component recipes ----------------------------------------------------------------------------
 
+
 def staging_replaces(gomod_text: str, version: str) -> list[str]:
     """k8s.io/kubernetes replaces its staging modules with ./staging/src/... paths, which `go build` refuses
     in a dependency (golang/go#44840). Map each to its published tag: v1.37.2 -> v0.37.2."""
-    published = "v0" + version[version.index("."):]
+    published = "v0" + version[version.index(".") :]
     out = []
     for line in gomod_text.splitlines():
         parts = line.split()
@@ -101,9 +105,13 @@ def kube_ldflags(version: str) -> str:
     major, minor = version.lstrip("v").split(".")[:2]
     flags = ["-s", "-w"]
     for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
-        flags += [f"-X {pkg}.gitVersion={version}", f"-X {pkg}.gitMajor={major}",
-                  f"-X {pkg}.gitMinor={minor}", f"-X {pkg}.gitTreeState=clean",
-                  f"-X {pkg}.buildDate=1970-01-01T00:00:00Z"]
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
     return " ".join(flags)
 
 
@@ -114,8 +122,22 @@ def _build_kubernetes(c: Component, out: Path, work: Path, log_file: Path, log: 
     _run(["go", "mod", "edit", f"-require=k8s.io/kubernetes@{c.version}", *replaces], work, log_file)
     for binary in c.binaries:
         t0 = time.monotonic()
-        _run(["go", "build", "-p", "2", "-trimpath", "-ldflags", kube_ldflags(c.version),
-              "-o", str(out / binary), f"k8s.io/kubernetes/cmd/{binary}"], work, log_file)
+        _run(
+            [
+                "go",
+                "build",
+                "-p",
+                "2",
+                "-trimpath",
+                "-ldflags",
+                kube_ldflags(c.version),
+                "-o",
+                str(out / binary),
+                f"k8s.io/kubernetes/cmd/{binary}",
+            ],
+            work,
+            log_file,
+        )
         log(f"  {binary}: {time.monotonic() - t0:.0f}s")
 
 
@@ -124,8 +146,22 @@ def _build_etcd(c: Component, out: Path, work: Path, log_file: Path, log: Log) -
     # wrapper module that merely requires it builds it from the published modules.
     _new_module(work, "kubetune.local/etcdwrap", log_file)
     _run(["go", "mod", "edit", f"-require=go.etcd.io/etcd/server/v3@{c.version}"], work, log_file)
-    _run(["go", "build", "-p", "2", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "etcd"),
-          "go.etcd.io/etcd/server/v3"], work, log_file)
+    _run(
+        [
+            "go",
+            "build",
+            "-p",
+            "2",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            "-o",
+            str(out / "etcd"),
+            "go.etcd.io/etcd/server/v3",
+        ],
+        work,
+        log_file,
+    )
 
 
 def _go_install(pkg: str, out: Path, work: Path, log_file: Path, ldflags: str = "-s -w") -> None:
@@ -135,20 +171,45 @@ def _go_install(pkg: str, out: Path, work: Path, log_file: Path, ldflags: str = 
 
 
 def _build_kwok(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
-    _go_install(f"sigs.k8s.io/kwok/cmd/kwok@{c.version}", out, work, log_file,
-                f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={c.version.lstrip('v')}")
+    _go_install(
+        f"sigs.k8s.io/kwok/cmd/kwok@{c.version}",
+        out,
+        work,
+        log_file,
+        f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={c.version.lstrip('v')}",
+    )
 
 
 def _build_helm(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
-    _go_install(f"helm.sh/helm/v3/cmd/helm@{c.version}", out, work, log_file,
-                f"-s -w -X helm.sh/helm/v3/internal/version.version={c.version}")
+    _go_install(
+        f"helm.sh/helm/v3/cmd/helm@{c.version}",
+        out,
+        work,
+        log_file,
+        f"-s -w -X helm.sh/helm/v3/internal/version.version={c.version}",
+    )
 
 
 def _build_s3s_fs(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ) | {"CARGO_BUILD_JOBS": "2", "CARGO_TARGET_DIR": str(work / "target")}
-    _run(["cargo", "install", "s3s-fs", "--version", c.version, "--features", "binary", "--locked",
-          "--root", str(work / "root")], work, log_file, env)
+    _run(
+        [
+            "cargo",
+            "install",
+            "s3s-fs",
+            "--version",
+            c.version,
+            "--features",
+            "binary",
+            "--locked",
+            "--root",
+            str(work / "root"),
+        ],
+        work,
+        log_file,
+        env,
+    )
     shutil.copy2(work / "root" / "bin" / "s3s-fs", out / "s3s-fs")
     shutil.rmtree(work / "target", ignore_errors=True)  # hundreds of MB of intermediates
 
@@ -174,6 +235,7 @@ def components(kube_version: str) -> list[Component]:
 
 # --- orchestration ------------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def _build_lock() -> Iterator[None]:
     lock = paths.cache_root() / "build.lock"
@@ -198,9 +260,18 @@ def build_one(c: Component, log: Log = _stderr) -> float:
     try:
         RECIPES[c.name](c, tmp, paths.cache_root() / "build" / f"{c.name}-{c.version}", log_file, log)
         seconds = time.monotonic() - t0
-        (tmp / "BUILD_INFO.json").write_text(json.dumps(
-            {"component": c.name, "version": c.version, "seconds": round(seconds),
-             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1) + "\n")
+        (tmp / "BUILD_INFO.json").write_text(
+            json.dumps(
+                {
+                    "component": c.name,
+                    "version": c.version,
+                    "seconds": round(seconds),
+                    "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         shutil.rmtree(c.dir, ignore_errors=True)
         tmp.rename(c.dir)
     finally:

@@ -10,6 +10,7 @@
 
 Top-level imports stay light: the heavy parts are imported inside run().
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="for restart: the process to restart (e.g. s3, etcd)")
     parser.add_argument("--dir", help="state directory (default $KUBETUNE_DEV_DIR or ~/.cache/kubetune/dev)")
     parser.add_argument("--prometheus", action="store_true", help="up: also start Prometheus")
-    parser.add_argument("--target", action="append", default=[], metavar="HOST:PORT",
-                        help="prometheus/up --prometheus: a scrape target (repeatable)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="prometheus/up --prometheus: a scrape target (repeatable)",
+    )
     parser.add_argument("--purge", action="store_true", help="down: also delete the state directory")
 
 

@@ -6,6 +6,7 @@ with `mig.strategy=mixed` each MIG profile is its own extended resource (`nvidia
 `nvidia.com/mig-<profile>.*` labels. That lets the scheduler itself enforce "enough VRAM per GPU" through a
 nodeAffinity `Gt` on `nvidia.com/gpu.memory`, exactly as on a real cluster.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ FLEET_LABEL = "kubetune.io/dev-fleet"  # marks nodes this module created, so the
 
 @dataclass(frozen=True)
 class Gpu:
-    product: str        # GFD's gpu.product
-    memory_mib: int     # GFD's gpu.memory (per GPU)
+    product: str  # GFD's gpu.product
+    memory_mib: int  # GFD's gpu.memory (per GPU)
     family: str
     compute: tuple[int, int]
 
@@ -31,11 +32,11 @@ H100_80 = Gpu("NVIDIA-H100-80GB-HBM3", 81559, "hopper", (9, 0))
 
 @dataclass(frozen=True)
 class MigProfile:
-    name: str           # e.g. "1g.10gb"
-    count: int          # slices of this profile on the node
+    name: str  # e.g. "1g.10gb"
+    count: int  # slices of this profile on the node
     memory_mib: int
     multiprocessors: int
-    slices: int         # GPU/compute instance slices
+    slices: int  # GPU/compute instance slices
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,18 @@ FLEET: tuple[NodeSpec, ...] = (
     NodeSpec("kwok-h100-0", "p5.48xlarge", "192", "2048Gi", H100_80, 8),
     # Two A100 80GB split with the mixed strategy: GPU 0 as 7 x 1g.10gb, GPU 1 as 2 x 3g.40gb. No whole GPU
     # is left, so `nvidia.com/gpu` is 0 here and only MIG requests land on it.
-    NodeSpec("kwok-a100-mig-0", "a100-80gb-mig", "32", "256Gi", A100_80, 2, (
-        MigProfile("1g.10gb", 7, 9728, 14, 1),
-        MigProfile("3g.40gb", 2, 40192, 42, 3),
-    )),
+    NodeSpec(
+        "kwok-a100-mig-0",
+        "a100-80gb-mig",
+        "32",
+        "256Gi",
+        A100_80,
+        2,
+        (
+            MigProfile("1g.10gb", 7, 9728, 14, 1),
+            MigProfile("3g.40gb", 2, 40192, 42, 3),
+        ),
+    ),
 )
 
 

@@ -6,6 +6,7 @@ ports; their pids, ports and commands are recorded in <dev dir>/state.json so `d
 Cluster state (etcd, certificates, tokens) is made fresh by every `up`; the S3 data directory is kept, so
 objects survive a restart of the S3 server and a down/up of the ground.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,13 +29,20 @@ S3_BUCKETS = ("kubetune", "kubetune-models", "kubetune-data")
 S3_REGION = "us-east-1"
 ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3", "prometheus")
 CONTROLLERS = (
-    "job-controller", "garbage-collector-controller", "namespace-controller", "serviceaccount-controller",
-    "ttl-after-finished-controller", "deployment-controller", "replicaset-controller",
-    "pod-garbage-collector-controller", "root-ca-certificate-publisher-controller",
+    "job-controller",
+    "garbage-collector-controller",
+    "namespace-controller",
+    "serviceaccount-controller",
+    "ttl-after-finished-controller",
+    "deployment-controller",
+    "replicaset-controller",
+    "pod-garbage-collector-controller",
+    "root-ca-certificate-publisher-controller",
     # The TaintNodesByCondition admission plugin gives every new node a not-ready:NoSchedule taint that
     # only this controller lifts once the node reports Ready. It also taints nodes whose KWOK lease
     # lapses, and the taint-eviction controller then evicts their pods, as on a real cluster.
-    "node-lifecycle-controller", "taint-eviction-controller",
+    "node-lifecycle-controller",
+    "taint-eviction-controller",
     # Fills the built-in aggregated roles (view, edit, admin); without it `view` grants nothing.
     "clusterrole-aggregation-controller",
     # Binds PersistentVolumeClaims to volumes: a pod reading a pvc:// model or dataset needs it bound.
@@ -56,6 +64,7 @@ class GroundError(RuntimeError):
 
 # --- layout and state ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -68,12 +77,25 @@ class Layout:
 
 
 _LAYOUT = {
-    "state": "state.json", "kubeconfig": "kubeconfig", "logs": "logs", "pki": "pki",
-    "serving": "pki/serving", "sa_key": "pki/sa.key", "tokens_csv": "pki/tokens.csv",
-    "admin_token": "admin.token", "dev_token": "dev-user.token", "etcd": "etcd",
-    "scheduler_cfg": "scheduler.yaml", "kwok_cfg": "kwok.yaml", "s3": "s3", "s3_data": "s3/data",
-    "s3_creds": "s3/credentials.json", "prom": "prometheus", "prom_cfg": "prometheus/prometheus.yml",
-    "prom_targets": "prometheus/targets.json", "prom_data": "prometheus/data",
+    "state": "state.json",
+    "kubeconfig": "kubeconfig",
+    "logs": "logs",
+    "pki": "pki",
+    "serving": "pki/serving",
+    "sa_key": "pki/sa.key",
+    "tokens_csv": "pki/tokens.csv",
+    "admin_token": "admin.token",
+    "dev_token": "dev-user.token",
+    "etcd": "etcd",
+    "scheduler_cfg": "scheduler.yaml",
+    "kwok_cfg": "kwok.yaml",
+    "s3": "s3",
+    "s3_data": "s3/data",
+    "s3_creds": "s3/credentials.json",
+    "prom": "prometheus",
+    "prom_cfg": "prometheus/prometheus.yml",
+    "prom_targets": "prometheus/targets.json",
+    "prom_data": "prometheus/data",
 }
 
 
@@ -102,6 +124,7 @@ def recorded(state: dict | None) -> dict[str, procs.Proc]:
 
 # --- readiness ----------------------------------------------------------------------------------------
 
+
 def _http_get(url: str, token: str | None = None, ca: Path | None = None, timeout: float = 2.0) -> str | None:
     """Body of a 200 answer, else None. Without a CA the TLS check is skipped: the components' own
     self-signed serving certs are on loopback and are only probed for health."""
@@ -118,12 +141,14 @@ def _http_get(url: str, token: str | None = None, ca: Path | None = None, timeou
 
 def _wait_ready(proc: procs.Proc, check: Callable[[], bool], timeout: float) -> None:
     """Wait for a process's readiness check; fail early, with its log, if it dies meanwhile."""
+
     def probe() -> bool:
         if check():
             return True
         if not procs.alive(proc):
             raise GroundError(f"{proc.name} exited during start-up; log {proc.log}:\n{procs.log_tail(proc.log)}")
         return False
+
     try:
         wait_until(f"{proc.name} to be ready", probe, timeout, 0.2)
     except GroundError as e:
@@ -150,8 +175,9 @@ def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
     checks: dict[str, Callable[[], bool]] = {
         "etcd": lambda: '"health":"true"' in (_http_get(f"http://127.0.0.1:{ports['etcd']}/health") or ""),
         "kube-apiserver": lambda: _http_get(f"https://127.0.0.1:{ports['apiserver']}/readyz", admin) == "ok",
-        "kube-controller-manager":
-            lambda: _http_get(f"https://127.0.0.1:{ports['controller-manager']}/healthz") == "ok",
+        "kube-controller-manager": lambda: (
+            _http_get(f"https://127.0.0.1:{ports['controller-manager']}/healthz") == "ok"
+        ),
         "kube-scheduler": lambda: _http_get(f"https://127.0.0.1:{ports['scheduler']}/healthz") == "ok",
         "kwok": lambda: _http_get(f"http://127.0.0.1:{ports['kwok']}/healthz") is not None,
         "s3": lambda: _s3_ready(state),
@@ -162,62 +188,153 @@ def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
 
 # --- the commands each process runs -------------------------------------------------------------------
 
+
 def _argv(name: str, lay: Layout, state: dict) -> list[str]:
     p, kube = state["ports"], Path(state["bin"]["kubernetes"])
     kc = str(lay.kubeconfig)
-    common_component = ["--kubeconfig", kc, "--authentication-kubeconfig", kc,
-                        "--authorization-kubeconfig", kc, "--bind-address", "127.0.0.1"]
+    common_component = [
+        "--kubeconfig",
+        kc,
+        "--authentication-kubeconfig",
+        kc,
+        "--authorization-kubeconfig",
+        kc,
+        "--bind-address",
+        "127.0.0.1",
+    ]
     if name == "etcd":
         peer = f"http://127.0.0.1:{p['etcd-peer']}"
-        return [str(Path(state["bin"]["etcd"]) / "etcd"), "--name", "kubetune", "--data-dir", str(lay.etcd),
-                "--listen-client-urls", f"http://127.0.0.1:{p['etcd']}",
-                "--advertise-client-urls", f"http://127.0.0.1:{p['etcd']}",
-                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"kubetune={peer}",
-                # A throwaway cluster: durability is not worth the fsync latency.
-                "--unsafe-no-fsync", "--log-level", "warn"]
+        return [
+            str(Path(state["bin"]["etcd"]) / "etcd"),
+            "--name",
+            "kubetune",
+            "--data-dir",
+            str(lay.etcd),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{p['etcd']}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{p['etcd']}",
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"kubetune={peer}",
+            # A throwaway cluster: durability is not worth the fsync latency.
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ]
     if name == "kube-apiserver":
-        return [str(kube / "kube-apiserver"), "--etcd-servers", f"http://127.0.0.1:{p['etcd']}",
-                "--cert-dir", str(lay.serving), "--secure-port", str(p["apiserver"]),
-                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-                # The reconciler refuses a loopback address for the `kubernetes` Service; nothing runs
-                # in-cluster here (KWOK pods are fake), so no one needs that Service's endpoints.
-                "--endpoint-reconciler-type", "none",
-                "--service-cluster-ip-range", SERVICE_CIDR,
-                "--service-account-issuer", f"https://127.0.0.1:{p['apiserver']}",
-                "--service-account-key-file", str(lay.sa_key),
-                "--service-account-signing-key-file", str(lay.sa_key),
-                "--authorization-mode", "RBAC", "--token-auth-file", str(lay.tokens_csv),
-                "--allow-privileged=true", "--profiling=false"]
+        return [
+            str(kube / "kube-apiserver"),
+            "--etcd-servers",
+            f"http://127.0.0.1:{p['etcd']}",
+            "--cert-dir",
+            str(lay.serving),
+            "--secure-port",
+            str(p["apiserver"]),
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+            # The reconciler refuses a loopback address for the `kubernetes` Service; nothing runs
+            # in-cluster here (KWOK pods are fake), so no one needs that Service's endpoints.
+            "--endpoint-reconciler-type",
+            "none",
+            "--service-cluster-ip-range",
+            SERVICE_CIDR,
+            "--service-account-issuer",
+            f"https://127.0.0.1:{p['apiserver']}",
+            "--service-account-key-file",
+            str(lay.sa_key),
+            "--service-account-signing-key-file",
+            str(lay.sa_key),
+            "--authorization-mode",
+            "RBAC",
+            "--token-auth-file",
+            str(lay.tokens_csv),
+            "--allow-privileged=true",
+            "--profiling=false",
+        ]
     if name == "kube-controller-manager":
-        return [str(kube / "kube-controller-manager"), *common_component,
-                "--secure-port", str(p["controller-manager"]), "--leader-elect=false",
-                "--use-service-account-credentials=false",
-                "--service-account-private-key-file", str(lay.sa_key),
-                "--root-ca-file", str(lay.serving / "apiserver.crt"),
-                "--controllers", ",".join(CONTROLLERS), "--cluster-cidr", POD_CIDR,
-                "--service-cluster-ip-range", SERVICE_CIDR]
+        return [
+            str(kube / "kube-controller-manager"),
+            *common_component,
+            "--secure-port",
+            str(p["controller-manager"]),
+            "--leader-elect=false",
+            "--use-service-account-credentials=false",
+            "--service-account-private-key-file",
+            str(lay.sa_key),
+            "--root-ca-file",
+            str(lay.serving / "apiserver.crt"),
+            "--controllers",
+            ",".join(CONTROLLERS),
+            "--cluster-cidr",
+            POD_CIDR,
+            "--service-cluster-ip-range",
+            SERVICE_CIDR,
+        ]
     if name == "kube-scheduler":
-        return [str(kube / "kube-scheduler"), "--config", str(lay.scheduler_cfg),
-                *common_component[2:], "--secure-port", str(p["scheduler"])]
+        return [
+            str(kube / "kube-scheduler"),
+            "--config",
+            str(lay.scheduler_cfg),
+            *common_component[2:],
+            "--secure-port",
+            str(p["scheduler"]),
+        ]
     if name == "kwok":
-        return [str(Path(state["bin"]["kwok"]) / "kwok"), "--kubeconfig", kc, "--config", str(lay.kwok_cfg),
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={fleet.KWOK_ANNOTATION}=fake",
-                "--cidr", POD_CIDR, "--node-ip", "127.0.0.1",
-                "--server-address", f"127.0.0.1:{p['kwok']}", "--node-lease-duration-seconds", "40"]
+        return [
+            str(Path(state["bin"]["kwok"]) / "kwok"),
+            "--kubeconfig",
+            kc,
+            "--config",
+            str(lay.kwok_cfg),
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={fleet.KWOK_ANNOTATION}=fake",
+            "--cidr",
+            POD_CIDR,
+            "--node-ip",
+            "127.0.0.1",
+            "--server-address",
+            f"127.0.0.1:{p['kwok']}",
+            "--node-lease-duration-seconds",
+            "40",
+        ]
     if name == "s3":
         c = state["s3"]
-        return [str(Path(state["bin"]["s3s-fs"]) / "s3s-fs"), "--host", "127.0.0.1", "--port", str(p["s3"]),
-                "--access-key", c["access_key"], "--secret-key", c["secret_key"], str(lay.s3_data)]
+        return [
+            str(Path(state["bin"]["s3s-fs"]) / "s3s-fs"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(p["s3"]),
+            "--access-key",
+            c["access_key"],
+            "--secret-key",
+            c["secret_key"],
+            str(lay.s3_data),
+        ]
     if name == "prometheus":
-        return [state["prometheus_bin"], "--config.file", str(lay.prom_cfg),
-                "--storage.tsdb.path", str(lay.prom_data), "--web.listen-address", f"127.0.0.1:{p['prometheus']}",
-                "--web.enable-lifecycle", "--log.level", "warn"]
+        return [
+            state["prometheus_bin"],
+            "--config.file",
+            str(lay.prom_cfg),
+            "--storage.tsdb.path",
+            str(lay.prom_data),
+            "--web.listen-address",
+            f"127.0.0.1:{p['prometheus']}",
+            "--web.enable-lifecycle",
+            "--log.level",
+            "warn",
+        ]
     raise KeyError(name)
 
 
 # --- files written before the processes start --------------------------------------------------------
+
 
 def _fresh_cluster_files(lay: Layout, state: dict) -> None:
     """Wipe the previous cluster (etcd, certs, tokens, logs) and write what the processes read."""
@@ -252,16 +369,19 @@ def _s3_credentials(lay: Layout) -> dict:
 
 def _write_kubeconfig(lay: Layout, state: dict) -> None:
     ca = (lay.serving / "apiserver.crt").read_bytes()
-    cfg = render.kubeconfig(f"https://127.0.0.1:{state['ports']['apiserver']}", ca,
-                            state["admin_token"], state["dev_token"])
-    lay.kubeconfig.write_text(json.dumps(cfg, indent=1) + "\n")   # JSON is YAML; no yaml import needed
+    cfg = render.kubeconfig(
+        f"https://127.0.0.1:{state['ports']['apiserver']}", ca, state["admin_token"], state["dev_token"]
+    )
+    lay.kubeconfig.write_text(json.dumps(cfg, indent=1) + "\n")  # JSON is YAML; no yaml import needed
     lay.kubeconfig.chmod(0o600)
 
 
 # --- talking to the cluster and to S3 -----------------------------------------------------------------
 
-def kubectl(state: dict, lay: Layout, *args: str, stdin: str | None = None, check: bool = True,
-            timeout: float = 60) -> subprocess.CompletedProcess:
+
+def kubectl(
+    state: dict, lay: Layout, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess:
     cmd = [str(Path(state["bin"]["kubernetes"]) / "kubectl"), "--kubeconfig", str(lay.kubeconfig), *args]
     res = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
@@ -272,11 +392,16 @@ def kubectl(state: dict, lay: Layout, *args: str, stdin: str | None = None, chec
 def s3_client(state: dict):
     import boto3  # lazily: `kubetune dev status` must not pay for importing boto3
     from botocore.config import Config
+
     c = state["s3"]
-    return boto3.client("s3", endpoint_url=c["endpoint"], aws_access_key_id=c["access_key"],
-                        aws_secret_access_key=c["secret_key"], region_name=S3_REGION,
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                                      connect_timeout=2, read_timeout=30))
+    return boto3.client(
+        "s3",
+        endpoint_url=c["endpoint"],
+        aws_access_key_id=c["access_key"],
+        aws_secret_access_key=c["secret_key"],
+        region_name=S3_REGION,
+        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}, connect_timeout=2, read_timeout=30),
+    )
 
 
 def _s3_ready(state: dict) -> bool:
@@ -298,7 +423,8 @@ def _create_buckets(state: dict) -> None:
 DEV_RBAC = {
     # The non-admin user may read most things in `default` (the built-in `view` role) and nothing else:
     # tests use it to check that RBAC denies what it should.
-    "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+    "apiVersion": "rbac.authorization.k8s.io/v1",
+    "kind": "RoleBinding",
     "metadata": {"name": "kubetune-dev-view", "namespace": "default"},
     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": render.DEV_USER}],
@@ -311,26 +437,63 @@ def _seed_cluster(state: dict, lay: Layout) -> None:
     kubectl(state, lay, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
     for m in fleet.manifests():
         # Node creation may drop status depending on version; set it through the status subresource.
-        kubectl(state, lay, "patch", "node", m["metadata"]["name"], "--subresource=status", "--type=merge",
-                "-p", json.dumps({"status": m["status"]}))
-    kubectl(state, lay, "wait", "--for=condition=Ready", "node", "-l", f"{fleet.FLEET_LABEL}=true",
-            "--timeout=60s", timeout=90)
-    wait_until("the not-ready taints to be lifted", lambda: "not-ready" not in kubectl(
-        state, lay, "get", "nodes", "-l", f"{fleet.FLEET_LABEL}=true", "-o", "jsonpath={.items[*].spec.taints}"
-    ).stdout, 60, 0.3)
-    wait_until("the aggregated `view` role", lambda: kubectl(
-        state, lay, "get", "clusterrole", "view", "-o", "jsonpath={.rules}", check=False).stdout.strip(), 60, 0.3)
-    wait_until("serviceaccount default/default", lambda: kubectl(
-        state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0, 60, 0.3)
+        kubectl(
+            state,
+            lay,
+            "patch",
+            "node",
+            m["metadata"]["name"],
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": m["status"]}),
+        )
+    kubectl(
+        state,
+        lay,
+        "wait",
+        "--for=condition=Ready",
+        "node",
+        "-l",
+        f"{fleet.FLEET_LABEL}=true",
+        "--timeout=60s",
+        timeout=90,
+    )
+    wait_until(
+        "the not-ready taints to be lifted",
+        lambda: (
+            "not-ready"
+            not in kubectl(
+                state, lay, "get", "nodes", "-l", f"{fleet.FLEET_LABEL}=true", "-o", "jsonpath={.items[*].spec.taints}"
+            ).stdout
+        ),
+        60,
+        0.3,
+    )
+    wait_until(
+        "the aggregated `view` role",
+        lambda: kubectl(
+            state, lay, "get", "clusterrole", "view", "-o", "jsonpath={.rules}", check=False
+        ).stdout.strip(),
+        60,
+        0.3,
+    )
+    wait_until(
+        "serviceaccount default/default",
+        lambda: kubectl(state, lay, "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
+        60,
+        0.3,
+    )
 
 
 # --- up / down / restart ------------------------------------------------------------------------------
+
 
 def _start(name: str, lay: Layout, state: dict, log: Log, timeout: float = 60) -> procs.Proc:
     t0 = time.monotonic()
     proc = procs.spawn(name, _argv(name, lay, state), lay.logs / f"{name}.log")
     state["procs"][name] = proc.to_dict()
-    save_state(lay, state)   # recorded before waiting, so `down` can stop it even if start-up fails
+    save_state(lay, state)  # recorded before waiting, so `down` can stop it even if start-up fails
     _wait_ready(proc, _ready_check(name, lay, state), timeout)
     log(f"  {name:<24} pid {proc.pid:<8} ready in {time.monotonic() - t0:.1f}s")
     return proc
@@ -360,11 +523,14 @@ def _new_state(lay: Layout, comps: dict) -> dict:
     names = ["etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "s3"]
     ports = dict(zip(names, procs.free_ports(len(names)), strict=True))
     return {
-        "root": str(lay.root), "started_at": time.time(), "ports": ports, "procs": {},
+        "root": str(lay.root),
+        "started_at": time.time(),
+        "ports": ports,
+        "procs": {},
         "bin": {n: str(c.dir) for n, c in comps.items()},
         "versions": {n: c.version for n, c in comps.items()},
-        "s3": _s3_credentials(lay) | {"endpoint": f"http://127.0.0.1:{ports['s3']}", "region": S3_REGION,
-                                      "buckets": list(S3_BUCKETS)},
+        "s3": _s3_credentials(lay)
+        | {"endpoint": f"http://127.0.0.1:{ports['s3']}", "region": S3_REGION, "buckets": list(S3_BUCKETS)},
     }
 
 
@@ -381,10 +547,12 @@ def _start_all(lay: Layout, state: dict, log: Log) -> None:
     save_state(lay, state)
 
 
-def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[str] | None = None,
-       log: Log = _stderr) -> dict:
+def up(
+    lay: Layout | None = None, with_prometheus: bool = False, targets: list[str] | None = None, log: Log = _stderr
+) -> dict:
     """Start everything (building binaries first if missing); return the state. Idempotent when up."""
     from kubetune.devenv import build
+
     lay = lay or layout()
     state = load_state(lay)
     running = {n: p for n, p in recorded(state).items() if procs.alive(p)}
@@ -394,8 +562,9 @@ def up(lay: Layout | None = None, with_prometheus: bool = False, targets: list[s
             start_prometheus(lay, targets or [], log)
         return load_state(lay)
     if running:
-        raise GroundError(f"ground is partly up ({', '.join(running)} running, others dead): "
-                          "run `kubetune dev down` first")
+        raise GroundError(
+            f"ground is partly up ({', '.join(running)} running, others dead): run `kubetune dev down` first"
+        )
     comps = build.ensure_all(log)
     t0 = time.monotonic()
     lay.root.mkdir(parents=True, exist_ok=True)
@@ -451,6 +620,7 @@ def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.P
 
 # --- Prometheus ---------------------------------------------------------------------------------------
 
+
 def prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found:
@@ -459,8 +629,12 @@ def prometheus_binary() -> str:
         _stderr("prometheus not found; installing the Debian package")
         env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "update", "-q"], check=True, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
-                       check=True, env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         found = shutil.which("prometheus")
     if not found:
         raise GroundError("prometheus not found: install it with `apt-get install prometheus` (as root)")
@@ -498,11 +672,14 @@ def start_prometheus(lay: Layout, targets: list[str], log: Log = _stderr) -> pro
 
 # --- status and env -----------------------------------------------------------------------------------
 
+
 def status_rows(lay: Layout) -> list[tuple[str, int, bool, str]]:
     state = load_state(lay)
     eps = _endpoints(state) if state and state.get("procs") else {}
-    return [(n, p.pid, procs.alive(p), eps.get(n, "")) for n, p in
-            sorted(recorded(state).items(), key=lambda kv: ORDER.index(kv[0]))]
+    return [
+        (n, p.pid, procs.alive(p), eps.get(n, ""))
+        for n, p in sorted(recorded(state).items(), key=lambda kv: ORDER.index(kv[0]))
+    ]
 
 
 def env_values(lay: Layout) -> dict[str, str]:

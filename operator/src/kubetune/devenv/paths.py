@@ -1,4 +1,5 @@
 """Pinned versions and the on-disk layout of the build cache and of the ground's state directory."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Each process is started in a session of its own, so its process group id equals 
 and its descendants; stopping signals that group. The process start time (from /proc) is recorded with the
 pid, so a pid the kernel reused for something else is never signalled.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ class Proc:
     log: str
     start_ticks: int
     cwd: str | None = None
-    env: dict[str, str] = field(default_factory=dict)   # only the variables added to os.environ
+    env: dict[str, str] = field(default_factory=dict)  # only the variables added to os.environ
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,12 +44,12 @@ def _stat(pid: int) -> list[str] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    return raw[raw.rindex(")") + 2:].split()
+    return raw[raw.rindex(")") + 2 :].split()
 
 
 def start_ticks(pid: int) -> int | None:
     fields = _stat(pid)
-    return int(fields[19]) if fields else None   # field 22 of stat: start time since boot, in ticks
+    return int(fields[19]) if fields else None  # field 22 of stat: start time since boot, in ticks
 
 
 def _is_ours(proc: Proc) -> bool:
@@ -74,12 +75,25 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None, append_log: bool = False) -> Proc:
+def spawn(
+    name: str,
+    argv: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    append_log: bool = False,
+) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab" if append_log else "wb") as out:
-        child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=cwd, env=os.environ | (env or {}), start_new_session=True)
+        child = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env=os.environ | (env or {}),
+            start_new_session=True,
+        )
     _CHILDREN[child.pid] = child
     ticks = start_ticks(child.pid) or 0
     return Proc(name, child.pid, argv, str(log), ticks, str(cwd) if cwd else None, dict(env or {}))
@@ -87,8 +101,7 @@ def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = No
 
 def respawn(proc: Proc) -> Proc:
     """The same command again (same ports, same data), appending to the same log."""
-    return spawn(proc.name, proc.argv, Path(proc.log), proc.env, Path(proc.cwd) if proc.cwd else None,
-                 append_log=True)
+    return spawn(proc.name, proc.argv, Path(proc.log), proc.env, Path(proc.cwd) if proc.cwd else None, append_log=True)
 
 
 def _reap(pid: int) -> None:

@@ -1,5 +1,6 @@
 """Pure renderers for the files the ground's processes read: token file, kubeconfig, scheduler config,
 Prometheus config. No I/O here, so unit tests cover them without starting anything."""
+
 from __future__ import annotations
 
 import base64
@@ -7,7 +8,7 @@ import json
 from dataclasses import dataclass
 
 ADMIN_USER = "kubetune-admin"
-DEV_USER = "kubetune-dev"          # the non-admin user: only what RBAC grants it
+DEV_USER = "kubetune-dev"  # the non-admin user: only what RBAC grants it
 DEV_GROUP = "kubetune:developers"
 ADMIN_CONTEXT = "kubetune-dev"
 DEV_CONTEXT = "kubetune-dev-user"
@@ -86,6 +87,8 @@ def prometheus_targets(targets: list[str]) -> str:
 
 def env_exports(values: dict[str, str]) -> str:
     """Shell `export` lines, single-quoted so any value survives `eval "$(kubetune dev env)"`."""
+
     def quote(v: str) -> str:
         return "'" + v.replace("'", "'\"'\"'") + "'"
+
     return "".join(f"export {k}={quote(v)}\n" for k, v in values.items())

@@ -11,6 +11,7 @@ Public API (pure Python, no torch; docs/estimator.md explains every term):
 - ``fit_advice(arch, plan, gpu_sizes_bytes) -> list[Advice]``: nearby configurations that fit.
 - ``plan_from_flags(...)``: the plain HF Trainer + PEFT stack's plan (the CLI flag form).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,25 @@ from kubetune.estimator.flagplan import plan_from_flags
 from kubetune.estimator.memory import BREAKDOWN_KEYS, GIB, Estimate, estimate, format_gib
 
 __all__ = [
-    "Advice", "Architecture", "ArchitectureNotFound", "BREAKDOWN_KEYS", "DEFAULT_MARGIN", "Estimate", "GIB",
-    "GPU_SIZES", "GPU_SIZE_BYTES", "GpuSize", "estimate", "estimate_spec", "fit_advice", "fits", "format_gib",
-    "from_config", "max_micro_batch", "plan_from_flags", "resolve_architecture",
+    "Advice",
+    "Architecture",
+    "ArchitectureNotFound",
+    "BREAKDOWN_KEYS",
+    "DEFAULT_MARGIN",
+    "Estimate",
+    "GIB",
+    "GPU_SIZES",
+    "GPU_SIZE_BYTES",
+    "GpuSize",
+    "estimate",
+    "estimate_spec",
+    "fit_advice",
+    "fits",
+    "format_gib",
+    "from_config",
+    "max_micro_batch",
+    "plan_from_flags",
+    "resolve_architecture",
 ]
 
 
@@ -121,8 +138,9 @@ def estimate_spec(
     note: tuple[str, ...] = ()
     if mbs is None and spec.training.micro_batch_size == "auto":
         mbs, note = 1, ("microBatchSize is auto: estimated at micro batch 1",)
-    plan = plan_from_spec(spec, micro_batch_size=mbs, gradient_accumulation_steps=gradient_accumulation_steps,
-                          num_processes=num_processes)
+    plan = plan_from_spec(
+        spec, micro_batch_size=mbs, gradient_accumulation_steps=gradient_accumulation_steps, num_processes=num_processes
+    )
     est = estimate(arch, plan)
     if note:
         est.notes = est.notes + note

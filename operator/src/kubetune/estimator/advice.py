@@ -1,4 +1,5 @@
 """GPU sizes, the ``auto`` micro-batch solver and fit advice."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,8 +11,16 @@ from kubetune.estimator.memory import DEFAULT_MARGIN, GIB, MIB, Estimate, estima
 from kubetune.plan import TrainingPlan
 
 MAX_MICRO_BATCH = 4096
-__all__ = ["DEFAULT_MARGIN", "GPU_SIZES", "GPU_SIZE_BYTES", "Advice", "GpuSize", "fit_advice", "fits",
-           "max_micro_batch"]
+__all__ = [
+    "DEFAULT_MARGIN",
+    "GPU_SIZES",
+    "GPU_SIZE_BYTES",
+    "Advice",
+    "GpuSize",
+    "fit_advice",
+    "fits",
+    "max_micro_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,12 @@ def fits(est: Estimate, gpu_bytes: int, margin: float = DEFAULT_MARGIN) -> bool:
 
 
 def max_micro_batch(
-    arch: Architecture, plan: TrainingPlan, gpu_bytes: int, margin: float = DEFAULT_MARGIN,
-    limit: int = MAX_MICRO_BATCH, allocator: str = ALLOC_DEFAULT,
+    arch: Architecture,
+    plan: TrainingPlan,
+    gpu_bytes: int,
+    margin: float = DEFAULT_MARGIN,
+    limit: int = MAX_MICRO_BATCH,
+    allocator: str = ALLOC_DEFAULT,
 ) -> int:
     """Largest micro batch whose estimate fits ``gpu_bytes`` with ``margin`` to spare (0: not even 1).
 
@@ -137,8 +150,9 @@ def _qlora(p: TrainingPlan) -> TrainingPlan:
     return p.with_(method=_QUANTIZED_LORA, quant_bits=4, quant_type="nf4", double_quant=True)
 
 
-def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float,
-                   allocator: str = ALLOC_DEFAULT) -> TrainingPlan | None:
+def _smaller_batch(
+    arch: Architecture, p: TrainingPlan, gpu: int, margin: float, allocator: str = ALLOC_DEFAULT
+) -> TrainingPlan | None:
     """Largest smaller micro batch that fits ``gpu`` and divides the per-GPU batch, accumulating more
     so that micro_batch x accumulation (hence the effective batch) stays the same."""
     per_gpu = p.micro_batch_size * p.gradient_accumulation_steps
@@ -150,8 +164,9 @@ def _smaller_batch(arch: Architecture, p: TrainingPlan, gpu: int, margin: float,
     return None
 
 
-def _more_gpus(arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float,
-               allocator: str = ALLOC_DEFAULT) -> list[TrainingPlan]:
+def _more_gpus(
+    arch: Architecture, p: TrainingPlan, sizes: list[int], margin: float, allocator: str = ALLOC_DEFAULT
+) -> list[TrainingPlan]:
     """For each GPU size (largest first), the fewest GPUs with FSDP that fit it; the effective batch
     (micro batch x accumulation x GPUs) is kept as close as the new GPU count allows. At most two."""
     eff = p.micro_batch_size * p.gradient_accumulation_steps * p.num_processes
@@ -177,14 +192,19 @@ def _gpus_label(plan: TrainingPlan, q: TrainingPlan) -> str:
     q_eff = q.micro_batch_size * q.gradient_accumulation_steps * q.num_processes
     ga = q.gradient_accumulation_steps
     if q_eff == eff:
-        return (f"{q.num_processes} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: "
-                f"same effective batch {eff}")
+        return (
+            f"{q.num_processes} GPUs with FSDP, {ga} accumulation step{'s' if ga > 1 else ''}: "
+            f"same effective batch {eff}"
+        )
     return f"{q.num_processes} GPUs with FSDP: effective batch {q_eff} (was {eff})"
 
 
 def fit_advice(
-    arch: Architecture, plan: TrainingPlan, gpu_sizes_bytes: tuple[int, ...] | list[int] = GPU_SIZE_BYTES,
-    margin: float = DEFAULT_MARGIN, allocator: str = ALLOC_DEFAULT,
+    arch: Architecture,
+    plan: TrainingPlan,
+    gpu_sizes_bytes: tuple[int, ...] | list[int] = GPU_SIZE_BYTES,
+    margin: float = DEFAULT_MARGIN,
+    allocator: str = ALLOC_DEFAULT,
 ) -> list[Advice]:
     """Nearest configurations that fit one of ``gpu_sizes_bytes`` when ``plan`` fits none of them.
 
@@ -216,8 +236,17 @@ class _Found:
     def add(self, desc: str, q: TrainingPlan | None, changes: int) -> None:
         if q is None:
             return
-        key = (q.method, q.micro_batch_size, q.gradient_accumulation_steps, q.gradient_checkpointing,
-               q.fused_cross_entropy, q.num_processes, q.sharding, q.optimizer, q.reference)
+        key = (
+            q.method,
+            q.micro_batch_size,
+            q.gradient_accumulation_steps,
+            q.gradient_checkpointing,
+            q.fused_cross_entropy,
+            q.num_processes,
+            q.sharding,
+            q.optimizer,
+            q.reference,
+        )
         if key in self.seen:
             return
         e = estimate(self.arch, q, allocator=self.allocator)
@@ -247,9 +276,12 @@ def _single_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, Tr
         found.add(d, q, 1)
     smaller = found.smaller_batch(plan)
     if smaller is not None:
-        found.add(f"micro batch {smaller.micro_batch_size} x {smaller.gradient_accumulation_steps} accumulation steps "
-                  f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)",
-                  smaller, 1)
+        found.add(
+            f"micro batch {smaller.micro_batch_size} x {smaller.gradient_accumulation_steps} accumulation steps "
+            f"(was {plan.micro_batch_size} x {plan.gradient_accumulation_steps}; same effective batch)",
+            smaller,
+            1,
+        )
     if _states_heavy(plan):
         found.add("8-bit AdamW (bitsandbytes)", plan.with_(optimizer="adamw-8bit"), 1)
     if _offers_qlora(plan):
@@ -270,19 +302,22 @@ def _combined_changes(found: _Found, plan: TrainingPlan, cheap: list[tuple[str, 
     prefix = (label + " + ") if n0 else ""
     q = found.smaller_batch(both)
     if q is not None:
-        found.add(f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q,
-                  n0 + 1)
+        found.add(
+            f"{prefix}micro batch {q.micro_batch_size} x {q.gradient_accumulation_steps} accumulation steps", q, n0 + 1
+        )
     if _offers_qlora(plan):
         found.add(f"{prefix}QLoRA instead of LoRA", _qlora(both), n0 + 1)
         qb = found.smaller_batch(_qlora(both))
         if qb is not None:
-            found.add(f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb,
-                      n0 + 2)
+            found.add(
+                f"{prefix}QLoRA + micro batch {qb.micro_batch_size} x {qb.gradient_accumulation_steps}", qb, n0 + 2
+            )
     if _states_heavy(plan):
         found.add(f"{prefix}8-bit AdamW", both.with_(optimizer="adamw-8bit"), n0 + 1)
     for q in found.more_gpus(both):
         found.add(prefix + _gpus_label(plan, q), q, n0 + 1)
-    q1 = both.with_(micro_batch_size=1,
-                    gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps)
+    q1 = both.with_(
+        micro_batch_size=1, gradient_accumulation_steps=plan.micro_batch_size * plan.gradient_accumulation_steps
+    )
     for q in found.more_gpus(q1):
         found.add(f"{prefix}micro batch 1 + " + _gpus_label(plan, q), q, n0 + 2)

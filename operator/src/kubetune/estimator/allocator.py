@@ -26,6 +26,7 @@ Pure Python, no torch. It follows ``c10/cuda/CUDACachingAllocator.cpp`` (torch 2
 Reserved bytes are segment bytes (cudaMalloc'd or mapped): torch.cuda.memory_reserved(). Allocated bytes
 are the sizes of allocated blocks (after rounding): torch.cuda.memory_allocated().
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left, insort
@@ -119,8 +120,9 @@ class SimResult:
 class CachingAllocator:
     """The allocator's state; ``malloc`` returns a handle for ``free``."""
 
-    def __init__(self, *, expandable_segments: bool = False, max_split_size: int | None = None,
-                 capacity: int | None = None) -> None:
+    def __init__(
+        self, *, expandable_segments: bool = False, max_split_size: int | None = None, capacity: int | None = None
+    ) -> None:
         self.expandable = expandable_segments
         self.max_split = max_split_size or NO_SPLIT_LIMIT
         self.capacity = capacity
@@ -268,8 +270,14 @@ class CachingAllocator:
         return SimResult(self.peak_reserved, self.peak_allocated, self.reserved, self.allocated, self.segments, ooms)
 
 
-def simulate(events: Iterable[tuple], *, expandable_segments: bool = False, max_split_size: int | None = None,
-             capacity: int | None = None, reset_peaks_at: int | None = None) -> SimResult:
+def simulate(
+    events: Iterable[tuple],
+    *,
+    expandable_segments: bool = False,
+    max_split_size: int | None = None,
+    capacity: int | None = None,
+    reset_peaks_at: int | None = None,
+) -> SimResult:
     """Replay ``events`` and return the peaks.
 
     An event is ``("a", id, nbytes)`` or ``("a", id, nbytes, stream)`` (allocate) or ``("f", id)`` (free).

@@ -10,6 +10,7 @@ Pure Python: no torch, no transformers. Module names and shapes follow transform
 ``modeling_bert.py``, ...) for AutoModelForCausalLM; ``tests/unit/test_estimator_real_models.py``
 checks the counts against models that transformers builds from the same config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -215,7 +216,8 @@ class Architecture:
 
     def targets_moe_params(self, targets: tuple[str, ...]) -> bool:
         return any(t.strip() in ("all-linear", "all_linear", "all") for t in targets) and any(
-            b.param_targets for _, b in self.blocks)
+            b.param_targets for _, b in self.blocks
+        )
 
     def summary(self) -> str:
         moe = next((b.moe for _, b in self.blocks if b.moe), None)
@@ -246,8 +248,14 @@ def _req_int(cfg: Mapping[str, Any], where: str, *keys: str, default: Any = None
     v = _get(cfg, *keys, default=default)
     if v is None:
         raise UsageError(f"{where}: missing {keys[0]} (needed for the memory estimate)")
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")) \
-            or int(v) != v or v < 1:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or v != v
+        or v in (float("inf"), float("-inf"))
+        or int(v) != v
+        or v < 1
+    ):
         raise UsageError(f"{where}: {keys[0]} must be a positive integer, got {v!r}")
     if v > MAX_DIM:  # bounds the arithmetic below (floats stay finite, ints stay small)
         raise UsageError(f"{where}: {keys[0]} is {v!r}, more than any model has (at most {MAX_DIM}): check it")
@@ -266,14 +274,29 @@ def _check_size(arch: "Architecture", where: str) -> "Architecture":
         raise UsageError(
             f"{where}: the architecture has {n:.3g} parameters, more than {MAX_PARAMS:.0e} (num_hidden_layers "
             f"{arch.num_layers}, hidden_size {arch.hidden_size}, intermediate_size {arch.intermediate_size}, "
-            f"vocab_size {arch.vocab_size}): check those fields")
+            f"vocab_size {arch.vocab_size}): check those fields"
+        )
     return arch
 
 
 # model_type -> family. Families share a block layout; the rest are dims.
 LLAMA_LIKE = {
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmo2", "granite", "internlm2", "yi", "deepseek",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmo2",
+    "granite",
+    "internlm2",
+    "yi",
+    "deepseek",
 }
 FAMILIES = {
     **{t: "llama" for t in LLAMA_LIKE},
@@ -285,8 +308,16 @@ FAMILIES = {
     "xlm-roberta": "bert",
 }
 # transformers' default tie_word_embeddings per model_type (used when config.json leaves it out)
-_TIE_DEFAULT = {"gemma": True, "gemma2": True, "gemma3": True, "gemma3_text": True, "gpt2": True, "bert": True,
-                "roberta": True, "xlm-roberta": True}
+_TIE_DEFAULT = {
+    "gemma": True,
+    "gemma2": True,
+    "gemma3": True,
+    "gemma3_text": True,
+    "gpt2": True,
+    "bert": True,
+    "roberta": True,
+    "xlm-roberta": True,
+}
 SUPPORTED = sorted(FAMILIES)
 # MoE model types whose router and 3D experts peft adapts under all-linear (peft's v4->v5 conversion map)
 PEFT_MOE_PARAM_TARGETS = {"mixtral", "qwen3_moe"}
@@ -332,8 +363,9 @@ def from_config(config: Mapping[str, Any], where: str = "config.json", name: str
     builder = {"llama": _llama, "phi3": _phi3, "gpt_neox": _gpt_neox, "gpt2": _gpt2, "bert": _bert}[family]
     arch = builder(cfg, model_type, where)
     if extra_frozen or approximate or name or disk_bytes != 2:
-        arch = _replace(arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name,
-                        disk_weight_bytes=disk_bytes)
+        arch = _replace(
+            arch, extra_frozen_params=extra_frozen, approximate=approximate, name=name, disk_weight_bytes=disk_bytes
+        )
     return _check_size(arch, where)
 
 
@@ -406,15 +438,31 @@ def _llama(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
         sliding = None
     tie = _tie(cfg, model_type)
     return Architecture(
-        model_type=model_type, family="llama", hidden_size=d.hidden, num_layers=d.layers, num_heads=d.heads,
-        num_kv_heads=d.kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate, vocab_size=d.vocab,
-        tie_word_embeddings=tie, blocks=blocks, embed_params=d.vocab * d.hidden, other_embed_params=0,
-        lm_head_params=0 if tie else d.vocab * d.hidden, final_norm_params=d.hidden,
-        norm="gemma" if gemma else "rms", gated_mlp=True, act="gelu" if "gelu" in act else "silu", act_fn=act_fn,
-        qk_norm=qk_norm, norms_per_block=norms_per_block,
+        model_type=model_type,
+        family="llama",
+        hidden_size=d.hidden,
+        num_layers=d.layers,
+        num_heads=d.heads,
+        num_kv_heads=d.kv_heads,
+        head_dim=d.head_dim,
+        intermediate_size=d.intermediate,
+        vocab_size=d.vocab,
+        tie_word_embeddings=tie,
+        blocks=blocks,
+        embed_params=d.vocab * d.hidden,
+        other_embed_params=0,
+        lm_head_params=0 if tie else d.vocab * d.hidden,
+        final_norm_params=d.hidden,
+        norm="gemma" if gemma else "rms",
+        gated_mlp=True,
+        act="gelu" if "gelu" in act else "silu",
+        act_fn=act_fn,
+        qk_norm=qk_norm,
+        norms_per_block=norms_per_block,
         final_logit_softcapping=bool(cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)),
         attn_softcapping=bool(cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None)),
-        eager_attention=model_type == "gemma2", sliding_window=_sliding_window(sliding),
+        eager_attention=model_type == "gemma2",
+        sliding_window=_sliding_window(sliding),
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )
 
@@ -440,8 +488,9 @@ def _gated_mlp(hidden: int, inter: int, bias: bool, down_group: str = MLP_MID) -
     )
 
 
-def _llama_blocks(cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...],
-                  norm_params: int) -> tuple[tuple[int, Block], ...]:
+def _llama_blocks(
+    cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...], norm_params: int
+) -> tuple[tuple[int, Block], ...]:
     """(count, Block): every layer dense, or the sparse (MoE) layers and the dense ones among them."""
     dense = Block(attn + _gated_mlp(d.hidden, d.intermediate, bool(cfg.get("mlp_bias", False))), norm_params)
     if not (_get(cfg, "num_local_experts", "num_experts", default=0) or 0):
@@ -464,8 +513,9 @@ def _llama_blocks(cfg: Mapping[str, Any], model_type: str, where: str, d: _Decod
     return tuple(blocks)
 
 
-def _moe_block(cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...],
-               norm_params: int) -> Block:
+def _moe_block(
+    cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderDims, attn: tuple[Linear, ...], norm_params: int
+) -> Block:
     """A sparse layer: the router and the experts' fused 3D tensors (not Linears), an optional shared expert."""
     h = d.hidden
     top_k = _req_int(cfg, where, "num_experts_per_tok", default=2)
@@ -480,10 +530,14 @@ def _moe_block(cfg: Mapping[str, Any], model_type: str, where: str, d: _DecoderD
     # gate_up_proj (rank 2r: gate and up fused) and down_proj (rank r), each stacked over the experts
     ptargets: tuple[tuple[str, int], ...] = ()
     if model_type in PEFT_MOE_PARAM_TARGETS:
-        ptargets = (("gate", h + n_experts), ("gate_up_proj", 2 * n_experts * (h + 2 * moe_i)),
-                    ("down_proj", n_experts * (moe_i + h)))
-    return Block(attn + shared, norm_params + n_experts * h + experts, experts,
-                 MoE(n_experts, top_k, moe_i, shared_i), ptargets)
+        ptargets = (
+            ("gate", h + n_experts),
+            ("gate_up_proj", 2 * n_experts * (h + 2 * moe_i)),
+            ("down_proj", n_experts * (moe_i + h)),
+        )
+    return Block(
+        attn + shared, norm_params + n_experts * h + experts, experts, MoE(n_experts, top_k, moe_i, shared_i), ptargets
+    )
 
 
 def _phi3(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
@@ -497,11 +551,24 @@ def _phi3(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
     )
     tie = _tie(cfg, model_type)
     return Architecture(
-        model_type=model_type, family="phi3", hidden_size=h, num_layers=d.layers, num_heads=d.heads,
-        num_kv_heads=d.kv_heads, head_dim=d.head_dim, intermediate_size=inter, vocab_size=d.vocab,
-        tie_word_embeddings=tie, blocks=((d.layers, Block(lin, 2 * h)),), embed_params=d.vocab * h,
-        other_embed_params=0, lm_head_params=0 if tie else d.vocab * h, final_norm_params=h, norm="rms",
-        act_fn=str(cfg.get("hidden_act") or "silu"), sliding_window=_sliding_window(cfg.get("sliding_window")),
+        model_type=model_type,
+        family="phi3",
+        hidden_size=h,
+        num_layers=d.layers,
+        num_heads=d.heads,
+        num_kv_heads=d.kv_heads,
+        head_dim=d.head_dim,
+        intermediate_size=inter,
+        vocab_size=d.vocab,
+        tie_word_embeddings=tie,
+        blocks=((d.layers, Block(lin, 2 * h)),),
+        embed_params=d.vocab * h,
+        other_embed_params=0,
+        lm_head_params=0 if tie else d.vocab * h,
+        final_norm_params=h,
+        norm="rms",
+        act_fn=str(cfg.get("hidden_act") or "silu"),
+        sliding_window=_sliding_window(cfg.get("sliding_window")),
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )
 
@@ -521,10 +588,24 @@ def _gpt_neox(cfg: Mapping[str, Any], model_type: str, where: str) -> Architectu
     )
     tie = _tie(cfg, model_type)
     return Architecture(
-        model_type=model_type, family="gpt_neox", hidden_size=h, num_layers=L, num_heads=heads,
-        num_kv_heads=heads, head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
-        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=0,
-        lm_head_params=0 if tie else V * h, final_norm_params=2 * h, norm="ln", gated_mlp=False, act="gelu",
+        model_type=model_type,
+        family="gpt_neox",
+        hidden_size=h,
+        num_layers=L,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=h // heads,
+        intermediate_size=inter,
+        vocab_size=V,
+        tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),),
+        embed_params=V * h,
+        other_embed_params=0,
+        lm_head_params=0 if tie else V * h,
+        final_norm_params=2 * h,
+        norm="ln",
+        gated_mlp=False,
+        act="gelu",
         parallel_residual=bool(cfg.get("use_parallel_residual", True)),
         max_position_embeddings=cfg.get("max_position_embeddings"),
     )
@@ -546,10 +627,23 @@ def _gpt2(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
     tie = _tie(cfg, model_type)
     act = str(cfg.get("activation_function", "gelu_new"))
     return Architecture(
-        model_type=model_type, family="gpt2", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=heads,
-        head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
-        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=npos * h,
-        lm_head_params=0 if tie else V * h, final_norm_params=2 * h, norm="ln", gated_mlp=False,
+        model_type=model_type,
+        family="gpt2",
+        hidden_size=h,
+        num_layers=L,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=h // heads,
+        intermediate_size=inter,
+        vocab_size=V,
+        tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),),
+        embed_params=V * h,
+        other_embed_params=npos * h,
+        lm_head_params=0 if tie else V * h,
+        final_norm_params=2 * h,
+        norm="ln",
+        gated_mlp=False,
         act="gelu_new" if act in ("gelu_new", "gelu_pytorch_tanh_python") else "gelu",
         max_position_embeddings=npos,
     )
@@ -575,12 +669,27 @@ def _bert(cfg: Mapping[str, Any], model_type: str, where: str) -> Architecture:
     )
     tie = _tie(cfg, model_type)
     return Architecture(
-        model_type=model_type, family="bert", hidden_size=h, num_layers=L, num_heads=heads, num_kv_heads=heads,
-        head_dim=h // heads, intermediate_size=inter, vocab_size=V, tie_word_embeddings=tie,
-        blocks=((L, Block(lin, 4 * h)),), embed_params=V * h, other_embed_params=npos * h + ntype * h + 2 * h,
-        lm_head_params=0 if tie else V * h, final_norm_params=0,
-        head_linears=(Linear("dense", h, h, True, HEAD_IN),), head_other_params=2 * h + V,
-        norm="ln", gated_mlp=False, act="gelu", max_position_embeddings=npos,
+        model_type=model_type,
+        family="bert",
+        hidden_size=h,
+        num_layers=L,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=h // heads,
+        intermediate_size=inter,
+        vocab_size=V,
+        tie_word_embeddings=tie,
+        blocks=((L, Block(lin, 4 * h)),),
+        embed_params=V * h,
+        other_embed_params=npos * h + ntype * h + 2 * h,
+        lm_head_params=0 if tie else V * h,
+        final_norm_params=0,
+        head_linears=(Linear("dense", h, h, True, HEAD_IN),),
+        head_other_params=2 * h + V,
+        norm="ln",
+        gated_mlp=False,
+        act="gelu",
+        max_position_embeddings=npos,
         hidden_dropout=float(cfg.get("hidden_dropout_prob", 0.1) or 0.0),
     )
 

@@ -6,6 +6,7 @@ repo ids; every entry also answers to a short lower-case alias (the repo name wi
 ``llama-3.1-8b``) and to its -Instruct / -it variants, which share the base model's dimensions.
 tests/unit/test_estimator_catalog.py checks parameter totals against the published sizes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,15 +32,48 @@ _ENTRIES: dict[str, _E] = {
     "HuggingFaceTB/SmolLM2-360M": ("llama", 960, 32, 15, 5, 64, 2560, 49152, True, 8192, {}),
     "HuggingFaceTB/SmolLM2-1.7B": ("llama", 2048, 24, 32, 32, 64, 8192, 49152, True, 8192, {}),
     # Mistral
-    "mistralai/Mistral-7B-v0.1": ("mistral", 4096, 32, 32, 8, 128, 14336, 32000, False, 32768,
-                                  {"sliding_window": 4096}),
+    "mistralai/Mistral-7B-v0.1": (
+        "mistral",
+        4096,
+        32,
+        32,
+        8,
+        128,
+        14336,
+        32000,
+        False,
+        32768,
+        {"sliding_window": 4096},
+    ),
     "mistralai/Mistral-7B-v0.3": ("mistral", 4096, 32, 32, 8, 128, 14336, 32768, False, 32768, {}),
     "mistralai/Mistral-Nemo-Base-2407": ("mistral", 5120, 40, 32, 8, 128, 14336, 131072, False, 1024000, {}),
     "mistralai/Mistral-Small-24B-Base-2501": ("mistral", 5120, 40, 32, 8, 128, 32768, 131072, False, 32768, {}),
-    "mistralai/Mixtral-8x7B-v0.1": ("mixtral", 4096, 32, 32, 8, 128, 14336, 32000, False, 32768,
-                                    {"num_local_experts": 8, "num_experts_per_tok": 2}),
-    "mistralai/Mixtral-8x22B-v0.1": ("mixtral", 6144, 56, 48, 8, 128, 16384, 32768, False, 65536,
-                                     {"num_local_experts": 8, "num_experts_per_tok": 2}),
+    "mistralai/Mixtral-8x7B-v0.1": (
+        "mixtral",
+        4096,
+        32,
+        32,
+        8,
+        128,
+        14336,
+        32000,
+        False,
+        32768,
+        {"num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
+    "mistralai/Mixtral-8x22B-v0.1": (
+        "mixtral",
+        6144,
+        56,
+        48,
+        8,
+        128,
+        16384,
+        32768,
+        False,
+        65536,
+        {"num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
     # Qwen2.5
     "Qwen/Qwen2.5-0.5B": ("qwen2", 896, 24, 14, 2, 64, 4864, 151936, True, 32768, {}),
     "Qwen/Qwen2.5-1.5B": ("qwen2", 1536, 28, 12, 2, 128, 8960, 151936, True, 131072, {}),
@@ -56,13 +90,50 @@ _ENTRIES: dict[str, _E] = {
     "Qwen/Qwen3-8B": ("qwen3", 4096, 36, 32, 8, 128, 12288, 151936, False, 40960, {}),
     "Qwen/Qwen3-14B": ("qwen3", 5120, 40, 40, 8, 128, 17408, 151936, False, 40960, {}),
     "Qwen/Qwen3-32B": ("qwen3", 5120, 64, 64, 8, 128, 25600, 151936, False, 40960, {}),
-    "Qwen/Qwen3-30B-A3B": ("qwen3_moe", 2048, 48, 32, 4, 128, 6144, 151936, False, 40960,
-                           {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768}),
-    "Qwen/Qwen3-235B-A22B": ("qwen3_moe", 4096, 94, 64, 4, 128, 12288, 151936, False, 40960,
-                             {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536}),
-    "Qwen/Qwen1.5-MoE-A2.7B": ("qwen2_moe", 2048, 24, 16, 16, 128, 5632, 151936, False, 8192,
-                               {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
-                                "shared_expert_intermediate_size": 5632}),
+    "Qwen/Qwen3-30B-A3B": (
+        "qwen3_moe",
+        2048,
+        48,
+        32,
+        4,
+        128,
+        6144,
+        151936,
+        False,
+        40960,
+        {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+    ),
+    "Qwen/Qwen3-235B-A22B": (
+        "qwen3_moe",
+        4096,
+        94,
+        64,
+        4,
+        128,
+        12288,
+        151936,
+        False,
+        40960,
+        {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 1536},
+    ),
+    "Qwen/Qwen1.5-MoE-A2.7B": (
+        "qwen2_moe",
+        2048,
+        24,
+        16,
+        16,
+        128,
+        5632,
+        151936,
+        False,
+        8192,
+        {
+            "num_experts": 60,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632,
+        },
+    ),
     # Gemma
     "google/gemma-2-2b": ("gemma2", 2304, 26, 8, 4, 256, 9216, 256000, True, 8192, {"sliding_window": 4096}),
     "google/gemma-2-9b": ("gemma2", 3584, 42, 16, 8, 256, 14336, 256000, True, 8192, {"sliding_window": 4096}),
@@ -72,11 +143,33 @@ _ENTRIES: dict[str, _E] = {
     "google/gemma-3-12b-pt": ("gemma3", 3840, 48, 16, 8, 256, 15360, 262208, True, 131072, {"sliding_window": 1024}),
     "google/gemma-3-27b-pt": ("gemma3", 5376, 62, 32, 16, 128, 21504, 262208, True, 131072, {"sliding_window": 1024}),
     # Phi (phi3 architecture)
-    "microsoft/Phi-3-mini-4k-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 4096,
-                                         {"sliding_window": 2047}),
+    "microsoft/Phi-3-mini-4k-instruct": (
+        "phi3",
+        3072,
+        32,
+        32,
+        32,
+        96,
+        8192,
+        32064,
+        False,
+        4096,
+        {"sliding_window": 2047},
+    ),
     "microsoft/Phi-3.5-mini-instruct": ("phi3", 3072, 32, 32, 32, 96, 8192, 32064, False, 131072, {}),
-    "microsoft/Phi-3-medium-4k-instruct": ("phi3", 5120, 40, 40, 10, 128, 17920, 32064, False, 4096,
-                                           {"sliding_window": 2047}),
+    "microsoft/Phi-3-medium-4k-instruct": (
+        "phi3",
+        5120,
+        40,
+        40,
+        10,
+        128,
+        17920,
+        32064,
+        False,
+        4096,
+        {"sliding_window": 2047},
+    ),
     "microsoft/phi-4": ("phi3", 5120, 40, 40, 10, 128, 17920, 100352, False, 16384, {}),
     "microsoft/Phi-4-mini-instruct": ("phi3", 3072, 32, 24, 8, 128, 8192, 200064, True, 131072, {}),
     # GPT-NeoX (Pythia)
@@ -150,12 +243,28 @@ for _size in ("0.6B", "1.7B", "4B", "8B", "14B", "32B", "30B-A3B", "235B-A22B"):
 def _config(entry: _E) -> dict[str, Any]:
     mt, h, L, a, kv, hd, i, V, tied, mp, extra = entry
     if mt == "gpt2":
-        cfg: dict[str, Any] = {"model_type": mt, "n_embd": h, "n_layer": L, "n_head": a, "n_inner": i,
-                               "vocab_size": V, "n_positions": mp, "tie_word_embeddings": tied}
+        cfg: dict[str, Any] = {
+            "model_type": mt,
+            "n_embd": h,
+            "n_layer": L,
+            "n_head": a,
+            "n_inner": i,
+            "vocab_size": V,
+            "n_positions": mp,
+            "tie_word_embeddings": tied,
+        }
     else:
-        cfg = {"model_type": mt, "hidden_size": h, "num_hidden_layers": L, "num_attention_heads": a,
-               "num_key_value_heads": kv, "intermediate_size": i, "vocab_size": V,
-               "tie_word_embeddings": tied, "max_position_embeddings": mp}
+        cfg = {
+            "model_type": mt,
+            "hidden_size": h,
+            "num_hidden_layers": L,
+            "num_attention_heads": a,
+            "num_key_value_heads": kv,
+            "intermediate_size": i,
+            "vocab_size": V,
+            "tie_word_embeddings": tied,
+            "max_position_embeddings": mp,
+        }
         if hd is not None:
             cfg["head_dim"] = hd
     cfg.update(extra)
@@ -176,23 +285,36 @@ for _k, _base in _VARIANTS.items():
     if "/" not in _k:
         ALIASES[_k.lower()] = _base
 # friendly short names
-ALIASES.update({
-    "llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
-    "llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
-    "llama-3.1-70b": "meta-llama/Llama-3.1-70B", "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
-    "llama-3.1-405b": "meta-llama/Llama-3.1-405B", "llama-2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama-2-13b": "meta-llama/Llama-2-13b-hf", "llama-2-70b": "meta-llama/Llama-2-70b-hf",
-    "mistral-7b": "mistralai/Mistral-7B-v0.3", "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
-    "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407",
-    "mistral-small-24b": "mistralai/Mistral-Small-24B-Base-2501",
-    "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1", "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
-    "gemma-3-1b": "google/gemma-3-1b-pt", "gemma-3-4b": "google/gemma-3-4b-pt",
-    "gemma-3-12b": "google/gemma-3-12b-pt", "gemma-3-27b": "google/gemma-3-27b-pt",
-    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct", "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
-    "phi-3-medium": "microsoft/Phi-3-medium-4k-instruct", "phi-4": "microsoft/phi-4",
-    "phi-4-mini": "microsoft/Phi-4-mini-instruct",
-    "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
-})
+ALIASES.update(
+    {
+        "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+        "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+        "llama-3.1-8b": "meta-llama/Llama-3.1-8B",
+        "llama-3-8b": "meta-llama/Meta-Llama-3-8B",
+        "llama-3.1-70b": "meta-llama/Llama-3.1-70B",
+        "llama-3.3-70b": "meta-llama/Llama-3.3-70B-Instruct",
+        "llama-3.1-405b": "meta-llama/Llama-3.1-405B",
+        "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+        "llama-2-13b": "meta-llama/Llama-2-13b-hf",
+        "llama-2-70b": "meta-llama/Llama-2-70b-hf",
+        "mistral-7b": "mistralai/Mistral-7B-v0.3",
+        "mistral-7b-v0.1": "mistralai/Mistral-7B-v0.1",
+        "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407",
+        "mistral-small-24b": "mistralai/Mistral-Small-24B-Base-2501",
+        "mixtral-8x7b": "mistralai/Mixtral-8x7B-v0.1",
+        "mixtral-8x22b": "mistralai/Mixtral-8x22B-v0.1",
+        "gemma-3-1b": "google/gemma-3-1b-pt",
+        "gemma-3-4b": "google/gemma-3-4b-pt",
+        "gemma-3-12b": "google/gemma-3-12b-pt",
+        "gemma-3-27b": "google/gemma-3-27b-pt",
+        "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+        "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
+        "phi-3-medium": "microsoft/Phi-3-medium-4k-instruct",
+        "phi-4": "microsoft/phi-4",
+        "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+        "tinyllama-1.1b": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+    }
+)
 
 
 def lookup(name: str) -> tuple[str, dict[str, Any]] | None:

@@ -3,6 +3,7 @@
 The flag form describes a run of the plain HF Trainer + PEFT stack (see kubetune.estimator.flagplan);
 -f uses kubetune's own trainer defaults (kubetune.plan.plan_from_spec).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,24 +29,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = EPILOG
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_argument_group("what to estimate (one of)")
-    src.add_argument("-f", "--file", metavar="JOB_YAML",
-                     help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults")
-    src.add_argument("--model", metavar="CONFIG_JSON_OR_NAME",
-                     help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, "
-                          "Qwen/Qwen2.5-7B), or hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for "
-                          "gated models)")
+    src.add_argument(
+        "-f", "--file", metavar="JOB_YAML", help="a FineTuneJob (or its spec) in YAML: kubetune's trainer defaults"
+    )
+    src.add_argument(
+        "--model",
+        metavar="CONFIG_JSON_OR_NAME",
+        help="a config.json file, a directory holding one, a catalog name (llama-3.1-8b, "
+        "Qwen/Qwen2.5-7B), or hf://org/name[@rev] (from the Hub, or $HF_ENDPOINT; $HF_TOKEN for "
+        "gated models)",
+    )
     f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
     f.add_argument("--method", help=" | ".join(registry.METHOD_NAMES) + " (default lora)")
     f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
     f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    f.add_argument("--fused-cross-entropy", action="store_true",
-                   help="liger fused linear cross-entropy (no full logits)")
-    f.add_argument("--fused-kernels", action="store_true",
-                   help="liger RMSNorm, RoPE and SwiGLU/GeGLU kernels (apply_liger_kernel_to_*: fewer saved "
-                        "activations)")
-    f.add_argument("--packing", action="store_true",
-                   help="packed sequences (position_ids): SDPA gets a block-diagonal mask and repeats k/v per head")
+    f.add_argument(
+        "--fused-cross-entropy", action="store_true", help="liger fused linear cross-entropy (no full logits)"
+    )
+    f.add_argument(
+        "--fused-kernels",
+        action="store_true",
+        help="liger RMSNorm, RoPE and SwiGLU/GeGLU kernels (apply_liger_kernel_to_*: fewer saved activations)",
+    )
+    f.add_argument(
+        "--packing",
+        action="store_true",
+        help="packed sequences (position_ids): SDPA gets a block-diagonal mask and repeats k/v per head",
+    )
     f.add_argument("--lora-rank", metavar="R", help="LoRA rank (default 16)")
     f.add_argument("--lora-alpha", metavar="A", help="LoRA alpha (default 32; does not change memory)")
     f.add_argument("--lora-dropout", metavar="D", help="LoRA dropout in [0, 1) (default 0)")
@@ -54,29 +65,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--trainable-layers", metavar="K", help="freeze: top K blocks train (default 2)")
     f.add_argument("--train-embeddings", action="store_true", help="freeze: also train embeddings and the output head")
     f.add_argument("--virtual-tokens", metavar="N", help="prompt/prefix tuning: virtual tokens (default 20)")
-    f.add_argument("--objective", help=" | ".join(registry.OBJECTIVE_NAMES) + " (default sft). "
-                   f"{one_of(registry.objective_names(data='paired'))} put chosen and rejected through one forward: "
-                   "--batch-size counts examples, twice as many sequences")
-    f.add_argument("--reference",
-                   help=f"with --objective {one_of(registry.objective_names(reference=True))}: implicit (the base with "
-                        "the adapters off; the default for adapter methods) | copy (a frozen second model; the default "
-                        "for full and freeze) | precomputed (log-probs from a pass before training)")
+    f.add_argument(
+        "--objective",
+        help=" | ".join(registry.OBJECTIVE_NAMES) + " (default sft). "
+        f"{one_of(registry.objective_names(data='paired'))} put chosen and rejected through one forward: "
+        "--batch-size counts examples, twice as many sequences",
+    )
+    f.add_argument(
+        "--reference",
+        help=f"with --objective {one_of(registry.objective_names(reference=True))}: implicit (the base with "
+        "the adapters off; the default for adapter methods) | copy (a frozen second model; the default "
+        "for full and freeze) | precomputed (log-probs from a pass before training)",
+    )
     f.add_argument("--precision", help="bf16 (bf16 weights and AdamW states, default) | fp32-mixed | fp32")
     f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
     f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
     f.add_argument("--gpus", metavar="N", help="GPUs (processes) the job runs on (default 1)")
-    f.add_argument("--sharding",
-                   help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)")
+    f.add_argument(
+        "--sharding", help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)"
+    )
     o = p.add_argument_group("output")
-    o.add_argument("--gpu-memory", metavar="SIZE",
-                   help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi "
-                        "(default 16,24,40,48,80,141 GB)")
+    o.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="GPU size(s) to check, comma-separated: 80GB, 24, 79.6Gi, 81559Mi (default 16,24,40,48,80,141 GB)",
+    )
     o.add_argument("--margin", metavar="F", help="safety margin as a fraction of GPU memory (default 0.05)")
     o.add_argument("--json", action="store_true", help="machine-readable output; total_gib is per-GPU device memory")
-    o.add_argument("--allocator", metavar="SETTING",
-                   help="the caching allocator the reserved figure assumes: default (expandable_segments:False, "
-                        "torch's default; the plain HF Trainer) or expandable (expandable_segments:True, which "
-                        "kubetune's trainer sets). Default: default, which reserves at least as much on these traces")
+    o.add_argument(
+        "--allocator",
+        metavar="SETTING",
+        help="the caching allocator the reserved figure assumes: default (expandable_segments:False, "
+        "torch's default; the plain HF Trainer) or expandable (expandable_segments:True, which "
+        "kubetune's trainer sets). Default: default, which reserves at least as much on these traces",
+    )
 
 
 # ---- parsing helpers (every failure names the flag and the rule) ----------------------------------
@@ -166,8 +188,11 @@ def _load_model(arg: str):
         if arg.endswith(".json") or arg.startswith((os.sep, ".")):
             raise UsageError(f"--model {arg}: no such file")
         close = [k for k in sorted(catalog.ALIASES) if arg.lower().split("/")[-1][:5] in k][:5]
-        hint = (f" (did you mean {', '.join(close)}?)" if close
-                else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)")
+        hint = (
+            f" (did you mean {', '.join(close)}?)"
+            if close
+            else " (try llama-3.1-8b, qwen2.5-7b, mistral-7b, gemma-2-9b, phi-4)"
+        )
         raise UsageError(f"--model {arg}: not a config.json file nor a model in kubetune's catalog{hint}")
     return a, a.name or arg
 
@@ -175,9 +200,25 @@ def _load_model(arg: str):
 # ---- the two forms ---------------------------------------------------------------------------------
 
 
-_FLAG_ONLY = ("method", "objective", "reference", "batch_size", "seq_len", "lora_rank", "lora_alpha", "lora_dropout",
-              "lora_targets", "quant_bits", "trainable_layers", "virtual_tokens", "precision", "optimizer",
-              "gradient_accumulation_steps", "gpus", "sharding")
+_FLAG_ONLY = (
+    "method",
+    "objective",
+    "reference",
+    "batch_size",
+    "seq_len",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "quant_bits",
+    "trainable_layers",
+    "virtual_tokens",
+    "precision",
+    "optimizer",
+    "gradient_accumulation_steps",
+    "gpus",
+    "sharding",
+)
 
 
 def _flag_plan(args: argparse.Namespace):
@@ -246,15 +287,21 @@ def _flag_objective(args: argparse.Namespace, info: registry.MethodInfo) -> tupl
     reference = _choice(args, "reference", registry.REFERENCE_MODES, None)  # type: ignore[arg-type]
     oinfo = registry.objective(objective)
     if reference is not None and not oinfo.reference:
-        raise UsageError(f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
-                         f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
+        raise UsageError(
+            f"--reference: only valid with --objective {one_of(registry.objective_names(reference=True))} "
+            f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)"
+        )
     if reference == "implicit" and not info.adapter:
-        raise UsageError(f"--reference implicit: needs an adapter --method "
-                         f"({one_of(registry.method_names(adapter=True))}): it disables the adapters to get the base "
-                         "model; use copy or precomputed")
+        raise UsageError(
+            f"--reference implicit: needs an adapter --method "
+            f"({one_of(registry.method_names(adapter=True))}): it disables the adapters to get the base "
+            "model; use copy or precomputed"
+        )
     if args.packing and oinfo.data != "sft":
-        raise UsageError(f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
-                         "(preference objectives score each whole sequence on its own)")
+        raise UsageError(
+            f"--packing: only valid with --objective {one_of(registry.objective_names(data='sft'))} "
+            "(preference objectives score each whole sequence on its own)"
+        )
     return objective, reference
 
 
@@ -341,15 +388,19 @@ def _read_config_for_cli(uri: str) -> str:
     """config.json for file:// and hf:// URIs (the CLI cannot reach the job's S3 or PVCs). The Hub is
     read as huggingface_hub would: $HF_ENDPOINT (a mirror) and $HF_TOKEN."""
     if uri.startswith("file://"):
-        p = uri[len("file://"):]
+        p = uri[len("file://") :]
         p = os.path.join(p, "config.json") if os.path.isdir(p) else p
         with open(p, encoding="utf-8") as fh:
             return fh.read()
     if uri.startswith("hf://"):
         from kubetune.hub import hub_endpoint, read_hub_config
 
-        return read_hub_config(uri, os.environ.get("HF_TOKEN") or None,
-                               hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT"), cli=True)
+        return read_hub_config(
+            uri,
+            os.environ.get("HF_TOKEN") or None,
+            hub_endpoint(os.environ.get("HF_ENDPOINT"), "HF_ENDPOINT"),
+            cli=True,
+        )
     raise OSError("the CLI reads config.json only from file:// and hf:// URIs")
 
 
@@ -382,8 +433,10 @@ def _plan_line(plan) -> str:
     seqs = plan.sequences_per_example
     examples = f" examples ({plan.micro_batch_size * seqs} sequences)" if seqs > 1 else ""
     accumulation = plan.gradient_accumulation_steps
-    parts.append(f"micro batch {plan.micro_batch_size}{examples} x {plan.seq_len} tokens"
-                 + (f" x {accumulation} accumulation" if accumulation > 1 else ""))
+    parts.append(
+        f"micro batch {plan.micro_batch_size}{examples} x {plan.seq_len} tokens"
+        + (f" x {accumulation} accumulation" if accumulation > 1 else "")
+    )
     parts.append(f"checkpointing {'on' if plan.gradient_checkpointing else 'off'}")
     parts.append(f"fused CE {'on' if plan.fused_cross_entropy else 'off'}")
     if plan.fused_kernels:
@@ -395,8 +448,18 @@ def _plan_line(plan) -> str:
     return " | ".join(parts)
 
 
-def _report(name: str, arch, plan, auto: bool, sizes: list[tuple[str, int]], margin: float, as_json: bool,
-            source: str, spec=None, allocator: str | None = None) -> dict:
+def _report(
+    name: str,
+    arch,
+    plan,
+    auto: bool,
+    sizes: list[tuple[str, int]],
+    margin: float,
+    as_json: bool,
+    source: str,
+    spec=None,
+    allocator: str | None = None,
+) -> dict:
     """One model and plan priced (auto resolved as the operator would), with fit and advice; printed unless
     ``as_json``. Returns the JSON form."""
     from kubetune.estimator.advice import fit_advice, fits
@@ -472,21 +535,31 @@ def _add_pod_resources(d: dict, spec, plan, est, arch) -> None:
         d["host_model_bytes"], d["host_model_why"] = host, why
 
 
-_BREAKDOWN_LABELS = {"weights": "weights", "gradients": "gradients", "optimizer": "optimizer states",
-                     "adapters": "adapters", "activations": "activations", "logits": "logits / loss",
-                     "overhead": "CUDA context + allocator", "communication": "communication"}
+_BREAKDOWN_LABELS = {
+    "weights": "weights",
+    "gradients": "gradients",
+    "optimizer": "optimizer states",
+    "adapters": "adapters",
+    "activations": "activations",
+    "logits": "logits / loss",
+    "overhead": "CUDA context + allocator",
+    "communication": "communication",
+}
 
 
-def _print_report(d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[str, bool], auto: bool, advice: list,
-                  floors: list) -> None:
+def _print_report(
+    d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[str, bool], auto: bool, advice: list, floors: list
+) -> None:
     from kubetune.estimator.memory import GIB
 
     w = sys.stdout.write
     w(f"{d['name']}\n" if d["name"] else "")
     w(f"  model        {d['model']}: {arch.summary().split(': ', 1)[-1]}\n")
     pct = est.trainable_params / est.total_params * 100 if est.total_params else 0
-    w(f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable "
-      f"({pct:.2f}%)\n")
+    w(
+        f"  parameters   {_fmt_params(est.total_params)} total, {_fmt_params(est.trainable_params)} trainable "
+        f"({pct:.2f}%)\n"
+    )
     w(f"  plan         {d['plan']}\n")
     for note in est.notes:
         w(f"  note         {note}\n")
@@ -496,14 +569,18 @@ def _print_report(d: dict, arch, est, sizes: list[tuple[str, int]], fit: dict[st
             w(f"    {_BREAKDOWN_LABELS[k]:<26s}{v / GIB:8.2f} GiB\n")
     w(f"    {'total':<26s}{est.total_gib:8.2f} GiB\n")
     # what torch reports apart: tensors at the peak, and what the caching allocator holds for them
-    w(f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved "
-      f"{est.reserved_bytes / GIB:.2f} GiB (max_memory_reserved, simulated caching allocator, "
-      f"{est.allocator_setting})\n")
+    w(
+        f"  allocated    {est.allocated_bytes / GIB:.2f} GiB (max_memory_allocated); reserved "
+        f"{est.reserved_bytes / GIB:.2f} GiB (max_memory_reserved, simulated caching allocator, "
+        f"{est.allocator_setting})\n"
+    )
     if "local_disk_bytes" in d:
         w(f"  local disk     {d['local_disk_bytes'] / GIB:.0f} GiB per trainer pod (its ephemeral-storage request)\n")
     if "host_model_bytes" in d:
-        w(f"  host memory    the whole model, {d['host_model_bytes'] / GIB:.1f} GiB, is read into it "
-          f"({d['host_model_why']}): spec.resources.memory must hold it\n")
+        w(
+            f"  host memory    the whole model, {d['host_model_bytes'] / GIB:.1f} GiB, is read into it "
+            f"({d['host_model_why']}): spec.resources.memory must hold it\n"
+        )
     w("\n")
     cells = " | ".join(f"{n} {'yes' if fit[n] else 'no'}" for n, _ in sizes)
     w(f"  fits ({int(d['margin'] * 100)}% margin): {cells}\n")
@@ -529,7 +606,8 @@ def run(args: argparse.Namespace) -> int:
     margin = _margin(args)
     sizes = parse_gpu_sizes(args.gpu_memory) if args.gpu_memory else [(g.name, g.bytes) for g in GPU_SIZES]
     allocator = {"default": DEFAULT, "expandable": EXPANDABLE}[
-        _choice(args, "allocator", ("default", "expandable"), "default")]
+        _choice(args, "allocator", ("default", "expandable"), "default")
+    ]
     if args.model:
         reports = [_flag_report(args, sizes, margin, allocator)]
     else:
@@ -571,11 +649,17 @@ def _job_reports(args: argparse.Namespace, sizes: list[tuple[str, int]], margin:
     from kubetune.plan import plan_from_spec
 
     given = [f"--{f.replace('_', '-')}" for f in _FLAG_ONLY if getattr(args, f) is not None]
-    given += [f for f, on in (("--gradient-checkpointing", args.gradient_checkpointing),
-                              ("--fused-cross-entropy", args.fused_cross_entropy),
-                              ("--fused-kernels", args.fused_kernels),
-                              ("--packing", args.packing),
-                              ("--train-embeddings", args.train_embeddings)) if on]
+    given += [
+        f
+        for f, on in (
+            ("--gradient-checkpointing", args.gradient_checkpointing),
+            ("--fused-cross-entropy", args.fused_cross_entropy),
+            ("--fused-kernels", args.fused_kernels),
+            ("--packing", args.packing),
+            ("--train-embeddings", args.train_embeddings),
+        )
+        if on
+    ]
     if given:
         raise UsageError(f"{given[0]}: not used with -f (the job file sets it); use the flag form with --model")
     reports = []
@@ -590,8 +674,20 @@ def _job_reports(args: argparse.Namespace, sizes: list[tuple[str, int]], margin:
             q = int(quantity_to_float(spec.resources.min_gpu_memory))
             job_sizes = [(str(spec.resources.min_gpu_memory), q)]
         try:
-            reports.append(_report(name, arch, plan, auto, job_sizes, margin, args.json,
-                                   f"{args.file}: {spec.model.uri}", spec=spec, allocator=allocator))
+            reports.append(
+                _report(
+                    name,
+                    arch,
+                    plan,
+                    auto,
+                    job_sizes,
+                    margin,
+                    args.json,
+                    f"{args.file}: {spec.model.uri}",
+                    spec=spec,
+                    allocator=allocator,
+                )
+            )
         except UsageError as e:
             if "LoRA target" in str(e):
                 raise UsageError(f"-f {args.file}: spec.method.lora.targetModules: {e}") from None

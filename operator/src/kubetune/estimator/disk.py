@@ -5,6 +5,7 @@ download; the kubelet then evicts it under DiskPressure, the Job retries the evi
 counting it (a disruption, not the trainer's fault), and the next pod downloads again: a loop. A
 request makes the scheduler pick a node with room. No limit: the kubelet would evict a pod over it.
 """
+
 from __future__ import annotations
 
 from kubetune.api.registry import method as method_info

@@ -18,6 +18,7 @@ instead describes a run of the stack most tutorials use, the one shared/calibrat
   "Objectives"): the flag form and ``-f`` price a preference objective alike; the defaults are the API's
   (``TrainingObjective.effective_reference``).
 """
+
 from __future__ import annotations
 
 from kubetune.api import registry
@@ -66,11 +67,15 @@ def plan_from_flags(
     if info.adapter:
         trainable = "fp32"  # peft creates adapters and virtual tokens in fp32
     if info.settings == "lora":
-        kw.update(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                  lora_targets=tuple(lora_targets))
+        kw.update(
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets)
+        )
     if info.quantized:
-        kw.update(quant_bits=quant_bits, quant_type="nf4" if quant_bits == 4 else None,
-                  double_quant=double_quant and quant_bits == 4)
+        kw.update(
+            quant_bits=quant_bits,
+            quant_type="nf4" if quant_bits == 4 else None,
+            double_quant=double_quant and quant_bits == 4,
+        )
         weight = "fp32"  # prepare_model_for_kbit_training upcasts the non-quantized parameters
     if info.settings == "virtualTokens":
         kw.update(virtual_tokens=virtual_tokens)
@@ -132,12 +137,16 @@ def _objective(method: str, objective: str, reference: str | None, packing: bool
         if reference not in registry.REFERENCE_MODES:
             raise ValueError(f"reference must be one of {', '.join(registry.REFERENCE_MODES)}")
         if not info.reference:
-            raise ValueError(f"reference: only valid with objective {one_of(registry.objective_names(reference=True))} "
-                             f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)")
+            raise ValueError(
+                f"reference: only valid with objective {one_of(registry.objective_names(reference=True))} "
+                f"({one_of(registry.objective_names(reference=False), 'and')} use no reference model)"
+            )
         if reference == "implicit" and not registry.method(method).adapter:
-            raise ValueError(f"reference implicit needs an adapter method "
-                             f"({one_of(registry.method_names(adapter=True))}): it disables the adapters to get the "
-                             "base model")
+            raise ValueError(
+                f"reference implicit needs an adapter method "
+                f"({one_of(registry.method_names(adapter=True))}): it disables the adapters to get the "
+                "base model"
+            )
     if packing and info.data != "sft":
         raise ValueError(f"packing: only valid with objective {one_of(registry.objective_names(data='sft'))}")
     return TrainingObjective.model_construct(type=objective, reference=reference)

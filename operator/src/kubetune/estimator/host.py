@@ -7,6 +7,7 @@ merging the adapter at the end loads the base whole on the CPU. A pod whose spec
 below that is OOM-killed every time, so the operator refuses it before it takes a GPU. Per-process
 overheads (torch, the CUDA context, the data) vary too much to police.
 """
+
 from __future__ import annotations
 
 import math

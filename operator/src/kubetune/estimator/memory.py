@@ -14,6 +14,7 @@ allocation sequence, steptrace.py), the CUDA context and communication buffers. 
 "calibrated" were fitted to shared/calibration (plain HF Trainer + PEFT on an H100); everything else
 is bytes-per-element arithmetic from the modelling code. Pure Python, no torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -215,11 +216,18 @@ class _BlockView(NamedTuple):
     base: dict[str, int]  # group -> linears of the block
     adapted: dict[str, int]  # group -> LoRA-adapted linears
 
-    def group(self, group: str, width: int, dtype_bytes: int, saved_already: bool, more_base: int = 0,
-              more_adapted: int = 0) -> int:
+    def group(
+        self, group: str, width: int, dtype_bytes: int, saved_already: bool, more_base: int = 0, more_adapted: int = 0
+    ) -> int:
         """_group for the block's linears of ``group`` (plus ``more_*`` modules reading the same input)."""
-        return _group(self.x, width, dtype_bytes, saved_already, self.base.get(group, 0) + more_base,
-                      self.adapted.get(group, 0) + more_adapted)
+        return _group(
+            self.x,
+            width,
+            dtype_bytes,
+            saved_already,
+            self.base.get(group, 0) + more_base,
+            self.adapted.get(group, 0) + more_adapted,
+        )
 
     def linear_output(self, input_bytes: int) -> int:
         """Bytes per element of a linear's output."""
@@ -258,8 +266,9 @@ def _decoder_terms(v: _BlockView) -> list[float]:
     terms: list[float] = [arch.norms_per_block * per_norm, v.group(ATTN_IN, hidden, norm_out, False)]
     terms += _decoder_attention_terms(v, v.linear_output(norm_out))
     # the MoE router reads the norm output too
-    terms.append(v.group(MLP_IN, hidden, norm_out, False, 1 if v.blk.moe else 0,
-                         1 if x.moe_lora and v.blk.param_targets else 0))
+    terms.append(
+        v.group(MLP_IN, hidden, norm_out, False, 1 if v.blk.moe else 0, 1 if x.moe_lora and v.blk.param_targets else 0)
+    )
     if v.blk.moe is None:
         mlp_out = v.linear_output(norm_out)
         # act input, act output, up output; Liger's SwiGLU/GeGLU keeps gate and up and recomputes the act
@@ -283,8 +292,9 @@ def _decoder_attention_terms(v: _BlockView, qkv_out: int) -> list[float]:
     if arch.eager_attention:
         # eager: q and head-repeated k, v saved by the matmuls; per score: the soft-cap tanh output,
         # the fp32 softmax and its compute-dtype cast; the output is re-laid out for o_proj (a copy)
-        terms.append(attn * 3 * q_dim * kv_factor
-                     + heads * x.s_kv * (attn + 4 + (attn if arch.attn_softcapping else 0)))
+        terms.append(
+            attn * 3 * q_dim * kv_factor + heads * x.s_kv * (attn + 4 + (attn if arch.attn_softcapping else 0))
+        )
         terms.append(v.group(ATTN_OUT, q_dim, attn, False))
         return terms
     repeated = x.mask and arch.num_kv_heads != heads
@@ -310,8 +320,12 @@ def _moe_terms(v: _BlockView, norm_out: int) -> list[float]:
     # per routed (token, expert): gathered input (if trained), gate_up output, act output, product
     # (if trained), down output (kept for the routing-weight product), routing weight and indices
     experts_train = x.trainable or (x.moe_lora and bool(v.blk.param_targets))  # expert weights require grad
-    per_route = (3 * expert_out * moe.intermediate + expert_out * hidden + 28
-                 + ((gathered_input + expert_out * moe.intermediate) if experts_train else 0))
+    per_route = (
+        3 * expert_out * moe.intermediate
+        + expert_out * hidden
+        + 28
+        + ((gathered_input + expert_out * moe.intermediate) if experts_train else 0)
+    )
     terms: list[float] = [moe.top_k * per_route + 4 * moe.experts + 12 * moe.top_k + 4]  # router probs, top-k
     if moe.shared_intermediate:
         shared_out = v.linear_output(norm_out)
@@ -334,45 +348,59 @@ def _layer_norm_block(v: _BlockView) -> _LayerNormBlock:
     x = v.x
     norm_out = 4 if x.autocast else x.w
     linear_out = v.linear_output(norm_out)
-    return _LayerNormBlock(v.arch.hidden_size, v.arch.intermediate_size, norm_out, linear_out,
-                           x.c if x.autocast else linear_out)
+    return _LayerNormBlock(
+        v.arch.hidden_size, v.arch.intermediate_size, norm_out, linear_out, x.c if x.autocast else linear_out
+    )
 
 
 def _gpt_neox_terms(v: _BlockView) -> list[float]:
     arch = v.arch
     d = _layer_norm_block(v)
-    terms: list[float] = [v.layer_norms(2, arch.parallel_residual), v.group(ATTN_IN, d.hidden, d.norm_out, False),
-                          d.attn * 4 * d.hidden + 4 * arch.num_heads]  # q and k (rotary makes new tensors), v, out
+    terms: list[float] = [
+        v.layer_norms(2, arch.parallel_residual),
+        v.group(ATTN_IN, d.hidden, d.norm_out, False),
+        d.attn * 4 * d.hidden + 4 * arch.num_heads,
+    ]  # q and k (rotary makes new tensors), v, out
     if v.x.kv_factor == 1:  # v is a view of the fused query_key_value output: all of it stays alive (as phi3)
         terms.append(d.attn * 2 * d.hidden)
-    terms += [v.group(ATTN_OUT, d.hidden, d.attn, True), v.group(MLP_IN, d.hidden, d.norm_out, False),
-              d.linear_out * d.inter,  # gelu input
-              v.group(MLP_MID, d.inter, d.linear_out, False)]
+    terms += [
+        v.group(ATTN_OUT, d.hidden, d.attn, True),
+        v.group(MLP_IN, d.hidden, d.norm_out, False),
+        d.linear_out * d.inter,  # gelu input
+        v.group(MLP_MID, d.inter, d.linear_out, False),
+    ]
     return terms
 
 
 def _gpt2_terms(v: _BlockView) -> list[float]:
     arch = v.arch
     d = _layer_norm_block(v)
-    return [v.layer_norms(2, False), v.group(ATTN_IN, d.hidden, d.norm_out, False),
-            # q, k, v are views of c_attn's output; out
-            d.linear_out * 3 * d.hidden + d.attn * d.hidden + 4 * arch.num_heads,
-            v.group(ATTN_OUT, d.hidden, d.attn, True), v.group(MLP_IN, d.hidden, d.norm_out, False),
-            (4 if arch.act == "gelu_new" else 1) * d.linear_out * d.inter,  # python gelu_new: 4 saves
-            v.group(MLP_MID, d.inter, d.linear_out, False),
-            _dropout_masks(arch)]
+    return [
+        v.layer_norms(2, False),
+        v.group(ATTN_IN, d.hidden, d.norm_out, False),
+        # q, k, v are views of c_attn's output; out
+        d.linear_out * 3 * d.hidden + d.attn * d.hidden + 4 * arch.num_heads,
+        v.group(ATTN_OUT, d.hidden, d.attn, True),
+        v.group(MLP_IN, d.hidden, d.norm_out, False),
+        (4 if arch.act == "gelu_new" else 1) * d.linear_out * d.inter,  # python gelu_new: 4 saves
+        v.group(MLP_MID, d.inter, d.linear_out, False),
+        _dropout_masks(arch),
+    ]
 
 
 def _bert_terms(v: _BlockView) -> list[float]:
     """Post-LN: the block input is the previous LayerNorm's output."""
     d = _layer_norm_block(v)
-    return [v.group(ATTN_IN, d.hidden, d.norm_out, False),
-            d.attn * 4 * d.hidden + 4 * v.arch.num_heads,  # q, k, v, out
-            v.group(ATTN_OUT, d.hidden, d.attn, True), v.layer_norms(2, False),
-            v.group(MLP_IN, d.hidden, d.norm_out, False),
-            d.linear_out * d.inter,
-            v.group(MLP_MID, d.inter, d.linear_out, False),
-            _dropout_masks(v.arch)]
+    return [
+        v.group(ATTN_IN, d.hidden, d.norm_out, False),
+        d.attn * 4 * d.hidden + 4 * v.arch.num_heads,  # q, k, v, out
+        v.group(ATTN_OUT, d.hidden, d.attn, True),
+        v.layer_norms(2, False),
+        v.group(MLP_IN, d.hidden, d.norm_out, False),
+        d.linear_out * d.inter,
+        v.group(MLP_MID, d.inter, d.linear_out, False),
+        _dropout_masks(v.arch),
+    ]
 
 
 def _dropout_masks(arch: Architecture) -> int:
@@ -380,8 +408,13 @@ def _dropout_masks(arch: Architecture) -> int:
     return (2 if arch.hidden_dropout else 0) * arch.hidden_size
 
 
-_FAMILY_TERMS = {"llama": _decoder_terms, "phi3": _decoder_terms, "gpt_neox": _gpt_neox_terms, "gpt2": _gpt2_terms,
-                 "bert": _bert_terms}
+_FAMILY_TERMS = {
+    "llama": _decoder_terms,
+    "phi3": _decoder_terms,
+    "gpt_neox": _gpt_neox_terms,
+    "gpt2": _gpt2_terms,
+    "bert": _bert_terms,
+}
 
 
 def _ckpt_bytes(arch: Architecture, x: _Ctx) -> int:
@@ -453,8 +486,12 @@ def _ctx_for(arch: Architecture, plan: TrainingPlan, blk: Block, trainable: bool
     # Under checkpointing the two measured Liger rows (shared/calibration, 1B and 8B) peak where
     # transformers' saved set of the recomputed block puts them (within 0.2%), not lower as Liger's
     # smaller set would: why is unexplained, so the estimate keeps what was measured there.
-    liger = (plan.fused_kernels and not plan.gradient_checkpointing and arch.model_type in LIGER_MODEL_TYPES
-             and arch.family in ("llama", "phi3"))
+    liger = (
+        plan.fused_kernels
+        and not plan.gradient_checkpointing
+        and arch.model_type in LIGER_MODEL_TYPES
+        and arch.family in ("llama", "phi3")
+    )
     return _Ctx(
         w=BYTES[plan.weight_dtype],
         c=c,
@@ -481,8 +518,17 @@ _PLAN_KEY_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingPlan) if f.n
 # simulation is keyed without them, so the plans a batch search or fit_advice tries (accumulation steps,
 # GPU counts, sharding) share one simulation. steptrace's test checks the trace is the same across them.
 # (the objective's sequences per example are in the trace's tokens, which are passed apart)
-_TRACE_FREE_FIELDS = ("micro_batch_size", "gradient_accumulation_steps", "num_processes", "sharding", "lora_alpha",
-                      "quant_type", "embedding_states_32bit", "objective", "sequences_per_example")
+_TRACE_FREE_FIELDS = (
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "num_processes",
+    "sharding",
+    "lora_alpha",
+    "quant_type",
+    "embedding_states_32bit",
+    "objective",
+    "sequences_per_example",
+)
 _TRACE_KEY_FIELDS = tuple(f for f in _PLAN_KEY_FIELDS if f not in _TRACE_FREE_FIELDS)
 # attrgetter builds the keys in C: a list of getattr calls was a tenth of a cold estimate
 _plan_key = attrgetter(*_PLAN_KEY_FIELDS)
@@ -497,8 +543,9 @@ def _explicit_mask(arch: Architecture, plan: TrainingPlan) -> bool:
     return method_info(plan.method).virtual_tokens_in == "kv" or sliding or plan.packing
 
 
-def estimate(arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None,
-             allocator: str = ALLOC_DEFAULT) -> Estimate:
+def estimate(
+    arch: Architecture, plan: TrainingPlan, *, autocast: bool | None = None, allocator: str = ALLOC_DEFAULT
+) -> Estimate:
     """Per-GPU device memory (CUDA context included) of training ``arch`` as ``plan`` says.
 
     ``autocast`` defaults to on whenever the compute dtype is bf16/fp16 (what both the HF Trainer with
@@ -539,8 +586,12 @@ def _reserved_gap(arch: Architecture, plan: TrainingPlan, autocast: bool, b: int
         hi = 1 << (b - 1).bit_length()
         anchors = (b,) if hi == b else (hi >> 1, hi)
         pkey = _trace_key(plan)  # what the trace reads, but the tokens
-        gap = max(reserved_gap(arch, plan, autocast=autocast, tokens=a * s, expandable=allocator == ALLOC_EXPANDABLE,
-                               plan_key=pkey) for a in anchors)
+        gap = max(
+            reserved_gap(
+                arch, plan, autocast=autocast, tokens=a * s, expandable=allocator == ALLOC_EXPANDABLE, plan_key=pkey
+            )
+            for a in anchors
+        )
         if len(cache) > 4096:
             cache.clear()
         cache[key] = gap
@@ -619,10 +670,22 @@ def _setup(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Setup:
     sharding = plan.sharding if gpus > 1 else "none"
     reported, used_trainable, adapter_params, trained_block_params = _method_info(arch, plan)
     return _Setup(
-        weight=weight, trainable=trainable, compute=compute, info=info, full=full, freeze=freeze,
-        lora=info.settings == "lora", head_trained=full or (freeze and plan.train_embeddings), gpus=gpus,
-        sharding=sharding, shard=gpus if sharding in ("fsdp", "zero3") else 1, autocast=autocast, reported=reported,
-        used_trainable=used_trainable, adapter_params=adapter_params, trained_block_params=trained_block_params,
+        weight=weight,
+        trainable=trainable,
+        compute=compute,
+        info=info,
+        full=full,
+        freeze=freeze,
+        lora=info.settings == "lora",
+        head_trained=full or (freeze and plan.train_embeddings),
+        gpus=gpus,
+        sharding=sharding,
+        shard=gpus if sharding in ("fsdp", "zero3") else 1,
+        autocast=autocast,
+        reported=reported,
+        used_trainable=used_trainable,
+        adapter_params=adapter_params,
+        trained_block_params=trained_block_params,
     )
 
 
@@ -808,8 +871,13 @@ def activation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Acti
     else:
         logits = (UNFUSED_CE_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)) * arch.vocab_size
     return _Activations(
-        all_blocks=all_blocks, one_block=one_block, checkpoint=ckpt if plan.gradient_checkpointing else 0, head=head,
-        backward_transient=bwd, logits=logits, extra_tokens=_virtual_tokens(plan, "input"),
+        all_blocks=all_blocks,
+        one_block=one_block,
+        checkpoint=ckpt if plan.gradient_checkpointing else 0,
+        head=head,
+        backward_transient=bwd,
+        logits=logits,
+        extra_tokens=_virtual_tokens(plan, "input"),
         mask_per_s2=1 if _explicit_mask(arch, plan) else 0,  # bool: one byte per (query, key) pair
     )
 
@@ -854,8 +922,9 @@ def reference_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup, weights: 
     resid = _ckpt_bytes(arch, _ctx_for(arch, plan, arch.blocks[0][1], s.full, s.autocast))
     block = 0
     for _, blk in arch.blocks:  # frozen, adapters off (implicit) or none (copy)
-        x = dataclasses.replace(_ctx_for(arch, plan, blk, False, s.autocast), adapted=(), dropout=False, rank=0,
-                                moe_lora=False)
+        x = dataclasses.replace(
+            _ctx_for(arch, plan, blk, False, s.autocast), adapted=(), dropout=False, rank=0, moe_lora=False
+        )
         block = max(block, _block_bytes(arch, blk, x))
     logit = s.compute + REF_LOGIT_FP32_BYTES + (SOFTCAP_EXTRA_BYTES if arch.final_logit_softcapping else 0)
     return _Reference(ref_weights, True, resid, block, logit)
@@ -867,8 +936,10 @@ def _notes(arch: Architecture, plan: TrainingPlan, ref: _Reference) -> tuple[str
         notes.append(f"model_type {arch.model_type!r} is not modelled exactly: priced as a llama-style decoder")
     seqs = max(1, plan.sequences_per_example)
     if seqs > 1:
-        notes.append(f"objective {plan.objective}: each example puts {seqs} sequences (chosen and rejected) through "
-                     f"one forward, so a micro batch of b examples is {seqs}b sequences")
+        notes.append(
+            f"objective {plan.objective}: each example puts {seqs} sequences (chosen and rejected) through "
+            f"one forward, so a micro batch of b examples is {seqs}b sequences"
+        )
     if ref.weights:
         notes.append(f"reference copy: a frozen second copy of the model weights ({ref.weights / GIB:.1f} GiB per GPU)")
     return tuple(notes)
@@ -885,16 +956,39 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     acts = activation_bytes(arch, plan, s)
     ref = reference_bytes(arch, plan, s, weights.per_gpu)
     return _Prepared(
-        weights=weights.per_gpu, adapters=states.adapters, grads=states.grads, grads_head=grads.head,
-        grads_bottom=grads.bottom, grads_early=grads.early, optimizer=int(states.optimizer),
-        tied_accum=grads.tied_accum, comm_static=comm.static, comm_transient=comm.transient, nccl=comm.nccl,
-        copies_loss=copies.loss, copies_block=copies.block, act_all=acts.all_blocks, act_block=acts.one_block,
-        ckpt_one=acts.checkpoint, head=acts.head, bwd_transient=acts.backward_transient,
-        logits_per_token=acts.logits, fused=plan.fused_cross_entropy, extra_tokens=acts.extra_tokens,
-        mask_per_s2=acts.mask_per_s2, trainable_params=s.reported, notes=_notes(arch, plan, ref),
-        load_weights=load.weights, load_adapters=load.adapters, load_unit=load.unit,
-        seqs=max(1, plan.sequences_per_example), ref_weights=ref.weights, ref_forward=ref.forward, resid=ref.resid,
-        ref_block=ref.block, ref_logit_bytes=ref.logit_bytes,
+        weights=weights.per_gpu,
+        adapters=states.adapters,
+        grads=states.grads,
+        grads_head=grads.head,
+        grads_bottom=grads.bottom,
+        grads_early=grads.early,
+        optimizer=int(states.optimizer),
+        tied_accum=grads.tied_accum,
+        comm_static=comm.static,
+        comm_transient=comm.transient,
+        nccl=comm.nccl,
+        copies_loss=copies.loss,
+        copies_block=copies.block,
+        act_all=acts.all_blocks,
+        act_block=acts.one_block,
+        ckpt_one=acts.checkpoint,
+        head=acts.head,
+        bwd_transient=acts.backward_transient,
+        logits_per_token=acts.logits,
+        fused=plan.fused_cross_entropy,
+        extra_tokens=acts.extra_tokens,
+        mask_per_s2=acts.mask_per_s2,
+        trainable_params=s.reported,
+        notes=_notes(arch, plan, ref),
+        load_weights=load.weights,
+        load_adapters=load.adapters,
+        load_unit=load.unit,
+        seqs=max(1, plan.sequences_per_example),
+        ref_weights=ref.weights,
+        ref_forward=ref.forward,
+        resid=ref.resid,
+        ref_block=ref.block,
+        ref_logit_bytes=ref.logit_bytes,
     )
 
 
@@ -930,13 +1024,23 @@ def _finish(arch: Architecture, plan: TrainingPlan, p: _Prepared, autocast: bool
     load = _model_load(p)
     if load is not None and sum(load.values()) > total:
         breakdown, total, phase, frag = load, sum(load.values()), "model load", LOAD_SLACK
-        notes += (f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
-                  "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
-                  "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",)
+        notes += (
+            f"QLoRA under FSDP: every GPU holds the whole 4-bit model ({p.load_weights / GIB:.1f} GiB) while "
+            "loading, before FSDP shards it, and that sets the peak; give it GPUs that hold it, or use "
+            "LoRA with FSDP (its ranks load in host memory and never hold the whole model)",
+        )
     return Estimate(
-        total_bytes=total, breakdown=breakdown, total_params=arch.total_params, trainable_params=p.trainable_params,
-        micro_batch_size=b, seq_len=plan.seq_len, phase=phase, plan=plan, notes=notes,
-        allocated_bytes=int(total - CUDA_CONTEXT - frag), reserved_bytes=int(total - CUDA_CONTEXT),
+        total_bytes=total,
+        breakdown=breakdown,
+        total_params=arch.total_params,
+        trainable_params=p.trainable_params,
+        micro_batch_size=b,
+        seq_len=plan.seq_len,
+        phase=phase,
+        plan=plan,
+        notes=notes,
+        allocated_bytes=int(total - CUDA_CONTEXT - frag),
+        reserved_bytes=int(total - CUDA_CONTEXT),
         allocator_setting=allocator,
     )
 
@@ -959,11 +1063,17 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
         # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
         _Moment("loss", p.grads_early, acts_all + ce, p.copies_loss, ce),
         # top of the backward: checkpoints, one recomputed block, its transients
-        _Moment("backward", p.grads_head, (acts_all + block if gc else acts_all) + bwd,
-                p.copies_loss if not gc else p.copies_block, 0),
+        _Moment(
+            "backward",
+            p.grads_head,
+            (acts_all + block if gc else acts_all) + bwd,
+            p.copies_loss if not gc else p.copies_block,
+            0,
+        ),
         # bottom of the backward: (nearly) every gradient, one block
-        _Moment("backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block,
-                0),
+        _Moment(
+            "backward", p.grads_bottom, (p.ckpt_one * tok + block if gc else block) + bwd + mask, p.copies_block, 0
+        ),
         _Moment("optimizer", p.grads, 0, 0, 0),
         # end of the backward with tied embeddings (see tied_accum)
         _Moment("backward", p.grads + p.tied_accum, 0, 0, 0),
@@ -998,6 +1108,13 @@ def _model_load(p: _Prepared) -> dict[str, int] | None:
     """The breakdown while a QLoRA model loads under FSDP (None: no such moment)."""
     if not p.load_weights:
         return None
-    return {"weights": p.load_weights, "gradients": 0, "optimizer": 0, "adapters": p.load_adapters,
-            "activations": 0, "logits": 0, "overhead": int(CUDA_CONTEXT + MISC + LOAD_SLACK),
-            "communication": p.load_unit + p.nccl}
+    return {
+        "weights": p.load_weights,
+        "gradients": 0,
+        "optimizer": 0,
+        "adapters": p.load_adapters,
+        "activations": 0,
+        "logits": 0,
+        "overhead": int(CUDA_CONTEXT + MISC + LOAD_SLACK),
+        "communication": p.load_unit + p.nccl,
+    }

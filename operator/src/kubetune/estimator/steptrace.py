@@ -20,6 +20,7 @@ lifetimes of the large ones, and each group has the size of the tensors it stand
 
 Checked against recorded traces replayed in the same simulator (benchmarks/estimator_calibration.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -121,21 +122,29 @@ class _StepTrace:
         """Adapters, and the trainable tensors (their grads and AdamW states) in the backward's order (head first)."""
         arch, plan, info, blk = self.arch, self.plan, self.info, self.blk
         rank = int(plan.lora_rank or 16)
-        self.adapters = [n for cnt, m in self.adapted for _ in range(min(cnt, self.layers))
-                         for n in (rank * m.d_in, rank * m.d_out)]
+        self.adapters = [
+            n for cnt, m in self.adapted for _ in range(min(cnt, self.layers)) for n in (rank * m.d_in, rank * m.d_out)
+        ]
         per_block = self.lin_sizes[::-1] + [max(1, blk.other_params)]
         freeze = info.settings == "freeze"
         head_trained = info.trains_all or (freeze and plan.train_embeddings)
-        train_all = arch.num_layers if info.trains_all else (
-            min(int(plan.trainable_layers or 1), arch.num_layers) if freeze else 0)
+        train_all = (
+            arch.num_layers
+            if info.trains_all
+            else (min(int(plan.trainable_layers or 1), arch.num_layers) if freeze else 0)
+        )
         self.train_layers = min(train_all, self.layers)
         # trained blocks not replayed
         self.lump = (train_all - self.train_layers) * (sum(self.lin_sizes) + blk.other_params)
         self.head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
         self.embed_grad = arch.embed_params if (head_trained and arch.lm_head_params) else 0
         if self.full:
-            self.trainable = (([self.head_grad] if self.head_grad else []) + per_block * self.train_layers
-                              + ([self.lump] if self.lump else []) + ([self.embed_grad] if self.embed_grad else []))
+            self.trainable = (
+                ([self.head_grad] if self.head_grad else [])
+                + per_block * self.train_layers
+                + ([self.lump] if self.lump else [])
+                + ([self.embed_grad] if self.embed_grad else [])
+            )
         elif info.settings == "virtualTokens":
             self.trainable = [max(1, M._method_info(arch, plan)[1])]
         else:
@@ -160,8 +169,9 @@ class _StepTrace:
         self.saved_parts = self._parts(M._block_bytes(arch, blk, x) * tok)
         self.ref_forward = plan.reference in ("implicit", "copy")
         if self.ref_forward:  # a frozen block, adapters off (implicit) or none (copy)
-            xr = dataclasses.replace(M._ctx_for(arch, plan, blk, False, self.autocast), adapted=(), dropout=False,
-                                     rank=0, moe_lora=False)
+            xr = dataclasses.replace(
+                M._ctx_for(arch, plan, blk, False, self.autocast), adapted=(), dropout=False, rank=0, moe_lora=False
+            )
             self.ref_parts = self._parts(M._block_bytes(arch, blk, xr) * tok)
         # transients of the forward: fp32 copies inside each RMSNorm, and peft's fp32 copy of the input of
         # each adapted group (cast back for lora_A under autocast)
@@ -271,7 +281,7 @@ class _StepTrace:
             if j == half:
                 for n2 in self.lora_tmp:
                     tr.tmp(n2, n2 / 2)
-            for dq in self.dequant[j * per_dq:(j + 1) * per_dq]:
+            for dq in self.dequant[j * per_dq : (j + 1) * per_dq]:
                 tr.tmp(dq)
             ids.append(tr.a(n))
         if not keep:
@@ -342,12 +352,12 @@ class _StepTrace:
             g_in = tr.a((c if self.autocast else self.w) * d_in * tok)
             if trained:
                 self.grads.append(tr.a(d_in * d_out * self.t))
-            for j in rev_ids[k * per:(k + 1) * per]:
+            for j in rev_ids[k * per : (k + 1) * per]:
                 tr.f(j)
             if gprev is not None:
                 tr.f(gprev)
             gprev = g_in
-        for j in rev_ids[len(lin_rev) * per:]:
+        for j in rev_ids[len(lin_rev) * per :]:
             tr.f(j)
         return gprev
 
@@ -362,7 +372,7 @@ class _StepTrace:
                 tr.tmp(n)
             ids = []
             for j, n in enumerate(self.ref_parts):
-                for dq in self.dequant[j * ref_dq:(j + 1) * ref_dq]:
+                for dq in self.dequant[j * ref_dq : (j + 1) * ref_dq]:
                     tr.tmp(dq)
                 ids.append(tr.a(n))
             h1 = tr.a(self.hid)
@@ -391,10 +401,28 @@ _NEXT = itertools.count()  # never reused, so clearing _DIMS costs only sharing,
 
 
 def _arch_key(arch) -> tuple:
-    return (arch.model_type, arch.family, arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads,
-            arch.head_dim, arch.intermediate_size, arch.vocab_size, arch.tie_word_embeddings, arch.blocks,
-            arch.embed_params, arch.lm_head_params, arch.norm, arch.qk_norm, arch.act_fn, arch.eager_attention,
-            arch.sliding_window, arch.final_logit_softcapping, arch.attn_softcapping)
+    return (
+        arch.model_type,
+        arch.family,
+        arch.hidden_size,
+        arch.num_layers,
+        arch.num_heads,
+        arch.num_kv_heads,
+        arch.head_dim,
+        arch.intermediate_size,
+        arch.vocab_size,
+        arch.tie_word_embeddings,
+        arch.blocks,
+        arch.embed_params,
+        arch.lm_head_params,
+        arch.norm,
+        arch.qk_norm,
+        arch.act_fn,
+        arch.eager_attention,
+        arch.sliding_window,
+        arch.final_logit_softcapping,
+        arch.attn_softcapping,
+    )
 
 
 def reserved_gap(arch, plan, *, autocast: bool, tokens: int, expandable: bool, plan_key: tuple | None = None) -> int:
