@@ -40,11 +40,10 @@ def pytest_configure(config):
 
 
 # Tests that must not run beside each other, each prefix one xdist unit (run in turn by one worker):
-# - the integration tests (see pytest_xdist_make_scheduler);
-# - the trainer's single-node multi-process runs: accelerate gives torchrun no rendezvous endpoint on one
-#   machine, so each one's c10d store listens on torchrun's default port 29400, whatever
-#   KUBETUNE_MASTER_PORT says, and two at once meet in one store and fail (RendezvousConnectionError).
-ONE_WORKER = ("tests/integration/", "tests/trainer/test_distributed.py::")
+# the integration tests (see pytest_xdist_make_scheduler). The trainer's single-node multi-process runs
+# may: each one's rendezvous store listens on its own KUBETUNE_MASTER_PORT (static rendezvous, see
+# kubetune_trainer.cli.launch_command), no longer all on torchrun's c10d default 29400.
+ONE_WORKER = ("tests/integration/",)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown without it

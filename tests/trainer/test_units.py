@@ -731,6 +731,29 @@ def test_launch_command_uses_indexed_job_env(tmp_path, model_dir):
     assert cmd[3] == "--multi_gpu" and cmd[cmd.index("--num_processes") + 1] == "2"
 
 
+def test_a_single_node_launch_rendezvous_on_the_master_port(tmp_path):
+    """One node, two processes: torchrun's rendezvous store must listen on KUBETUNE_MASTER_PORT, so
+    two runs on one host with their own ports never meet (c10d without an endpoint, which accelerate
+    gives one machine, always took 29400). Checked through accelerate's and torchrun's own parsing."""
+    import torch.distributed.run as distrib_run
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import _filter_args, prepare_multi_gpu_env
+
+    from proc import free_port
+
+    cfg = parse_config(tiny.trainer_config(tmp_path, tmp_path, tmp_path / "d.jsonl", resolved={"numProcesses": 2}))
+    port = free_port()
+    cmd = launch_command(cfg, "/etc/kubetune/trainer.yaml", {"KUBETUNE_MASTER_PORT": port})
+    args = dict(zip(cmd, cmd[1:]))
+    assert args["--num_machines"] == "1" and args["--main_process_port"] == port and args["--rdzv_backend"] == "static"
+    ns, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
+    prepare_multi_gpu_env(ns)
+    run_args = _filter_args(ns, distrib_run.get_args_parser(), ["--training_script", ns.training_script,
+                                                                "--training_script_args", ns.training_script_args])
+    config, _, _ = distrib_run.config_from_args(run_args)
+    assert (config.rdzv_backend, config.rdzv_endpoint) == ("static", f"127.0.0.1:{port}")
+
+
 def test_a_follow_on_error_does_not_hide_another_ranks_reason(tmp_path):
     write_termination("OutOfMemory", "GPU out of memory on rank 1", step=5)
     write_termination("Error", "NCCL watchdog: rank 1 went away", step=5)

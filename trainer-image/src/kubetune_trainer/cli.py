@@ -11,7 +11,7 @@ the command runs itself again under `accelerate launch` (see supervise) with the
 from the Indexed Job's environment:
   KUBETUNE_NUM_NODES (default spec.resources.nodes), KUBETUNE_NODE_RANK or JOB_COMPLETION_INDEX,
   KUBETUNE_MASTER_ADDR or MASTER_ADDR (the index-0 pod's DNS name via the headless Service),
-  KUBETUNE_MASTER_PORT or MASTER_PORT (default 29500).
+  KUBETUNE_MASTER_PORT or MASTER_PORT (default 29500; on one node too, where it is the rendezvous store's port).
 """
 from __future__ import annotations
 
@@ -44,10 +44,12 @@ def launch_command(config, config_path: str, env: dict[str, str] | None = None, 
     port = k.master_port or "29500"
     # --multi_gpu always: accelerate only infers it from the local GPU count, so one GPU per pod on
     # several nodes would start independent single-process runs. On CPU (tests) it runs gloo.
+    # static rendezvous on one machine too: torchrun's static store listens on the master address and
+    # port, while c10d without an endpoint (accelerate passes none for one machine) always takes port
+    # 29400, so two single-node runs on one host would meet in one store.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
            "--num_processes", str(nproc), "--num_machines", str(nodes), "--machine_rank", str(rank),
-           "--main_process_ip", addr, "--main_process_port", str(port),
-           "--rdzv_backend", "static" if nodes > 1 else "c10d",
+           "--main_process_ip", addr, "--main_process_port", str(port), "--rdzv_backend", "static",
            "--same_network", "--dynamo_backend", "no", "--mixed_precision", "no",
            "-m", "kubetune_trainer.cli", "--config", config_path, "--no-launch"]
     if nodes == 1:
