@@ -32,7 +32,8 @@ import alloc_trace as T  # noqa: E402
 GIB = 1 << 30
 
 
-def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True, lora_rank: int = 16):
+def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True, lora_rank: int = 16,
+             objective: dict | None = None):
     from kubetune.api.v1alpha1 import FineTuneJobSpec
 
     m: dict = {"type": method}
@@ -42,6 +43,7 @@ def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True,
         "model": {"uri": "s3://models/m/"},
         "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": seq},
         "method": m,
+        "objective": objective or {"type": "sft"},
         "training": {"maxSteps": 2, "microBatchSize": batch, "gradientCheckpointing": gc_on,
                      "fusedCrossEntropy": fused, "precision": "bf16"},
         "checkpoints": {"uri": "s3://ckpt/"},
@@ -66,11 +68,14 @@ _KNOBS = {"KUBETUNE_DEBUG_PRECISION_ON_CPU": "1", "KUBETUNE_ALLOW_RANDOM_INIT": 
 
 
 def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: bool = True, steps: int = 2,
-           fused: bool = True) -> dict:
+           fused: bool = True, objective: dict | None = None) -> dict:
+    """``objective``: spec.objective (sft when None). A preference objective's step is its own loss
+    (kubetune_trainer.objectives: the reference's no-grad forward, then chosen and rejected in one
+    forward), on a batch of ``batch`` pairs, each response ``seq`` tokens."""
     old = {k: os.environ.get(k) for k in _KNOBS}
     os.environ.update(_KNOBS)
     try:
-        return _record(arch, method, batch, seq, gc_on, fake, steps, fused)
+        return _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective)
     finally:
         for k, v in old.items():
             if v is None:
@@ -79,18 +84,19 @@ def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: 
                 os.environ[k] = v
 
 
-def _record(arch, method, batch, seq, gc_on, fake, steps, fused) -> dict:
+def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective) -> dict:
     from contextlib import nullcontext
 
     import transformers
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from kubetune.plan import plan_from_spec
+    from kubetune_trainer import objectives
     from kubetune_trainer.loop import build_optimizer
     from kubetune_trainer.model import LossHead, build_model
 
     transformers.logging.set_verbosity_error()
-    spec = job_spec(method, batch, seq, gc_on, fused)
+    spec = job_spec(method, batch, seq, gc_on, fused, objective=objective)
     plan = plan_from_spec(spec)
     cpu = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else nullcontext()
@@ -108,26 +114,43 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused) -> dict:
             T.to_fake(model, mode)
         with mode:
             head = LossHead(model, base, fused=plan.fused_cross_entropy, device=cpu, impl="torch")
+            obj = objectives.get(plan.objective)(spec, plan, log=lambda s: None)
+            obj.prepare(model, head, None)  # the reference: a frozen copy's weights for reference copy
+            ref_model = getattr(getattr(obj, "reference", None), "model", None)
+            if fake and ref_model is not None:
+                T.to_fake(ref_model, mode)  # deepcopy gives fake tensors a mode of their own
             model.train()
             opt = build_optimizer(model, plan, spec.training, cpu)
             params = [p for p in model.parameters() if p.requires_grad]
             log = _AllValid()
             log.fake = fake
             log.track_model(model)
+            if ref_model is not None:
+                log.track_model(ref_model)
             log.mark("loaded")
             V = arch["vocab_size"]
             with log:
                 for step in range(steps):
                     log.mark(f"step{step}")
-                    ids = torch.randint(0, V, (batch, seq))
+                    # the trainer's collator with full rows: no padding, and no mask (an all-ones mask is
+                    # dropped by transformers, a test of values fake tensors cannot answer)
+                    ids = torch.randint(0, V, (batch * plan.sequences_per_example, seq))
                     labels = ids.clone()
-                    inputs = {"input_ids": ids}  # the trainer's collator: no padding, no mask for full rows
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        with head.computing_loss(labels):
-                            loss = head.loss_from(model(**inputs))
+                        if plan.objective == "sft":
+                            with head.computing_loss(labels):
+                                loss = head.loss_from(model(input_ids=ids))
+                        else:
+                            live = torch.ones(batch, dtype=torch.bool)
+                            b = {"input_ids": ids, "labels": labels, "live": live, "desirable": live, "count": batch}
+                            if plan.reference == "precomputed":  # from the pass before training
+                                b["ref_logps"] = torch.zeros(ids.shape[0])
+                            loss, metrics = obj.loss(model, head, b)
+                            del b
+                            del metrics, live
                     log.mark(f"backward{step}")
                     loss.backward()
-                    del loss, inputs, labels, ids
+                    del loss, labels, ids
                     log.mark(f"optimizer{step}")
                     torch.nn.utils.clip_grad_norm_(params, spec.training.max_grad_norm)
                     opt.step()
@@ -141,11 +164,12 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused) -> dict:
         mu.find_packed_sequence_indices = packed
 
 
-def compare(arch: dict, method: str, batch: int, seq: int, gc_on: bool, fake: bool = True) -> dict:
+def compare(arch: dict, method: str, batch: int, seq: int, gc_on: bool, fake: bool = True,
+            objective: dict | None = None) -> dict:
     from kubetune.estimator import estimate, from_config
     from kubetune.estimator.allocator import EXPANDABLE, simulate
 
-    t = record(arch, method, batch, seq, gc_on, fake=fake)
+    t = record(arch, method, batch, seq, gc_on, fake=fake, objective=objective)
     peak, at = T.live_peak(t["events"])
     ev = [e[:3] if e[0] == "a" else e for e in t["events"]]
     sim = simulate(ev, expandable_segments=True)
@@ -167,13 +191,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None)
     a = ap.parse_args()
-    rows = [("8b-lora-r16-b4s2048-gc", LLAMA8B, "lora", 4, 2048, True), ("1b-full-b4s2048-gc", LLAMA1B, "full", 4, 2048, True)]
+    rows = [("8b-lora-r16-b4s2048-gc", LLAMA8B, "lora", 4, 2048, True, None),
+            ("1b-full-b4s2048-gc", LLAMA1B, "full", 4, 2048, True, None),
+            ("8b-lora-r16-dpo-b2s2048-gc", LLAMA8B, "lora", 2, 2048, True, {"type": "dpo"}),
+            ("1b-full-dpo-copy-b2s2048-gc", LLAMA1B, "full", 2, 2048, True, {"type": "dpo", "reference": "copy"})]
     print("kubetune trainer (expandable_segments:True), GiB: trace peak | estimate allocated - MISC | "
           "simulated reserved of the trace | estimate reserved - MISC")
-    for name, arch, method, b, s, g in rows:
+    for name, arch, method, b, s, g, objective in rows:
         if a.only and a.only not in name:
             continue
-        r = compare(arch, method, b, s, g)
+        r = compare(arch, method, b, s, g, objective=objective)
         print(f"  {name:26s} peak {r['peak'] / GIB:7.3f} | est {(r['est_allocated'] - MISC) / GIB:7.3f} "
               f"({((r['est_allocated'] - MISC) / r['peak'] - 1) * 100:+.1f}%) | sim reserved {r['sim_reserved'] / GIB:7.3f} | "
               f"est reserved {(r['est_reserved'] - MISC) / GIB:7.3f} "
