@@ -75,3 +75,24 @@ def test_a_restarted_operator_does_not_recount_earlier_pod_failures():
     assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0
     t.update("a", "old", running, running, {"status": {"failed": 3, "active": 1}})
     assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0 + 1
+
+
+def test_an_objectives_step_metrics_are_gauges_labelled_by_metric():
+    """status.progress.metrics (a preference objective's rewardAccuracy, ...) become one series per metric;
+    a job whose objective reports none (sft) has none, and a deleted job's go with it."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+
+    def status(metrics):
+        return FineTuneJobStatus.model_validate({"phase": "Running", "run": 1, "progress": {
+            "step": 8, "totalSteps": 24, "metrics": metrics}})
+
+    t = JobTable()
+    t.update("a", "dpo", None, status({"rewardAccuracy": 0.75, "rewardMargin": 0.5}), None)
+    t.update("a", "sft", None, status(None), None)
+    key = lambda name, metric: (("metric", metric), ("name", name), ("namespace", "a"))  # noqa: E731
+    assert _samples(t, "kubetune_training_objective_metric") == {key("dpo", "rewardAccuracy"): 0.75,
+                                                                 key("dpo", "rewardMargin"): 0.5}
+    t.update("a", "dpo", None, status({"rewardAccuracy": 1.0}), None)  # the newest step's replace the last
+    assert _samples(t, "kubetune_training_objective_metric") == {key("dpo", "rewardAccuracy"): 1.0}
+    t.forget("a", "dpo")
+    assert _samples(t, "kubetune_training_objective_metric") == {}

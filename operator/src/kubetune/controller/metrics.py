@@ -8,7 +8,7 @@ checkpoint" is computed when Prometheus asks, not when the operator last looked.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -59,6 +59,8 @@ class JobRow:
     estimate_bytes: int | None = None
     peak_bytes: int | None = None
     pod_failures: int = 0
+    # an objective's newest per-step metrics (status.progress.metrics: rewardAccuracy, rewardMargin, ...)
+    objective_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class JobTable:
@@ -98,6 +100,11 @@ class JobTable:
                 labels=["namespace", "name"],
             ),
         }
+        objective = GaugeMetricFamily(
+            "kubetune_training_objective_metric",
+            "The training objective's newest per-step metrics (DPO's rewardAccuracy, rewardMargin, ...).",
+            labels=["namespace", "name", "metric"],
+        )
         # Which phase each job is in: alerts such as "stalled while Running" need it, since the
         # per-job gauges above keep their last values after a job ends or is suspended.
         job_phase = GaugeMetricFamily(
@@ -123,6 +130,8 @@ class JobTable:
             ):
                 if value is not None:
                     g[key].add_metric(lab, float(value))
+            for metric, value in sorted(r.objective_metrics.items()):
+                objective.add_metric([ns, name, metric], float(value))
             if r.checkpoint_time is not None and r.phase in (
                 constants.RUNNING,
                 constants.STARTING,
@@ -135,6 +144,7 @@ class JobTable:
         yield phase
         yield job_phase
         yield from g.values()
+        yield objective
 
     def update(
         self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus, job: dict | None
@@ -150,6 +160,7 @@ class JobTable:
                 row.loss, row.eval_loss = new.progress.loss, new.progress.eval_loss
                 row.tokens_per_second = new.progress.tokens_per_second
                 row.peak_bytes = new.progress.peak_gpu_memory_bytes
+                row.objective_metrics = dict(new.progress.metrics or {})
             row.checkpoint_time = new.checkpoints.latest_time if new.checkpoints else None
             row.estimate_bytes = new.estimate.per_gpu_bytes if new.estimate else None
             failures = int(((job or {}).get("status") or {}).get("failed") or 0)
