@@ -116,7 +116,7 @@ def main() -> int:
     g.up(lay)
     env = {**os.environ, **g.env_values(lay)}
     env["PATH"] = os.pathsep.join([*g.path_dirs(lay), env.get("PATH", "")])
-    state = g.load_state(lay)
+    state = g.up_state(lay)
     kubectl = [str(Path(state["bin"]["kubernetes"]) / "kubectl")]
     run(kubectl + ["apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")], env=env)
     run(kubectl + ["wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"], env=env)

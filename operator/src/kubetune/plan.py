@@ -138,6 +138,7 @@ def plan_from_spec(
 
     weight: Dtype
     trainable: Dtype
+    compute: Dtype
     if t.precision == "fp32":
         weight = trainable = compute = "fp32"
     elif t.precision == "bf16":

@@ -8,8 +8,9 @@ import functools
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Callable, ClassVar
+from typing import Annotated, Any, Callable, ClassVar, Iterator
 
+from annotated_types import GroupedMetadata
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import core_schema
@@ -181,8 +182,23 @@ def _quantity_in(v: Any, maximum: Decimal) -> bool:
     return Decimal(0) < quantity_to_decimal(s) <= maximum
 
 
-def bounded_quantity(field: str, maximum: str, example: str) -> Any:
-    """A quantity type for one spec field; its message names the field and the bounds."""
+@dataclass(frozen=True)
+class _QuantityBounds(GroupedMetadata):
+    """The validator and schema of one bounded quantity field, as one piece of ``Annotated`` metadata
+    (pydantic unpacks grouped metadata): ``Annotated[str, bounded_quantity(...)]`` is a type mypy can
+    read, where a call returning a whole ``Annotated`` type is not."""
+
+    validator: BeforeValidator
+    json_schema: WithJsonSchema
+
+    def __iter__(self) -> Iterator[object]:
+        yield self.validator
+        yield self.json_schema
+
+
+def bounded_quantity(field: str, maximum: str, example: str) -> _QuantityBounds:
+    """A quantity for one spec field (``Annotated[str, bounded_quantity(...)]``); its message names the
+    field and the bounds."""
     rule = quantity_rule(field, maximum, example)
 
     def check(v: Any) -> str:
@@ -196,7 +212,7 @@ def bounded_quantity(field: str, maximum: str, example: str) -> Any:
         "x-kubernetes-int-or-string": True,
         "x-kubernetes-validations": [rule.schema()],
     }
-    return Annotated[str, BeforeValidator(check), WithJsonSchema(schema)]
+    return _QuantityBounds(BeforeValidator(check), WithJsonSchema(schema))
 
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}

@@ -4,10 +4,18 @@ conditions of a FineTuneJob. Like kubeflow/trainer's ``constants`` package."""
 
 from __future__ import annotations
 
+from typing import Final
+
 # --- phases and conditions --------------------------------------------------------------------
 
-PENDING, UNSCHEDULABLE, STARTING, RUNNING = "Pending", "Unschedulable", "Starting", "Running"
-SUSPENDED, SUCCEEDED, FAILED = "Suspended", "Succeeded", "Failed"
+# Final, one a line: type checkers then see each as its Literal (v1alpha1.Phase), not just a str
+PENDING: Final = "Pending"
+UNSCHEDULABLE: Final = "Unschedulable"
+STARTING: Final = "Starting"
+RUNNING: Final = "Running"
+SUSPENDED: Final = "Suspended"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
 PHASES = (PENDING, UNSCHEDULABLE, STARTING, RUNNING, SUSPENDED, SUCCEEDED, FAILED)
 TERMINAL_PHASES = (SUCCEEDED, FAILED)
 

@@ -143,7 +143,7 @@ def openapi_schema() -> dict[str, Any]:
     status = {**_strip_defaults(_schema_for(api.FineTuneJobStatus)), "default": {}}
     return {
         "type": "object",
-        "description": api.FineTuneJob.__doc__.strip().replace("\n    ", " "),
+        "description": (api.FineTuneJob.__doc__ or "").strip().replace("\n    ", " "),
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string", "description": "kubetune.io/v1alpha1"},

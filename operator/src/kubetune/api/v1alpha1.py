@@ -8,12 +8,11 @@ rendered config through them. Descriptions here are what `kubectl explain` print
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, get_args
 
 from pydantic import Field, PlainValidator, WithJsonSchema, field_validator
 
 from kubetune.api import registry
-from kubetune.api.constants import CONDITION_TYPES, PHASES
 from kubetune.api.base import (
     CONFIG_KEY,
     DNS1035_LABEL,
@@ -33,11 +32,14 @@ from kubetune.api.base import (
     one_of,
     qualified_name_cel,
 )
+from kubetune.api.constants import CONDITION_TYPES, PHASES
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "FineTuneJob"
+# Final: the models' apiVersion and kind fields are Literals of these
+API_VERSION: Final = "kubetune.io/v1alpha1"  # f"{GROUP}/{VERSION}", spelled out for the type checker
+KIND: Final = "FineTuneJob"
+assert API_VERSION == f"{GROUP}/{VERSION}"
 PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ["ftj"]
@@ -256,7 +258,12 @@ class ModelSource(KModel):
 
 
 # "auto" detects the format from the first line; each kind of objective data reads its own formats
-DatasetFormat = Literal[("auto",) + tuple(f for fs in registry.DATA_FORMATS.values() for f in fs)]
+if TYPE_CHECKING:
+    # The registry's names make these Literals at runtime; mypy cannot evaluate a computed Literal, so to
+    # it they are str (pydantic still checks the values)
+    DatasetFormat = str
+else:
+    DatasetFormat = Literal[("auto",) + tuple(f for fs in registry.DATA_FORMATS.values() for f in fs)]
 
 
 class Dataset(KModel):
@@ -349,7 +356,10 @@ class FreezeSettings(KModel):
     train_embeddings: bool = Field(False, description="Also train the input embeddings and the output head.")
 
 
-MethodType = Literal[registry.METHOD_NAMES]
+if TYPE_CHECKING:  # a computed Literal, as DatasetFormat
+    MethodType = str
+else:
+    MethodType = Literal[registry.METHOD_NAMES]
 # The registry's facts each rule reads (which methods take method.lora, which need a GPU, ...)
 _LORA_METHODS = registry.method_names(settings="lora")
 _QUANTIZED_METHODS = registry.method_names(quantized=True)
@@ -430,7 +440,10 @@ class Method(KModel):
 # ---------------------------------------------------------------------------------------------
 # objective
 
-ObjectiveType = Literal[registry.OBJECTIVE_NAMES]
+if TYPE_CHECKING:  # a computed Literal, as DatasetFormat
+    ObjectiveType = str
+else:
+    ObjectiveType = Literal[registry.OBJECTIVE_NAMES]
 _OBJ = registry.OBJECTIVES
 _BETA_OBJECTIVES = tuple(n for n, o in _OBJ.items() if o.default_beta is not None)
 _LOSS_OBJECTIVES = tuple(n for n, o in _OBJ.items() if o.loss_variants)
@@ -440,8 +453,13 @@ _WEIGHT_OBJECTIVES = registry.objective_names(label_weights=True)
 _REFERENCE_OBJECTIVES = registry.objective_names(reference=True)
 _NO_REFERENCE_OBJECTIVES = registry.objective_names(reference=False)
 _SFT_DATA_OBJECTIVES = registry.objective_names(data="sft")
-LossVariant = Literal[tuple(dict.fromkeys(v for o in _OBJ.values() for v in o.loss_variants))]
-ReferenceMode = Literal[registry.REFERENCE_MODES]
+if TYPE_CHECKING:  # computed Literals, as DatasetFormat (ReferenceMode's few names spelled out, checked below)
+    LossVariant = str
+    ReferenceMode = Literal["implicit", "copy", "precomputed"]
+else:
+    LossVariant = Literal[tuple(dict.fromkeys(v for o in _OBJ.values() for v in o.loss_variants))]
+    ReferenceMode = Literal[registry.REFERENCE_MODES]
+    assert get_args(ReferenceMode) == ("implicit", "copy", "precomputed")  # the TYPE_CHECKING spelling
 
 
 def _only_with(field: str, cel_field: str, names: tuple[str, ...], attr: str, why: str = "") -> Rule:
@@ -912,20 +930,20 @@ class Resources(KModel):
         description="Only use GPUs of this product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
     )
     # Bounds: a quantity past any real node is a typo (or 1e400), and the pod would never schedule.
-    min_gpu_memory: bounded_quantity("resources.minGpuMemory", "1Ti", "40Gi") | None = Field(
+    min_gpu_memory: Annotated[str, bounded_quantity("resources.minGpuMemory", "1Ti", "40Gi")] | None = Field(
         None,
         description="Only use GPUs with at least this much memory (e.g. 40Gi), even if the estimate needs less. "
         "At most 1Ti.",
     )
-    cpu: bounded_quantity("resources.cpu", "1024", "8") = Field(
+    cpu: Annotated[str, bounded_quantity("resources.cpu", "1024", "8")] = Field(
         "4", description="CPU request of each trainer pod: more than 0, at most 1024."
     )
-    memory: bounded_quantity("resources.memory", "64Ti", "32Gi") = Field(
+    memory: Annotated[str, bounded_quantity("resources.memory", "64Ti", "32Gi")] = Field(
         "32Gi",
         description="Memory request and limit of each trainer pod (host RAM, not GPU memory): more than 0, at "
         "most 64Ti.",
     )
-    ephemeral_storage: bounded_quantity("resources.ephemeralStorage", "1Pi", "200Gi") | None = Field(
+    ephemeral_storage: Annotated[str, bounded_quantity("resources.ephemeralStorage", "1Pi", "200Gi")] | None = Field(
         None,
         description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded model, "
         "checkpoints before upload, the final output. Default: worked out from the model and method "

@@ -153,7 +153,8 @@ def ensure_peering(custom, name: str, namespaces: list[str], log: logging.Logger
 
     plural = "clusterkopfpeerings" if not namespaces else "kopfpeerings"
     kind = "ClusterKopfPeering" if not namespaces else "KopfPeering"
-    for ns in namespaces or [None]:
+    scopes: list[str | None] = [*namespaces] or [None]  # None: the cluster-wide peering
+    for ns in scopes:
         where = f"{kind} {name!r}" + (f" in namespace {ns}" if ns else "")
         body = {
             "apiVersion": "kopf.dev/v1",

@@ -4,6 +4,7 @@ lastTransitionTime moves only when status flips, so `kubectl describe` tells how
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from kubetune.api.constants import CONDITION_TYPES
 from kubetune.api.v1alpha1 import Condition
@@ -11,6 +12,8 @@ from kubetune.api.v1alpha1 import Condition
 
 # Status and Events are read by people, and the apiserver caps a condition's message at 32768: a message
 # built from user input (huge nodeSelector values, a long URI) is cut well before either limit.
+ConditionStatus = Literal["True", "False", "Unknown"]  # Condition.status
+
 MAX_MESSAGE = 4096
 
 
@@ -32,7 +35,7 @@ def is_true(conditions: list[Condition], type_: str) -> bool:
 def set_condition(
     conditions: list[Condition],
     type_: str,
-    status: bool | str,
+    status: bool | ConditionStatus,
     reason: str,
     message: str,
     now: datetime,
@@ -40,7 +43,7 @@ def set_condition(
 ) -> tuple[list[Condition], bool]:
     """Return the new list and whether status or reason changed (a transition worth an Event)."""
     message = clip(message)
-    s = status if isinstance(status, str) else ("True" if status else "False")
+    s: ConditionStatus = status if isinstance(status, str) else ("True" if status else "False")
     old = find(conditions, type_)
     if (
         old is not None

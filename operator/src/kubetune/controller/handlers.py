@@ -20,9 +20,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
+from pydantic import ValidationError
 
 from kubetune.api.base import format_errors
 from kubetune.api.constants import FAILED, PENDING, RUNNING, STARTING, TERMINAL_PHASES, UNSCHEDULABLE, VALIDATED
@@ -162,7 +165,7 @@ def _parse(body: dict) -> Observed:
     try:
         spec, spec_error = FineTuneJobSpec.model_validate(body.get("spec") or {}), None
     except ValueError as e:
-        spec, spec_error = None, "; ".join(format_errors(e, root="spec")) if hasattr(e, "errors") else str(e)
+        spec, spec_error = None, "; ".join(format_errors(e, root="spec")) if isinstance(e, ValidationError) else str(e)
     if spec is not None and (problems := check_object(meta["name"], spec)):
         # the rules on the whole object (a dotted name on a multi-node job): admission checks them too
         spec, spec_error = None, "; ".join(problems)
@@ -591,7 +594,7 @@ def _login(memo: OperatorState, **_: Any) -> kopf.ConnectionInfo:
     return kopf.ConnectionInfo(**memo.kube.connection_info())
 
 
-def on_finetunejob(event: dict, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
+def on_finetunejob(event: kopf.RawEvent, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
     key = (body.metadata["namespace"], body.metadata["name"])
     if event.get("type") == "DELETED":
         memo.forget(key)
@@ -619,7 +622,7 @@ def retry_pending(body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any
     drive(memo, body.metadata["namespace"], body.metadata["name"], logger)
 
 
-def _job_signature(event: dict, body: dict) -> tuple:
+def _job_signature(event: Mapping[str, Any], body: Mapping[str, Any]) -> tuple:
     st = body.get("status") or {}
     conds = tuple(sorted((c.get("type"), c.get("status")) for c in st.get("conditions") or []))
     return (
@@ -633,7 +636,7 @@ def _job_signature(event: dict, body: dict) -> tuple:
     )
 
 
-def on_child_job(event: dict, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
+def on_child_job(event: kopf.RawEvent, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
     """The Job's counters and conditions move with its pods (started, ready, failed, done); other
     updates (the controller's bookkeeping) change nothing for the FineTuneJob. DELETED counts: a
     Job deleted while its run is active is recreated."""
@@ -648,7 +651,7 @@ def on_child_job(event: dict, body: kopf.Body, logger: Logger, memo: OperatorSta
         drive(memo, ns, owner, logger)
 
 
-def _node_signature(event: dict, body: kopf.Body) -> tuple:
+def _node_signature(event: Mapping[str, Any], body: kopf.Body) -> tuple:
     labels = body.metadata.get("labels") or {}
     status = body.get("status") or {}
     return (
@@ -660,7 +663,7 @@ def _node_signature(event: dict, body: kopf.Body) -> tuple:
     )
 
 
-def on_node(event: dict, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
+def on_node(event: kopf.RawEvent, body: kopf.Body, logger: Logger, memo: OperatorState, **_: Any) -> None:
     """A GPU node appeared, changed or went away: jobs that found no GPU try again. Heartbeats
     (status-only updates) are ignored."""
     name = body.metadata["name"]

@@ -298,7 +298,8 @@ def _volume_mounts(spec: FineTuneJobSpec, claims: dict[str, str]) -> list[dict[s
         # The root filesystem is read-only; /tmp (HOME, HF cache, compile caches, local checkpoints) is not.
         {"name": "work", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
-    ] + [{"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True} for i, claim in enumerate(claims)]
+        *({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True} for i, claim in enumerate(claims)),
+    ]
 
 
 def _volumes(spec: FineTuneJobSpec, rid: RunIdentity, claims: dict[str, str]) -> list[dict[str, Any]]:

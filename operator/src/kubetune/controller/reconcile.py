@@ -35,6 +35,7 @@ from kubetune.api.constants import (
 from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     FineTuneJobStatus,
+    Phase,
     PlacementStatus,
     Progress,
     Resolved,
@@ -45,7 +46,7 @@ from kubetune.api.v1alpha1 import (
     TrainerTermination,
 )
 from kubetune.controller import manifests
-from kubetune.controller.conditions import clip, set_condition
+from kubetune.controller.conditions import ConditionStatus, clip, set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
 from kubetune.errors import UsageError
@@ -53,7 +54,7 @@ from kubetune.estimator import Architecture, Estimate, estimate, fit_advice, max
 from kubetune.estimator.advice import Advice
 from kubetune.estimator.disk import work_dir_bytes
 from kubetune.estimator.host import advice_memory_floor_gib, memory_floor_gib, whole_model_in_host
-from kubetune.plan import TrainingPlan, accumulation_steps, plan_from_spec
+from kubetune.plan import TrainingPlan, accumulation_steps, plan_from_spec, resolve_sharding
 
 TERMINAL = TERMINAL_PHASES
 
@@ -142,7 +143,7 @@ def decide(
         micro_batch_size=mbs,
         gradient_accumulation_steps=ga_for(mbs),
         num_processes=nproc,
-        sharding=plan.sharding,
+        sharding=resolve_sharding(spec, nproc),  # as plan_from_spec resolved it: never the estimator-only zero*
         estimate_bytes=est.total_bytes,
         ephemeral_storage_bytes=work_dir_bytes(
             spec, plan, est.total_params, est.trainable_params, arch.disk_weight_bytes
@@ -207,7 +208,13 @@ class _Builder:
         self.events: list[tuple[str, str, str]] = []
 
     def cond(
-        self, type_: str, status: bool | str, reason: str, message: str, warn: bool = False, event: bool = True
+        self,
+        type_: str,
+        status: bool | ConditionStatus,
+        reason: str,
+        message: str,
+        warn: bool = False,
+        event: bool = True,
     ) -> None:
         """Set a condition; a change also makes an Event unless another Event of the same
         reconcile already tells the story (event=False)."""
@@ -217,7 +224,7 @@ class _Builder:
         if changed and event:
             self.events.append(("Warning" if warn else "Normal", reason, message))
 
-    def phase(self, phase: str) -> None:
+    def phase(self, phase: Phase) -> None:
         if self.status.phase != phase:
             self.status.phase = phase
             if self.status.history:
@@ -238,8 +245,7 @@ def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = ma
         b.phase(FAILED)
         return b.done()
 
-    active = current is not None and current.phase not in TERMINAL
-    if active:
+    if current is not None and current.phase not in TERMINAL:  # an active run
         out = _observe_run(b, obs, current, defaults)
         if out.status.phase in TERMINAL and current.generation != obs.generation and not out.create:
             # The run just ended and a newer spec was waiting for it: start that run now.
@@ -477,7 +483,7 @@ def _pod_progress(b: _Builder, obs: Observed, run: RunRecord, term: TrainerTermi
         if st.placement is not None and node:
             st.placement.node = node
         step = st.progress.step if st.progress else 0
-        doing = _ACTIVITY.get(st.progress.state if st.progress else None, "training")
+        doing = _ACTIVITY.get((st.progress.state or "") if st.progress else "", "training")
         b.cond(
             RUNNING,
             True,
@@ -566,7 +572,7 @@ def _failed(
     assert spec is not None
     kind = _oom_kind(obs.pods, term)
     oom = kind == "gpu"
-    reason = {"gpu": "OutOfMemory", "host": "HostOutOfMemory"}.get(kind) or (
+    reason = ({"gpu": "OutOfMemory", "host": "HostOutOfMemory"}.get(kind) if kind else None) or (
         term.reason
         if term and term.reason not in ("Completed", "Error")
         else (jcond or {}).get("reason") or "TrainerFailed"

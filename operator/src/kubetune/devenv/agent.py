@@ -118,7 +118,8 @@ class Agent:
 
     def register(self) -> None:
         try:
-            self.core.create_node(node_manifest(self.node, self.cpu, self.memory))
+            # the client sends a plain dict body as it is; the annotation names only its model class
+            self.core.create_node(node_manifest(self.node, self.cpu, self.memory))  # type: ignore[arg-type]
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -138,7 +139,7 @@ class Agent:
         except ApiException as e:
             if e.status != 404:
                 raise
-            coord.create_namespaced_lease("kube-node-lease", lease)
+            coord.create_namespaced_lease("kube-node-lease", lease)  # type: ignore[arg-type]  # a dict, as above
 
     def heartbeats(self) -> None:
         while not self.stop.wait(10):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from kubetune.errors import UsageError
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--purge", action="store_true", help="down: also delete the state directory")
 
 
-def _one_line_error(message: str) -> None:
+def _one_line_error(message: str) -> NoReturn:
     print(f"kubetune dev: error: {message} (see `kubetune dev --help`)", file=sys.stderr)
     sys.exit(2)
 

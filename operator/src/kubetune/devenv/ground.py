@@ -110,6 +110,14 @@ def load_state(lay: Layout) -> dict | None:
         return None
 
 
+def up_state(lay: Layout) -> dict:
+    """The state of a ground that is up (or has just been started): none is an error here, not None."""
+    state = load_state(lay)
+    if state is None:
+        raise GroundError(f"no ground state in {lay.root}: run `kubetune dev up` first")
+    return state
+
+
 def save_state(lay: Layout, state: dict) -> None:
     tmp = lay.state.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=1) + "\n")
@@ -560,7 +568,7 @@ def up(
         log(f"ground already up ({lay.root})")
         if with_prometheus:
             start_prometheus(lay, targets or [], log)
-        return load_state(lay)
+        return up_state(lay)
     if running:
         raise GroundError(
             f"ground is partly up ({', '.join(running)} running, others dead): run `kubetune dev down` first"
@@ -580,7 +588,7 @@ def up(
         down(lay, log=lambda m: None)
         raise
     log(f"ground up in {time.monotonic() - t0:.1f}s; kubeconfig {lay.kubeconfig}")
-    return load_state(lay)
+    return up_state(lay)
 
 
 def down(lay: Layout | None = None, log: Log = _stderr) -> list[str]:
@@ -610,6 +618,7 @@ def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.P
         raise GroundError(f"{name} is not running under {lay.root} (known: {', '.join(procs_) or 'none'})")
     if not procs.stop(procs_[name]):
         raise GroundError(f"{name} (pid {procs_[name].pid}) would not stop")
+    assert state is not None  # it recorded the process
     proc = procs.respawn(procs_[name])
     state["procs"][name] = proc.to_dict()
     save_state(lay, state)

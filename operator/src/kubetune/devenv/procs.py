@@ -61,7 +61,9 @@ def alive(proc: Proc) -> bool:
     if child is not None and child.poll() is not None:
         return False
     fields = _stat(proc.pid)
-    return bool(fields) and fields[0] != "Z" and int(fields[19]) == proc.start_ticks
+    if not fields:
+        return False
+    return fields[0] != "Z" and int(fields[19]) == proc.start_ticks
 
 
 def group_members(pgid: int) -> list[int]:

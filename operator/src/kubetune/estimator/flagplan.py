@@ -21,8 +21,13 @@ instead describes a run of the stack most tutorials use, the one shared/calibrat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from kubetune.api import registry
 from kubetune.plan import TrainingPlan
+
+if TYPE_CHECKING:
+    from kubetune.api.v1alpha1 import ReferenceMode
 
 METHODS = registry.METHOD_NAMES
 PRECISIONS = ("bf16", "fp32-mixed", "fp32")
@@ -101,7 +106,7 @@ def plan_from_flags(
         adapter_dtype="fp32",
         objective=objective,
         sequences_per_example=registry.objective(objective).sequences_per_example,
-        reference=obj.effective_reference(method),  # type: ignore[arg-type]
+        reference=obj.effective_reference(method),
         **kw,
     )
 
@@ -149,4 +154,5 @@ def _objective(method: str, objective: str, reference: str | None, packing: bool
             )
     if packing and info.data != "sft":
         raise ValueError(f"packing: only valid with objective {one_of(registry.objective_names(data='sft'))}")
-    return TrainingObjective.model_construct(type=objective, reference=reference)
+    # model_construct does not validate: reference was checked against registry.REFERENCE_MODES above
+    return TrainingObjective.model_construct(type=objective, reference=cast("ReferenceMode | None", reference))
