@@ -11,17 +11,32 @@ pytestmark = pytest.mark.slow
 
 STEPS = 24
 
+# The kill -9 test's cases: objective (None: SFT), method (None: LoRA with dropout), learning rate.
+# DPO's reference must come back the same after a restart: the base under disabled adapters (implicit),
+# log-probs precomputed again from the base before the checkpoint loads, or a copy made before it loads.
+CASES = {
+    "sft": (None, None, 1e-2),
+    "dpo": ({"type": "dpo", "beta": 0.5}, None, 1e-2),
+    "dpo-precomputed": ({"type": "dpo", "beta": 0.5, "reference": "precomputed"}, None, 1e-2),
+    "dpo-full-copy": ({"type": "dpo", "beta": 0.5, "reference": "copy"}, {"type": "full"}, 3e-3),
+}
+REWARDS = ("rewardAccuracy", "rewardMargin", "rewardsChosen", "rewardsRejected")
 
-def config(tmp_path, model_dir, data, store):
+
+def config(tmp_path, model_dir, data, store, case="sft"):
+    objective, method, lr = CASES[case]
     cfg = tiny.trainer_config(
         tmp_path, model_dir, data,
-        method={"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}},  # dropout: the RNG must be restored
+        # dropout: the RNG must be restored
+        method=method or {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}},
         dataset={"validationSplit": 0.1},
-        training={"maxSteps": STEPS, "microBatchSize": 2, "gradientAccumulationSteps": 2, "learningRate": 1e-2,
+        training={"maxSteps": STEPS, "microBatchSize": 2, "gradientAccumulationSteps": 2, "learningRate": lr,
                   "scheduler": "cosine", "warmupRatio": 0.1, "weightDecay": 0.01, "evalSteps": 6, "loggingSteps": 1,
                   "seed": 11},
         checkpoints={"saveSteps": 4, "keep": 2},
         ckpt_uri=f"file://{store}/ckpt", output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
+    if objective:
+        cfg["spec"]["objective"] = dict(objective)
     cfg["paths"]["workDir"] = str(store / "work")
     return cfg
 
@@ -33,13 +48,33 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, model_dir, data):
-    """The uninterrupted run."""
-    tmp = tmp_path_factory.mktemp("ref")
-    ref = TrainerProc(config(tmp, model_dir, data, tmp / "ref"), tmp / "ref.yaml")
-    assert ref.wait(300) == 0, ref.stderr[-3000:]
-    assert sorted(ref.losses()) == list(range(1, STEPS + 1))
-    return ref
+def pref_data(tmp_path_factory):
+    # 36 training pairs, as many as the SFT examples
+    return tiny.write_jsonl(tmp_path_factory.mktemp("prefs") / "prefs.jsonl", tiny.preference_rows(40, seed=3))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_dir, data, pref_data):
+    """uninterrupted(case) -> that case's run without a stop (run once per module)."""
+    runs = {}
+
+    def get(case):
+        if case not in runs:
+            tmp = tmp_path_factory.mktemp(f"ref-{case}")
+            run = TrainerProc(config(tmp, model_dir, data if case == "sft" else pref_data, tmp / "ref", case),
+                              tmp / "ref.yaml")
+            assert run.wait(300) == 0, run.stderr[-3000:]
+            assert sorted(run.losses()) == list(range(1, STEPS + 1))
+            runs[case] = run
+        return runs[case]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(uninterrupted):
+    """The uninterrupted SFT run."""
+    return uninterrupted("sft")
 
 
 def assert_continues(reference, got: dict[int, float], label: str) -> None:
@@ -51,9 +86,11 @@ def assert_continues(reference, got: dict[int, float], label: str) -> None:
     assert worst < 1e-4, deltas
 
 
-def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, reference):
+@pytest.mark.parametrize("case", list(CASES))
+def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, pref_data, uninterrupted, case):
+    reference = uninterrupted(case)
     store = tmp_path / "run"
-    cfg = config(tmp_path, model_dir, data, store)
+    cfg = config(tmp_path, model_dir, data if case == "sft" else pref_data, store, case)
     first = TrainerProc(cfg, tmp_path / "run.yaml", env={"KUBETUNE_DEBUG_STEP_SLEEP": "0.3"})
     first.wait_for(lambda e: e.get("event") == "log" and "checkpoint-00000012 committed" in e.get("message", ""), 300)
     first.wait_for(lambda e: e.get("event") == "step" and e["step"] >= 14, 60)
@@ -67,7 +104,8 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, re
     assert resumed and resumed[0]["step"] == 12
     assert not (store / "work" / "resume").exists()  # the downloaded checkpoint is freed once loaded
     assert sorted(second.losses()) == list(range(13, STEPS + 1))
-    assert_continues(reference, {**first.losses(), **second.losses()}, f"kill -9 at step {killed_at}, resumed from 12")
+    assert_continues(reference, {**first.losses(), **second.losses()},
+                     f"{case}: kill -9 at step {killed_at}, resumed from 12")
 
     term = json.loads(second.termination.read_text())
     ref_term = json.loads(reference.termination.read_text())
@@ -80,6 +118,22 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, re
     assert "checkpoint-00000024" in kept and "checkpoint-00000020" in kept and len(kept) <= 3
     progress = json.loads((store / "progress.json").read_text())
     assert progress["state"] == "finished" and progress["resumedFromStep"] == 12
+    if case != "sft":
+        # the reward metrics go on in every resumed step as in the uninterrupted run, and the result's
+        # A/B keeps the base's numbers from the first attempt
+        want = {e["step"]: e for e in reference.events_of("step")}
+        got = second.events_of("step")
+        assert all(set(REWARDS) <= set(e) for e in got), got[0]
+        worst = max(abs(e[k] - want[e["step"]][k]) for e in got for k in REWARDS)
+        m, ref_m = term["result"]["metrics"], ref_term["result"]["metrics"]
+        print(f"{case}: max |d reward metric| over the resumed steps = {worst:.3g}; reward accuracy "
+              f"{m['baseRewardAccuracy']:.2f} -> {m['rewardAccuracy']:.2f} (uninterrupted {ref_m['rewardAccuracy']:.2f})")
+        assert worst < 1e-4
+        if CASES[case][0].get("reference") == "precomputed":  # again from the base, before the checkpoint loads
+            assert [m for m in second.messages() if "reference log-probs of 36 examples precomputed" in m]
+        for k in REWARDS:
+            assert m["base" + k[:1].upper() + k[1:]] == ref_m["base" + k[:1].upper() + k[1:]], k
+            assert abs(m[k] - ref_m[k]) < 1e-4, k
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_restart_continues(tmp_path, model_dir, data, reference):

@@ -375,6 +375,21 @@ def test_retention_keeps_the_newest_and_the_best():
     assert ck.retained([(1, None), (2, None)], 1) == {2}
 
 
+def test_retention_on_a_file_store_leaves_no_empty_directory(tmp_path):
+    """A deleted checkpoint's directory goes too: the store lists only the kept ones (here the best,
+    step 1, and the newest two)."""
+    store = tmp_path / "store"
+    up = ck.Uploader(st.LocalLocation(store), keep=2, log=lambda m: None)
+    for step, loss in {1: 1.0, 2: None, 3: 2.0, 4: None}.items():
+        d = tmp_path / "local" / ck.ckpt_name(step)
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(bytes([step]) * 100)
+        up.submit(d, step, loss)
+        assert up.drain(10)
+    up.close()
+    assert sorted(p.name for p in store.iterdir()) == [ck.ckpt_name(s) for s in (1, 3, 4)]
+
+
 def test_an_outage_backlog_holds_only_what_retention_keeps_and_commits_it_after(tmp_path):
     """S3 down (here: the store's path is a file, so every write fails for real) while checkpoints
     keep coming: local disk holds no more than retention would keep; once writes work again the

@@ -484,14 +484,14 @@ class Uploader:
             if c.step not in keep:
                 # manifest first: from then on nobody treats it as a checkpoint
                 self.loc.delete([f"{c.name}/{MANIFEST}"])
-                self.loc.child(c.name).delete([o.key for o in self.loc.child(c.name).list()])
+                # through the parent: a file:// location then prunes the emptied directory too
+                self.loc.delete([f"{c.name}/{o.key}" for o in self.loc.child(c.name).list()])
         with self._cv:  # uploads still to finish (paused behind a newer one) are not leftovers
             keep_names = {c.name for c in committed} | {ckpt_name(j.step) for j in self.backlog}
         for name in self.loc.list_dirs():
             m = NAME_RE.match(name)
             if m and name not in keep_names and int(m.group(1)) < newest:
                 # leftovers of an upload that never committed (killed pod, outage)
-                sub = self.loc.child(name)
-                sub.delete([o.key for o in sub.list()])
+                self.loc.delete([f"{name}/{o.key}" for o in self.loc.child(name).list()])
         if self.on_commit and committed:
             self.on_commit(None, None, len(keep))  # type: ignore[arg-type]
