@@ -8,7 +8,7 @@ import functools
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 from annotated_types import GroupedMetadata
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, WithJsonSchema, model_validator
@@ -285,7 +285,8 @@ def format_errors(err: ValidationError, root: str = "") -> list[str]:
             msg = "required field is missing"
         elif e["type"] == "string_pattern_mismatch":
             pattern = (e.get("ctx") or {}).get("pattern", "")
-            msg = f"{redact(e.get('input'))} is not valid: expected {PATTERN_HELP.get(pattern, 'a string matching ' + pattern)}"
+            expected = PATTERN_HELP.get(pattern, "a string matching " + pattern)
+            msg = f"{redact(e.get('input'))} is not valid: expected {expected}"
         elif e["type"] in ("literal_error", "enum"):
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"{where}: {msg}")

@@ -205,7 +205,8 @@ class ModelArchitecture(KModel):
             field_path=".numKeyValueHeads",
         ),
         Rule(
-            cel="!has(self.numExpertsPerTok) || !has(self.numLocalExperts) || self.numExpertsPerTok <= self.numLocalExperts",
+            cel="!has(self.numExpertsPerTok) || !has(self.numLocalExperts) || self.numExpertsPerTok <= "
+            "self.numLocalExperts",
             message="model.architecture.numExpertsPerTok must be at most numLocalExperts (a token is routed to some "
             "of the experts)",
             check=lambda a: (
@@ -337,7 +338,8 @@ class LoraSettings(KModel):
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
-        description="Module names to adapt, e.g. [q_proj, v_proj], or [all-linear] for every linear layer but the output head.",
+        description="Module names to adapt, e.g. [q_proj, v_proj], or [all-linear] for every linear layer but the "
+        "output head.",
     )
 
 
@@ -735,7 +737,8 @@ class Training(KModel):
         ge=1,
         le=MAX_EFFECTIVE_BATCH,
         description="Sequences per optimizer step across all GPUs. With microBatchSize auto, gradient accumulation "
-        f"is derived from it; defaults to microBatchSize x gradientAccumulationSteps x GPUs. At most {MAX_EFFECTIVE_BATCH:,}.",
+        "is derived from it; defaults to microBatchSize x gradientAccumulationSteps x GPUs. At most "
+        f"{MAX_EFFECTIVE_BATCH:,}.",
     )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = Field(
@@ -927,7 +930,8 @@ class Resources(KModel):
         None,
         max_length=63,
         pattern=LABEL_VALUE,
-        description="Only use GPUs of this product (the nvidia.com/gpu.product node label, e.g. NVIDIA-H100-80GB-HBM3).",
+        description="Only use GPUs of this product (the nvidia.com/gpu.product node label, e.g. "
+        "NVIDIA-H100-80GB-HBM3).",
     )
     # Bounds: a quantity past any real node is a typo (or 1e400), and the pod would never schedule.
     min_gpu_memory: Annotated[str, bounded_quantity("resources.minGpuMemory", "1Ti", "40Gi")] | None = Field(
@@ -945,8 +949,8 @@ class Resources(KModel):
     )
     ephemeral_storage: Annotated[str, bounded_quantity("resources.ephemeralStorage", "1Pi", "200Gi")] | None = Field(
         None,
-        description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded model, "
-        "checkpoints before upload, the final output. Default: worked out from the model and method "
+        description="Local disk (ephemeral-storage request) of each trainer pod for its work dir: the downloaded "
+        "model, checkpoints before upload, the final output. Default: worked out from the model and method "
         "(status.placement.ephemeralStorage). At most 1Pi.",
     )
     node_selector: Annotated[
@@ -979,14 +983,15 @@ class Resources(KModel):
         ),
         Rule(
             cel=f"self.map(k, k.size() + self[k].size()).sum() <= {MAX_ANNOTATIONS_TOTAL}",
-            message=f"resources.podAnnotations may hold at most {MAX_ANNOTATIONS_TOTAL} characters in all (keys and values)",
+            message=f"resources.podAnnotations may hold at most {MAX_ANNOTATIONS_TOTAL} characters in all (keys and "
+            "values)",
             check=lambda d: sum(len(k) + len(v) for k, v in d.items()) <= MAX_ANNOTATIONS_TOTAL,
         ),
     ] = Field(
         default_factory=dict,
         max_length=64,
-        description='Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: "false". '
-        f"Keys are qualified names; at most 64 entries and {MAX_ANNOTATIONS_TOTAL} characters.",
+        description="Extra annotations on the trainer pods, e.g. cluster-autoscaler.kubernetes.io/safe-to-evict: "
+        f'"false". Keys are qualified names; at most 64 entries and {MAX_ANNOTATIONS_TOTAL} characters.',
     )
     env: Annotated[
         list[EnvVar],
@@ -1134,8 +1139,8 @@ class Output(KModel):
         None,
         pattern=S3_ONLY,
         max_length=1024,
-        description="S3 prefix for the adapter (or full model); kubetune writes under <uri>/<namespace>/<name>/run-<n>/. "
-        "Defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
+        description="S3 prefix for the adapter (or full model); kubetune writes under "
+        "<uri>/<namespace>/<name>/run-<n>/. Defaults to <checkpoints.uri>/<namespace>/<name>/run-<n>/final/.",
     )
     merge_adapter: bool = Field(
         False, description="Also upload the base model with the adapter merged in (LoRA/QLoRA)."
@@ -1155,7 +1160,8 @@ class RunPolicy(KModel):
         None,
         ge=0,
         le=MAX_SECONDS,
-        description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long (at most 366 days).",
+        description="Delete the finished trainer Job (not the FineTuneJob or its artifacts) after this long (at most "
+        "366 days).",
     )
     suspend: bool = Field(
         False, description="Stop the trainer pods; checkpoints stay, and unsuspending resumes from the newest."
@@ -1212,8 +1218,10 @@ class FineTuneJobSpec(KModel):
 
     rules: ClassVar = (
         Rule(
-            cel="!has(self.training.earlyStopping) || has(self.dataset.validationUri) || has(self.dataset.validationSplit)",
-            message="training.earlyStopping needs validation data: set dataset.validationUri or dataset.validationSplit",
+            cel="!has(self.training.earlyStopping) || has(self.dataset.validationUri) || "
+            "has(self.dataset.validationSplit)",
+            message="training.earlyStopping needs validation data: set dataset.validationUri or "
+            "dataset.validationSplit",
             check=lambda s: (
                 s.training.early_stopping is None
                 or s.dataset.validation_uri is not None
@@ -1227,7 +1235,8 @@ class FineTuneJobSpec(KModel):
             check=lambda s: not s.output.merge_adapter or s.method.type in _MERGEABLE_METHODS,
         ),
         Rule(
-            cel="!has(self.model.tokenSecret) || self.model.uri.startsWith('hf://') || self.dataset.uri.startsWith('hf://') "
+            cel="!has(self.model.tokenSecret) || self.model.uri.startsWith('hf://') "
+            "|| self.dataset.uri.startsWith('hf://') "
             "|| (has(self.dataset.validationUri) && self.dataset.validationUri.startsWith('hf://'))",
             message="model.tokenSecret is for hf:// models and datasets; s3:// uses spec.storage.credentialsSecret",
             check=lambda s: (
@@ -1238,7 +1247,8 @@ class FineTuneJobSpec(KModel):
         Rule(
             cel=cel_not_in("self.method.type", _QUANTIZED_METHODS)
             + " || !has(self.resources) || !has(self.resources.gpusPerNode) || self.resources.gpusPerNode >= 1",
-            message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode >= 1",
+            message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode "
+            ">= 1",
             check=lambda s: s.method.type not in _QUANTIZED_METHODS or s.resources.gpus_per_node >= 1,
         ),
         *_OBJECTIVE_SPEC_RULES,
@@ -1349,7 +1359,8 @@ class Progress(StatusModel):
     eta_seconds: int | None = Field(None, description="Estimated seconds to completion.")
     peak_gpu_memory_bytes: int | None = Field(
         None,
-        description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for estimate-vs-actual.",
+        description="Peak device memory the trainer saw on its GPU (CUDA context + allocator reserved), for "
+        "estimate-vs-actual.",
     )
     # A map, not fields: each objective names its own (the registry's ObjectiveInfo.metrics).
     metrics: dict[str, float] | None = Field(
@@ -1463,8 +1474,8 @@ class FineTuneJob(KModel):
         Rule(
             cel="!has(self.spec.resources) || !has(self.spec.resources.nodes) || self.spec.resources.nodes <= 1 "
             f"|| self.metadata.name.matches(r'{DNS1035_LABEL}')",
-            message="metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and '-', "
-            "starting with a letter, without dots: its headless Service is named after it",
+            message="metadata.name of a multi-node job (resources.nodes > 1) must be lowercase letters, digits and "
+            "'-', starting with a letter, without dots: its headless Service is named after it",
             check=lambda j: j.spec.resources.nodes <= 1 or full_match(DNS1035_LABEL, j.metadata.name),
         ),
     )

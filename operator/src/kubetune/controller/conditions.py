@@ -9,7 +9,6 @@ from typing import Literal
 from kubetune.api.constants import CONDITION_TYPES
 from kubetune.api.v1alpha1 import Condition
 
-
 # Status and Events are read by people, and the apiserver caps a condition's message at 32768: a message
 # built from user input (huge nodeSelector values, a long URI) is cut well before either limit.
 ConditionStatus = Literal["True", "False", "Unknown"]  # Condition.status

@@ -18,13 +18,12 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from collections.abc import Mapping
 from typing import Any
 
 import kopf
-
 from pydantic import ValidationError
 
 from kubetune.api.base import format_errors

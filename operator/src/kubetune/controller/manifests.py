@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+# exit codes the Job fails on at once, and the SIGTERM grace: facts shared with the trainer
+from kubetune.api.constants import GRACE_SECONDS, NON_RETRYABLE_EXIT_CODES, OOM_EXIT_CODES
 from kubetune.api.v1alpha1 import (
     API_VERSION,
     KIND,
@@ -21,9 +23,6 @@ from kubetune.api.v1alpha1 import (
     TrainerConfig,
     TrainerPaths,
 )
-
-# exit codes the Job fails on at once, and the SIGTERM grace: facts shared with the trainer
-from kubetune.api.constants import GRACE_SECONDS, NON_RETRYABLE_EXIT_CODES, OOM_EXIT_CODES
 from kubetune.controller.fleet import GPU_RESOURCE, LABEL_MEMORY, LABEL_PRODUCT
 from kubetune.controller.placement import Placement
 

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _down(lay, purge: bool) -> int:
     import shutil
+
     from kubetune.devenv import ground
 
     stuck = ground.down(lay)
