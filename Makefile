@@ -19,11 +19,12 @@ PYTEST_WORKERS ?= 3
 # Where the time goes, in every run's report.
 PYTEST_DURATIONS ?= 25
 
-.PHONY: help venv test test-fast crd check-crd demo ground-build clean
+.PHONY: help venv lint test test-fast crd check-crd demo ground-build clean
 
 help:
 	@echo "make demo       the main job, locally (see README)"
-	@echo "make test       every test: unit, trainer (CPU), integration on the local control plane"
+	@echo "make lint       ruff (lint; format on operator/src) and mypy on operator/src"
+	@echo "make test       lint, then every test: unit, trainer (CPU), integration on the local control plane"
 	@echo "make test-fast  unit tests only (no control plane, no training, no helm/promtool)"
 	@echo "make crd        regenerate crds/ (and the chart's copy) from the API models"
 
@@ -54,9 +55,18 @@ check-crd: venv
 ground-build: venv
 	$(BIN)/kubetune dev build
 
+# ruff check on what LINT_PATHS names; ruff format --check and mypy on the operator (the scope both are
+# clean on; mypy's settings are pyproject.toml's [tool.mypy]). Not linted yet: the trainer (trainer-image/src)
+# and its tests (tests/trainer, tests/integration/test_trainer_pods.py), under other work right now.
+LINT_PATHS ?= operator/src
+lint: venv
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check operator/src
+	$(BIN)/mypy
+
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass. A failure in any
 # worker fails the run (xdist reports every worker's tests in one summary and exit code).
-test: venv ground-build
+test: venv lint ground-build
 	@rc=0; $(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --durations=$(PYTEST_DURATIONS) \
 	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
