@@ -14,12 +14,20 @@ import time
 
 import pytest
 import yaml
-from opkit import apply, cond, example, ftj, phase, put_progress, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import wait_until as wait_for
 
+from opkit import apply, cond, example, ftj, phase, put_progress, small_gpu_job, status, wait_ftj, wait_phase
+
 pytestmark = pytest.mark.integration
 
+
+def _not_validated(obj: dict) -> bool:
+    return cond(obj, "Validated").get("status") == "False"
+
+
+def _validated_reason(reason: str):
+    return lambda obj: cond(obj, "Validated").get("reason") == reason
 
 
 # -------------------------------------------------------------------------------------------------
@@ -41,13 +49,14 @@ def test_life_through_every_phase(ground, operator, ns):
     assert pod["spec"]["nodeName"] == st["placement"]["node"]
 
     put_progress(ground, ns, "life", 1, step=40, total=100, loss=1.25, ckpt_step=40)
-    obj = wait_for("progress mirrored", lambda: (lambda o: o if (o.get("status", {}).get("progress") or {}).get("step") == 40
-                                                else None)(ftj(ground, ns, "life")), 30)
+    obj = wait_ftj(ground, ns, "life", lambda o: (status(o).get("progress") or {}).get("step") == 40, 30,
+                   what="progress mirrored")
     assert obj["status"]["progress"]["percent"] == "40%" and obj["status"]["progress"]["loss"] == 1.25
     assert cond(obj, "CheckpointSynced")["status"] == "True"
     assert obj["status"]["checkpoints"]["latestStep"] == 40
     # /metrics follows status within a reconcile; a scrape may land just between the two
-    wait_for("step in /metrics", lambda: operator.metric("kubetune_training_step", namespace=ns, name="life") == 40.0, 10)
+    wait_for("step in /metrics",
+             lambda: operator.metric("kubetune_training_step", namespace=ns, name="life") == 40.0, 10)
 
     # every printer column is filled
     row = ground.kubectl("get", "ftj", "life", "-n", ns, "--no-headers").stdout.split()
@@ -65,8 +74,8 @@ def test_life_through_every_phase(ground, operator, ns):
 
 def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     from kubetune.api.validation import parse_job
-    from kubetune.controller.reconcile import decide
     from kubetune.controller.fleet import read_fleet
+    from kubetune.controller.reconcile import decide
     from kubetune.estimator import resolve_architecture
 
     obj = example("lora-8b")
@@ -96,7 +105,8 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     assert d.placement.gpu_memory_mib == sizes[0] and d.placement.resource == slot.resource
     # with the whole fleet free, the smallest size of all wins (a MIG slice here, the smallest that fits)
     everything = sorted({s.memory_mib for n in read_fleet(nodes, []) for s in n.slots if s.memory_mib >= need_mib})
-    assert decide(spec, resolve_architecture(spec.model), read_fleet(nodes, [])).placement.gpu_memory_mib == everything[0]
+    whole_fleet = decide(spec, resolve_architecture(spec.model), read_fleet(nodes, []))
+    assert whole_fleet.placement.gpu_memory_mib == everything[0]
 
 
 def test_too_big_is_unschedulable_with_advice(ground, operator, ns):
@@ -174,13 +184,14 @@ def test_spec_change_after_finish_starts_a_new_run_and_keeps_history(ground, ope
     obj = small_gpu_job("retrain")
     obj["spec"]["training"]["learningRate"] = 1.0e-4
     apply(ground, ns, obj)
-    got = wait_for("run 2", lambda: (lambda o: o if o.get("status", {}).get("run") == 2 else None)(ftj(ground, ns, "retrain")), 60)
+    got = wait_ftj(ground, ns, "retrain", lambda o: status(o).get("run") == 2, 60, what="run 2")
     assert [h["run"] for h in got["status"]["history"]] == [1, 2]
     assert got["status"]["history"][0]["phase"] == "Succeeded" and got["status"]["history"][1]["generation"] == 2
     wait_phase(ground, ns, "retrain", "Succeeded", 60)
     # the same spec again (data updated in place): runPolicy.rerun, as docs/operator.md shows it
-    ground.kubectl("patch", "ftj", "retrain", "-n", ns, "--type=merge", "-p", '{"spec":{"runPolicy":{"rerun":"data-v2"}}}')
-    got = wait_for("run 3", lambda: (lambda o: o if o.get("status", {}).get("run") == 3 else None)(ftj(ground, ns, "retrain")), 60)
+    ground.kubectl("patch", "ftj", "retrain", "-n", ns, "--type=merge",
+                   "-p", '{"spec":{"runPolicy":{"rerun":"data-v2"}}}')
+    got = wait_ftj(ground, ns, "retrain", lambda o: status(o).get("run") == 3, 60, what="run 3")
     assert got["status"]["history"][2]["generation"] == 3
     wait_phase(ground, ns, "retrain", "Succeeded", 60)
     assert {j["metadata"]["name"] for j in ground.kubectl_json("get", "jobs", "-n", ns)["items"]} >= {
@@ -196,8 +207,7 @@ def test_spec_change_while_running_queues_the_next_run(ground, operator, ns):
     time.sleep(3)
     got = ftj(ground, ns, "busy")
     assert got["status"]["run"] == 1 and got["status"]["phase"] == "Running"  # not disturbed
-    got = wait_for("run 2 after run 1", lambda: (lambda o: o if o.get("status", {}).get("run") == 2 else None)(
-        ftj(ground, ns, "busy")), 90)
+    got = wait_ftj(ground, ns, "busy", lambda o: status(o).get("run") == 2, 90, what="run 2 after run 1")
     assert got["status"]["history"][0]["phase"] == "Succeeded" and got["status"]["history"][1]["generation"] == 2
 
 
@@ -209,8 +219,7 @@ def test_oom_sets_reason_and_retries_once_with_a_smaller_batch(ground, operator,
                                                    "kwok.kubetune.io/message": json.dumps(term),
                                                    "pod-complete.stage.kwok.x-k8s.io/delay": "1s"}
     apply(ground, ns, obj)
-    got = wait_for("OOM retry run", lambda: (lambda o: o if len(o.get("status", {}).get("history", [])) >= 2 else None)(
-        ftj(ground, ns, "oom")), 90)
+    got = wait_ftj(ground, ns, "oom", lambda o: len(status(o).get("history", [])) >= 2, 90, what="OOM retry run")
     first, second = got["status"]["history"][:2]
     assert first["reason"] == "OutOfMemoryRetry"
     assert second["overrides"] == {"microBatchSize": 1, "gradientAccumulationSteps": 16}
@@ -229,18 +238,19 @@ def test_a_kernel_oom_kill_asks_for_host_memory_and_is_not_retried(ground, opera
     apply(ground, ns, obj)
     got = wait_phase(ground, ns, "host-oom", "Failed", 90)
     c = cond(got, "Failed")
-    assert c["reason"] == "HostOutOfMemory" and "Raise spec.resources.memory" in c["message"] and "(8Gi)" in c["message"]
+    assert c["reason"] == "HostOutOfMemory"
+    assert "Raise spec.resources.memory" in c["message"] and "(8Gi)" in c["message"]
     assert len(got["status"]["history"]) == 1  # a smaller batch would not help: no OOM retry
     assert operator.metric("kubetune_runs_failed_total", reason="HostOutOfMemory") >= 1
 
 
 def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
     apply(ground, namespace, small_gpu_job("no-secret"))
-    obj = wait_for("Validated=False", lambda: (lambda o: o if cond(o, "Validated").get("status") == "False" else None)(
-        ftj(ground, namespace, "no-secret")), 60)
+    obj = wait_ftj(ground, namespace, "no-secret", _not_validated, 60, what="Validated=False")
     c = cond(obj, "Validated")
     assert c["reason"] == "SecretNotFound"
-    assert f"Secret 'kubetune-s3' (spec.storage.credentialsSecret) does not exist in namespace {namespace}" in c["message"]
+    assert (f"Secret 'kubetune-s3' (spec.storage.credentialsSecret) does not exist in namespace {namespace}"
+            in c["message"])
     assert obj["status"]["phase"] == "Pending"
     st = ground.state["s3"]
     ground.kubectl("create", "secret", "generic", "kubetune-s3", "-n", namespace,
@@ -252,14 +262,13 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
     gated = small_gpu_job("no-token")
     gated["spec"]["model"]["tokenSecret"] = {"name": "hf-token", "key": "token"}
     apply(ground, namespace, gated)
-    obj = wait_for("Validated=False", lambda: (lambda o: o if cond(o, "Validated").get("status") == "False" else None)(
-        ftj(ground, namespace, "no-token")), 60)
+    obj = wait_ftj(ground, namespace, "no-token", _not_validated, 60, what="Validated=False")
     assert cond(obj, "Validated")["message"] == (
         f"Secret 'hf-token' (spec.model.tokenSecret) does not exist in namespace {namespace}: create it with key token "
         f"(kubectl create secret generic hf-token -n {namespace} --from-literal=token=hf_...)")
     ground.kubectl("create", "secret", "generic", "hf-token", "-n", namespace, "--from-literal=HF_TOKEN=hf_test")
-    obj = wait_for("the key named", lambda: (lambda o: o if "has no key token" in cond(o, "Validated").get("message", "") else None)(
-        ftj(ground, namespace, "no-token")), 60)
+    obj = wait_ftj(ground, namespace, "no-token",
+                   lambda o: "has no key token" in cond(o, "Validated").get("message", ""), 60, what="the key named")
     assert cond(obj, "Validated")["reason"] == "SecretNotFound" and obj["status"]["phase"] == "Pending"
     ground.kubectl("patch", "secret", "hf-token", "-n", namespace, "--type=merge", "-p",
                    json.dumps({"stringData": {"token": "hf_test"}}))
@@ -272,8 +281,7 @@ def test_workload_identity_waits_for_its_service_account_then_the_trainer_runs_a
     obj = small_gpu_job("irsa")
     obj["spec"]["storage"] = {"serviceAccountName": "trainer-s3"}
     apply(ground, ns, obj)
-    got = wait_for("ServiceAccountNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") ==
-                                                      "ServiceAccountNotFound" else None)(ftj(ground, ns, "irsa")), 60)
+    got = wait_ftj(ground, ns, "irsa", _validated_reason("ServiceAccountNotFound"), 60, what="ServiceAccountNotFound")
     assert cond(got, "Validated")["message"] == (
         f"ServiceAccount 'trainer-s3' (spec.storage.serviceAccountName) does not exist in namespace {ns}: create it "
         f"(kubectl create serviceaccount trainer-s3 -n {ns}) with the annotation your cloud's workload identity needs")
@@ -295,8 +303,7 @@ def test_an_s3_endpoint_signed_by_a_private_ca_is_verified_with_the_ca_bundle(gr
     obj["spec"]["storage"]["endpoint"] = proxy.url
     obj["spec"]["storage"]["caBundle"] = {"name": "s3-ca"}
     apply(ground, ns, obj)
-    got = wait_for("ConfigMapNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "ConfigMapNotFound"
-                                                 else None)(ftj(ground, ns, "private-ca")), 60)
+    got = wait_ftj(ground, ns, "private-ca", _validated_reason("ConfigMapNotFound"), 60, what="ConfigMapNotFound")
     assert cond(got, "Validated")["message"] == (
         f"ConfigMap 's3-ca' (spec.storage.caBundle) does not exist in namespace {ns}: create it "
         f"(kubectl create configmap s3-ca -n {ns} --from-file=ca.crt=ca.pem)")
@@ -309,18 +316,18 @@ def test_an_s3_endpoint_signed_by_a_private_ca_is_verified_with_the_ca_bundle(gr
     assert {"name": "ca", "mountPath": "/etc/kubetune-ca", "readOnly": True} in c["volumeMounts"]
     assert {"name": "AWS_CA_BUNDLE", "value": "/etc/kubetune-ca/ca.crt"} in c["env"]
     put_progress(ground, ns, "private-ca", 1, step=7, total=100, loss=2.5)  # plain http, straight to S3
-    wait_for("progress read over https", lambda: (ftj(ground, ns, "private-ca")["status"].get("progress") or {})
-             .get("step") == 7, 30)
+    wait_ftj(ground, ns, "private-ca", lambda o: (status(o).get("progress") or {}).get("step") == 7, 30,
+             what="progress read over https")
 
 
 def test_a_pvc_dataset_waits_for_its_claim_then_is_mounted_read_only(ground, operator, ns):
     obj = small_gpu_job("pvc-data")
     obj["spec"]["dataset"]["uri"] = "pvc://train-data/alpaca/train.jsonl"
     apply(ground, ns, obj)
-    got = wait_for("VolumeClaimNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "VolumeClaimNotFound"
-                                                   else None)(ftj(ground, ns, "pvc-data")), 60)
+    got = wait_ftj(ground, ns, "pvc-data", _validated_reason("VolumeClaimNotFound"), 60, what="VolumeClaimNotFound")
     assert cond(got, "Validated")["message"] == (
-        f"PersistentVolumeClaim 'train-data' (spec.dataset.uri) does not exist in namespace {ns}: create it, or fix the URI")
+        f"PersistentVolumeClaim 'train-data' (spec.dataset.uri) does not exist in namespace {ns}: create it, "
+        "or fix the URI")
     assert got["status"]["phase"] == "Pending"
     # a statically provisioned volume; the real PV controller binds the claim to it
     pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{ns}-train-data"},
@@ -431,9 +438,8 @@ def test_fifty_malformed_specs_are_rejected_or_failed_and_the_operator_survives(
             accepted.append(obj["metadata"]["name"])
     # Whatever the schema let through must be held back by the operator, with a message.
     for name in accepted:
-        obj = wait_for(f"{name} marked", lambda n=name: (lambda o: o if cond(o, "Validated").get("status") == "False"
-                                                         or o.get("status", {}).get("phase") in ("Failed",) else None)(
-            ftj(ground, ns, n)), 60)
+        obj = wait_ftj(ground, ns, name, lambda o: _not_validated(o) or status(o).get("phase") == "Failed", 60,
+                       what="Validated=False or Failed")
         c = cond(obj, "Validated")
         assert c.get("message"), f"{name}: no message"
         assert "spec.model" in c["message"] or "catalog" in c["message"], c["message"]
