@@ -6,6 +6,8 @@ netkit.py: tests/conftest.py puts tests/ on sys.path.
     spec(training__optimizer="adamw-8bit", output=None)          # one field by its path; None deletes
     spec(base=BIG, checkpoints={"keep": 1})                      # a module's own base (a spec_dict)
     job("pref", objective={"type": "dpo"})                        # the whole FineTuneJob object
+    patched(GOOD, spec__method__type="full", spec__output=...)   # any object: set by path, ... deletes
+    parse_errors(obj)                                             # the message parse_job refuses obj with
 """
 from __future__ import annotations
 
@@ -28,15 +30,21 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
+def _parent(d: dict, path: str) -> tuple[dict, str]:
+    """The dict that holds ``a__b__c`` (made on the way as needed) and the key in it."""
+    *parents, leaf = path.split("__")
+    node = d
+    for p in parents:
+        node = node.setdefault(p, {})
+    return node, leaf
+
+
 def spec_dict(base: dict | None = None, **changes: Any) -> dict:
     """``base`` (BASE_SPEC) with ``changes``: a dict merges into the section of its name, another value
     replaces it; ``a__b=value`` sets one field by its path; None deletes."""
     d = copy.deepcopy(BASE_SPEC if base is None else base)
     for key, value in changes.items():
-        *parents, leaf = key.split("__")
-        node = d
-        for p in parents:
-            node = node.setdefault(p, {})
+        node, leaf = _parent(d, key)
         if value is None:
             node.pop(leaf, None)
         elif isinstance(value, dict) and isinstance(node.get(leaf), dict):
@@ -55,6 +63,30 @@ def job(name: str = "demo", base: dict | None = None, **changes: Any) -> dict:
     """A FineTuneJob object around ``spec_dict(base, **changes)``."""
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
             "spec": spec_dict(base, **changes)}
+
+
+def patched(base: dict, **patch: Any) -> dict:
+    """A deep copy of ``base`` with ``a__b=value`` set by path; a value of ... deletes the key. Unlike
+    spec_dict, a dict replaces what was there and None is kept (a null the API has to refuse)."""
+    obj = copy.deepcopy(base)
+    for path, value in patch.items():
+        node, leaf = _parent(obj, path)
+        if value is ...:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return obj
+
+
+def parse_errors(obj: dict) -> str:
+    """The message parse_job refuses the FineTuneJob ``obj`` with (the test fails if it parses)."""
+    import pytest
+
+    from kubetune.api.validation import parse_job
+
+    with pytest.raises(ValueError) as e:
+        parse_job(obj)
+    return str(e.value)
 
 
 def job_yaml(name: str = "demo", base: dict | None = None, **changes: Any) -> str:

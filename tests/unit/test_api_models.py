@@ -1,13 +1,13 @@
 """The API models accept good specs and reject bad ones with messages that name the field."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from kubetune.api.base import PATTERN_HELP, quantity_to_decimal, quantity_to_float
 from kubetune.api.v1alpha1 import FineTuneJob, TrainerConfig, check_object
 from kubetune.api.validation import parse_job, parse_spec
+
+from builders import parse_errors, patched
 
 GOOD = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -25,23 +25,7 @@ GOOD = {
 
 def job(**patch) -> dict:
     """GOOD with dotted-path overrides; a value of ... deletes the key."""
-    obj = copy.deepcopy(GOOD)
-    for dotted, value in patch.items():
-        *parents, leaf = dotted.split("__")
-        node = obj
-        for p in parents:
-            node = node.setdefault(p, {})
-        if value is ...:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return obj
-
-
-def errors_of(obj: dict) -> str:
-    with pytest.raises(ValueError) as e:
-        parse_job(obj)
-    return str(e.value)
+    return patched(GOOD, **patch)
 
 
 def test_good_spec_parses_with_defaults():
@@ -118,13 +102,13 @@ def test_a_dataset_uri_may_name_a_path_in_an_hf_repository(uri):
     ],
 )
 def test_bad_specs_name_the_field(patch, expected):
-    msg = errors_of(job(**patch))
+    msg = parse_errors(job(**patch))
     assert expected in msg, msg
 
 
 def test_a_bad_micro_batch_is_one_line_with_the_path_the_user_wrote():
     # Not one line per union branch (`microBatchSize.constrained-int`, `microBatchSize.literal['auto']`).
-    assert errors_of(job(spec__training__microBatchSize="4")).splitlines() == [
+    assert parse_errors(job(spec__training__microBatchSize="4")).splitlines() == [
         "spec.training.microBatchSize: must be an integer from 1 to 4096, or 'auto' (got '4')"]
 
 
@@ -140,7 +124,7 @@ def test_a_bad_micro_batch_is_one_line_with_the_path_the_user_wrote():
     ],
 )
 def test_method_cross_field_rules(method, expected):
-    msg = errors_of(job(spec__method=method))
+    msg = parse_errors(job(spec__method=method))
     assert expected in msg and msg.startswith("spec.method"), msg
 
 
@@ -157,18 +141,18 @@ def test_good_methods():
 
 
 def test_spec_level_rules():
-    msg = errors_of(job(spec__training__earlyStopping={"patience": 2}, spec__training__evalSteps=10))
+    msg = parse_errors(job(spec__training__earlyStopping={"patience": 2}, spec__training__evalSteps=10))
     assert "training.earlyStopping needs validation data" in msg
-    msg = errors_of(job(spec__training__earlyStopping={"patience": 2}, spec__dataset__validationSplit=0.1))
+    msg = parse_errors(job(spec__training__earlyStopping={"patience": 2}, spec__dataset__validationSplit=0.1))
     assert "training.earlyStopping needs training.evalSteps" in msg
-    assert "output.mergeAdapter is only valid" in errors_of(
+    assert "output.mergeAdapter is only valid" in parse_errors(
         job(spec__method={"type": "full"}, spec__output={"mergeAdapter": True})
     )
-    assert "qlora needs a GPU" in errors_of(job(spec__method={"type": "qlora"}, spec__resources={"gpusPerNode": 0}))
+    assert "qlora needs a GPU" in parse_errors(job(spec__method={"type": "qlora"}, spec__resources={"gpusPerNode": 0}))
 
 
 def test_several_errors_are_all_reported():
-    msg = errors_of(job(spec__method__lora__rank=0, spec__training__precision="int8", spec__dataset__uri="ftp://x"))
+    msg = parse_errors(job(spec__method__lora__rank=0, spec__training__precision="int8", spec__dataset__uri="ftp://x"))
     lines = msg.splitlines()
     assert len(lines) == 3
     assert {l.split(":")[0] for l in lines} == {"spec.method.lora.rank", "spec.training.precision", "spec.dataset.uri"}
@@ -340,7 +324,7 @@ ARCH = {"modelType": "llama", "hiddenSize": 64, "numHiddenLayers": 2, "numAttent
     ids=lambda v: None if isinstance(v, dict) else v[:40],
 )
 def test_hostile_values_are_refused_with_the_rule_in_plain_words(patch, expected):
-    msg = errors_of(job(**patch))
+    msg = parse_errors(job(**patch))
     assert expected in msg, msg
     assert "s3cr3t" not in msg  # a password in the endpoint is not echoed into a status
     assert "\\s" not in msg and "[^" not in msg and "(?" not in msg, f"a regex in the message: {msg}"
@@ -411,7 +395,7 @@ def test_exact_quantities_no_float_rounding():
     assert quantity_to_decimal("1e400") > quantity_to_decimal("64Ti")  # not inf, not an error
     assert quantity_to_decimal("500m") == quantity_to_decimal("0.5")
     just_over = str(64 * 2**40) + ".000000001"
-    assert "resources.memory must be" in errors_of(job(spec__resources__memory=just_over))
+    assert "resources.memory must be" in parse_errors(job(spec__resources__memory=just_over))
 
 
 def test_no_rule_message_starts_with_or():

@@ -3,14 +3,14 @@ combine, each with a message that names the fields. tests/integration/test_crds.
 answers the same words."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from kubetune.api import registry
 from kubetune.api.crd import crd
 from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainingObjective
 from kubetune.api.validation import parse_job
+
+from builders import parse_errors, patched
 
 BASE = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -29,23 +29,11 @@ BASE = {
 
 def job(**patch) -> dict:
     """BASE with dotted-path overrides (``__`` for '.'); a value of ... deletes the key."""
-    obj = copy.deepcopy(BASE)
-    for dotted, value in patch.items():
-        *parents, leaf = dotted.split("__")
-        node = obj
-        for p in parents:
-            node = node.setdefault(p, {})
-        if value is ...:
-            node.pop(leaf, None)
-        else:
-            node[leaf] = value
-    return obj
+    return patched(BASE, **patch)
 
 
 def errors_of(obj: dict) -> list[str]:
-    with pytest.raises(ValueError) as e:
-        parse_job(obj)
-    return str(e.value).splitlines()
+    return parse_errors(obj).splitlines()
 
 
 IMPLICIT = ("objective.reference implicit needs an adapter method (method.type lora, qlora, prompt-tuning or "
