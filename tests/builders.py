@@ -30,6 +30,30 @@ BASE_SPEC: dict[str, Any] = {
 }
 
 
+# The operator's tests (test_reconcile, test_operator_state): a small real model the catalog knows, with
+# the S3 Secret the operator looks up.
+OPERATOR_SPEC: dict[str, Any] = {
+    "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
+    "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 1024},
+    "method": {"type": "lora"},
+    "training": {"maxSteps": 100, "microBatchSize": 4},
+    "storage": {"credentialsSecret": {"name": "s3"}},
+    "checkpoints": {"uri": "s3://ckpt/runs/"},
+}
+
+
+def ready_nodes() -> list[dict]:
+    """The dev ground's fake GPU fleet (kubetune.devenv.fleet) as Node objects, every one Ready."""
+    from kubetune.devenv.fleet import manifests
+
+    out = []
+    for n in manifests():
+        n = copy.deepcopy(n)
+        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+        out.append(n)
+    return out
+
+
 def _parent(d: dict, path: str) -> tuple[dict, str]:
     """The dict that holds ``a__b__c`` (made on the way as needed) and the key in it."""
     *parents, leaf = path.split("__")

@@ -16,17 +16,11 @@ import pytest
 
 from kubetune.controller import handlers
 from kubetune.controller.state import Config, Expiring, OperatorState
-from kubetune.devenv.fleet import manifests as fleet_manifests
+
+from builders import OPERATOR_SPEC, ready_nodes
 
 LOG = logging.getLogger("test")
-SPEC = {
-    "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
-    "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 1024},
-    "method": {"type": "lora"},
-    "training": {"maxSteps": 100, "microBatchSize": 4},
-    "storage": {"credentialsSecret": {"name": "s3"}},
-    "checkpoints": {"uri": "s3://ckpt/runs/"},
-}
+SPEC = OPERATOR_SPEC  # shared with test_reconcile
 
 
 class FakeKube:
@@ -136,15 +130,6 @@ class FakeKube:
 
     def called(self, name: str) -> list[tuple]:
         return [c for c in self.calls if c[0] == name]
-
-
-def ready_nodes() -> list[dict]:
-    out = []
-    for n in fleet_manifests():
-        n = copy.deepcopy(n)
-        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-        out.append(n)
-    return out
 
 
 def finetunejob(name: str = "demo", ns: str = "ml", spec: dict | None = None) -> dict:

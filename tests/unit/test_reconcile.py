@@ -9,30 +9,13 @@ from kubetune.api.v1alpha1 import FineTuneJobStatus, TrainerProgress
 from kubetune.api.validation import parse_spec
 from kubetune.controller.fleet import read_fleet
 from kubetune.controller.reconcile import Observed, reconcile, status_patch
-from kubetune.devenv.fleet import manifests
 from kubetune.estimator import resolve_architecture
 
+from builders import OPERATOR_SPEC, ready_nodes
+
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
-SPEC = {
-    "model": {"uri": "hf://Qwen/Qwen2.5-0.5B"},
-    "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": 1024},
-    "method": {"type": "lora"},
-    "training": {"maxSteps": 100, "microBatchSize": 4},
-    "storage": {"credentialsSecret": {"name": "s3"}},
-    "checkpoints": {"uri": "s3://ckpt/runs/"},
-}
-
-
-def nodes():
-    out = []
-    for n in manifests():
-        n = copy.deepcopy(n)
-        n["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
-        out.append(n)
-    return out
-
-
-FLEET = read_fleet(nodes(), [])
+SPEC = OPERATOR_SPEC  # shared with test_operator_state
+FLEET = read_fleet(ready_nodes(), [])
 
 
 def observe(spec=None, status=None, generation=1, **kw) -> Observed:
@@ -524,7 +507,7 @@ def test_the_job_carries_the_placement_that_status_shows():
     assert placement_of(job_obj) == st.placement and st.placement.node
     assert placement_of({"metadata": {"annotations": {"kubetune.io/placement": "{not json"}}}) is None
     # the Job gone, and the fleet changed meanwhile: the recreated Job and status agree again
-    small = [n for n in nodes() if "a100" not in n["metadata"]["name"]]
+    small = [n for n in ready_nodes() if "a100" not in n["metadata"]["name"]]
     obs = observe(status=st, job=None)
     obs.fleet = read_fleet(small, [])
     again = reconcile(obs, T0)
