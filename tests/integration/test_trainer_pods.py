@@ -2,12 +2,15 @@
 process that really talks to S3 shows, beyond what KWOK's pretend pods can."""
 from __future__ import annotations
 
+import json
+
 import pytest
-from opkit import apply, cond, ftj, local_agent, wait_phase
+from opkit import apply, cond, ftj, local_agent, wait_ftj, wait_phase
 
 from kubetune.errors import UNTRUSTED_S3
 from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
+from kubetune_trainer.tiny import preference_rows
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +83,47 @@ def test_without_the_ca_bundle_the_job_says_to_set_it(ground, operator, agent, n
     job = ground.kubectl_json("get", "job", "-n", ns, "-l", "kubetune.io/job=no-ca-trainer")["items"][0]
     assert job["status"].get("failed") == 1, job["status"]
     print(f"\nno caBundle: {c['message']}")
+
+
+def test_sft_then_dpo_from_its_merged_output(ground, operator, agent, ns):
+    """The pipeline docs/objectives.md describes, as two FineTuneJobs applied at once: SFT with a merged
+    output, and DPO whose model.uri is that merged directory. The DPO job waits (its config.json is not
+    there yet) until the SFT job has written it, then trains on preference pairs to Succeeded, with the
+    reward metrics in status.progress, in the result's base-vs-tuned A/B and in the operator's /metrics."""
+    rows = preference_rows(32, seed=4)
+    ground.s3().put_object(Bucket="kubetune-data", Key="prefs/train.jsonl",
+                           Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    sft = _tiny_job("chain-sft", ground.state["s3"]["endpoint"])
+    sft["spec"]["output"] = {"uri": "s3://kubetune/outputs/", "mergeAdapter": True}
+    merged = f"s3://kubetune/outputs/{ns}/chain-sft/run-1/merged/"  # <output.uri>/<namespace>/<name>/run-<n>/
+    dpo = _tiny_job("chain-dpo", ground.state["s3"]["endpoint"], steps=24)
+    spec = dpo["spec"]
+    spec["model"]["uri"] = merged
+    spec["objective"] = {"type": "dpo", "beta": 0.5}
+    # The toy pairs are memorized, not generalized: the A/B is taken on the training pairs (as in
+    # tests/trainer/test_objectives_trainer.py), where reward accuracy must rise.
+    spec["dataset"] = {"uri": "s3://kubetune-data/prefs/train.jsonl", "format": "preference", "maxSeqLength": 64,
+                       "validationUri": "s3://kubetune-data/prefs/train.jsonl"}
+    spec["training"] |= {"microBatchSize": 4, "evalSteps": 12, "loggingSteps": 4, "learningRate": 2e-2}
+    spec["checkpoints"] |= {"saveSteps": 12}
+    apply(ground, ns, sft)
+    apply(ground, ns, dpo)
+
+    waiting = wait_ftj(ground, ns, "chain-dpo", lambda o: cond(o, "Validated").get("reason") == "ModelConfigUnavailable",
+                       60, "the DPO job waiting for the SFT job's merged config.json")
+    assert merged + "config.json" in cond(waiting, "Validated")["message"], cond(waiting, "Validated")
+    done_sft = wait_phase(ground, ns, "chain-sft", "Succeeded", 300)
+    assert done_sft["status"]["result"]["mergedUri"] == merged, done_sft["status"]["result"]
+
+    done = wait_phase(ground, ns, "chain-dpo", "Succeeded", 420)
+    m = done["status"]["result"]["metrics"]
+    progress = done["status"]["progress"]["metrics"]
+    print(f"\nSFT -> DPO: DPO from {merged}; reward accuracy {m['baseRewardAccuracy']:.2f} -> "
+          f"{m['rewardAccuracy']:.2f}, margin {m['baseRewardMargin']:.3f} -> {m['rewardMargin']:.3f}, eval loss "
+          f"{m['baseEvalLoss']:.4f} -> {m['evalLoss']:.4f}; last step's metrics {progress}")
+    assert m["steps"] == 24 and m["rewardAccuracy"] > 0.9 and m["rewardMargin"] > m["baseRewardMargin"], m
+    assert m["evalLoss"] < m["baseEvalLoss"], m
+    assert {"rewardAccuracy", "rewardMargin", "rewardsChosen", "rewardsRejected"} <= set(progress), progress
+    series = f'kubetune_training_objective_metric{{metric="rewardAccuracy",name="chain-dpo",namespace="{ns}"}} '
+    scraped = [s for s in operator.metrics().splitlines() if s.startswith(series)]
+    assert len(scraped) == 1 and float(scraped[0][len(series):]) == progress["rewardAccuracy"], scraped
