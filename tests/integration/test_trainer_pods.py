@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from opkit import apply, cond, ftj, local_agent, wait_ftj, wait_phase
 
-from kubetune.errors import UNTRUSTED_S3
 from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
+from kubetune.errors import UNTRUSTED_S3
 from kubetune_trainer.tiny import preference_rows
+
+from opkit import apply, cond, ftj, local_agent, wait_ftj, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -109,8 +110,8 @@ def test_sft_then_dpo_from_its_merged_output(ground, operator, agent, ns):
     apply(ground, ns, sft)
     apply(ground, ns, dpo)
 
-    waiting = wait_ftj(ground, ns, "chain-dpo", lambda o: cond(o, "Validated").get("reason") == "ModelConfigUnavailable",
-                       60, "the DPO job waiting for the SFT job's merged config.json")
+    unavailable = lambda o: cond(o, "Validated").get("reason") == "ModelConfigUnavailable"  # noqa: E731
+    waiting = wait_ftj(ground, ns, "chain-dpo", unavailable, 60, "the DPO job waiting for the merged config.json")
     assert merged + "config.json" in cond(waiting, "Validated")["message"], cond(waiting, "Validated")
     done_sft = wait_phase(ground, ns, "chain-sft", "Succeeded", 300)
     assert done_sft["status"]["result"]["mergedUri"] == merged, done_sft["status"]["result"]
