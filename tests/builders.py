@@ -7,6 +7,7 @@ netkit.py: tests/conftest.py puts tests/ on sys.path.
     spec(base=BIG, checkpoints={"keep": 1})                      # a module's own base (a spec_dict)
     job("pref", objective={"type": "dpo"})                        # the whole FineTuneJob object
     patched(GOOD, spec__method__type="full", spec__output=...)   # any object: set by path, ... deletes
+    with_paths(obj, {"spec.model.uri": ...}, sep=".")             # the same, paths from a table
     parse_errors(obj)                                             # the message parse_job refuses obj with
 """
 from __future__ import annotations
@@ -54,9 +55,9 @@ def ready_nodes() -> list[dict]:
     return out
 
 
-def _parent(d: dict, path: str) -> tuple[dict, str]:
+def _parent(d: dict, path: str, sep: str = "__") -> tuple[dict, str]:
     """The dict that holds ``a__b__c`` (made on the way as needed) and the key in it."""
-    *parents, leaf = path.split("__")
+    *parents, leaf = path.split(sep)
     node = d
     for p in parents:
         node = node.setdefault(p, {})
@@ -92,9 +93,14 @@ def job(name: str = "demo", base: dict | None = None, **changes: Any) -> dict:
 def patched(base: dict, **patch: Any) -> dict:
     """A deep copy of ``base`` with ``a__b=value`` set by path; a value of ... deletes the key. Unlike
     spec_dict, a dict replaces what was there and None is kept (a null the API has to refuse)."""
+    return with_paths(base, patch)
+
+
+def with_paths(base: dict, changes: dict[str, Any], sep: str = "__") -> dict:
+    """``patched`` with the paths in a dict, split at ``sep`` (``{"spec.resources.cpu": 0}`` with ".")."""
     obj = copy.deepcopy(base)
-    for path, value in patch.items():
-        node, leaf = _parent(obj, path)
+    for path, value in changes.items():
+        node, leaf = _parent(obj, path, sep)
         if value is ...:
             node.pop(leaf, None)
         else:
