@@ -171,8 +171,9 @@ def local_agent(ground, root: Path, node: str, env: dict | None = None, pull_sec
     """The local agent (a kubelet that runs trainer pods as processes) as node ``node``."""
     log = root / "agent.log"
     p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", node, "--cpu", "2",
-                          "--root", str(root), "--pull-seconds", str(pull_seconds)], env=dict(os.environ, **(env or {})),
-                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                          "--root", str(root), "--pull-seconds", str(pull_seconds)],
+                         env=dict(os.environ, **(env or {})), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                         start_new_session=True)
     try:
         wait_for(f"node {node}", lambda: ground.kubectl("get", "node", node, check=False).returncode == 0, 60)
         yield root

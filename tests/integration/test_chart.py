@@ -28,10 +28,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from opkit import Operator, _free_port, apply, put_progress, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import prometheus_binary
 from kubetune.devenv.ground import wait_until as wait_for
+
+from opkit import Operator, _free_port, apply, put_progress, small_gpu_job, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +113,7 @@ def test_install_creates_the_operator_and_uninstall_removes_it(ground, namespace
     for args in (("deployment", full, "-n", namespace), ("serviceaccount", full, "-n", namespace),
                  ("service", f"{full}-metrics", "-n", namespace), ("pdb", full, "-n", namespace),
                  ("clusterrole", full), ("clusterrolebinding", full), ("clusterkopfpeering", full)):
-        wait_for(f"{args[0]} {full} deleted", lambda: gone(ground, *args), 60)
+        wait_for(f"{args[0]} {full} deleted", lambda args=args: gone(ground, *args), 60)
     # CRDs outlive the release (Helm never deletes crds/): deleting them would delete every job
     ground.kubectl("get", "crd", "finetunejobs.kubetune.io")
 
@@ -134,8 +135,8 @@ def test_watch_namespaces_gives_roles_and_peerings_per_namespace(ground, namespa
         assert gone(ground, "clusterkopfpeering", full)
         assert gone(ground, "pdb", full, "-n", namespace)  # one replica: no PDB
     for ns in watched:
-        wait_for(f"role in {ns} deleted", lambda: gone(ground, "role", full, "-n", ns), 60)
-        wait_for(f"kopfpeering in {ns} deleted", lambda: gone(ground, "kopfpeering", full, "-n", ns), 60)
+        wait_for(f"role in {ns} deleted", lambda ns=ns: gone(ground, "role", full, "-n", ns), 60)
+        wait_for(f"kopfpeering in {ns} deleted", lambda ns=ns: gone(ground, "kopfpeering", full, "-n", ns), 60)
 
 
 # --- RBAC: the operator as the chart's ServiceAccount -----------------------------------------------
@@ -322,8 +323,11 @@ def test_prometheus_loads_the_alerts_and_answers_the_dashboard(ground, crds, ns,
             bad = {r["name"]: r.get("lastError") for g in api(url, "rules")["groups"] for r in g["rules"]
                    if r["health"] != "ok"}
             assert not bad, bad
-            wait_for("three scrapes for rate()", lambda: len(api(url, "query", query="kubetune_finetunejobs[1m]")["result"])
-                     and len(api(url, "query", query="kubetune_finetunejobs[1m]")["result"][0]["values"]) >= 3, 30)
+            def three_scrapes() -> bool:
+                result = api(url, "query", query="kubetune_finetunejobs[1m]")["result"]
+                return bool(result) and len(result[0]["values"]) >= 3
+
+            wait_for("three scrapes for rate()", three_scrapes, 30)
             # the operator is scraped: the absence alert (pending before the first scrape) goes quiet
             wait_for("KubetuneOperatorAbsent inactive", lambda: next(
                 r for g in api(url, "rules")["groups"] for r in g["rules"]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from gitops_health import argocd, flux
-from opkit import _clean, apply, cond, example, ftj, put_progress, small_gpu_job, wait_phase
 
-from kubetune.devenv.ground import wait_until as wait_for
+from gitops_health import argocd, flux
+from opkit import _clean, apply, cond, example, put_progress, small_gpu_job, status, wait_ftj, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +23,12 @@ def test_argocd_and_flux_read_the_operators_status(ground, operator, ns):
 
     wait_phase(ground, ns, "trains", "Running", 60)
     put_progress(ground, ns, "trains", 1, step=40, total=100, loss=1.25)
-    running = wait_for("progress mirrored", lambda: (lambda o: o if (o["status"].get("progress") or {}).get("step") == 40
-                                                     else None)(ftj(ground, ns, "trains")), 30)
+    running = wait_ftj(ground, ns, "trains", lambda o: (status(o).get("progress") or {}).get("step") == 40, 30,
+                       what="progress mirrored")
     big = wait_phase(ground, ns, "big", "Unschedulable", 60)
     held = wait_phase(ground, ns, "held", "Suspended", 60)
-    no_secret = wait_for("SecretNotFound", lambda: (lambda o: o if cond(o, "Validated").get("reason") == "SecretNotFound"
-                                                    else None)(ftj(ground, ns, "no-secret")), 60)
+    no_secret = wait_ftj(ground, ns, "no-secret", lambda o: cond(o, "Validated").get("reason") == "SecretNotFound", 60,
+                         what="SecretNotFound")
     done = wait_phase(ground, ns, "trains", "Succeeded", 60)
 
     objs = [running, done, big, held, no_secret]

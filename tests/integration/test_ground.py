@@ -11,7 +11,6 @@ import pytest
 
 from kubetune.devenv import fleet
 from kubetune.devenv import ground as g
-
 from kubetune.devenv.ground import wait_until as wait_for
 
 pytestmark = pytest.mark.integration

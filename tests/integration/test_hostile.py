@@ -23,9 +23,10 @@ import urllib.request
 import uuid
 
 import pytest
-from opkit import Operator, _clean, cond, small_gpu_job
 
 from kubetune.devenv.ground import wait_until as wait_for
+
+from opkit import Operator, _clean, cond, small_gpu_job
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +206,8 @@ CLASSES = [
     ("lora-nul", {"spec.method.lora.targetModules": ["q_proj\u0000"]}, ("admission", "targetModules")),
     ("binary-secret", {"spec.storage.credentialsSecret": {"name": "binary-s3"}},
      ("Pending", "SecretNotFound", "is not UTF-8 text")),
-    ("token-newline", {"spec.model.uri": "hf://example-org/private-model", "spec.model.tokenSecret": {"name": "canary-hf"}},
+    ("token-newline",
+     {"spec.model.uri": "hf://example-org/private-model", "spec.model.tokenSecret": {"name": "canary-hf"}},
      ("Pending", "ModelConfigUnavailable", "refused its config.json (HTTP 401)")),
     ("config-absurd-layers", {"spec.model.uri": "s3://kubetune-models/{ns}/absurd-layers/"},
      ("Pending", "ModelConfigUnavailable", "parameters, more than 1e+15")),

@@ -5,10 +5,11 @@ given. The mirror is a real HTTP server (the hub_mirror fixture); the rest is th
 from __future__ import annotations
 
 import pytest
-from opkit import Operator, apply, cond, ftj, small_gpu_job, wait_phase
 
 from kubetune.devenv.ground import wait_until as wait_for
 from kubetune.estimator import catalog
+
+from opkit import Operator, apply, cond, ftj, small_gpu_job, wait_phase
 
 pytestmark = pytest.mark.integration
 

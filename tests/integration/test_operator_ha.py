@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from opkit import Operator, apply, small_gpu_job, wait_phase
-
 from kubetune.devenv.ground import wait_until as wait_for
+
+from opkit import Operator, apply, small_gpu_job, wait_phase
 
 pytestmark = pytest.mark.integration
 

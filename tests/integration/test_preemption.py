@@ -11,10 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from opkit import apply, cond, ftj, local_agent, wait_phase
 
 from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
+
+from opkit import apply, cond, ftj, local_agent, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -122,9 +123,12 @@ def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground
     print(f"\nevicted after checkpoint 10; the trainer saved step {stopped} on SIGTERM; {others[0]} resumed from it")
 
     # While the replacement waited for its image, the FineTuneJob said why it was not running.
-    preempted = [(o["status"]["phase"], c) for o in jobs.seen["preempt"] for c in (o.get("status") or {}).get("conditions", [])
+    def conditions(o: dict) -> list[dict]:
+        return (o.get("status") or {}).get("conditions", [])
+
+    preempted = [(o["status"]["phase"], c) for o in jobs.seen["preempt"] for c in conditions(o)
                  if c["type"] == "Running" and c["reason"] == "Preempted"]
-    assert preempted, [[(c["type"], c["reason"]) for c in (o.get("status") or {}).get("conditions", [])] for o in jobs.seen["preempt"]]
+    assert preempted, [[(c["type"], c["reason"]) for c in conditions(o)] for o in jobs.seen["preempt"]]
     phase, c = preempted[0]
     assert phase == "Starting" and c["status"] == "False" and c["observedGeneration"] == 1
     assert c["message"].startswith(f"run 1: stopped by SIGTERM at step {stopped}/{STEPS}"), c["message"]

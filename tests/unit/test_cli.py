@@ -18,7 +18,8 @@ def test_validate_examples(repo: Path):
 
 
 def test_validate_reports_field_and_file(tmp_path: Path, repo: Path):
-    bad = (repo / "examples/lora-8b.yaml").read_text().replace("rank: 16", "rank: -1").replace("epochs: 3", "epochs: 3\n    maxSteps: 9")
+    bad = (repo / "examples/lora-8b.yaml").read_text().replace("rank: 16", "rank: -1")
+    bad = bad.replace("epochs: 3", "epochs: 3\n    maxSteps: 9")
     f = tmp_path / "bad.yaml"
     f.write_text(bad)
     r = run("validate", str(f))
@@ -103,7 +104,8 @@ def test_trainer_env_is_checked_like_a_jobs_env():
     assert trainer_env(["HTTPS_PROXY=http://p:3128", "NO_PROXY=a=b,c", "X="]) == (
         ("HTTPS_PROXY", "http://p:3128"), ("NO_PROXY", "a=b,c"), ("X", ""))
     for bad, msg in (("HTTPS_PROXY", "expected NAME=VALUE"), ("1X=y", "expected NAME=VALUE"),
-                     ("HF_TOKEN=x", "this name is set by kubetune"), ("KUBETUNE_RUN=3", "this name is set by kubetune")):
+                     ("HF_TOKEN=x", "this name is set by kubetune"),
+                     ("KUBETUNE_RUN=3", "this name is set by kubetune")):
         try:
             trainer_env([bad])
         except UsageError as e:

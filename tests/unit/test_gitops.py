@@ -10,9 +10,10 @@ import json
 
 import pytest
 import yaml
-from gitops_health import ARGO, argocd, flux
 
 from kubetune.api.v1alpha1 import FineTuneJob
+
+from gitops_health import ARGO, argocd, flux
 
 pytestmark = pytest.mark.tools
 

@@ -108,7 +108,8 @@ def test_a_gated_hf_model_gets_its_token_from_the_secret_and_nowhere_else():
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}}
     pod = kids(spec(model={"tokenSecret": {"name": "hf", "key": "token"}}))["Job"]["spec"]["template"]["spec"]
-    assert {e["name"]: e for e in pod["containers"][0]["env"]}["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
     assert "HF_TOKEN" not in {e["name"] for e in kids()["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
@@ -125,7 +126,8 @@ def test_extra_env_from_the_operator_and_the_job_the_job_winning_for_the_same_na
 
 def test_a_private_ca_bundle_is_mounted_beside_the_config_and_named_by_aws_ca_bundle():
     pod = kids(spec(storage={"caBundle": {"name": "corp-ca", "key": "bundle.pem"}}))["Job"]["spec"]["template"]["spec"]
-    assert {"name": "ca", "configMap": {"name": "corp-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}} in pod["volumes"]
+    ca = {"name": "ca", "configMap": {"name": "corp-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}}
+    assert ca in pod["volumes"]
     c = pod["containers"][0]
     assert {"name": "ca", "mountPath": m.CA_MOUNT, "readOnly": True} in c["volumeMounts"]
     assert not m.CA_MOUNT.startswith(m.CONFIG_MOUNT + "/")  # no mount point inside the read-only config volume
@@ -219,6 +221,7 @@ def test_the_pod_requests_local_disk_for_its_work_dir_but_sets_no_limit():
 
     r = resources(spec(), RESOLVED.model_copy(update={"ephemeral_storage_bytes": 25 * 2**30 + 1}))
     assert r["requests"]["ephemeral-storage"] == "26Gi" and "ephemeral-storage" not in r["limits"]
-    r = resources(spec(resources={"ephemeralStorage": "500Gi"}), RESOLVED.model_copy(update={"ephemeral_storage_bytes": 2**30}))
+    r = resources(spec(resources={"ephemeralStorage": "500Gi"}),
+                  RESOLVED.model_copy(update={"ephemeral_storage_bytes": 2**30}))
     assert r["requests"]["ephemeral-storage"] == "500Gi"  # the user's wins
     assert "ephemeral-storage" not in resources(spec(), RESOLVED)["requests"]  # a config from before the field

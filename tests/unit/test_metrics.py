@@ -41,8 +41,9 @@ def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries
     from kubetune.controller.metrics import REGISTRY
 
     def status(reason):
-        return FineTuneJobStatus.model_validate({"phase": "Running" if reason == "TrainerRunning" else "Starting", "run": 1,
-                                                 "conditions": [{"type": "Running", "status": str(reason == "TrainerRunning"),
+        running = reason == "TrainerRunning"
+        return FineTuneJobStatus.model_validate({"phase": "Running" if running else "Starting", "run": 1,
+                                                 "conditions": [{"type": "Running", "status": str(running),
                                                                  "reason": reason, "message": "m",
                                                                  "lastTransitionTime": "2026-11-23T12:00:00Z"}]})
 

@@ -47,8 +47,8 @@ KTO_FORMAT = ("dataset.format must be auto or kto with objective.type kto (it tr
               "label} examples)")
 PACKING = ("dataset.packing is only valid with objective.type sft (preference objectives score each whole sequence on "
            "its own)")
-NO_REFERENCE = ("objective.reference is only valid with objective.type dpo or kto: sft, orpo and simpo use no reference "
-                "model")
+NO_REFERENCE = ("objective.reference is only valid with objective.type dpo or kto: sft, orpo and simpo use no "
+                "reference model")
 
 BAD = [
     ("beta-with-sft", dict(spec__objective={"type": "sft", "beta": 0.1}, spec__dataset__format="alpaca"),
@@ -66,23 +66,28 @@ BAD = [
      "spec.objective: objective.desirableWeight is only valid with objective.type kto"),
     ("undesirable-weight-with-simpo", dict(spec__objective={"type": "simpo", "undesirableWeight": 2.0}),
      "spec.objective: objective.undesirableWeight is only valid with objective.type kto"),
-    ("reference-with-orpo", dict(spec__objective={"type": "orpo", "reference": "copy"}), f"spec.objective: {NO_REFERENCE}"),
+    ("reference-with-orpo",
+     dict(spec__objective={"type": "orpo", "reference": "copy"}), f"spec.objective: {NO_REFERENCE}"),
     ("reference-with-simpo", dict(spec__objective={"type": "simpo", "reference": "precomputed"}),
      f"spec.objective: {NO_REFERENCE}"),
     ("reference-with-sft", dict(spec__objective={"type": "sft", "reference": "implicit"}, spec__dataset__format="chat"),
      f"spec.objective: {NO_REFERENCE}"),
-    ("implicit-with-full", dict(spec__method={"type": "full"}, spec__objective={"type": "dpo", "reference": "implicit"}),
+    ("implicit-with-full",
+     dict(spec__method={"type": "full"}, spec__objective={"type": "dpo", "reference": "implicit"}),
      f"spec: {IMPLICIT}"),
     ("implicit-with-freeze", dict(spec__method={"type": "freeze", "freeze": {"trainableLayers": 2}},
-                                  spec__objective={"type": "kto", "reference": "implicit"}, spec__dataset__format="kto"),
+                                  spec__objective={"type": "kto", "reference": "implicit"},
+                                  spec__dataset__format="kto"),
      f"spec: {IMPLICIT}"),
     ("preference-data-without-objective", dict(spec__objective=...), f"spec: {SFT_FORMAT}"),
     ("kto-data-with-sft", dict(spec__objective={"type": "sft"}, spec__dataset__format="kto"), f"spec: {SFT_FORMAT}"),
     ("alpaca-with-dpo", dict(spec__dataset__format="alpaca"), f"spec: {PAIRED_FORMAT}"),
-    ("kto-data-with-simpo", dict(spec__objective={"type": "simpo"}, spec__dataset__format="kto"), f"spec: {PAIRED_FORMAT}"),
+    ("kto-data-with-simpo",
+     dict(spec__objective={"type": "simpo"}, spec__dataset__format="kto"), f"spec: {PAIRED_FORMAT}"),
     ("preference-data-with-kto", dict(spec__objective={"type": "kto"}), f"spec: {KTO_FORMAT}"),
     ("packing-with-dpo", dict(spec__dataset__packing=True), f"spec: {PACKING}"),
-    ("packing-with-kto", dict(spec__objective={"type": "kto"}, spec__dataset__format="auto", spec__dataset__packing=True),
+    ("packing-with-kto",
+     dict(spec__objective={"type": "kto"}, spec__dataset__format="auto", spec__dataset__packing=True),
      f"spec: {PACKING}"),
     ("unknown-objective", dict(spec__objective={"type": "rlhf"}),
      "spec.objective.type: Input should be 'sft', 'dpo', 'orpo', 'kto' or 'simpo' (got 'rlhf')"),
@@ -90,7 +95,8 @@ BAD = [
      "spec.objective.loss: Input should be 'sigmoid', 'ipo' or 'hinge' (got 'logistic')"),
     ("unknown-reference", dict(spec__objective={"type": "dpo", "reference": "base"}),
      "spec.objective.reference: Input should be 'implicit', 'copy' or 'precomputed' (got 'base')"),
-    ("beta-zero", dict(spec__objective={"type": "dpo", "beta": 0}), "spec.objective.beta: Input should be greater than 0"),
+    ("beta-zero",
+     dict(spec__objective={"type": "dpo", "beta": 0}), "spec.objective.beta: Input should be greater than 0"),
     ("beta-past-100", dict(spec__objective={"type": "dpo", "beta": 101}),
      "spec.objective.beta: Input should be less than or equal to 100"),
     ("smoothing-half", dict(spec__objective={"type": "dpo", "labelSmoothing": 0.5}),
@@ -124,7 +130,8 @@ GOOD = [
                                   "reference": "implicit"}, spec__dataset__format="kto")),
     ("kto-prefix-tuning", dict(spec__method={"type": "prefix-tuning"}, spec__objective={"type": "kto"},
                                spec__dataset__format="auto")),
-    ("sft-explicit-packing", dict(spec__objective={"type": "sft"}, spec__dataset__format="chat", spec__dataset__packing=True)),
+    ("sft-explicit-packing",
+     dict(spec__objective={"type": "sft"}, spec__dataset__format="chat", spec__dataset__packing=True)),
     ("sft-empty-objective", dict(spec__objective={}, spec__dataset__format="text")),
     ("no-objective", dict(spec__objective=..., spec__dataset__format="alpaca")),
 ]

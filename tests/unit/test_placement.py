@@ -5,11 +5,10 @@ import copy
 
 import pytest
 
-from kubetune.api.validation import parse_spec
-from kubetune.controller.fleet import expected_pods, read_fleet
-from kubetune.controller.placement import GiB, MiB, place, required_bytes, tolerates
-from kubetune.controller.fleet import Taint
 from kubetune.api.v1alpha1 import Toleration
+from kubetune.api.validation import parse_spec
+from kubetune.controller.fleet import Taint, expected_pods, read_fleet
+from kubetune.controller.placement import GiB, MiB, place, required_bytes, tolerates
 from kubetune.devenv.fleet import manifests
 
 SPEC = {
@@ -106,9 +105,11 @@ def test_best_fit_prefers_fewest_free_gpus_that_still_fit():
     more["metadata"]["name"] = "kwok-l4-1"
     pods = [gpu_pod("kwok-l4-0", 3)]  # l4-0 has 1 free, l4-1 has 4 free
     fleet = read_fleet(FLEET_NODES + [more], pods)
-    p = place(spec(resources={"gpusPerNode": 1, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB), lambda c: 4)
+    p = place(spec(resources={"gpusPerNode": 1, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB),
+              lambda c: 4)
     assert p.preferred_nodes == ("kwok-l4-0", "kwok-l4-1")
-    p2 = place(spec(resources={"gpusPerNode": 2, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB), lambda c: 4)
+    p2 = place(spec(resources={"gpusPerNode": 2, "gpuProduct": "NVIDIA-L4"}), fleet, lambda m: int(18 * GiB),
+               lambda c: 4)
     assert p2.preferred_nodes == ("kwok-l4-1",)  # l4-0 has only 1 free
 
 
@@ -125,7 +126,8 @@ def test_busy_smallest_size_moves_to_the_smallest_size_free_now():
 def test_too_big_is_insufficient_memory():
     p = place(spec(), read_fleet(FLEET_NODES, []), lambda m: int(500 * GiB), lambda c: 0)
     assert not p.fits and p.reason == "InsufficientGPUMemory"
-    assert "needs 500.0 GiB per GPU (526.3 GiB with the 5% margin)" in p.message and "the largest GPU available to this job has 80.0 GiB" in p.message
+    assert "needs 500.0 GiB per GPU (526.3 GiB with the 5% margin)" in p.message
+    assert "the largest GPU available to this job has 80.0 GiB" in p.message
     assert p.largest_gpu_mib == 81920
 
 
@@ -187,7 +189,8 @@ def test_tolerations(tol, taint, ok):
 
 
 def test_busy_mig_slices_fall_back_to_the_smallest_free_whole_gpu():
-    busy = [gpu_pod("kwok-a100-mig-0", 2, "nvidia.com/mig-3g.40gb"), gpu_pod("kwok-a100-mig-0", 7, "nvidia.com/mig-1g.10gb")]
+    busy = [gpu_pod("kwok-a100-mig-0", 2, "nvidia.com/mig-3g.40gb"),
+            gpu_pod("kwok-a100-mig-0", 7, "nvidia.com/mig-1g.10gb")]
     p = place(spec(), read_fleet(FLEET_NODES, busy), lambda m: int(30 * GiB), lambda c: 4)
     assert p.resource == "nvidia.com/gpu" and p.gpu_product == "NVIDIA-A100-SXM4-40GB"
     assert "smallest GPU free now" in p.message

@@ -127,7 +127,8 @@ def test_qlora_under_fsdp_that_fits_only_once_sharded_says_the_load_sets_the_pea
     assert "the largest GPU available to this job has 22.5 GiB" in c.message
     assert "every GPU holds the whole 4-bit model" in c.message and "use LoRA with FSDP" in c.message, c.message
     assert c.message.endswith("Options that fit: as written it fits NVIDIA-H100-80GB-HBM3 GPUs (79.6 GiB), which its "
-                              "resources rule out (gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): "
+                              "resources rule out (gpuProduct, minGpuMemory, nodeSelector, tolerations or "
+                              "gpusPerNode): "
                               "relax them."), c.message
     spec["resources"] = {"gpusPerNode": 4, "gpuProduct": "NVIDIA-A100-SXM4-80GB"}  # holds the whole 4-bit model
     assert cond(reconcile(observe(spec), T0).status, "Scheduled").reason == "Placed"
@@ -163,7 +164,9 @@ def test_a_pod_too_small_to_hold_the_model_it_reads_whole_waits_instead_of_being
     assert cond(reconcile(observe(one), T0).status, "Validated").status == "True"
     one["output"] = {"mergeAdapter": True}
     c = cond(reconcile(observe(one), T0).status, "Validated")
-    assert c.reason == "InsufficientHostMemory" and "model, 0.9 GiB, which the trainer reads into host memory (output.mergeAdapter loads it whole)" in c.message
+    assert c.reason == "InsufficientHostMemory"
+    assert ("model, 0.9 GiB, which the trainer reads into host memory (output.mergeAdapter loads it whole)"
+            in c.message)
 
 
 def test_a_missing_service_account_waits_in_pending_naming_it():
@@ -209,7 +212,8 @@ def test_running_mirrors_progress_and_checkpoints():
     assert s.progress.percent == "25%" and s.progress.loss == 1.5
     assert cond(s, "CheckpointSynced").status == "True" and s.checkpoints.latest_step == 20
     assert "step 25/100" in cond(s, "Running").message
-    assert s.progress.state == "training" and cond(s, "Running").message == "run 1 is training on kwok-l4-0, step 25/100"
+    assert s.progress.state == "training"
+    assert cond(s, "Running").message == "run 1 is training on kwok-l4-0, step 25/100"
 
 
 def test_the_running_condition_says_what_a_trainer_whose_step_does_not_move_is_doing():
@@ -252,8 +256,9 @@ def test_bad_data_failure_names_the_fix():
 
 def test_a_model_the_trainer_cannot_load_fails_at_once_naming_the_fix():
     _, st = started()
-    term = {"reason": "ModelLoadFailed", "message": "hf://meta-llama/Llama-3.1-8B: gated on the Hugging Face Hub, and no "
-                                                    "token was given: set spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"}
+    term = {"reason": "ModelLoadFailed",
+            "message": "hf://meta-llama/Llama-3.1-8B: gated on the Hugging Face Hub, and no token was given: set "
+                       "spec.model.tokenSecret to a Secret holding an HF_TOKEN with access"}
     out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]),
                             pods=[pod("Failed", {"exitCode": 4, "message": json.dumps(term)})]), T0)
     c = cond(out.status, "Failed")
@@ -329,7 +334,8 @@ def test_rerun_starts_a_new_run_of_a_failed_job_with_the_same_spec():
     """runPolicy.rerun is only a spec change: a failed run is retried once its cause is fixed (here,
     data fixed in place) without touching anything else."""
     _, st = started()
-    failed = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})]), pods=[]), T0).status
+    failed = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})]), pods=[]),
+                       T0).status
     assert failed.phase == "Failed"
     same = reconcile(observe(status=failed), T0 + timedelta(minutes=5))
     assert same.create == [] and same.status.run == 1  # nothing changed: nothing starts
@@ -389,7 +395,8 @@ def test_a_preempted_pod_is_reported_while_its_replacement_starts():
                                      "message": json.dumps({"reason": "Preempted", "message": msg, "step": 37})})
     pending = pod("Pending")
     pending["status"] = {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu"}]}
+        {"type": "PodScheduled", "status": "False",
+         "message": "0/8 nodes are available: 8 Insufficient nvidia.com/gpu"}]}
     out = reconcile(observe(status=st, job=job(failed=1), pods=[gone, pending]), T0 + timedelta(minutes=5))
     c = cond(out.status, "Running")
     assert out.status.phase == "Starting" and c.status == "False" and c.reason == "Preempted"
@@ -397,7 +404,8 @@ def test_a_preempted_pod_is_reported_while_its_replacement_starts():
     assert "waiting for the replacement pod (pod demo-r1-abc is not scheduled yet: 0/8 nodes are available" in c.message
     assert out.create == []
     # once the replacement runs, it is an ordinary running run again
-    out = reconcile(observe(status=out.status, job=job(failed=1), pods=[gone, pod("Running")]), T0 + timedelta(minutes=6))
+    out = reconcile(observe(status=out.status, job=job(failed=1), pods=[gone, pod("Running")]),
+                    T0 + timedelta(minutes=6))
     assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
 
 
@@ -406,13 +414,16 @@ def test_a_preempted_pod_already_deleted_is_reported_from_the_trainers_progress(
     trainer's progress object carries the same message."""
     _, st = started()
     msg = "stopped by SIGTERM at step 37/100: checkpoint checkpoint-00000037 committed; the next pod resumes from it"
-    progress = TrainerProgress.model_validate({"state": "preempted", "message": msg, "progress": {"step": 37, "totalSteps": 100}})
+    progress = TrainerProgress.model_validate({"state": "preempted", "message": msg,
+                                               "progress": {"step": 37, "totalSteps": 100}})
     out = reconcile(observe(status=st, job=job(), pods=[], progress=progress), T0 + timedelta(minutes=5))
     c = cond(out.status, "Running")
     assert out.status.phase == "Starting" and (c.status, c.reason) == ("False", "Preempted")
-    assert c.message == f"run 1: {msg}; waiting for the replacement pod (waiting for the Job controller to create the pod)"
+    assert c.message == (f"run 1: {msg}; waiting for the replacement pod (waiting for the Job controller to create "
+                         "the pod)")
     # the replacement running wins over the stale progress object
-    out = reconcile(observe(status=out.status, job=job(), pods=[pod("Running")], progress=progress), T0 + timedelta(minutes=6))
+    out = reconcile(observe(status=out.status, job=job(), pods=[pod("Running")], progress=progress),
+                    T0 + timedelta(minutes=6))
     assert out.status.phase == "Running" and cond(out.status, "Running").reason == "TrainerRunning"
     # a progress object from before the message field still reads as preempted
     old = TrainerProgress.model_validate({"state": "preempted", "progress": {"step": 37}})
@@ -424,7 +435,8 @@ def test_a_pod_that_cannot_pull_its_image_says_which_image_and_where_to_fix_it()
     _, st = started()
     p = pod("Pending")
     p["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "image": "ghcr.io/acme/trainer:nope",
-        "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "ghcr.io/acme/trainer:nope"'}}}]}
+        "state": {"waiting": {"reason": "ImagePullBackOff",
+                              "message": 'Back-off pulling image "ghcr.io/acme/trainer:nope"'}}}]}
     out = reconcile(observe(status=st, job=job(), pods=[p]), T0)
     c = cond(out.status, "Running")
     assert out.status.phase == "Starting" and (c.status, c.reason) == ("False", "ImagePullFailed")
@@ -442,9 +454,10 @@ def test_a_pod_that_cannot_pull_its_image_says_which_image_and_where_to_fix_it()
 def test_a_run_failed_by_repeated_stops_says_how_to_let_it_continue():
     _, st = started()
     gone = pod("Failed", terminated={"exitCode": 143, "finishedAt": "2026-11-23T12:05:00Z",
-                                     "message": json.dumps({"reason": "Preempted", "message": "stopped by SIGTERM at step 9/100"})})
-    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})], failed=7), pods=[gone]),
-                    T0 + timedelta(minutes=5))
+                                     "message": json.dumps({"reason": "Preempted",
+                                                            "message": "stopped by SIGTERM at step 9/100"})})
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "BackoffLimitExceeded"})], failed=7),
+                            pods=[gone]), T0 + timedelta(minutes=5))
     c = cond(out.status, "Failed")
     assert out.status.phase == "Failed" and c.reason == "Preempted" and "raise runPolicy.backoffLimit" in c.message
 

@@ -129,7 +129,8 @@ def test_the_dependency_layer_installs_everything_the_package_needs():
     """The image installs kubetune itself with --no-deps, so its dependency layer must name every
     requirement of the base and [trainer] extras (a missing one would only fail at run time)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    needed = {canonicalize_name(Requirement(r).name) for r in project["dependencies"] + project["optional-dependencies"]["trainer"]}
+    requirements = project["dependencies"] + project["optional-dependencies"]["trainer"]
+    needed = {canonicalize_name(Requirement(r).name) for r in requirements}
     missing = needed - set(installed_by_dockerfile())
     assert not missing, f"trainer-image/Dockerfile does not install {sorted(missing)}"
     assert any("--no-deps" in a and '".[trainer]"' in a for w, a in instructions() if w == "RUN")
