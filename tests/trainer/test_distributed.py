@@ -12,9 +12,15 @@ from proc import TrainerProc, free_port
 pytestmark = pytest.mark.slow
 
 STEPS = 20
+DPO = {"type": "dpo", "beta": 0.5}  # lora: the implicit reference, the base under disabled adapters
+REWARDS = ("rewardAccuracy", "rewardMargin", "rewardsChosen", "rewardsRejected")
 
 
-def config(tmp_path, model_dir, data, store, nproc):
+def rows(objective: str, n: int, seed: int) -> list[dict]:
+    return tiny.preference_rows(n, seed=seed) if objective == "dpo" else tiny.alpaca_rows(n, seed=seed)
+
+
+def config(tmp_path, model_dir, data, store, nproc, objective="sft"):
     ga = 2 // nproc
     cfg = tiny.trainer_config(
         tmp_path, model_dir, data,
@@ -27,13 +33,16 @@ def config(tmp_path, model_dir, data, store, nproc):
         resolved={"numProcesses": nproc, "gradientAccumulationSteps": ga},
         ckpt_uri=f"file://{store}/ckpt", output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
     cfg["paths"]["workDir"] = str(store / "work")
+    if objective == "dpo":
+        cfg["spec"]["objective"] = dict(DPO)
     return cfg
 
 
-def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_dir):
-    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_dir, objective):
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", rows(objective, 45, seed=9))
 
-    single = TrainerProc(config(tmp_path, model_dir, data, tmp_path / "single", 1), tmp_path / "single.yaml")
+    single = TrainerProc(config(tmp_path, model_dir, data, tmp_path / "single", 1, objective), tmp_path / "single.yaml")
     assert single.wait(300) == 0, single.stderr[-3000:]
     expected = single.losses()
     assert sorted(expected) == list(range(1, STEPS + 1))
@@ -43,7 +52,7 @@ def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_
     assert single.events_of("data")[0]["train"] == 40
 
     store = tmp_path / "ddp"
-    cfg = config(tmp_path, model_dir, data, store, 2)
+    cfg = config(tmp_path, model_dir, data, store, 2, objective)
     env = {"KUBETUNE_MASTER_PORT": free_port(), "KUBETUNE_DEBUG_STEP_SLEEP": "0.5", "KUBETUNE_GRACE_SECONDS": "30"}
 
     # 1. SIGTERM to the container's main process (the supervisor); both ranks stop at the same step.
@@ -79,15 +88,27 @@ def test_two_processes_train_like_one_through_sigterm_and_kill9(tmp_path, model_
     got = {**first.losses(), **second.losses(), **third.losses()}
     assert sorted(got) == sorted(expected)
     worst = max(abs(got[s] - expected[s]) for s in expected)
-    print(f"\n2 processes (SIGTERM at {stopped}, kill -9 after {nxt}) vs 1 process: max |dloss| = {worst:.3g}")
+    print(f"\n{objective}: 2 processes (SIGTERM at {stopped}, kill -9 after {nxt}) vs 1 process: "
+          f"max |dloss| = {worst:.3g}")
     assert worst < 1e-4, {s: (got[s], expected[s]) for s in expected if abs(got[s] - expected[s]) >= 1e-4}
 
     final = json.loads(third.termination.read_text())
     ref = json.loads(single.termination.read_text())
     assert final["reason"] == "Completed" and final["step"] == STEPS
-    for k in ("evalLoss", "baseEvalLoss", "bestEvalLoss"):
+    keys = ("evalLoss", "baseEvalLoss", "bestEvalLoss") + (REWARDS if objective == "dpo" else ())
+    for k in keys:
         assert abs(final["result"]["metrics"][k] - ref["result"]["metrics"][k]) < 1e-4, k
     assert (store / "out" / "adapter" / "manifest.json").is_file()
+    if objective == "dpo":
+        # rank 0 logs the reward metrics of the global batch in every step, as the one process does
+        want = {e["step"]: e for e in single.events_of("step")}
+        ddp = [e for run in (first, second, third) for e in run.events_of("step")]
+        assert all(set(REWARDS) <= set(e) for e in ddp), ddp[0]
+        dr = max(abs(e[k] - want[e["step"]][k]) for e in ddp for k in REWARDS)
+        m = final["result"]["metrics"]
+        print(f"dpo: max |d reward metric| = {dr:.3g}; reward accuracy {m['baseRewardAccuracy']:.2f} -> "
+              f"{m['rewardAccuracy']:.2f}")
+        assert dr < 1e-4
 
 
 def test_an_epochs_last_partial_batch_is_trained_not_dropped(tmp_path, model_dir):
@@ -248,7 +269,7 @@ def test_lora_under_fsdp_wraps_adapters_apart_so_frozen_weights_get_no_gradient(
 
 
 @pytest.mark.parametrize("case", ["lora", "qlora", "full", "freeze", "prompt-tuning", "prefix-tuning",
-                                  "lora+bf16-mixed", "full+bf16-mixed", "full+liger"])
+                                  "lora+bf16-mixed", "full+bf16-mixed", "full+liger", "lora+dpo", "qlora+dpo"])
 def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, model_dir, case):
     """The trainer's FSDP paths (the wrap policy, sharded state gathered into checkpoints, resume into
     sharded parameters, outputs) driven on CPU: KUBETUNE_DEBUG_FSDP_ON_CPU makes accelerate wrap with
@@ -257,16 +278,18 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
     loss of the FSDP run (within 1e-4, the resume criterion). QLoRA runs on bitsandbytes' CPU kernels
     (KUBETUNE_DEBUG_BNB_ON_CPU): the FSDP-QLoRA path, 4-bit weights flattened with the norms.
     "+bf16-mixed": the GPU default's dtypes (KUBETUNE_DEBUG_PRECISION_ON_CPU): a bf16 base with fp32
-    adapters, or an fp32 master copy, under bf16 autocast."""
+    adapters, or an fp32 master copy, under bf16 autocast. "+dpo": DPO with the implicit reference (the
+    base under disabled adapters, through FSDP's wrapper), its reward metrics logged."""
     method, _, precision = case.partition("+")
     liger = precision == "liger"  # Liger's kernels (Triton's interpreter) on FSDP's sharded norm weights
-    precision = "" if liger else precision
+    objective = "dpo" if precision == "dpo" else "sft"
+    precision = "" if liger or objective == "dpo" else precision
     rounding = method == "qlora" or precision == "bf16-mixed"  # bf16 matmuls: FSDP's summation order shows
-    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(45, seed=9))
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", rows(objective, 45, seed=9))
     steps = 6 if liger else 12
 
     def cfg_for(store, n):
-        cfg = config(tmp_path, model_dir, data, store, n)
+        cfg = config(tmp_path, model_dir, data, store, n, objective)
         if method == "full":
             cfg["spec"]["method"] = {"type": "full"}
         elif method == "freeze":  # the top block, embeddings and head train: frozen and trained weights share FSDP units
@@ -313,9 +336,24 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         assert whole > 100_000 and loads[0]["place"] == "cpu" and loads[0]["materializedBytes"] == whole, loads
         assert loads[1]["place"] == "meta" and loads[1]["materializedBytes"] == 0, loads
     one, two = single.losses(), reference.losses()
-    assert sorted(two) == list(range(1, steps + 1)) and two[steps] < two[1] - (0.2 if method in ("prompt-tuning", "prefix-tuning") else 0.5), two
+    # DPO's loss starts at ln 2 (policy = reference)
+    learned = 0.1 if objective == "dpo" else 0.2 if method in ("prompt-tuning", "prefix-tuning") else 0.5
+    assert sorted(two) == list(range(1, steps + 1)) and two[steps] < two[1] - learned, two
     # QLoRA's matmuls run in bf16 (its compute dtype), as bf16-mixed's do: FSDP's summation order shows more
     assert max(abs(two[s] - one[s]) for s in one) < (2e-2 if rounding else 2e-3), (two, one)
+    if objective == "dpo":  # the reward metrics of the global batch, logged by rank 0 as one process logs them
+        want = {e["step"]: e for e in single.events_of("step")}
+        got = reference.events_of("step")
+        assert all(set(REWARDS) <= set(e) for e in got), got[0]
+        dr = max(abs(e[k] - want[e["step"]][k]) for e in got for k in REWARDS if k != "rewardAccuracy")
+        final = json.loads(reference.termination.read_text())["result"]["metrics"]
+        print(f"\n{case}: FSDP vs one process, max |dloss| {max(abs(two[s] - one[s]) for s in one):.2e}, "
+              f"max |d reward| {dr:.2e}; reward accuracy {final['baseRewardAccuracy']:.2f} -> "
+              f"{final['rewardAccuracy']:.2f}")
+        # a reward is β times a difference of log-probs summed over a response (the loss is a mean of
+        # log-sigmoids of them): the same rounding shows about ten times larger
+        assert dr < (2e-1 if rounding else 2e-2)
+        assert {"rewardAccuracy", "rewardMargin", "baseRewardAccuracy", "baseRewardMargin"} <= set(final), final
     if liger:  # resume and outputs are the same code as "full"; Triton's interpreter makes each run minutes
         print(f"\nfull+liger: single process vs FSDP, max |dloss| {max(abs(two[s] - one[s]) for s in one):.2e}")
         return
