@@ -205,7 +205,8 @@ def _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype
             for step in range(steps):
                 log.mark(f"step{step}")
                 ids = torch.randint(0, vocab_ids or V, (batch, seq))
-                batch_in = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+                batch_in = {"input_ids": ids, "labels": ids.clone(),
+                            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
                 ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
                 # an all-ones mask: transformers checks its values and then runs SDPA causal without one;
                 # fake tensors have no values, so the fake step leaves it out to take the same path

@@ -25,9 +25,8 @@ sys.path.insert(0, str(REPO / "operator" / "src"))
 sys.path.insert(0, str(REPO / "trainer-image" / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import alloc_trace as T  # noqa: E402
+import torch  # noqa: E402
 
 GIB = 1 << 30
 
@@ -179,10 +178,12 @@ def compare(arch: dict, method: str, batch: int, seq: int, gc_on: bool, fake: bo
             "alive": T.alive_at(t["events"], at)}
 
 
-LLAMA8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
-LLAMA1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
+LLAMA8B = dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
+               tie_word_embeddings=False)
+LLAMA1B = dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, max_position_embeddings=8192,
+               tie_word_embeddings=True)
 
 
 def main() -> int:
@@ -202,7 +203,8 @@ def main() -> int:
             continue
         r = compare(arch, method, b, s, g, objective=objective)
         print(f"  {name:26s} peak {r['peak'] / GIB:7.3f} | est {(r['est_allocated'] - MISC) / GIB:7.3f} "
-              f"({((r['est_allocated'] - MISC) / r['peak'] - 1) * 100:+.1f}%) | sim reserved {r['sim_reserved'] / GIB:7.3f} | "
+              f"({((r['est_allocated'] - MISC) / r['peak'] - 1) * 100:+.1f}%) | "
+              f"sim reserved {r['sim_reserved'] / GIB:7.3f} | "
               f"est reserved {(r['est_reserved'] - MISC) / GIB:7.3f} "
               f"({((r['est_reserved'] - MISC) / r['sim_reserved'] - 1) * 100:+.1f}%)", flush=True)
         for tag, n in list(r["alive"].items())[:6]:

@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator" / "src")
 
 from kubetune.estimator import (  # noqa: E402
     GPU_SIZE_BYTES,
+    catalog,  # noqa: E402
     catalog_architecture,
     estimate,
     fit_advice,
     max_micro_batch,
     plan_from_flags,
 )
-from kubetune.estimator import catalog  # noqa: E402
 
 
 def rate(fn, seconds: float, batch: int = 200) -> tuple[float, int]:
@@ -61,7 +61,8 @@ def main() -> int:
 
     methods = ("full", "lora", "qlora", "freeze", "prompt-tuning", "prefix-tuning")
     plans = [
-        plan_from_flags(method=m, micro_batch_size=rng.randint(1, 16), seq_len=rng.choice((512, 1024, 2048, 4096, 8192)),
+        plan_from_flags(method=m, micro_batch_size=rng.randint(1, 16),
+                        seq_len=rng.choice((512, 1024, 2048, 4096, 8192)),
                         gradient_checkpointing=rng.random() < 0.5, fused_cross_entropy=rng.random() < 0.5,
                         gpus=rng.choice((1, 1, 2, 8)))
         for m in methods for _ in range(50)
@@ -95,7 +96,7 @@ def main() -> int:
         estimate(archs[i % len(archs)], plans[(i * 7) % len(plans)].with_(micro_batch_size=1 + i % 32))
 
     t0 = time.perf_counter()
-    for i in range(len(archs) * 4):  # warm: each model and plan's simulation once
+    for _ in range(len(archs) * 4):  # warm: each model and plan's simulation once
         mixed_one()
     warm_s = time.perf_counter() - t0
     it2 = iter(range(1 << 62))
@@ -116,8 +117,8 @@ def main() -> int:
     print(f"estimate, hot (same plan, varying micro batch): {hot:12,.0f} /s  ({n_hot:,} calls; the first pass over "
           f"micro batches 1-64 took {hot_warm:.2f} s: 7 simulations)")
     print(f"estimate, cold (plan cache cleared every call, simulations known): {cold:10,.0f} /s  ({n_cold:,} calls)")
-    print(f"estimate, mixed ({len(archs)} catalog models x {len(plans)} plans, warm): {mixed:8,.0f} /s  ({n_mixed:,} calls;"
-          f" warming took {warm_s:.1f} s)")
+    print(f"estimate, mixed ({len(archs)} catalog models x {len(plans)} plans, warm): {mixed:8,.0f} /s  "
+          f"({n_mixed:,} calls; warming took {warm_s:.1f} s)")
     print(f"estimate, new shape (every cache cleared: one allocator simulation): {sim:8,.1f} /s  ({n_sim:,} calls)")
     print(f"max_micro_batch (binary search, 80GB): {solve:12,.0f} /s warm; {solve_cold * 1000:.0f} ms on a new shape")
     print(f"fit_advice (Llama-3.1-70B LoRA b8 x 8192): {adv:12,.0f} /s warm; {adv_cold * 1000:.0f} ms on a new shape")

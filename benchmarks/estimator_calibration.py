@@ -87,7 +87,8 @@ def published_crosscheck():
                  "intermediate_size": 11008, "vocab_size": 32000}
     a = from_config(qwen1_7b)
     for method, pub in (("lora", (20.1, 36.6)), ("qlora", (11.5, 23.5))):
-        ests = [estimate(a, plan_from_flags(method=method, micro_batch_size=1, seq_len=s, gradient_checkpointing=True)).total_gib
+        ests = [estimate(a, plan_from_flags(method=method, micro_batch_size=1, seq_len=s,
+                                            gradient_checkpointing=True)).total_gib
                 for s in (256, 8192)]
         print(f"  Qwen-7B {method:5s} b1 s256 -> s8192 (Qwen README, A100, GB): published {pub[0]} -> {pub[1]} "
               f"(+{pub[1] - pub[0]:.1f}); estimate {ests[0]:.1f} -> {ests[1]:.1f} GiB (+{ests[1] - ests[0]:.1f})")

@@ -44,7 +44,8 @@ def main() -> None:
     model_dir = root / "model"
     tok = build_tokenizer(model_dir)
     h = args.hidden
-    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=h // 128, num_key_value_heads=h // 512 or 1,
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=args.layers, num_attention_heads=h // 128,
+                      num_key_value_heads=h // 512 or 1,
                       intermediate_size=int(h * 3.5) // 64 * 64, vocab_size=len(tok), max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
@@ -58,11 +59,12 @@ def main() -> None:
               "freeze": {"type": "freeze", "freeze": {"trainableLayers": 1}}}[args.method]
     gpus = torch.cuda.device_count()
     config = {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "TrainerConfig", "job": {"namespace": "bench", "name": "fsdp-load", "run": 1},
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "TrainerConfig",
+        "job": {"namespace": "bench", "name": "fsdp-load", "run": 1},
         "spec": {"model": {"uri": f"file://{model_dir}"}, "dataset": {"uri": f"file://{data}", "maxSeqLength": 64},
                  "method": method,
-                 "training": {"maxSteps": 1, "microBatchSize": 1, "precision": "fp32" if not gpus else "bf16", "sharding": "fsdp",
-                              "loggingSteps": 1},
+                 "training": {"maxSteps": 1, "microBatchSize": 1, "precision": "fp32" if not gpus else "bf16",
+                              "sharding": "fsdp", "loggingSteps": 1},
                  "resources": {"gpusPerNode": args.nproc if gpus else 0},
                  "checkpoints": {"uri": "s3://unused/", "saveSteps": 100}, "output": {}},
         "resolved": {"microBatchSize": 1, "gradientAccumulationSteps": 1, "numProcesses": args.nproc},
@@ -73,7 +75,8 @@ def main() -> None:
     path = root / "config.yaml"
     print(f"model: {n_params / 1e9:.3f}B params ({n_params * 4 / 2**20:,.0f} MiB in fp32), {args.method}, "
           f"{args.nproc} processes")
-    print(f"{'loading':<18}  {'rank':>4}  {'place':<6}  {'materialized MiB':>16}  {'peak RSS MiB':>12}  {'final loss':>10}")
+    print(f"{'loading':<18}  {'rank':>4}  {'place':<6}  {'materialized MiB':>16}  {'peak RSS MiB':>12}  "
+          f"{'final loss':>10}")
     # the two ways side by side, in this run: every rank reading the weights (the escape hatch, and
     # what accelerate does without cpu_ram_efficient_loading), and the default
     for label, knob in (("every rank reads", "0"), ("rank 0 reads", "1")):

@@ -5,14 +5,16 @@ checkout) it runs kubetune's trainer with each speed lever on and off, one subpr
 peak memory stats are clean, and runs measure.py on the same configs beside it. Random-init models of
 the real dims (no hub on the device); random-token text data made here.
 
-Levers: Liger's RMSNorm/RoPE/SwiGLU kernels | the CUDA allocator's expandable segments | fused linear cross-entropy (Liger) | packing (variable-length
-data) | fused AdamW | torch.compile. Each row also carries the estimator's figure for its plan.
+Levers: Liger's RMSNorm/RoPE/SwiGLU kernels | the CUDA allocator's expandable segments | fused linear
+cross-entropy (Liger) | packing (variable-length data) | fused AdamW | torch.compile. Each row also carries
+the estimator's figure for its plan.
 Target (H100, Llama-3.1-8B dims, LoRA r16 all-linear, b4 x 2048, gradient checkpointing):
 >= 11,000 tokens/s (plain stack 6,951) and <= 20 GiB device memory (plain stack 33.7 GiB).
 
 usage:
   python benchmarks/gpu_trainer_bench.py                 # the target config, every lever, + baseline
-  python benchmarks/gpu_trainer_bench.py --all           # every calibration config, default levers + levers on the target
+  python benchmarks/gpu_trainer_bench.py --all           # every calibration config (default levers), + levers
+                                                         # on the target
   python benchmarks/gpu_trainer_bench.py --configs 1b-lora-b4s2048-gc --variants default no-fused-ce
   python benchmarks/gpu_trainer_bench.py --no-baseline   # skip measure.py
   python benchmarks/gpu_trainer_bench.py --dry-run --all # every run on tiny dims, CPU or GPU, in about a minute:
@@ -104,7 +106,8 @@ def build_model_dir(root: Path, arch: str, measure, dry: bool = False) -> Path:
     vocab.update({f"w{i}": i for i in range(len(specials), cfg.vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
     fast.save_pretrained(str(out))
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 2, 3, 1
     cfg.save_pretrained(str(out))
@@ -167,7 +170,8 @@ def estimated_gib(cfg: dict, model_dir: Path) -> dict:
     spec = FineTuneJobSpec.model_validate(cfg["spec"])
     e = estimate_spec(spec, micro_batch_size=cfg["resolved"]["microBatchSize"], num_processes=1,
                       read_config=lambda uri: (model_dir / "config.json").read_text())
-    return {"estimate_gib": round(e.total_bytes / 2**30, 3), "estimate_allocated_gib": round(e.allocated_bytes / 2**30, 3)}
+    return {"estimate_gib": round(e.total_bytes / 2**30, 3),
+            "estimate_allocated_gib": round(e.allocated_bytes / 2**30, 3)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +180,8 @@ def estimated_gib(cfg: dict, model_dir: Path) -> dict:
 
 def run_one(config_path: str, warm: int = WARM) -> None:
     import kubetune_trainer  # noqa: F401  (first: it sets the trainer's CUDA allocator config before torch)
+
+    # isort: split
     import torch
 
     from kubetune_trainer.config import load_config
@@ -222,8 +228,9 @@ def run_one(config_path: str, warm: int = WARM) -> None:
         "transformers": transformers.__version__, "peft": peft.__version__,
     }
     try:
-        import liger_kernel  # noqa: F401
         from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
 
         res["liger_kernel"] = version("liger-kernel")
     except Exception:
@@ -246,10 +253,12 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--configs", nargs="*", help=f"calibration configs (default: {TARGET})")
     ap.add_argument("--variants", nargs="*", help=f"of {', '.join(VARIANTS)}")
-    ap.add_argument("--all", action="store_true", help="every calibration config (default levers), levers on the target")
+    ap.add_argument("--all", action="store_true",
+                    help="every calibration config (default levers), levers on the target")
     ap.add_argument("--no-baseline", action="store_true", help="do not run measure.py")
     ap.add_argument("--dry-run", action="store_true",
-                    help=f"tiny dims, {DRY_STEPS} steps of {DRY_SEQ} tokens, no baseline: checks every run works, measures nothing")
+                    help=f"tiny dims, {DRY_STEPS} steps of {DRY_SEQ} tokens, no baseline: checks every run works, "
+                    "measures nothing")
     ap.add_argument("--warm", type=int, default=WARM, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=os.environ.get("KUBETUNE_BENCH_WORK", "/tmp/kubetune-bench"))
     args = ap.parse_args()
@@ -294,8 +303,8 @@ def main() -> None:
             env = dict(os.environ, OUT=str(root / "baseline"))
             (root / "baseline").mkdir(exist_ok=True)
             p = subprocess.run([sys.executable, str(measure_path), c], capture_output=True, text=True, env=env)
-            rows = [json.loads(l) for l in (root / "baseline" / "baseline.jsonl").read_text().splitlines()
-                    if l.strip()] if (root / "baseline" / "baseline.jsonl").exists() else []
+            rows = [json.loads(ln) for ln in (root / "baseline" / "baseline.jsonl").read_text().splitlines()
+                    if ln.strip()] if (root / "baseline" / "baseline.jsonl").exists() else []
             row = next((r for r in reversed(rows) if r.get("config") == c), {"config": c, "error": p.stderr[-800:]})
             row.update(stack="hf+peft", variant="baseline", wall_s=round(time.time() - t0, 1))
             record(row)
@@ -311,7 +320,7 @@ def main() -> None:
         warm = DRY_WARM if args.dry_run else WARM
         p = subprocess.run([sys.executable, __file__, "--one", str(path), "--warm", str(warm)], capture_output=True,
                            text=True, env=e, cwd=str(REPO))
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"error": "crash: " + (p.stderr[-1500:] or p.stdout[-1500:])}
         _, training, dataset, kind = VARIANTS[v]
         if row.get("step_s") and kind == "full":
@@ -332,12 +341,15 @@ def main() -> None:
     print(f"\nresults: {results}")
     if args.dry_run:
         # without a GPU the one expected failure is the trainer's own refusal of QLoRA
-        refused = [r for r in rows if r.get("gpu") == "cpu" and (r.get("error") or "").startswith("BadConfig: method.type qlora")]
+        refused = [r for r in rows
+                   if r.get("gpu") == "cpu" and (r.get("error") or "").startswith("BadConfig: method.type qlora")]
         failed = [r for r in rows if r.get("error") and r not in refused]
-        print(f"dry run: tiny dims, so the figures above mean nothing. {len(rows) - len(refused) - len(failed)} trained, "
+        trained = len(rows) - len(refused) - len(failed)
+        print(f"dry run: tiny dims, so the figures above mean nothing. {trained} trained, "
               f"{len(refused)} QLoRA refused (no GPU), {len(failed)} failed. Run without --dry-run to measure.")
         if failed:
-            raise SystemExit(f"{len(failed)} dry runs crashed: {', '.join(r['config'] + '/' + r['variant'] for r in failed)}")
+            crashed = ", ".join(r["config"] + "/" + r["variant"] for r in failed)
+            raise SystemExit(f"{len(failed)} dry runs crashed: {crashed}")
         return
     print(f"target ({TARGET}, H100): >= 11000 tokens/s (plain stack 6951), <= 20 GiB device memory (plain stack 33.7)")
 

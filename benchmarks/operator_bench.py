@@ -165,7 +165,8 @@ def main() -> int:
         # Everyone's requests (the operator's, the Job controller's, this script's creates), per job.
         req1 = apiserver_requests(state, lay)
         per_job = {k: round((v - req0.get(k, 0.0)) / args.jobs, 2) for k, v in req1.items()}
-        figures["burst_requests_per_job"] = {k: v for k, v in sorted(per_job.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        figures["burst_requests_per_job"] = {k: v for k, v in sorted(per_job.items(), key=lambda kv: -kv[1])
+                                             if v >= 0.05}
         print("burst apiserver requests per job: " + ", ".join(
             f"{k} {v}" for k, v in figures["burst_requests_per_job"].items()), flush=True)
         time.sleep(5)  # let the burst's tail settle before the paced run
