@@ -58,7 +58,7 @@ ground-build: venv
 # ruff check on what LINT_PATHS names, less LINT_EXCLUDE; ruff format --check and mypy on the operator (the
 # scope both are clean on; mypy's settings are pyproject.toml's [tool.mypy]). Not linted yet: the trainer
 # (trainer-image/src) and its tests (tests/trainer), under other work right now.
-LINT_PATHS ?= operator/src tests
+LINT_PATHS ?= operator/src tests benchmarks
 LINT_EXCLUDE ?= tests/trainer
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS) --extend-exclude '$(LINT_EXCLUDE)'
