@@ -81,9 +81,10 @@ def test_cel_rules_are_emitted():
 
 def test_printer_columns():
     cols = {c["name"]: c["jsonPath"] for c in crd()["spec"]["versions"][0]["additionalPrinterColumns"]}
-    assert list(cols) == ["Phase", "Method", "Model", "Progress", "State", "GPU Mem", "Node", "Age"]
+    assert list(cols) == ["Phase", "Method", "Model", "Progress", "State", "GPU Mem", "Node", "Test", "Age"]
     wide = [c["name"] for c in crd()["spec"]["versions"][0]["additionalPrinterColumns"] if c.get("priority")]
-    assert wide == ["State"] and cols["State"] == ".status.progress.state"  # -o wide only
+    assert wide == ["State", "Test"] and cols["State"] == ".status.progress.state"  # -o wide only
+    assert cols["Test"] == ".status.result.evaluation.headline"  # the evaluation's base-vs-tuned change
     assert cols["GPU Mem"] == ".status.estimate.perGpu"
     v = crd()["spec"]["versions"][0]
     assert v["subresources"] == {"status": {}}

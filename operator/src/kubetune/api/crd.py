@@ -176,6 +176,13 @@ PRINTER_COLUMNS = [
         "description": "Per-GPU memory estimate",
     },
     {"name": "Node", "type": "string", "jsonPath": ".status.placement.node"},
+    {
+        "name": "Test",
+        "type": "string",
+        "jsonPath": ".status.result.evaluation.headline",
+        "priority": 1,
+        "description": "The end-of-run evaluation's main change, base vs tuned (kubectl get -o wide)",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

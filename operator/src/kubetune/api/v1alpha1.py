@@ -297,6 +297,21 @@ class Dataset(KModel):
     validation_split: float | None = Field(
         None, gt=0, lt=1, description="Fraction of the training data held out for validation (e.g. 0.05)."
     )
+    test_uri: str | None = Field(
+        None,
+        description="Separate test data, same formats, only read by the end-of-run evaluation (base vs tuned): "
+        f"{URI_HELP}.",
+        pattern=DATA_URI,
+        max_length=1024,
+    )
+    test_split: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Fraction of the training data held out as a test set (e.g. 0.2): never trained on, never used "
+        "for early stopping or the best checkpoint, only by the end-of-run evaluation. Deterministic given "
+        "training.seed, and disjoint from the validation split.",
+    )
     max_seq_length: int = Field(
         2048, ge=8, le=1048576, description="Longest tokenized example in tokens; longer examples are truncated."
     )
@@ -318,6 +333,16 @@ class Dataset(KModel):
             cel="!(has(self.validationUri) && has(self.validationSplit))",
             message="set dataset.validationUri or dataset.validationSplit, not both",
             check=lambda d: not (d.validation_uri and d.validation_split),
+        ),
+        Rule(
+            cel="!(has(self.testUri) && has(self.testSplit))",
+            message="set dataset.testUri or dataset.testSplit, not both",
+            check=lambda d: not (d.test_uri and d.test_split),
+        ),
+        Rule(
+            cel="!has(self.testSplit) || !has(self.validationSplit) || self.testSplit + self.validationSplit < 1.0",
+            message="dataset.validationSplit plus dataset.testSplit must leave training data (their sum below 1)",
+            check=lambda d: not (d.test_split and d.validation_split) or d.test_split + d.validation_split < 1,
         ),
     )
 
@@ -1132,6 +1157,39 @@ class Checkpoints(KModel):
     )
 
 
+class EvaluationPrompt(KModel):
+    """A prompt both models answer at the end of the run."""
+
+    prompt: str = Field(min_length=1, max_length=16384, description="The prompt, as a user would write it.")
+    reference: str | None = Field(
+        None, max_length=16384, description="The expected answer: scored by exact match and ROUGE-L when set."
+    )
+
+
+class Evaluation(KModel):
+    """The end-of-run evaluation: base vs tuned on the test set (dataset.testSplit or testUri), and the same
+    prompts answered by both models, side by side, in an HTML report under the output URI."""
+
+    prompts: list[EvaluationPrompt] = Field(
+        default_factory=list, max_length=1024, description="Prompts both models answer (A/B)."
+    )
+    prompts_uri: str | None = Field(
+        None,
+        pattern=DATA_URI,
+        max_length=1024,
+        description=f"JSON Lines of {{prompt, reference?}} both models answer, after evaluation.prompts: {URI_HELP}.",
+    )
+    max_prompts: int = Field(
+        64,
+        ge=1,
+        le=10000,
+        description="At most this many prompts are answered: the inline ones, then the file's, then the test "
+        "examples' own prompts (scored against their responses).",
+    )
+    max_new_tokens: int = Field(128, ge=1, le=8192, description="Longest answer, in tokens.")
+    temperature: float = Field(0.0, ge=0, le=5, description="0: greedy decoding (the default); above 0: sampled.")
+
+
 class Output(KModel):
     """Where the result goes."""
 
@@ -1212,6 +1270,11 @@ class FineTuneJobSpec(KModel):
     )
     checkpoints: Checkpoints = Field(description="Checkpoint location and cadence.")
     output: Output = Field(default_factory=Output, description="Where the trained adapter or model goes.")
+    evaluation: Evaluation | None = Field(
+        None,
+        description="The end-of-run evaluation's prompts and generation settings. Test data "
+        "(dataset.testSplit or testUri) is evaluated with the defaults without it.",
+    )
     run_policy: RunPolicy = Field(
         default_factory=RunPolicy, description="Retries, deadlines, suspension, queueing and image."
     )
@@ -1250,6 +1313,17 @@ class FineTuneJobSpec(KModel):
             message=f"method.type {one_of(_QUANTIZED_METHODS)} needs a GPU (bitsandbytes): set resources.gpusPerNode "
             ">= 1",
             check=lambda s: s.method.type not in _QUANTIZED_METHODS or s.resources.gpus_per_node >= 1,
+        ),
+        Rule(
+            cel="!has(self.evaluation) || has(self.dataset.testUri) || has(self.dataset.testSplit) || "
+            "(has(self.evaluation.prompts) && size(self.evaluation.prompts) > 0) || has(self.evaluation.promptsUri)",
+            message="evaluation needs something to evaluate: test data (dataset.testSplit or dataset.testUri) or "
+            "prompts (evaluation.prompts or evaluation.promptsUri)",
+            check=lambda s: (
+                s.evaluation is None
+                or bool(s.dataset.test_uri or s.dataset.test_split)
+                or bool(s.evaluation.prompts or s.evaluation.prompts_uri)
+            ),
         ),
         *_OBJECTIVE_SPEC_RULES,
     )
@@ -1381,6 +1455,23 @@ class CheckpointStatus(StatusModel):
     count: int = Field(0, description="Committed checkpoints kept in S3.")
 
 
+class EvaluationResult(StatusModel):
+    """The end-of-run evaluation: the same metrics of the base and the tuned model."""
+
+    base: dict[str, float] = Field(
+        default_factory=dict,
+        description="The base model's test metrics: loss, perplexity, tokenAccuracy, exactMatch, rougeL (exact "
+        "match and ROUGE-L over the answers that have a reference).",
+    )
+    tuned: dict[str, float] = Field(default_factory=dict, description="The tuned model's, the same metrics.")
+    delta: dict[str, float] = Field(default_factory=dict, description="tuned - base, per metric.")
+    headline: str | None = Field(
+        None, max_length=256, description="The main change, in words (kubectl get -o wide shows it)."
+    )
+    examples: int | None = Field(None, description="Test examples scored.")
+    prompts: int | None = Field(None, description="Prompts both models answered.")
+
+
 class ResultStatus(StatusModel):
     """What the run produced."""
 
@@ -1389,6 +1480,14 @@ class ResultStatus(StatusModel):
     metrics: dict[str, float] = Field(
         default_factory=dict,
         description="Final metrics: trainLoss, evalLoss, perplexity, baseEvalLoss, basePerplexity, skippedLines, ...",
+    )
+    evaluation: EvaluationResult | None = Field(
+        None, description="Base vs tuned on the test set and the prompts (dataset.testSplit, spec.evaluation)."
+    )
+    report_uri: str | None = Field(
+        None,
+        description="S3 URI of the A/B report (report.html; answers.jsonl and summary.json beside it): "
+        "`kubetune report NAME` shows it.",
     )
 
 

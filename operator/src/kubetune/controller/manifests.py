@@ -272,6 +272,8 @@ def volume_claims(spec: FineTuneJobSpec) -> dict[str, str]:
         ("spec.model.uri", spec.model.uri),
         ("spec.dataset.uri", spec.dataset.uri),
         ("spec.dataset.validationUri", spec.dataset.validation_uri),
+        ("spec.dataset.testUri", spec.dataset.test_uri),
+        ("spec.evaluation.promptsUri", spec.evaluation.prompts_uri if spec.evaluation else None),
     ):
         if uri and uri.startswith("pvc://"):
             out.setdefault(uri[len("pvc://") :].split("/", 1)[0], field_name)
