@@ -247,7 +247,7 @@ def render_html(summary: dict[str, Any], rows: list[dict[str, Any]], title: str)
     """The report page: the job's name, the headline metrics (base, tuned, delta coloured by whether the
     change is an improvement) and every prompt's answers side by side. Self-contained: inline CSS, no
     scripts, no external URLs."""
-    t = _e(title)
+    t, n = _e(title), len(rows)
     meta = _meta_line(summary)
     return (
         "<!DOCTYPE html>\n"
@@ -257,7 +257,7 @@ def render_html(summary: dict[str, Any], rows: list[dict[str, Any]], title: str)
         f"<title>kubetune evaluation: {t}</title><style>{_CSS}</style></head>\n<body>\n"
         f"<header><h1>Evaluation: {t}</h1>" + (f'<p class="meta">{_e(meta)}</p>' if meta else "") + "</header>\n"
         f'<section id="metrics"><h2>Base vs tuned</h2>\n{_metrics_html(summary)}\n</section>\n'
-        f'<section id="answers"><h2>Answers ({len(rows)} prompts)</h2>\n{_answers_html(rows)}\n</section>\n'
+        f'<section id="answers"><h2>Answers ({n} prompt{"s" * (n != 1)})</h2>\n{_answers_html(rows)}\n</section>\n'
         "</body></html>\n"
     )
 
