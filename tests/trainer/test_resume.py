@@ -127,7 +127,8 @@ def test_kill9_and_resume_continue_the_same_losses(tmp_path, model_dir, data, pr
         worst = max(abs(e[k] - want[e["step"]][k]) for e in got for k in REWARDS)
         m, ref_m = term["result"]["metrics"], ref_term["result"]["metrics"]
         print(f"{case}: max |d reward metric| over the resumed steps = {worst:.3g}; reward accuracy "
-              f"{m['baseRewardAccuracy']:.2f} -> {m['rewardAccuracy']:.2f} (uninterrupted {ref_m['rewardAccuracy']:.2f})")
+              f"{m['baseRewardAccuracy']:.2f} -> {m['rewardAccuracy']:.2f} "
+              f"(uninterrupted {ref_m['rewardAccuracy']:.2f})")
         assert worst < 1e-4
         if CASES[case][0].get("reference") == "precomputed":  # again from the base, before the checkpoint loads
             assert [m for m in second.messages() if "reference log-probs of 36 examples precomputed" in m]

@@ -769,6 +769,30 @@ def test_a_single_node_launch_rendezvous_on_the_master_port(tmp_path):
     assert (config.rdzv_backend, config.rdzv_endpoint) == ("static", f"127.0.0.1:{port}")
 
 
+def test_storage_knobs_come_from_knobs_and_are_passed_in(monkeypatch):
+    """KUBETUNE_PVC_ROOT and the S3 client's KUBETUNE_S3_* are read by Knobs.from_env (a bad value names
+    the variable); storage takes the Knobs it is given, else the run's (outside a run: the env now)."""
+    from kubetune_trainer.knobs import Knobs
+
+    d = Knobs.from_env({})
+    assert (d.pvc_root, d.s3_max_attempts, d.s3_connect_timeout, d.s3_read_timeout) == ("/mnt/pvc", 3, 5.0, 60.0)
+    k = Knobs.from_env({"KUBETUNE_PVC_ROOT": "/pvc", "KUBETUNE_S3_MAX_ATTEMPTS": "5",
+                        "KUBETUNE_S3_CONNECT_TIMEOUT": "2", "KUBETUNE_S3_READ_TIMEOUT": "30"})
+    assert st.local_path_of("pvc://claim/data/x.jsonl", k) == Path("/pvc/claim/data/x.jsonl")
+    assert st.open_location("pvc://claim/out", knobs=k).root == Path("/pvc/claim/out")
+    cfg = st.s3_client(None, k).meta.config
+    # botocore counts the first attempt too
+    assert (cfg.retries["total_max_attempts"], cfg.connect_timeout, cfg.read_timeout) == (5 + 1, 2.0, 30.0)
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", "/elsewhere")
+    assert st.pvc_root() == Path("/elsewhere")
+    for name, value, want in [("KUBETUNE_S3_MAX_ATTEMPTS", "many", "an integer >= 0"),
+                              ("KUBETUNE_S3_CONNECT_TIMEOUT", "-1", "a number >= 0 (seconds)"),
+                              ("KUBETUNE_S3_READ_TIMEOUT", "nan", "a number >= 0 (seconds)")]:
+        with pytest.raises(BadConfig) as e:
+            Knobs.from_env({name: value})
+        assert str(e.value) == f"environment variable {name}={value!r}: expected {want}"
+
+
 def test_a_follow_on_error_does_not_hide_another_ranks_reason(tmp_path):
     write_termination("OutOfMemory", "GPU out of memory on rank 1", step=5)
     write_termination("Error", "NCCL watchdog: rank 1 went away", step=5)

@@ -5,20 +5,21 @@ down. A value that does not parse is a BadConfig naming the variable, not a sile
 Python (no torch): the CLI builds it before it decides whether to launch workers.
 
 Not here: LossHead's KUBETUNE_FUSED_CE_IMPL fallback (model.py, another owner's region; the recipe
-passes ``fused_ce_impl`` to it explicitly) and storage.py's PVC root and S3 client knobs.
+passes ``fused_ce_impl`` to it explicitly).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, TypeVar
 
 from kubetune.api.constants import GRACE_SECONDS
 
 from kubetune_trainer.errors import BadConfig
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+T = TypeVar("T")
 CE_IMPLS = ("liger", "torch")
 
 
@@ -30,6 +31,11 @@ class Knobs:
     upload_max_backoff: float = 30.0  # checkpoint upload retries back off up to this
     final_upload_timeout: float = 1800.0  # how long the end of the run waits for pending checkpoint uploads
     termination_log: str = "/dev/termination-log"
+    # storage (storage.py): where pvc:// claims are mounted; the boto3 client's retries and timeouts
+    pvc_root: str = "/mnt/pvc"
+    s3_max_attempts: int = 3
+    s3_connect_timeout: float = 5.0
+    s3_read_timeout: float = 60.0
     # speed levers (benchmarks)
     fused_optimizer: bool = True  # fused AdamW on CUDA
     compile: bool = False  # torch.compile the model
@@ -62,6 +68,10 @@ class Knobs:
             upload_max_backoff=r.number("KUBETUNE_UPLOAD_MAX_BACKOFF", d.upload_max_backoff),
             final_upload_timeout=r.number("KUBETUNE_FINAL_UPLOAD_TIMEOUT", d.final_upload_timeout),
             termination_log=termination_log(env),
+            pvc_root=r.text("KUBETUNE_PVC_ROOT") or d.pvc_root,
+            s3_max_attempts=r.integer("KUBETUNE_S3_MAX_ATTEMPTS", default=d.s3_max_attempts),
+            s3_connect_timeout=r.number("KUBETUNE_S3_CONNECT_TIMEOUT", d.s3_connect_timeout),
+            s3_read_timeout=r.number("KUBETUNE_S3_READ_TIMEOUT", d.s3_read_timeout),
             fused_optimizer=r.flag("KUBETUNE_FUSED_OPTIMIZER", d.fused_optimizer),
             compile=r.flag("KUBETUNE_COMPILE", d.compile),
             fused_ce_impl=r.choice("KUBETUNE_FUSED_CE_IMPL", CE_IMPLS),
@@ -102,28 +112,24 @@ class _Reader:
         raise BadConfig(f"environment variable {name}={v!r}: expected 1 or 0")
 
     def number(self, name: str, default: float, positive: bool = False) -> float:
+        want = "a positive number (seconds)" if positive else "a number >= 0 (seconds)"
+        finite = lambda x: (x > 0 if positive else x >= 0) and x != float("inf")  # noqa: E731  (nan fails both)
+        return self.typed(name, float, finite, want, default)
+
+    def integer(self, name: str, minimum: int = 0, default: int | None = None) -> int | None:
+        return self.typed(name, int, lambda x: x >= minimum, f"an integer >= {minimum}", default)
+
+    def typed(self, name: str, parse: Callable[[str], T], ok: Callable[[T], bool], want: str, default):
+        """The variable parsed (default when unset); a value that does not parse or is not ok names it."""
         v = self.text(name)
         if v is None:
             return default
         try:
-            x = float(v)
+            x = parse(v)
         except ValueError:
-            x = float("nan")
-        if not (x > 0 if positive else x >= 0) or x == float("inf"):
-            want = "a positive number" if positive else "a number >= 0"
-            raise BadConfig(f"environment variable {name}={v!r}: expected {want} (seconds)")
-        return x
-
-    def integer(self, name: str, minimum: int = 0) -> int | None:
-        v = self.text(name)
-        if v is None:
-            return None
-        try:
-            x = int(v)
-        except ValueError:
-            x = minimum - 1
-        if x < minimum:
-            raise BadConfig(f"environment variable {name}={v!r}: expected an integer >= {minimum}")
+            x = None
+        if x is None or not ok(x):
+            raise BadConfig(f"environment variable {name}={v!r}: expected {want}")
         return x
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> str | None:

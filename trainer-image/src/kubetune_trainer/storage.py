@@ -6,6 +6,9 @@
 - pvc://claim/path: the claim is mounted at $KUBETUNE_PVC_ROOT/<claim> (default /mnt/pvc/<claim>).
 - file:///path and plain paths: the local filesystem.
 
+The KUBETUNE_* knobs here (PVC root, S3 retries and timeouts) are read by knobs.Knobs; a caller passes
+its Knobs, else the run's installed ones (knobs.current()) apply.
+
 Downloads of whole trees (models, data prefixes) are resumable (a ``.part`` file continues with an
 HTTP Range request; complete files whose size and checksum are recorded are skipped) and verified
 (sha256 from a kubetune manifest or the object's ``sha256`` metadata, else the MD5 ETag, else size).
@@ -23,7 +26,9 @@ from typing import Callable, Iterable
 
 from kubetune.api.storage import join_key, retry, s3_uri, split_s3_uri
 from kubetune.errors import UNTRUSTED_S3, certificate_untrusted, untrusted
+from kubetune_trainer import knobs as kn
 from kubetune_trainer.errors import BadConfig, StorageFailed
+from kubetune_trainer.knobs import Knobs
 
 CHUNK = 8 * 1024 * 1024
 
@@ -51,17 +56,17 @@ def md5_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pvc_root() -> Path:
-    return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc"))
+def pvc_root(knobs: Knobs | None = None) -> Path:
+    return Path((knobs or kn.current()).pvc_root)
 
 
-def local_path_of(uri: str) -> Path | None:
+def local_path_of(uri: str, knobs: Knobs | None = None) -> Path | None:
     """The filesystem path of a pvc://, file:// or plain-path URI; None for remote URIs."""
     if uri.startswith("file://"):
         return Path(uri[len("file://"):])
     if uri.startswith("pvc://"):
         claim, _, rest = uri[len("pvc://"):].partition("/")
-        return pvc_root() / claim / rest
+        return pvc_root(knobs) / claim / rest
     if "://" in uri:
         return None
     return Path(uri)
@@ -274,11 +279,13 @@ def _is_not_found(e: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound") or status == 404
 
 
-def s3_client(storage=None):
-    """A boto3 S3 client for spec.storage (endpoint, region, path style); credentials from the env."""
+def s3_client(storage=None, knobs: Knobs | None = None):
+    """A boto3 S3 client for spec.storage (endpoint, region, path style); credentials from the env
+    (boto3's own variables), retries and timeouts from the knobs (the run's where none are given)."""
     import boto3
     from botocore.config import Config
 
+    k = knobs or kn.current()
     env = os.environ
     endpoint = getattr(storage, "endpoint", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     region = getattr(storage, "region", None) or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -286,9 +293,9 @@ def s3_client(storage=None):
     cfg = Config(
         region_name=region,
         s3={"addressing_style": "path" if path_style else "auto"},
-        retries={"max_attempts": int(os.environ.get("KUBETUNE_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
-        connect_timeout=float(os.environ.get("KUBETUNE_S3_CONNECT_TIMEOUT", "5")),
-        read_timeout=float(os.environ.get("KUBETUNE_S3_READ_TIMEOUT", "60")),
+        retries={"max_attempts": k.s3_max_attempts, "mode": "standard"},
+        connect_timeout=k.s3_connect_timeout,
+        read_timeout=k.s3_read_timeout,
         # Recent botocore adds CRC checksums by default; some S3-compatible servers reject them.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -299,16 +306,16 @@ def s3_client(storage=None):
 _CLIENTS: dict = {}
 
 
-def open_location(uri: str, storage=None) -> Location:
+def open_location(uri: str, storage=None, knobs: Knobs | None = None) -> Location:
     """The Location of an s3://, pvc://, file:// URI or a local path."""
     if uri.startswith("s3://"):
         bucket, key = split_s3(uri)
         ident = (getattr(storage, "endpoint", None), getattr(storage, "region", None),
                  getattr(storage, "force_path_style", True))
         if ident not in _CLIENTS:
-            _CLIENTS[ident] = s3_client(storage)
+            _CLIENTS[ident] = s3_client(storage, knobs)
         return S3Location(_CLIENTS[ident], bucket, key)
-    local = local_path_of(uri)
+    local = local_path_of(uri, knobs)
     if local is None:
         raise BadConfig(f"unsupported URI scheme: {uri} (expected s3://, pvc://, file:// or a path)")
     return LocalLocation(local, uri)
