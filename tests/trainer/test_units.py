@@ -793,6 +793,33 @@ def test_storage_knobs_come_from_knobs_and_are_passed_in(monkeypatch):
         assert str(e.value) == f"environment variable {name}={value!r}: expected {want}"
 
 
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_copied_reference_with_qlora_is_refused_at_config_load(tmp_path, objective):
+    """A frozen copy of a QLoRA model is a second 4-bit base; the base with the adapters disabled gives
+    the same log-probs for nothing. The trainer refuses it when it reads the config (exit 2, one line)."""
+    from kubetune_trainer.cli import main
+
+    cfg = tiny.trainer_config(tmp_path, tmp_path, tmp_path / "d.jsonl", method={"type": "qlora", "lora": {"rank": 8}})
+    cfg["spec"]["resources"]["gpusPerNode"] = 1
+    cfg["spec"]["objective"] = {"type": objective, "reference": "copy"}
+    path = tmp_path / "trainer.yaml"
+    path.write_text(json.dumps(cfg))
+    want = (f"{path}: spec.objective.reference copy cannot be used with spec.method.type qlora: the copy would be a "
+            "second 4-bit base model, while the base with the adapters disabled is the same reference at no memory "
+            "cost; use reference implicit (qlora's default) or precomputed")
+    with pytest.raises(BadConfig) as e:
+        load_config(path)
+    assert e.value.message == want
+    assert main(["--config", str(path)]) == 2
+    assert json.loads((tmp_path / "termination-log").read_text())["message"] == want
+    for ok in ("implicit", "precomputed"):  # and copy with lora or full stays allowed
+        cfg["spec"]["objective"]["reference"] = ok
+        parse_config(cfg)
+    cfg["spec"]["objective"]["reference"] = "copy"
+    cfg["spec"]["method"]["type"] = "lora"
+    parse_config(cfg)
+
+
 def test_a_follow_on_error_does_not_hide_another_ranks_reason(tmp_path):
     write_termination("OutOfMemory", "GPU out of memory on rank 1", step=5)
     write_termination("Error", "NCCL watchdog: rank 1 went away", step=5)

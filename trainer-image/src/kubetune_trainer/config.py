@@ -21,11 +21,25 @@ def parse_config(data: dict, source: str = "config") -> TrainerConfig:
     if not isinstance(data, dict):
         raise BadConfig(f"{source}: expected a mapping (a TrainerConfig), got {type(data).__name__}")
     try:
-        return TrainerConfig.model_validate(data)
+        config = TrainerConfig.model_validate(data)
     except ValidationError as e:
         lines = format_errors(e)
         more = f" (and {len(lines) - 5} more)" if len(lines) > 5 else ""
         raise BadConfig(f"{source}: " + "; ".join(lines[:5]) + more) from None
+    _check_trainer_rules(config, source)
+    return config
+
+
+def _check_trainer_rules(config: TrainerConfig, source: str) -> None:
+    """What the trainer refuses beyond the API's rules, for a config rendered by an operator that did not
+    check it (the API gains the same rule)."""
+    spec = config.spec
+    objective = getattr(spec, "objective", None)
+    if getattr(objective, "reference", None) == "copy" and spec.method.type == "qlora":
+        # deepcopy of the quantized model: a second 4-bit base whose log-probs the adapters-off base gives for free
+        raise BadConfig(f"{source}: spec.objective.reference copy cannot be used with spec.method.type qlora: the "
+                        "copy would be a second 4-bit base model, while the base with the adapters disabled is the "
+                        "same reference at no memory cost; use reference implicit (qlora's default) or precomputed")
 
 
 def load_config(path: str | Path) -> TrainerConfig:
