@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("kubetune.api.cli", "print the FineTuneJob CRD generated from the API models"),
     "validate": ("kubetune.api.cli_validate", "validate FineTuneJob YAML files against the API models"),
     "estimate": ("kubetune.estimator.cli", "estimate per-GPU memory for a job or a set of flags"),
+    "report": ("kubetune.report_cli", "show a FineTuneJob's evaluation report: base vs tuned metrics and answers"),
     "dev": ("kubetune.devenv.cli", "local control plane, fake GPU fleet and S3 server: up|down|status|env"),
     "operator": ("kubetune.controller.cli", "run the FineTuneJob operator (kopf)"),
     "train": ("kubetune_trainer.cli", "run the trainer from a rendered trainer config"),

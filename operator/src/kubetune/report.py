@@ -87,6 +87,10 @@ def _row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -111,7 +115,7 @@ def verdict(metric: str, delta: Any) -> str:
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
     """(metric, base, tuned, delta) for every metric any side has: the known ones first, in METRICS order,
     then the others by name. A missing delta is tuned - base when both are numbers."""
-    sides = [summary.get(k) if isinstance(summary.get(k), dict) else {} for k in ("base", "tuned", "delta")]
+    sides: list[dict[str, Any]] = [_dict(summary.get(k)) for k in ("base", "tuned", "delta")]
     base, tuned, delta = sides
     names = [m for m in METRICS if any(m in s for s in sides)]
     names += sorted({str(m) for s in sides for m in s} - set(names))
