@@ -38,7 +38,6 @@ def _job(ground, name: str, evaluation: bool = True) -> dict:
         "spec.runPolicy.suspend": True,
         "spec.storage.endpoint": ground.state["s3"]["endpoint"],
         "spec.evaluation": {"prompts": [{"prompt": "Say hi"}]} if evaluation else None,
-        "spec.dataset.testSplit": 0.1 if evaluation else None,
     })  # fmt: skip
 
 
