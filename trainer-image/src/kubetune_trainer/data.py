@@ -190,6 +190,8 @@ def pick_split(files: list[str], split: str) -> list[str]:
     validation its validation split, else its test split; all files when none is named so."""
     if split == "train":
         return _named(files, SPLIT_NAMES["train"]) or files
+    if split == "test":
+        return _named(files, SPLIT_NAMES["test"]) or files
     return _named(files, SPLIT_NAMES["validation"]) or _named(files, SPLIT_NAMES["test"]) or files
 
 
@@ -534,14 +536,25 @@ def tokenize_all(records: list[dict], tokenizer, fmt: str, max_len: int, stats: 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """Deterministic hold-out: the same seed always holds out the same examples."""
+    train, val, _ = split_holdout(examples, fraction, None, seed)
+    return train, val
+
+
+def split_holdout(examples: list, validation: float | None, test: float | None, seed: int) -> tuple[list, list, list]:
+    """(train, validation, test), each in the data's order. One shuffle of the indices, seeded: the test
+    set is its first ceil(n * test), the validation set the next ceil(n * validation), so an example is
+    in one split only and, without a test split, the validation set is the one it always was."""
     n = len(examples)
-    n_val = max(1, int(math.ceil(n * fraction)))
-    if n_val >= n:
-        raise BadData(f"validationSplit {fraction} leaves no training data ({n} examples)")
+    n_test = max(1, int(math.ceil(n * test))) if test else 0
+    n_val = max(1, int(math.ceil(n * validation))) if validation else 0
+    if n_test + n_val >= n:
+        held = " plus ".join(f"{name} {f}" for name, f in (("validationSplit", validation), ("testSplit", test)) if f)
+        raise BadData(f"{held} leaves no training data ({n} examples)")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return [e for i, e in enumerate(examples) if i not in val_idx], [examples[i] for i in sorted(val_idx)]
+    test_idx, val_idx = set(order[:n_test]), set(order[n_test:n_test + n_val])
+    train = [e for i, e in enumerate(examples) if i not in test_idx and i not in val_idx]
+    return train, [examples[i] for i in sorted(val_idx)], [examples[i] for i in sorted(test_idx)]
 
 
 def pack(examples: list[Example], max_len: int) -> list[Example]:

@@ -26,13 +26,14 @@ from typing import Callable
 import torch
 
 from kubetune.api import registry
-from kubetune.api.v1alpha1 import ResultStatus, TrainerConfig
+from kubetune.api.v1alpha1 import EvaluationResult, ResultStatus, TrainerConfig
 from kubetune_trainer import checkpoint as ck
 from kubetune_trainer import data as dt
 from kubetune_trainer import objectives
 from kubetune_trainer import storage as st
 from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData
+from kubetune_trainer.evaluation import EndOfRunEvaluation
 from kubetune_trainer.knobs import Knobs
 from kubetune_trainer.loop import (EvalStopped, Outcome, Preemption, all_sum, build_optimizer, eval_pass,
                                    fetch_resume_point, follow_schedule, fsdp_wrap_policy, make_accelerator,
@@ -65,10 +66,12 @@ class RunState:
     # the result's A/B needs both, and a resumed pod does not evaluate the base again.
     base_eval_metrics: dict | None = None
     last_eval_metrics: dict | None = None
+    # The base model's end-of-run evaluation ({"metrics", "answers"}), taken before the first step
+    base_evaluation: dict | None = None
 
     def to_checkpoint(self) -> dict:
         d = asdict(self)
-        for key in ("pending_eval", "base_eval_metrics", "last_eval_metrics"):  # SFT's keys stay as they were
+        for key in ("pending_eval", "base_eval_metrics", "last_eval_metrics", "base_evaluation"):  # as they were
             if d[key] is None:
                 del d[key]
         return d
@@ -167,11 +170,12 @@ class FineTuneRecipe:
         files = on_local_main(acc, lambda: dt.resolve_files(ds.uri, spec.storage, self.work, log))
         records, fmt = dt.read_records(files, ds.format, ds.on_bad_line, self.stats, formats=self.objective.formats())
         train_ex = self.objective.examples(records, fmt, self.tokenizer, ds.max_seq_length, self.stats)
-        val_ex: list = []
-        if ds.validation_uri:
-            val_ex = self._validation_examples(fmt)
-        elif ds.validation_split:
-            train_ex, val_ex = dt.split_validation(train_ex, ds.validation_split, spec.training.seed)
+        val_ex = self._held_out_examples(ds.validation_uri, "validation", fmt) if ds.validation_uri else []
+        test_ex = self._held_out_examples(ds.test_uri, "test", fmt) if ds.test_uri else []
+        if ds.validation_split or ds.test_split:  # one seeded shuffle: no example in two splits
+            train_ex, split_val, split_test = dt.split_holdout(train_ex, ds.validation_split, ds.test_split,
+                                                               spec.training.seed)
+            val_ex, test_ex = val_ex or split_val, test_ex or split_test
         if not train_ex:
             s = self.stats
             raise BadData(f"{ds.uri}: no usable training examples ({s.lines} lines, {s.skipped_lines} skipped, "
@@ -184,7 +188,11 @@ class FineTuneRecipe:
         self.pad_to = ds.max_seq_length if self.packing else None
         log_event("data", format=fmt, files=len(files), lines=self.stats.lines, skippedLines=self.stats.skipped_lines,
                   truncated=self.stats.truncated_examples, dropped=self.stats.dropped_examples, train=len(train_ex),
-                  validation=len(val_ex), packed=self.packing)
+                  validation=len(val_ex), test=len(test_ex), packed=self.packing)
+        ev = spec.evaluation
+        prompt_files = on_local_main(acc, lambda: dt.resolve_files(ev.prompts_uri, spec.storage, self.work, log,
+                                                                   split="test")) if ev and ev.prompts_uri else []
+        self.evaluation = EndOfRunEvaluation.build(spec, self.tokenizer, fmt, test_ex, prompt_files, log)
 
     def _fetch_model(self) -> None:
         """The base model's files (before the data: the tokenizer is the data's too)."""
@@ -197,11 +205,12 @@ class FineTuneRecipe:
         check_model_dir(self.model_dir, spec.model.uri, spec.model.trust_remote_code)
         self.tokenizer = load_tokenizer(self.model_dir, spec.model.trust_remote_code)
 
-    def _validation_examples(self, train_fmt: str) -> list:
+    def _held_out_examples(self, uri: str, split: str, train_fmt: str) -> list:
+        """validationUri's or testUri's examples, in the training data's format unless it is set."""
         ds = self.spec.dataset
         vstats = dt.DataStats()
-        vfiles = on_local_main(self.accelerator, lambda: dt.resolve_files(ds.validation_uri, self.spec.storage, self.work,
-                                                                           self.log, split="validation"))
+        vfiles = on_local_main(self.accelerator, lambda: dt.resolve_files(uri, self.spec.storage, self.work, self.log,
+                                                                           split=split))
         vrecords, vfmt = dt.read_records(vfiles, ds.format if ds.format != "auto" else train_fmt, ds.on_bad_line, vstats,
                                          formats=self.objective.formats())
         self.stats.skipped_lines += vstats.skipped_lines
@@ -419,6 +428,10 @@ class FineTuneRecipe:
                 s.base_eval_metrics = metrics or None
                 if s.base_eval_loss is not None:
                     log_event("eval", step=0, baseEvalLoss=s.base_eval_loss, **_prefixed("base", metrics))
+                if self.evaluation is not None:  # the test set's baseline, before any step
+                    s.base_evaluation = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator,
+                                                            self.device)
+                    log_event("evaluation", model="base", **s.base_evaluation["metrics"])
                 self.reporter.update(state="training")
             pending, s.pending_eval = s.pending_eval, None
             if pending:
@@ -510,9 +523,17 @@ class FineTuneRecipe:
             return self.preempted(step)
         result = self.result(tuned, metrics)
         log_event("eval", step=step, evalLoss=tuned, final=True)
+        tuned_ev = None
+        if self.evaluation is not None and s.base_evaluation is not None:
+            tuned_ev = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator, self.device)
+            log_event("evaluation", model="tuned", **tuned_ev["metrics"])
         self.reporter.update(state="uploading")
         self.head.restore()
         out_loc = st.open_location(self.paths.output_uri, self.spec.storage)
+        if tuned_ev is not None and self.main:
+            evaluation, result.report_uri = self.evaluation.write(s.base_evaluation, tuned_ev, out_loc,
+                                                                  self.config.job.name)
+            result.evaluation = EvaluationResult.model_validate(evaluation)
         write_outputs(self.plan, self.spec, self.model, self.accelerator, self.tokenizer, self.model_dir, self.work,
                       out_loc, result, self.log)
         if self.head.mode == "fused":

@@ -1,0 +1,81 @@
+"""The end-of-run evaluation (issue #22): a test split disjoint from the others, base vs tuned metrics on it,
+and the same prompts answered by both models, written under the output URI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune_trainer import data as dt
+from kubetune_trainer import evaluation as ev
+from kubetune_trainer.config import parse_config
+from kubetune_trainer.errors import BadData
+from kubetune_trainer.loop import train
+
+import tiny
+
+
+def test_splits_are_disjoint_deterministic_and_keep_the_old_validation_set():
+    rows = list(range(1000))
+    train_, val, test = dt.split_holdout(rows, 0.1, 0.2, seed=3)
+    assert (len(train_), len(val), len(test)) == (700, 100, 200)
+    assert sorted(train_ + val + test) == rows and not set(val) & set(test)  # every line in exactly one split
+    assert dt.split_holdout(rows, 0.1, 0.2, seed=3) == (train_, val, test)
+    assert dt.split_holdout(rows, 0.1, 0.2, seed=4)[2] != test
+    assert dt.split_holdout(rows, 0.1, None, seed=3)[:2] == dt.split_validation(rows, 0.1, 3)  # as before
+    with pytest.raises(BadData, match=r"validationSplit 0.5 plus testSplit 0.5 leaves no training data \(10"):
+        dt.split_holdout(list(range(10)), 0.5, 0.5, seed=0)
+
+
+def test_scores_on_hand_computed_answers():
+    assert ev.exact_match(" The cat  says meow .", "The cat says meow .") == 1.0
+    assert ev.exact_match("The cat says woof .", "The cat says meow .") == 0.0
+    # LCS "the cat says" (3 of 4 tokens each side; rouge-score drops the "."): F1 = 0.75
+    assert ev.rouge_l("The cat says woof .", "The cat says meow .") == pytest.approx(0.75)
+    assert ev.delta({"loss": 2.0, "exactMatch": 0.1}, {"loss": 1.5, "exactMatch": 0.9}) == pytest.approx(
+        {"loss": -0.5, "exactMatch": 0.8})
+    assert ev.headline({"exactMatch": 0.1, "loss": 2}, {"exactMatch": 0.9, "loss": 1}) == "exactMatch 0.1 -> 0.9"
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "hi"}\nnot json\n', "p.jsonl line 2: not JSON"),
+    ('["hi"]\n', "p.jsonl line 1: a prompt line is a JSON object {prompt, reference?}"),
+    ('{"prompt": ""}\n', 'p.jsonl line 1: "prompt" must be a non-empty string'),
+    ('{"prompt": "hi", "reference": 3}\n', 'p.jsonl line 1: "reference" must be a string when set'),
+])
+def test_a_bad_prompt_file_names_the_line_and_the_rule(tmp_path, line, message):
+    (tmp_path / "p.jsonl").write_text(line)
+    with pytest.raises(BadData) as e:
+        ev.read_prompt_file(tmp_path / "p.jsonl", "p.jsonl")
+    assert str(e.value.message if hasattr(e.value, "message") else e.value).startswith(message)
+
+
+@pytest.mark.slow
+def test_a_tuned_model_beats_its_base_on_the_held_out_test_set(tmp_path, model_dir):
+    """The quickstart's toy task (colours of fruits, sounds of animals, alpaca format) with 20 % held out
+    as the test set: the tuned model's exact match on the test responses is far above the base's, and
+    the A/B of both models' answers is written with the report."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(200, seed=1))
+    cfg = tiny.trainer_config(tmp_path, model_dir, data, dataset={"testSplit": 0.2, "validationSplit": 0.1},
+                              method={"type": "lora", "lora": {"rank": 16, "alpha": 32}},
+                              training={"maxSteps": 250, "learningRate": 3e-3, "evalSteps": 125, "loggingSteps": 50})
+    lemon = {"prompt": "What color is the lemon ?", "reference": "The lemon is yellow ."}
+    cfg["spec"]["evaluation"] = {"prompts": [lemon], "maxPrompts": 12, "maxNewTokens": 12}
+    out = train(parse_config(cfg))
+    e = out.result.evaluation
+    print(f"\nexact match {e.base['exactMatch']:.2f} -> {e.tuned['exactMatch']:.2f}, ROUGE-L {e.base['rougeL']:.2f} -> "
+          f"{e.tuned['rougeL']:.2f}, token accuracy {e.base['tokenAccuracy']:.2f} -> {e.tuned['tokenAccuracy']:.2f}, "
+          f"test loss {e.base['loss']:.3f} -> {e.tuned['loss']:.3f} ({e.examples} examples, {e.prompts} prompts)")
+    assert e.examples == 40 and e.prompts == 12
+    # measured: exact match 0.00 -> 0.92, token accuracy 0.00 -> 0.99 (250 steps, 30 s)
+    assert e.base["exactMatch"] <= 0.1 and e.tuned["exactMatch"] >= 0.6, e
+    assert e.tuned["loss"] < e.base["loss"] and e.tuned["tokenAccuracy"] > e.base["tokenAccuracy"] + 0.3, e
+    assert e.delta["exactMatch"] == pytest.approx(e.tuned["exactMatch"] - e.base["exactMatch"])
+    folder = tmp_path / "store" / "out" / "evaluation"
+    assert out.result.report_uri == f"file://{folder}/report.html"
+    rows = [json.loads(x) for x in (folder / "answers.jsonl").read_text().splitlines()]
+    print("\n".join(f"  {r['reference']!r}: base {r['base']!r}, tuned {r['tuned']!r}" for r in rows[:4]))
+    assert rows[0]["prompt"] == "What color is the lemon ?" and rows[0]["reference"] == "The lemon is yellow ."
+    assert set(rows[0]["scores"]) == {"base", "tuned"} and len(rows) == 12 and all(r["tuned"] for r in rows)
+    assert json.loads((folder / "summary.json").read_text())["tuned"] == e.tuned
+    assert "What color is the lemon ?" in (folder / "report.html").read_text()
