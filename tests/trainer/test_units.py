@@ -834,6 +834,25 @@ def test_termination_message_fits(tmp_path):
     assert len(text.encode()) <= 4000 and json.loads(text)["reason"] == "BadData" and doc["step"] == 3
 
 
+def test_termination_message_fits_with_a_big_result_by_dropping_the_evaluations_figures(tmp_path):
+    """Long URIs and many metrics: the evaluation's figures go (summary.json at reportUri has them), the
+    headline, the URIs and the metrics stay, and the JSON stays whole."""
+    from kubetune.api.v1alpha1 import ResultStatus
+
+    uri = "s3://b/" + "p" * 1000 + "/"
+    figures = {f"metric{i}": 0.123456789 for i in range(30)}
+    result = ResultStatus.model_validate({
+        "adapterUri": uri + "adapter/", "mergedUri": uri + "merged/", "reportUri": uri + "evaluation/report.html",
+        "metrics": {"trainLoss": 1.0, "evalLoss": 0.5},
+        "evaluation": {"base": figures, "tuned": figures, "delta": figures, "headline": "exactMatch 0 -> 0.9"}})
+    write_termination("Completed", "trained 10 steps", result=result, step=10)
+    doc = json.loads((tmp_path / "termination-log").read_text())
+    assert len(json.dumps(doc).encode()) <= 4000
+    r = doc["result"]
+    assert r["evaluation"]["headline"] == "exactMatch 0 -> 0.9" and r["evaluation"]["base"] == {}
+    assert r["reportUri"].endswith("report.html") and r["metrics"]["evalLoss"] == 0.5
+
+
 def test_the_operators_multi_node_pod_launches_the_right_rendezvous():
     """Operator → trainer, no hand-written env: the ConfigMap and pod env the operator renders for a
     2 x 8 GPU job, with what Kubernetes adds (JOB_COMPLETION_INDEX), give every pod the right launch."""

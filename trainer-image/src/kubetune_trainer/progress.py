@@ -223,8 +223,17 @@ def write_termination(reason: str, message: str = "", result: ResultStatus | Non
     while True:
         doc = TrainerTermination(reason=reason, message=msg[:3000], result=result, step=step)
         text = json.dumps(doc.model_dump(by_alias=True, exclude_none=True, mode="json"))
-        if len(text.encode()) <= TERMINATION_LIMIT or not msg:
+        if len(text.encode()) <= TERMINATION_LIMIT:
             break
+        if not msg:
+            ev = result.evaluation if result is not None else None
+            if ev is None or not (ev.base or ev.tuned or ev.delta):
+                break
+            # the evaluation's figures are in summary.json too (reportUri): the headline and the URIs must fit
+            result = result.model_copy(update={"evaluation": ev.model_copy(update={"base": {}, "tuned": {},
+                                                                                   "delta": {}})})
+            msg = message
+            continue
         msg = msg[: max(0, len(msg) - (len(text.encode()) - TERMINATION_LIMIT) - 10)]
     path = termination_path()
     if reason == "Error" and written_reason(path) not in (None, "Error"):
