@@ -126,7 +126,8 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     table = _Table()
     table.rows[("ns", "job")] = JobRow(phase="Running", step=1, total_steps=2, loss=1.0, eval_loss=1.0,
                                        tokens_per_second=1.0, checkpoint_time=datetime.now(timezone.utc),
-                                       estimate_bytes=1, peak_bytes=1, objective_metrics={"rewardAccuracy": 1.0})
+                                       estimate_bytes=1, peak_bytes=1, objective_metrics={"rewardAccuracy": 1.0},
+                                       evaluation={("tuned", "exactMatch"): 1.0})
     for fam in table.collect():
         assert isinstance(fam, (GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily))
         assert fam.samples, f"{fam.name}: no sample from a full row"

@@ -97,3 +97,18 @@ def test_an_objectives_step_metrics_are_gauges_labelled_by_metric():
     assert _samples(t, "kubetune_training_objective_metric") == {key("dpo", "rewardAccuracy"): 1.0}
     t.forget("a", "dpo")
     assert _samples(t, "kubetune_training_objective_metric") == {}
+
+
+def test_the_end_of_run_evaluation_is_a_gauge_per_model_and_metric():
+    """status.result.evaluation's base and tuned figures, labelled by model and metric (a dashboard plots
+    the pair; the delta is their difference)."""
+    from kubetune.api.v1alpha1 import FineTuneJobStatus
+
+    done = FineTuneJobStatus.model_validate({"phase": "Succeeded", "run": 1, "result": {"evaluation": {
+        "base": {"exactMatch": 0.0, "loss": 5.9}, "tuned": {"exactMatch": 0.83, "loss": 0.05},
+        "delta": {"exactMatch": 0.83, "loss": -5.85}}}})
+    t = JobTable()
+    t.update("a", "sft", None, done, None)
+    got = {(dict(k)["model"], dict(k)["metric"]): v for k, v in _samples(t, "kubetune_evaluation_metric").items()}
+    assert got == {("base", "exactMatch"): 0.0, ("base", "loss"): 5.9, ("tuned", "exactMatch"): 0.83,
+                   ("tuned", "loss"): 0.05}

@@ -61,6 +61,8 @@ class JobRow:
     pod_failures: int = 0
     # an objective's newest per-step metrics (status.progress.metrics: rewardAccuracy, rewardMargin, ...)
     objective_metrics: dict[str, float] = field(default_factory=dict)
+    # the end-of-run evaluation's test metrics: (base|tuned, metric) -> value
+    evaluation: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class JobTable:
@@ -105,6 +107,11 @@ class JobTable:
             "The training objective's newest per-step metrics (DPO's rewardAccuracy, rewardMargin, ...).",
             labels=["namespace", "name", "metric"],
         )
+        evaluation = GaugeMetricFamily(
+            "kubetune_evaluation_metric",
+            "The end-of-run evaluation on the test set, per model (base, tuned) and metric (loss, exactMatch, ...).",
+            labels=["namespace", "name", "model", "metric"],
+        )
         # Which phase each job is in: alerts such as "stalled while Running" need it, since the
         # per-job gauges above keep their last values after a job ends or is suspended.
         job_phase = GaugeMetricFamily(
@@ -132,6 +139,8 @@ class JobTable:
                     g[key].add_metric(lab, float(value))
             for metric, value in sorted(r.objective_metrics.items()):
                 objective.add_metric([ns, name, metric], float(value))
+            for (model, metric), value in sorted(r.evaluation.items()):
+                evaluation.add_metric([ns, name, model, metric], float(value))
             if r.checkpoint_time is not None and r.phase in (
                 constants.RUNNING,
                 constants.STARTING,
@@ -145,6 +154,7 @@ class JobTable:
         yield job_phase
         yield from g.values()
         yield objective
+        yield evaluation
 
     def update(
         self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus, job: dict | None
@@ -161,6 +171,10 @@ class JobTable:
                 row.tokens_per_second = new.progress.tokens_per_second
                 row.peak_bytes = new.progress.peak_gpu_memory_bytes
                 row.objective_metrics = dict(new.progress.metrics or {})
+            ev = new.result.evaluation if new.result else None
+            row.evaluation = (
+                {(m, k): v for m, d in (("base", ev.base), ("tuned", ev.tuned)) for k, v in d.items()} if ev else {}
+            )
             row.checkpoint_time = new.checkpoints.latest_time if new.checkpoints else None
             row.estimate_bytes = new.estimate.per_gpu_bytes if new.estimate else None
             failures = int(((job or {}).get("status") or {}).get("failed") or 0)
