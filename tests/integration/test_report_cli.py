@@ -38,6 +38,7 @@ def _job(ground, name: str, evaluation: bool = True) -> dict:
         "spec.runPolicy.suspend": True,
         "spec.storage.endpoint": ground.state["s3"]["endpoint"],
         "spec.evaluation": {"prompts": [{"prompt": "Say hi"}]} if evaluation else None,
+        **({} if evaluation else {"spec.dataset.testSplit": None}),  # no test data either: nothing evaluated
     })  # fmt: skip
 
 

@@ -49,8 +49,12 @@ def test_a_run_against_an_s3_endpoint_only_a_private_ca_verifies(ground, operato
     m = done["status"]["result"]["metrics"]
     assert m["steps"] == 6 and m["evalLoss"] < m["baseEvalLoss"], m
     assert done["status"]["checkpoints"]["latestStep"] == 6
+    # the quickstart holds out a test set: base vs tuned on it, and the A/B report beside the outputs
+    ev = done["status"]["result"]["evaluation"]
+    assert ev["examples"] == 80 and ev["tuned"]["loss"] < ev["base"]["loss"] and ev["headline"], ev
     for uri, want in ((done["status"]["checkpoints"]["latestUri"], "manifest.json"),
-                      (done["status"]["result"]["adapterUri"], "adapter_model.safetensors")):
+                      (done["status"]["result"]["adapterUri"], "adapter_model.safetensors"),
+                      (done["status"]["result"]["reportUri"].rsplit("/", 1)[0], "report.html")):
         bucket, _, key = uri[len("s3://"):].partition("/")
         got = {o["Key"] for o in ground.s3().list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/")["Contents"]}
         assert f"{key.rstrip('/')}/{want}" in got, (uri, got)
@@ -96,11 +100,16 @@ def test_sft_then_dpo_from_its_merged_output(ground, operator, agent, ns):
                            Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     sft = _tiny_job("chain-sft", ground.state["s3"]["endpoint"])
     sft["spec"]["output"] = {"uri": "s3://kubetune/outputs/", "mergeAdapter": True}
+    lora8 = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "targetModules": ["all-linear"]}}
+    sft["spec"]["method"] = lora8
+    sft["spec"]["training"]["learningRate"] = 2e-2
     merged = f"s3://kubetune/outputs/{ns}/chain-sft/run-1/merged/"  # <output.uri>/<namespace>/<name>/run-<n>/
     dpo = _tiny_job("chain-dpo", ground.state["s3"]["endpoint"], steps=24)
     spec = dpo["spec"]
     spec["model"]["uri"] = merged
     spec["objective"] = {"type": "dpo", "beta": 0.5}
+    spec["method"] = lora8
+    del spec["evaluation"]  # the quickstart's SFT prompts; this job's A/B is the reward accuracy below
     # The toy pairs are memorized, not generalized: the A/B is taken on the training pairs (as in
     # tests/trainer/test_objectives_trainer.py), where reward accuracy must rise.
     spec["dataset"] = {"uri": "s3://kubetune-data/prefs/train.jsonl", "format": "preference", "maxSeqLength": 64,

@@ -221,6 +221,17 @@ def main() -> int:
         )
         print(f"  adapter: {st['result'].get('adapterUri')}")
         print(f"  checkpoints: {(st.get('checkpoints') or {}).get('latestUri')}")
+        ev = st["result"].get("evaluation")
+        if not ev or not st["result"].get("reportUri"):
+            raise SystemExit("demo: the quickstart's result has no evaluation (status.result.evaluation)")
+        print(f"\n  test set ({ev.get('examples')} examples): {ev.get('headline')}")
+        for metric in ("loss", "tokenAccuracy", "exactMatch", "rougeL"):
+            b, t = ev["base"].get(metric), ev["tuned"].get(metric)
+            if b is not None and t is not None:
+                print(f"    {metric:<14} base {b:8.3f}  tuned {t:8.3f}")
+
+        say("4b. kubetune report quickstart: the base and the tuned model's answers, side by side")
+        run([sys.executable, "-m", "kubetune.cli", "report", "quickstart", "-n", NS, "--width", "100"], env=env)
 
         say("5. Memory-aware placement on the fake GPU fleet (KWOK plays the kubelet)")
         for name in ("lora-8b", "too-big"):

@@ -126,14 +126,17 @@ def _report_uri(job: dict, ns: str, name: str) -> str:
     uri = result.get("reportUri")
     if uri:
         return str(uri)
-    if not (job.get("spec") or {}).get("evaluation"):
+    spec = job.get("spec") or {}
+    dataset = spec.get("dataset") or {}
+    if not (spec.get("evaluation") or dataset.get("testSplit") or dataset.get("testUri")):
         raise UsageError(
-            f"FineTuneJob {ns}/{name} has no evaluation in its result: spec.evaluation is not set, so the run "
-            "compared no answers (set spec.evaluation, or dataset.testSplit, and run it again)"
+            f"FineTuneJob {ns}/{name} has no evaluation in its result: spec.evaluation is not set and there is no "
+            "test data, so the run compared no answers (set dataset.testSplit or spec.evaluation.prompts, and run "
+            "it again)"
         )
     raise UsageError(
-        f"FineTuneJob {ns}/{name} has spec.evaluation but its result has no reportUri: the trainer wrote no "
-        "report (see the job's conditions and the trainer's log)"
+        f"FineTuneJob {ns}/{name} has test data or spec.evaluation but its result has no reportUri: the trainer "
+        "wrote no report (see the job's conditions and the trainer's log)"
     )
 
 

@@ -32,7 +32,7 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 class Prompt:
     """One prompt both models answer: from spec.evaluation.prompts or a test example."""
 
-    text: str | None  # the prompt as written (None: only its token ids are known, from a test example)
+    text: str | None  # as written, or a test example's decoded (as its template rendered it)
     ids: list[int]
     reference: str | None = None
 
@@ -53,7 +53,8 @@ def split_prompt(example, tokenizer) -> Prompt:
     end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE), len(labels))
     # labels are shifted (labels[t] is predicted from input_ids[:t+1]): the response's tokens are labels[first:end]
     reference = tokenizer.decode(labels[first:end], skip_special_tokens=True).strip()
-    return Prompt(None, list(seq.input_ids[: first + 1]), reference)
+    ids = list(seq.input_ids[: first + 1])
+    return Prompt(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, reference)
 
 
 def prompt_from_text(text: str, tokenizer, fmt: str) -> list[int]:
