@@ -299,6 +299,11 @@ OBJECTIVE_BAD = [
                                       "spec.objective": {"type": "dpo", "reference": "implicit"}},
      "objective.reference implicit needs an adapter method (method.type lora, qlora, prompt-tuning or prefix-tuning): "
      "it disables the adapters to get the base model; with method.type full or freeze use copy or precomputed"),
+    ("copy-reference-with-qlora", {**PAIRS, "spec.method": {"type": "qlora"}, "spec.resources.gpusPerNode": 1,
+                                   "spec.objective": {"type": "dpo", "reference": "copy"}},
+     "objective.reference copy cannot be used with method.type qlora: the copy would be a second quantized base "
+     "model, while the base with the adapters disabled is the same reference at no memory cost; use implicit (the "
+     "default) or precomputed"),
     ("reference-with-orpo", {**PAIRS, "spec.objective": {"type": "orpo", "reference": "copy"}},
      "objective.reference is only valid with objective.type dpo or kto: sft, orpo and simpo use no reference model"),
     ("gamma-with-dpo", {**PAIRS, "spec.objective": {"type": "dpo", "gamma": 1}},

@@ -39,6 +39,9 @@ def errors_of(obj: dict) -> list[str]:
 IMPLICIT = ("objective.reference implicit needs an adapter method (method.type lora, qlora, prompt-tuning or "
             "prefix-tuning): it disables the adapters to get the base model; with method.type full or freeze use copy "
             "or precomputed")
+COPY_QLORA = ("objective.reference copy cannot be used with method.type qlora: the copy would be a second quantized "
+              "base model, while the base with the adapters disabled is the same reference at no memory cost; use "
+              "implicit (the default) or precomputed")
 SFT_FORMAT = ("dataset.format must be auto, alpaca, chat or text with objective.type sft (preference and kto data need "
               "a preference objective)")
 PAIRED_FORMAT = ("dataset.format must be auto or preference with objective.type dpo, orpo or simpo (they train on "
@@ -79,6 +82,8 @@ BAD = [
                                   spec__objective={"type": "kto", "reference": "implicit"},
                                   spec__dataset__format="kto"),
      f"spec: {IMPLICIT}"),
+    ("copy-with-qlora", dict(spec__method={"type": "qlora"}, spec__resources={"gpusPerNode": 1},
+                             spec__objective={"type": "dpo", "reference": "copy"}), f"spec: {COPY_QLORA}"),
     ("preference-data-without-objective", dict(spec__objective=...), f"spec: {SFT_FORMAT}"),
     ("kto-data-with-sft", dict(spec__objective={"type": "sft"}, spec__dataset__format="kto"), f"spec: {SFT_FORMAT}"),
     ("alpaca-with-dpo", dict(spec__dataset__format="alpaca"), f"spec: {PAIRED_FORMAT}"),

@@ -683,6 +683,17 @@ _OBJECTIVE_SPEC_RULES = (
         check=lambda s: s.objective is None or s.objective.reference != "implicit" or s.method.type in _ADAPTER_METHODS,
         field_path=".objective.reference",
     ),
+    Rule(
+        cel="!has(self.objective) || !has(self.objective.reference) || self.objective.reference != 'copy' || "
+        + cel_not_in("self.method.type", _QUANTIZED_METHODS),
+        message=f"objective.reference copy cannot be used with method.type {one_of(_QUANTIZED_METHODS)}: the copy "
+        "would be a second quantized base model, while the base with the adapters disabled is the same reference "
+        "at no memory cost; use implicit (the default) or precomputed",
+        check=lambda s: (
+            s.objective is None or s.objective.reference != "copy" or s.method.type not in _QUANTIZED_METHODS
+        ),
+        field_path=".objective.reference",
+    ),
     *(_format_rule(kind) for kind in registry.DATA_FORMATS),
     Rule(
         cel="!has(self.dataset.packing) || !self.dataset.packing || " + _objective_is(_SFT_DATA_OBJECTIVES),
