@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from kubetune.api import registry
-from kubetune.api.v1alpha1 import FineTuneJobSpec
+from kubetune.api.v1alpha1 import Evaluation, FineTuneJobSpec
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 
@@ -85,6 +85,11 @@ class TrainingPlan:
     objective: str = "sft"
     sequences_per_example: int = 1
     reference: Literal["none", "implicit", "copy", "precomputed"] = "none"
+    # The end-of-run evaluation (kubetune_trainer.evaluation), run once after the last step with the weights and
+    # optimizer states alive: a no-grad forward over each test sequence (test data: dataset.testSplit/testUri),
+    # and greedy answers of up to evaluation_new_tokens tokens (0: no prompts to answer).
+    evaluation_test_data: bool = False
+    evaluation_new_tokens: int = 0
 
     def with_(self, **changes) -> "TrainingPlan":
         return replace(self, **changes)
@@ -193,5 +198,16 @@ def plan_from_spec(
         objective=obj.type,
         sequences_per_example=obj.info.sequences_per_example,
         reference=obj.effective_reference(m.type),
+        **evaluation_fields(spec),
         **kw,
     )
+
+
+def evaluation_fields(spec: FineTuneJobSpec) -> dict:
+    """The plan's evaluation fields: test data is scored token by token, and the prompts (written ones, and the
+    test examples' own) are answered with up to evaluation.maxNewTokens tokens."""
+    ev, d = spec.evaluation, spec.dataset
+    test = bool(d.test_split or d.test_uri)
+    prompts = test or bool(ev and (ev.prompts or ev.prompts_uri))
+    new_tokens = (ev or Evaluation()).max_new_tokens if prompts else 0
+    return {"evaluation_test_data": test, "evaluation_new_tokens": new_tokens}

@@ -70,6 +70,11 @@ INT8_BYTES = 1.0
 # logits in the compute dtype, their fp32 copy and the fp32 log-softmax are alive together, 8 bytes + the compute
 # dtype's per logit (over all tokens unfused, over one chunk of the fused head).
 REF_LOGIT_FP32_BYTES = 8
+# The end-of-run evaluation's token accuracy (kubetune_trainer.evaluation.token_accuracy) turns one test sequence's
+# logits to fp32 (the compute-dtype logits die with the statement), then picks the response positions' rows (a
+# copy) and cross_entropy takes their fp32 log-softmax: 12 bytes per logit when every position is a response
+# token (plain text; chat and alpaca label fewer), more than the 6 of the moment the bf16 and fp32 logits coexist.
+EVAL_LOGIT_BYTES = 12
 # Safety margin: a plan fits a GPU when its estimate is at most (1 - margin) x the GPU's memory; the
 # estimator is calibrated to be at most 5% under the measured device memory.
 DEFAULT_MARGIN = 0.05
@@ -528,6 +533,8 @@ _TRACE_FREE_FIELDS = (
     "embedding_states_32bit",
     "objective",
     "sequences_per_example",
+    "evaluation_test_data",  # the end-of-run evaluation is a moment of its own, not part of the step
+    "evaluation_new_tokens",
 )
 _TRACE_KEY_FIELDS = tuple(f for f in _PLAN_KEY_FIELDS if f not in _TRACE_FREE_FIELDS)
 # attrgetter builds the keys in C: a list of getattr calls was a tenth of a cold estimate
@@ -639,6 +646,7 @@ class _Prepared:
     resid: int = 0  # the residual stream, per token: a block's input and output in the reference forward
     ref_block: int = 0  # one frozen block's activations, per token (the reference forward holds one at a time)
     ref_logit_bytes: int = 0  # bytes per logit while the reference's log-probs are taken
+    evaluation: "_Evaluation | None" = None  # the end-of-run evaluation (None: the plan has none)
 
 
 class _Setup(NamedTuple):
@@ -930,6 +938,49 @@ def reference_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup, weights: 
     return _Reference(ref_weights, True, resid, block, logit)
 
 
+class _Evaluation(NamedTuple):
+    """The end-of-run evaluation's per-token bytes (kubetune_trainer.evaluation), batch 1."""
+
+    test_data: bool  # a no-grad forward over each test sequence, its logits to fp32 (token accuracy)
+    new_tokens: int  # greedy answers of up to this many tokens (0: none)
+    layer: int  # a block's input and output and one block's no-grad tensors, per token
+    kv_cache: int  # the generation's KV cache, per cached token: keys and values of every layer
+
+
+def evaluation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Evaluation | None:
+    """What the evaluation's forwards hold per token. Under FSDP the trainer skips the answers (generate would
+    need every weight gathered on every rank): the test set's forward alone."""
+    new_tokens = 0 if s.sharding == "fsdp" else plan.evaluation_new_tokens
+    if not (plan.evaluation_test_data or new_tokens):
+        return None
+    x = _ctx_for(arch, plan, arch.blocks[0][1], s.full, s.autocast)
+    layer = 0
+    for _, blk in arch.blocks:  # frozen in eval mode (no dropout), adapters on: the tuned model
+        bx = dataclasses.replace(_ctx_for(arch, plan, blk, False, s.autocast), dropout=False)
+        layer = max(layer, _block_bytes(arch, blk, bx))
+    # keys and values come out of the projections (and RoPE) in the compute dtype under autocast
+    kv = 2 * arch.num_layers * arch.kv_dim * (s.compute if s.autocast else s.weight)
+    return _Evaluation(plan.evaluation_test_data, new_tokens, 2 * _ckpt_bytes(arch, x) + layer, kv)
+
+
+def evaluation_moment(arch: Architecture, plan: TrainingPlan, ev: _Evaluation, extra_tokens: int) -> _Moment:
+    """The end-of-run evaluation after the last step: weights and optimizer states alive, no gradients (zero_grad
+    set them to None), batch 1 at up to maxSeqLength tokens; its larger part of the two. Token accuracy: one
+    block's tensors at a time, then the logits (the plain head: all positions). Answers: the prompt's prefill
+    with its KV cache (generate asks for the last position's logits only: logits_to_keep=1), then the cache
+    growing by a token per step to maxSeqLength + maxNewTokens."""
+    t = plan.seq_len + extra_tokens
+    kv_tokens = t + _virtual_tokens(plan, "kv")
+    logits = EVAL_LOGIT_BYTES * arch.vocab_size * t if ev.test_data else 0
+    scoring = max(logits, ev.layer * t) if ev.test_data else 0
+    answering = 0
+    if ev.new_tokens:
+        answering = max(ev.kv_cache * kv_tokens + ev.layer * t, ev.kv_cache * (kv_tokens + ev.new_tokens))
+    if scoring >= answering:
+        return _Moment("evaluation", 0, scoring, 0, logits if logits >= ev.layer * t else 0)
+    return _Moment("evaluation", 0, answering, 0, 0)
+
+
 def _notes(arch: Architecture, plan: TrainingPlan, ref: _Reference) -> tuple[str, ...]:
     notes: list[str] = []
     if arch.approximate:
@@ -989,6 +1040,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         resid=ref.resid,
         ref_block=ref.block,
         ref_logit_bytes=ref.logit_bytes,
+        evaluation=evaluation_bytes(arch, plan, s),
     )
 
 
@@ -1085,6 +1137,8 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
         ref_logits = p.ref_logit_bytes * arch.vocab_size * (chunk if p.fused else tok)
         ref_acts = (2 * p.resid + p.ref_block) * tok + mask + ref_logits
         moments.append(_Moment("reference forward", p.grads_early, ref_acts, 0, ref_logits))
+    if p.evaluation is not None:
+        moments.append(evaluation_moment(arch, plan, p.evaluation, p.extra_tokens))
     return moments
 
 
