@@ -77,6 +77,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the adapters off; the default for adapter methods) | copy (a frozen second model; the default "
         "for full and freeze) | precomputed (log-probs from a pass before training)",
     )
+    f.add_argument(
+        "--test-data",
+        action="store_true",
+        help="the job has test data (dataset.testSplit or testUri): the end-of-run evaluation scores each test "
+        "sequence and answers its prompt",
+    )
+    f.add_argument(
+        "--max-new-tokens",
+        metavar="N",
+        help="the end-of-run evaluation's longest answer (evaluation.maxNewTokens; default 128 with --test-data; "
+        "without it: written prompts only)",
+    )
     f.add_argument("--precision", help="bf16 (bf16 weights and AdamW states, default) | fp32-mixed | fp32")
     f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
     f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
@@ -204,6 +216,7 @@ _FLAG_ONLY = (
     "method",
     "objective",
     "reference",
+    "max_new_tokens",
     "batch_size",
     "seq_len",
     "lora_rank",
@@ -260,8 +273,17 @@ def _flag_plan(args: argparse.Namespace):
         gradient_accumulation_steps=_int(args, "gradient-accumulation-steps", 1, 1, 1 << 20),
         objective=objective,
         reference=reference,
+        **_flag_evaluation(args),
     )
     return plan, auto
+
+
+def _flag_evaluation(args: argparse.Namespace) -> dict:
+    """--test-data and --max-new-tokens as the plan's evaluation fields (plan_from_spec's rule: test data has
+    its prompts answered too)."""
+    answers = args.test_data or args.max_new_tokens is not None
+    new_tokens = _int(args, "max-new-tokens", 128, 1, 8192) if answers else 0
+    return {"evaluation_test_data": args.test_data, "evaluation_new_tokens": new_tokens}
 
 
 def _check_method_flags(args: argparse.Namespace, info: registry.MethodInfo) -> None:
@@ -443,6 +465,10 @@ def _plan_line(plan) -> str:
         parts.append("fused kernels")
     if plan.packing:
         parts.append("packing")
+    if plan.evaluation_test_data or plan.evaluation_new_tokens:
+        what = ["test data"] if plan.evaluation_test_data else []
+        what += [f"answers of {plan.evaluation_new_tokens} tokens"] if plan.evaluation_new_tokens else []
+        parts.append("evaluation: " + ", ".join(what))
     g = plan.num_processes
     parts.append(f"{g} GPU{'s' if g > 1 else ''}" + (f" {plan.sharding}" if g > 1 else ""))
     return " | ".join(parts)
@@ -657,6 +683,7 @@ def _job_reports(args: argparse.Namespace, sizes: list[tuple[str, int]], margin:
             ("--fused-kernels", args.fused_kernels),
             ("--packing", args.packing),
             ("--train-embeddings", args.train_embeddings),
+            ("--test-data", args.test_data),
         )
         if on
     ]

@@ -61,6 +61,8 @@ def plan_from_flags(
     gradient_accumulation_steps: int = 1,
     objective: str = "sft",
     reference: str | None = None,
+    evaluation_test_data: bool = False,
+    evaluation_new_tokens: int = 0,
 ) -> TrainingPlan:
     """The plan of a plain HF Trainer + PEFT run with these settings (see the module docstring)."""
     if method not in METHODS:
@@ -107,6 +109,8 @@ def plan_from_flags(
         objective=objective,
         sequences_per_example=registry.objective(objective).sequences_per_example,
         reference=obj.effective_reference(method),
+        evaluation_test_data=evaluation_test_data,
+        evaluation_new_tokens=evaluation_new_tokens,
         **kw,
     )
 
