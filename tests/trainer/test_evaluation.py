@@ -79,3 +79,40 @@ def test_a_tuned_model_beats_its_base_on_the_held_out_test_set(tmp_path, model_d
     assert set(rows[0]["scores"]) == {"base", "tuned"} and len(rows) == 12 and all(r["tuned"] for r in rows)
     assert json.loads((folder / "summary.json").read_text())["tuned"] == e.tuned
     assert "What color is the lemon ?" in (folder / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_end_of_run_evaluation_saves_and_the_next_pod_evaluates_again(tmp_path, model_dir):
+    """As an eval does: SIGTERM in the tuned model's evaluation stops it (Preempted, the last step
+    committed), and the restarted trainer resumes at the last step, evaluates, and writes the same report
+    figures an uninterrupted run does (the base's come from the checkpoint's run state)."""
+    from proc import TrainerProc
+
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(60, seed=1))
+
+    def cfg(store):
+        c = tiny.trainer_config(tmp_path, model_dir, data, dataset={"testSplit": 0.2},
+                                training={"maxSteps": 8, "learningRate": 3e-3},
+                                checkpoints={"saveSteps": 4}, ckpt_uri=f"file://{store}/ckpt",
+                                output_uri=f"file://{store}/out", progress_uri=f"file://{store}/progress.json")
+        c["spec"]["evaluation"] = {"maxPrompts": 4, "maxNewTokens": 6}
+        c["paths"]["workDir"] = str(store / "work")
+        return c
+
+    reference = TrainerProc(cfg(tmp_path / "ref"), tmp_path / "ref.yaml")
+    assert reference.wait(300) == 0, reference.stderr[-3000:]
+    first = TrainerProc(cfg(tmp_path / "run"), tmp_path / "run.yaml", env={"KUBETUNE_DEBUG_EVAL_SLEEP": "1"})
+    first.wait_for(lambda e: e.get("event") == "eval" and e.get("final"), 300)  # the tuned evaluation starts
+    first.sigterm()
+    assert first.wait(60) == 143, first.stderr[-3000:]
+    term = json.loads(first.termination.read_text())
+    assert term["reason"] == "Preempted" and "checkpoint-00000008 committed" in term["message"], term
+    assert not [e for e in first.events_of("evaluation") if e.get("model") == "tuned"], "it ran to its end"
+
+    second = TrainerProc(cfg(tmp_path / "run"), tmp_path / "run.yaml")
+    assert second.wait(300) == 0, second.stderr[-3000:]
+    assert second.events_of("resumed")[0]["step"] == 8 and not second.events_of("evaluation")[:-1]
+    got = json.loads(second.termination.read_text())["result"]["evaluation"]
+    want = json.loads(reference.termination.read_text())["result"]["evaluation"]
+    assert got["base"] == want["base"] and got["tuned"] == pytest.approx(want["tuned"], abs=1e-4), (got, want)
+    assert (tmp_path / "run" / "out" / "evaluation" / "report.html").is_file()

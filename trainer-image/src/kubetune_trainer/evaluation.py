@@ -112,14 +112,29 @@ def _autocast(accelerator):
     return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
+def _stop_if_asked(stop, accelerator) -> None:
+    """EvalStopped once a SIGTERM arrived on any rank (the ranks agree each item, as eval_pass's do): the
+    recipe saves and the next pod runs this evaluation again."""
+    from kubetune_trainer.loop import EvalStopped, all_sum
+
+    if stop is not None and all_sum(accelerator, [float(stop())])[0]:
+        raise EvalStopped()
+    if _DEBUG_SLEEP[0]:
+        time.sleep(_DEBUG_SLEEP[0])  # tests: an evaluation long enough to be interrupted
+
+
+_DEBUG_SLEEP = [0.0]  # KUBETUNE_DEBUG_EVAL_SLEEP, per test example and prompt (set by EndOfRunEvaluation.run)
+
+
 @torch.no_grad()
-def token_accuracy(model, head, examples: list, accelerator, device) -> dict[str, float]:
+def token_accuracy(model, head, examples: list, accelerator, device, stop=None) -> dict[str, float]:
     """Summed cross-entropy and argmax accuracy over the examples' response tokens, one example at a
     time (logits of one sequence only). Every rank runs the same examples (FSDP's forwards need that)."""
     correct = total = 0
     nll = 0.0
     with evaluating(model), head.unpatched(), _autocast(accelerator):
         for e in examples:
+            _stop_if_asked(stop, accelerator)
             seq = sequence_of(e)
             ids = torch.tensor([seq.input_ids], device=device)
             labels = torch.tensor([seq.labels], device=device)
@@ -139,7 +154,7 @@ def token_accuracy(model, head, examples: list, accelerator, device) -> dict[str
 
 @torch.no_grad()
 def generate(model, head, tokenizer, prompts: list[Prompt], max_new_tokens: int, temperature: float, seed: int,
-             accelerator, device) -> list[str]:
+             accelerator, device, stop=None) -> list[str]:
     """Each prompt's answer: greedy when temperature is 0, else sampled with the run's seed."""
     inner = unwrap(model, accelerator)
     out: list[str] = []
@@ -148,6 +163,7 @@ def generate(model, head, tokenizer, prompts: list[Prompt], max_new_tokens: int,
     gen |= {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with evaluating(model), head.unpatched(), _autocast(accelerator):
         for i, p in enumerate(prompts):
+            _stop_if_asked(stop, accelerator)
             torch.manual_seed(seed + i)  # an answer does not depend on the ones before it
             ids = torch.tensor([p.ids], device=device)
             new = inner.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)[0, ids.shape[1]:]
@@ -156,12 +172,12 @@ def generate(model, head, tokenizer, prompts: list[Prompt], max_new_tokens: int,
 
 
 def evaluate_model(model, head, tokenizer, examples: list, prompts: list[Prompt], settings, seed: int, accelerator,
-                   device) -> tuple[dict[str, float], list[str]]:
+                   device, stop=None) -> tuple[dict[str, float], list[str]]:
     """One model's test metrics and its answers to ``prompts`` (the first ``len(examples)`` of which may
     be the test examples' own prompts, with references)."""
-    metrics = token_accuracy(model, head, examples, accelerator, device)
+    metrics = token_accuracy(model, head, examples, accelerator, device, stop)
     answers = generate(model, head, tokenizer, prompts, settings.max_new_tokens, settings.temperature, seed,
-                       accelerator, device)
+                       accelerator, device, stop)
     scored = [answer_scores(a, p.reference) for a, p in zip(answers, prompts)]
     metrics.update(mean_scores([s for s in scored if s]))
     return metrics, answers
@@ -225,16 +241,18 @@ class EndOfRunEvaluation:
         log(f"evaluation: {len(test)} test examples, {len(prompts)} prompts answered by the base and the tuned model")
         return cls(settings, test, prompts, spec.training.seed, log)
 
-    def run(self, model, head, tokenizer, accelerator, device) -> dict:
-        """One model's {"metrics", "answers"} (the run state keeps the base's)."""
+    def run(self, model, head, tokenizer, accelerator, device, stop=None, sleep: float = 0.0) -> dict:
+        """One model's {"metrics", "answers"} (the run state keeps the base's). EvalStopped when ``stop()``
+        turns true (a SIGTERM)."""
         t0 = time.perf_counter()
+        _DEBUG_SLEEP[0] = sleep
         if _is_fsdp(accelerator):
             # a sharded model's generate would need every weight gathered on every rank: metrics only
-            metrics = token_accuracy(model, head, self.test, accelerator, device)
+            metrics = token_accuracy(model, head, self.test, accelerator, device, stop)
             answers = [""] * len(self.prompts)
         else:
             metrics, answers = evaluate_model(model, head, tokenizer, self.test, self.prompts, self.settings,
-                                              self.seed, accelerator, device)
+                                              self.seed, accelerator, device, stop)
         self.log(f"evaluation: {metrics} in {time.perf_counter() - t0:.1f}s")
         return {"metrics": metrics, "answers": answers}
 

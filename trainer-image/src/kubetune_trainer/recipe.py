@@ -430,7 +430,8 @@ class FineTuneRecipe:
                     log_event("eval", step=0, baseEvalLoss=s.base_eval_loss, **_prefixed("base", metrics))
                 if self.evaluation is not None:  # the test set's baseline, before any step
                     s.base_evaluation = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator,
-                                                            self.device)
+                                                            self.device, stop=lambda: self.preempt.requested,
+                                                            sleep=self.knobs.debug_eval_sleep)
                     log_event("evaluation", model="base", **s.base_evaluation["metrics"])
                 self.reporter.update(state="training")
             pending, s.pending_eval = s.pending_eval, None
@@ -525,7 +526,11 @@ class FineTuneRecipe:
         log_event("eval", step=step, evalLoss=tuned, final=True)
         tuned_ev = None
         if self.evaluation is not None and s.base_evaluation is not None:
-            tuned_ev = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator, self.device)
+            try:
+                tuned_ev = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator, self.device,
+                                               stop=lambda: self.preempt.requested, sleep=self.knobs.debug_eval_sleep)
+            except EvalStopped:  # the last step is saved: the next pod runs the evaluation again, then the outputs
+                return self.preempted(step)
             log_event("evaluation", model="tuned", **tuned_ev["metrics"])
         self.reporter.update(state="uploading")
         self.head.restore()
