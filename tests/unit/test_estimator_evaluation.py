@@ -70,10 +70,11 @@ def test_the_test_sequences_logits_can_set_the_peak(llama):
     logits = M.EVAL_LOGIT_BYTES * V * 2048
     assert ev.phase == "evaluation" and train.phase != "evaluation"
     assert ev.breakdown["logits"] == logits == 12 * V * 2048
-    assert ev.breakdown["gradients"] == 0 and ev.breakdown["activations"] == 0
+    # no gradients; autocast's cached bf16 casts of the fp32 LoRA weights live through the whole evaluation
+    assert ev.breakdown["gradients"] == 0 and ev.breakdown["activations"] == 2 * ev.trainable_params
     # the same static memory, overhead and communication: the rise is the logits less the step's transients
     step = sum(train.breakdown[k] for k in ("gradients", "activations", "logits"))
-    assert ev.total_bytes - train.total_bytes == logits - step > 0
+    assert ev.total_bytes - train.total_bytes == logits + 2 * ev.trainable_params - step > 0
     for k in ("weights", "optimizer", "adapters", "overhead", "communication"):
         assert ev.breakdown[k] == train.breakdown[k], k
 
@@ -94,10 +95,22 @@ def test_the_answers_kv_cache_is_every_layers_keys_and_values_at_prompt_plus_ans
     assert ev is not None and ev.kv_cache == 2 * L * KV_HEADS * HEAD_DIM * 2
     e = estimate(llama, p)
     assert e.phase == "evaluation"
-    assert e.breakdown["activations"] == 2 * L * KV_HEADS * HEAD_DIM * (t + n) * 2 and e.breakdown["logits"] == 0
+    kv = 2 * L * KV_HEADS * HEAD_DIM * (t + n) * 2
+    assert e.breakdown["activations"] == kv + 2 * e.trainable_params and e.breakdown["logits"] == 0
     # a short answer: the prefill (the prompt's cache and one block's tensors) is the larger part
     short = M.evaluation_moment(llama, p, ev._replace(new_tokens=1), 0)
     assert short.activations == ev.kv_cache * t + ev.layer * t
+
+
+def test_autocast_caches_a_copy_of_the_fp32_trainable_weights_for_the_whole_evaluation(llama):
+    """A mixed-precision full fine-tune (fp32 weights, bf16 compute): autocast's cache of the trained linears'
+    bf16 casts is alive while the evaluation runs; bf16 weights need no cast."""
+    mixed = plan_from_flags(method="full", micro_batch_size=1, seq_len=2048, gradient_checkpointing=True,
+                            fused_cross_entropy=True, precision="fp32-mixed", evaluation_test_data=True)
+    ev = M._prepare(llama, mixed, True).evaluation
+    assert ev is not None and ev.copies == 2 * (llama.linear_params + llama.lm_head_params)
+    bf16 = M._prepare(llama, mixed.with_(weight_dtype="bf16", trainable_dtype="bf16"), True).evaluation
+    assert bf16 is not None and bf16.copies == 0
 
 
 def test_fsdp_skips_the_answers(llama):

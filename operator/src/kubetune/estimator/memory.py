@@ -945,6 +945,7 @@ class _Evaluation(NamedTuple):
     new_tokens: int  # greedy answers of up to this many tokens (0: none)
     layer: int  # a block's input and output and one block's no-grad tensors, per token
     kv_cache: int  # the generation's KV cache, per cached token: keys and values of every layer
+    copies: int  # autocast's cached casts of the trainable weights, alive for the whole evaluation
 
 
 def evaluation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Evaluation | None:
@@ -960,7 +961,25 @@ def evaluation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Eval
         layer = max(layer, _block_bytes(arch, blk, bx))
     # keys and values come out of the projections (and RoPE) in the compute dtype under autocast
     kv = 2 * arch.num_layers * arch.kv_dim * (s.compute if s.autocast else s.weight)
-    return _Evaluation(plan.evaluation_test_data, new_tokens, 2 * _ckpt_bytes(arch, x) + layer, kv)
+    return _Evaluation(
+        plan.evaluation_test_data, new_tokens, 2 * _ckpt_bytes(arch, x) + layer, kv, _cached_casts(arch, s)
+    )
+
+
+def _cached_casts(arch: Architecture, s: _Setup) -> int:
+    """Autocast caches its cast of every fp32 leaf that requires grad until its region ends, grad mode or not, and
+    one region spans the whole evaluation: a compute-dtype copy of each trainable linear weight (LoRA's, or the
+    trained blocks' and head's), not per forward as in a training step (a CPU trace of the trainer's evaluation
+    with fp32 LoRA weights has them alive at its peak)."""
+    if not s.autocast or s.trainable == s.compute:
+        return 0
+    if s.info.adapter:
+        return s.adapter_params * s.compute // s.shard if s.lora else 0  # prompt/prefix: embeddings, never cast
+    trained = (
+        arch.linear_params if s.full else int(arch.linear_params * s.trained_block_params / max(1, arch.block_params))
+    )
+    head = (arch.lm_head_params or arch.embed_params) if s.head_trained else 0
+    return (trained + head) * s.compute // s.shard
 
 
 def evaluation_moment(arch: Architecture, plan: TrainingPlan, ev: _Evaluation, extra_tokens: int) -> _Moment:
@@ -977,8 +996,8 @@ def evaluation_moment(arch: Architecture, plan: TrainingPlan, ev: _Evaluation, e
     if ev.new_tokens:
         answering = max(ev.kv_cache * kv_tokens + ev.layer * t, ev.kv_cache * (kv_tokens + ev.new_tokens))
     if scoring >= answering:
-        return _Moment("evaluation", 0, scoring, 0, logits if logits >= ev.layer * t else 0)
-    return _Moment("evaluation", 0, answering, 0, 0)
+        return _Moment("evaluation", 0, scoring, ev.copies, logits if logits >= ev.layer * t else 0)
+    return _Moment("evaluation", 0, answering, ev.copies, 0)
 
 
 def _notes(arch: Architecture, plan: TrainingPlan, ref: _Reference) -> tuple[str, ...]:
