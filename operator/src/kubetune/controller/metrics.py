@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from kubetune.api import constants
 from kubetune.api.v1alpha1 import FineTuneJobStatus
+from kubetune.controller.conditions import find
 
 PHASES = constants.PHASES
 
@@ -195,7 +196,7 @@ class JobTable:
         if len(ran_oom) > len(ran_oom_before):
             OOM.inc(len(ran_oom) - len(ran_oom_before))
         if new.phase == constants.UNSCHEDULABLE and prev_phase != constants.UNSCHEDULABLE:
-            sched = next((c for c in new.conditions if c.type == "Scheduled"), None)
+            sched = find(new.conditions, constants.SCHEDULED)
             PLACEMENT_FAILURES.labels(sched.reason if sched else "Unknown").inc()
         if new_failures and new.phase != constants.FAILED:
             RESTARTED.inc(new_failures)

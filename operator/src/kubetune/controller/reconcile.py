@@ -46,7 +46,7 @@ from kubetune.api.v1alpha1 import (
     TrainerTermination,
 )
 from kubetune.controller import manifests
-from kubetune.controller.conditions import ConditionStatus, clip, set_condition
+from kubetune.controller.conditions import ConditionStatus, clip, find, is_true, set_condition
 from kubetune.controller.fleet import FleetNode
 from kubetune.controller.placement import GiB, Placement, place
 from kubetune.errors import UsageError
@@ -278,7 +278,7 @@ def _validate(b: _Builder, obs: Observed) -> bool:
 
 def _valid(b: _Builder) -> None:
     # The first time, the Placed (or Unschedulable) Event of this reconcile says it already.
-    first = not any(c.type == "Validated" for c in b.obs.status.conditions)
+    first = find(b.obs.status.conditions, VALIDATED) is None
     b.cond(
         VALIDATED,
         True,
@@ -372,7 +372,7 @@ def _new_run(
     where = d.placement.gpu_product or "CPU"
     b.cond(SCHEDULED, True, "Placed", f"run {run}: {d.placement.message}; Job {rid.job_name} created")
     for t in (RUNNING, SUCCEEDED, FAILED, CHECKPOINT_SYNCED):
-        if any(c.type == t for c in st.conditions):
+        if find(st.conditions, t) is not None:
             b.cond(t, False, "NewRun", f"run {run} started on {where}")
     if spec.run_policy.suspend:
         _suspended(b, run)  # the Job is created suspended: say so now, not after the Job controller
@@ -418,7 +418,7 @@ def _observe_run(b: _Builder, obs: Observed, run: RunRecord, defaults: manifests
     if suspended:
         _held(b, obs, spec, run)
         return b.done(job_patch=patch)
-    if any(c.type == SUSPENDED and c.status == "True" for c in b.status.conditions):
+    if is_true(b.status.conditions, SUSPENDED):
         b.cond(SUSPENDED, False, "Resumed", f"run {run.run} resumed; the trainer continues from the newest checkpoint")
     _pod_progress(b, obs, run, term)
     if obs.generation != run.generation and obs.status.observed_generation != obs.generation:
