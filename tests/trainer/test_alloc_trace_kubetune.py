@@ -40,9 +40,9 @@ def test_fake_trace_of_kubetunes_step_is_the_real_cpu_trace(method, fused, objec
 # Each objective's step is the objective's own loss (the reference's no-grad forward first, then chosen and
 # rejected in one forward): measured within -0.04 % (full) and +0.9 % (LoRA) for the preference objectives.
 @pytest.mark.parametrize("method,objective", [
-    ("lora", None), ("full", None), ("lora", DPO), ("full", DPO_COPY), ("lora", {"type": "dpo", "reference": "precomputed"}),
-    ("full", {"type": "dpo", "reference": "precomputed"}), ("lora", {"type": "orpo"}), ("full", {"type": "simpo"}),
-    ("lora", {"type": "kto"})])
+    ("lora", None), ("full", None), ("lora", DPO), ("full", DPO_COPY),
+    ("lora", {"type": "dpo", "reference": "precomputed"}), ("full", {"type": "dpo", "reference": "precomputed"}),
+    ("lora", {"type": "orpo"}), ("full", {"type": "simpo"}), ("lora", {"type": "kto"})])
 def test_estimate_for_kubetunes_plan_is_its_recorded_peak(method, objective):
     t = K.record(SMALL, method, 2, 256, True, fused=False, objective=objective)
     peak, at = T.live_peak(t["events"])
