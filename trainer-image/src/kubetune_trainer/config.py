@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from kubetune.api import registry
 from kubetune.api.base import format_errors
 from kubetune.api.v1alpha1 import TrainerConfig
 from kubetune.plan import TrainingPlan, plan_from_spec
@@ -35,7 +36,7 @@ def _check_trainer_rules(config: TrainerConfig, source: str) -> None:
     check it (the API gains the same rule)."""
     spec = config.spec
     objective = getattr(spec, "objective", None)
-    if getattr(objective, "reference", None) == "copy" and spec.method.type == "qlora":
+    if getattr(objective, "reference", None) == "copy" and registry.method(spec.method.type).quantized:
         # deepcopy of the quantized model: a second 4-bit base whose log-probs the adapters-off base gives for free
         raise BadConfig(f"{source}: spec.objective.reference copy cannot be used with spec.method.type qlora: the "
                         "copy would be a second 4-bit base model, while the base with the adapters disabled is the "

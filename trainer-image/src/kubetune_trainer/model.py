@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kubetune.api import registry
 from kubetune.api.constants import IGNORE_INDEX
 from kubetune_trainer import knobs
 from kubetune_trainer.errors import BadConfig, ModelLoadFailed
@@ -232,7 +233,7 @@ def loading_place(method: str, fsdp: bool, rank: int, rank0_only: bool = True) -
     longer honours). QLoRA quantizes while loading onto a GPU, so each rank still loads its own.
     rank0_only=False (KUBETUNE_FSDP_RANK0_LOAD=0) is the escape hatch for a model whose code cannot be
     built on meta: every rank reads the weights into host memory, still never whole onto a GPU."""
-    if not fsdp or method == "qlora":
+    if not fsdp or registry.method(method).quantized:  # bitsandbytes quantizes while loading onto the GPU
         return "device"
     return "cpu" if rank == 0 or not rank0_only else "meta"
 
@@ -250,7 +251,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     attention = attention_for(model_dir, trust)
     kw: dict = dict(dtype=weight_dtype, attn_implementation=attention, trust_remote_code=trust)
 
-    if plan.method == "qlora":
+    if registry.method(plan.method).quantized:
         if not bitsandbytes_on(on_cuda):
             raise BadConfig("method.type qlora needs a CUDA GPU (bitsandbytes 4/8-bit kernels); this trainer runs on CPU. "
                             "Use method.type lora, or give the job resources.gpusPerNode >= 1")
@@ -310,7 +311,7 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     model.kubetune_fused_kernels = apply_fused_kernels(model) if plan.fused_kernels and liger_on(on_cuda) else []
     if model.kubetune_fused_kernels:
         log(f"Liger kernels: {', '.join(model.kubetune_fused_kernels)}")
-    if plan.method == "qlora" and not on_cuda:
+    if registry.method(plan.method).quantized and not on_cuda:
         # bitsandbytes repacks a CPU Linear4bit for inference the first time it runs in eval mode (our
         # evaluations), and its matmul on the repacked weight has no backward: later training steps
         # would stop propagating gradients through the base weights.
@@ -321,18 +322,19 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
     for p in model.parameters():
         p.requires_grad_(False)
 
+    info = registry.method(plan.method)
     if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if plan.method in ("lora", "qlora", "prompt-tuning", "prefix-tuning"):
+        if info.adapter:
             # inputs of the first checkpointed block must require grad when the embeddings are frozen
             model.enable_input_require_grads()
 
-    if plan.method == "full":
+    if info.trains_all:
         for p in model.parameters():
             p.requires_grad_(True)
         return model, model
 
-    if plan.method == "freeze":
+    if info.settings == "freeze":
         layers = decoder_layers(model)
         k = plan.trainable_layers or 0
         if k > len(layers):
@@ -349,37 +351,48 @@ def build_model(plan, spec, model_dir: Path, device: torch.device, log: Callable
 
     from peft import get_peft_model
 
-    if plan.method in ("lora", "qlora"):
-        from peft import LoraConfig
-
-        targets = list(plan.lora_targets)
-        target_modules = "all-linear" if targets == ["all-linear"] else targets
-        # QLoRA: peft's prepare_model_for_kbit_training would upcast every non-quantized weight to fp32;
-        # the plan (and the estimator) keep them in the compute dtype, so only what it needs is done:
-        # everything frozen (above) and input grads for checkpointing (above).
-        cfg = LoraConfig(r=plan.lora_rank, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
-                         target_modules=target_modules, task_type="CAUSAL_LM", bias="none")
-    elif plan.method == "prompt-tuning":
-        from peft import PromptTuningConfig, PromptTuningInit
-
-        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens,
-                                 prompt_tuning_init=PromptTuningInit.RANDOM)
-    elif plan.method == "prefix-tuning":
-        from peft import PrefixTuningConfig
-
-        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens)
-    else:
-        raise BadConfig(f"unknown method {plan.method!r}")
+    if info.peft_type not in PEFT_CONFIGS:
+        raise BadConfig(f"method {plan.method!r} names no peft adapter the trainer builds (peft_type {info.peft_type})")
+    cfg = PEFT_CONFIGS[info.peft_type](plan)
     try:
         peft_model = get_peft_model(model, cfg, autocast_adapter_dtype=(plan.adapter_dtype == "fp32"))
     except ValueError as e:
         raise BadConfig(f"cannot apply {plan.method}: {_short(e)}") from None
-    if plan.method in ("prompt-tuning", "prefix-tuning"):
+    if info.virtual_tokens_in:
         # peft creates the prompt encoder in the default dtype; the plan says adapters are fp32
         for p in peft_model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(DTYPES[plan.adapter_dtype] if plan_dtypes_on(on_cuda) else torch.float32)
     return peft_model, model
+
+
+def _lora_config(plan):
+    from peft import LoraConfig
+
+    targets = list(plan.lora_targets)
+    # QLoRA: peft's prepare_model_for_kbit_training would upcast every non-quantized weight to fp32; the
+    # plan (and the estimator) keep them in the compute dtype, so only what it needs is done: everything
+    # frozen and input grads for checkpointing (build's).
+    return LoraConfig(r=plan.lora_rank, lora_alpha=plan.lora_alpha, lora_dropout=plan.lora_dropout,
+                      target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
+                      bias="none")
+
+
+def _prompt_tuning_config(plan):
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens,
+                              prompt_tuning_init=PromptTuningInit.RANDOM)
+
+
+def _prefix_tuning_config(plan):
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=plan.virtual_tokens)
+
+
+# The peft config of each adapter method, by the registry's peft_type (kubetune.api.registry.MethodInfo)
+PEFT_CONFIGS = {"LORA": _lora_config, "PROMPT_TUNING": _prompt_tuning_config, "PREFIX_TUNING": _prefix_tuning_config}
 
 
 def materialized_bytes(model) -> int:
