@@ -122,3 +122,18 @@ def test_the_operator_splits_s3_uris_as_the_trainer_does():
     for uri in ("s3://ckpt/run-1/progress.json", "s3://ckpt/a#b/c?d/", "s3://ckpt"):
         assert trainer_storage.split_s3(uri) == split_s3_uri(uri)
     assert trainer_storage._join("a/", "b") == "a/b"  # the trainer's own names stay
+
+
+def test_s3_clients_are_cached_per_operator_state_by_endpoint_and_credentials():
+    """One client per (endpoint, region, credentials, CA) in an OperatorState's cache, the newest kept;
+    without a cache each call makes its own (kubetune report's one-off reads)."""
+    from kubetune.controller.sources import S3Clients
+
+    clients = S3Clients(size=2)
+    a = clients.get("http://127.0.0.1:9000", None, "k", "s", True, None)
+    assert clients.get("http://127.0.0.1:9000", None, "k", "s", True, None) is a
+    b = clients.get("http://127.0.0.1:9000", None, "k2", "s2", True, None)  # other credentials: another client
+    assert b is not a
+    clients.get("http://127.0.0.1:9001", None, "k", "s", True, None)  # a third: the oldest (a) goes
+    assert clients.get("http://127.0.0.1:9000", None, "k", "s", True, None) is not a
+    assert S3Clients() is not S3Clients()  # no module-level cache: each OperatorState has its own

@@ -73,7 +73,9 @@ def _architecture(
 
     def read(_uri: str) -> str:
         try:
-            return sources.read_config_json(spec, creds, hf_token, config.pod.hf_endpoint, ca_pem, config.egress)
+            return sources.read_config_json(
+                spec, creds, hf_token, config.pod.hf_endpoint, ca_pem, config.egress, state.s3_clients
+            )
         except (sources.CredentialsRefused, EndpointRefused) as e:
             refused.append(e)
             raise
@@ -289,7 +291,7 @@ def _observe_run(
         (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods
     ):
         obs.progress = sources.read_progress(
-            spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem, state.config.egress
+            spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem, state.config.egress, state.s3_clients
         )
 
 
@@ -697,7 +699,9 @@ def _delete_checkpoints(state: OperatorState, spec: FineTuneJobSpec, key: JobKey
     creds = state.kube.read_secret(ns, ref.name) if ref else None
     prefix = manifests.job_prefix(spec, ns, name)
     try:
-        removed = sources.delete_prefix(spec, creds, prefix, _ca_bundle(state, spec, key)[0], state.config.egress)
+        removed = sources.delete_prefix(
+            spec, creds, prefix, _ca_bundle(state, spec, key)[0], state.config.egress, state.s3_clients
+        )
         logger.info(f"{ns}/{name}: checkpoints.deletionPolicy=Delete removed {removed} S3 object(s)")
     except Exception as e:  # noqa: BLE001 - a bad endpoint must not keep the object from being deleted
         message = Redactor(secret_values(creds))(f"{type(e).__name__}: {e}")

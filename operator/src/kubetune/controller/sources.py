@@ -5,9 +5,12 @@ the controller and the estimator, which both use it); its names stay importable 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import threading
-from functools import lru_cache
+from collections import OrderedDict
+from pathlib import Path
 
 from kubetune.api.storage import join_key, s3_uri, split_s3_uri
 from kubetune.api.v1alpha1 import FineTuneJobSpec, TrainerProgress
@@ -15,7 +18,6 @@ from kubetune.controller.egress import EgressPolicy
 from kubetune.errors import UNTRUSTED_S3, certificate_untrusted
 from kubetune.hub import HUB, MAX_BODY_BYTES, hub_endpoint, read_capped, read_hub_config  # noqa: F401
 
-_lock = threading.Lock()
 # S3 error codes that mean the credentials, not the object, are wrong
 _CREDENTIAL_CODES = (
     "InvalidAccessKeyId",
@@ -58,53 +60,67 @@ def s3_error(e: BaseException, action: str, where: str) -> ValueError:
     return ValueError(f"cannot {action} {where}: {type(e).__name__}: {e}")
 
 
-@lru_cache(maxsize=64)
 def _ca_file(pem: str) -> str:
-    """spec.storage.caBundle as a file, which is what boto3 verifies against; one per bundle."""
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
+    """spec.storage.caBundle as a file, which is what boto3 verifies against; named by its hash, so one per
+    bundle whoever writes it."""
     path = Path(tempfile.gettempdir()) / f"kubetune-ca-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.pem"
     path.write_text(pem)
     return str(path)
 
 
-@lru_cache(maxsize=64)
-def _client(
-    endpoint: str | None,
-    region: str | None,
-    key: str | None,
-    secret: str | None,
-    path_style: bool,
-    ca_pem: str | None = None,
+def _new_client(
+    endpoint: str | None, region: str | None, key: str | None, secret: str | None, path_style: bool, ca_pem: str | None
 ):
     import boto3
     from botocore.config import Config
 
-    with _lock:  # boto3's default session is not thread-safe to create clients from
-        session = boto3.session.Session()
-        return session.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=region or "us-east-1",
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-            verify=_ca_file(ca_pem) if ca_pem else None,
-            config=Config(
-                s3={"addressing_style": "path" if path_style else "auto"},
-                retries={"max_attempts": 2, "mode": "standard"},
-                connect_timeout=3,
-                read_timeout=5,
-            ),
-        )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region or "us-east-1",
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        verify=_ca_file(ca_pem) if ca_pem else None,
+        config=Config(
+            s3={"addressing_style": "path" if path_style else "auto"},
+            retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=3,
+            read_timeout=5,
+        ),
+    )
+
+
+class S3Clients:
+    """boto3 clients by endpoint, region, credentials and CA bundle, the newest ``size`` kept: one per
+    OperatorState (a reconcile reads progress every few seconds; a client per read would redo TLS). A
+    lock, since boto3's sessions are not thread-safe to create clients from."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._clients: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, *key):
+        with self._lock:
+            if key in self._clients:
+                self._clients.move_to_end(key)
+                return self._clients[key]
+            client = self._clients[key] = _new_client(*key)
+            if len(self._clients) > self.size:
+                self._clients.popitem(last=False)
+            return client
 
 
 def s3_client(
-    spec: FineTuneJobSpec, creds: dict[str, str] | None, ca_pem: str | None = None, egress: EgressPolicy | None = None
+    spec: FineTuneJobSpec,
+    creds: dict[str, str] | None,
+    ca_pem: str | None = None,
+    egress: EgressPolicy | None = None,
+    clients: S3Clients | None = None,
 ):
     """``creds``: the credentials Secret's data; ``ca_pem``: the caBundle ConfigMap's key;
-    ``egress``: the operator's rule for which endpoints it may call (EndpointRefused otherwise)."""
+    ``egress``: the operator's rule for which endpoints it may call (EndpointRefused otherwise);
+    ``clients``: the operator's client cache (a one-off client without it)."""
     st = spec.storage
     if egress is not None and st.endpoint:
         egress.check(st.endpoint, "spec.storage.endpoint")
@@ -112,7 +128,8 @@ def s3_client(
     if creds is not None and st.credentials_secret is not None:
         key = creds.get(st.credentials_secret.access_key_id_key)
         secret = creds.get(st.credentials_secret.secret_access_key_key)
-    return _client(st.endpoint, st.region, key, secret, st.force_path_style, ca_pem)
+    args = (st.endpoint, st.region, key, secret, st.force_path_style, ca_pem)
+    return clients.get(*args) if clients is not None else _new_client(*args)
 
 
 def read_progress(
@@ -121,6 +138,7 @@ def read_progress(
     uri: str,
     ca_pem: str | None = None,
     egress: EgressPolicy | None = None,
+    clients: S3Clients | None = None,
 ) -> TrainerProgress | None:
     """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
     progress is informative, it must never fail a reconcile)."""
@@ -129,7 +147,7 @@ def read_progress(
     bucket, key = split_s3_uri(uri)
     try:
         body = read_capped(
-            s3_client(spec, creds, ca_pem, egress).get_object(Bucket=bucket, Key=key)["Body"],
+            s3_client(spec, creds, ca_pem, egress, clients).get_object(Bucket=bucket, Key=key)["Body"],
             "the trainer's progress object",
         )
         return TrainerProgress.model_validate(json.loads(body))
@@ -144,6 +162,7 @@ def read_config_json(
     hub: str | None = None,
     ca_pem: str | None = None,
     egress: EgressPolicy | None = None,
+    clients: S3Clients | None = None,
 ) -> str:
     """config.json text for a model that is not in the catalog, from S3 or the Hub (``hub``: the
     operator's --hf-endpoint mirror, else huggingface.co). Raises ValueError with a message naming
@@ -155,7 +174,7 @@ def read_config_json(
         bucket, prefix = split_s3_uri(uri)
         key = join_key(prefix, "config.json")
         where = s3_uri(bucket, key)
-        s3 = s3_client(spec, creds, ca_pem, egress)
+        s3 = s3_client(spec, creds, ca_pem, egress, clients)
         try:
             body = s3.get_object(Bucket=bucket, Key=key)["Body"]
         except (ClientError, BotoCoreError) as e:
@@ -175,10 +194,11 @@ def delete_prefix(
     uri: str,
     ca_pem: str | None = None,
     egress: EgressPolicy | None = None,
+    clients: S3Clients | None = None,
 ) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
     bucket, prefix = split_s3_uri(uri)
-    s3 = s3_client(spec, creds, ca_pem, egress)
+    s3 = s3_client(spec, creds, ca_pem, egress, clients)
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]

@@ -21,6 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from kubetune.controller import guard, manifests
 from kubetune.controller.egress import EgressPolicy
 from kubetune.controller.metrics import JobTable
+from kubetune.controller.sources import S3Clients
 
 JobKey = tuple[str, str]  # (namespace, name) of a FineTuneJob
 K = TypeVar("K", bound=Hashable)
@@ -212,6 +213,7 @@ class OperatorState:
         # claims and ServiceAccounts seen to exist, by (kind, namespace, name)
         self.present: Expiring[tuple[str, str, str], bool] = Expiring(ttl=60)
         self.table = JobTable()  # the per-job gauges /metrics shows
+        self.s3_clients = S3Clients()  # the jobs' S3 endpoints' clients, by endpoint and credentials
         self.watchdog = guard.Watchdog()
         self.retrier = guard.Retrier(lambda ns, name: drive(self, ns, name) if drive else None)
         self._lock = threading.Lock()  # guards the four maps below
