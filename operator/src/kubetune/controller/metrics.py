@@ -66,6 +66,43 @@ class JobRow:
     evaluation: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
+# The per-job gauge families (key, name, help, labels after namespace and name), in /metrics' order.
+JOB_GAUGES = (
+    # Which phase each job is in: alerts such as "stalled while Running" need it, since the per-job
+    # gauges below keep their last values after a job ends or is suspended.
+    ("phase", "kubetune_finetunejob_phase", "1 for the phase each FineTuneJob is in.", ("phase",)),
+    ("step", "kubetune_training_step", "Optimizer steps done.", ()),
+    ("total", "kubetune_training_total_steps", "Optimizer steps planned.", ()),
+    ("loss", "kubetune_training_loss", "Recent training loss.", ()),
+    ("eval", "kubetune_training_eval_loss", "Latest validation loss.", ()),
+    ("tps", "kubetune_training_tokens_per_second", "Training throughput.", ()),
+    ("ckpt", "kubetune_training_seconds_since_checkpoint", "Seconds since the newest committed checkpoint.", ()),
+    ("est", "kubetune_gpu_memory_estimate_bytes", "Per-GPU memory estimate.", ()),
+    ("peak", "kubetune_gpu_memory_peak_bytes", "Peak per-GPU device memory the trainer reported.", ()),
+    ("objective", "kubetune_training_objective_metric",
+     "The training objective's newest per-step metrics (DPO's rewardAccuracy, rewardMargin, ...).", ("metric",)),
+    ("evaluation", "kubetune_evaluation_metric",
+     "The end-of-run evaluation on the test set, per model (base, tuned) and metric (loss, exactMatch, ...).",
+     ("model", "metric")),
+)  # fmt: skip
+_CHECKPOINTING_PHASES = (constants.RUNNING, constants.STARTING, constants.SUSPENDED)
+
+
+def _add_row(g: dict[str, GaugeMetricFamily], lab: list[str], r: JobRow, now: datetime) -> None:
+    """One job's samples."""
+    values = (("step", r.step), ("total", r.total_steps), ("loss", r.loss), ("eval", r.eval_loss),
+              ("tps", r.tokens_per_second), ("est", r.estimate_bytes), ("peak", r.peak_bytes))  # fmt: skip
+    for key, value in values:
+        if value is not None:
+            g[key].add_metric(lab, float(value))
+    for metric, value in sorted(r.objective_metrics.items()):
+        g["objective"].add_metric([*lab, metric], float(value))
+    for (model, metric), value in sorted(r.evaluation.items()):
+        g["evaluation"].add_metric([*lab, model, metric], float(value))
+    if r.checkpoint_time is not None and r.phase in _CHECKPOINTING_PHASES:
+        g["ckpt"].add_metric(lab, max(0.0, (now - r.checkpoint_time).total_seconds()))
+
+
 class JobTable:
     """The per-job gauges, one row per FineTuneJob, rendered when Prometheus scrapes: a deleted job's
     series go with its row. One per operator (its OperatorState); the counters above are process-wide."""
@@ -78,84 +115,21 @@ class JobTable:
         now = datetime.now(timezone.utc)
         by_phase = {p: 0 for p in PHASES}
         g = {
-            "step": GaugeMetricFamily("kubetune_training_step", "Optimizer steps done.", labels=["namespace", "name"]),
-            "total": GaugeMetricFamily(
-                "kubetune_training_total_steps", "Optimizer steps planned.", labels=["namespace", "name"]
-            ),
-            "loss": GaugeMetricFamily("kubetune_training_loss", "Recent training loss.", labels=["namespace", "name"]),
-            "eval": GaugeMetricFamily(
-                "kubetune_training_eval_loss", "Latest validation loss.", labels=["namespace", "name"]
-            ),
-            "tps": GaugeMetricFamily(
-                "kubetune_training_tokens_per_second", "Training throughput.", labels=["namespace", "name"]
-            ),
-            "ckpt": GaugeMetricFamily(
-                "kubetune_training_seconds_since_checkpoint",
-                "Seconds since the newest committed checkpoint.",
-                labels=["namespace", "name"],
-            ),
-            "est": GaugeMetricFamily(
-                "kubetune_gpu_memory_estimate_bytes", "Per-GPU memory estimate.", labels=["namespace", "name"]
-            ),
-            "peak": GaugeMetricFamily(
-                "kubetune_gpu_memory_peak_bytes",
-                "Peak per-GPU device memory the trainer reported.",
-                labels=["namespace", "name"],
-            ),
+            key: GaugeMetricFamily(name, doc, labels=["namespace", "name", *extra])
+            for key, name, doc, extra in JOB_GAUGES
         }
-        objective = GaugeMetricFamily(
-            "kubetune_training_objective_metric",
-            "The training objective's newest per-step metrics (DPO's rewardAccuracy, rewardMargin, ...).",
-            labels=["namespace", "name", "metric"],
-        )
-        evaluation = GaugeMetricFamily(
-            "kubetune_evaluation_metric",
-            "The end-of-run evaluation on the test set, per model (base, tuned) and metric (loss, exactMatch, ...).",
-            labels=["namespace", "name", "model", "metric"],
-        )
-        # Which phase each job is in: alerts such as "stalled while Running" need it, since the
-        # per-job gauges above keep their last values after a job ends or is suspended.
-        job_phase = GaugeMetricFamily(
-            "kubetune_finetunejob_phase",
-            "1 for the phase each FineTuneJob is in.",
-            labels=["namespace", "name", "phase"],
-        )
         with self.lock:
             rows = list(self.rows.items())
         for (ns, name), r in rows:
             if r.phase in by_phase:
                 by_phase[r.phase] += 1
-                job_phase.add_metric([ns, name, r.phase], 1)
-            lab = [ns, name]
-            for key, value in (
-                ("step", r.step),
-                ("total", r.total_steps),
-                ("loss", r.loss),
-                ("eval", r.eval_loss),
-                ("tps", r.tokens_per_second),
-                ("est", r.estimate_bytes),
-                ("peak", r.peak_bytes),
-            ):
-                if value is not None:
-                    g[key].add_metric(lab, float(value))
-            for metric, value in sorted(r.objective_metrics.items()):
-                objective.add_metric([ns, name, metric], float(value))
-            for (model, metric), value in sorted(r.evaluation.items()):
-                evaluation.add_metric([ns, name, model, metric], float(value))
-            if r.checkpoint_time is not None and r.phase in (
-                constants.RUNNING,
-                constants.STARTING,
-                constants.SUSPENDED,
-            ):
-                g["ckpt"].add_metric(lab, max(0.0, (now - r.checkpoint_time).total_seconds()))
+                g["phase"].add_metric([ns, name, r.phase], 1)
+            _add_row(g, [ns, name], r, now)
         phase = GaugeMetricFamily("kubetune_finetunejobs", "FineTuneJobs by phase.", labels=["phase"])
         for p, n in by_phase.items():
             phase.add_metric([p], n)
         yield phase
-        yield job_phase
         yield from g.values()
-        yield objective
-        yield evaluation
 
     def update(
         self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus, job: dict | None
