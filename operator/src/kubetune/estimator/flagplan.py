@@ -70,24 +70,14 @@ def plan_from_flags(
     info = registry.method(method)
     obj = _objective(method, objective, reference, packing)
     weight, trainable, compute = _dtypes(precision)
-    kw: dict = {}
     if info.adapter:
         trainable = "fp32"  # peft creates adapters and virtual tokens in fp32
-    if info.settings == "lora":
-        kw.update(
-            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=tuple(lora_targets)
-        )
     if info.quantized:
-        kw.update(
-            quant_bits=quant_bits,
-            quant_type="nf4" if quant_bits == 4 else None,
-            double_quant=double_quant and quant_bits == 4,
-        )
         weight = "fp32"  # prepare_model_for_kbit_training upcasts the non-quantized parameters
-    if info.settings == "virtualTokens":
-        kw.update(virtual_tokens=virtual_tokens)
-    if info.settings == "freeze":
-        kw.update(trainable_layers=trainable_layers, train_embeddings=train_embeddings)
+    settings = dict(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+                    quant_bits=quant_bits, double_quant=double_quant, trainable_layers=trainable_layers,
+                    train_embeddings=train_embeddings, virtual_tokens=virtual_tokens)  # fmt: skip
+    kw = _method_fields(info, **settings)
     nproc = max(1, gpus)
     return TrainingPlan(
         method=method,
@@ -113,6 +103,24 @@ def plan_from_flags(
         evaluation_new_tokens=evaluation_new_tokens,
         **kw,
     )
+
+
+def _method_fields(info: registry.MethodInfo, **f) -> dict:
+    """The plan fields of the method's own settings (lora, quantization, freeze, virtual tokens)."""
+    kw: dict = {}
+    if info.settings == "lora":
+        kw.update(lora_rank=f["lora_rank"], lora_alpha=f["lora_alpha"], lora_dropout=f["lora_dropout"],
+                  lora_targets=tuple(f["lora_targets"]))  # fmt: skip
+    if info.quantized:
+        bits = f["quant_bits"]
+        kw.update(
+            quant_bits=bits, quant_type="nf4" if bits == 4 else None, double_quant=f["double_quant"] and bits == 4
+        )
+    if info.settings == "virtualTokens":
+        kw.update(virtual_tokens=f["virtual_tokens"])
+    if info.settings == "freeze":
+        kw.update(trainable_layers=f["trainable_layers"], train_embeddings=f["train_embeddings"])
+    return kw
 
 
 def _dtypes(precision: str) -> tuple[str, str, str]:
