@@ -113,7 +113,7 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     histograms are read from their definitions (a labelled counter has no samples until its first
     increment); the per-job table from a row with every field set."""
     out: dict[str, tuple[str, set[str]]] = {}
-    for obj in vars(metrics).values():
+    for obj in vars(metrics.Counters()).values():
         if hasattr(obj, "_labelnames") and hasattr(obj, "_type") and hasattr(obj, "_name"):
             labels = set(obj._labelnames)
             if obj._type == "counter":

@@ -38,7 +38,6 @@ def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries
     """The Job ignores disruptions (podFailurePolicy), so status.failed never shows them: the operator
     counts entries into Running=False/Preempted."""
     from kubetune.api.v1alpha1 import FineTuneJobStatus
-    from kubetune.controller.metrics import REGISTRY
 
     def status(reason):
         running = reason == "TrainerRunning"
@@ -47,13 +46,15 @@ def test_each_preemption_is_counted_once_and_ignored_disruptions_are_not_retries
                                                                  "reason": reason, "message": "m",
                                                                  "lastTransitionTime": "2026-11-23T12:00:00Z"}]})
 
-    def counts():
-        return (REGISTRY.get_sample_value("kubetune_runs_preempted_total") or 0.0,
-                REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0)
-
     t = JobTable()
+
+    def counts():
+        return (t.counters.registry.get_sample_value("kubetune_runs_preempted_total") or 0.0,
+                t.counters.registry.get_sample_value("kubetune_runs_restarted_total") or 0.0)
+
     job = {"status": {"active": 1}}  # no status.failed: the disruption was ignored
     p0, r0 = counts()
+    assert (p0, r0) == (0, 0)  # this operator's own counters
     t.update("a", "x", None, status("TrainerRunning"), job)
     t.update("a", "x", status("TrainerRunning"), status("Preempted"), job)
     t.update("a", "x", status("Preempted"), status("Preempted"), job)  # re-reconciled while it waits
@@ -67,15 +68,17 @@ def test_a_restarted_operator_does_not_recount_earlier_pod_failures():
     """A fresh operator process (a restart, a failover) first sees jobs whose Jobs already counted
     failures: only failures after that count, or every restart would show phantom retries."""
     from kubetune.api.v1alpha1 import FineTuneJobStatus
-    from kubetune.controller.metrics import REGISTRY
 
     running = FineTuneJobStatus.model_validate({"phase": "Running", "run": 1})
     t = JobTable()
-    r0 = REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0
+
+    def restarted():
+        return t.counters.registry.get_sample_value("kubetune_runs_restarted_total") or 0.0
+
     t.update("a", "old", running, running, {"status": {"failed": 2, "active": 1}})
-    assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0
+    assert restarted() == 0
     t.update("a", "old", running, running, {"status": {"failed": 3, "active": 1}})
-    assert (REGISTRY.get_sample_value("kubetune_runs_restarted_total") or 0.0) == r0 + 1
+    assert restarted() == 1
 
 
 def test_an_objectives_step_metrics_are_gauges_labelled_by_metric():

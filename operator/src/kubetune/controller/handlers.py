@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from kubetune.api.base import format_errors
 from kubetune.api.constants import FAILED, PENDING, RUNNING, STARTING, TERMINAL_PHASES, UNSCHEDULABLE, VALIDATED
 from kubetune.api.v1alpha1 import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus, check_object
-from kubetune.controller import guard, manifests, metrics, sources
+from kubetune.controller import guard, manifests, sources
 from kubetune.controller.egress import EndpointRefused
 from kubetune.controller.fleet import expected_pods, read_fleet
 from kubetune.controller.kube import NOT_TEXT, ApiException, Kube
@@ -325,7 +325,7 @@ def drive(state: OperatorState, ns: str, name: str, logger: Logger = log) -> Non
     """Reconcile one job. Total: whatever goes wrong ends in a status, an Event and a log line naming
     the job, never in an exception for kopf to log and drop; transient failures are retried."""
     key = (ns, name)
-    with state.lock_for(key), metrics.RECONCILE.time():
+    with state.lock_for(key), state.table.counters.reconcile.time():
         body = state.bodies.get(ns, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -339,7 +339,7 @@ def drive(state: OperatorState, ns: str, name: str, logger: Logger = log) -> Non
                 _write(state, body, obs, out, job, redactor, logger)
             state.retrier.succeeded(key)
         except guard.ReconcileTimeout:
-            metrics.ERRORS.inc()
+            state.table.counters.errors.inc()
             _fail(
                 state,
                 body,
@@ -353,7 +353,7 @@ def drive(state: OperatorState, ns: str, name: str, logger: Logger = log) -> Non
                 phase=FAILED,
             )
         except Exception as e:  # noqa: BLE001 - the point: no exception leaves a job without status
-            metrics.ERRORS.inc()
+            state.table.counters.errors.inc()
             _failed_reconcile(state, body, e, redactor, logger)
 
 

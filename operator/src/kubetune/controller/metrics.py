@@ -20,32 +20,40 @@ from kubetune.controller.conditions import find
 
 PHASES = constants.PHASES
 
-REGISTRY = CollectorRegistry()
-CREATED = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per run).", registry=REGISTRY)
-SUCCEEDED = Counter("kubetune_runs_succeeded_total", "Runs that succeeded.", registry=REGISTRY)
-FAILED = Counter("kubetune_runs_failed_total", "Runs that failed.", ["reason"], registry=REGISTRY)
-RESTARTED = Counter(
-    "kubetune_runs_restarted_total",
-    "Trainer pods that failed and were retried within a run (counted against backoffLimit).",
-    registry=REGISTRY,
-)
-# Disruptions the Job ignores (podFailurePolicy) never reach status.failed: counted from the condition.
-PREEMPTED = Counter(
-    "kubetune_runs_preempted_total",
-    "Trainer pods stopped by preemption, eviction or drain; each saved its step and was replaced.",
-    registry=REGISTRY,
-)
-OOM = Counter("kubetune_runs_oom_total", "Runs that ran out of memory.", registry=REGISTRY)
-PLACEMENT_FAILURES = Counter(
-    "kubetune_placement_failures_total", "Placements that found no GPU that fits.", ["reason"], registry=REGISTRY
-)
-RECONCILE = Histogram(
-    "kubetune_reconcile_duration_seconds",
-    "Time to reconcile one FineTuneJob.",
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    registry=REGISTRY,
-)
-ERRORS = Counter("kubetune_reconcile_errors_total", "Reconciles that raised (and will be retried).", registry=REGISTRY)
+
+class Counters:
+    """The operator's counters and reconcile-time histogram, in a registry of their own: one per
+    OperatorState (its JobTable), so two operators in one process (tests) count apart."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.created = Counter("kubetune_runs_created_total", "Trainer Jobs created (one per run).", registry=r)
+        self.succeeded = Counter("kubetune_runs_succeeded_total", "Runs that succeeded.", registry=r)
+        self.failed = Counter("kubetune_runs_failed_total", "Runs that failed.", ["reason"], registry=r)
+        self.restarted = Counter(
+            "kubetune_runs_restarted_total",
+            "Trainer pods that failed and were retried within a run (counted against backoffLimit).",
+            registry=r,
+        )
+        # Disruptions the Job ignores (podFailurePolicy) never reach status.failed: counted from the condition.
+        self.preempted = Counter(
+            "kubetune_runs_preempted_total",
+            "Trainer pods stopped by preemption, eviction or drain; each saved its step and was replaced.",
+            registry=r,
+        )
+        self.oom = Counter("kubetune_runs_oom_total", "Runs that ran out of memory.", registry=r)
+        self.placement_failures = Counter(
+            "kubetune_placement_failures_total", "Placements that found no GPU that fits.", ["reason"], registry=r
+        )
+        self.reconcile = Histogram(
+            "kubetune_reconcile_duration_seconds",
+            "Time to reconcile one FineTuneJob.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.errors = Counter(
+            "kubetune_reconcile_errors_total", "Reconciles that raised (and will be retried).", registry=r
+        )
 
 
 @dataclass
@@ -105,11 +113,12 @@ def _add_row(g: dict[str, GaugeMetricFamily], lab: list[str], r: JobRow, now: da
 
 class JobTable:
     """The per-job gauges, one row per FineTuneJob, rendered when Prometheus scrapes: a deleted job's
-    series go with its row. One per operator (its OperatorState); the counters above are process-wide."""
+    series go with its row. One per operator (its OperatorState), with its Counters."""
 
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], JobRow] = {}
         self.lock = threading.Lock()
+        self.counters = Counters()
 
     def collect(self):
         now = datetime.now(timezone.utc)
@@ -134,7 +143,7 @@ class JobTable:
     def update(
         self, ns: str, name: str, old: FineTuneJobStatus | None, new: FineTuneJobStatus, job: dict | None
     ) -> None:
-        key = (ns, name)
+        key, c = (ns, name), self.counters
         with self.lock:
             first_sight = key not in self.rows
             row = self.rows.setdefault(key, JobRow())
@@ -158,24 +167,24 @@ class JobTable:
             new_failures = 0 if first_sight else max(0, failures - row.pod_failures)
             row.pod_failures = failures
         if (old.run if old else None) != new.run and new.run:
-            CREATED.inc()
+            c.created.inc()
         if new.phase != prev_phase:
             if new.phase == constants.SUCCEEDED:
-                SUCCEEDED.inc()
+                c.succeeded.inc()
             elif new.phase == constants.FAILED:
                 reason = new.history[-1].reason if new.history else "InvalidSpec"
-                FAILED.labels(reason or "Unknown").inc()
+                c.failed.labels(reason or "Unknown").inc()
         ran_oom = [r for r in new.history if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
         ran_oom_before = [r for r in (old.history if old else []) if r.reason in ("OutOfMemory", "OutOfMemoryRetry")]
         if len(ran_oom) > len(ran_oom_before):
-            OOM.inc(len(ran_oom) - len(ran_oom_before))
+            c.oom.inc(len(ran_oom) - len(ran_oom_before))
         if new.phase == constants.UNSCHEDULABLE and prev_phase != constants.UNSCHEDULABLE:
             sched = find(new.conditions, constants.SCHEDULED)
-            PLACEMENT_FAILURES.labels(sched.reason if sched else "Unknown").inc()
+            c.placement_failures.labels(sched.reason if sched else "Unknown").inc()
         if new_failures and new.phase != constants.FAILED:
-            RESTARTED.inc(new_failures)
+            c.restarted.inc(new_failures)
         if _preempted(new) and not (old and _preempted(old)):
-            PREEMPTED.inc()
+            c.preempted.inc()
 
     def forget(self, ns: str, name: str) -> None:
         with self.lock:
@@ -190,8 +199,8 @@ _Table = JobTable  # the name the chart's metric-name test reads
 
 
 def serve(table: JobTable, port: int, addr: str = "0.0.0.0") -> None:
-    """/metrics: the process-wide counters and ``table``'s per-job gauges."""
+    """/metrics: ``table``'s counters and per-job gauges."""
     exported = CollectorRegistry()
-    exported.register(REGISTRY)
+    exported.register(table.counters.registry)
     exported.register(table)
     start_http_server(port, addr=addr, registry=exported)
