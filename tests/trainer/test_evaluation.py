@@ -60,7 +60,9 @@ def test_a_tuned_model_beats_its_base_on_the_held_out_test_set(tmp_path, model_d
                               method={"type": "lora", "lora": {"rank": 16, "alpha": 32}},
                               training={"maxSteps": 250, "learningRate": 3e-3, "evalSteps": 125, "loggingSteps": 50})
     lemon = {"prompt": "What color is the lemon ?", "reference": "The lemon is yellow ."}
-    cfg["spec"]["evaluation"] = {"prompts": [lemon], "maxPrompts": 12, "maxNewTokens": 12}
+    prompts = tiny.write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "What color is the plum ?"}])
+    cfg["spec"]["evaluation"] = {"prompts": [lemon], "promptsUri": f"file://{prompts}", "maxPrompts": 12,
+                                 "maxNewTokens": 12}
     out = train(parse_config(cfg))
     e = out.result.evaluation
     print(f"\nexact match {e.base['exactMatch']:.2f} -> {e.tuned['exactMatch']:.2f}, ROUGE-L {e.base['rougeL']:.2f} -> "
@@ -77,6 +79,8 @@ def test_a_tuned_model_beats_its_base_on_the_held_out_test_set(tmp_path, model_d
     print("\n".join(f"  {r['reference']!r}: base {r['base']!r}, tuned {r['tuned']!r}" for r in rows[:4]))
     assert rows[0]["prompt"] == "What color is the lemon ?" and rows[0]["reference"] == "The lemon is yellow ."
     assert set(rows[0]["scores"]) == {"base", "tuned"} and len(rows) == 12 and all(r["tuned"] for r in rows)
+    assert rows[1]["prompt"] == "What color is the plum ?" and rows[1]["reference"] is None and "scores" not in rows[1]
+    assert rows[2]["prompt"].startswith("Below is an instruction")  # a test example's, as its template rendered it
     assert json.loads((folder / "summary.json").read_text())["tuned"] == e.tuned
     assert "What color is the lemon ?" in (folder / "report.html").read_text()
 

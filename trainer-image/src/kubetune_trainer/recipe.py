@@ -536,8 +536,9 @@ class FineTuneRecipe:
         self.head.restore()
         out_loc = st.open_location(self.paths.output_uri, self.spec.storage)
         if tuned_ev is not None and self.main:
+            job = self.config.job
             evaluation, result.report_uri = self.evaluation.write(s.base_evaluation, tuned_ev, out_loc,
-                                                                  self.config.job.name)
+                                                                  f"{job.namespace}/{job.name}")
             result.evaluation = EvaluationResult.model_validate(evaluation)
         write_outputs(self.plan, self.spec, self.model, self.accelerator, self.tokenizer, self.model_dir, self.work,
                       out_loc, result, self.log)
