@@ -796,7 +796,8 @@ def test_storage_knobs_come_from_knobs_and_are_passed_in(monkeypatch):
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
 def test_a_copied_reference_with_qlora_is_refused_at_config_load(tmp_path, objective):
     """A frozen copy of a QLoRA model is a second 4-bit base; the base with the adapters disabled gives
-    the same log-probs for nothing. The trainer refuses it when it reads the config (exit 2, one line)."""
+    the same log-probs for nothing. The trainer refuses it when it reads the config (exit 2, one line): the
+    API's rule words it (the trainer's own check is behind it, for a config rendered by an older operator)."""
     from kubetune_trainer.cli import main
 
     cfg = tiny.trainer_config(tmp_path, tmp_path, tmp_path / "d.jsonl", method={"type": "qlora", "lora": {"rank": 8}})
@@ -804,9 +805,9 @@ def test_a_copied_reference_with_qlora_is_refused_at_config_load(tmp_path, objec
     cfg["spec"]["objective"] = {"type": objective, "reference": "copy"}
     path = tmp_path / "trainer.yaml"
     path.write_text(json.dumps(cfg))
-    want = (f"{path}: spec.objective.reference copy cannot be used with spec.method.type qlora: the copy would be a "
-            "second 4-bit base model, while the base with the adapters disabled is the same reference at no memory "
-            "cost; use reference implicit (qlora's default) or precomputed")
+    want = (f"{path}: spec: objective.reference copy cannot be used with method.type qlora: the copy would be a "
+            "second quantized base model, while the base with the adapters disabled is the same reference at no "
+            "memory cost; use implicit (the default) or precomputed")
     with pytest.raises(BadConfig) as e:
         load_config(path)
     assert e.value.message == want

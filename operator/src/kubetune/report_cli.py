@@ -74,10 +74,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _connect(kubeconfig: str | None, namespace: str | None):
     """(Kube, namespace): the operator's client on the kubeconfig (in-cluster config inside a pod)."""
+    import os
+
     from kubernetes import config
 
     from kubetune.controller.kube import Kube
 
+    # $KUBECONFIG now, not when the kubernetes package was imported (its default is read at import)
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
     try:
         kube = Kube.connect(kubeconfig, pool_size=4)
     except (config.ConfigException, OSError) as e:
