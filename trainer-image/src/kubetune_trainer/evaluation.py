@@ -119,11 +119,6 @@ def _stop_if_asked(stop, accelerator) -> None:
 
     if stop is not None and all_sum(accelerator, [float(stop())])[0]:
         raise EvalStopped()
-    if _DEBUG_SLEEP[0]:
-        time.sleep(_DEBUG_SLEEP[0])  # tests: an evaluation long enough to be interrupted
-
-
-_DEBUG_SLEEP = [0.0]  # KUBETUNE_DEBUG_EVAL_SLEEP, per test example and prompt (set by EndOfRunEvaluation.run)
 
 
 @torch.no_grad()
@@ -241,11 +236,10 @@ class EndOfRunEvaluation:
         log(f"evaluation: {len(test)} test examples, {len(prompts)} prompts answered by the base and the tuned model")
         return cls(settings, test, prompts, spec.training.seed, log)
 
-    def run(self, model, head, tokenizer, accelerator, device, stop=None, sleep: float = 0.0) -> dict:
+    def run(self, model, head, tokenizer, accelerator, device, stop=None) -> dict:
         """One model's {"metrics", "answers"} (the run state keeps the base's). EvalStopped when ``stop()``
-        turns true (a SIGTERM)."""
+        (asked before each test example and prompt) turns true: a SIGTERM."""
         t0 = time.perf_counter()
-        _DEBUG_SLEEP[0] = sleep
         if _is_fsdp(accelerator):
             # a sharded model's generate would need every weight gathered on every rank: metrics only
             metrics = token_accuracy(model, head, self.test, accelerator, device, stop)

@@ -430,8 +430,7 @@ class FineTuneRecipe:
                     log_event("eval", step=0, baseEvalLoss=s.base_eval_loss, **_prefixed("base", metrics))
                 if self.evaluation is not None:  # the test set's baseline, before any step
                     s.base_evaluation = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator,
-                                                            self.device, stop=lambda: self.preempt.requested,
-                                                            sleep=self.knobs.debug_eval_sleep)
+                                                            self.device, stop=self._evaluation_stop)
                     log_event("evaluation", model="base", **s.base_evaluation["metrics"])
                 self.reporter.update(state="training")
             pending, s.pending_eval = s.pending_eval, None
@@ -442,6 +441,13 @@ class FineTuneRecipe:
                 return self.preempted(0, saved=False)
             return self.eval_stopped(s.step)
         return None
+
+    def _evaluation_stop(self) -> bool:
+        """The end-of-run evaluation's question before each item: has a SIGTERM come? (KUBETUNE_DEBUG_EVAL_SLEEP
+        slows each item, so tests can interrupt it.)"""
+        if self.knobs.debug_eval_sleep:
+            time.sleep(self.knobs.debug_eval_sleep)
+        return self.preempt.requested
 
     def evaluate(self, step: int) -> float:
         """The eval every training.evalSteps, with best tracking and early stopping."""
@@ -528,7 +534,7 @@ class FineTuneRecipe:
         if self.evaluation is not None and s.base_evaluation is not None:
             try:
                 tuned_ev = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator, self.device,
-                                               stop=lambda: self.preempt.requested, sleep=self.knobs.debug_eval_sleep)
+                                               stop=self._evaluation_stop)
             except EvalStopped:  # the last step is saved: the next pod runs the evaluation again, then the outputs
                 return self.preempted(step)
             log_event("evaluation", model="tuned", **tuned_ev["metrics"])
