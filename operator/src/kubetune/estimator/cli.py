@@ -40,6 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "gated models)",
     )
     f = p.add_argument_group("flag form (plain HF Trainer + PEFT)")
+    _step_arguments(f)
+    _method_arguments(f)
+    _objective_arguments(f)
+    _run_arguments(f)
+    _output_arguments(p.add_argument_group("output"))
+
+
+def _step_arguments(f) -> None:
+    """The training step's shape and its memory levers."""
     f.add_argument("--method", help=" | ".join(registry.METHOD_NAMES) + " (default lora)")
     f.add_argument("--batch-size", metavar="B", help="micro batch per GPU, or auto (default 1)")
     f.add_argument("--seq-len", metavar="S", help="sequence length in tokens (default 2048)")
@@ -57,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="packed sequences (position_ids): SDPA gets a block-diagonal mask and repeats k/v per head",
     )
+
+
+def _method_arguments(f) -> None:
     f.add_argument("--lora-rank", metavar="R", help="LoRA rank (default 16)")
     f.add_argument("--lora-alpha", metavar="A", help="LoRA alpha (default 32; does not change memory)")
     f.add_argument("--lora-dropout", metavar="D", help="LoRA dropout in [0, 1) (default 0)")
@@ -65,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--trainable-layers", metavar="K", help="freeze: top K blocks train (default 2)")
     f.add_argument("--train-embeddings", action="store_true", help="freeze: also train embeddings and the output head")
     f.add_argument("--virtual-tokens", metavar="N", help="prompt/prefix tuning: virtual tokens (default 20)")
+
+
+def _objective_arguments(f) -> None:
+    """The training objective and the end-of-run evaluation."""
     f.add_argument(
         "--objective",
         help=" | ".join(registry.OBJECTIVE_NAMES) + " (default sft). "
@@ -89,6 +105,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the end-of-run evaluation's longest answer (evaluation.maxNewTokens; default 128 with --test-data; "
         "without it: written prompts only)",
     )
+
+
+def _run_arguments(f) -> None:
+    """Precision, optimizer and processes."""
     f.add_argument("--precision", help="bf16 (bf16 weights and AdamW states, default) | fp32-mixed | fp32")
     f.add_argument("--optimizer", help="adamw (default) | adamw-8bit | paged-adamw-8bit")
     f.add_argument("--gradient-accumulation-steps", metavar="N", help="micro batches per optimizer step (default 1)")
@@ -96,7 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument(
         "--sharding", help="with --gpus > 1: ddp | fsdp | zero2 | zero3 (default fsdp for full/freeze, else ddp)"
     )
-    o = p.add_argument_group("output")
+
+
+def _output_arguments(o) -> None:
     o.add_argument(
         "--gpu-memory",
         metavar="SIZE",
