@@ -49,3 +49,27 @@ def test_versions_meet_the_floor():
     for v in paths.KUBERNETES_VERSIONS:
         assert tuple(int(x) for x in v.lstrip("v").split(".")[:2]) >= (1, 35)
     assert paths.ETCD_VERSION.startswith("v3.6.")
+
+
+def test_real_node_components_are_keyed_by_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    comps = {c.name: c for c in build.real_node_components("v1.37.2")}
+    assert comps["kubelet"].dir == tmp_path / "bin" / "kubelet-v1.37.2"
+    assert comps["containerd"].dir == tmp_path / "bin" / f"containerd-{paths.CONTAINERD_VERSION}"
+    assert set(comps["containerd"].binaries) == {"containerd", "ctr", "containerd-shim-runc-v2"}
+    assert "pause.oci.tar" in comps["pause"].binaries
+    assert set(comps) <= set(build.RECIPES)
+
+
+def test_containerd_version_is_stamped():
+    assert "-X github.com/containerd/containerd/v2/version.Version=v2.4.2" in build.containerd_ldflags("v2.4.2")
+
+
+def test_missing_packages_are_named(tmp_path):
+    present = tmp_path / "here"
+    present.write_text("")
+    assert build.missing_packages({"a": str(present), "b": str(tmp_path / "absent")}) == ["b"]
+
+
+def test_pause_source_exits_on_term_and_int():
+    assert "SIGTERM" in build.PAUSE_C and "SIGINT" in build.PAUSE_C and "pause()" in build.PAUSE_C

@@ -214,8 +214,95 @@ def _build_s3s_fs(c: Component, out: Path, work: Path, log_file: Path, log: Log)
     shutil.rmtree(work / "target", ignore_errors=True)  # hundreds of MB of intermediates
 
 
+def containerd_ldflags(version: str) -> str:
+    """Stamp the version (containerd's Makefile does the same), so `containerd --version` and the CRI's
+    runtime version name it instead of a placeholder."""
+    return f"-s -w -X github.com/containerd/containerd/v2/version.Version={version}"
+
+
+def _build_containerd(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
+    # A wrapper module, as for etcd: `go install ...@version` of containerd's commands refuses its replace
+    # lines. no_btrfs: the btrfs snapshotter needs cgo headers, and the real nodes use overlayfs.
+    _new_module(work, "kubetune.local/containerdwrap", log_file)
+    _run(["go", "mod", "edit", f"-require=github.com/containerd/containerd/v2@{c.version}"], work, log_file)
+    for binary in c.binaries:
+        t0 = time.monotonic()
+        _run(
+            [
+                "go",
+                "build",
+                "-p",
+                "2",
+                "-trimpath",
+                "-tags",
+                "no_btrfs",
+                "-ldflags",
+                containerd_ldflags(c.version),
+                "-o",
+                str(out / binary),
+                f"github.com/containerd/containerd/v2/cmd/{binary}",
+            ],
+            work,
+            log_file,
+        )
+        log(f"  {binary}: {time.monotonic() - t0:.0f}s")
+
+
+# The sandbox ("pause") container's only process: sleep until told to stop. registry.k8s.io is out of
+# reach, so it is compiled here; static, so the image needs nothing but this one file.
+PAUSE_C = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void stop(int sig) { (void)sig; _exit(0); }
+int main(void) {
+    struct sigaction sa = {0};
+    sa.sa_handler = stop;
+    if (sigaction(SIGTERM, &sa, NULL) < 0 || sigaction(SIGINT, &sa, NULL) < 0) return 1;
+    for (;;) pause();
+}
+"""
+
+
+def _build_pause(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
+    from kubetune.devenv import oci  # only here: the rest of the build needs no image code
+
+    shutil.rmtree(work, ignore_errors=True)
+    rootfs = work / "rootfs"
+    rootfs.mkdir(parents=True)
+    (work / "pause.c").write_text(PAUSE_C)
+    _run(
+        ["gcc", "-static", "-O2", "-o", str(rootfs / "pause"), str(work / "pause.c")], work, log_file, dict(os.environ)
+    )
+    shutil.copy2(rootfs / "pause", out / "pause")
+    layer = work / "layer.tar"
+    _run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "--mtime=@0",
+            "-C",
+            str(rootfs),
+            "-cf",
+            str(layer),
+            "pause",
+        ],
+        work,
+        log_file,
+        dict(os.environ),
+    )
+    cfg = oci.image_config([oci._sha256_file(layer)], entrypoint=["/pause"])
+    oci.single_layer_archive(layer, paths.PAUSE_IMAGE, out / "pause.oci.tar", cfg)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 RECIPES = {
     "kubernetes": _build_kubernetes,
+    "kubelet": _build_kubernetes,
+    "containerd": _build_containerd,
+    "pause": _build_pause,
     "etcd": _build_etcd,
     "kwok": _build_kwok,
     "helm": _build_helm,
@@ -306,6 +393,48 @@ def ensure_all(log: Log = _stderr) -> dict[str, Component]:
             if c.name != "kubernetes":
                 build_one(c, log)
             out[c.name] = kube if c.name == "kubernetes" else c
+        return out
+
+
+def real_node_components(kube_version: str) -> list[Component]:
+    """What a real node runs, beside the control plane: the kubelet of the same version, containerd,
+    and the pause image."""
+    return [
+        Component("kubelet", kube_version, ("kubelet",)),
+        Component("containerd", paths.CONTAINERD_VERSION, paths.CONTAINERD_BINARIES),
+        Component("pause", paths.PAUSE_VERSION, ("pause", "pause.oci.tar")),
+    ]
+
+
+def missing_packages(packages: dict[str, str] = paths.REAL_NODE_PACKAGES) -> list[str]:
+    """The Debian packages whose marker file is absent."""
+    return sorted(pkg for pkg, marker in packages.items() if not Path(marker).exists())
+
+
+def ensure_packages(log: Log = _stderr) -> None:
+    """Install what a real node needs from Debian when root (as `kubetune dev prometheus` does), else say
+    what is missing."""
+    missing = missing_packages()
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BuildError(f"real nodes need these Debian packages: apt-get install {' '.join(missing)}")
+    log(f"installing Debian packages for real nodes: {' '.join(missing)}")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BuildError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+
+
+def ensure_real_node(kube_version: str, log: Log = _stderr) -> dict[str, Component]:
+    """The real-node components for this Kubernetes version, built if missing; keyed by name."""
+    ensure_packages(log)
+    with _build_lock():
+        out = {}
+        for c in real_node_components(kube_version):
+            build_one(c, log)
+            out[c.name] = c
         return out
 
 

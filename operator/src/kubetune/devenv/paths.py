@@ -16,6 +16,25 @@ S3S_FS_VERSION = "0.14.1"
 
 KUBE_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 
+# Real nodes (devenv/node.py): containerd from its Go module, the kubelet of the ground's Kubernetes
+# version (its own cache entry, so adding it did not invalidate the cached control plane), and a pause
+# image built here (no registry.k8s.io).
+CONTAINERD_VERSION = "v2.4.2"
+CONTAINERD_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")
+PAUSE_VERSION = "3.10"
+PAUSE_IMAGE = f"localhost/pause:{PAUSE_VERSION}"
+# What a real node needs from Debian: the runtime, the CNI plugins, iptables (the kubelet's and CNI's
+# rules), nftables (`nft` deletes the tables iptables-nft created, on `down`), gcc to compile the pause
+# binary statically (libc6-dev brings the static libc).
+REAL_NODE_PACKAGES = {
+    "runc": "/usr/sbin/runc",
+    "containernetworking-plugins": "/usr/lib/cni/bridge",
+    "iptables": "/usr/sbin/iptables",
+    "nftables": "/usr/sbin/nft",
+    "gcc": "/usr/bin/gcc",
+    "libc6-dev": "/usr/lib/x86_64-linux-gnu/libc.a",
+}
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("KUBETUNE_CACHE") or Path.home() / ".cache" / "kubetune")
