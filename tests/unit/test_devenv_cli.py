@@ -30,3 +30,17 @@ def test_status_of_a_ground_that_is_down(tmp_path, capsys):
 def test_env_of_a_ground_that_is_down_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["dev", "env", "--dir", str(tmp_path)]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "99"])
+def test_bad_real_node_count_is_a_one_line_error(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["dev", "up", "--real-nodes", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--real-nodes" in err[0]
+
+
+def test_real_nodes_only_for_up(tmp_path, capsys):
+    assert cli.main(["dev", "status", "--dir", str(tmp_path), "--real-nodes", "1"]) == 2
+    assert "--real-nodes is for `up`" in capsys.readouterr().err

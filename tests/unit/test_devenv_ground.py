@@ -5,7 +5,7 @@ import yaml
 
 from kubetune.devenv import ground as g
 
-STATE = {
+STATE = {  # a ground with one real node (see test_devenv_node for the plan itself)
     "ports": {"etcd": 1, "etcd-peer": 2, "apiserver": 3, "controller-manager": 4, "scheduler": 5, "kwok": 6,
               "s3": 7},
     "bin": {"kubernetes": "/k", "etcd": "/e", "kwok": "/w", "s3s-fs": "/s"},
@@ -23,7 +23,7 @@ def flag(args, name):
 
 def test_apiserver_runs_rbac_with_the_token_file_on_loopback():
     a = argv("kube-apiserver")
-    assert flag(a, "--authorization-mode") == "RBAC"
+    assert flag(a, "--authorization-mode") == "Node,RBAC"
     assert flag(a, "--token-auth-file") == "/dev-dir/pki/tokens.csv"
     assert flag(a, "--bind-address") == "127.0.0.1"
     assert flag(a, "--etcd-servers") == "http://127.0.0.1:1"
@@ -61,3 +61,58 @@ def test_stage_file_has_exclusive_complete_and_fail_stages():
         return next(e["operator"] for e in stages[stage]["spec"]["selector"]["matchExpressions"]
                     if "kwok.kubetune.io/exit-code" in e["key"])
     assert (annotation_op("pod-complete"), annotation_op("pod-fail")) == ("DoesNotExist", "Exists")
+
+
+REAL = {
+    **STATE,
+    "bin": {**STATE["bin"], "kubelet": "/kl", "containerd": "/c"},
+    "real_nodes": {
+        "net": {"bridge": "ktabc", "subnet": "10.89.0.0/24", "gateway": "10.89.0.1"},
+        "chain": "KUBETUNE-ABC",
+        "pod_endpoints": {"s3": "http://10.89.0.1:7"},
+        "nodes": [{"name": "real-0", "dir": "/dev-dir/nodes/real-0", "gpu": True, "kubelet_port": 8, "healthz_port": 9,
+                   "metrics_port": 10, "cgroup_root": "/kubetune-abc-real-0", "range_start": "10.89.0.16",
+                   "range_end": "10.89.0.254", "containerd_bin": "/c"}],
+    },
+}
+
+
+def test_apiserver_can_call_kubelets_for_logs_and_exec():
+    a = argv("kube-apiserver")
+    assert flag(a, "--kubelet-preferred-address-types") == "InternalIP,Hostname"
+    assert flag(a, "--kubelet-client-certificate") == "/dev-dir/pki/apiserver-kubelet-client.crt"
+    assert flag(a, "--kubelet-certificate-authority") == flag(a, "--client-ca-file") == "/dev-dir/pki/ca.crt"
+
+
+def test_real_node_processes_rank_after_s3_and_before_prometheus():
+    names = ["prometheus", "kubelet/real-0", "s3", "containerd/real-0", "etcd"]
+    assert sorted(names, key=g.rank) == ["etcd", "s3", "containerd/real-0", "kubelet/real-0", "prometheus"]
+
+
+def test_real_node_commands_and_endpoints():
+    lay = g.layout(Path("/dev-dir"))
+    assert g._argv("containerd/real-0", lay, REAL) == ["/c/containerd", "--config",
+                                                        "/dev-dir/nodes/real-0/containerd/config.toml"]
+    kubelet = g._argv("kubelet/real-0", lay, REAL)
+    assert kubelet[0] == "/kl/kubelet" and flag(kubelet, "--hostname-override") == "real-0"
+    eps = g._endpoints(REAL)
+    assert eps["containerd/real-0"] == "http://127.0.0.1:10/v1/metrics"
+    assert eps["kubelet/real-0"] == "http://127.0.0.1:9/healthz"
+
+
+def test_env_names_the_pod_endpoint_of_s3(tmp_path):
+    lay = g.layout(tmp_path)
+    g.save_state(lay, {**REAL, "procs": {"s3": {}}})
+    env = g.env_values(lay)
+    assert env["KUBETUNE_S3_ENDPOINT"] == "http://127.0.0.1:7"  # host users keep loopback
+    assert env["KUBETUNE_S3_POD_ENDPOINT"] == "http://10.89.0.1:7"
+    assert env["KUBETUNE_REAL_NODES"] == "real-0"
+    g.save_state(lay, {**STATE, "procs": {"s3": {}}})
+    assert "KUBETUNE_S3_POD_ENDPOINT" not in g.env_values(lay)
+
+
+def test_negative_real_node_count_is_refused(tmp_path):
+    import pytest
+
+    with pytest.raises(g.GroundError, match="0 or more"):
+        g.up(g.layout(tmp_path), real_nodes=-1)

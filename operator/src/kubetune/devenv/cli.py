@@ -1,7 +1,10 @@
 """`kubetune dev`: the local test ground (control plane built from Go modules, fake GPU fleet, S3, Prometheus).
 
-  kubetune dev build                 build and cache the binaries only (etcd, kubernetes, kwok, helm, s3s-fs)
-  kubetune dev up [--prometheus]     start everything (builds first when binaries are missing)
+  kubetune dev build                 build and cache the binaries only (etcd, kubernetes, kwok, helm, s3s-fs,
+                                     and for real nodes kubelet, containerd, pause)
+  kubetune dev up [--prometheus] [--real-nodes N]
+                                     start everything (builds first when binaries are missing); N real
+                                     kubelet nodes beside the KWOK fleet (default 1 as root, else 0)
   kubetune dev status                each process: pid, alive/dead, endpoint
   kubetune dev env                   shell exports: eval "$(kubetune dev env)"
   kubetune dev restart NAME          stop and start one process on the same port and data (e.g. s3)
@@ -38,6 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prometheus/up --prometheus: a scrape target (repeatable)",
     )
     parser.add_argument("--purge", action="store_true", help="down: also delete the state directory")
+    parser.add_argument(
+        "--real-nodes",
+        type=_count,
+        default=None,
+        metavar="N",
+        help="up: real kubelet nodes (containerd + runc) beside the KWOK fleet (default 1 as root, else 0)",
+    )
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) > 8:
+        raise argparse.ArgumentTypeError(f"--real-nodes must be a whole number from 0 to 8, got {text!r}")
+    return int(text)
 
 
 def _one_line_error(message: str) -> NoReturn:
@@ -48,6 +64,8 @@ def _one_line_error(message: str) -> NoReturn:
 def _check(args: argparse.Namespace) -> None:
     if args.action == "restart" and not args.name:
         raise UsageError("restart needs the name of a process, e.g. `kubetune dev restart s3`")
+    if args.real_nodes is not None and args.action != "up":
+        raise UsageError(f"--real-nodes is for `up`, not `{args.action}`")
     if args.action != "restart" and args.name:
         raise UsageError(f"unexpected argument {args.name!r} for `{args.action}`")
     for t in args.target:
@@ -63,10 +81,11 @@ def run(args: argparse.Namespace) -> int:
     lay = ground.layout(args.dir)
     try:
         if args.action == "build":
-            build.ensure_all()
+            comps = build.ensure_all()
+            build.ensure_real_node(comps["kubernetes"].version)
             return 0
         if args.action == "up":
-            ground.up(lay, with_prometheus=args.prometheus, targets=args.target)
+            ground.up(lay, with_prometheus=args.prometheus, targets=args.target, real_nodes=args.real_nodes)
             dir_flag = f" --dir {args.dir}" if args.dir else ""
             print(f'ground is up; to use it: eval "$(kubetune dev env{dir_flag})"', file=sys.stderr)
             return 0

@@ -1,7 +1,7 @@
 """Bring the test ground up and down: etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
--> kwok, then the fake GPU fleet, an S3 server and (on request) Prometheus. Real processes on free loopback
-ports; their pids, ports and commands are recorded in <dev dir>/state.json so `down`, `status`, `env` and
-`restart` act on exactly what `up` started.
+-> kwok, then the fake GPU fleet, an S3 server, real kubelet nodes (devenv/node.py) and (on request)
+Prometheus. Real processes on free loopback ports; their pids, ports and commands are recorded in
+<dev dir>/state.json so `down`, `status`, `env` and `restart` act on exactly what `up` started.
 
 Cluster state (etcd, certificates, tokens) is made fresh by every `up`; the S3 data directory is kept, so
 objects survive a restart of the S3 server and a down/up of the ground.
@@ -23,11 +23,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kubetune.devenv import fleet, paths, procs, render
+from kubetune.devenv import fleet, node, paths, procs, render
 
 S3_BUCKETS = ("kubetune", "kubetune-models", "kubetune-data")
 S3_REGION = "us-east-1"
-ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3", "prometheus")
+# Start order; `down` goes backwards. A real node's processes are named containerd/<node>, kubelet/<node>.
+ORDER = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "s3",
+    "containerd",
+    "kubelet",
+    "prometheus",
+)
+# The user the apiserver is when it calls a kubelet (logs, exec), by its client certificate.
+KUBELET_CLIENT_USER = "kube-apiserver-kubelet-client"
 CONTROLLERS = (
     "job-controller",
     "garbage-collector-controller",
@@ -82,6 +95,9 @@ _LAYOUT = {
     "logs": "logs",
     "pki": "pki",
     "serving": "pki/serving",
+    "ca_crt": "pki/ca.crt",
+    "ca_key": "pki/ca.key",
+    "kubelet_client": "pki/apiserver-kubelet-client",
     "sa_key": "pki/sa.key",
     "tokens_csv": "pki/tokens.csv",
     "admin_token": "admin.token",
@@ -101,6 +117,16 @@ _LAYOUT = {
 
 def layout(root: Path | None = None) -> Layout:
     return Layout(Path(root) if root else paths.dev_dir())
+
+
+def rank(name: str) -> int:
+    """Position of a process in the start order (containerd/real-0 ranks as containerd)."""
+    return ORDER.index(name.split("/")[0])
+
+
+def default_real_nodes() -> int:
+    """One real node when root (it needs cgroups, a bridge and mounts), none otherwise."""
+    return 1 if os.geteuid() == 0 else 0
 
 
 def load_state(lay: Layout) -> dict | None:
@@ -180,6 +206,11 @@ def wait_until(what: str, check: Callable[[], object], timeout: float = 60, inte
 
 def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
     ports, admin = state["ports"], state.get("admin_token", "")
+    if "/" in name:
+        kind, plan = name.split("/")[0], _plan(state, name)
+        if kind == "containerd":
+            return lambda: _http_get(f"http://127.0.0.1:{plan.metrics_port}/v1/metrics") is not None
+        return lambda: _http_get(f"http://127.0.0.1:{plan.healthz_port}/healthz") == "ok"
     checks: dict[str, Callable[[], bool]] = {
         "etcd": lambda: '"health":"true"' in (_http_get(f"http://127.0.0.1:{ports['etcd']}/health") or ""),
         "kube-apiserver": lambda: _http_get(f"https://127.0.0.1:{ports['apiserver']}/readyz", admin) == "ok",
@@ -197,8 +228,20 @@ def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
 # --- the commands each process runs -------------------------------------------------------------------
 
 
+def _plan(state: dict, name: str) -> node.NodePlan:
+    node_name = name.split("/")[1]
+    for plan in node.plans_of(state):
+        if plan.name == node_name:
+            return plan
+    raise KeyError(name)
+
+
 def _argv(name: str, lay: Layout, state: dict) -> list[str]:
     p, kube = state["ports"], Path(state["bin"]["kubernetes"])
+    if name.startswith("containerd/"):
+        return node.containerd_argv(state["bin"]["containerd"], _plan(state, name))
+    if name.startswith("kubelet/"):
+        return node.kubelet_argv(state["bin"]["kubelet"], _plan(state, name), node.net_of(state))
     kc = str(lay.kubeconfig)
     common_component = [
         "--kubeconfig",
@@ -258,10 +301,24 @@ def _argv(name: str, lay: Layout, state: dict) -> list[str]:
             str(lay.sa_key),
             "--service-account-signing-key-file",
             str(lay.sa_key),
+            # Node: what a kubelet may read and write (its node, its pods' secrets); RBAC: everyone else.
             "--authorization-mode",
-            "RBAC",
+            "Node,RBAC",
             "--token-auth-file",
             str(lay.tokens_csv),
+            # Kubelets authenticate with certificates of the ground's CA (CN system:node:<name>).
+            "--client-ca-file",
+            str(lay.ca_crt),
+            # logs/exec/port-forward: the apiserver calls the kubelet at its InternalIP (the nodes have
+            # no DNS names here), with a client certificate, and checks the kubelet's serving certificate.
+            "--kubelet-preferred-address-types",
+            "InternalIP,Hostname",
+            "--kubelet-client-certificate",
+            str(lay.kubelet_client) + ".crt",
+            "--kubelet-client-key",
+            str(lay.kubelet_client) + ".key",
+            "--kubelet-certificate-authority",
+            str(lay.ca_crt),
             "--allow-privileged=true",
             "--profiling=false",
         ]
@@ -360,6 +417,10 @@ def _fresh_cluster_files(lay: Layout, state: dict) -> None:
         path.write_text(tok + "\n")
         path.chmod(0o600)
     lay.tokens_csv.chmod(0o600)
+    # The ground's CA (EC keys: instant) signs the kubelets' certificates and the apiserver's client
+    # certificate for calling them.
+    node.make_ca(lay.ca_crt, lay.ca_key)
+    node.sign_cert(lay.ca_crt, lay.ca_key, lay.kubelet_client, KUBELET_CLIENT_USER, (), "clientAuth")
     lay.scheduler_cfg.write_text(json.dumps(render.scheduler_config(str(lay.kubeconfig)), indent=1))
     shutil.copyfile(Path(__file__).parent / "data" / "kwok-stages.yaml", lay.kwok_cfg)
 
@@ -439,9 +500,20 @@ DEV_RBAC = {
 }
 
 
+KUBELET_API_RBAC = {
+    # What kubeadm grants the apiserver's kubelet client: the kubelet asks the apiserver (webhook
+    # authorization) whether this user may use its API (logs, exec).
+    "apiVersion": "rbac.authorization.k8s.io/v1",
+    "kind": "ClusterRoleBinding",
+    "metadata": {"name": "kubetune:apiserver-kubelet-api"},
+    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:kubelet-api-admin"},
+    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": KUBELET_CLIENT_USER}],
+}
+
+
 def _seed_cluster(state: dict, lay: Layout) -> None:
     """RBAC for the non-admin user, then the fake fleet; wait until KWOK reports every node Ready."""
-    items = [DEV_RBAC, *fleet.manifests()]
+    items = [DEV_RBAC, KUBELET_API_RBAC, *fleet.manifests()]
     kubectl(state, lay, "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
     for m in fleet.manifests():
         # Node creation may drop status depending on version; set it through the status subresource.
@@ -519,6 +591,11 @@ def _endpoints(state: dict) -> dict[str, str]:
     }
     if "prometheus" in p:
         eps["prometheus"] = f"http://127.0.0.1:{p['prometheus']}"
+    if state.get("real_nodes"):
+        for plan in node.plans_of(state):
+            ctrd, kubelet = node.proc_names(plan)
+            eps[ctrd] = f"http://127.0.0.1:{plan.metrics_port}/v1/metrics"
+            eps[kubelet] = f"http://127.0.0.1:{plan.healthz_port}/healthz"
     return eps
 
 
@@ -555,17 +632,57 @@ def _start_all(lay: Layout, state: dict, log: Log) -> None:
     save_state(lay, state)
 
 
+def _start_real_nodes(lay: Layout, state: dict, n: int, log: Log) -> None:
+    """n real kubelet nodes (devenv/node.py): host set-up, then per node containerd, its images and the
+    kubelet; then wait for every one to be Ready and give the GPU node its GPUs."""
+    t0 = time.monotonic()
+    plans = node.prepare(lay.root, state, n, [SERVICE_CIDR, POD_CIDR], lambda: save_state(lay, state), log)
+    save_state(lay, state)
+    for plan in plans:
+        ctrd, kubelet = node.proc_names(plan)
+        _start(ctrd, lay, state, log)
+        node.import_base_images(state, plan, log)
+        _start(kubelet, lay, state, log)
+    names = [p.name for p in plans]
+    wait_until(
+        "the real nodes to register",
+        lambda: kubectl(state, lay, "get", "nodes", *names, check=False).returncode == 0,
+        60,
+        0.3,
+    )
+    kubectl(state, lay, "wait", "--for=condition=Ready", *[f"node/{x}" for x in names], "--timeout=120s", timeout=150)
+    for plan in plans:
+        if plan.gpu:
+            patch = node.gpu_status_patch(node.GPU_SPEC.gpu_count)
+            kubectl(
+                state, lay, "patch", "node", plan.name, "--subresource=status", "--type=json", "-p", json.dumps(patch)
+            )
+    log(f"  real nodes {', '.join(names)} Ready in {time.monotonic() - t0:.1f}s")
+
+
 def up(
-    lay: Layout | None = None, with_prometheus: bool = False, targets: list[str] | None = None, log: Log = _stderr
+    lay: Layout | None = None,
+    with_prometheus: bool = False,
+    targets: list[str] | None = None,
+    log: Log = _stderr,
+    real_nodes: int | None = None,
 ) -> dict:
-    """Start everything (building binaries first if missing); return the state. Idempotent when up."""
+    """Start everything (building binaries first if missing); return the state. Idempotent when up.
+    real_nodes: how many real kubelet nodes to add (default: default_real_nodes())."""
     from kubetune.devenv import build
 
     lay = lay or layout()
+    n_real = default_real_nodes() if real_nodes is None else real_nodes
+    if n_real < 0:
+        raise GroundError(f"--real-nodes must be 0 or more, got {n_real}")
+    if n_real and os.geteuid() != 0:
+        raise GroundError("real nodes need root (cgroups, a bridge, mounts): run as root or use --real-nodes 0")
     state = load_state(lay)
     running = {n: p for n, p in recorded(state).items() if procs.alive(p)}
     if running and len(running) == len(recorded(state)):
-        log(f"ground already up ({lay.root})")
+        have = len((state or {}).get("real_nodes", {}).get("nodes", []))
+        note = f"; it has {have} real node(s), not {n_real}: down and up to change that" if have != n_real else ""
+        log(f"ground already up ({lay.root}){note}")
         if with_prometheus:
             start_prometheus(lay, targets or [], log)
         return up_state(lay)
@@ -573,7 +690,13 @@ def up(
         raise GroundError(
             f"ground is partly up ({', '.join(running)} running, others dead): run `kubetune dev down` first"
         )
+    if state and state.get("real_nodes"):
+        raise GroundError(
+            f"real nodes of an earlier ground in {lay.root} are not cleaned up: run `kubetune dev down` first"
+        )
     comps = build.ensure_all(log)
+    if n_real:
+        comps |= build.ensure_real_node(comps["kubernetes"].version, log)
     t0 = time.monotonic()
     lay.root.mkdir(parents=True, exist_ok=True)
     state = _new_state(lay, comps)
@@ -581,6 +704,10 @@ def up(
     log(f"starting the ground in {lay.root} (kubernetes {comps['kubernetes'].version})")
     try:
         _start_all(lay, state, log)
+        if n_real:
+            _start_real_nodes(lay, state, n_real, log)
+            state["endpoints"] = _endpoints(state)
+            save_state(lay, state)
         if with_prometheus:
             start_prometheus(lay, targets or [], log)
     except BaseException:
@@ -596,7 +723,15 @@ def down(lay: Layout | None = None, log: Log = _stderr) -> list[str]:
     lay = lay or layout()
     state = load_state(lay)
     stuck = []
-    for name, proc in sorted(recorded(state).items(), key=lambda kv: -ORDER.index(kv[0])):
+    running = recorded(state)
+    if state and state.get("real_nodes"):
+        # Real nodes first, in their own order (kubelet, pods, shims, containerd, then the host changes).
+        left = node.teardown(lay.root, state, lambda name: name not in running or procs.stop(running.pop(name)), log)
+        for item in left:
+            log(f"  left over: {item}")
+        stuck += left
+        save_state(lay, state)
+    for name, proc in sorted(running.items(), key=lambda kv: -rank(kv[0])):
         if procs.stop(proc):
             log(f"  stopped {name} (pid {proc.pid})")
         else:
@@ -687,7 +822,7 @@ def status_rows(lay: Layout) -> list[tuple[str, int, bool, str]]:
     eps = _endpoints(state) if state and state.get("procs") else {}
     return [
         (n, p.pid, procs.alive(p), eps.get(n, ""))
-        for n, p in sorted(recorded(state).items(), key=lambda kv: ORDER.index(kv[0]))
+        for n, p in sorted(recorded(state).items(), key=lambda kv: rank(kv[0]))
     ]
 
 
@@ -708,6 +843,10 @@ def env_values(lay: Layout) -> dict[str, str]:
     }
     if "prometheus" in state["procs"]:
         values["KUBETUNE_PROMETHEUS_URL"] = f"http://127.0.0.1:{state['ports']['prometheus']}"
+    if state.get("real_nodes"):
+        # What a pod on a real node uses: inside a pod 127.0.0.1 is the pod itself.
+        values["KUBETUNE_S3_POD_ENDPOINT"] = state["real_nodes"]["pod_endpoints"]["s3"]
+        values["KUBETUNE_REAL_NODES"] = ",".join(p.name for p in node.plans_of(state))
     return values
 
 
