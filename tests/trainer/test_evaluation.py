@@ -120,3 +120,65 @@ def test_sigterm_during_the_end_of_run_evaluation_saves_and_the_next_pod_evaluat
     want = json.loads(reference.termination.read_text())["result"]["evaluation"]
     assert got["base"] == want["base"] and got["tuned"] == pytest.approx(want["tuned"], abs=1e-4), (got, want)
     assert (tmp_path / "run" / "out" / "evaluation" / "report.html").is_file()
+
+
+def _plain_base_figures(model_dir, evaluation) -> tuple[dict, list[str]]:
+    """The base model's test loss, token accuracy and greedy answers, from the model as saved (no
+    adapter, no trainer code): what the evaluation's base figures must be."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll, correct, total = 0.0, 0, 0
+    with torch.no_grad():
+        for e in evaluation.test:
+            seq = ev.sequence_of(e)
+            logits = plain(input_ids=torch.tensor([seq.input_ids])).logits[0].float()
+            labels = torch.tensor(seq.labels)
+            keep = labels != dt.IGNORE
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+            total += int(keep.sum())
+        answers = []
+        for p in evaluation.prompts:
+            ids = torch.tensor([p.ids])
+            out = plain.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=evaluation.settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)[0, ids.shape[1]:]
+            answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+    return {"loss": nll / total, "perplexity": math.exp(nll / total), "tokenAccuracy": correct / total}, answers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "lora"])
+def test_the_base_is_the_model_without_its_adapters(tmp_path, model_dir, monkeypatch, method):
+    """The base's figures are those of the model as it was loaded: with prompt or prefix tuning the
+    step-0 model is not the base (its virtual tokens start random), so the base is measured with the
+    adapters disabled. Checked against the saved model evaluated directly, outside the trainer."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(60, seed=1))
+    spec_method = {"type": method, "virtualTokens": 8} if method != "lora" else None
+    cfg = tiny.trainer_config(tmp_path, model_dir, data, dataset={"testSplit": 0.2}, method=spec_method,
+                              training={"maxSteps": 3, "learningRate": 0.05})
+    cfg["spec"]["evaluation"] = {"maxPrompts": 4, "maxNewTokens": 6}
+    built = []
+    build = ev.EndOfRunEvaluation.build
+
+    def keep(cls, *args, **kwargs):
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ev.EndOfRunEvaluation, "build", classmethod(keep))
+    out = train(parse_config(cfg))
+    e = out.result.evaluation
+    want, answers = _plain_base_figures(model_dir, built[0])
+    rows = [json.loads(x) for x in (tmp_path / "store/out/evaluation/answers.jsonl").read_text().splitlines()]
+    print(f"\n{method}: base loss {e.base['loss']:.6f} (the saved model's {want['loss']:.6f}), "
+          f"tuned {e.tuned['loss']:.6f}; base answers {[r['base'] for r in rows][:2]}")
+    assert e.examples == 12 and len(rows) == e.prompts == 4
+    for k, v in want.items():
+        assert e.base[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (k, e.base, want)
+    assert [r["base"] for r in rows] == answers
+    assert e.tuned["loss"] != pytest.approx(e.base["loss"], rel=1e-3)  # the tuned model is another model

@@ -5,8 +5,10 @@ metrics on their responses (exact match and ROUGE-L, from Google's rouge-score, 
 evaluate wraps). Qualitative: the same prompts answered by both models, side by side.
 
 The base is measured before the first step of a fresh run and kept in the run state (so it survives a
-resume, and full fine-tuning needs no second copy of the weights); the tuned model at the end. Nothing
-here picks a checkpoint or stops training: the test set is only read here.
+resume, and full fine-tuning needs no second copy of the weights); the tuned model at the end. With an
+adapter method the base is the model with its adapters disabled (peft's disable_adapter): a LoRA's B
+starts at zero, but prompt and prefix tuning's virtual tokens start random, so the step-0 model is not
+the base. Nothing here picks a checkpoint or stops training: the test set is only read here.
 
 A test example's prompt is everything before its first labelled (response) token and its reference is
 that first response: for chat data with several assistant turns, the first answer.
@@ -133,7 +135,8 @@ def token_accuracy(model, head, examples: list, accelerator, device, stop=None) 
             seq = sequence_of(e)
             ids = torch.tensor([seq.input_ids], device=device)
             labels = torch.tensor([seq.labels], device=device)
-            logits = model(input_ids=ids).logits.float()
+            # prompt tuning's virtual tokens come first in the logits: the sequence's own are the last
+            logits = model(input_ids=ids).logits[:, -ids.shape[1]:].float()
             keep = labels != IGNORE
             if not keep.any():
                 continue
@@ -145,6 +148,18 @@ def token_accuracy(model, head, examples: list, accelerator, device, stop=None) 
         return {}
     loss = nll / total
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokenAccuracy": correct / total}
+
+
+@contextlib.contextmanager
+def without_adapters(model, accelerator):
+    """The base model: a peft model with its adapters disabled (no second copy of the weights); any
+    other model as it is. Through accelerate's and FSDP's wrappers: disable_adapter acts on the
+    PeftModel inside, so the wrapper's forward (FSDP's gathers) still runs."""
+    from peft import PeftModel
+
+    inner = unwrap(model, accelerator)
+    with inner.disable_adapter() if isinstance(inner, PeftModel) else contextlib.nullcontext():
+        yield
 
 
 @torch.no_grad()
@@ -210,8 +225,8 @@ def read_prompt_file(path, name: str) -> list[tuple[str, str | None]]:
 
 
 class EndOfRunEvaluation:
-    """The recipe's evaluation stage. ``base`` runs before the first step of a fresh run (its result goes
-    into the run state, and so into checkpoints); ``finish`` runs after the last, and writes
+    """The recipe's evaluation stage. ``run(base=True)`` runs before the first step of a fresh run (its
+    result goes into the run state, and so into checkpoints); ``run`` after the last, then ``write``
     <output>/evaluation/{summary.json, answers.jsonl, report.html}."""
 
     def __init__(self, settings, test: list, prompts: list[Prompt], seed: int, log):
@@ -236,18 +251,20 @@ class EndOfRunEvaluation:
         log(f"evaluation: {len(test)} test examples, {len(prompts)} prompts answered by the base and the tuned model")
         return cls(settings, test, prompts, spec.training.seed, log)
 
-    def run(self, model, head, tokenizer, accelerator, device, stop=None) -> dict:
-        """One model's {"metrics", "answers"} (the run state keeps the base's). EvalStopped when ``stop()``
-        (asked before each test example and prompt) turns true: a SIGTERM."""
+    def run(self, model, head, tokenizer, accelerator, device, stop=None, base: bool = False) -> dict:
+        """One model's {"metrics", "answers"} (the run state keeps the base's): with ``base``, the model
+        without its adapters. EvalStopped when ``stop()`` (asked before each test example and prompt)
+        turns true: a SIGTERM."""
         t0 = time.perf_counter()
-        if _is_fsdp(accelerator):
-            # a sharded model's generate would need every weight gathered on every rank: metrics only
-            metrics = token_accuracy(model, head, self.test, accelerator, device, stop)
-            answers = [""] * len(self.prompts)
-        else:
-            metrics, answers = evaluate_model(model, head, tokenizer, self.test, self.prompts, self.settings,
-                                              self.seed, accelerator, device, stop)
-        self.log(f"evaluation: {metrics} in {time.perf_counter() - t0:.1f}s")
+        with without_adapters(model, accelerator) if base else contextlib.nullcontext():
+            if _is_fsdp(accelerator):
+                # a sharded model's generate would need every weight gathered on every rank: metrics only
+                metrics = token_accuracy(model, head, self.test, accelerator, device, stop)
+                answers = [""] * len(self.prompts)
+            else:
+                metrics, answers = evaluate_model(model, head, tokenizer, self.test, self.prompts, self.settings,
+                                                  self.seed, accelerator, device, stop)
+        self.log(f"evaluation: {'base' if base else 'tuned'} {metrics} in {time.perf_counter() - t0:.1f}s")
         return {"metrics": metrics, "answers": answers}
 
     def write(self, base: dict, tuned: dict, out_loc, title: str) -> tuple[dict, str]:

@@ -428,9 +428,9 @@ class FineTuneRecipe:
                 s.base_eval_metrics = metrics or None
                 if s.base_eval_loss is not None:
                     log_event("eval", step=0, baseEvalLoss=s.base_eval_loss, **_prefixed("base", metrics))
-                if self.evaluation is not None:  # the test set's baseline, before any step
+                if self.evaluation is not None:  # the test set's baseline (adapters disabled), before any step
                     s.base_evaluation = self.evaluation.run(self.model, self.head, self.tokenizer, self.accelerator,
-                                                            self.device, stop=self._evaluation_stop)
+                                                            self.device, stop=self._evaluation_stop, base=True)
                     log_event("evaluation", model="base", **s.base_evaluation["metrics"])
                 self.reporter.update(state="training")
             pending, s.pending_eval = s.pending_eval, None
