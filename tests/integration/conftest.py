@@ -62,7 +62,8 @@ def ground() -> Iterator[Ground]:
     started = False
     if not g.is_up(lay):
         g.down(lay)   # stop any survivors of a half-dead earlier ground, by their recorded pids
-        g.up(lay)
+        # One real kubelet node beside the KWOK fleet, so CI covers real pods (test_real_node.py).
+        g.up(lay, real_nodes=1)
         started = True
     saved = dict(os.environ)
     # Code under test (boto3, the kubernetes client, kubectl/helm subprocesses) finds the ground like a

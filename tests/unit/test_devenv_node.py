@@ -50,7 +50,7 @@ def test_bad_counts_are_refused():
     with pytest.raises(ValueError, match="ports"):
         node.plan_nodes(ROOT, 2, NET.subnet, [1, 2, 3])
     with pytest.raises(node.NodeError, match="too deep"):
-        node.plan_nodes(Path("/" + "d" * 90), 1, NET.subnet, [1, 2, 3])
+        node.plan_nodes(Path("/" + "d" * 70), 1, NET.subnet, [1, 2, 3])
 
 
 def test_containerd_config_is_toml_with_every_path_under_the_node():

@@ -48,7 +48,7 @@ WATCHED_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops
 # Chains that the kubelet or the CNI plugins may add (the kubelet's are switched off, see kubelet_config).
 FOREIGN_CHAIN_PREFIXES = ("KUBE-", "CNI-")
 HOST_DIR = Path("/run/kubetune")  # tmpfs: its record of the host's values lives as long as they do
-MAX_SOCKET_PATH = 100  # sun_path is 108 bytes
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 
 
 class NodeError(RuntimeError):
@@ -152,9 +152,11 @@ def plan_nodes(root: Path, n: int, subnet: str, ports: list[int]) -> list[NodePl
             range_start=ranges[i][0],
             range_end=ranges[i][1],
         )
-        if len(plan.socket) > MAX_SOCKET_PATH:
+        # The kubelet makes sockets under its root dir too: pods-api/<10 digits>.
+        if len(plan.path("kubelet/root/pods-api/0123456789")) > MAX_SOCKET_PATH:
             raise NodeError(
-                f"the state directory {root} is too deep for a unix socket ({plan.socket}); use a shorter --dir"
+                f"the state directory {root} is too deep: the kubelet's sockets under {plan.path('kubelet/root')} "
+                f"would pass the {MAX_SOCKET_PATH}-byte limit of a unix socket path; use a shorter --dir"
             )
         plans.append(plan)
     return plans
