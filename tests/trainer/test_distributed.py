@@ -389,3 +389,38 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         assert max(float((base[k] - out[k]).abs().max()) for k in ref) < max(1e-3, 0.3 * lr)
     if method == "qlora":  # an adapter holds the adapters: a 4-bit base's constants stay out of it
         assert all(".lora_" in k for k in out) and len(out) == 28, sorted(out)[:3]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "full"])
+def test_fsdp_answers_the_evaluation_prompts_as_one_process_does(tmp_path, model_dir, method):
+    """The end-of-run evaluation under FSDP (on CPU over gloo, KUBETUNE_DEBUG_FSDP_ON_CPU): both models
+    answer every prompt, each rank generating in lockstep with only the root unit's weights gathered
+    beside the block being run, and the answers and figures are one process's. The base comes from
+    the adapters disabled through FSDP's wrapper (prompt tuning: not the step-0 model)."""
+    data = tiny.write_jsonl(tmp_path / "train.jsonl", tiny.alpaca_rows(60, seed=9))
+    runs = {}
+    for n in (1, 2):
+        store = tmp_path / f"p{n}"
+        cfg = config(tmp_path, model_dir, data, store, n)
+        cfg["spec"]["method"] = {"lora": cfg["spec"]["method"], "full": {"type": "full"},
+                                 "prompt-tuning": {"type": "prompt-tuning", "virtualTokens": 8}}[method]
+        cfg["spec"]["dataset"] |= {"testSplit": 0.2}
+        cfg["spec"]["training"] |= {"maxSteps": 8, "evalSteps": 8, "sharding": "fsdp" if n > 1 else "auto",
+                                    "learningRate": {"lora": 1e-2, "prompt-tuning": 0.05}.get(method, 1e-3)}
+        cfg["spec"]["evaluation"] = {"maxPrompts": 6, "maxNewTokens": 8}
+        env = {"KUBETUNE_DEBUG_FSDP_ON_CPU": "1", "KUBETUNE_MASTER_PORT": free_port()} if n > 1 else {}
+        runs[n] = TrainerProc(cfg, tmp_path / f"p{n}.yaml", env=env)
+        assert runs[n].wait(300) == 0, runs[n].stderr[-3000:]
+    assert runs[2].events_of("model")[0]["distributedType"] == "FSDP"
+    one, two = (json.loads(runs[n].termination.read_text())["result"]["evaluation"] for n in (1, 2))
+    rows = {n: [json.loads(x) for x in (tmp_path / f"p{n}/out/evaluation/answers.jsonl").read_text().splitlines()]
+            for n in (1, 2)}
+    print(f"\n{method}: FSDP vs one process: base {two['base']} vs {one['base']}; "
+          f"tuned {two['tuned']} vs {one['tuned']}; answers {[(r['base'], r['tuned']) for r in rows[2][:2]]}")
+    # an answer may be empty (a tiny model's first token can be EOS); most are not
+    assert len(rows[2]) == two["prompts"] == 6, rows[2]
+    assert all(sum(bool(r[m]) for r in rows[2]) >= 3 for m in ("base", "tuned")), rows[2]
+    assert {"exactMatch", "rougeL"} <= set(two["base"]) and {"exactMatch", "rougeL"} <= set(two["tuned"]), two
+    assert [(r["base"], r["tuned"]) for r in rows[2]] == [(r["base"], r["tuned"]) for r in rows[1]]
+    assert two["base"] == pytest.approx(one["base"], abs=1e-5)  # the same weights, gathered
+    assert two["tuned"] == pytest.approx(one["tuned"], abs=2e-3)  # to FSDP's reduce-scatter rounding in training

@@ -162,6 +162,21 @@ def without_adapters(model, accelerator):
         yield
 
 
+def _generating(model, accelerator):
+    """Where ``generate`` runs. Under FSDP generate calls the module inside the root wrapper, whose own
+    parameters (embeddings, final norm, output head: what no decoder-block or adapter unit holds) stay
+    sharded outside its forward; summon_full_params(recurse=False) gathers just those, and each nested
+    unit (a decoder block, an adapter) gathers its shard in its own forward and frees it after, as in
+    training. Gathering every weight (recurse=True) would put the whole model on each rank: what FSDP
+    is there to avoid. Every rank generates the same prompts, each forward a collective (see ``gen``'s
+    synced_gpus)."""
+    if not _is_fsdp(accelerator):
+        return contextlib.nullcontext()
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return FSDP.summon_full_params(getattr(model, "_orig_mod", model), writeback=False, recurse=False)
+
+
 @torch.no_grad()
 def generate(model, head, tokenizer, prompts: list[Prompt], max_new_tokens: int, temperature: float, seed: int,
              accelerator, device, stop=None) -> list[str]:
@@ -171,7 +186,11 @@ def generate(model, head, tokenizer, prompts: list[Prompt], max_new_tokens: int,
     gen = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
            "eos_token_id": tokenizer.eos_token_id}
     gen |= {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with evaluating(model), head.unpatched(), _autocast(accelerator):
+    if _is_fsdp(accelerator) and accelerator.num_processes > 1:
+        # the ranks answer the same prompt with the same weights, so they stop together; should rounding
+        # ever part them, a rank that met EOS keeps running forwards until all have, as each is a collective
+        gen["synced_gpus"] = True
+    with evaluating(model), head.unpatched(), _autocast(accelerator), _generating(model, accelerator):
         for i, p in enumerate(prompts):
             _stop_if_asked(stop, accelerator)
             torch.manual_seed(seed + i)  # an answer does not depend on the ones before it
@@ -257,13 +276,8 @@ class EndOfRunEvaluation:
         turns true: a SIGTERM."""
         t0 = time.perf_counter()
         with without_adapters(model, accelerator) if base else contextlib.nullcontext():
-            if _is_fsdp(accelerator):
-                # a sharded model's generate would need every weight gathered on every rank: metrics only
-                metrics = token_accuracy(model, head, self.test, accelerator, device, stop)
-                answers = [""] * len(self.prompts)
-            else:
-                metrics, answers = evaluate_model(model, head, tokenizer, self.test, self.prompts, self.settings,
-                                                  self.seed, accelerator, device, stop)
+            metrics, answers = evaluate_model(model, head, tokenizer, self.test, self.prompts, self.settings,
+                                              self.seed, accelerator, device, stop)
         self.log(f"evaluation: {'base' if base else 'tuned'} {metrics} in {time.perf_counter() - t0:.1f}s")
         return {"metrics": metrics, "answers": answers}
 
