@@ -69,7 +69,7 @@ def test_a_tuned_model_beats_its_base_on_the_held_out_test_set(tmp_path, model_d
           f"{e.tuned['rougeL']:.2f}, token accuracy {e.base['tokenAccuracy']:.2f} -> {e.tuned['tokenAccuracy']:.2f}, "
           f"test loss {e.base['loss']:.3f} -> {e.tuned['loss']:.3f} ({e.examples} examples, {e.prompts} prompts)")
     assert e.examples == 40 and e.prompts == 12
-    # measured: exact match 0.00 -> 0.92, token accuracy 0.00 -> 0.99 (250 steps, 30 s)
+    # measured: exact match 0.00 -> 0.82-0.92 (run to run), token accuracy 0.00 -> 0.99 (250 steps, 30 s)
     assert e.base["exactMatch"] <= 0.1 and e.tuned["exactMatch"] >= 0.6, e
     assert e.tuned["loss"] < e.base["loss"] and e.tuned["tokenAccuracy"] > e.base["tokenAccuracy"] + 0.3, e
     assert e.delta["exactMatch"] == pytest.approx(e.tuned["exactMatch"] - e.base["exactMatch"])
