@@ -94,6 +94,7 @@ def _host_snapshot(root: Path) -> dict:
         "links": sorted(link["ifname"] for link in json.loads(subprocess.run(
             ["ip", "-j", "link"], capture_output=True, text=True, check=True).stdout) if "master" not in link),
         "mounts": node.mounts_under(root),
+        "cgroups": sorted(str(c) for h in node.cgroup_hierarchies() for c in Path(h).glob("kubetune-*")),
     }
 
 
@@ -135,7 +136,7 @@ def test_down_undoes_every_host_change(ground, real, short_tmp):
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
     assert not node.shim_pids(plan.socket)
     assert not node.cgroup_pids(plan.cgroup_root)
-    for h in node.cgroup_v1_hierarchies():
+    for h in node.cgroup_hierarchies():
         assert not Path(h, plan.cgroup_root.lstrip("/")).exists(), h
     assert _host_snapshot(tmp_path) == before
     # The session ground's node is untouched.

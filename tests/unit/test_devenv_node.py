@@ -200,6 +200,7 @@ MOUNTINFO = """22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 
 def test_mountinfo_parsing():
     assert node.cgroup_v1_hierarchies(MOUNTINFO) == ["/sys/fs/cgroup/memory"]
+    assert node.cgroup_hierarchies(MOUNTINFO) == ["/sys/fs/cgroup/memory", "/sys/fs/cgroup/unified"]
     under = node.mounts_under(Path("/g"), MOUNTINFO)
     # the last mounted first, so a mount over another comes off before it
     assert under == ["/g/n/with space", "/g/n/kubelet/root/pods/x/vol", "/g/n/kubelet/root"]

@@ -465,6 +465,12 @@ def cgroup_v1_hierarchies(text: str | None = None) -> list[str]:
     return [p for p, fs in mountinfo(text) if fs == "cgroup"]
 
 
+def cgroup_hierarchies(text: str | None = None) -> list[str]:
+    """Every cgroup mount, v1 and v2: in the hybrid layout runc also makes the containers' cgroups in the
+    cgroup2 tree (/sys/fs/cgroup/unified), so that is where they are found and removed too."""
+    return [p for p, fs in mountinfo(text) if fs in ("cgroup", "cgroup2")]
+
+
 def mounts_under(root: Path, text: str | None = None) -> list[str]:
     """Mount points at or below root, deepest (latest) first: the order to unmount them in."""
     r = str(Path(root).resolve())
@@ -483,7 +489,7 @@ def make_cgroup_root(name: str) -> None:
 
 def cgroup_pids(name: str) -> set[int]:
     pids: set[int] = set()
-    for h in cgroup_v1_hierarchies():
+    for h in cgroup_hierarchies():
         d = Path(h) / name.lstrip("/")
         if d.is_dir():
             for procs_file in d.rglob("cgroup.procs"):
@@ -495,7 +501,7 @@ def cgroup_pids(name: str) -> set[int]:
 def remove_cgroup_root(name: str) -> list[str]:
     """rmdir the cgroup tree in every hierarchy, leaves first; returns what could not be removed."""
     left = []
-    for h in cgroup_v1_hierarchies():
+    for h in cgroup_hierarchies():
         d = Path(h) / name.lstrip("/")
         if not d.is_dir():
             continue
