@@ -82,7 +82,8 @@ def test_the_trainer_image_trains_on_cpu_as_uid_1000_with_tmp_an_empty_dir(built
                "metricsPort": 0}
         (root / "trainer.yaml").write_text(yaml.safe_dump(cfg))
         EOF
-        KUBETUNE_TERMINATION_LOG=/tmp/kubetune/termination kubetune train --config /tmp/kubetune/trainer.yaml > /tmp/kubetune/events.jsonl
+        export KUBETUNE_TERMINATION_LOG=/tmp/kubetune/termination
+        kubetune train --config /tmp/kubetune/trainer.yaml > /tmp/kubetune/events.jsonl
         echo "train-exit=$?"
         """)
     r = _run(images.IMAGES["trainer"].ref(), script, empty_dir)
