@@ -58,6 +58,7 @@ def test_real_node_components_are_keyed_by_version(tmp_path, monkeypatch):
     assert comps["containerd"].dir == tmp_path / "bin" / f"containerd-{paths.CONTAINERD_VERSION}"
     assert set(comps["containerd"].binaries) == {"containerd", "ctr", "containerd-shim-runc-v2"}
     assert "pause.oci.tar" in comps["pause"].binaries
+    assert comps["coredns"].dir == tmp_path / "bin" / f"coredns-{paths.COREDNS_VERSION}"
     assert set(comps) <= set(build.RECIPES)
 
 
@@ -73,3 +74,14 @@ def test_missing_packages_are_named(tmp_path):
 
 def test_pause_source_exits_on_term_and_int():
     assert "SIGTERM" in build.PAUSE_C and "SIGINT" in build.PAUSE_C and "pause()" in build.PAUSE_C
+
+
+def test_coredns_main_has_only_the_plugins_the_corefile_uses():
+    src = build.coredns_main()
+    assert "coremain.Run()" in src
+    imported = [line.split('"')[1].rsplit("/", 1)[1] for line in src.splitlines() if "/plugin/" in line]
+    assert imported == list(build.COREDNS_PLUGINS)
+    assert "kubernetes" in imported and "bind" in imported and "ready" in imported
+    assert "forward" not in imported  # no query can leave the host
+    directives = src[src.index("Directives"):]
+    assert [p for p in build.COREDNS_PLUGINS if f'"{p}"' in directives] == list(build.COREDNS_PLUGINS)

@@ -298,11 +298,40 @@ def _build_pause(c: Component, out: Path, work: Path, log_file: Path, log: Log) 
     shutil.rmtree(work, ignore_errors=True)
 
 
+# CoreDNS with only the plugins the ground's Corefile uses (node.corefile), in the execution order of
+# upstream's plugin.cfg (dnsserver.Directives must be ordered). Upstream's main imports every plugin, which
+# drags in the AWS, Azure, GCP and Datadog SDKs; this main is the documented compile-time plugin selection
+# (coremain.Run with dnsserver.Directives set), and without `forward` no query can leave the host.
+COREDNS_PLUGINS = ("bind", "ready", "health", "errors", "log", "kubernetes")
+
+
+def coredns_main(plugins: tuple[str, ...] = COREDNS_PLUGINS) -> str:
+    """The wrapper module's main.go: CoreDNS's coremain with exactly `plugins`, in that order."""
+    imports = "".join(f'\t_ "github.com/coredns/coredns/plugin/{p}"\n' for p in plugins)
+    directives = "".join(f'\t\t"{p}",\n' for p in plugins)
+    return (
+        "package main\n\nimport (\n"
+        '\t"github.com/coredns/coredns/core/dnsserver"\n'
+        '\t"github.com/coredns/coredns/coremain"\n'
+        f"{imports})\n\n"
+        f"func init() {{\n\tdnsserver.Directives = []string{{\n{directives}\t}}\n}}\n\n"
+        "func main() { coremain.Run() }\n"
+    )
+
+
+def _build_coredns(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
+    _new_module(work, "kubetune.local/corednswrap", log_file)
+    _run(["go", "mod", "edit", f"-require=github.com/coredns/coredns@{c.version}"], work, log_file)
+    (work / "main.go").write_text(coredns_main())
+    _run(["go", "build", "-p", "2", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "coredns"), "."], work, log_file)
+
+
 RECIPES = {
     "kubernetes": _build_kubernetes,
     "kubelet": _build_kubernetes,
     "containerd": _build_containerd,
     "pause": _build_pause,
+    "coredns": _build_coredns,
     "etcd": _build_etcd,
     "kwok": _build_kwok,
     "helm": _build_helm,
@@ -398,11 +427,12 @@ def ensure_all(log: Log = _stderr) -> dict[str, Component]:
 
 def real_node_components(kube_version: str) -> list[Component]:
     """What a real node runs, beside the control plane: the kubelet of the same version, containerd,
-    and the pause image."""
+    the pause image, and CoreDNS for the pods' cluster DNS."""
     return [
         Component("kubelet", kube_version, ("kubelet",)),
         Component("containerd", paths.CONTAINERD_VERSION, paths.CONTAINERD_BINARIES),
         Component("pause", paths.PAUSE_VERSION, ("pause", "pause.oci.tar")),
+        Component("coredns", paths.COREDNS_VERSION, ("coredns",)),
     ]
 
 

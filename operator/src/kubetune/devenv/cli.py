@@ -1,7 +1,7 @@
 """`kubetune dev`: the local test ground (control plane built from Go modules, fake GPU fleet, S3, Prometheus).
 
   kubetune dev build                 build and cache the binaries only (etcd, kubernetes, kwok, helm, s3s-fs,
-                                     and for real nodes kubelet, containerd, pause)
+                                     and for real nodes kubelet, containerd, pause, coredns)
   kubetune dev up [--prometheus] [--real-nodes N]
                                      start everything (builds first when binaries are missing); N real
                                      kubelet nodes beside the KWOK fleet (default 1 as root, else 0)

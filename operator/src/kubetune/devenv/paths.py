@@ -23,6 +23,9 @@ CONTAINERD_VERSION = "v2.4.2"
 CONTAINERD_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")
 PAUSE_VERSION = "3.10"
 PAUSE_IMAGE = f"localhost/pause:{PAUSE_VERSION}"
+# Cluster DNS for the real nodes' pods: CoreDNS from its Go module, with only the plugins the ground's
+# Corefile uses (devenv/build.py COREDNS_PLUGINS), so no cloud SDK is compiled and no forwarder exists.
+COREDNS_VERSION = "v1.15.0"
 # What a real node needs from Debian: the runtime, the CNI plugins, iptables (the kubelet's and CNI's
 # rules), nftables (`nft` deletes the tables iptables-nft created, on `down`), gcc to compile the pause
 # binary statically (libc6-dev brings the static libc).
