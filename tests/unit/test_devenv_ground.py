@@ -65,16 +65,43 @@ def test_stage_file_has_exclusive_complete_and_fail_stages():
 
 REAL = {
     **STATE,
-    "bin": {**STATE["bin"], "kubelet": "/kl", "containerd": "/c"},
+    "bin": {**STATE["bin"], "kubelet": "/kl", "containerd": "/c", "coredns": "/cd"},
     "real_nodes": {
         "net": {"bridge": "ktabc", "subnet": "10.89.0.0/24", "gateway": "10.89.0.1"},
         "chain": "KUBETUNE-ABC",
         "pod_endpoints": {"s3": "http://10.89.0.1:7"},
+        "dns": {"corefile": "/dev-dir/coredns/Corefile", "ready_port": 11},
         "nodes": [{"name": "real-0", "dir": "/dev-dir/nodes/real-0", "gpu": True, "kubelet_port": 8, "healthz_port": 9,
                    "metrics_port": 10, "cgroup_root": "/kubetune-abc-real-0", "range_start": "10.89.0.16",
                    "range_end": "10.89.0.254", "containerd_bin": "/c"}],
     },
 }
+
+
+def test_apiserver_serves_a_ground_ca_certificate_that_pods_verify(tmp_path):
+    a, cm = argv("kube-apiserver"), argv("kube-controller-manager")
+    assert flag(a, "--tls-cert-file") == "/dev-dir/pki/apiserver.crt"
+    assert "--cert-dir" not in a
+    # kube-root-ca.crt, the ca.crt of every ServiceAccount token volume, is the CA that signed it
+    assert flag(cm, "--root-ca-file") == "/dev-dir/pki/ca.crt"
+    for san in ("IP:127.0.0.1", "IP:10.0.0.1", "DNS:kubernetes.default.svc"):
+        assert san in g.APISERVER_SANS
+    from kubetune.devenv import node
+
+    node.make_ca(tmp_path / "ca.crt", tmp_path / "ca.key")
+    crt, _ = node.sign_cert(tmp_path / "ca.crt", tmp_path / "ca.key", tmp_path / "apiserver", "kube-apiserver", (),
+                            "serverAuth", g.APISERVER_SANS)
+    import subprocess
+
+    for check in (["-verify_ip", "10.0.0.1"], ["-verify_hostname", "kubernetes.default.svc"],
+                  ["-verify_ip", "127.0.0.1"]):
+        out = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), *check, str(crt)],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, (check, out.stderr)
+
+
+def test_headless_services_get_endpointslices():
+    assert "endpointslice-controller" in flag(argv("kube-controller-manager"), "--controllers").split(",")
 
 
 def test_apiserver_can_call_kubelets_for_logs_and_exec():
@@ -85,8 +112,9 @@ def test_apiserver_can_call_kubelets_for_logs_and_exec():
 
 
 def test_real_node_processes_rank_after_s3_and_before_prometheus():
-    names = ["prometheus", "kubelet/real-0", "s3", "containerd/real-0", "etcd"]
-    assert sorted(names, key=g.rank) == ["etcd", "s3", "containerd/real-0", "kubelet/real-0", "prometheus"]
+    names = ["prometheus", "kubelet/real-0", "s3", "containerd/real-0", "etcd", "coredns"]
+    assert sorted(names, key=g.rank) == ["etcd", "s3", "coredns", "containerd/real-0", "kubelet/real-0",
+                                         "prometheus"]
 
 
 def test_real_node_commands_and_endpoints():
@@ -98,6 +126,8 @@ def test_real_node_commands_and_endpoints():
     eps = g._endpoints(REAL)
     assert eps["containerd/real-0"] == "http://127.0.0.1:10/v1/metrics"
     assert eps["kubelet/real-0"] == "http://127.0.0.1:9/healthz"
+    assert g._argv("coredns", lay, REAL) == ["/cd/coredns", "-conf", "/dev-dir/coredns/Corefile"]
+    assert eps["coredns"] == "http://127.0.0.1:11/ready"
 
 
 def test_env_names_the_pod_endpoint_of_s3(tmp_path):

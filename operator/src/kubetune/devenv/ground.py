@@ -35,6 +35,7 @@ ORDER = (
     "kube-scheduler",
     "kwok",
     "s3",
+    "coredns",
     "containerd",
     "kubelet",
     "prometheus",
@@ -60,8 +61,21 @@ CONTROLLERS = (
     "clusterrole-aggregation-controller",
     # Binds PersistentVolumeClaims to volumes: a pod reading a pvc:// model or dataset needs it bound.
     "persistentvolume-binder-controller",
+    # EndpointSlices for Services, with each pod's hostname: CoreDNS answers a headless Service's
+    # <hostname>.<service>.<ns>.svc.cluster.local from them (trainer rendezvous on real nodes).
+    "endpointslice-controller",
 )
 SERVICE_CIDR = "10.0.0.0/24"
+# Loopback for the host's clients; the `kubernetes` Service's address and names for in-cluster clients.
+APISERVER_SANS = (
+    "IP:127.0.0.1",
+    f"IP:{node.KUBERNETES_VIP}",
+    "DNS:localhost",
+    "DNS:kubernetes",
+    "DNS:kubernetes.default",
+    "DNS:kubernetes.default.svc",
+    f"DNS:kubernetes.default.svc.{node.CLUSTER_DOMAIN}",
+)
 POD_CIDR = "10.244.0.0/16"
 
 Log = Callable[[str], None]
@@ -94,7 +108,7 @@ _LAYOUT = {
     "kubeconfig": "kubeconfig",
     "logs": "logs",
     "pki": "pki",
-    "serving": "pki/serving",
+    "apiserver_cert": "pki/apiserver",
     "ca_crt": "pki/ca.crt",
     "ca_key": "pki/ca.key",
     "kubelet_client": "pki/apiserver-kubelet-client",
@@ -211,6 +225,9 @@ def _ready_check(name: str, lay: Layout, state: dict) -> Callable[[], bool]:
         if kind == "containerd":
             return lambda: _http_get(f"http://127.0.0.1:{plan.metrics_port}/v1/metrics") is not None
         return lambda: _http_get(f"http://127.0.0.1:{plan.healthz_port}/healthz") == "ok"
+    if name == "coredns":
+        ready = state["real_nodes"]["dns"]["ready_port"]
+        return lambda: _http_get(f"http://127.0.0.1:{ready}/ready") is not None
     checks: dict[str, Callable[[], bool]] = {
         "etcd": lambda: '"health":"true"' in (_http_get(f"http://127.0.0.1:{ports['etcd']}/health") or ""),
         "kube-apiserver": lambda: _http_get(f"https://127.0.0.1:{ports['apiserver']}/readyz", admin) == "ok",
@@ -242,6 +259,8 @@ def _argv(name: str, lay: Layout, state: dict) -> list[str]:
         return node.containerd_argv(state["bin"]["containerd"], _plan(state, name))
     if name.startswith("kubelet/"):
         return node.kubelet_argv(state["bin"]["kubelet"], _plan(state, name), node.net_of(state))
+    if name == "coredns":
+        return node.coredns_argv(state["bin"]["coredns"], state["real_nodes"]["dns"]["corefile"])
     kc = str(lay.kubeconfig)
     common_component = [
         "--kubeconfig",
@@ -281,16 +300,22 @@ def _argv(name: str, lay: Layout, state: dict) -> list[str]:
             str(kube / "kube-apiserver"),
             "--etcd-servers",
             f"http://127.0.0.1:{p['etcd']}",
-            "--cert-dir",
-            str(lay.serving),
+            # Signed by the ground's CA for the `kubernetes` Service's names and address too, so pods
+            # verify it with the ca.crt of their ServiceAccount volume (kube-root-ca.crt, from
+            # --root-ca-file below).
+            "--tls-cert-file",
+            str(lay.apiserver_cert) + ".crt",
+            "--tls-private-key-file",
+            str(lay.apiserver_cert) + ".key",
             "--secure-port",
             str(p["apiserver"]),
             "--bind-address",
             "127.0.0.1",
             "--advertise-address",
             "127.0.0.1",
-            # The reconciler refuses a loopback address for the `kubernetes` Service; nothing runs
-            # in-cluster here (KWOK pods are fake), so no one needs that Service's endpoints.
+            # The reconciler refuses a loopback address for the `kubernetes` Service. Pods on real nodes
+            # reach the Service's ClusterIP through the ground's DNAT (node.dnat_rules), and CoreDNS
+            # answers its name with the ClusterIP, so no one needs its endpoints.
             "--endpoint-reconciler-type",
             "none",
             "--service-cluster-ip-range",
@@ -333,7 +358,7 @@ def _argv(name: str, lay: Layout, state: dict) -> list[str]:
             "--service-account-private-key-file",
             str(lay.sa_key),
             "--root-ca-file",
-            str(lay.serving / "apiserver.crt"),
+            str(lay.ca_crt),
             "--controllers",
             ",".join(CONTROLLERS),
             "--cluster-cidr",
@@ -405,7 +430,7 @@ def _fresh_cluster_files(lay: Layout, state: dict) -> None:
     """Wipe the previous cluster (etcd, certs, tokens, logs) and write what the processes read."""
     for d in (lay.etcd, lay.pki, lay.logs):
         shutil.rmtree(d, ignore_errors=True)
-    lay.serving.mkdir(parents=True)
+    lay.pki.mkdir(parents=True)
     lay.logs.mkdir(parents=True)
     # The service-account signing key: openssl is part of every Debian system, unlike Python's
     # cryptography package.
@@ -417,9 +442,10 @@ def _fresh_cluster_files(lay: Layout, state: dict) -> None:
         path.write_text(tok + "\n")
         path.chmod(0o600)
     lay.tokens_csv.chmod(0o600)
-    # The ground's CA (EC keys: instant) signs the kubelets' certificates and the apiserver's client
-    # certificate for calling them.
+    # The ground's CA (EC keys: instant) signs the apiserver's serving certificate, the kubelets'
+    # certificates and the apiserver's client certificate for calling them.
     node.make_ca(lay.ca_crt, lay.ca_key)
+    node.sign_cert(lay.ca_crt, lay.ca_key, lay.apiserver_cert, "kube-apiserver", (), "serverAuth", APISERVER_SANS)
     node.sign_cert(lay.ca_crt, lay.ca_key, lay.kubelet_client, KUBELET_CLIENT_USER, (), "clientAuth")
     lay.scheduler_cfg.write_text(json.dumps(render.scheduler_config(str(lay.kubeconfig)), indent=1))
     shutil.copyfile(Path(__file__).parent / "data" / "kwok-stages.yaml", lay.kwok_cfg)
@@ -437,7 +463,7 @@ def _s3_credentials(lay: Layout) -> dict:
 
 
 def _write_kubeconfig(lay: Layout, state: dict) -> None:
-    ca = (lay.serving / "apiserver.crt").read_bytes()
+    ca = lay.ca_crt.read_bytes()
     cfg = render.kubeconfig(
         f"https://127.0.0.1:{state['ports']['apiserver']}", ca, state["admin_token"], state["dev_token"]
     )
@@ -596,6 +622,9 @@ def _endpoints(state: dict) -> dict[str, str]:
             ctrd, kubelet = node.proc_names(plan)
             eps[ctrd] = f"http://127.0.0.1:{plan.metrics_port}/v1/metrics"
             eps[kubelet] = f"http://127.0.0.1:{plan.healthz_port}/healthz"
+        if dns := state["real_nodes"].get("dns"):  # absent in a ground started before CoreDNS was added
+            # Its readiness endpoint on loopback, like the others'; it serves DNS on the bridge address.
+            eps["coredns"] = f"http://127.0.0.1:{dns['ready_port']}/ready"
     return eps
 
 
@@ -623,8 +652,8 @@ def _start_all(lay: Layout, state: dict, log: Log) -> None:
     for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "s3"):
         _start(name, lay, state, log, timeout=90 if name == "kube-apiserver" else 60)
         if name == "kube-apiserver":
-            # The kubeconfig embeds the apiserver's self-signed CA, which exists once it serves; every
-            # later component connects with it.
+            # The kubeconfig (the ground's CA, the admin and user tokens); every later component connects
+            # with it.
             _write_kubeconfig(lay, state)
     _seed_cluster(state, lay)
     _create_buckets(state)
@@ -638,6 +667,8 @@ def _start_real_nodes(lay: Layout, state: dict, n: int, log: Log) -> None:
     t0 = time.monotonic()
     plans = node.prepare(lay.root, state, n, [SERVICE_CIDR, POD_CIDR], lambda: save_state(lay, state), log)
     save_state(lay, state)
+    # Cluster DNS on the bridge address, before any pod starts.
+    _start("coredns", lay, state, log)
     for plan in plans:
         ctrd, kubelet = node.proc_names(plan)
         _start(ctrd, lay, state, log)

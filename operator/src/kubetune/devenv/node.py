@@ -9,8 +9,10 @@ iptables chains are host-wide, so several grounds share one record of them (/run
 first ground with real nodes records them, the last one down restores them.
 
 Pods reach the node's own services through the bridge: the node's InternalIP is the bridge's address, and
-the S3 server (which stays on loopback for everyone else) is DNATed from that address. `ipMasq: false` and
-no default route keep the pods' traffic on this machine.
+the S3 server (which stays on loopback for everyone else) is DNATed from that address, for host processes
+too, so one endpoint serves both. The `kubernetes` Service's address is DNATed to the apiserver from the
+bridge only (a stand-in for kube-proxy, see dnat_rules), and CoreDNS on the bridge address serves
+cluster.local. `ipMasq: false` and no default route keep the pods' traffic on this machine.
 
 Real nodes are tainted `kubetune.io/real-node=true:NoSchedule` so the KWOK-based tests never land on them
 by chance (their images exist only as imports here); a pod that means to run here tolerates the taint.
@@ -47,6 +49,10 @@ GPU_SPEC = fleet.NodeSpec("real-0", "real", "2", "4Gi", fleet.T4, 1)
 WATCHED_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward")
 # Chains that the kubelet or the CNI plugins may add (the kubelet's are switched off, see kubelet_config).
 FOREIGN_CHAIN_PREFIXES = ("KUBE-", "CNI-")
+# The `kubernetes` Service's ClusterIP: the first address of the ground's service CIDR (ground.SERVICE_CIDR),
+# which in-cluster clients dial (KUBERNETES_SERVICE_HOST, port 443).
+KUBERNETES_VIP = "10.0.0.1"
+CLUSTER_DOMAIN = "cluster.local"
 HOST_DIR = Path("/run/kubetune")  # tmpfs: its record of the host's values lives as long as they do
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the final NUL
 
@@ -265,6 +271,9 @@ def cni_conflist(plan: NodePlan, net: Net) -> dict:
                             }
                         ]
                     ],
+                    # The `kubernetes` Service address only (no default route, no whole service CIDR): the
+                    # host DNATs it to the apiserver and has nothing to forward (ip_forward stays as it is).
+                    "routes": [{"dst": f"{KUBERNETES_VIP}/32", "gw": net.gateway}],
                     "dataDir": plan.path("cni/ipam"),  # not the host-wide /var/lib/cni/networks
                 },
             },
@@ -314,6 +323,9 @@ def kubelet_config(plan: NodePlan, net: Net, ca_file: str) -> dict:
         "serializeImagePulls": False,
         "shutdownGracePeriod": "0s",
         "resolvConf": "/etc/resolv.conf",
+        # CoreDNS of this ground listens on the bridge address (corefile).
+        "clusterDNS": [net.gateway],
+        "clusterDomain": CLUSTER_DOMAIN,
     }
 
 
@@ -349,6 +361,27 @@ def kubelet_kubeconfig(server: str, ca_pem: bytes, cert: str, key: str) -> dict:
         "contexts": [{"name": "kubelet", "context": {"cluster": "kubetune", "user": "kubelet"}}],
         "current-context": "kubelet",
     }
+
+
+def corefile(net: Net, kubeconfig: str, ready_port: int) -> str:
+    """CoreDNS for the pods: cluster.local from the apiserver (Services, headless Services' endpoints by
+    hostname), on the bridge address only (the pods' clusterDNS), port 53 UDP and TCP. There is no other
+    zone and no forwarder, so any other name is REFUSED here and never asked of anything beyond the host.
+    `ready` (loopback) answers 200 once the kubernetes plugin has synced: the ground's readiness check."""
+    return (
+        f"{CLUSTER_DOMAIN}:53 {{\n"
+        f"    bind {net.gateway}\n"
+        f"    ready 127.0.0.1:{ready_port}\n"
+        "    errors\n"
+        f"    kubernetes {CLUSTER_DOMAIN} {{\n"
+        f"        kubeconfig {kubeconfig}\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def coredns_argv(bin_dir: str, corefile_path: str) -> list[str]:
+    return [f"{bin_dir}/coredns", "-conf", corefile_path]
 
 
 def containerd_argv(bin_dir: str, plan: NodePlan) -> list[str]:
@@ -545,38 +578,40 @@ def delete_bridge(net: Net) -> None:
     _run("ip", "link", "del", net.bridge)
 
 
-def dnat_rules(chain: str, net: Net, ports: list[int]) -> list[list[str]]:
-    """iptables commands (without the binary) that expose loopback-only services to the pods at the
-    gateway address, same port: the S3 server stays on 127.0.0.1 for everyone else."""
-    cmds = [
-        ["-t", "nat", "-N", chain],
-        ["-t", "nat", "-A", "PREROUTING", "-i", net.bridge, "-m", "comment", "--comment", "kubetune dev", "-j", chain],
-    ]
+def jump_rules(chain: str, net: Net) -> list[list[str]]:
+    """The nat rules (without -A/-D) that send traffic into the ground's chain: what its pods send (in on
+    its bridge), and what host processes send to its gateway address, so an operator on the host reaches
+    S3 at the same endpoint as the pods (a FineTuneJob names one endpoint for both)."""
+    tail = ["-m", "comment", "--comment", "kubetune dev", "-j", chain]
+    return [["PREROUTING", "-i", net.bridge, *tail], ["OUTPUT", "-d", f"{net.gateway}/32", *tail]]
+
+
+def dnat_rules(chain: str, net: Net, ports: list[int], apiserver_port: int | None = None) -> list[list[str]]:
+    """iptables commands (without the binary) that expose loopback-only services to the pods (and host
+    processes) at the gateway address, same port: the S3 server stays on 127.0.0.1 for everyone else.
+
+    With apiserver_port, also the `kubernetes` Service (KUBERNETES_VIP:443) for the pods: a stand-in for
+    kube-proxy, whose chains (KUBE-SERVICES, ...) are host-wide with fixed names, jumped to from PREROUTING
+    and OUTPUT for every interface and rewritten wholesale on each sync, so two grounds side by side (same
+    service CIDR) would overwrite each other's VIPs. This rule is reached from this ground's bridge only."""
+    cmds = [["-t", "nat", "-N", chain], *(["-t", "nat", "-A", *j] for j in jump_rules(chain, net))]
     for p in ports:
         cmds.append(
             ["-t", "nat", "-A", chain, "-d", f"{net.gateway}/32", "-p", "tcp", "--dport", str(p), "-j", "DNAT",
              "--to-destination", f"127.0.0.1:{p}"]
         )  # fmt: skip
+    if apiserver_port:
+        cmds.append(
+            ["-t", "nat", "-A", chain, "-i", net.bridge, "-d", f"{KUBERNETES_VIP}/32", "-p", "tcp", "--dport", "443",
+             "-j", "DNAT", "--to-destination", f"127.0.0.1:{apiserver_port}"]
+        )  # fmt: skip
     return cmds
 
 
 def remove_dnat(chain: str, net: Net) -> None:
-    rule = [
-        "-t",
-        "nat",
-        "-D",
-        "PREROUTING",
-        "-i",
-        net.bridge,
-        "-m",
-        "comment",
-        "--comment",
-        "kubetune dev",
-        "-j",
-        chain,
-    ]
-    while _run("iptables", *rule, check=False).returncode == 0:
-        pass
+    for jump in jump_rules(chain, net):
+        while _run("iptables", "-t", "nat", "-D", *jump, check=False).returncode == 0:
+            pass
     _run("iptables", "-t", "nat", "-F", chain, check=False)
     _run("iptables", "-t", "nat", "-X", chain, check=False)
 
@@ -849,23 +884,29 @@ def prepare(root: Path, state: dict, n: int, taken: list[str], save: Callable[[]
         raise NodeError(f"the ground in {root} already has real nodes; run `kubetune dev down` first")
     t0 = time.monotonic()
     net = claim_host(root, taken)
-    plans = plan_nodes(root, n, net.subnet, procs.free_ports(3 * n))
+    ports = procs.free_ports(3 * n + 1)  # 3 a node, and CoreDNS's readiness port
+    plans = plan_nodes(root, n, net.subnet, ports[:-1])
     gid = ground_id(root)
+    dns_dir = Path(root) / "coredns"
     state["real_nodes"] = {
         "net": asdict(net),
         "chain": chain_name(gid),
         "nodes": [p.to_dict() | {"containerd_bin": state["bin"]["containerd"]} for p in plans],
         "pod_endpoints": {},
+        "dns": {"corefile": str(dns_dir / "Corefile"), "ready_port": ports[-1]},
     }
     save()
     create_bridge(net)
     s3_port = state["ports"]["s3"]
-    for cmd in dnat_rules(chain_name(gid), net, [s3_port]):
+    for cmd in dnat_rules(chain_name(gid), net, [s3_port], state["ports"]["apiserver"]):
         _run("iptables", *cmd)
     state["real_nodes"]["pod_endpoints"]["s3"] = f"http://{net.gateway}:{s3_port}"
     pki = Path(root) / "pki"
     ca_crt, ca_key = pki / "ca.crt", pki / "ca.key"
-    apiserver_ca = (pki / "serving" / "apiserver.crt").read_bytes()
+    # The apiserver's serving certificate is signed by the ground's CA (ground._fresh_cluster_files).
+    apiserver_ca = ca_crt.read_bytes()
+    dns_dir.mkdir(exist_ok=True)
+    (dns_dir / "Corefile").write_text(corefile(net, str(Path(root) / "kubeconfig"), ports[-1]))
     server = f"https://127.0.0.1:{state['ports']['apiserver']}"
     for plan in plans:
         d = Path(plan.dir)
