@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -182,3 +183,41 @@ def local_agent(ground, root: Path, node: str, env: dict | None = None, pull_sec
         p.wait(30)
         ground.kubectl("delete", "node", node, "--wait=false", check=False)
         print(log.read_text()[-3000:])
+
+
+class Recorder:
+    """Every state each object of a namespace went through (a pod is gone once its replacement runs;
+    a FineTuneJob's Preempted condition lasts only until the replacement pod runs)."""
+
+    def __init__(self, ns: str, kind: str = "pods"):
+        from kubernetes import client, config, watch
+
+        # explicit: the client read $KUBECONFIG when first imported, maybe before the ground set it
+        config.load_kube_config(config_file=os.environ["KUBECONFIG"])
+        self.core = client.CoreV1Api()
+        self.seen: dict[str, list[dict]] = {}
+        self._w = watch.Watch()
+        if kind == "pods":
+            args = (self.core.list_namespaced_pod, ns)
+        else:
+            args = (client.CustomObjectsApi().list_namespaced_custom_object, "kubetune.io", "v1alpha1", ns, kind)
+        threading.Thread(target=self._run, args=args, daemon=True).start()
+
+    def _run(self, *args) -> None:
+        ser = self.core.api_client.sanitize_for_serialization
+        try:
+            for ev in self._w.stream(*args, timeout_seconds=600):
+                obj = ser(ev["object"])
+                self.seen.setdefault(obj["metadata"]["name"], []).append(obj)
+        except Exception:  # the connection closing when the test stops watching
+            pass
+
+    def stop(self) -> None:
+        self._w.stop()
+
+    def terminated(self, name: str) -> dict | None:
+        for obj in reversed(self.seen.get(name, [])):
+            for cs in (obj.get("status") or {}).get("containerStatuses") or []:
+                if (cs.get("state") or {}).get("terminated"):
+                    return obj
+        return None

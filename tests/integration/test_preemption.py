@@ -6,8 +6,6 @@ replacement pod resumes from that checkpoint; the FineTuneJob finishes as one ru
 from __future__ import annotations
 
 import json
-import os
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import pytest
 from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
 
-from opkit import apply, cond, ftj, local_agent, wait_phase
+from opkit import Recorder, apply, cond, ftj, local_agent, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -29,44 +27,6 @@ def agent(ground, tmp_path_factory):
     # so the replacement pod's wait is long enough for the operator to report it.
     with local_agent(ground, tmp_path_factory.mktemp("agent"), NODE, {"KUBETUNE_DEBUG_STEP_SLEEP": "0.4"}, 3) as root:
         yield root
-
-
-class Recorder:
-    """Every state each object of a namespace went through (a pod is gone once its replacement runs;
-    a FineTuneJob's Preempted condition lasts only until the replacement pod runs)."""
-
-    def __init__(self, ns: str, kind: str = "pods"):
-        from kubernetes import client, config, watch
-
-        # explicit: the client read $KUBECONFIG when first imported, maybe before the ground set it
-        config.load_kube_config(config_file=os.environ["KUBECONFIG"])
-        self.core = client.CoreV1Api()
-        self.seen: dict[str, list[dict]] = {}
-        self._w = watch.Watch()
-        if kind == "pods":
-            args = (self.core.list_namespaced_pod, ns)
-        else:
-            args = (client.CustomObjectsApi().list_namespaced_custom_object, "kubetune.io", "v1alpha1", ns, kind)
-        threading.Thread(target=self._run, args=args, daemon=True).start()
-
-    def _run(self, *args) -> None:
-        ser = self.core.api_client.sanitize_for_serialization
-        try:
-            for ev in self._w.stream(*args, timeout_seconds=600):
-                obj = ser(ev["object"])
-                self.seen.setdefault(obj["metadata"]["name"], []).append(obj)
-        except Exception:  # the connection closing when the test stops watching
-            pass
-
-    def stop(self) -> None:
-        self._w.stop()
-
-    def terminated(self, name: str) -> dict | None:
-        for obj in reversed(self.seen.get(name, [])):
-            for cs in (obj.get("status") or {}).get("containerStatuses") or []:
-                if (cs.get("state") or {}).get("terminated"):
-                    return obj
-        return None
 
 
 def test_an_evicted_trainer_saves_its_step_and_the_replacement_resumes_it(ground, operator, agent, ns):

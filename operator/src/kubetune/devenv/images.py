@@ -12,17 +12,19 @@ Images are tagged with the project's version, under the names the chart and the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from kubetune.devenv import oci
+from kubetune.devenv import oci, paths
 
 Log = Callable[[str], None]
 
@@ -193,13 +195,41 @@ def archive(name: str, log: Log = _stderr) -> Path:
     t0 = time.monotonic()
     part = out.with_suffix(".part")
     _run_logged(
-        buildah_argv("push", "-q", ref, f"oci-archive:{part}:{ref}"),
+        buildah_argv("push", "-q", "--disable-compression", ref, f"oci-archive:{part}:{ref}"),
         oci.images_dir() / "buildah.log",
         f"exporting {ref}",
     )
     part.rename(out)
     log(f"exported {ref} in {time.monotonic() - t0:.0f} s ({out.stat().st_size >> 20} MiB)")
     return out
+
+
+def archive_digest(path: Path) -> str:
+    """The manifest digest an OCI archive's index names (what containerd lists the image under)."""
+    with tarfile.open(path) as tar:  # uncompressed: reading the headers skips over the layers
+        f = tar.extractfile("index.json")
+        assert f is not None
+        return json.load(f)["manifests"][0]["digest"]
+
+
+def import_into(node_state: dict, name: str, log: Log = _stderr) -> bool:
+    """Make a real node's containerd hold the current build of image `name`; False when it already did.
+
+    The tag stays the project version across builds, so the check is by manifest digest, not by name."""
+    from kubetune.devenv import node as rn
+
+    ref = IMAGES[name].ref()
+    arch = archive(name, log)
+    want = archive_digest(arch)
+    bin_dir = node_state.get("containerd_bin") or str(paths.bin_cache("containerd", paths.CONTAINERD_VERSION))
+    listed = rn.ctr(bin_dir, f"{node_state['dir']}/ctrd.sock", "images", "ls").stdout.splitlines()
+    if any(line.split()[:1] == [ref] and want in line.split() for line in listed):
+        return False
+    log(f"importing {ref} into {node_state['name']}'s containerd ...")
+    t0 = time.monotonic()
+    rn.import_image(node_state, arch)
+    log(f"imported {ref} into {node_state['name']} in {time.monotonic() - t0:.0f} s")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,169 @@
+"""FineTuneJobs whose trainer pods run in the trainer image, under a real kubelet + containerd (real-0):
+what KWOK's pretend pods and process-based pods cannot show (ownership, securityContext, mounts,
+signals, cgroup limits). The image is the one `make images` builds from trainer-image/Dockerfile."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
+from kubetune.devenv import images
+from kubetune.devenv import node as rn
+from kubetune.devenv.ground import wait_until as wait_for
+
+from opkit import Recorder, apply, cond, ftj, wait_phase
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def real_node(ground) -> dict:
+    """real-0 with the trainer image imported (built first if needed; layers and archive are cached)."""
+    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
+    assert nodes, "the session ground has no real node"
+    images.build(["trainer"], REPO)
+    images.import_into(nodes[0], "trainer")
+    upload_tiny_model_and_data(ground.s3())
+    return nodes[0]
+
+
+def _job(name: str, ground, node: dict, steps: int, save: int | None = None, batch: int | None = None) -> dict:
+    obj = quickstart_for_local(ground.state["real_nodes"]["pod_endpoints"]["s3"])
+    obj["metadata"]["name"] = name
+    r = obj["spec"]["resources"]
+    r["nodeSelector"] = {"kubernetes.io/hostname": node["name"]}
+    r["tolerations"] = [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    obj["spec"]["training"] |= {"maxSteps": steps, "evalSteps": steps // 2, "loggingSteps": 1}
+    obj["spec"]["checkpoints"] |= {"saveSteps": save or steps // 2}
+    if batch:  # bigger steps, so a disruption lands mid-run (the debug slow-down is not settable by a spec)
+        obj["spec"]["training"]["microBatchSize"] = batch
+    return obj
+
+
+def _events(ground, ns: str, pod: str) -> list[dict]:
+    """The trainer's JSON event lines, from the kubelet (kubectl logs)."""
+    out = ground.kubectl("logs", pod, "-n", ns, "-c", "trainer").stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _running_pod(ground, ns: str, name: str) -> str:
+    return next(p["metadata"]["name"] for p in _trainer_pods(ground, ns, name) if p["status"].get("phase") == "Running")
+
+
+def _latest_checkpoint(ground, ns: str, name: str) -> int | None:
+    return ((ftj(ground, ns, name).get("status") or {}).get("checkpoints") or {}).get("latestStep")
+
+
+def _trainer_pods(ground, ns: str, name: str) -> list[dict]:
+    return ground.kubectl_json("get", "pods", "-n", ns, "-l", f"kubetune.io/job={name}")["items"]
+
+
+def test_the_quickstart_trains_in_the_trainer_image_on_a_real_node(ground, operator, real_node, ns):
+    apply(ground, ns, _job("real-quickstart", ground, real_node, 40))
+    done = wait_phase(ground, ns, "real-quickstart", "Succeeded", 600)
+
+    (pod,) = _trainer_pods(ground, ns, "real-quickstart")
+    assert pod["spec"]["nodeName"] == real_node["name"]
+    (cs,) = pod["status"]["containerStatuses"]
+    assert cs["containerID"].startswith("containerd://"), cs
+    assert cs["image"] == images.IMAGES["trainer"].ref() or cs["image"].endswith(images.IMAGES["trainer"].ref())
+    assert cs["state"]["terminated"]["exitCode"] == 0
+    sec = pod["spec"]["securityContext"]
+    assert sec["runAsNonRoot"] and sec["runAsUser"] == 1000
+
+    m = done["status"]["result"]["metrics"]
+    assert m["steps"] == 40 and m["evalLoss"] < m["baseEvalLoss"], m
+    ev = done["status"]["result"]["evaluation"]
+    assert ev["tuned"]["loss"] < ev["base"]["loss"], ev
+    bucket, _, key = done["status"]["result"]["adapterUri"][len("s3://"):].partition("/")
+    got = {o["Key"] for o in ground.s3().list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]}
+    assert f"{key.rstrip('/')}/adapter_model.safetensors" in got, got
+    print(f"\nreal node {pod['spec']['nodeName']}: {cs['containerID'][:25]}..., eval loss "
+          f"{m['baseEvalLoss']:.2f} -> {m['evalLoss']:.2f} in {m['steps']} steps")
+
+
+STEPS, SAVE, BATCH = 200, 20, 16
+
+
+def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resumes_it(ground, operator, real_node, ns):
+    """The Eviction API: the kubelet stops the container through containerd and runc, whose SIGTERM
+    the trainer turns into a committed checkpoint of the step it is on (exit 143, within the grace
+    period); the podFailurePolicy ignores the disruption and the replacement resumes that step."""
+    pods = Recorder(ns)
+    try:
+        apply(ground, ns, _job("real-evict", ground, real_node, STEPS, SAVE, BATCH))
+        wait_for("a checkpoint", lambda: (_latest_checkpoint(ground, ns, "real-evict") or 0) >= SAVE, 300)
+        first = _running_pod(ground, ns, "real-evict")
+        from kubernetes import client
+
+        pods.core.create_namespaced_pod_eviction(first, ns, client.V1Eviction(
+            metadata=client.V1ObjectMeta(name=first, namespace=ns)))
+        done = wait_phase(ground, ns, "real-evict", "Succeeded", 600)
+    finally:
+        pods.stop()
+
+    gone = pods.terminated(first)
+    assert gone is not None, f"no terminal status recorded for {first}"
+    assert any(c["type"] == "DisruptionTarget" and c["status"] == "True" for c in gone["status"]["conditions"])
+    t = gone["status"]["containerStatuses"][0]["state"]["terminated"]
+    term = json.loads(t["message"])
+    assert t["exitCode"] == 143 and term["reason"] == "Preempted", t
+    stopped = term["step"]
+    assert SAVE < stopped < STEPS, term
+    assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in term["message"]
+
+    (replacement,) = [p["metadata"]["name"] for p in _trainer_pods(ground, ns, "real-evict")
+                      if p["metadata"]["name"] != first]
+    events = _events(ground, ns, replacement)
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0]["step"] == stopped, events[:5]
+    assert sorted(e["step"] for e in events if e["event"] == "step") == list(range(stopped + 1, STEPS + 1))
+    assert done["status"]["result"]["metrics"]["steps"] == STEPS
+    print(f"\nevicted {first} at step {stopped} (exit 143, checkpoint committed); {replacement} resumed there")
+
+
+def test_a_deleted_trainer_pod_is_replaced_and_resumes_from_the_newest_checkpoint(ground, operator, real_node, ns):
+    """`kubectl delete pod` mid-run: no disruption condition, so the Job counts a failure and makes a
+    replacement, which resumes from the newest checkpoint in S3. At most one save interval is lost,
+    and the loss curve goes on from where it was, not from the start."""
+    apply(ground, ns, _job("real-delete", ground, real_node, STEPS, SAVE, BATCH))
+    wait_for("a checkpoint", lambda: (_latest_checkpoint(ground, ns, "real-delete") or 0) >= SAVE, 300)
+    first = _running_pod(ground, ns, "real-delete")
+    before = {e["step"]: e["loss"] for e in _events(ground, ns, first) if e["event"] == "step"}
+    ground.kubectl("delete", "pod", first, "-n", ns, "--wait=true", timeout=120)
+    done = wait_phase(ground, ns, "real-delete", "Succeeded", 600)
+
+    (replacement,) = [p["metadata"]["name"] for p in _trainer_pods(ground, ns, "real-delete")
+                      if p["metadata"]["name"] != first]
+    events = _events(ground, ns, replacement)
+    (resumed,) = [e for e in events if e["event"] == "resumed"]
+    after = {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+    last_seen = max(before)
+    assert SAVE <= resumed["step"] and last_seen - resumed["step"] <= SAVE, (resumed, last_seen)
+    assert min(after) == resumed["step"] + 1 and max(after) == STEPS
+    # the curve continues: the replacement's first losses are the trained model's, far below step 1's
+    first_after = [after[s] for s in sorted(after)[:5]]
+    assert max(first_after) < before[1] * 0.8, (before[1], first_after)
+    if resumed["step"] + 1 in before:  # the same step, computed twice from the same state
+        assert abs(after[resumed["step"] + 1] - before[resumed["step"] + 1]) < 1e-3
+    assert done["status"]["result"]["metrics"]["steps"] == STEPS
+    print(f"\ndeleted {first} after step {last_seen}; {replacement} resumed at {resumed['step']}; loss step 1 "
+          f"{before[1]:.3f}, before delete {before[last_seen]:.3f}, after resume {first_after[0]:.3f}")
+
+
+def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_says_raise_memory(ground, operator, real_node, ns):
+    """The cgroup memory limit is real here: the kernel OOM-kills the container (OOMKilled, 137), and the
+    FineTuneJob fails at once with HostOutOfMemory and the advice, not a retry of the same limit."""
+    obj = _job("real-oom", ground, real_node, 10)
+    obj["spec"]["resources"]["memory"] = "300Mi"  # less than torch and the model need
+    apply(ground, ns, obj)
+    failed = wait_phase(ground, ns, "real-oom", "Failed", 300)
+    c = cond(failed, "Failed")
+    assert c["reason"] == "HostOutOfMemory", c
+    assert "The kernel OOM-killed the trainer" in c["message"] and "(300Mi)" in c["message"], c
+    (pod,) = _trainer_pods(ground, ns, "real-oom")
+    t = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (t["reason"], t["exitCode"]) == ("OOMKilled", 137), t
