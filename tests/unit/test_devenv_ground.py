@@ -146,3 +146,40 @@ def test_negative_real_node_count_is_refused(tmp_path):
 
     with pytest.raises(g.GroundError, match="0 or more"):
         g.up(g.layout(tmp_path), real_nodes=-1)
+
+
+def test_stop_keeps_the_record_and_start_brings_it_back_on_the_same_port(tmp_path):
+    """An outage of one component (S3 in test_real_resilience): stop, then start the same command."""
+    import sys
+
+    from kubetune.devenv import procs
+
+    lay = g.layout(tmp_path)
+    port = procs.free_port()
+    (tmp_path / "healthz").write_text("ok")  # a stand-in for kwok: its readiness is a 200 for /healthz
+    proc = procs.spawn("kwok", [sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+                       tmp_path / "kwok.log", cwd=tmp_path)
+    g.save_state(lay, {"ports": {"kwok": port}, "procs": {"kwok": proc.to_dict()}})
+    try:
+        g._wait_ready(proc, g._ready_check("kwok", lay, g.load_state(lay)), 30)
+        stopped = g.stop("kwok", lay, log=lambda m: None)
+        assert not procs.alive(stopped) and g._http_get(f"http://127.0.0.1:{port}/healthz") is None
+        assert not g.is_up(lay)  # still recorded, so the ground shows it dead
+        again = g.start("kwok", lay, log=lambda m: None)
+        assert again.pid != proc.pid and again.argv == proc.argv
+        assert g._http_get(f"http://127.0.0.1:{port}/healthz") == "ok" and g.is_up(lay)
+        assert g.start("kwok", lay, log=lambda m: None).pid == again.pid  # a live one is left alone
+    finally:
+        for p in g.recorded(g.load_state(lay)).values():
+            procs.stop(p)
+
+
+def test_stop_and_start_refuse_an_unknown_name(tmp_path):
+    import pytest
+
+    lay = g.layout(tmp_path)
+    g.save_state(lay, {"procs": {}})
+    with pytest.raises(g.GroundError, match="not running"):
+        g.stop("s3", lay)
+    with pytest.raises(g.GroundError, match="never started"):
+        g.start("s3", lay)

@@ -775,20 +775,41 @@ def down(lay: Layout | None = None, log: Log = _stderr) -> list[str]:
     return stuck
 
 
-def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.Proc:
-    """Stop one component and start it again with the same command (same port, same data)."""
+def stop(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.Proc:
+    """Stop one component but keep its record, so `start` brings it back on the same port and data
+    (an outage of S3, say, while everything else runs)."""
     lay = lay or layout()
-    state = load_state(lay)
-    procs_ = recorded(state)
+    procs_ = recorded(load_state(lay))
     if name not in procs_:
         raise GroundError(f"{name} is not running under {lay.root} (known: {', '.join(procs_) or 'none'})")
     if not procs.stop(procs_[name]):
         raise GroundError(f"{name} (pid {procs_[name].pid}) would not stop")
+    log(f"stopped {name}: pid {procs_[name].pid}")
+    return procs_[name]
+
+
+def start(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.Proc:
+    """Start a recorded component again with the same command (same port, same data); a live one is left as is."""
+    lay = lay or layout()
+    state = load_state(lay)
+    procs_ = recorded(state)
+    if name not in procs_:
+        raise GroundError(f"{name} was never started under {lay.root} (known: {', '.join(procs_) or 'none'})")
+    if procs.alive(procs_[name]):
+        return procs_[name]
     assert state is not None  # it recorded the process
     proc = procs.respawn(procs_[name])
     state["procs"][name] = proc.to_dict()
     save_state(lay, state)
     _wait_ready(proc, _ready_check(name, lay, state), 60)
+    log(f"started {name}: pid {proc.pid}")
+    return proc
+
+
+def restart(name: str, lay: Layout | None = None, log: Log = _stderr) -> procs.Proc:
+    """Stop one component and start it again with the same command (same port, same data)."""
+    stop(name, lay, log=lambda m: None)
+    proc = start(name, lay, log=lambda m: None)
     log(f"restarted {name}: pid {proc.pid}")
     return proc
 
