@@ -1,23 +1,25 @@
 """`make demo`: the main job, locally, end to end.
 
-1. Bring up the test ground: a real control plane built from Go modules, a fake GPU fleet (KWOK)
-   and an S3 server; install the CRDs.
-2. Start the operator, and a local agent that runs trainer pods as real processes on this machine.
-3. Put a tiny random-init Llama and an alpaca data set in S3.
-4. `kubectl apply` examples/quickstart.yaml: the operator validates, estimates and places it, the
-   trainer really fine-tunes it with LoRA on CPU, syncs checkpoints to S3 and reports progress; the
-   FineTuneJob ends Succeeded with the base and tuned eval loss.
-5. Memory-aware placement on the fake GPU fleet: lora-8b lands on the smallest GPU that fits,
+1. Bring up the test ground: a real control plane built from Go modules, a fake GPU fleet (KWOK),
+   an S3 server and one real kubelet node (real-0: containerd, runc); install the CRDs.
+2. Build (or reuse) the operator and trainer images and import them into real-0's containerd.
+3. `helm install` charts/kubetune: the operator runs as a pod on real-0, under the chart's
+   ServiceAccount and RBAC, in a namespace that enforces the restricted Pod Security Standard.
+4. Put a tiny random-init Llama and an alpaca data set in S3.
+5. `kubectl apply` examples/quickstart.yaml: the operator validates, estimates and places it; the
+   trainer pod runs in the trainer image on real-0, fine-tunes with LoRA on CPU, syncs checkpoints
+   to S3 and reports progress; the FineTuneJob ends Succeeded with the base and tuned eval loss.
+6. Memory-aware placement on the fake GPU fleet: lora-8b lands on the smallest GPU that fits,
    too-big is refused with fit advice.
 
-The ground stays up afterwards (`kubetune dev down` stops it); the operator and agent stop.
+The ground stays up afterwards (`kubetune dev down` stops it); the release is uninstalled, so the
+integration tests' own operators on a reused ground have no rival.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 NS = "kubetune-demo"
+OPERATOR_NS = "kubetune-system"
+RELEASE = "kubetune"
 
 
 def say(title: str) -> None:
@@ -43,28 +47,6 @@ def run(
     if check and r.returncode != 0:
         raise SystemExit(f"demo: `{' '.join(cmd)}` failed ({r.returncode})\n{r.stderr or ''}")
     return r
-
-
-class Background:
-    """The operator and the agent: started by the demo, stopped by it."""
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, log: Path) -> None:
-        p = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs.append((name, p))
-        print(f"started {name} (pid {p.pid}), log {log}", flush=True)
-
-    def stop(self) -> None:
-        for name, p in reversed(self.procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                print(f"stopped {name}", flush=True)
 
 
 def upload_tiny_model_and_data(s3) -> None:
@@ -94,6 +76,43 @@ def quickstart_for_local(endpoint: str) -> dict:
     return obj
 
 
+def quickstart_for_node(endpoint: str, node_name: str) -> dict:
+    """examples/quickstart.yaml, pointed at S3 as pods reach it and pinned to a real node (its taint
+    keeps every other pod off it)."""
+    from kubetune.devenv.node import TAINT_KEY
+
+    obj = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    obj["spec"]["storage"]["endpoint"] = endpoint
+    r = obj["spec"]["resources"]
+    r["nodeSelector"] = {"kubernetes.io/hostname": node_name}
+    r["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    return obj
+
+
+def chart_values(node_name: str, replicas: int = 1, progress_interval: int = 3) -> dict:
+    """Helm values that run the chart's operator on a real node of the ground: it tolerates the node's
+    taint and is pinned there (KWOK would "run" it elsewhere, doing nothing). The images come from
+    the node's containerd (imported, no registry), hence IfNotPresent."""
+    from kubetune.devenv.node import TAINT_KEY
+
+    return {
+        "replicaCount": replicas,
+        "image": {"pullPolicy": "IfNotPresent"},
+        "nodeSelector": {"kubernetes.io/hostname": node_name},
+        "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+        "operator": {"progressInterval": progress_interval},
+    }
+
+
+def timed(what: str, fn, *args):
+    """Run one long step, saying what it is first and how long it took after."""
+    print(f"  {what} ...", flush=True)
+    t0 = time.monotonic()
+    out = fn(*args)
+    print(f"  {what}: {time.monotonic() - t0:.0f} s", flush=True)
+    return out
+
+
 def watch(kubectl: list[str], env: dict, name: str, timeout: float = 900) -> dict:
     t0, last = time.time(), None
     while time.time() - t0 < timeout:
@@ -110,55 +129,79 @@ def watch(kubectl: list[str], env: dict, name: str, timeout: float = 900) -> dic
 
 def main() -> int:
     from kubetune.devenv import ground as g
+    from kubetune.devenv import images
 
-    say("1. The test ground: control plane from Go modules, fake GPU fleet, S3 (the first run builds, ~20 min)")
+    t_start = time.monotonic()
+    say(
+        "1. The test ground: control plane from Go modules, fake GPU fleet, S3, a real node (first run builds, ~20 min)"
+    )
     lay = g.layout()
-    g.up(lay)
+    timed("ground up", g.up, lay)
     env = {**os.environ, **g.env_values(lay)}
     env["PATH"] = os.pathsep.join([*g.path_dirs(lay), env.get("PATH", "")])
     state = g.up_state(lay)
+    nodes = (state.get("real_nodes") or {}).get("nodes") or []
+    if not nodes:
+        raise SystemExit(
+            "demo: the ground has no real node (they need root): as root, `kubetune dev down` then `make demo`"
+        )
+    node = nodes[0]
     kubectl = [str(Path(state["bin"]["kubernetes"]) / "kubectl")]
     run(kubectl + ["apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds")], env=env)
     run(kubectl + ["wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"], env=env)
     run(kubectl + ["get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.memory,nvidia.com/gpu.count"], env=env)
 
-    bg = Background()
-    try:
-        say("2. The operator, and a local agent that runs trainer pods as processes on this machine")
-        bg.start(
-            "operator",
+    say(f"2. The operator and trainer images (buildah, cached layers; the first build ~5 min), into {node['name']}")
+    timed("image builds", images.build, ["operator", "trainer"], REPO)
+    for name in ("operator", "trainer"):
+        # a no-op when the node's containerd holds this very build (same manifest digest)
+        timed(f"{name} image into {node['name']}'s containerd", images.import_into, node, name)
+
+    say(f"3. helm install {RELEASE} charts/kubetune: the operator as a pod on {node['name']} (restricted Pod Security)")
+    run(kubectl + ["create", "namespace", OPERATOR_NS], env=env, check=False, quiet=True)
+    run(
+        kubectl + ["label", "--overwrite", "namespace", OPERATOR_NS, "pod-security.kubernetes.io/enforce=restricted"],
+        env=env,
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="demo-values-") as vf:
+        json.dump(chart_values(node["name"]), vf)
+        vf.flush()
+        timed(
+            "helm install (until the operator pod is ready)",
+            run,
             [
-                sys.executable,
-                "-m",
-                "kubetune.cli",
-                "operator",
-                "--standalone",
-                "--metrics-port",
-                "0",
-                "--liveness",
-                "",
-                "--progress-interval",
-                "3",
-                # the ground's S3 server listens on this machine's loopback
-                "--allow-endpoint",
-                "127.0.0.1",
+                "helm",
+                "upgrade",
+                "--install",
+                RELEASE,
+                str(REPO / "charts" / "kubetune"),
+                "-n",
+                OPERATOR_NS,
+                "-f",
+                vf.name,
+                "--wait",
+                "--timeout",
+                "180s",
             ],
             env,
-            lay.root / "demo-operator.log",
         )
-        bg.start(
-            "agent",
-            [sys.executable, "-m", "kubetune.devenv.agent", "--node", "local-0", "--cpu", "2"],
-            env,
-            lay.root / "demo-agent.log",
-        )
-        g.wait_until(
-            "the local node",
-            lambda: run(kubectl + ["get", "node", "local-0"], env=env, check=False, quiet=True).returncode == 0,
-            60,
-        )
+    run(kubectl + ["get", "pods", "-n", OPERATOR_NS, "-o", "wide"], env=env)
+    (op_pod,) = json.loads(
+        run(
+            kubectl + ["get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=kubetune", "-o", "json"],
+            env=env,
+            quiet=True,
+        ).stdout
+    )["items"]
+    psc = op_pod["spec"].get("securityContext") or {}
+    print(
+        f"  {op_pod['metadata']['name']}: serviceAccount {op_pod['spec']['serviceAccountName']}, runAsNonRoot "
+        f"{psc.get('runAsNonRoot')}, uid {psc.get('runAsUser')}, "
+        f"{op_pod['status']['containerStatuses'][0]['containerID'][:25]}..."
+    )
 
-        say("3. A tiny random-init Llama and alpaca data in S3 (no hub downloads)")
+    try:
+        say("4. A tiny random-init Llama and alpaca data in S3 (no hub downloads)")
         upload_tiny_model_and_data(g.s3_client(state))
         run(kubectl + ["create", "namespace", NS], env=env, check=False, quiet=True)
         s3 = state["s3"]
@@ -181,7 +224,7 @@ def main() -> int:
             quiet=True,
         ).stdout
         run(kubectl + ["apply", "-f", "-"], env=env, stdin=secret, quiet=True)
-        # The meta-llama examples of step 5 name a Hub token Secret (the models are gated). Their
+        # The meta-llama examples of step 6 name a Hub token Secret (the models are gated). Their
         # architectures come from kubetune's catalog and KWOK plays their pods, so nothing reads the
         # Hub here: a placeholder token does.
         token = run(
@@ -204,15 +247,39 @@ def main() -> int:
         run(kubectl + ["apply", "-f", "-"], env=env, stdin=token, quiet=True)
         run(kubectl + ["delete", "ftj", "--all", "-n", NS, "--wait=true"], env=env, check=False, quiet=True)
 
-        say("4. kubectl apply -f examples/quickstart.yaml (LoRA on CPU, for real)")
-        run(kubectl + ["apply", "-n", NS, "-f", "-"], env=env, stdin=json.dumps(quickstart_for_local(s3["endpoint"])))
+        say(f"5. kubectl apply -f examples/quickstart.yaml (LoRA on CPU, in the trainer image on {node['name']})")
+        # S3 as pods reach it: the ground's bridge gateway, DNATed to the S3 server
+        endpoint = state["real_nodes"]["pod_endpoints"]["s3"]
+        run(
+            kubectl + ["apply", "-n", NS, "-f", "-"],
+            env=env,
+            stdin=json.dumps(quickstart_for_node(endpoint, node["name"])),
+        )
+        t0 = time.monotonic()
         done = watch(kubectl, env, "quickstart")
+        print(f"  trained in {time.monotonic() - t0:.0f} s", flush=True)
         st = done["status"]
         for c in st.get("conditions", []):
             print(f"  {c['type']:<17} {c['status']:<6} {c['reason']:<22} {c['message'][:110]}")
+        run(kubectl + ["get", "pods", "-n", NS, "-l", "kubetune.io/job=quickstart", "-o", "wide"], env=env)
+        pods = json.loads(
+            run(
+                kubectl + ["get", "pods", "-n", NS, "-l", "kubetune.io/job=quickstart", "-o", "json"],
+                env=env,
+                quiet=True,
+            ).stdout
+        )["items"]
+        for pod in pods:
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                print(
+                    f"  {pod['metadata']['name']} on {pod['spec'].get('nodeName')}: {cs['image']}, "
+                    f"{cs.get('containerID')}"
+                )
         if st.get("phase") != "Succeeded":
-            print((lay.root / "demo-agent.log").read_text()[-3000:])
-            raise SystemExit("demo: the quickstart run failed (agent log above)")
+            run(kubectl + ["logs", "-n", OPERATOR_NS, f"deployment/{RELEASE}", "--tail=60"], env=env, check=False)
+            for pod in pods:
+                run(kubectl + ["logs", "-n", NS, pod["metadata"]["name"], "--tail=40"], env=env, check=False)
+            raise SystemExit("demo: the quickstart run failed (operator and trainer logs above)")
         m = (st.get("result") or {}).get("metrics", {})
         print(
             f"\n  eval loss: base model {m.get('baseEvalLoss', float('nan')):.3f} -> tuned "
@@ -230,10 +297,10 @@ def main() -> int:
             if b is not None and t is not None:
                 print(f"    {metric:<14} base {b:8.3f}  tuned {t:8.3f}")
 
-        say("4b. kubetune report quickstart: the base and the tuned model's answers, side by side")
+        say("5b. kubetune report quickstart: the base and the tuned model's answers, side by side")
         run([sys.executable, "-m", "kubetune.cli", "report", "quickstart", "-n", NS, "--width", "100"], env=env)
 
-        say("5. Memory-aware placement on the fake GPU fleet (KWOK plays the kubelet)")
+        say("6. Memory-aware placement on the fake GPU fleet (KWOK plays the kubelet)")
         for name in ("lora-8b", "too-big"):
             obj = yaml.safe_load((REPO / "examples" / f"{name}.yaml").read_text())
             obj["spec"]["resources"]["podAnnotations"] = {"pod-complete.stage.kwok.x-k8s.io/delay": "120s"}
@@ -253,10 +320,23 @@ def main() -> int:
         big = json.loads(run(kubectl + ["get", "ftj", "too-big", "-n", NS, "-o", "json"], env=env, quiet=True).stdout)
         sched = next(c for c in big["status"]["conditions"] if c["type"] == "Scheduled")
         print(f"\n  too-big: Scheduled={sched['status']} reason {sched['reason']}:\n  {sched['message']}")
-        run(kubectl + ["delete", "ftj", "lora-8b", "too-big", "-n", NS, "--wait=false"], env=env, quiet=True)
+        # waited for: their finalizers need the operator, which goes with the release below
+        run(
+            kubectl + ["delete", "ftj", "lora-8b", "too-big", "-n", NS, "--timeout=60s"],
+            env=env,
+            quiet=True,
+            check=False,
+        )
     finally:
-        bg.stop()
-    print('\nThe ground is still up: `eval "$(kubetune dev env)"` to use kubectl, `kubetune dev down` to stop it.')
+        # A release left running would reconcile every namespace beside the integration tests' own
+        # operators on a reused ground.
+        run(["helm", "uninstall", RELEASE, "-n", OPERATOR_NS, "--wait", "--timeout", "60s"], env=env, check=False)
+    print(f"\ndemo done in {time.monotonic() - t_start:.0f} s.")
+    print(
+        '\nThe ground is still up: `eval "$(kubetune dev env)"` to use kubectl, `kubetune dev down` to stop it;\n'
+        f"`helm install {RELEASE} charts/kubetune -n {OPERATOR_NS} -f <values>` brings the operator back "
+        "(the demo's values: kubetune.demo.chart_values)."
+    )
     return 0
 
 
