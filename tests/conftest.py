@@ -134,11 +134,11 @@ def hub_mirror():
 
 @pytest.fixture
 def tls_proxy(tmp_path):
-    """tls_proxy(port) -> a TlsProxy in front of that port (closed at teardown)."""
+    """tls_proxy(port, host="127.0.0.1") -> a TlsProxy on host in front of that port (closed at teardown)."""
     made = []
 
-    def make(target: int) -> TlsProxy:
-        made.append(TlsProxy(tmp_path / f"tls-{len(made)}", target))
+    def make(target: int, host: str = "127.0.0.1") -> TlsProxy:
+        made.append(TlsProxy(tmp_path / f"tls-{len(made)}", target, host))
         return made[-1]
 
     yield make

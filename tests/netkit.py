@@ -24,16 +24,17 @@ def pipe(a: socket.socket, b: socket.socket) -> None:
 
 
 class TlsProxy:
-    """TLS in front of a plain TCP port (an S3 server), with a certificate for 127.0.0.1 signed by a
-    throwaway private CA: an https endpoint that only verifies against ``ca_pem``."""
+    """TLS in front of a plain TCP port (an S3 server), with a certificate for ``host`` (where it listens:
+    127.0.0.1, or a real node's bridge gateway so pods reach it too) signed by a throwaway private CA: an
+    https endpoint that only verifies against ``ca_pem``."""
 
-    def __init__(self, work: Path, target: int):
+    def __init__(self, work: Path, target: int, host: str = "127.0.0.1"):
         work.mkdir(parents=True, exist_ok=True)
         run = lambda *a: subprocess.run(["openssl", *a], cwd=work, check=True, capture_output=True)  # noqa: E731
         run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
             "-subj", "/CN=kubetune test CA")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
-        (work / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", f"/CN={host}")
+        (work / "ext.cnf").write_text(f"subjectAltName=IP:{host}\n")
         run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
             "-days", "1", "-extfile", "ext.cnf")
         self.ca_pem = (work / "ca.pem").read_text()
@@ -43,9 +44,9 @@ class TlsProxy:
         self.target = target
         self.handshakes = self.refused = 0  # TLS sessions set up; clients that gave up on the handshake
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.listen(64)
-        self.url = f"https://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.url = f"https://{host}:{self.sock.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):

@@ -62,8 +62,9 @@ def ground() -> Iterator[Ground]:
     started = False
     if not g.is_up(lay):
         g.down(lay)   # stop any survivors of a half-dead earlier ground, by their recorded pids
-        # One real kubelet node beside the KWOK fleet, so CI covers real pods (test_real_node.py).
-        g.up(lay, real_nodes=1)
+        # Two real kubelet nodes beside the KWOK fleet, so CI covers real pods (test_real_node.py) and a
+        # run across nodes (test_real_resilience.py).
+        g.up(lay, real_nodes=2)
         started = True
     saved = dict(os.environ)
     # Code under test (boto3, the kubernetes client, kubectl/helm subprocesses) finds the ground like a
@@ -126,6 +127,21 @@ def ns(ground, namespace):
     return namespace
 
 
+
+
+@pytest.fixture(scope="module")
+def real_node(ground) -> dict:
+    """The ground's first real node with the current trainer image in its containerd (built first if
+    needed: layers and the exported archive are cached), and the tiny model and data in S3."""
+    from kubetune.demo import upload_tiny_model_and_data
+    from kubetune.devenv import images
+
+    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
+    assert nodes, "the session ground has no real node"
+    images.build(["trainer"], REPO)
+    images.import_into(nodes[0], "trainer")
+    upload_tiny_model_and_data(ground.s3())
+    return nodes[0]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -221,3 +221,35 @@ class Recorder:
                 if (cs.get("state") or {}).get("terminated"):
                     return obj
         return None
+
+
+# --- trainer pods on the ground's real kubelet nodes -------------------------------------------------------
+
+
+def job_on_node(ground, node: dict, name: str, steps: int, save: int | None = None, batch: int | None = None,
+                endpoint: str | None = None) -> dict:
+    """The quickstart as `name`, pinned to a real node (its selector and its taint's toleration), reading S3
+    at the address pods reach (or `endpoint`)."""
+    from kubetune.demo import quickstart_for_local
+    from kubetune.devenv import node as rn
+
+    obj = quickstart_for_local(endpoint or ground.state["real_nodes"]["pod_endpoints"]["s3"])
+    obj["metadata"]["name"] = name
+    r = obj["spec"]["resources"]
+    r["nodeSelector"] = {"kubernetes.io/hostname": node["name"]}
+    r["tolerations"] = [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
+    obj["spec"]["training"] |= {"maxSteps": steps, "evalSteps": max(1, steps // 2), "loggingSteps": 1}
+    obj["spec"]["checkpoints"] |= {"saveSteps": save or max(1, steps // 2)}
+    if batch:  # bigger steps, so a disruption lands mid-run (the debug slow-down is not settable by a spec)
+        obj["spec"]["training"]["microBatchSize"] = batch
+    return obj
+
+
+def trainer_pods(ground, ns: str, name: str) -> list[dict]:
+    return ground.kubectl_json("get", "pods", "-n", ns, "-l", f"kubetune.io/job={name}")["items"]
+
+
+def trainer_events(ground, ns: str, pod: str) -> list[dict]:
+    """The trainer's JSON event lines, from the kubelet (kubectl logs)."""
+    out = ground.kubectl("logs", pod, "-n", ns, "-c", "trainer").stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]

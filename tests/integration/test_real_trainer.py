@@ -92,7 +92,9 @@ def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resume
     """The Eviction API: the kubelet stops the container through containerd and runc, whose SIGTERM
     the trainer turns into a committed checkpoint of the step it is on (exit 143, within the grace
     period); the podFailurePolicy ignores the disruption and the replacement resumes that step."""
-    pods = Recorder(ns)
+    pods, jobs = Recorder(ns), Recorder(ns, "finetunejobs")
+    # the operator process is shared with other tests' jobs, so only this counter is this test's alone
+    before = operator.metric("kubetune_runs_preempted_total") or 0.0
     try:
         apply(ground, ns, _job("real-evict", ground, real_node, STEPS, SAVE, BATCH))
         wait_for("a checkpoint", lambda: (_latest_checkpoint(ground, ns, "real-evict") or 0) >= SAVE, 300)
@@ -104,6 +106,7 @@ def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resume
         done = wait_phase(ground, ns, "real-evict", "Succeeded", 600)
     finally:
         pods.stop()
+        jobs.stop()
 
     gone = pods.terminated(first)
     assert gone is not None, f"no terminal status recorded for {first}"
@@ -121,7 +124,17 @@ def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resume
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and resumed[0]["step"] == stopped, events[:5]
     assert sorted(e["step"] for e in events if e["event"] == "step") == list(range(stopped + 1, STEPS + 1))
-    assert done["status"]["result"]["metrics"]["steps"] == STEPS
+    # Counted as a preemption, not as a pod failure against backoffLimit: one run, the Job never failed.
+    assert (operator.metric("kubetune_runs_preempted_total") or 0.0) - before == 1.0
+    st = done["status"]
+    assert st["run"] == 1 and [h["run"] for h in st["history"]] == [1]
+    job = ground.kubectl_json("get", "job", "-n", ns, "-l", "kubetune.io/job=real-evict")["items"][0]
+    assert not job["status"].get("failed"), job["status"]
+    assert st["result"]["metrics"]["steps"] == STEPS
+    # Between the two pods, the FineTuneJob said why it was not running.
+    said = [c for o in jobs.seen["real-evict"] for c in (o.get("status") or {}).get("conditions", [])
+            if c["type"] == "Running" and c["reason"] == "Preempted"]
+    assert said and said[0]["message"].startswith(f"run 1: stopped by SIGTERM at step {stopped}/{STEPS}"), said
     print(f"\nevicted {first} at step {stopped} (exit 143, checkpoint committed); {replacement} resumed there")
 
 

@@ -1,47 +1,39 @@
-"""Real trainer pods on the local agent's node (a kubelet that runs pods as processes): what only a
-process that really talks to S3 shows, beyond what KWOK's pretend pods can."""
+"""Real trainer pods, in the trainer image on the ground's real kubelet node: what only a process that
+really talks to S3 shows, beyond what KWOK's pretend pods can."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv.ground import wait_until as wait_for
 from kubetune.errors import UNTRUSTED_S3
 from kubetune_trainer.tiny import preference_rows
 
-from opkit import apply, cond, ftj, local_agent, wait_ftj, wait_phase
+from opkit import apply, cond, ftj, job_on_node, wait_ftj, wait_phase
 
 pytestmark = pytest.mark.integration
 
-NODE = "local-pods"
 
 
-@pytest.fixture(scope="module")
-def agent(ground, tmp_path_factory):
-    upload_tiny_model_and_data(ground.s3())
-    with local_agent(ground, tmp_path_factory.mktemp("agent"), NODE) as root:
-        yield root
-
-
-def _tiny_job(name: str, endpoint: str, steps: int = 6) -> dict:
-    obj = quickstart_for_local(endpoint)
-    obj["metadata"]["name"] = name
-    spec = obj["spec"]
-    spec["resources"]["nodeSelector"]["kubernetes.io/hostname"] = NODE
-    spec["training"] |= {"maxSteps": steps, "evalSteps": 3, "loggingSteps": 1}
-    spec["checkpoints"] |= {"saveSteps": 3}
+def _tiny_job(name: str, ground, node: dict, endpoint: str | None = None, steps: int = 6) -> dict:
+    obj = job_on_node(ground, node, name, steps, save=3, endpoint=endpoint)
+    obj["spec"]["training"] |= {"evalSteps": 3}
     return obj
 
 
-def test_a_run_against_an_s3_endpoint_only_a_private_ca_verifies(ground, operator, agent, ns, tls_proxy):
+def _gateway(ground) -> str:
+    """The real nodes' bridge address: where a listener on this host is reachable from the pods."""
+    return ground.state["real_nodes"]["pod_endpoints"]["s3"].split("//", 1)[1].rsplit(":", 1)[0]
+
+
+def test_a_run_against_an_s3_endpoint_only_a_private_ca_verifies(ground, operator, real_node, ns, tls_proxy):
     """spec.storage.caBundle end to end: the operator reads the model's config.json and the trainer's
     progress over https, and the trainer downloads the model and data, uploads checkpoints and the
     adapter, all through an endpoint whose certificate only the ConfigMap's CA verifies."""
-    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]))
+    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]), _gateway(ground))
     ground.kubectl("create", "configmap", "s3-ca", "-n", ns, f"--from-file=ca.crt={proxy.ca_file}")
-    obj = _tiny_job("private-ca", proxy.url)
+    obj = _tiny_job("private-ca", ground, real_node, proxy.url)
     obj["spec"]["storage"]["caBundle"] = {"name": "s3-ca"}
     apply(ground, ns, obj)
     done = wait_phase(ground, ns, "private-ca", "Succeeded", 300)
@@ -64,19 +56,19 @@ def test_a_run_against_an_s3_endpoint_only_a_private_ca_verifies(ground, operato
 
 
 
-def test_without_the_ca_bundle_the_job_says_to_set_it(ground, operator, agent, ns, tls_proxy):
+def test_without_the_ca_bundle_the_job_says_to_set_it(ground, operator, real_node, ns, tls_proxy):
     """The same endpoint without spec.storage.caBundle: the operator, reading config.json, names the
     field; with an inline architecture (nothing for the operator to read) the trainer meets the
     certificate first and the run fails with the same advice, not a retry loop."""
-    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]))
-    apply(ground, ns, _tiny_job("no-ca", proxy.url))
+    proxy = tls_proxy(int(ground.state["s3"]["endpoint"].rsplit(":", 1)[1]), _gateway(ground))
+    apply(ground, ns, _tiny_job("no-ca", ground, real_node, proxy.url))
     got = wait_for("ModelConfigUnavailable", lambda: (lambda o: o if cond(o, "Validated").get("reason") ==
                                                       "ModelConfigUnavailable" else None)(ftj(ground, ns, "no-ca")), 60)
     msg = cond(got, "Validated")["message"]
     assert ("config.json: the S3 endpoint's TLS certificate is not trusted (certificate verify failed): set "
             "spec.storage.caBundle to a ConfigMap holding the CA that signed it") in msg, msg
 
-    obj = _tiny_job("no-ca-trainer", proxy.url)
+    obj = _tiny_job("no-ca-trainer", ground, real_node, proxy.url)
     obj["spec"]["model"]["architecture"] = {  # the tiny Llama's (the vocabulary only sizes the estimate)
         "modelType": "llama", "hiddenSize": 64, "numHiddenLayers": 2, "numAttentionHeads": 4, "numKeyValueHeads": 2,
         "intermediateSize": 128, "vocabSize": 512}
@@ -90,7 +82,7 @@ def test_without_the_ca_bundle_the_job_says_to_set_it(ground, operator, agent, n
     print(f"\nno caBundle: {c['message']}")
 
 
-def test_sft_then_dpo_from_its_merged_output(ground, operator, agent, ns):
+def test_sft_then_dpo_from_its_merged_output(ground, operator, real_node, ns):
     """The pipeline docs/objectives.md describes, as two FineTuneJobs applied at once: SFT with a merged
     output, and DPO whose model.uri is that merged directory. The DPO job waits (its config.json is not
     there yet) until the SFT job has written it, then trains on preference pairs to Succeeded, with the
@@ -98,13 +90,13 @@ def test_sft_then_dpo_from_its_merged_output(ground, operator, agent, ns):
     rows = preference_rows(32, seed=4)
     ground.s3().put_object(Bucket="kubetune-data", Key="prefs/train.jsonl",
                            Body="".join(json.dumps(r) + "\n" for r in rows).encode())
-    sft = _tiny_job("chain-sft", ground.state["s3"]["endpoint"])
+    sft = _tiny_job("chain-sft", ground, real_node)
     sft["spec"]["output"] = {"uri": "s3://kubetune/outputs/", "mergeAdapter": True}
     lora8 = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "targetModules": ["all-linear"]}}
     sft["spec"]["method"] = lora8
     sft["spec"]["training"]["learningRate"] = 2e-2
     merged = f"s3://kubetune/outputs/{ns}/chain-sft/run-1/merged/"  # <output.uri>/<namespace>/<name>/run-<n>/
-    dpo = _tiny_job("chain-dpo", ground.state["s3"]["endpoint"], steps=24)
+    dpo = _tiny_job("chain-dpo", ground, real_node, steps=24)
     spec = dpo["spec"]
     spec["model"]["uri"] = merged
     spec["objective"] = {"type": "dpo", "beta": 0.5}
