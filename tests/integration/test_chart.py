@@ -118,6 +118,18 @@ def test_install_creates_the_operator_and_uninstall_removes_it(ground, namespace
     ground.kubectl("get", "crd", "finetunejobs.kubetune.io")
 
 
+def test_the_operator_names_its_peer_by_pod_not_by_a_passwd_lookup(ground):
+    """kopf builds a peer identity with getpass unless POD_ID is set, and getpass needs a passwd entry
+    that the image has not for uid 65532: without POD_ID the operator pod exits at start (seen on a
+    real node, test_chart_operator.py). extraEnv comes after it, so it cannot drop it."""
+    out = helm("template", "x", str(CHART), "--kube-version", "1.30.0",
+               "--set", "extraEnv[0].name=HTTPS_PROXY,extraEnv[0].value=http://proxy:3128").stdout
+    dep = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment")
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert env == [{"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                   {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}], env
+
+
 def test_watch_namespaces_gives_roles_and_peerings_per_namespace(ground, namespace, extra_namespace):
     watched = [namespace, extra_namespace]
     with release(ground, namespace, f"watchNamespaces={{{','.join(watched)}}}", "replicaCount=1") as full:
