@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def quickstart_for_node(endpoint: str, node_name: str) -> dict:
     return obj
 
 
-def chart_values(node_name: str, replicas: int = 1, progress_interval: int = 3) -> dict:
+def chart_values(
+    node_name: str, replicas: int = 1, progress_interval: int = 3, trainer_env: dict | None = None
+) -> dict:
     """Helm values that run the chart's operator on a real node of the ground: it tolerates the node's
     taint and is pinned there (KWOK would "run" it elsewhere, doing nothing). The images come from
     the node's containerd (imported, no registry), hence IfNotPresent."""
@@ -101,14 +104,26 @@ def chart_values(node_name: str, replicas: int = 1, progress_interval: int = 3) 
         "nodeSelector": {"kubernetes.io/hostname": node_name},
         "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
         "operator": {"progressInterval": progress_interval},
+        "trainer": {"env": trainer_env or {}},
     }
 
 
-def timed(what: str, fn, *args):
-    """Run one long step, saying what it is first and how long it took after."""
+def timed(what: str, fn, *args, every: float = 30):
+    """Run one long step, saying what it is first, that it still runs every `every` seconds (a cold
+    trainer build or export is minutes of silence otherwise), and how long it took after."""
     print(f"  {what} ...", flush=True)
     t0 = time.monotonic()
-    out = fn(*args)
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(every):
+            print(f"  ... {what}: {time.monotonic() - t0:.0f} s so far", flush=True)
+
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        out = fn(*args)
+    finally:
+        done.set()
     print(f"  {what}: {time.monotonic() - t0:.0f} s", flush=True)
     return out
 
@@ -200,6 +215,22 @@ def main() -> int:
         f"{op_pod['status']['containerStatuses'][0]['containerID'][:25]}..."
     )
 
+    # Ready is only the liveness port; the peering record is kopf running, watching, able to act.
+    g.wait_until(
+        f"{op_pod['metadata']['name']} in the ClusterKopfPeering {RELEASE}",
+        lambda: (
+            op_pod["metadata"]["name"]
+            in (
+                json.loads(
+                    run(kubectl + ["get", "clusterkopfpeering", RELEASE, "-o", "json"], env=env, quiet=True).stdout
+                ).get("status")
+                or {}
+            )
+        ),
+        90,
+    )
+    print(f"  {op_pod['metadata']['name']} is the peering's one peer: it acts", flush=True)
+
     try:
         say("4. A tiny random-init Llama and alpaca data in S3 (no hub downloads)")
         upload_tiny_model_and_data(g.s3_client(state))
@@ -275,6 +306,7 @@ def main() -> int:
                     f"  {pod['metadata']['name']} on {pod['spec'].get('nodeName')}: {cs['image']}, "
                     f"{cs.get('containerID')}"
                 )
+        run(kubectl + ["get", "pods", "-n", OPERATOR_NS, "-o", "wide"], env=env)
         if st.get("phase") != "Succeeded":
             run(kubectl + ["logs", "-n", OPERATOR_NS, f"deployment/{RELEASE}", "--tail=60"], env=env, check=False)
             for pod in pods:
