@@ -4,68 +4,30 @@ signals, cgroup limits). The image is the one `make images` builds from trainer-
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
 from kubetune.devenv import images
-from kubetune.devenv import node as rn
 from kubetune.devenv.ground import wait_until as wait_for
 
-from opkit import Recorder, apply, cond, ftj, wait_phase
+from opkit import Recorder, apply, cond, ftj, job_on_node, trainer_events, trainer_pods, wait_phase
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def real_node(ground) -> dict:
-    """real-0 with the trainer image imported (built first if needed; layers and archive are cached)."""
-    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
-    assert nodes, "the session ground has no real node"
-    images.build(["trainer"], REPO)
-    images.import_into(nodes[0], "trainer")
-    upload_tiny_model_and_data(ground.s3())
-    return nodes[0]
-
-
-def _job(name: str, ground, node: dict, steps: int, save: int | None = None, batch: int | None = None) -> dict:
-    obj = quickstart_for_local(ground.state["real_nodes"]["pod_endpoints"]["s3"])
-    obj["metadata"]["name"] = name
-    r = obj["spec"]["resources"]
-    r["nodeSelector"] = {"kubernetes.io/hostname": node["name"]}
-    r["tolerations"] = [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
-    obj["spec"]["training"] |= {"maxSteps": steps, "evalSteps": steps // 2, "loggingSteps": 1}
-    obj["spec"]["checkpoints"] |= {"saveSteps": save or steps // 2}
-    if batch:  # bigger steps, so a disruption lands mid-run (the debug slow-down is not settable by a spec)
-        obj["spec"]["training"]["microBatchSize"] = batch
-    return obj
-
-
-def _events(ground, ns: str, pod: str) -> list[dict]:
-    """The trainer's JSON event lines, from the kubelet (kubectl logs)."""
-    out = ground.kubectl("logs", pod, "-n", ns, "-c", "trainer").stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def _running_pod(ground, ns: str, name: str) -> str:
-    return next(p["metadata"]["name"] for p in _trainer_pods(ground, ns, name) if p["status"].get("phase") == "Running")
+    return next(p["metadata"]["name"] for p in trainer_pods(ground, ns, name) if p["status"].get("phase") == "Running")
 
 
 def _latest_checkpoint(ground, ns: str, name: str) -> int | None:
     return ((ftj(ground, ns, name).get("status") or {}).get("checkpoints") or {}).get("latestStep")
 
 
-def _trainer_pods(ground, ns: str, name: str) -> list[dict]:
-    return ground.kubectl_json("get", "pods", "-n", ns, "-l", f"kubetune.io/job={name}")["items"]
-
-
 def test_the_quickstart_trains_in_the_trainer_image_on_a_real_node(ground, operator, real_node, ns):
-    apply(ground, ns, _job("real-quickstart", ground, real_node, 40))
+    apply(ground, ns, job_on_node(ground, real_node, "real-quickstart", 40))
     done = wait_phase(ground, ns, "real-quickstart", "Succeeded", 600)
 
-    (pod,) = _trainer_pods(ground, ns, "real-quickstart")
+    (pod,) = trainer_pods(ground, ns, "real-quickstart")
     assert pod["spec"]["nodeName"] == real_node["name"]
     (cs,) = pod["status"]["containerStatuses"]
     assert cs["containerID"].startswith("containerd://"), cs
@@ -96,7 +58,7 @@ def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resume
     # the operator process is shared with other tests' jobs, so only this counter is this test's alone
     before = operator.metric("kubetune_runs_preempted_total") or 0.0
     try:
-        apply(ground, ns, _job("real-evict", ground, real_node, STEPS, SAVE, BATCH))
+        apply(ground, ns, job_on_node(ground, real_node, "real-evict", STEPS, SAVE, BATCH))
         wait_for("a checkpoint", lambda: (_latest_checkpoint(ground, ns, "real-evict") or 0) >= SAVE, 300)
         first = _running_pod(ground, ns, "real-evict")
         from kubernetes import client
@@ -118,9 +80,9 @@ def test_an_evicted_trainer_saves_its_step_under_runc_and_the_replacement_resume
     assert SAVE < stopped < STEPS, term
     assert f"checkpoint checkpoint-{stopped:08d} committed; the next pod resumes from it" in term["message"]
 
-    (replacement,) = [p["metadata"]["name"] for p in _trainer_pods(ground, ns, "real-evict")
+    (replacement,) = [p["metadata"]["name"] for p in trainer_pods(ground, ns, "real-evict")
                       if p["metadata"]["name"] != first]
-    events = _events(ground, ns, replacement)
+    events = trainer_events(ground, ns, replacement)
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed and resumed[0]["step"] == stopped, events[:5]
     assert sorted(e["step"] for e in events if e["event"] == "step") == list(range(stopped + 1, STEPS + 1))
@@ -142,16 +104,16 @@ def test_a_deleted_trainer_pod_is_replaced_and_resumes_from_the_newest_checkpoin
     """`kubectl delete pod` mid-run: no disruption condition, so the Job counts a failure and makes a
     replacement, which resumes from the newest checkpoint in S3. At most one save interval is lost,
     and the loss curve goes on from where it was, not from the start."""
-    apply(ground, ns, _job("real-delete", ground, real_node, STEPS, SAVE, BATCH))
+    apply(ground, ns, job_on_node(ground, real_node, "real-delete", STEPS, SAVE, BATCH))
     wait_for("a checkpoint", lambda: (_latest_checkpoint(ground, ns, "real-delete") or 0) >= SAVE, 300)
     first = _running_pod(ground, ns, "real-delete")
-    before = {e["step"]: e["loss"] for e in _events(ground, ns, first) if e["event"] == "step"}
+    before = {e["step"]: e["loss"] for e in trainer_events(ground, ns, first) if e["event"] == "step"}
     ground.kubectl("delete", "pod", first, "-n", ns, "--wait=true", timeout=120)
     done = wait_phase(ground, ns, "real-delete", "Succeeded", 600)
 
-    (replacement,) = [p["metadata"]["name"] for p in _trainer_pods(ground, ns, "real-delete")
+    (replacement,) = [p["metadata"]["name"] for p in trainer_pods(ground, ns, "real-delete")
                       if p["metadata"]["name"] != first]
-    events = _events(ground, ns, replacement)
+    events = trainer_events(ground, ns, replacement)
     (resumed,) = [e for e in events if e["event"] == "resumed"]
     after = {e["step"]: e["loss"] for e in events if e["event"] == "step"}
     last_seen = max(before)
@@ -170,13 +132,13 @@ def test_a_deleted_trainer_pod_is_replaced_and_resumes_from_the_newest_checkpoin
 def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_says_raise_memory(ground, operator, real_node, ns):
     """The cgroup memory limit is real here: the kernel OOM-kills the container (OOMKilled, 137), and the
     FineTuneJob fails at once with HostOutOfMemory and the advice, not a retry of the same limit."""
-    obj = _job("real-oom", ground, real_node, 10)
+    obj = job_on_node(ground, real_node, "real-oom", 10)
     obj["spec"]["resources"]["memory"] = "300Mi"  # less than torch and the model need
     apply(ground, ns, obj)
     failed = wait_phase(ground, ns, "real-oom", "Failed", 300)
     c = cond(failed, "Failed")
     assert c["reason"] == "HostOutOfMemory", c
     assert "The kernel OOM-killed the trainer" in c["message"] and "(300Mi)" in c["message"], c
-    (pod,) = _trainer_pods(ground, ns, "real-oom")
+    (pod,) = trainer_pods(ground, ns, "real-oom")
     t = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (t["reason"], t["exitCode"]) == ("OOMKilled", 137), t

@@ -16,7 +16,7 @@ import pytest
 from kubetune.devenv import images
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # tests/images/: not tests/integration, whose tests share one worker
 
 
 @pytest.fixture(scope="module")
