@@ -178,3 +178,87 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
         if stopped_at - 6 <= t <= started_at + 20:
             print(f"  {t - stopped_at:+6.1f}s {json.dumps(_brief(s))}")
 
+
+
+# Two ranks, one per real node, meet at the index-0 pod's name through the headless Service and train
+# a least-squares model with gloo: each rank the gradient of its half of the batch, all-reduced and
+# averaged (DDP's arithmetic). Rank 0 also trains the same model on the whole batch alone: one process
+# with the same effective batch. Exact in real arithmetic, so the two losses differ by rounding only.
+GLOO = r"""
+import json, os, socket, datetime, torch, torch.distributed as dist
+rank = int(os.environ["JOB_COMPLETION_INDEX"])
+dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:29500", rank=rank,
+                        world_size=2, timeout=datetime.timedelta(seconds=120))
+torch.manual_seed(0)
+X = torch.randn(256, 16, dtype=torch.float64)
+y = X @ torch.linspace(-1, 1, 16, dtype=torch.float64) + 0.1 * torch.randn(256, dtype=torch.float64)
+def grad(w, xs, ys):
+    return 2 * xs.T @ (xs @ w - ys) / len(ys)
+w, w1 = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
+for _ in range(100):
+    g = grad(w, X[rank::2], y[rank::2])
+    dist.all_reduce(g)
+    w -= 0.05 * g / dist.get_world_size()
+    w1 -= 0.05 * grad(w1, X, y)
+loss = lambda v: float(((X @ v - y) ** 2).mean())
+print(json.dumps({"rank": dist.get_rank(), "worldSize": dist.get_world_size(), "host": socket.gethostname(),
+                  "master": socket.gethostbyname(os.environ["MASTER_ADDR"]), "loss": loss(w),
+                  "lossOneProcess": loss(w1), "lossStart": loss(torch.zeros(16, dtype=torch.float64))}))
+dist.destroy_process_group()
+"""
+
+
+def test_a_two_node_finetunejob_on_cpu_is_refused_by_the_api(ground, crds, real_nodes, ns):
+    """Why the 2-node run below is a plain Indexed Job: the FineTuneJob API refuses nodes > 1 on CPU."""
+    two = _job("real-two-nodes", ground, [n["name"] for n in real_nodes], 60, 60, 4)
+    two["spec"]["resources"]["nodes"] = 2
+    res = ground.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(two), check=False)
+    assert res.returncode != 0 and "multi-node CPU training is not supported" in res.stderr, res.stderr
+
+
+def test_two_real_nodes_rendezvous_by_headless_service_name_and_train_over_gloo(ground, real_nodes, ns):
+    """An Indexed Job of 2 pods in the trainer image, one per real node (required anti-affinity), with
+    the operator's multi-node wiring (manifests.py): a headless Service publishing not-ready addresses,
+    the pods' subdomain, MASTER_ADDR = <job>-0.<svc>.<ns>.svc, resolved by the ground's CoreDNS; gloo
+    across the bridge between the nodes."""
+    assert len(real_nodes) >= 2, ("this needs 2 real nodes: the session ground starts 2 (conftest); a ground "
+                                  "reused with fewer must be downed and upped")
+    job, svc = "gloo", "gloo-peers"
+    ground.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc},
+                  "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": job},
+                           "ports": [{"name": "rendezvous", "port": 29500}]}}, ns)
+    pod = {"metadata": {"labels": {"job-name": job}},
+           "spec": {"restartPolicy": "Never", "subdomain": svc,
+                    "nodeSelector": {rn.TAINT_KEY: "true"},
+                    "tolerations": [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                        {"labelSelector": {"matchLabels": {"job-name": job}},
+                         "topologyKey": "kubernetes.io/hostname"}]}},
+                    "containers": [{"name": "trainer", "image": images.IMAGES["trainer"].ref(),
+                                    "imagePullPolicy": "IfNotPresent", "command": ["python", "-c", GLOO],
+                                    "env": [{"name": "MASTER_ADDR", "value": f"{job}-0.{svc}.{ns}.svc"}]}]}}
+    t0 = time.monotonic()
+    ground.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job},
+                  "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+                           "template": pod}}, ns)
+    ground.kubectl("wait", "--for=condition=Complete", f"job/{job}", "-n", ns, "--timeout=300s", timeout=330)
+    took = time.monotonic() - t0
+
+    pods = sorted(ground.kubectl_json("get", "pods", "-n", ns, "-l", f"job-name={job}")["items"],
+                  key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
+    assert len(pods) == 2
+    nodes = [p["spec"]["nodeName"] for p in pods]
+    assert len(set(nodes)) == 2 and set(nodes) <= {n["name"] for n in real_nodes}, nodes
+    for p in pods:
+        (cs,) = p["status"]["containerStatuses"]
+        assert cs["containerID"].startswith("containerd://") and cs["state"]["terminated"]["exitCode"] == 0, cs
+    out = [json.loads(_log(ground, ns, p["metadata"]["name"]).splitlines()[-1]) for p in pods]
+    assert [o["rank"] for o in out] == [0, 1] and all(o["worldSize"] == 2 for o in out), out
+    # both resolved the master name to rank 0's pod IP (CoreDNS, the headless Service)
+    assert {o["master"] for o in out} == {pods[0]["status"]["podIP"]}, (out, pods[0]["status"]["podIP"])
+    assert out[0]["loss"] == out[1]["loss"]  # the same weights on both ranks after every all-reduce
+    assert out[0]["loss"] < 0.1 * out[0]["lossStart"]  # it trained
+    assert abs(out[0]["loss"] - out[0]["lossOneProcess"]) <= 1e-9 * out[0]["lossOneProcess"], out[0]
+    print(f"\ngloo over 2 real nodes {nodes} ({[p['status']['podIP'] for p in pods]}): {took:.0f}s; loss "
+          f"{out[0]['lossStart']:.4f} -> {out[0]['loss']:.10f} (2 ranks) vs "
+          f"{out[0]['lossOneProcess']:.10f} (1 process)")
