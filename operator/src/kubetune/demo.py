@@ -179,7 +179,8 @@ def main() -> int:
         env=env,
     )
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="demo-values-") as vf:
-        json.dump(chart_values(node["name"]), vf)
+        # a mark on the trainer pods this release's operator makes (--trainer-env), checked in step 5
+        json.dump(chart_values(node["name"], trainer_env={"DEMO_RELEASE": f"{OPERATOR_NS}/{RELEASE}"}), vf)
         vf.flush()
         timed(
             "helm install (until the operator pod is ready)",
@@ -306,6 +307,12 @@ def main() -> int:
                     f"  {pod['metadata']['name']} on {pod['spec'].get('nodeName')}: {cs['image']}, "
                     f"{cs.get('containerID')}"
                 )
+            mark = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
+            if mark.get("DEMO_RELEASE") == f"{OPERATOR_NS}/{RELEASE}":
+                print(f"  made by the chart's operator (its trainer env DEMO_RELEASE={OPERATOR_NS}/{RELEASE})")
+            else:
+                # a cluster-wide operator outside the release (say, a test session's) got there first
+                print("  warning: another operator on this ground made this pod, not the release's")
         run(kubectl + ["get", "pods", "-n", OPERATOR_NS, "-o", "wide"], env=env)
         if st.get("phase") != "Succeeded":
             run(kubectl + ["logs", "-n", OPERATOR_NS, f"deployment/{RELEASE}", "--tail=60"], env=env, check=False)
