@@ -143,7 +143,11 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
         watch.stop()
     finished_at = time.time()
 
-    (pod,) = _trainer_pods(ground, ns, name)  # one pod: the outage cost no retry of the pod
+    pods = _trainer_pods(ground, ns, name)
+    ends = {p["metadata"]["name"]: ((p["status"].get("containerStatuses") or [{}])[0].get("state") or {})
+            .get("terminated") for p in pods}
+    assert len(pods) == 1, ends  # one pod: the outage cost no retry of the pod
+    (pod,) = pods
     text = _log(ground, ns, pod["metadata"]["name"])
     events = _events(text)
     steps = sorted(e["step"] for e in events if e["event"] == "step")
