@@ -19,7 +19,7 @@ from netkit import TlsProxy  # noqa: E402
 INTEGRATION = REPO / "tests" / "integration"
 # Under pytest-xdist (make test runs `-n N`) a worker that runs CPU-bound tests (training
 # on CPU, the unit tests) does so at this niceness, and the integration tests' worker at 0: they mostly wait
-# on the test ground, which they start (the apiserver, the operator, the trainer pods of the local agent
+# on the test ground, which they start (the apiserver and the host-process operators
 # inherit the worker's niceness), and their waits must not starve behind training. Mild on purpose: at 5
 # a CPU-bound integration process gets ~3/4 of a contended core, and the niced trainer tests' own waits
 # (c10d rendezvous, 300 s process waits) still get theirs.

@@ -168,23 +168,6 @@ def put_progress(ground, ns, name, run, step, total, loss, ckpt_step=None) -> No
 
 
 @contextlib.contextmanager
-def local_agent(ground, root: Path, node: str, env: dict | None = None, pull_seconds: float = 0):
-    """The local agent (a kubelet that runs trainer pods as processes) as node ``node``."""
-    log = root / "agent.log"
-    p = subprocess.Popen([sys.executable, "-m", "kubetune.devenv.agent", "--node", node, "--cpu", "2",
-                          "--root", str(root), "--pull-seconds", str(pull_seconds)],
-                         env=dict(os.environ, **(env or {})), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                         start_new_session=True)
-    try:
-        wait_for(f"node {node}", lambda: ground.kubectl("get", "node", node, check=False).returncode == 0, 60)
-        yield root
-    finally:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(30)
-        ground.kubectl("delete", "node", node, "--wait=false", check=False)
-        print(log.read_text()[-3000:])
-
-
 class Recorder:
     """Every state each object of a namespace went through (a pod is gone once its replacement runs;
     a FineTuneJob's Preempted condition lasts only until the replacement pod runs)."""
@@ -230,14 +213,10 @@ def job_on_node(ground, node: dict, name: str, steps: int, save: int | None = No
                 endpoint: str | None = None) -> dict:
     """The quickstart as `name`, pinned to a real node (its selector and its taint's toleration), reading S3
     at the address pods reach (or `endpoint`)."""
-    from kubetune.demo import quickstart_for_local
-    from kubetune.devenv import node as rn
+    from kubetune.demo import quickstart_for_node
 
-    obj = quickstart_for_local(endpoint or ground.state["real_nodes"]["pod_endpoints"]["s3"])
+    obj = quickstart_for_node(endpoint or ground.state["real_nodes"]["pod_endpoints"]["s3"], node["name"])
     obj["metadata"]["name"] = name
-    r = obj["spec"]["resources"]
-    r["nodeSelector"] = {"kubernetes.io/hostname": node["name"]}
-    r["tolerations"] = [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
     obj["spec"]["training"] |= {"maxSteps": steps, "evalSteps": max(1, steps // 2), "loggingSteps": 1}
     obj["spec"]["checkpoints"] |= {"saveSteps": save or max(1, steps // 2)}
     if batch:  # bigger steps, so a disruption lands mid-run (the debug slow-down is not settable by a spec)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.demo import quickstart_for_local, upload_tiny_model_and_data
+from kubetune.demo import quickstart_for_node, upload_tiny_model_and_data
 from kubetune.devenv import ground as g
 from kubetune.devenv import images
 from kubetune.devenv import node as rn
@@ -38,7 +38,7 @@ def real_nodes(ground) -> list[dict]:
 
 
 def _job(name: str, ground, nodes: list[str], steps: int, save: int, batch: int) -> dict:
-    obj = quickstart_for_local(ground.state["real_nodes"]["pod_endpoints"]["s3"])
+    obj = quickstart_for_node(ground.state["real_nodes"]["pod_endpoints"]["s3"], nodes[0])
     obj["metadata"]["name"] = name
     r = obj["spec"]["resources"]
     # one named real node, or any real node (never KWOK's) when the run spans several

@@ -246,7 +246,9 @@ def test_values_reach_the_deployment():
                          "--hf-endpoint=https://hf-mirror.internal", "--metrics-port=8080",
                          "--liveness=", "--progress-interval=10", "--namespace=team-a", "--verbose", "--priority=7"]
     assert "livenessProbe" not in c and [p["name"] for p in c["ports"]] == ["http-metrics"]
-    assert c["env"] == [{"name": "X", "value": "y"}]
+    # POD_ID first: kopf's peer identity (the image has no passwd entry for getpass to read); then extraEnv
+    assert c["env"] == [{"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "X", "value": "y"}]
     assert pod["priorityClassName"] == "high" and pod["nodeSelector"] == {"pool": "system"}
     assert pod["tolerations"] == [{"operator": "Exists"}]
     assert dep["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}

@@ -65,18 +65,6 @@ def upload_tiny_model_and_data(s3) -> None:
     print(f"s3://kubetune-data/quickstart/train.jsonl: {len(rows)} alpaca examples, e.g. {json.dumps(rows[0])}")
 
 
-def quickstart_for_local(endpoint: str) -> dict:
-    """examples/quickstart.yaml, pointed at this ground's S3 and pinned to the local agent's node."""
-    from kubetune.devenv.agent import LABEL, TAINT_KEY
-
-    obj = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
-    obj["spec"]["storage"]["endpoint"] = endpoint
-    r = obj["spec"]["resources"]
-    r["nodeSelector"] = {LABEL: "true"}
-    r["tolerations"] = [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
-    return obj
-
-
 def quickstart_for_node(endpoint: str, node_name: str) -> dict:
     """examples/quickstart.yaml, pointed at S3 as pods reach it and pinned to a real node (its taint
     keeps every other pod off it)."""

@@ -130,7 +130,7 @@ def node_manifest(spec: NodeSpec) -> dict:
         "apiVersion": "v1",
         "kind": "Node",
         # The annotation is what `kwok --manage-nodes-with-annotation-selector` picks up: nodes without it
-        # (a real agent's node) are left alone.
+        # (the real kubelet nodes) are left alone.
         "metadata": {"name": spec.name, "labels": labels, "annotations": {KWOK_ANNOTATION: "fake"}},
         "spec": {},
         "status": {"capacity": resources(spec), "allocatable": resources(spec)},

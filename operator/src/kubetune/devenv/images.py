@@ -193,7 +193,8 @@ def archive(name: str, log: Log = _stderr) -> Path:
         old.unlink()
     log(f"exporting {ref} to {out.name} ...")
     t0 = time.monotonic()
-    part = out.with_suffix(".part")
+    # A name of its own: two sessions may export the same build at once; the rename makes one of them win.
+    part = out.with_name(f"{out.name}.{os.getpid()}.part")
     _run_logged(
         buildah_argv("push", "-q", "--disable-compression", ref, f"oci-archive:{part}:{ref}"),
         oci.images_dir() / "buildah.log",
