@@ -226,3 +226,28 @@ def test_a_dataset_prefix_with_parquet_and_jsonl_objects_is_downloaded_and_read(
                            log=lambda m: None)
     assert listings[1:] == ["ds/pq/data/train-00000-of-00001.parquet"]  # the object's key, not its folder
     assert len(dt.read_records(one, "alpaca", "fail", dt.DataStats())[0]) == 7
+
+
+def test_the_evaluation_report_waits_out_an_s3_outage_at_the_end_of_a_run(s3):
+    """Found on a real node with S3 stopped for 60 s: a run that reached its end during the outage
+    failed (reason Error) on writing evaluation/summary.json, which was not retried as the outputs'
+    uploads are, and the pod's committed work was thrown away. Now the write waits for S3."""
+    import threading
+    from types import SimpleNamespace
+
+    from kubetune_trainer import storage as st
+    from kubetune_trainer.evaluation import EndOfRunEvaluation
+
+    ev = EndOfRunEvaluation(SimpleNamespace(max_new_tokens=8, temperature=0.0), [1, 2, 3], [], 7, print)
+    loc = st.open_location("s3://kubetune/out/default/test/run-1", SimpleNamespace(
+        endpoint=s3.endpoint, region="us-east-1", force_path_style=True))
+    s3.stop()
+    threading.Timer(4.0, s3.start).start()  # back after 4 s, while the write is retrying
+    t0 = time.time()
+    result, report = ev.write({"metrics": {"loss": 2.0}, "answers": []}, {"metrics": {"loss": 1.0}, "answers": []},
+                              loc, "default/test")
+    waited = time.time() - t0
+    keys = set(_objects(s3.client(), "out/default/test/run-1/evaluation/"))
+    assert keys == {f"out/default/test/run-1/evaluation/{f}" for f in ("summary.json", "answers.jsonl", "report.html")}
+    assert report == "s3://kubetune/out/default/test/run-1/evaluation/report.html"
+    assert result["delta"]["loss"] == -1.0 and waited >= 3.5, (result, waited)

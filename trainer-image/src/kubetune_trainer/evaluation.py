@@ -281,12 +281,14 @@ class EndOfRunEvaluation:
         self.log(f"evaluation: {'base' if base else 'tuned'} {metrics} in {time.perf_counter() - t0:.1f}s")
         return {"metrics": metrics, "answers": answers}
 
-    def write(self, base: dict, tuned: dict, out_loc, title: str) -> tuple[dict, str]:
+    def write(self, base: dict, tuned: dict, out_loc, title: str, attempts: int = 8) -> tuple[dict, str]:
         """summary.json, answers.jsonl and report.html under <output>/evaluation/; the result's
         evaluation (base, tuned, delta, headline) and the report's URI."""
         import json
 
         from kubetune.report import render_html
+        from kubetune_trainer import storage as st
+        from kubetune_trainer.progress import logger
 
         b, t = base["metrics"], tuned["metrics"]
         d = delta(b, t)
@@ -302,9 +304,12 @@ class EndOfRunEvaluation:
                 row["scores"] = {"base": answer_scores(ba, p.reference), "tuned": answer_scores(ta, p.reference)}
             rows.append(row)
         loc = out_loc.child("evaluation")
-        loc.put_bytes("summary.json", json.dumps(summary, indent=1).encode())
-        loc.put_bytes("answers.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
-        loc.put_bytes("report.html", render_html(summary, rows, title).encode())
+        # Retried as the outputs' uploads are: an S3 outage at the end of a run must not throw the run away.
+        files = {"summary.json": json.dumps(summary, indent=1).encode(),
+                 "answers.jsonl": "".join(json.dumps(r) + "\n" for r in rows).encode(),
+                 "report.html": render_html(summary, rows, title).encode()}
+        for key, body in files.items():
+            st._retry(lambda: loc.put_bytes(key, body), attempts, f"upload {loc.uri}/{key}", logger())  # noqa: B023
         result = {"base": b, "tuned": t, "delta": d, "headline": headline(b, t),
                   "examples": len(self.test), "prompts": len(self.prompts)}
         return result, f"{loc.uri.rstrip('/')}/report.html"
