@@ -1,7 +1,6 @@
 """Helpers for the operator's integration tests: the operator as a process, examples, waits."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -167,7 +166,6 @@ def put_progress(ground, ns, name, run, step, total, loss, ckpt_step=None) -> No
     ground.s3().put_object(Bucket=bucket, Key=key, Body=json.dumps(body).encode())
 
 
-@contextlib.contextmanager
 class Recorder:
     """Every state each object of a namespace went through (a pod is gone once its replacement runs;
     a FineTuneJob's Preempted condition lasts only until the replacement pod runs)."""
