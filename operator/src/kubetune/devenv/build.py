@@ -115,30 +115,26 @@ def kube_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
+def _go_build_each(
+    c: Component, out: Path, work: Path, log_file: Path, log: Log, cmd_pkg: str, flags: list[str]
+) -> None:
+    """`go build` each of the component's binaries from `<cmd_pkg>/<binary>` in the wrapper module, timed."""
+    for binary in c.binaries:
+        t0 = time.monotonic()
+        _run(
+            ["go", "build", "-p", "2", "-trimpath", *flags, "-o", str(out / binary), f"{cmd_pkg}/{binary}"],
+            work,
+            log_file,
+        )
+        log(f"  {binary}: {time.monotonic() - t0:.0f}s")
+
+
 def _build_kubernetes(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
     _new_module(work, "kubetune.local/k8swrap", log_file)
     info = _go_mod_json(f"k8s.io/kubernetes@{c.version}", work, log_file)
     replaces = staging_replaces(Path(info["GoMod"]).read_text(), c.version)
     _run(["go", "mod", "edit", f"-require=k8s.io/kubernetes@{c.version}", *replaces], work, log_file)
-    for binary in c.binaries:
-        t0 = time.monotonic()
-        _run(
-            [
-                "go",
-                "build",
-                "-p",
-                "2",
-                "-trimpath",
-                "-ldflags",
-                kube_ldflags(c.version),
-                "-o",
-                str(out / binary),
-                f"k8s.io/kubernetes/cmd/{binary}",
-            ],
-            work,
-            log_file,
-        )
-        log(f"  {binary}: {time.monotonic() - t0:.0f}s")
+    _go_build_each(c, out, work, log_file, log, "k8s.io/kubernetes/cmd", ["-ldflags", kube_ldflags(c.version)])
 
 
 def _build_etcd(c: Component, out: Path, work: Path, log_file: Path, log: Log) -> None:
@@ -225,27 +221,8 @@ def _build_containerd(c: Component, out: Path, work: Path, log_file: Path, log: 
     # lines. no_btrfs: the btrfs snapshotter needs cgo headers, and the real nodes use overlayfs.
     _new_module(work, "kubetune.local/containerdwrap", log_file)
     _run(["go", "mod", "edit", f"-require=github.com/containerd/containerd/v2@{c.version}"], work, log_file)
-    for binary in c.binaries:
-        t0 = time.monotonic()
-        _run(
-            [
-                "go",
-                "build",
-                "-p",
-                "2",
-                "-trimpath",
-                "-tags",
-                "no_btrfs",
-                "-ldflags",
-                containerd_ldflags(c.version),
-                "-o",
-                str(out / binary),
-                f"github.com/containerd/containerd/v2/cmd/{binary}",
-            ],
-            work,
-            log_file,
-        )
-        log(f"  {binary}: {time.monotonic() - t0:.0f}s")
+    flags = ["-tags", "no_btrfs", "-ldflags", containerd_ldflags(c.version)]
+    _go_build_each(c, out, work, log_file, log, "github.com/containerd/containerd/v2/cmd", flags)
 
 
 # The sandbox ("pause") container's only process: sleep until told to stop. registry.k8s.io is out of
