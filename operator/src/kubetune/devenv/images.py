@@ -88,6 +88,7 @@ def build_argv(image: Image, context: Path, base: str, uv_cache: Path | None, ca
         "chroot",
         "--pull=never",
         "--layers",
+        "--force-rm",  # a failed step leaves no working container (nor its overlay mount) behind
         "-f",
         str(context / image.dockerfile),
         "-t",
