@@ -170,6 +170,11 @@ def test_multi_node_is_indexed_with_headless_service():
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
     pod = job["spec"]["template"]["spec"]
     assert pod["subdomain"] == "demo-r2"
+    # one rank per node, as placement counted nodes (8-GPU nodes could otherwise take both 1-GPU ranks)
+    (anti,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti == {"labelSelector": {"matchLabels": {"kubetune.io/job": "demo", "kubetune.io/run": "2"}},
+                    "topologyKey": "kubernetes.io/hostname"}
+    assert "podAntiAffinity" not in (kids(spec(), PLACED)["Job"]["spec"]["template"]["spec"].get("affinity") or {})
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["MASTER_ADDR"]["value"] == "demo-r2-0.demo-r2.ml.svc" and env["NNODES"]["value"] == "2"
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]

@@ -77,10 +77,13 @@ class RunIdentity:
     def service_name(self) -> str:
         return self.base
 
+    def selector(self) -> dict[str, str]:
+        """The labels that pick out this run's pods (the headless Service, the ranks' anti-affinity)."""
+        return {LABEL_JOB: self.name, LABEL_RUN: str(self.run)}
+
     def labels(self) -> dict[str, str]:
         return {
-            LABEL_JOB: self.name,
-            LABEL_RUN: str(self.run),
+            **self.selector(),
             "app.kubernetes.io/name": "kubetune-trainer",
             "app.kubernetes.io/managed-by": "kubetune",
         }
@@ -153,7 +156,7 @@ def headless_service(rid: RunIdentity) -> dict[str, Any]:
         "metadata": rid.metadata(rid.service_name),
         "spec": {
             "clusterIP": "None",
-            "selector": {LABEL_JOB: rid.name, LABEL_RUN: str(rid.run)},
+            "selector": rid.selector(),
             # rank 0 must be resolvable before every pod is Ready, or rendezvous deadlocks
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
@@ -381,6 +384,16 @@ def _pod_spec(
         pod_spec["imagePullSecrets"] = [{"name": n} for n in rp.image_pull_secrets]
     if r.nodes > 1:
         pod_spec["subdomain"] = rid.service_name
+        # One pod per node, as placement counted them: with gpusPerNode below a node's GPU count the
+        # scheduler would otherwise be free to stack the ranks on one node.
+        pod_spec.setdefault("affinity", {})["podAntiAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "labelSelector": {"matchLabels": rid.selector()},
+                    "topologyKey": "kubernetes.io/hostname",
+                }
+            ]
+        }
     return pod_spec
 
 
