@@ -216,6 +216,33 @@ def test_running_mirrors_progress_and_checkpoints():
     assert cond(s, "Running").message == "run 1 is training on kwok-l4-0, step 25/100"
 
 
+def test_an_s3_outage_shows_in_checkpoint_synced_and_clears_when_s3_answers_again():
+    """The operator's progress read failing is not a frozen status: CheckpointSynced turns False with
+    StorageUnreachable and what was last read stays; the first read after the outage sets it True."""
+    _, st = started()
+    ckpt = {"latestUri": "s3://ckpt/runs/ml/demo/run-1/checkpoints/step-20/", "latestStep": 20,
+            "latestTime": T0.isoformat(), "count": 1}
+    prog = TrainerProgress.model_validate({"progress": {"step": 25, "totalSteps": 100}, "checkpoints": ckpt})
+    st = reconcile(observe(status=st, job=job(), pods=[pod()], progress=prog), T0 + timedelta(seconds=30)).status
+    err = ("cannot read the trainer's progress s3://ckpt/runs/ml/demo/run-1/progress.json: EndpointConnectionError: "
+           'Could not connect to the endpoint URL: "http://s3.local:9000/ckpt/runs/ml/demo/run-1/progress.json"')
+    out = reconcile(observe(status=st, job=job(), pods=[pod()], progress_error=err), T0 + timedelta(seconds=60))
+    c = cond(out.status, "CheckpointSynced")
+    assert (c.status, c.reason) == ("False", "StorageUnreachable") and c.message.startswith(err), c
+    assert "newest checkpoint: step 20" in c.message and "retries its uploads" in c.message
+    assert out.status.phase == "Running" and out.status.progress.step == 25 and out.status.checkpoints.latest_step == 20
+    assert [(kind, reason) for kind, reason, _ in out.events] == [("Warning", "StorageUnreachable")]
+    # the same outage on the next reconcile: no second Event
+    again = reconcile(observe(status=out.status, job=job(), pods=[pod()], progress_error=err),
+                      T0 + timedelta(seconds=90))
+    assert again.events == [] and cond(again.status, "CheckpointSynced").reason == "StorageUnreachable"
+    # S3 answers: the same checkpoint (none newer was committed meanwhile) is synced again
+    back = reconcile(observe(status=again.status, job=job(), pods=[pod()], progress=prog),
+                     T0 + timedelta(seconds=120))
+    c = cond(back.status, "CheckpointSynced")
+    assert (c.status, c.reason) == ("True", "CheckpointCommitted") and "step 20" in c.message, c
+
+
 def test_the_running_condition_says_what_a_trainer_whose_step_does_not_move_is_doing():
     """Loading a 70B model or uploading a merged one takes minutes at a step that does not move."""
     _, st = started()

@@ -290,7 +290,7 @@ def _observe_run(
     if status.progress is not None or any(
         (p.get("status") or {}).get("phase") in ("Running", "Succeeded", "Failed") for p in obs.pods
     ):
-        obs.progress = sources.read_progress(
+        obs.progress, obs.progress_error = sources.read_progress(
             spec, creds, manifests.run_paths(spec, rid).progress_uri, ca_pem, state.config.egress, state.s3_clients
         )
 

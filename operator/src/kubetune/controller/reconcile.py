@@ -80,6 +80,7 @@ class Observed:
     job: dict | None = None  # the current run's batch/v1 Job
     pods: list[dict] = field(default_factory=list)
     progress: TrainerProgress | None = None
+    progress_error: str | None = None  # S3 did not answer (or refused) the progress read
     # the Job controller's newest FailedCreate Event while the run has no pod (a missing PriorityClass)
     pod_create_error: str | None = None
 
@@ -724,17 +725,35 @@ def _waiting(pods: list[dict]):
 IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
 
+STORAGE_UNREACHABLE = "StorageUnreachable"
+
+
 def _mirror_progress(b: _Builder, obs: Observed) -> None:
-    pr = obs.progress
+    pr, st = obs.progress, b.status
+    if obs.progress_error:
+        # What was last read stays; CheckpointSynced says it may be behind, and why.
+        latest = f"step {st.checkpoints.latest_step}" if st.checkpoints and st.checkpoints.latest_step else "none yet"
+        b.cond(
+            CHECKPOINT_SYNCED,
+            False,
+            STORAGE_UNREACHABLE,
+            f"{obs.progress_error}; progress and checkpoints below are as last read (newest checkpoint: {latest}). "
+            "The trainer keeps training and retries its uploads until S3 answers.",
+            warn=True,
+        )
+        return
     if pr is None:
         return
-    st = b.status
     p = pr.progress.model_copy(update={"state": pr.state})
     if p.total_steps:
         p.percent = f"{min(100, int(100 * p.step / p.total_steps))}%"
     st.progress = p
+    was = find(st.conditions, CHECKPOINT_SYNCED)
+    back = was is not None and was.reason == STORAGE_UNREACHABLE
+    if back and not pr.checkpoints.latest_uri:
+        b.cond(CHECKPOINT_SYNCED, False, "StorageReachable", "S3 answers again; no checkpoint committed yet")
     if pr.checkpoints.latest_uri:
-        new = st.checkpoints is None or st.checkpoints.latest_step != pr.checkpoints.latest_step
+        new = back or st.checkpoints is None or st.checkpoints.latest_step != pr.checkpoints.latest_step
         st.checkpoints = pr.checkpoints
         if new:
             b.cond(

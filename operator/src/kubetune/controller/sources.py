@@ -139,10 +139,11 @@ def read_progress(
     ca_pem: str | None = None,
     egress: EgressPolicy | None = None,
     clients: S3Clients | None = None,
-) -> TrainerProgress | None:
-    """The trainer's progress JSON, or None when it has not written one yet (or S3 is unreachable:
-    progress is informative, it must never fail a reconcile)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+) -> tuple[TrainerProgress | None, str | None]:
+    """The trainer's progress JSON (None when it has not written one yet), and why it could not be
+    read when S3 did not answer or refused (None when it did). Progress is informative: it must never
+    fail a reconcile, but an outage must show rather than freeze the status without a word."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = split_s3_uri(uri)
     try:
@@ -150,9 +151,17 @@ def read_progress(
             s3_client(spec, creds, ca_pem, egress, clients).get_object(Bucket=bucket, Key=key)["Body"],
             "the trainer's progress object",
         )
-        return TrainerProgress.model_validate(json.loads(body))
-    except (ClientError, BotoCoreError, ValueError):
-        return None
+        return TrainerProgress.model_validate(json.loads(body)), None
+    except NoCredentialsError:  # no credentialsSecret: the trainer's may come from its ServiceAccount, not ours
+        return None, None
+    except ClientError as e:
+        if str((e.response.get("Error") or {}).get("Code") or "") in ("NoSuchKey", "404"):
+            return None, None  # not written yet
+        return None, str(s3_error(e, "read the trainer's progress", uri))
+    except BotoCoreError as e:  # no answer: connection refused or reset, timeouts, DNS
+        return None, str(s3_error(e, "read the trainer's progress", uri))
+    except ValueError:  # not progress JSON (or over the cap): the trainer rewrites it at the next step
+        return None, None
 
 
 def read_config_json(
