@@ -3,9 +3,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "gitops"))  # gitops_health: the Argo CD / Flux health-check harness
 sys.path.insert(0, str(REPO / "tests"))  # netkit: sockets and TLS for the S3 servers of several suites
 
-from netkit import TlsProxy  # noqa: E402
+from netkit import HttpStandIn, TlsProxy  # noqa: E402
 
 INTEGRATION = REPO / "tests" / "integration"
 # Under pytest-xdist (make test runs `-n N`) a worker that runs CPU-bound tests (training
@@ -100,36 +98,24 @@ class HubMirror:
 def hub_mirror():
     mirror = HubMirror("")
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            auth = self.headers.get("Authorization")
-            mirror.seen.append((self.path, auth))
-            org, repo, verb, rev, fname = (self.path.strip("/").split("/") + [""] * 5)[:5]
-            hit = mirror.repos.get((f"{org}/{repo}", rev)) if (verb, fname) == ("resolve", "config.json") else None
-            if hit is None:
-                return self._send(404, b"Entry not found")
-            config, token = hit
-            if token and auth is None:
-                return self._send(401, b"Access to this model is restricted.")
-            if token and auth != f"Bearer {token}":
-                return self._send(403, b"You are not in the authorized list.")
-            self._send(200, json.dumps(config).encode())
+    def respond(path: str, headers) -> tuple[int, bytes]:
+        auth = headers.get("Authorization")
+        mirror.seen.append((path, auth))
+        org, repo, verb, rev, fname = (path.strip("/").split("/") + [""] * 5)[:5]
+        hit = mirror.repos.get((f"{org}/{repo}", rev)) if (verb, fname) == ("resolve", "config.json") else None
+        if hit is None:
+            return 404, b"Entry not found"
+        config, token = hit
+        if token and auth is None:
+            return 401, b"Access to this model is restricted."
+        if token and auth != f"Bearer {token}":
+            return 403, b"You are not in the authorized list."
+        return 200, json.dumps(config).encode()
 
-        def _send(self, code: int, body: bytes):
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    mirror.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    srv = HttpStandIn(respond)
+    mirror.url = srv.url
     yield mirror
-    srv.shutdown()
-    srv.server_close()
+    srv.close()
 
 
 @pytest.fixture

@@ -75,3 +75,30 @@ class TlsProxy:
 
     def close(self):
         self.sock.close()
+
+
+class HttpStandIn:
+    """A local HTTP listener on 127.0.0.1 answering each GET with ``respond(path, headers) -> (status, body)``:
+    the stand-in for a remote service (the Hub, S3) in tests that must not leave the machine."""
+
+    def __init__(self, respond):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                code, body = respond(self.path, self.headers)
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_):
+                pass
+
+        self._srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._srv.server_address[1]}"
+        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()

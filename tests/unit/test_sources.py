@@ -15,6 +15,7 @@ from kubetune.errors import UsageError
 from kubetune.estimator import resolve_architecture
 
 from builders import modules_loaded_by
+from netkit import HttpStandIn
 
 CONFIG = {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000, "torch_dtype": "bfloat16"}
@@ -139,27 +140,6 @@ def test_s3_clients_are_cached_per_operator_state_by_endpoint_and_credentials():
     assert S3Clients() is not S3Clients()  # no module-level cache: each OperatorState has its own
 
 
-def _s3_stand_in(answers: dict[str, tuple[int, bytes]]):
-    """A local HTTP listener answering GETs by path as S3 would (status, body); unknown paths 404 NoSuchKey."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            code, body = answers.get(self.path, (404, b"<Error><Code>NoSuchKey</Code></Error>"))
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv
-
-
 def test_progress_not_written_yet_is_no_error_but_s3_not_answering_is_said(monkeypatch):
     """A missing progress object is a trainer that has not reported yet; S3 refusing or not answering
     is an outage the status must show (reconcile: CheckpointSynced=False StorageUnreachable)."""
@@ -169,14 +149,14 @@ def test_progress_not_written_yet_is_no_error_but_s3_not_answering_is_said(monke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
 
     prog = json.dumps({"progress": {"step": 7, "totalSteps": 10}}).encode()
-    srv = _s3_stand_in({"/ckpt/run/progress.json": (200, prog),
-                        "/ckpt/down/progress.json": (503, b"<Error><Code>ServiceUnavailable</Code></Error>")})
+    answers = {"/ckpt/run/progress.json": (200, prog),
+               "/ckpt/down/progress.json": (503, b"<Error><Code>ServiceUnavailable</Code></Error>")}
+    srv = HttpStandIn(lambda path, _h: answers.get(path, (404, b"<Error><Code>NoSuchKey</Code></Error>")))
     try:
         spec = parse_spec({"model": {"uri": "hf://acme/open-7b"}, "dataset": {"uri": "s3://data/train.jsonl"},
                            "method": {"type": "lora"}, "training": {"maxSteps": 1},
                            "checkpoints": {"uri": "s3://ckpt/x"},
-                           "storage": {"endpoint": f"http://127.0.0.1:{srv.server_address[1]}",
-                                       "forcePathStyle": True}})
+                           "storage": {"endpoint": srv.url, "forcePathStyle": True}})
         got, err = sources.read_progress(spec, None, "s3://ckpt/run/progress.json")
         assert got.progress.step == 7 and err is None
         assert sources.read_progress(spec, None, "s3://ckpt/new/progress.json") == (None, None)
@@ -184,8 +164,7 @@ def test_progress_not_written_yet_is_no_error_but_s3_not_answering_is_said(monke
         assert got is None and err == ("cannot read the trainer's progress s3://ckpt/down/progress.json: the S3 "
                                        "endpoint answered ServiceUnavailable (HTTP 503)"), err
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.close()
     with socket.socket() as s:  # a port nothing listens on: connection refused
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
