@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kubetune.cli import main
 
 
@@ -112,3 +114,19 @@ def test_trainer_env_is_checked_like_a_jobs_env():
             assert msg in str(e) and str(e).startswith("--trainer-env"), e
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "soon", "1e9"])
+def test_an_interval_flag_must_be_a_positive_number_of_seconds(value):
+    import argparse
+
+    from kubetune.controller.cli import add_arguments, operator_config
+
+    p = argparse.ArgumentParser(prog="kubetune operator", exit_on_error=False)
+    add_arguments(p)
+    for flag in ("--retry-interval", "--progress-interval"):
+        with pytest.raises(argparse.ArgumentError, match=f"argument {flag}: must be a number of seconds > 0 and "
+                                                         f"< 86400, got '{value}'"):
+            p.parse_args([flag, value])
+    cfg = operator_config(p.parse_args(["--retry-interval", "3", "--standalone"]))
+    assert (cfg.retry_interval, cfg.progress_interval) == (3.0, 10.0)

@@ -169,11 +169,11 @@ def test_handlers_are_registered_for_one_operator_with_its_config_not_at_import(
             "from kubetune.controller.state import Config\n"
             "d = kopf.get_default_registry()\n"
             "assert not list(d._watching.get_all_handlers()) and not list(d._spawning.get_all_handlers())\n"
-            "r = handlers.registry(Config(progress_interval=2.5))\n"
+            "r = handlers.registry(Config(progress_interval=2.5, retry_interval=4.0))\n"
             "print(sorted((h.id, h.interval) for h in r._spawning.get_all_handlers()))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[('mirror_progress', 2.5), ('retry_pending', 30.0)]"
+    assert out.stdout.strip() == "[('mirror_progress', 2.5), ('retry_pending', 4.0)]"
 
 
 def test_kopf_logs_in_as_the_injected_client(state):

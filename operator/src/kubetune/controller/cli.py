@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from kubetune.controller.state import Config
 
 
+def _seconds(text: str) -> float:
+    """An interval flag: a positive number of seconds (kopf's timers take no zero or negative one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 and < 86400, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-n",
@@ -64,7 +75,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "otherwise refused (repeatable): e.g. a MinIO on the node's loopback in a test cluster. "
         "Cloud metadata addresses stay refused unless named here",
     )
-    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress polls")
+    p.add_argument(
+        "--progress-interval", type=_seconds, default=10.0, help="seconds between progress polls (default 10)"
+    )
+    p.add_argument(
+        "--retry-interval",
+        type=_seconds,
+        default=30.0,
+        help="seconds between re-checks of a job that waits (Pending: a Secret, a claim, a model's config; "
+        "Unschedulable; Starting) for what sends the operator no event (default 30)",
+    )
     p.add_argument("--kubeconfig", default=None, help="kubeconfig outside a cluster (default: $KUBECONFIG)")
     p.add_argument("--verbose", action="store_true")
 
@@ -217,6 +237,7 @@ def operator_config(args: argparse.Namespace) -> Config:
         namespaces=tuple(args.namespace),
         egress=EgressPolicy(allow=tuple(args.allow_endpoint)),
         progress_interval=args.progress_interval,
+        retry_interval=args.retry_interval,
     )
 
 

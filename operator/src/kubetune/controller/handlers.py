@@ -41,7 +41,6 @@ from kubetune.estimator import Architecture, resolve_architecture
 
 log = logging.getLogger("kubetune.operator")
 
-RETRY_INTERVAL = 30.0  # Pending (a Secret, a model config) and Unschedulable (resync) jobs
 Logger = logging.Logger | logging.LoggerAdapter
 
 
@@ -732,8 +731,8 @@ def registry(config: Config) -> kopf.OperatorRegistry:
         GROUP,
         VERSION,
         PLURAL,
-        interval=RETRY_INTERVAL,
-        initial_delay=RETRY_INTERVAL,
+        interval=config.retry_interval,
+        initial_delay=config.retry_interval,
         idle=None,
         when=lambda status, **_: (status or {}).get("phase") in (PENDING, UNSCHEDULABLE, STARTING),
         registry=reg,

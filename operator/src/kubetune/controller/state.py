@@ -60,6 +60,9 @@ class Config:
     egress: EgressPolicy = field(default_factory=EgressPolicy)
     # Progress lands in S3, which sends no events: it is polled this often while a trainer runs.
     progress_interval: float = 10.0
+    # A waiting job (Pending, Unschedulable, Starting) is re-checked this often: what it waits for (a
+    # Secret, a claim, the Hub) sends no event on the FineTuneJob.
+    retry_interval: float = 30.0
     # after SIGTERM; the chart's terminationGracePeriodSeconds is 30: leave kopf time to release its peering
     exit_grace_seconds: float = 10.0
 
