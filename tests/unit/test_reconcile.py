@@ -270,6 +270,33 @@ def test_completion_records_the_result():
     assert reconcile(observe(status=s), T0).create == []  # finished and unchanged: nothing to do
 
 
+def test_a_multi_node_run_takes_its_result_from_rank_0_which_holds_the_outputs():
+    """Every rank writes a termination message; only rank 0 uploads, so only its result names the adapter.
+    Seen on two real nodes: rank 1 finished a second later and its message (no adapterUri) was taken."""
+    _, st = started()
+    metrics = {"evalLoss": 1.2, "baseEvalLoss": 2.5, "steps": 30.0}
+    rank0 = {"reason": "Completed", "message": "trained 30 steps",
+             "result": {"adapterUri": "s3://ckpt/runs/ml/demo/run-1/final/", "metrics": metrics}}
+    rank1 = {"reason": "Completed", "message": "trained 30 steps", "result": {"metrics": metrics}}
+
+    def ranked(index: int, term: dict, finished: str) -> dict:
+        p = pod("Succeeded", {"exitCode": 0, "message": json.dumps(term), "finishedAt": finished})
+        p["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+        return p
+
+    for order in ((0, 1), (1, 0)):
+        pods = {0: ranked(0, rank0, "2026-01-01T00:00:10Z"), 1: ranked(1, rank1, "2026-01-01T00:00:11Z")}
+        out = reconcile(observe(status=st, job=job([("Complete", {})]), pods=[pods[i] for i in order]), T0)
+        assert out.status.phase == "Succeeded"
+        assert out.status.result.adapter_uri == "s3://ckpt/runs/ml/demo/run-1/final/", order
+    # a rank that failed later than rank 0 says why the run failed, whatever rank 0 said
+    bad = {"reason": "BadData", "message": "train.jsonl line 7: missing 'output'"}
+    out = reconcile(observe(status=st, job=job([("Failed", {"reason": "PodFailurePolicy"})]),
+                            pods=[ranked(0, {"reason": "Error", "message": "peer gone"}, "2026-01-01T00:00:10Z"),
+                                  ranked(1, bad, "2026-01-01T00:00:11Z")]), T0)
+    assert cond(out.status, "Failed").reason == "BadData"
+
+
 def test_bad_data_failure_names_the_fix():
     _, st = started()
     term = {"reason": "BadData", "message": "train.jsonl lines 3, 7: missing 'output'"}

@@ -666,21 +666,35 @@ def _oom_kind(pods: list[dict], term: TrainerTermination | None) -> str | None:
     return "host" if host else None
 
 
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
 def _termination(pods: list[dict]) -> TrainerTermination | None:
-    """The trainer's JSON termination message, from the most recent terminated trainer container."""
-    latest = None
+    """The trainer's JSON termination message, from the most recent terminated trainer container. In a
+    multi-node run every rank writes one; when rank 0 (completion index 0) says the same as the newest,
+    its message is the one: only rank 0 uploads, so only its result names the outputs."""
+    seen: list[tuple[str, bool, TrainerTermination]] = []
     for p in pods:
+        rank0 = ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX, "0") == "0"
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             t = (cs.get("state") or {}).get("terminated")
             if t and t.get("message"):
-                if latest is None or (t.get("finishedAt") or "") >= (latest.get("finishedAt") or ""):
-                    latest = t
-    if latest is None:
+                seen.append((t.get("finishedAt") or "", rank0, _parse_termination(t["message"])))
+    if not seen:
         return None
+    latest = seen[0]
+    for entry in seen[1:]:
+        if entry[0] >= latest[0]:
+            latest = entry
+    same = [e for e in seen if e[1] and e[2].reason == latest[2].reason]
+    return max(same, key=lambda e: e[0])[2] if same and not latest[1] else latest[2]
+
+
+def _parse_termination(message: str) -> TrainerTermination:
     try:
-        return TrainerTermination.model_validate(json.loads(latest["message"]))
+        return TrainerTermination.model_validate(json.loads(message))
     except (ValueError, TypeError):
-        return TrainerTermination(reason="Error", message=latest["message"][-500:])
+        return TrainerTermination(reason="Error", message=message[-500:])
 
 
 def _pending_reason(pods: list[dict], create_error: str | None = None) -> str:
