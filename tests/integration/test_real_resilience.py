@@ -1,52 +1,35 @@
 """Resilience of trainer pods in the trainer image on real kubelet nodes: S3 stopped for a minute
-mid-run (the uploads wait it out, nothing is lost), and a run across two real nodes over gloo
-(rendezvous through the headless Service name, resolved by the ground's CoreDNS)."""
+mid-run (the uploads wait it out, nothing is lost), and a 2-node FineTuneJob over gloo across two real
+nodes (rendezvous through the headless Service name, resolved by the ground's CoreDNS)."""
 from __future__ import annotations
 
 import json
 import re
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from kubetune.demo import quickstart_for_node, upload_tiny_model_and_data
 from kubetune.devenv import ground as g
-from kubetune.devenv import images
 from kubetune.devenv import node as rn
 from kubetune.devenv.ground import wait_until as wait_for
 
-from opkit import apply, ftj, wait_phase
+from opkit import apply, ftj, job_on_node, prepare_real_nodes, trainer_events, trainer_pods, wait_phase
 
 pytestmark = pytest.mark.integration
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def real_nodes(ground) -> list[dict]:
-    """The ground's real nodes with the trainer image imported into each (layers and archive cached)."""
-    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
-    assert nodes, "the session ground has no real node"
-    images.build(["trainer"], REPO)
-    for n in nodes:
-        t0 = time.monotonic()
-        images.import_into(n, "trainer")
-        print(f"\ntrainer image into {n['name']}: {time.monotonic() - t0:.1f}s")
-    upload_tiny_model_and_data(ground.s3())
-    return nodes
+    """Both real nodes of the session ground, with the trainer image."""
+    return prepare_real_nodes(ground, count=2)
 
 
-def _job(name: str, ground, nodes: list[str], steps: int, save: int, batch: int) -> dict:
-    obj = quickstart_for_node(ground.state["real_nodes"]["pod_endpoints"]["s3"], nodes[0])
-    obj["metadata"]["name"] = name
-    r = obj["spec"]["resources"]
-    # one named real node, or any real node (never KWOK's) when the run spans several
-    r["nodeSelector"] = {"kubernetes.io/hostname": nodes[0]} if len(nodes) == 1 else {rn.TAINT_KEY: "true"}
-    r["tolerations"] = [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}]
-    obj["spec"]["training"] |= {"maxSteps": steps, "evalSteps": steps // 2, "loggingSteps": 1,
-                                "microBatchSize": batch}
-    obj["spec"]["checkpoints"] |= {"saveSteps": save}
+def _job(name: str, ground, nodes: list[dict], steps: int, save: int, batch: int) -> dict:
+    """The quickstart on one named real node, or on any real node (never KWOK's) when it spans several."""
+    obj = job_on_node(ground, nodes[0], name, steps, save, batch)
+    if len(nodes) > 1:
+        obj["spec"]["resources"]["nodeSelector"] = {rn.TAINT_KEY: "true"}
     return obj
 
 
@@ -56,10 +39,6 @@ def _log(ground, ns: str, pod: str) -> str:
 
 def _events(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def _trainer_pods(ground, ns: str, name: str) -> list[dict]:
-    return ground.kubectl_json("get", "pods", "-n", ns, "-l", f"kubetune.io/job={name}")["items"]
 
 
 def _status(ground, ns: str, name: str) -> dict:
@@ -105,10 +84,10 @@ def _brief(s: dict) -> dict:
     return {"phase": s.get("phase"), "step": (s.get("progress") or {}).get("step"),
             "latestCheckpoint": (s.get("checkpoints") or {}).get("latestStep"),
             "conditions": sorted(f"{c['type']}={c['reason']}" for c in s.get("conditions") or []
-                                 if c.get("status") == "True")}
+                                 if c.get("status") == "True" or c.get("reason") == "StorageUnreachable")}
 
 
-STEPS, SAVE, BATCH, OUTAGE = 240, 20, 16, 60
+STEPS, SAVE, BATCH, OUTAGE = 160, 20, 16, 60
 
 
 def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, real_nodes, ns):
@@ -117,7 +96,7 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
     keeps every checkpoint it holds (keep is larger than the run's count, so nothing is superseded);
     after the outage they all commit in order and the run finishes."""
     name = "real-s3-outage"
-    obj = _job(name, ground, [real_nodes[0]["name"]], STEPS, SAVE, BATCH)
+    obj = _job(name, ground, real_nodes[:1], STEPS, SAVE, BATCH)
     obj["spec"]["checkpoints"]["keep"] = STEPS // SAVE + 1  # retention deletes nothing: all must be there
     apply(ground, ns, obj)
     watch = _Watch(ground, ns, name)
@@ -143,7 +122,7 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
         watch.stop()
     finished_at = time.time()
 
-    pods = _trainer_pods(ground, ns, name)
+    pods = trainer_pods(ground, ns, name)
     ends = {p["metadata"]["name"]: ((p["status"].get("containerStatuses") or [{}])[0].get("state") or {})
             .get("terminated") for p in pods}
     assert len(pods) == 1, ends  # one pod: the outage cost no retry of the pod
@@ -168,9 +147,16 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
     assert stopped_at is not None and started_at is not None
     # training went on while S3 was down (same host clock): the uploads' retries never held it up
     trained = [e["step"] for e in events if e["event"] == "step" and stopped_at <= e["ts"] <= started_at]
-    assert len(trained) >= 2 * SAVE, trained
+    # at least a save interval: a checkpoint was made, and its upload retried, inside the outage (a CI run
+    # on a busy machine trained 41 steps in it)
+    assert len(trained) >= SAVE, trained
     during = watch.between(stopped_at, started_at)
     assert during and all(s.get("phase") == "Running" for s in during), [_brief(s) for s in during]
+    # ... and said that S3 was not answering, then that it was again
+    synced = [next((c for c in s.get("conditions") or [] if c["type"] == "CheckpointSynced"), {}) for s in during]
+    assert any(c.get("reason") == "StorageUnreachable" and c.get("status") == "False" for c in synced), synced
+    end = next(c for c in done["status"]["conditions"] if c["type"] == "CheckpointSynced")
+    assert end["status"] == "True", end
     print(f"\nS3 down {started_at - stopped_at:.0f}s; checkpoints reported before {reported}, in S3 before "
           f"{in_s3_before}, after {after}; upload retries {len(failed)} for checkpoints {retried} "
           f"(backoffs {delays}); {len(trained)} steps trained during the outage; progress write failures "
@@ -183,86 +169,46 @@ def test_s3_stopped_for_a_minute_mid_run_loses_no_checkpoint(ground, operator, r
             print(f"  {t - stopped_at:+6.1f}s {json.dumps(_brief(s))}")
 
 
-
-# Two ranks, one per real node, meet at the index-0 pod's name through the headless Service and train
-# a least-squares model with gloo: each rank the gradient of its half of the batch, all-reduced and
-# averaged (DDP's arithmetic). Rank 0 also trains the same model on the whole batch alone: one process
-# with the same effective batch. Exact in real arithmetic, so the two losses differ by rounding only.
-GLOO = r"""
-import json, os, socket, datetime, torch, torch.distributed as dist
-rank = int(os.environ["JOB_COMPLETION_INDEX"])
-dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:29500", rank=rank,
-                        world_size=2, timeout=datetime.timedelta(seconds=120))
-torch.manual_seed(0)
-X = torch.randn(256, 16, dtype=torch.float64)
-y = X @ torch.linspace(-1, 1, 16, dtype=torch.float64) + 0.1 * torch.randn(256, dtype=torch.float64)
-def grad(w, xs, ys):
-    return 2 * xs.T @ (xs @ w - ys) / len(ys)
-w, w1 = torch.zeros(16, dtype=torch.float64), torch.zeros(16, dtype=torch.float64)
-for _ in range(100):
-    g = grad(w, X[rank::2], y[rank::2])
-    dist.all_reduce(g)
-    w -= 0.05 * g / dist.get_world_size()
-    w1 -= 0.05 * grad(w1, X, y)
-loss = lambda v: float(((X @ v - y) ** 2).mean())
-print(json.dumps({"rank": dist.get_rank(), "worldSize": dist.get_world_size(), "host": socket.gethostname(),
-                  "master": socket.gethostbyname(os.environ["MASTER_ADDR"]), "loss": loss(w),
-                  "lossOneProcess": loss(w1), "lossStart": loss(torch.zeros(16, dtype=torch.float64))}))
-dist.destroy_process_group()
-"""
-
-
-def test_a_two_node_finetunejob_on_cpu_is_refused_by_the_api(ground, crds, real_nodes, ns):
-    """Why the 2-node run below is a plain Indexed Job: the FineTuneJob API refuses nodes > 1 on CPU."""
-    two = _job("real-two-nodes", ground, [n["name"] for n in real_nodes], 60, 60, 4)
-    two["spec"]["resources"]["nodes"] = 2
-    res = ground.kubectl("apply", "-n", ns, "-f", "-", stdin=json.dumps(two), check=False)
-    assert res.returncode != 0 and "multi-node CPU training is not supported" in res.stderr, res.stderr
-
-
-def test_two_real_nodes_rendezvous_by_headless_service_name_and_train_over_gloo(ground, real_nodes, ns):
-    """An Indexed Job of 2 pods in the trainer image, one per real node (required anti-affinity), with
-    the operator's multi-node wiring (manifests.py): a headless Service publishing not-ready addresses,
-    the pods' subdomain, MASTER_ADDR = <job>-0.<svc>.<ns>.svc, resolved by the ground's CoreDNS; gloo
-    across the bridge between the nodes."""
+def test_a_two_node_finetunejob_trains_over_gloo_on_two_real_nodes(ground, operator, real_nodes, ns):
+    """`resources.nodes: 2` on the two real nodes (each advertises one fake GPU; the trainer, finding no
+    CUDA, runs on CPU): the operator places it on both, and renders an Indexed Job of two ranks (one per
+    node: required anti-affinity) and a headless Service. Rank 1 reaches rank 0 at
+    <job>-0.<svc>.<ns>.svc through the ground's CoreDNS, and accelerate runs gloo across the bridge."""
     assert len(real_nodes) >= 2, ("this needs 2 real nodes: the session ground starts 2 (conftest); a ground "
                                   "reused with fewer must be downed and upped")
-    job, svc = "gloo", "gloo-peers"
-    ground.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": svc},
-                  "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"job-name": job},
-                           "ports": [{"name": "rendezvous", "port": 29500}]}}, ns)
-    pod = {"metadata": {"labels": {"job-name": job}},
-           "spec": {"restartPolicy": "Never", "subdomain": svc,
-                    "nodeSelector": {rn.TAINT_KEY: "true"},
-                    "tolerations": [{"key": rn.TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
-                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
-                        {"labelSelector": {"matchLabels": {"job-name": job}},
-                         "topologyKey": "kubernetes.io/hostname"}]}},
-                    "containers": [{"name": "trainer", "image": images.IMAGES["trainer"].ref(),
-                                    "imagePullPolicy": "IfNotPresent", "command": ["python", "-c", GLOO],
-                                    "env": [{"name": "MASTER_ADDR", "value": f"{job}-0.{svc}.{ns}.svc"}]}]}}
+    name, steps = "real-two-nodes", 30
+    obj = _job(name, ground, real_nodes, steps, steps, 4)
+    obj["spec"]["resources"] |= {"nodes": 2, "gpusPerNode": 1}
     t0 = time.monotonic()
-    ground.apply({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job},
-                  "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
-                           "template": pod}}, ns)
-    ground.kubectl("wait", "--for=condition=Complete", f"job/{job}", "-n", ns, "--timeout=300s", timeout=330)
+    apply(ground, ns, obj)
+    done = wait_phase(ground, ns, name, "Succeeded", 600)
     took = time.monotonic() - t0
 
-    pods = sorted(ground.kubectl_json("get", "pods", "-n", ns, "-l", f"job-name={job}")["items"],
+    st = done["status"]
+    assert sorted(st["placement"]["nodes"]) == sorted(n["name"] for n in real_nodes), st["placement"]
+    pods = sorted(trainer_pods(ground, ns, name),
                   key=lambda p: int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]))
-    assert len(pods) == 2
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]  # no retry: both ranks ran once
     nodes = [p["spec"]["nodeName"] for p in pods]
     assert len(set(nodes)) == 2 and set(nodes) <= {n["name"] for n in real_nodes}, nodes
-    for p in pods:
+    job = pods[0]["metadata"]["labels"]["job-name"]
+    svc = pods[0]["spec"]["subdomain"]
+    for rank, p in enumerate(pods):
         (cs,) = p["status"]["containerStatuses"]
         assert cs["containerID"].startswith("containerd://") and cs["state"]["terminated"]["exitCode"] == 0, cs
-    out = [json.loads(_log(ground, ns, p["metadata"]["name"]).splitlines()[-1]) for p in pods]
-    assert [o["rank"] for o in out] == [0, 1] and all(o["worldSize"] == 2 for o in out), out
-    # both resolved the master name to rank 0's pod IP (CoreDNS, the headless Service)
-    assert {o["master"] for o in out} == {pods[0]["status"]["podIP"]}, (out, pods[0]["status"]["podIP"])
-    assert out[0]["loss"] == out[1]["loss"]  # the same weights on both ranks after every all-reduce
-    assert out[0]["loss"] < 0.1 * out[0]["lossStart"]  # it trained
-    assert abs(out[0]["loss"] - out[0]["lossOneProcess"]) <= 1e-9 * out[0]["lossOneProcess"], out[0]
-    print(f"\ngloo over 2 real nodes {nodes} ({[p['status']['podIP'] for p in pods]}): {took:.0f}s; loss "
-          f"{out[0]['lossStart']:.4f} -> {out[0]['loss']:.10f} (2 ranks) vs "
-          f"{out[0]['lossOneProcess']:.10f} (1 process)")
+        (launch,) = [e for e in trainer_events(ground, ns, p["metadata"]["name"]) if e["event"] == "launch"]
+        argv = launch["command"].split()
+        flags = {a[2:]: b for a, b in zip(argv, argv[1:], strict=False) if a.startswith("--")}
+        assert (flags["num_machines"], flags["machine_rank"], flags["num_processes"]) == ("2", str(rank), "2")
+        assert flags["main_process_ip"] == f"{job}-0.{svc}.{ns}.svc", launch
+    # rank 0 trained the whole run (its steps are the run's), and its model learned
+    events = trainer_events(ground, ns, pods[0]["metadata"]["name"])
+    assert sorted(e["step"] for e in events if e["event"] == "step") == list(range(1, steps + 1))
+    m = st["result"]["metrics"]
+    assert m["steps"] == steps and m["evalLoss"] < m["baseEvalLoss"], m
+    bucket, _, key = st["result"]["adapterUri"][len("s3://"):].partition("/")
+    got = {o["Key"] for o in ground.s3().list_objects_v2(Bucket=bucket, Prefix=key)["Contents"]}
+    assert f"{key.rstrip('/')}/adapter_model.safetensors" in got, got
+    print(f"\n2-node FineTuneJob on {nodes} ({[p['status']['podIP'] for p in pods]}), rendezvous at "
+          f"{job}-0.{svc}.{ns}.svc: Succeeded in {took:.0f}s; eval loss {m['baseEvalLoss']:.3f} -> "
+          f"{m['evalLoss']:.3f} in {m['steps']} steps")

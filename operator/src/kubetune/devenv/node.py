@@ -150,7 +150,7 @@ def plan_nodes(root: Path, n: int, subnet: str, ports: list[int]) -> list[NodePl
         plan = NodePlan(
             name=name,
             dir=str(d),
-            gpu=i == 0,
+            gpu=True,  # every real node: a 2-node FineTuneJob (gpusPerNode 1) needs two that fit
             kubelet_port=kubelet_port,
             healthz_port=healthz_port,
             metrics_port=metrics_port,
