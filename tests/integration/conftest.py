@@ -131,17 +131,10 @@ def ns(ground, namespace):
 
 @pytest.fixture(scope="module")
 def real_node(ground) -> dict:
-    """The ground's first real node with the current trainer image in its containerd (built first if
-    needed: layers and the exported archive are cached), and the tiny model and data in S3."""
-    from kubetune.demo import upload_tiny_model_and_data
-    from kubetune.devenv import images
+    """The ground's first real node, with the trainer image (opkit.prepare_real_nodes)."""
+    from opkit import prepare_real_nodes
 
-    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
-    assert nodes, "the session ground has no real node"
-    images.build(["trainer"], REPO)
-    images.import_into(nodes[0], "trainer")
-    upload_tiny_model_and_data(ground.s3())
-    return nodes[0]
+    return prepare_real_nodes(ground)[0]
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -36,6 +36,7 @@ class Operator:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kubetune.cli", "operator", "--standalone", "--metrics-port", str(self.port),
              "--metrics-address", "127.0.0.1", "--liveness", "", "--progress-interval", "2",
+             "--retry-interval", "5",
              "--allow-endpoint", "127.0.0.1", *extra],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
         wait_for("operator /metrics", lambda: self.metrics() is not None, 30)
@@ -230,3 +231,24 @@ def trainer_events(ground, ns: str, pod: str) -> list[dict]:
     """The trainer's JSON event lines, from the kubelet (kubectl logs)."""
     out = ground.kubectl("logs", pod, "-n", ns, "-c", "trainer").stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def prepare_real_nodes(ground, count: int = 1, names: tuple[str, ...] = ("trainer",)) -> list[dict]:
+    """The ground's first `count` real nodes with the current build of each image in their containerd
+    (built first if needed: layers and the exported archive are cached; a node that holds the digest
+    already is skipped), and the tiny model and data in S3. The nodes import side by side: each is its
+    own containerd, and an import is mostly disk writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubetune.demo import upload_tiny_model_and_data
+    from kubetune.devenv import images
+
+    nodes = (ground.state.get("real_nodes", {}).get("nodes") or [])[:count]
+    assert len(nodes) == count, f"the session ground has {len(nodes)} real nodes, this needs {count}"
+    images.build(list(names), REPO)
+    for name in names:
+        images.archive(name)  # once, before the nodes import it
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(lambda n: [images.import_into(n, name) for name in names], nodes))
+    upload_tiny_model_and_data(ground.s3())
+    return nodes

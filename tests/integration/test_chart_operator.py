@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.demo import chart_values, quickstart_for_node, upload_tiny_model_and_data
+from kubetune.demo import chart_values, quickstart_for_node
 from kubetune.devenv import images
 from kubetune.devenv.ground import wait_until as wait_for
 
-from opkit import apply, wait_phase
+from opkit import apply, prepare_real_nodes, wait_phase
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -35,14 +35,8 @@ CHART = REPO / "charts" / "kubetune"
 
 @pytest.fixture(scope="module")
 def real_node(ground, crds) -> dict:
-    """real-0 with both images imported (built first if needed; layers and archives are cached)."""
-    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
-    assert nodes, "the session ground has no real node"
-    images.build(["operator", "trainer"], REPO)
-    for name in ("operator", "trainer"):
-        images.import_into(nodes[0], name)
-    upload_tiny_model_and_data(ground.s3())
-    return nodes[0]
+    """real-0 with both images imported."""
+    return prepare_real_nodes(ground, names=("operator", "trainer"))[0]
 
 
 @pytest.fixture
