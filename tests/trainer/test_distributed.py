@@ -268,6 +268,12 @@ def test_lora_under_fsdp_wraps_adapters_apart_so_frozen_weights_get_no_gradient(
     assert out["units"] > 2 * 7  # every adapted linear of both blocks is a unit of its own
 
 
+# Cases whose FSDP checkpoint is another case's (the same trainable tensors, dtypes and sharding): the
+# kill -9 and resume half (two more 2-process runs) is run once per checkpoint layout, not per case.
+# DPO's implicit reference is the base under disabled adapters: it adds no state of its own.
+SAME_CHECKPOINT_AS = {"lora+dpo": "lora", "qlora+dpo": "qlora"}
+
+
 @pytest.mark.parametrize("case", ["lora", "qlora", "full", "freeze", "prompt-tuning", "prefix-tuning",
                                   "lora+bf16-mixed", "full+bf16-mixed", "full+liger", "lora+dpo", "qlora+dpo"])
 def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, model_dir, case):
@@ -317,10 +323,12 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         return TrainerProc(cfg_for(store, 2), store.with_suffix(".yaml"), env={
             "KUBETUNE_DEBUG_FSDP_ON_CPU": "1", "KUBETUNE_MASTER_PORT": free_port(), **knob, **env})
 
+    # a hang guard, not a speed check: Triton's interpreter (Liger on CPU) took over 300 s on a busy machine
+    limit = 900 if liger else 300
     single = TrainerProc(cfg_for(tmp_path / "single", 1), tmp_path / "single.yaml", env=knob)
-    assert single.wait(300) == 0, single.stderr[-3000:]
+    assert single.wait(limit) == 0, single.stderr[-3000:]
     reference = fsdp(tmp_path / "reference")
-    assert reference.wait(300) == 0, reference.stderr[-3000:]
+    assert reference.wait(limit) == 0, reference.stderr[-3000:]
     model_ev = reference.events_of("model")
     assert model_ev[0]["distributedType"] == "FSDP" and model_ev[0]["sharding"] == "fsdp", model_ev
     if liger:
@@ -356,6 +364,9 @@ def test_fsdp_trains_like_one_process_and_resumes_exactly_after_kill9(tmp_path, 
         assert {"rewardAccuracy", "rewardMargin", "baseRewardAccuracy", "baseRewardMargin"} <= set(final), final
     if liger:  # resume and outputs are the same code as "full"; Triton's interpreter makes each run minutes
         print(f"\nfull+liger: single process vs FSDP, max |dloss| {max(abs(two[s] - one[s]) for s in one):.2e}")
+        return
+    if case in SAME_CHECKPOINT_AS:  # its checkpoint holds what another case's resume already proves
+        print(f"\n{case}: resume is {SAME_CHECKPOINT_AS[case]}'s (the same sharded state); not run again")
         return
 
     store = tmp_path / "fsdp"
