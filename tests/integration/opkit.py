@@ -234,21 +234,21 @@ def trainer_events(ground, ns: str, pod: str) -> list[dict]:
 
 
 def prepare_real_nodes(ground, count: int = 1, names: tuple[str, ...] = ("trainer",)) -> list[dict]:
-    """The ground's first `count` real nodes with the current build of each image in their containerd
-    (built first if needed: layers and the exported archive are cached; a node that holds the digest
-    already is skipped), and the tiny model and data in S3. The nodes import side by side: each is its
-    own containerd, and an import is mostly disk writes."""
+    """The ground's first `count` real nodes, with the current build of each image in the containerd of
+    every real node (built first if needed: layers and the exported archive are cached; a node that holds
+    the digest already is skipped), and the tiny model and data in S3. Every node imports at once, side
+    by side (each its own containerd): later fixtures then find the images in place."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kubetune.demo import upload_tiny_model_and_data
     from kubetune.devenv import images
 
-    nodes = (ground.state.get("real_nodes", {}).get("nodes") or [])[:count]
-    assert len(nodes) == count, f"the session ground has {len(nodes)} real nodes, this needs {count}"
+    every = ground.state.get("real_nodes", {}).get("nodes") or []
+    assert len(every) >= count, f"the session ground has {len(every)} real nodes, this needs {count}"
     images.build(list(names), REPO)
     for name in names:
         images.archive(name)  # once, before the nodes import it
-    with ThreadPoolExecutor(len(nodes)) as pool:
-        list(pool.map(lambda n: [images.import_into(n, name) for name in names], nodes))
+    with ThreadPoolExecutor(len(every)) as pool:
+        list(pool.map(lambda n: [images.import_into(n, name) for name in names], every))
     upload_tiny_model_and_data(ground.s3())
-    return nodes
+    return every[:count]
