@@ -19,7 +19,7 @@ def plans(n=2, root=ROOT):
 def test_plan_gives_each_node_its_own_ports_cgroup_and_range():
     a, b = plans()
     assert (a.name, b.name) == ("real-0", "real-1")
-    assert a.gpu and not b.gpu
+    assert a.gpu and b.gpu  # every real node: a 2-node FineTuneJob (gpusPerNode 1) needs two that fit
     assert len({a.kubelet_port, a.healthz_port, a.metrics_port, b.kubelet_port, b.healthz_port, b.metrics_port}) == 6
     assert a.cgroup_root != b.cgroup_root and a.cgroup_root.startswith("/kubetune-")
     ra = range(int(ipaddress.ip_address(a.range_start)), int(ipaddress.ip_address(a.range_end)) + 1)
@@ -138,7 +138,10 @@ def test_kubernetes_vip_is_the_first_address_of_the_service_cidr():
 
 
 def test_kubelet_argv_keeps_its_state_under_the_node_and_labels_the_gpu_node():
-    gpu, cpu = plans()
+    import dataclasses
+
+    gpu, second = plans()
+    cpu = dataclasses.replace(second, gpu=False)
     argv = node.kubelet_argv("/bin-dir", gpu, NET)
     for flag in ("--root-dir", "--cert-dir", "--config", "--kubeconfig"):
         assert argv[argv.index(flag) + 1].startswith(gpu.dir + "/"), flag
