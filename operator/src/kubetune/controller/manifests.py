@@ -28,6 +28,8 @@ from kubetune.controller.placement import Placement
 
 LABEL_JOB = "kubetune.io/job"
 LABEL_RUN = "kubetune.io/run"
+# the Job controller's annotation on each pod of an Indexed Job: a multi-node run's rank
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 CONFIG_KEY = "trainer.yaml"
@@ -247,9 +249,7 @@ def _env(spec: FineTuneJobSpec, rid: RunIdentity, defaults: PodDefaults) -> list
             {"name": "NPROC_PER_NODE", "value": str(max(1, r.gpus_per_node))},
             {
                 "name": "NODE_RANK",
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-                },
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}},
             },
             {"name": "MASTER_ADDR", "value": f"{rid.job_name}-0.{rid.service_name}.{rid.namespace}.svc"},
             {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},

@@ -666,16 +666,13 @@ def _oom_kind(pods: list[dict], term: TrainerTermination | None) -> str | None:
     return "host" if host else None
 
 
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-
-
 def _termination(pods: list[dict]) -> TrainerTermination | None:
     """The trainer's JSON termination message, from the most recent terminated trainer container. In a
     multi-node run every rank writes one; when rank 0 (completion index 0) says the same as the newest,
     its message is the one: only rank 0 uploads, so only its result names the outputs."""
     seen: list[tuple[str, bool, TrainerTermination]] = []
     for p in pods:
-        rank0 = ((p.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX, "0") == "0"
+        rank0 = ((p.get("metadata") or {}).get("annotations") or {}).get(manifests.COMPLETION_INDEX, "0") == "0"
         for cs in (p.get("status") or {}).get("containerStatuses") or []:
             t = (cs.get("state") or {}).get("terminated")
             if t and t.get("message"):
