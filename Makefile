@@ -19,7 +19,7 @@ PYTEST_WORKERS ?= 3
 # Where the time goes, in every run's report.
 PYTEST_DURATIONS ?= 25
 
-.PHONY: help venv lint test test-fast crd check-crd demo ground-build images clean
+.PHONY: help venv lint test test-env test-fast crd check-crd demo ground-build images clean
 
 help:
 	@echo "make demo       the main job, locally (see README)"
@@ -52,9 +52,10 @@ check-crd: venv
 	@for f in kubetune.io_finetunejobs.yaml kopf-peering.yaml; do \
 	  diff -u crds/$$f $(CHART_CRDS)/$$f || { echo "$(CHART_CRDS)/$$f differs from crds/: run make crd"; exit 1; }; done
 
-# Builds (once) and caches etcd, kube-*, kubectl, kwok, helm and the S3 server from source.
-ground-build: venv
-	$(BIN)/kubetune dev build
+# Builds (once) and caches etcd, kube-*, kubectl, kwok, helm and the S3 server from source. It needs no
+# env (devenv/build.py is stdlib only): on a fresh machine `make test` compiles beside the env's downloads.
+ground-build:
+	PYTHONPATH=operator/src $(PYTHON) -m kubetune.cli dev build
 
 # ruff check on what LINT_PATHS names, less LINT_EXCLUDE; ruff format --check and mypy on the operator (the
 # scope both are clean on; mypy's settings are pyproject.toml's [tool.mypy]). Not linted yet: the trainer
@@ -68,10 +69,18 @@ lint: venv
 
 # pytest exits 5 when it collected nothing: that is a failure here, never a pass. A failure in any
 # worker fails the run (xdist reports every worker's tests in one summary and exit code).
-test: venv lint ground-build
+# On a fresh machine the Go/Rust builds (CPU) run beside the env's downloads, lint and the image builds
+# (network, disk): -j2 below. Warm, each is a cache hit or a code-layer rebuild.
+test:
+	@$(MAKE) --no-print-directory -j2 ground-build test-env
 	@rc=0; $(BIN)/python -m pytest tests -n $(PYTEST_WORKERS) --durations=$(PYTEST_DURATIONS) \
 	  $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# What pytest needs besides the ground's binaries. As root (real nodes) both images too: their build is
+# the same the integration fixtures would start (they find it cached), out of pytest's critical path.
+test-env: venv lint
+	@if [ "$$(id -u)" = 0 ]; then $(BIN)/python -m kubetune.devenv.images; fi
 
 # `tools` tests run helm and promtool (no cluster); make test runs them after ground-build.
 test-fast: venv

@@ -22,6 +22,7 @@ from kubetune.devenv import render
 
 sys.path.insert(0, str(Path(__file__).parent))  # opkit: helpers shared by the operator test modules
 REPO = Path(__file__).resolve().parents[2]
+INTEGRATION = Path(__file__).resolve().parent
 
 
 @dataclass
@@ -56,6 +57,16 @@ class Ground:
 wait_for = g.wait_until
 
 
+# Modules whose fixtures need the images inside the real nodes' containerd: they run last, so the
+# ground fixture's background export and import (opkit.start_image_prep) overlaps the other modules.
+REAL_NODE_MODULES = ("test_chart_operator.py", "test_real_node.py", "test_real_resilience.py",
+                     "test_real_trainer.py", "test_trainer_pods.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda it: it.path.parent == INTEGRATION and it.path.name in REAL_NODE_MODULES)
+
+
 @pytest.fixture(scope="session")
 def ground() -> Iterator[Ground]:
     lay = g.layout()
@@ -71,9 +82,14 @@ def ground() -> Iterator[Ground]:
     # user who ran `eval "$(kubetune dev env)"`.
     os.environ.update(g.env_values(lay))
     os.environ["PATH"] = os.pathsep.join([*g.path_dirs(lay), os.environ.get("PATH", "")])
+    gr = Ground(lay, started)
+    from opkit import start_image_prep, wait_image_prep
+
+    start_image_prep(gr)
     try:
-        yield Ground(lay, started)
+        yield gr
     finally:
+        wait_image_prep()  # no import may still run into a node that down stops
         os.environ.clear()
         os.environ.update(saved)
         if started:

@@ -233,22 +233,57 @@ def trainer_events(ground, ns: str, pod: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+# Every image a real-node test runs: the session's ground fixture starts their export and import in the
+# background as soon as the ground is up (start_image_prep), so the first real-node fixture mostly
+# finds them in place instead of spending minutes on 3 GiB of archive per node.
+REAL_NODE_IMAGES = ("operator", "trainer")
+_prep: dict = {}
+
+
+def _import_everywhere(nodes: list[dict], names: tuple[str, ...]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubetune.devenv import images
+
+    images.build(list(names), REPO)
+    for name in names:
+        images.archive(name)  # once, before the nodes import it
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(lambda n: [images.import_into(n, name) for name in names], nodes))
+
+
+def start_image_prep(ground) -> None:
+    """Export and import REAL_NODE_IMAGES into every real node, in a thread (a no-op without real nodes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nodes = ground.state.get("real_nodes", {}).get("nodes") or []
+    if nodes and "future" not in _prep:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="image-prep")
+        _prep["future"] = pool.submit(_import_everywhere, nodes, REAL_NODE_IMAGES)
+        pool.shutdown(wait=False)
+
+
+def wait_image_prep() -> None:
+    """Wait for start_image_prep's thread. A failure is not raised here: prepare_real_nodes then does the
+    same work in line, and its error names the step that failed."""
+    fut = _prep.get("future")
+    if fut is not None:
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001
+            print(f"background image prep failed, redoing it in line: {e}", file=sys.stderr)
+
+
 def prepare_real_nodes(ground, count: int = 1, names: tuple[str, ...] = ("trainer",)) -> list[dict]:
     """The ground's first `count` real nodes, with the current build of each image in the containerd of
     every real node (built first if needed: layers and the exported archive are cached; a node that holds
     the digest already is skipped), and the tiny model and data in S3. Every node imports at once, side
     by side (each its own containerd): later fixtures then find the images in place."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from kubetune.demo import upload_tiny_model_and_data
-    from kubetune.devenv import images
 
     every = ground.state.get("real_nodes", {}).get("nodes") or []
     assert len(every) >= count, f"the session ground has {len(every)} real nodes, this needs {count}"
-    images.build(list(names), REPO)
-    for name in names:
-        images.archive(name)  # once, before the nodes import it
-    with ThreadPoolExecutor(len(every)) as pool:
-        list(pool.map(lambda n: [images.import_into(n, name) for name in names], every))
+    wait_image_prep()
+    _import_everywhere(every, names)  # seconds when the prep did it: each step checks its cache first
     upload_tiny_model_and_data(ground.s3())
     return every[:count]

@@ -85,3 +85,19 @@ def test_coredns_main_has_only_the_plugins_the_corefile_uses():
     assert "forward" not in imported  # no query can leave the host
     directives = src[src.index("Directives"):]
     assert [p for p in build.COREDNS_PLUGINS if f'"{p}"' in directives] == list(build.COREDNS_PLUGINS)
+
+
+def test_dev_build_runs_on_the_bare_interpreter(repo):
+    """`make test` compiles the ground beside the env's install (Makefile ground-build), so `kubetune dev
+    build` and everything it imports must need nothing outside the standard library."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'operator/src');"
+        "import kubetune.cli, kubetune.devenv.cli, kubetune.devenv.build, kubetune.devenv.ground;"
+        "from kubetune.cli import build_parser; build_parser('dev').parse_args(['dev', 'build'])"
+    )
+    # -S: no site-packages (nothing pip installed), -E: no PYTHONPATH from the test's environment.
+    p = subprocess.run([sys.executable, "-S", "-E", "-c", code], cwd=repo, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

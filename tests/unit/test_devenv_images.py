@@ -101,3 +101,28 @@ def test_unknown_image_names_are_refused_with_the_choices(capsys):
         images.main(["trainr"])
     assert e.value.code == 2
     assert "unknown image trainr: choose from operator, trainer" in capsys.readouterr().err
+
+
+def test_builds_and_exports_run_one_at_a_time(tmp_path, monkeypatch):
+    """`make test` builds the images while pytest's fixtures may ask for the same build: the second
+    caller waits for the first (then finds it cached) instead of running buildah beside it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    spans: list[tuple[float, float]] = []
+
+    def slow_build(names, context, log):
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        spans.append((t0, time.monotonic()))
+        return {}
+
+    monkeypatch.setattr(images, "_build", slow_build)
+    threads = [threading.Thread(target=images.build, args=(["trainer"], tmp_path)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1, f"two builds overlapped: {spans}"

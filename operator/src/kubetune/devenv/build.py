@@ -413,6 +413,11 @@ def real_node_components(kube_version: str) -> list[Component]:
     ]
 
 
+# `make test` builds the images beside the ground's binaries, and both may apt-get install at once:
+# the second waits for dpkg's lock instead of failing on it.
+APT_WAIT = ("-o", "DPkg::Lock::Timeout=600")
+
+
 def missing_packages(packages: dict[str, str] = paths.REAL_NODE_PACKAGES) -> list[str]:
     """The Debian packages whose marker file is absent."""
     return sorted(pkg for pkg, marker in packages.items() if not Path(marker).exists())
@@ -428,7 +433,8 @@ def ensure_packages(log: Log = _stderr) -> None:
         raise BuildError(f"real nodes need these Debian packages: apt-get install {' '.join(missing)}")
     log(f"installing Debian packages for real nodes: {' '.join(missing)}")
     env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]):
+    for cmd in (["update", "-q"], ["install", "-y", "-q", "--no-install-recommends", *missing]):
+        cmd = ["apt-get", *APT_WAIT, *cmd]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BuildError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")

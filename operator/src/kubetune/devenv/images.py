@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from kubetune.devenv import oci, paths
+from kubetune.devenv.build import APT_WAIT
 
 Log = Callable[[str], None]
 
@@ -112,9 +113,8 @@ def _ensure_tools(log: Log) -> None:
             f"missing {', '.join(missing)}: apt-get install --no-install-recommends {' '.join(missing)}"
         )
     log(f"installing {' '.join(missing)} from Debian ...")
-    subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *APT_TOOLS], check=True, stdout=subprocess.DEVNULL
-    )
+    for cmd in (["update", "-q"], ["install", "-y", "--no-install-recommends", *APT_TOOLS]):
+        subprocess.run(["apt-get", *APT_WAIT, *cmd], check=True, stdout=subprocess.DEVNULL)
 
 
 def _run_logged(argv: list[str], logf: Path, what: str) -> str:
@@ -148,7 +148,13 @@ def ensure_base(log: Log = _stderr) -> str:
 
 
 def build(names: Sequence[str], context: Path, log: Log = _stderr) -> dict[str, str]:
-    """Build the named images; returns {name: image id}. Prints each step and its time."""
+    """Build the named images; returns {name: image id}. Prints each step and its time. One build at a
+    time (`make test` starts one before pytest, whose fixtures then find it done)."""
+    with oci.lock("build"):
+        return _build(names, context, log)
+
+
+def _build(names: Sequence[str], context: Path, log: Log) -> dict[str, str]:
     _ensure_tools(log)
     storage_dir().mkdir(parents=True, exist_ok=True)
     base = ensure_base(log)
@@ -187,14 +193,19 @@ def archive(name: str, log: Log = _stderr) -> Path:
     if iid is None:
         raise oci.ImageError(f"{ref} is not built: run make images")
     out = oci.images_dir() / "archives" / f"{name}-{iid.removeprefix('sha256:')[:16]}.oci.tar"
-    if out.is_file():
-        return out
+    with oci.lock(f"archive-{name}"):
+        if not out.is_file():
+            _export(name, ref, out, log)
+    return out
+
+
+def _export(name: str, ref: str, out: Path, log: Log) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f"{name}-*.oci.tar"):
         old.unlink()
     log(f"exporting {ref} to {out.name} ...")
     t0 = time.monotonic()
-    # A name of its own: two sessions may export the same build at once; the rename makes one of them win.
+    # Written under a name of its own and renamed when whole: an interrupted export never looks cached.
     part = out.with_name(f"{out.name}.{os.getpid()}.part")
     _run_logged(
         buildah_argv("push", "-q", "--disable-compression", ref, f"oci-archive:{part}:{ref}"),
@@ -203,7 +214,6 @@ def archive(name: str, log: Log = _stderr) -> Path:
     )
     part.rename(out)
     log(f"exported {ref} in {time.monotonic() - t0:.0f} s ({out.stat().st_size >> 20} MiB)")
-    return out
 
 
 def archive_digest(path: Path) -> str:

@@ -171,7 +171,8 @@ def _add_blob_named(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
+def lock(name: str) -> Iterator[None]:
+    """One process at a time for `name` (a build, an export): the next one waits, then finds it cached."""
     images_dir().mkdir(parents=True, exist_ok=True)
     with open(images_dir() / f".{name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -235,7 +236,7 @@ def debian_base(log: Log = print) -> Path:
         raise ImageError("building the Debian base needs root (debootstrap); run as root or build on a host that is")
     if shutil.which("debootstrap") is None:
         raise ImageError("debootstrap is missing: apt-get install --no-install-recommends debootstrap")
-    with _lock("debian-base"):
+    with lock("debian-base"):
         if out.is_file():
             return out
         logf = images_dir() / "debian-base.log"
