@@ -57,14 +57,17 @@ def helm(*args: str) -> subprocess.CompletedProcess:
 
 
 @contextmanager
-def chart_operator(ground, namespace: str, node: dict, jobs_ns: str, replicas: int) -> Iterator[str]:
+def chart_operator(ground, namespace: str, node: dict, jobs_ns: str, replicas: int,
+                   peering_lifetime: int = 60) -> Iterator[str]:
     """The chart installed with the demo's values (pinned to the real node); yields the full name.
     At the end the jobs namespace's FineTuneJobs are deleted while the operator can still finalize
     them, then the release is uninstalled."""
     name = f"kt-{uuid.uuid4().hex[:6]}"
     with tempfile.NamedTemporaryFile("w", suffix=".json") as vf:
         # the release's mark on its trainer pods (--trainer-env): proof that this operator made the Job
-        json.dump(chart_values(node["name"], replicas, 2, trainer_env={"TEST_CHART_RELEASE": name}), vf)
+        values = chart_values(node["name"], replicas, 2, trainer_env={"TEST_CHART_RELEASE": name})
+        values["operator"]["peeringLifetime"] = peering_lifetime
+        json.dump(values, vf)
         vf.flush()
         t0 = time.monotonic()
         helm("install", name, str(CHART), "-n", namespace, "-f", vf.name, "--wait", "--timeout", "180s")
@@ -147,9 +150,10 @@ def test_the_quickstart_succeeds_through_the_charts_operator_pod(ground, real_no
 def test_the_leader_killed_mid_reconcile_leaves_one_job_that_succeeds(ground, real_node, ns, operator_ns):
     """Two replicas share the release's ClusterKopfPeering; the leader is force-deleted (no grace, as a
     node loss would) as soon as the run's Job exists, while it is still reconciling the FineTuneJob.
-    The standby, or the Deployment's replacement pod, takes over when the dead peer's record lapses,
-    finds the Job by its name and adopts it instead of creating another."""
-    with chart_operator(ground, operator_ns, real_node, ns, replicas=2) as full:
+    The standby, or the Deployment's replacement pod, takes over when the dead peer's record lapses
+    (operator.peeringLifetime 15 s here, 60 by default), finds the Job by its name and adopts it
+    instead of creating another."""
+    with chart_operator(ground, operator_ns, real_node, ns, replicas=2, peering_lifetime=15) as full:
         names = [p["metadata"]["name"] for p in _operator_pods(ground, operator_ns)]
         assert len(names) == 2, names
         leader = wait_for("a leader in the peering", lambda: _leader(ground, full, names), 60)

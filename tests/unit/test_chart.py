@@ -94,6 +94,7 @@ def test_schema_is_strict_and_described():
     ({"watchNamespaces": ["Team_A"]}, ["watchNamespaces", 0], "does not match"),
     ({"operator": {"peeringName": "Kubetune"}}, ["operator", "peeringName"], "does not match"),
     ({"operator": {"retryInterval": 0}}, ["operator", "retryInterval"], "less than or equal to the minimum of 0"),
+    ({"operator": {"peeringLifetime": 5}}, ["operator", "peeringLifetime"], "less than the minimum of 15"),
     ({"prometheusRule": {"disabledAlerts": ["HighCPU"]}}, ["prometheusRule", "disabledAlerts", 0], "does not match"),
     ({"podDisruptionBudget": {"minAvailable": "half"}}, ["podDisruptionBudget", "minAvailable"], "is not valid"),
 ])

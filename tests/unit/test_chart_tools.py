@@ -86,7 +86,7 @@ VALUE_SETS = {
                    "operator.verbose=true", "operator.extraArgs={--priority=7}", "extraEnv[0].name=X",
                    "extraEnv[0].value=y", "nodeSelector.pool=system", "tolerations[0].operator=Exists",
                    "livenessProbe.enabled=false", "metrics.service.enabled=false",
-                   "huggingface.endpoint=https://hf-mirror.internal"),
+                   "huggingface.endpoint=https://hf-mirror.internal", "operator.peeringLifetime=20"),
 }
 
 
@@ -210,7 +210,8 @@ def test_deployment_runs_peered_restricted_and_bounded():
     c = _container(docs)
     assert dep["spec"]["replicas"] == 2
     assert c["args"] == ["--peering=kt-kubetune", "--image=ghcr.io/kubetune/trainer:0.1.0", "--metrics-port=8080",
-                         "--liveness=http://0.0.0.0:8081/healthz", "--progress-interval=10", "--retry-interval=30"]
+                         "--liveness=http://0.0.0.0:8081/healthz", "--progress-interval=10", "--retry-interval=30",
+                         "--peering-lifetime=60"]
     assert c["image"] == "ghcr.io/kubetune/operator:0.1.0" and "command" not in c  # the image's entrypoint
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -244,7 +245,8 @@ def test_values_reach_the_deployment():
     assert c["image"] == "ghcr.io/kubetune/operator@sha256:" + "a" * 64
     assert c["args"] == ["--peering=kt-kubetune", "--image=ghcr.io/kubetune/trainer:0.1.0",
                          "--hf-endpoint=https://hf-mirror.internal", "--metrics-port=8080",
-                         "--liveness=", "--progress-interval=10", "--retry-interval=30", "--namespace=team-a",
+                         "--liveness=", "--progress-interval=10", "--retry-interval=30",
+                         "--peering-lifetime=20", "--namespace=team-a",
                          "--verbose", "--priority=7"]
     assert "livenessProbe" not in c and [p["name"] for p in c["ports"]] == ["http-metrics"]
     # POD_ID first: kopf's peer identity (the image has no passwd entry for getpass to read); then extraEnv

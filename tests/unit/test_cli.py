@@ -130,3 +130,18 @@ def test_an_interval_flag_must_be_a_positive_number_of_seconds(value):
             p.parse_args([flag, value])
     cfg = operator_config(p.parse_args(["--retry-interval", "3", "--standalone"]))
     assert (cfg.retry_interval, cfg.progress_interval) == (3.0, 10.0)
+
+
+@pytest.mark.parametrize("value", ["14", "3601", "20.5", "-30", "soon"])
+def test_the_peering_lifetime_is_whole_seconds_kopf_can_renew_in_time(value):
+    import argparse
+
+    from kubetune.controller.cli import add_arguments, operator_config
+
+    p = argparse.ArgumentParser(prog="kubetune operator", exit_on_error=False)
+    add_arguments(p)
+    with pytest.raises(argparse.ArgumentError,
+                       match=f"argument --peering-lifetime: must be whole seconds from 15 to 3600, got '{value}'"):
+        p.parse_args(["--peering-lifetime", value])
+    assert operator_config(p.parse_args([])).peering_lifetime == 60
+    assert operator_config(p.parse_args(["--peering-lifetime", "15"])).peering_lifetime == 15

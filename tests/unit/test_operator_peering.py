@@ -129,3 +129,18 @@ def test_a_failure_before_observe_finishes_still_masks_the_jobs_secrets():
     r = handlers._secrets_redactor(state, body)
     assert r("boom: sekrit-value-123 and 'tok-value-456\\n'") == "boom: *** and '***'"
     assert handlers._secrets_redactor(state, {"metadata": {"namespace": "ns"}, "spec": {"storage": []}})("x y") == "x y"
+
+
+def test_the_peering_lifetime_flag_reaches_kopfs_settings():
+    """A standby takes over this long after the leader's last renewal (the chart's operator.peeringLifetime)."""
+    import kopf
+
+    from kubetune.controller import handlers
+    from kubetune.controller.state import Config
+
+    state = handlers.new_state(None, Config(peering_lifetime=20))
+    state.watchdog.start = lambda *a, **k: None  # no thread: only the settings are under test
+    settings = kopf.OperatorSettings()
+    assert settings.peering.lifetime == 60  # kopf's default, which the flag's default keeps
+    handlers._startup(settings=settings, memo=state)
+    assert settings.peering.lifetime == 20

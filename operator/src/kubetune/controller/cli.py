@@ -24,6 +24,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _lifetime(text: str) -> int:
+    """--peering-lifetime: whole seconds, long enough for kopf's renewal 5-10 s before expiry."""
+    if not text.isdigit() or not 15 <= int(text) <= 3600:
+        raise argparse.ArgumentTypeError(f"must be whole seconds from 15 to 3600, got {text!r}")
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-n",
@@ -42,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="kopf peering object for leader election: of the replicas sharing it, only the one with "
         "the highest priority acts",
+    )
+    p.add_argument(
+        "--peering-lifetime",
+        type=_lifetime,
+        default=60,
+        metavar="SECONDS",
+        help="how long a replica's peering record counts as alive (default 60, kopf's): a standby takes "
+        "over this long after the leader died; each replica renews its record 5-10 s before it lapses",
     )
     p.add_argument("--standalone", action="store_true", help="no peering (a single replica, or tests)")
     p.add_argument(
@@ -238,6 +253,7 @@ def operator_config(args: argparse.Namespace) -> Config:
         egress=EgressPolicy(allow=tuple(args.allow_endpoint)),
         progress_interval=args.progress_interval,
         retry_interval=args.retry_interval,
+        peering_lifetime=args.peering_lifetime,
     )
 
 

@@ -559,6 +559,7 @@ def _startup(settings: kopf.OperatorSettings, memo: OperatorState, **_: Any) -> 
     settings.queueing.idle_timeout = 0.5
     settings.posting.level = logging.WARNING  # our own Events carry the transitions
     settings.watching.server_timeout = 300
+    settings.peering.lifetime = memo.config.peering_lifetime
     memo.watchdog.start()
 
 

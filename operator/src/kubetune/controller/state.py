@@ -63,6 +63,8 @@ class Config:
     # A waiting job (Pending, Unschedulable, Starting) is re-checked this often: what it waits for (a
     # Secret, a claim, the Hub) sends no event on the FineTuneJob.
     retry_interval: float = 30.0
+    # A peering record older than this is a dead replica's: the standby's takeover delay (--peering-lifetime).
+    peering_lifetime: int = 60
     # after SIGTERM; the chart's terminationGracePeriodSeconds is 30: leave kopf time to release its peering
     exit_grace_seconds: float = 10.0
 
