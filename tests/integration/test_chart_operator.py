@@ -130,6 +130,8 @@ def test_the_quickstart_succeeds_through_the_charts_operator_pod(ground, real_no
         assert cs["containerID"].startswith("containerd://"), cs
         assert cs["image"].endswith(images.IMAGES["trainer"].ref()), cs["image"]
         assert cs["state"]["terminated"]["exitCode"] == 0
+        sec = pod["spec"]["securityContext"]
+        assert sec["runAsNonRoot"] and sec["runAsUser"] == 1000, sec  # the image's user, not root
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0].get("env") or []}
         assert env.get("TEST_CHART_RELEASE") == full.removesuffix("-kubetune"), env
 
