@@ -139,6 +139,13 @@ def main() -> int:
         "1. The test ground: control plane from Go modules, fake GPU fleet, S3, a real node (first run builds, ~20 min)"
     )
     lay = g.layout()
+    # The images build (downloads, disk) while a fresh machine compiles the ground (CPU): step 2 waits for
+    # it. Warm, both are cache hits. Its lines start "  [images]".
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="images")
+    built = pool.submit(images.build, ["operator", "trainer"], REPO, lambda m: print(f"  [images] {m}", flush=True))
+    pool.shutdown(wait=False)
     timed("ground up", g.up, lay)
     env = {**os.environ, **g.env_values(lay)}
     env["PATH"] = os.pathsep.join([*g.path_dirs(lay), env.get("PATH", "")])
@@ -155,7 +162,7 @@ def main() -> int:
     run(kubectl + ["get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.memory,nvidia.com/gpu.count"], env=env)
 
     say(f"2. The operator and trainer images (buildah, cached layers; the first build ~5 min), into {node['name']}")
-    timed("image builds", images.build, ["operator", "trainer"], REPO)
+    timed("image builds (begun beside the ground's)", built.result)
     for name in ("operator", "trainer"):
         # a no-op when the node's containerd holds this very build (same manifest digest)
         timed(f"{name} image into {node['name']}'s containerd", images.import_into, node, name)
