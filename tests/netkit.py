@@ -78,10 +78,11 @@ class TlsProxy:
 
 
 class HttpStandIn:
-    """A local HTTP listener on 127.0.0.1 answering each GET with ``respond(path, headers) -> (status, body)``:
-    the stand-in for a remote service (the Hub, S3) in tests that must not leave the machine."""
+    """A local HTTP listener on ``host`` (a loopback address) answering every request, whatever its
+    verb, with ``respond(path, headers) -> (status, body)``: the stand-in for a remote service (the Hub,
+    S3, a hostile endpoint) in tests that must not leave the machine."""
 
-    def __init__(self, respond):
+    def __init__(self, respond, host: str = "127.0.0.1"):
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         class Handler(BaseHTTPRequestHandler):
@@ -92,11 +93,13 @@ class HttpStandIn:
                 self.end_headers()
                 self.wfile.write(body)
 
+            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815
+
             def log_message(self, *_):
                 pass
 
-        self._srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._srv.server_address[1]}"
+        self._srv = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self._srv.server_address[1]}"
         threading.Thread(target=self._srv.serve_forever, daemon=True).start()
 
     def close(self) -> None:

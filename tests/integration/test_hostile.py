@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.server
 import json
 import os
 import random
 import socket
-import threading
 import time
 import urllib.request
 import uuid
@@ -26,6 +24,7 @@ import pytest
 
 from kubetune.devenv.ground import wait_until as wait_for
 
+from netkit import HttpStandIn
 from opkit import Operator, _clean, cond, small_gpu_job
 
 pytestmark = pytest.mark.integration
@@ -38,34 +37,18 @@ CANARY_TOKEN = f"hf_canary{CANARY}abcdefghijklmnopq"
 CANARIES = (CANARY_KEY_ID, CANARY_SECRET, CANARY_TOKEN, CANARY)
 
 
-class StandIn:
-    """A local HTTP listener that records every request and answers 401 with the request's headers
-    in its body (what a hostile endpoint would reflect)."""
+class StandIn(HttpStandIn):
+    """A local listener that records every request and answers 401 with the request's headers in its
+    body (what a hostile endpoint would reflect)."""
 
     def __init__(self, host: str) -> None:
         self.requests: list[dict] = []
-        seen = self.requests
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                seen.append({"path": self.path, "headers": dict(self.headers)})
-                body = json.dumps({"echo": dict(self.headers)}).encode()
-                self.send_response(401)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def respond(path: str, headers) -> tuple[int, bytes]:
+            self.requests.append({"path": path, "headers": dict(headers)})
+            return 401, json.dumps({"echo": dict(headers)}).encode()
 
-            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET  # noqa: N815
-
-            def log_message(self, *a):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((host, 0), Handler)
-        self.url = f"http://{host}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
+        super().__init__(respond, host)
 
 
 def _free_port() -> int:
