@@ -126,3 +126,16 @@ def test_builds_and_exports_run_one_at_a_time(tmp_path, monkeypatch):
         t.join()
     (a0, a1), (b0, b1) = sorted(spans)
     assert b0 >= a1, f"two builds overlapped: {spans}"
+
+
+def test_only_dangling_images_are_pruned_after_a_build(monkeypatch):
+    """`buildah rmi --prune` drops untagged images without children (a superseded build's code
+    layers), never `--all`, which would drop the layer cache and rebuild torch's layer next time."""
+    ran, logged = [], []
+    monkeypatch.setattr(images.subprocess, "run", lambda argv, **kw: ran.append(argv) or
+                        images.subprocess.CompletedProcess(argv, 125, "", "image in use"))
+    images.prune(logged.append)
+    (argv,) = ran
+    assert argv[0] == "buildah" and argv[-2:] == ["rmi", "--prune"] and "--all" not in argv
+    assert "--root" in argv  # kubetune's storage, not the host's default one
+    assert logged == ["pruning superseded image layers failed (kept): image in use"]

@@ -170,7 +170,20 @@ def _build(names: Sequence[str], context: Path, log: Log) -> dict[str, str]:
         _run_logged(build_argv(image, context, base, uv_cache, ca), logf, f"building {image.ref()}")
         ids[name] = image_id(image.ref()) or ""
         log(f"built {image.ref()} in {time.monotonic() - t0:.0f} s ({size(image.ref())})")
+    prune(log)
     return ids
+
+
+PRUNE_ARGV = ("rmi", "--prune")
+
+
+def prune(log: Log = _stderr) -> None:
+    """Remove the images no tag stands on any more: every code change leaves the previous build's code
+    layers behind (the storage grew to 19 GB in one session). Dangling means untagged with no child, so
+    the current builds and their layer cache stay. A failure costs disk, not the build: it is logged."""
+    p = subprocess.run(buildah_argv(*PRUNE_ARGV), capture_output=True, text=True)
+    if p.returncode != 0:
+        log(f"pruning superseded image layers failed (kept): {p.stderr.strip()[-300:]}")
 
 
 def size(ref: str) -> str:
