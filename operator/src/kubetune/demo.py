@@ -136,7 +136,8 @@ def main() -> int:
 
     t_start = time.monotonic()
     say(
-        "1. The test ground: control plane from Go modules, fake GPU fleet, S3, a real node (first run builds, ~20 min)"
+        "1. The test ground: control plane from Go modules, fake GPU fleet, S3, a real node "
+        "(a first run builds it: ~11 min on 2 cores)"
     )
     lay = g.layout()
     # The images build (downloads, disk) while a fresh machine compiles the ground (CPU): step 2 waits for
@@ -161,7 +162,10 @@ def main() -> int:
     run(kubectl + ["wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s"], env=env)
     run(kubectl + ["get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.memory,nvidia.com/gpu.count"], env=env)
 
-    say(f"2. The operator and trainer images (buildah, cached layers; the first build ~5 min), into {node['name']}")
+    say(
+        f"2. The operator and trainer images (buildah, cached layers; a first build ~3 min, begun in step 1), "
+        f"into {node['name']}"
+    )
     timed("image builds (begun beside the ground's)", built.result)
     for name in ("operator", "trainer"):
         # a no-op when the node's containerd holds this very build (same manifest digest)
