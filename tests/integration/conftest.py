@@ -63,12 +63,16 @@ REAL_NODE_MODULES = ("test_chart_operator.py", "test_real_node.py", "test_real_r
                      "test_real_trainer.py", "test_trainer_pods.py")
 
 
+def _needs_real_node_images(item) -> bool:
+    return item.path.parent == INTEGRATION and item.path.name in REAL_NODE_MODULES
+
+
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda it: it.path.parent == INTEGRATION and it.path.name in REAL_NODE_MODULES)
+    items.sort(key=_needs_real_node_images)
 
 
 @pytest.fixture(scope="session")
-def ground() -> Iterator[Ground]:
+def ground(request) -> Iterator[Ground]:
     lay = g.layout()
     started = False
     if not g.is_up(lay):
@@ -85,7 +89,8 @@ def ground() -> Iterator[Ground]:
     gr = Ground(lay, started)
     from opkit import start_image_prep, wait_image_prep
 
-    start_image_prep(gr)
+    if any(_needs_real_node_images(it) for it in request.session.items):  # not for, say, test_s3.py alone
+        start_image_prep(gr)
     try:
         yield gr
     finally:

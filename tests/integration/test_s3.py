@@ -92,3 +92,22 @@ def test_an_object_survives_an_s3_server_restart(ground, prefix):
     assert s3.get_object(Bucket="kubetune", Key=prefix + "ckpt/model.bin")["Body"].read() == payload
     listed = s3.list_objects_v2(Bucket="kubetune", Prefix=prefix)["Contents"]
     assert [o["Key"] for o in listed] == [prefix + "ckpt/model.bin"]
+
+
+def test_a_second_demo_clears_only_its_own_quickstarts_checkpoints(ground, prefix):
+    """`make demo` run again deletes what the previous quickstart left (else the new FineTuneJob of the
+    same name resumes at its last step and trains nothing), and nothing beside it: another job whose
+    name starts the same, the same job in another namespace."""
+    from kubetune.demo import clear_previous_run
+
+    s3 = ground.s3()
+    job = {"metadata": {"name": "quickstart"}, "spec": {"checkpoints": {"uri": f"s3://kubetune/{prefix}"}}}
+    mine = [f"{prefix}demo-ns/quickstart/run-1/checkpoints/checkpoint-{s:08d}/state.pt" for s in (200, 250)]
+    others = [f"{prefix}demo-ns/quickstart-2/run-1/x", f"{prefix}other-ns/quickstart/run-1/x"]
+    for key in mine + others:
+        s3.put_object(Bucket="kubetune", Key=key, Body=b"x")
+
+    assert clear_previous_run(s3, job, "demo-ns") == 2
+    left = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="kubetune", Prefix=prefix)["Contents"])
+    assert left == sorted(others)
+    assert clear_previous_run(s3, job, "demo-ns") == 0  # nothing left to clear: a first demo

@@ -65,6 +65,24 @@ def upload_tiny_model_and_data(s3) -> None:
     print(f"s3://kubetune-data/quickstart/train.jsonl: {len(rows)} alpaca examples, e.g. {json.dumps(rows[0])}")
 
 
+def clear_previous_run(s3, job: dict, namespace: str) -> int:
+    """Delete what an earlier demo's quickstart left in S3; returns how many objects. A FineTuneJob made
+    again under the same name writes to the same <checkpoints.uri>/<namespace>/<name>/run-1/ and resumes
+    from the checkpoints its predecessor kept (deletionPolicy Retain, the default): a second demo would
+    otherwise resume at the last step and train nothing. The demo owns this namespace."""
+    uri = job["spec"]["checkpoints"]["uri"]
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    prefix = "/".join(p for p in (key.strip("/"), namespace, job["metadata"]["name"]) if p) + "/"
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    for k in keys:
+        s3.delete_object(Bucket=bucket, Key=k)
+    return len(keys)
+
+
 def quickstart_for_node(endpoint: str, node_name: str) -> dict:
     """examples/quickstart.yaml, pointed at S3 as pods reach it and pinned to a real node (its taint
     keeps every other pod off it)."""
@@ -281,11 +299,10 @@ def main() -> int:
         say(f"5. kubectl apply -f examples/quickstart.yaml (LoRA on CPU, in the trainer image on {node['name']})")
         # S3 as pods reach it: the ground's bridge gateway, DNATed to the S3 server
         endpoint = state["real_nodes"]["pod_endpoints"]["s3"]
-        run(
-            kubectl + ["apply", "-n", NS, "-f", "-"],
-            env=env,
-            stdin=json.dumps(quickstart_for_node(endpoint, node["name"])),
-        )
+        quickstart = quickstart_for_node(endpoint, node["name"])
+        if cleared := clear_previous_run(g.s3_client(state), quickstart, NS):
+            print(f"  removed {cleared} objects of an earlier demo's quickstart from S3 (it would resume them)")
+        run(kubectl + ["apply", "-n", NS, "-f", "-"], env=env, stdin=json.dumps(quickstart))
         t0 = time.monotonic()
         done = watch(kubectl, env, "quickstart")
         print(f"  trained in {time.monotonic() - t0:.0f} s", flush=True)
