@@ -128,14 +128,31 @@ def test_builds_and_exports_run_one_at_a_time(tmp_path, monkeypatch):
     assert b0 >= a1, f"two builds overlapped: {spans}"
 
 
-def test_only_dangling_images_are_pruned_after_a_build(monkeypatch):
-    """`buildah rmi --prune` drops untagged images without children (a superseded build's code
-    layers), never `--all`, which would drop the layer cache and rebuild torch's layer next time."""
+def test_only_superseded_builds_older_than_the_grace_are_pruned():
+    """Dangling (untagged, no child) images go once older than IN_USE_GRACE: a session beside this one
+    may still be exporting what it built a minute ago (seen: a CI run's prune removed a demo's fresh
+    build mid-export, "image not known")."""
+    now = 1_000_000.0
+    listing = [
+        {"id": "old", "names": [], "created": now - images.IN_USE_GRACE - 1},
+        {"id": "fresh", "names": [], "created": now - 60},
+        {"id": "tagged", "names": ["ghcr.io/kubetune/trainer:0.1.0"], "created": now - 10 * images.IN_USE_GRACE},
+    ]
+    assert images.stale_dangling(listing, now) == ["old"]
+    assert images.stale_dangling([], now) == []
+
+
+def test_a_failed_prune_is_logged_not_raised(monkeypatch):
     ran, logged = [], []
-    monkeypatch.setattr(images.subprocess, "run", lambda argv, **kw: ran.append(argv) or
-                        images.subprocess.CompletedProcess(argv, 125, "", "image in use"))
+
+    def run(argv, **kw):
+        ran.append(argv)
+        if "images" in argv:
+            return images.subprocess.CompletedProcess(argv, 0, '[{"id": "sha256:ab", "names": [], "created": 1}]', "")
+        return images.subprocess.CompletedProcess(argv, 125, "", "image in use")
+
+    monkeypatch.setattr(images.subprocess, "run", run)
     images.prune(logged.append)
-    (argv,) = ran
-    assert argv[0] == "buildah" and argv[-2:] == ["rmi", "--prune"] and "--all" not in argv
-    assert "--root" in argv  # kubetune's storage, not the host's default one
+    assert ran[0][-5:] == ["images", "--json", "--no-trunc", "--filter", "dangling=true"]
+    assert ran[1][-2:] == ["rmi", "sha256:ab"] and "--all" not in ran[1] and "--root" in ran[1]
     assert logged == ["pruning superseded image layers failed (kept): image in use"]

@@ -174,14 +174,32 @@ def _build(names: Sequence[str], context: Path, log: Log) -> dict[str, str]:
     return ids
 
 
-PRUNE_ARGV = ("rmi", "--prune")
+# Another session on this machine (a demo beside `make test`) shares the storage and the tags: what it
+# built and is still exporting or importing must survive this one's clean-up. Exports start right
+# after a build and take about a minute, so anything younger than this is left for a later clean-up.
+IN_USE_GRACE = 600.0
+
+
+def stale_dangling(listing: list[dict], now: float, grace: float = IN_USE_GRACE) -> list[str]:
+    """Of `buildah images --json --filter dangling=true` (untagged, no child: a superseded build's top),
+    the IDs built more than `grace` seconds before `now`."""
+    return [i["id"] for i in listing if not i.get("names") and now - float(i.get("created", now)) > grace]
 
 
 def prune(log: Log = _stderr) -> None:
-    """Remove the images no tag stands on any more: every code change leaves the previous build's code
-    layers behind (the storage grew to 19 GB in one session). Dangling means untagged with no child, so
-    the current builds and their layer cache stay. A failure costs disk, not the build: it is logged."""
-    p = subprocess.run(buildah_argv(*PRUNE_ARGV), capture_output=True, text=True)
+    """Remove superseded builds: every code change leaves the previous build's code layers behind (the
+    storage grew to 19 GB in one session). Only dangling images older than IN_USE_GRACE go, so the
+    current builds, their layer cache and another session's fresh build stay; a chain goes one image
+    per prune. A failure costs disk, not the build: it is logged."""
+    p = subprocess.run(
+        buildah_argv("images", "--json", "--no-trunc", "--filter", "dangling=true"), capture_output=True, text=True
+    )
+    try:
+        stale = stale_dangling(json.loads(p.stdout or "[]"), time.time()) if p.returncode == 0 else []
+    except ValueError:
+        stale = []
+    if stale:
+        p = subprocess.run(buildah_argv("rmi", *stale), capture_output=True, text=True)
     if p.returncode != 0:
         log(f"pruning superseded image layers failed (kept): {p.stderr.strip()[-300:]}")
 
@@ -208,20 +226,22 @@ def archive(name: str, log: Log = _stderr) -> Path:
     out = oci.images_dir() / "archives" / f"{name}-{iid.removeprefix('sha256:')[:16]}.oci.tar"
     with oci.lock(f"archive-{name}"):
         if not out.is_file():
-            _export(name, ref, out, log)
+            _export(name, iid, ref, out, log)
     return out
 
 
-def _export(name: str, ref: str, out: Path, log: Log) -> None:
+def _export(name: str, iid: str, ref: str, out: Path, log: Log) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in out.parent.glob(f"{name}-*.oci.tar"):
-        old.unlink()
+        if time.time() - old.stat().st_mtime > IN_USE_GRACE:  # another session may be importing a fresh one
+            old.unlink(missing_ok=True)
     log(f"exporting {ref} to {out.name} ...")
     t0 = time.monotonic()
     # Written under a name of its own and renamed when whole: an interrupted export never looks cached.
     part = out.with_name(f"{out.name}.{os.getpid()}.part")
     _run_logged(
-        buildah_argv("push", "-q", "--disable-compression", ref, f"oci-archive:{part}:{ref}"),
+        # by ID: the tag may move to another session's build while this one exports
+        buildah_argv("push", "-q", "--disable-compression", iid, f"oci-archive:{part}:{ref}"),
         oci.images_dir() / "buildah.log",
         f"exporting {ref}",
     )
