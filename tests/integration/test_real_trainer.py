@@ -121,3 +121,22 @@ def test_a_trainer_over_its_memory_limit_is_oom_killed_and_the_job_says_raise_me
     (pod,) = trainer_pods(ground, ns, "real-oom")
     t = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (t["reason"], t["exitCode"]) == ("OOMKilled", 137), t
+
+
+def test_a_finetunejob_made_again_under_a_deleted_ones_name_does_not_continue_its_run(ground, operator, real_node, ns):
+    """Deleted with its checkpoints kept (deletionPolicy Retain) and applied again under the same name, a
+    FineTuneJob finds the old object's checkpoints in its run prefix. It fails with BadConfig and the
+    ways out instead of resuming another object's run (test_units covers resumeFrom's way out)."""
+    first = job_on_node(ground, real_node, "real-again", 12, 6)
+    apply(ground, ns, first)
+    old = wait_phase(ground, ns, "real-again", "Succeeded", 300)
+    ground.kubectl("delete", "ftj", "real-again", "-n", ns, "--timeout=60s")
+
+    apply(ground, ns, job_on_node(ground, real_node, "real-again", 12, 6))
+    failed = wait_phase(ground, ns, "real-again", "Failed", 300)
+    c = cond(failed, "Failed")
+    assert c["reason"] == "BadConfig", c
+    said = "holds the checkpoints of an earlier FineTuneJob of this name (uid " + old["metadata"]["uid"]
+    assert said in c["message"], c
+    assert "checkpoint-00000012" in c["message"] and "set spec.checkpoints.resumeFrom to" in c["message"], c
+    print(f"\nmade again under the same name: {c['message'][:240]}...")

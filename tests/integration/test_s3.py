@@ -96,8 +96,8 @@ def test_an_object_survives_an_s3_server_restart(ground, prefix):
 
 def test_a_second_demo_clears_only_its_own_quickstarts_checkpoints(ground, prefix):
     """`make demo` run again deletes what the previous quickstart left (else the new FineTuneJob of the
-    same name resumes at its last step and trains nothing), and nothing beside it: another job whose
-    name starts the same, the same job in another namespace."""
+    same name would find another object's checkpoints in its prefix), and nothing beside it: another
+    job whose name starts the same, the same job in another namespace."""
     from kubetune.demo import clear_previous_run
 
     s3 = ground.s3()

@@ -926,3 +926,45 @@ def test_the_trainer_grows_cuda_allocator_segments_unless_the_pod_says_otherwise
     env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"  # resources.env
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "max_split_size_mb:512"
+
+
+def _committed_by(tmp_path, uid, steps):
+    """A store whose checkpoints the Uploader committed for the FineTuneJob ``uid``."""
+    store = tmp_path / "store"
+    up = ck.Uploader(st.LocalLocation(store), keep=5, log=lambda m: None, owner=uid)
+    for step in steps:
+        d = tmp_path / "local" / f"{uid}-{step}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(bytes([step]) * 10)
+        up.submit(d, step, None)
+        assert up.drain(10)
+    up.close()
+    return st.LocalLocation(store)
+
+
+def test_a_new_object_of_the_same_name_does_not_resume_the_deleted_ones_checkpoints(tmp_path):
+    """A FineTuneJob deleted (its checkpoints kept: deletionPolicy Retain) and made again under the same
+    name writes to the same run prefix. Its trainer must not quietly continue the old object's run,
+    perhaps on other data: it says what to do. Its own checkpoints, and old ones that name no job
+    (written before manifests did), resume as before."""
+    from kubetune_trainer.loop import fetch_resume_point
+
+    own = _committed_by(tmp_path, "uid-old", [200, 250])
+    assert json.loads((own.root / ck.ckpt_name(250) / ck.MANIFEST).read_text())["jobUid"] == "uid-old"
+    with pytest.raises(BadConfig) as e:
+        fetch_resume_point(own, None, None, tmp_path / "dl", print, uid="uid-new")
+    assert str(e.value).startswith(f"{own.uri} holds the checkpoints of an earlier FineTuneJob of this name "
+                                   f"(uid uid-old, newest {ck.ckpt_name(250)}), kept by its deletionPolicy Retain")
+    assert f"set spec.checkpoints.resumeFrom to {own.uri}" in str(e.value)
+    assert not (tmp_path / "dl").exists()  # refused before downloading a byte
+
+    # said outright, resumeFrom continues it
+    path, c, uri, mine = fetch_resume_point(own, own.uri, None, tmp_path / "dl", print, uid="uid-new")
+    assert (c.step, mine) == (250, False)
+    # the same object (a restarted pod) resumes its own, and a config without a UID resumes anything
+    assert fetch_resume_point(own, None, None, tmp_path / "dl2", print, uid="uid-old")[1].step == 250
+    assert fetch_resume_point(own, None, None, tmp_path / "dl3", print, uid=None)[1].step == 250
+    # once the new object has checkpoints of its own there, those are what it resumes
+    _committed_by(tmp_path, "uid-new", [20])
+    path, c, uri, mine = fetch_resume_point(own, own.uri, None, tmp_path / "dl4", print, uid="uid-new")
+    assert (c.step, mine) == (20, True)

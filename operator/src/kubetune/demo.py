@@ -67,9 +67,9 @@ def upload_tiny_model_and_data(s3) -> None:
 
 def clear_previous_run(s3, job: dict, namespace: str) -> int:
     """Delete what an earlier demo's quickstart left in S3; returns how many objects. A FineTuneJob made
-    again under the same name writes to the same <checkpoints.uri>/<namespace>/<name>/run-1/ and resumes
-    from the checkpoints its predecessor kept (deletionPolicy Retain, the default): a second demo would
-    otherwise resume at the last step and train nothing. The demo owns this namespace."""
+    again under the same name writes to the same <checkpoints.uri>/<namespace>/<name>/run-1/, where its
+    predecessor's checkpoints stay (deletionPolicy Retain, the default), and the trainer refuses to
+    continue another object's run unasked (docs/operator.md). The demo owns this namespace."""
     uri = job["spec"]["checkpoints"]["uri"]
     bucket, _, key = uri[len("s3://") :].partition("/")
     prefix = "/".join(p for p in (key.strip("/"), namespace, job["metadata"]["name"]) if p) + "/"
@@ -301,7 +301,7 @@ def main() -> int:
         endpoint = state["real_nodes"]["pod_endpoints"]["s3"]
         quickstart = quickstart_for_node(endpoint, node["name"])
         if cleared := clear_previous_run(g.s3_client(state), quickstart, NS):
-            print(f"  removed {cleared} objects of an earlier demo's quickstart from S3 (it would resume them)")
+            print(f"  removed {cleared} objects an earlier demo's quickstart left in S3 (a new one starts over)")
         run(kubectl + ["apply", "-n", NS, "-f", "-"], env=env, stdin=json.dumps(quickstart))
         t0 = time.monotonic()
         done = watch(kubectl, env, "quickstart")

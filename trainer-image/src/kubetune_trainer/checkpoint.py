@@ -245,12 +245,21 @@ def list_committed(loc: Location) -> list[Committed]:
     return sorted(out, key=lambda c: c.step)
 
 
-def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = print) -> tuple[Path, Committed] | None:
-    """Download and verify the newest committed checkpoint; an unverifiable one falls back to the
-    next older. None when there is none."""
+def foreign_owner(c: Committed, uid: str | None) -> str | None:
+    """The UID of the FineTuneJob that wrote ``c`` when it is not ``uid``: a deleted object's run under
+    the same name and prefix. None when it is this object's, or when either side does not say (a
+    checkpoint from before manifests named their job, a config without a UID)."""
+    theirs = c.manifest.get("jobUid")
+    return theirs if uid and theirs and theirs != uid else None
+
+
+def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = print,
+                 only: Callable[[Committed], bool] | None = None) -> tuple[Path, Committed] | None:
+    """Download and verify the newest committed checkpoint (of those ``only`` accepts); an unverifiable
+    one falls back to the next older. None when there is none."""
     from kubetune_trainer.errors import StorageFailed
 
-    for c in reversed(list_committed(loc)):
+    for c in reversed([c for c in list_committed(loc) if only is None or only(c)]):
         try:
             return _download(loc.child(c.name), c, dest_root, log), c
         except StorageFailed as e:
@@ -328,8 +337,9 @@ class Uploader:
                  on_commit: Callable[[str, int, int], None] | None = None,
                  on_failure: Callable[[str], None] | None = None,
                  on_drop: Callable[[int], None] | None = None,
-                 max_backoff: float = 30.0, base_backoff: float = 1.0):
+                 max_backoff: float = 30.0, base_backoff: float = 1.0, owner: str | None = None):
         self.loc = loc
+        self.owner = owner  # the FineTuneJob's UID, in each manifest (see foreign_owner)
         self.keep = keep
         self.log = log
         self.on_commit = on_commit
@@ -466,6 +476,8 @@ class Uploader:
             dest.put_file(entry["path"], job.local / entry["path"], sha256=entry["sha256"])
             job.done_files.add(entry["path"])
         manifest = {"step": job.step, "created": now_iso(), "files": job.entries}
+        if self.owner:
+            manifest["jobUid"] = self.owner
         if job.eval_loss is not None:
             manifest["evalLoss"] = job.eval_loss
         dest.put_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())

@@ -5,6 +5,7 @@ The run itself reads top to bottom in recipe.FineTuneRecipe.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -313,12 +314,30 @@ def follow_schedule(scheduler, optimizer, base_lrs) -> None:
     scheduler._last_lr = lrs
 
 
-def fetch_resume_point(own, resume_from: str | None, storage, dest, log):
+def fetch_resume_point(own, resume_from: str | None, storage, dest, log, uid: str | None = None):
     """(path, committed, its URI, whether it is this run's): the newest committed checkpoint of this
-    run, else the one checkpoints.resumeFrom names. None: a fresh start."""
-    found = _fetch(own, dest, log, ck.fetch_latest)
+    run, else the one checkpoints.resumeFrom names. None: a fresh start.
+
+    This run's prefix (<uri>/<namespace>/<name>/run-<n>/) may hold the checkpoints of an earlier
+    FineTuneJob of the same name, deleted and kept by deletionPolicy Retain. Those are another
+    object's run, perhaps on other data: continuing it takes checkpoints.resumeFrom, said outright."""
+    foreign: list[ck.Committed] = []
+
+    def mine(c: ck.Committed) -> bool:
+        if ck.foreign_owner(c, uid) is None:
+            return True
+        foreign.append(c)
+        return False
+
+    found = _fetch(own, dest, log, functools.partial(ck.fetch_latest, only=mine))
     if found is not None:
         return (*found, f"{own.uri.rstrip('/')}/{found[1].name}", True)
+    if foreign and not resume_from:
+        raise BadConfig(
+            f"{own.uri} holds the checkpoints of an earlier FineTuneJob of this name (uid "
+            f"{foreign[-1].manifest['jobUid']}, newest {foreign[-1].name}), kept by its deletionPolicy Retain: a new "
+            f"object does not continue another's run on its own. To continue it, set spec.checkpoints.resumeFrom to "
+            f"{own.uri}; to start over, delete that prefix or use another name or spec.checkpoints.uri")
     if not resume_from:
         return None
     src = st.open_location(resume_from, storage)

@@ -268,7 +268,8 @@ class FineTuneRecipe:
         self.ckpt_loc = st.open_location(self.paths.checkpoints_uri, spec.storage)
         self.state = RunState(skipped_lines=self.stats.skipped_lines)
         found = on_local_main(self.accelerator, lambda: fetch_resume_point(
-            self.ckpt_loc, spec.checkpoints.resume_from, spec.storage, self.work / "resume", self.log))
+            self.ckpt_loc, spec.checkpoints.resume_from, spec.storage, self.work / "resume", self.log,
+            uid=self.config.job.uid))
         self.resumed = found is not None
         if found is not None:
             self._load_checkpoint(*found)
@@ -311,7 +312,7 @@ class FineTuneRecipe:
         return ck.Uploader(self.ckpt_loc, self.spec.checkpoints.keep, log=self.log, on_commit=on_commit,
                            on_failure=lambda m: self.metrics.inc("upload_failures"),
                            on_drop=lambda s: self.metrics.inc("checkpoints_superseded"),
-                           max_backoff=self.knobs.upload_max_backoff)
+                           max_backoff=self.knobs.upload_max_backoff, owner=self.config.job.uid)
 
     # --- 5. train -------------------------------------------------------------------------------
     def train(self) -> Outcome:
