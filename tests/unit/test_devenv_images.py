@@ -156,15 +156,3 @@ def test_a_failed_prune_is_logged_not_raised(monkeypatch):
     assert ran[0][-5:] == ["images", "--json", "--no-trunc", "--filter", "dangling=true"]
     assert ran[1][-2:] == ["rmi", "sha256:ab"] and "--all" not in ran[1] and "--root" in ran[1]
     assert logged == ["pruning superseded image layers failed (kept): image in use"]
-
-
-def test_a_build_first_removes_what_a_killed_build_left(monkeypatch, tmp_path):
-    """Working containers (mounted overlays) of a build killed mid-step go before the next build, under
-    the build lock, so none of this machine's own builds can be running."""
-    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
-    ran, logged = [], []
-    monkeypatch.setattr(images.subprocess, "run", lambda argv, **kw: ran.append(argv) or
-                        images.subprocess.CompletedProcess(argv, 0, "559334c74331\nd845ebd6c164\n", ""))
-    images._remove_leftover_containers(logged.append)
-    assert ran[0][-2:] == ["rm", "--all"] and "--root" in ran[0]
-    assert logged == ["removed 2 working containers a killed build had left"]

@@ -157,7 +157,6 @@ def build(names: Sequence[str], context: Path, log: Log = _stderr) -> dict[str, 
 def _build(names: Sequence[str], context: Path, log: Log) -> dict[str, str]:
     _ensure_tools(log)
     storage_dir().mkdir(parents=True, exist_ok=True)
-    _remove_leftover_containers(log)
     base = ensure_base(log)
     uv_cache = _uv_cache()
     ca = HOST_CA if HOST_CA.is_file() else None
@@ -203,15 +202,6 @@ def prune(log: Log = _stderr) -> None:
         p = subprocess.run(buildah_argv("rmi", *stale), capture_output=True, text=True)
     if p.returncode != 0:
         log(f"pruning superseded image layers failed (kept): {p.stderr.strip()[-300:]}")
-
-
-def _remove_leftover_containers(log: Log) -> None:
-    """A build killed mid-step (Ctrl-C, a stopped test run) leaves its working containers mounted:
-    --force-rm covers failures, not kills (16 were left after one interrupted run). No build of
-    ours runs now (the caller holds the build lock), so every working container is a leftover."""
-    p = subprocess.run(buildah_argv("rm", "--all"), capture_output=True, text=True)
-    if p.returncode == 0 and p.stdout.split():
-        log(f"removed {len(p.stdout.split())} working containers a killed build had left")
 
 
 def size(ref: str) -> str:
