@@ -128,6 +128,11 @@ def status(obj: dict) -> dict:
     return obj.get("status") or {}
 
 
+# KWOK completes a pod this long after it starts. A test that waits for phase Running needs the window:
+# with 1 s the job went Running -> Succeeded between two polls on a busy machine (CI, pvc-data).
+SEEN_RUNNING = "30s"
+
+
 def small_gpu_job(name: str, delay: str = "1s") -> dict:
     """A real small model (Qwen2.5-0.5B from the catalog) with LoRA on one GPU."""
     return example("lora-8b", **{

@@ -9,7 +9,7 @@ import pytest
 from kubetune.devenv.ground import wait_until as wait_for
 from kubetune.estimator import catalog
 
-from opkit import Operator, apply, cond, ftj, small_gpu_job, wait_phase
+from opkit import SEEN_RUNNING, Operator, apply, cond, ftj, small_gpu_job, wait_phase
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def test_models_come_from_the_operators_hub_mirror(ground, crds, ns, hub_mirror,
     op = Operator(tmp_path / "operator.log")
     op.start("--hf-endpoint", hub_mirror.url + "/")
     try:
-        job = small_gpu_job("mirrored", delay="30s")  # Running long enough to be seen (1 s raced on a busy machine)
+        job = small_gpu_job("mirrored", delay=SEEN_RUNNING)
         job["spec"]["model"]["uri"] = "hf://acme/small-1b"
         apply(ground, ns, job)
         obj = wait_phase(ground, ns, "mirrored", "Running", 60)
@@ -32,7 +32,7 @@ def test_models_come_from_the_operators_hub_mirror(ground, crds, ns, hub_mirror,
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["HF_ENDPOINT"] == hub_mirror.url  # the trailing slash dropped: huggingface_hub joins paths
 
-        gated = small_gpu_job("gated")
+        gated = small_gpu_job("gated", delay=SEEN_RUNNING)
         gated["spec"]["model"]["uri"] = "hf://acme/gated-1b"
         apply(ground, ns, gated)
         obj = wait_for("Validated=False", lambda: (lambda o: o if cond(o, "Validated").get("status") == "False"

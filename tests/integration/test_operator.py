@@ -17,7 +17,19 @@ import yaml
 
 from kubetune.devenv.ground import wait_until as wait_for
 
-from opkit import apply, cond, example, ftj, phase, put_progress, small_gpu_job, status, wait_ftj, wait_phase
+from opkit import (
+    SEEN_RUNNING,
+    apply,
+    cond,
+    example,
+    ftj,
+    phase,
+    put_progress,
+    small_gpu_job,
+    status,
+    wait_ftj,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +133,7 @@ def test_too_big_is_unschedulable_with_advice(ground, operator, ns):
 
 
 def test_unschedulable_job_rechecks_when_a_node_appears(ground, operator, ns):
-    obj = small_gpu_job("waits-for-b200")
+    obj = small_gpu_job("waits-for-b200", delay=SEEN_RUNNING)
     obj["spec"]["resources"]["gpuProduct"] = "NVIDIA-B200"
     apply(ground, ns, obj)
     got = wait_phase(ground, ns, "waits-for-b200", "Unschedulable", 60)
@@ -245,7 +257,7 @@ def test_a_kernel_oom_kill_asks_for_host_memory_and_is_not_retried(ground, opera
 
 
 def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
-    apply(ground, namespace, small_gpu_job("no-secret"))
+    apply(ground, namespace, small_gpu_job("no-secret", delay=SEEN_RUNNING))
     obj = wait_ftj(ground, namespace, "no-secret", _not_validated, 60, what="Validated=False")
     c = cond(obj, "Validated")
     assert c["reason"] == "SecretNotFound"
@@ -259,7 +271,7 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
     wait_phase(ground, namespace, "no-secret", "Running", 60)
 
     # a gated model's Hub token: same wait, same message shape, then the run starts
-    gated = small_gpu_job("no-token")
+    gated = small_gpu_job("no-token", delay=SEEN_RUNNING)
     gated["spec"]["model"]["tokenSecret"] = {"name": "hf-token", "key": "token"}
     apply(ground, namespace, gated)
     obj = wait_ftj(ground, namespace, "no-token", _not_validated, 60, what="Validated=False")
@@ -278,7 +290,7 @@ def test_missing_secret_waits_with_a_clear_message(ground, operator, namespace):
 def test_workload_identity_waits_for_its_service_account_then_the_trainer_runs_as_it(ground, operator, ns):
     """spec.storage.serviceAccountName instead of credentialsSecret (EKS IRSA, GKE Workload Identity).
     The apiserver's ServiceAccount admission would refuse the pod; the operator says so first."""
-    obj = small_gpu_job("irsa")
+    obj = small_gpu_job("irsa", delay=SEEN_RUNNING)
     obj["spec"]["storage"] = {"serviceAccountName": "trainer-s3"}
     apply(ground, ns, obj)
     got = wait_ftj(ground, ns, "irsa", _validated_reason("ServiceAccountNotFound"), 60, what="ServiceAccountNotFound")
@@ -321,7 +333,7 @@ def test_an_s3_endpoint_signed_by_a_private_ca_is_verified_with_the_ca_bundle(gr
 
 
 def test_a_pvc_dataset_waits_for_its_claim_then_is_mounted_read_only(ground, operator, ns):
-    obj = small_gpu_job("pvc-data")
+    obj = small_gpu_job("pvc-data", delay=SEEN_RUNNING)
     obj["spec"]["dataset"]["uri"] = "pvc://train-data/alpaca/train.jsonl"
     apply(ground, ns, obj)
     got = wait_ftj(ground, ns, "pvc-data", _validated_reason("VolumeClaimNotFound"), 60, what="VolumeClaimNotFound")
