@@ -34,21 +34,26 @@ def test_fake_trace_of_kubetunes_step_is_the_real_cpu_trace(method, fused, objec
 
 
 # Tolerance: the estimator's allocated (less MISC: cuBLAS workspaces, not tensors) within -2 %/+3 % of the
-# recorded peak, measured +1.6 % (LoRA) and -0.05 % (full) with checkpointing and the unfused loss.
+# recorded peak, measured with the unfused loss +1.6 % (LoRA) and -0.05 % (full) with checkpointing, +1.2 %
+# and -0.04 % without (every block's saved set alive at the loss). The LoRA excess is the adapters' gradients,
+# which the estimate keeps alive through the forward (the HF Trainer's step) where this step sets them to None.
 # Not compared: the fused loss (kubetune's default) runs Liger on a GPU, which has no fake-tensor kernels;
 # on CPU LossHead runs chunked_linear_ce, whose chunks (256 MiB of logits) are not Liger's.
 # Each objective's step is the objective's own loss (the reference's no-grad forward first, then chosen and
 # rejected in one forward): measured within -0.04 % (full) and +0.9 % (LoRA) for the preference objectives.
-@pytest.mark.parametrize("method,objective", [
-    ("lora", None), ("full", None), ("lora", DPO), ("full", DPO_COPY),
-    ("lora", {"type": "dpo", "reference": "precomputed"}), ("full", {"type": "dpo", "reference": "precomputed"}),
-    ("lora", {"type": "orpo"}), ("full", {"type": "simpo"}), ("lora", {"type": "kto"})])
-def test_estimate_for_kubetunes_plan_is_its_recorded_peak(method, objective):
-    t = K.record(SMALL, method, 2, 256, True, fused=False, objective=objective)
+@pytest.mark.parametrize("method,objective,gc_on", [
+    ("lora", None, True), ("full", None, True), ("lora", None, False), ("full", None, False),
+    ("lora", DPO, True), ("full", DPO_COPY, True),
+    ("lora", {"type": "dpo", "reference": "precomputed"}, True),
+    ("full", {"type": "dpo", "reference": "precomputed"}, True),
+    ("lora", {"type": "orpo"}, True), ("full", {"type": "simpo"}, True), ("lora", {"type": "kto"}, True)])
+def test_estimate_for_kubetunes_plan_is_its_recorded_peak(method, objective, gc_on):
+    t = K.record(SMALL, method, 2, 256, gc_on, fused=False, objective=objective)
     peak, at = T.live_peak(t["events"])
     if objective:
         assert t["plan"].objective == objective["type"]
     assert not t["plan"].embedding_states_32bit  # the plan is kubetune's (plan_from_spec)
+    assert not t["plan"].fused_kernels  # Liger is GPU-only: the CPU step runs transformers' norm and MLP
     est = estimate(from_config(SMALL), t["plan"])
     ratio = (est.allocated_bytes - M.MISC) / peak
     assert 0.98 <= ratio <= 1.03, (ratio, T.alive_at(t["events"], at))
