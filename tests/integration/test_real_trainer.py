@@ -139,4 +139,7 @@ def test_a_finetunejob_made_again_under_a_deleted_ones_name_does_not_continue_it
     said = "holds the checkpoints of an earlier FineTuneJob of this name (uid " + old["metadata"]["uid"]
     assert said in c["message"], c
     assert "checkpoint-00000012" in c["message"] and "set spec.checkpoints.resumeFrom to" in c["message"], c
+    # nor does its status show the old object's step 12 and checkpoints (its progress object names its UID)
+    st = failed["status"]
+    assert (st.get("progress") or {}).get("step", 0) == 0 and not st.get("checkpoints"), st
     print(f"\nmade again under the same name: {c['message'][:240]}...")

@@ -968,3 +968,17 @@ def test_a_new_object_of_the_same_name_does_not_resume_the_deleted_ones_checkpoi
     _committed_by(tmp_path, "uid-new", [20])
     path, c, uri, mine = fetch_resume_point(own, own.uri, None, tmp_path / "dl4", print, uid="uid-new")
     assert (c.step, mine) == (20, True)
+
+
+def test_the_progress_object_names_the_job_that_wrote_it(tmp_path):
+    """The progress object sits in the run prefix a new FineTuneJob of the same name reuses: its jobUid is
+    what the operator compares with the object's UID, so a deleted namesake's numbers are not shown."""
+    from kubetune.api.v1alpha1 import TrainerProgress
+    from kubetune_trainer.progress import ProgressReporter
+
+    rep = ProgressReporter(st.LocalLocation(tmp_path), "progress.json", interval=3600, job_uid="uid-new")
+    rep.update(step=3, total_steps=10)
+    rep.close()
+    doc = json.loads((tmp_path / "progress.json").read_text())
+    assert doc["jobUid"] == "uid-new" and doc["progress"]["step"] == 3
+    assert TrainerProgress.model_validate(doc).job_uid == "uid-new"

@@ -216,6 +216,25 @@ def test_running_mirrors_progress_and_checkpoints():
     assert cond(s, "Running").message == "run 1 is training on kwok-l4-0, step 25/100"
 
 
+def test_a_deleted_namesakes_progress_is_not_shown_as_this_runs():
+    """A FineTuneJob deleted with deletionPolicy Retain leaves its progress object where a new one of the
+    same name reads: progress another UID wrote is as if not written; this UID's (or an older trainer's,
+    without a UID) is mirrored."""
+    _, st = started()
+    ckpt = {"latestUri": "s3://ckpt/runs/ml/demo/run-1/checkpoints/step-240/", "latestStep": 240, "count": 12}
+
+    def prog(**kw):
+        return TrainerProgress.model_validate({"progress": {"step": 250, "totalSteps": 250}, "checkpoints": ckpt, **kw})
+
+    out = reconcile(observe(status=st, job=job(), pods=[pod()], progress=prog(jobUid="u0")), T0 + timedelta(seconds=30))
+    assert out.status.progress.step == 0 and out.status.checkpoints is None
+    assert cond(out.status, "CheckpointSynced") is None  # no checkpoint of this run's yet
+    assert cond(out.status, "Running").message == "run 1 is training on kwok-l4-0"  # no step/250 from the old run
+    for mine in (prog(jobUid="u1"), prog()):
+        out = reconcile(observe(status=st, job=job(), pods=[pod()], progress=mine), T0 + timedelta(seconds=30))
+        assert out.status.progress.step == 250 and out.status.checkpoints.latest_step == 240
+
+
 def test_an_s3_outage_shows_in_checkpoint_synced_and_clears_when_s3_answers_again():
     """The operator's progress read failing is not a frozen status: CheckpointSynced turns False with
     StorageUnreachable and what was last read stays; the first read after the outage sets it True."""

@@ -50,12 +50,13 @@ def logger(event: str = "log") -> Callable[[str], None]:
 
 
 class ProgressReporter:
-    def __init__(self, location=None, key: str | None = None, interval: float = 10.0, log: Callable[[str], None] = print):
+    def __init__(self, location=None, key: str | None = None, interval: float = 10.0, log: Callable[[str], None] = print,
+                 job_uid: str | None = None):
         self.loc = location
         self.key = key
         self.interval = interval
         self.log = log
-        self.doc = TrainerProgress(state="starting")
+        self.doc = TrainerProgress(state="starting", job_uid=job_uid)
         self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._stop = threading.Event()

@@ -157,7 +157,7 @@ class FineTuneRecipe:
         parent, _, key = self.paths.progress_uri.rstrip("/").rpartition("/")
         try:
             return ProgressReporter(st.open_location(parent, self.spec.storage), key, log=self.log,
-                                    interval=self.knobs.progress_interval)
+                                    interval=self.knobs.progress_interval, job_uid=self.config.job.uid)
         except BadConfig as e:
             self.log(f"progress reporting disabled: {e.message}")
             return ProgressReporter(None)

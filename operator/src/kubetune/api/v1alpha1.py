@@ -1664,6 +1664,9 @@ class TrainerProgress(StatusModel):
     # The pod of a preempted trainer is deleted soon after it exits, often before the operator reads
     # its termination message: this copy outlives it.
     message: str | None = Field(None, max_length=3000, description="Why the trainer stopped (state preempted).")
+    # A FineTuneJob deleted with deletionPolicy Retain leaves this object where a new one of the same name
+    # reads: the UID tells whose it is (the checkpoints' manifests carry it for the same reason).
+    job_uid: str | None = Field(None, max_length=128, description="UID of the FineTuneJob whose trainer wrote it.")
 
 
 TerminationReason = Literal[

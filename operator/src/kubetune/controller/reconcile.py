@@ -15,7 +15,7 @@ applies at once: pods go, checkpoints stay, and unsuspending resumes from the ne
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -237,6 +237,10 @@ class _Builder:
 
 
 def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = manifests.PodDefaults()) -> Outcome:
+    if obs.progress is not None and obs.progress.job_uid not in (None, obs.uid):
+        # a deleted FineTuneJob of this name wrote it (deletionPolicy Retain): not this run's, so as if
+        # not written yet, until this object's trainer writes its own
+        obs = replace(obs, progress=None)
     b = _Builder(obs, now)
     st = b.status
     current = st.history[-1] if st.history else None
