@@ -7,6 +7,7 @@ import os
 import uuid
 
 import pytest
+import yaml
 
 from kubetune.devenv import ground as g
 from kubetune.devenv import procs
@@ -98,10 +99,12 @@ def test_a_second_demo_clears_only_its_own_quickstarts_checkpoints(ground, prefi
     """`make demo` run again deletes what the previous quickstart left (else the new FineTuneJob of the
     same name would find another object's checkpoints in its prefix), and nothing beside it: another
     job whose name starts the same, the same job in another namespace."""
-    from kubetune.demo import clear_previous_run
+    from kubetune.demo import REPO, clear_previous_run
 
     s3 = ground.s3()
-    job = {"metadata": {"name": "quickstart"}, "spec": {"checkpoints": {"uri": f"s3://kubetune/{prefix}"}}}
+    job = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())
+    job["spec"]["checkpoints"]["uri"] = f"s3://kubetune/{prefix}"
+    assert job["metadata"]["name"] == "quickstart"
     mine = [f"{prefix}demo-ns/quickstart/run-1/checkpoints/checkpoint-{s:08d}/state.pt" for s in (200, 250)]
     others = [f"{prefix}demo-ns/quickstart-2/run-1/x", f"{prefix}other-ns/quickstart/run-1/x"]
     for key in mine + others:

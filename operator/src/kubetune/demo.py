@@ -70,17 +70,12 @@ def clear_previous_run(s3, job: dict, namespace: str) -> int:
     again under the same name writes to the same <checkpoints.uri>/<namespace>/<name>/run-1/, where its
     predecessor's checkpoints stay (deletionPolicy Retain, the default), and the trainer refuses to
     continue another object's run unasked (docs/operator.md). The demo owns this namespace."""
-    uri = job["spec"]["checkpoints"]["uri"]
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    prefix = "/".join(p for p in (key.strip("/"), namespace, job["metadata"]["name"]) if p) + "/"
-    keys = [
-        o["Key"]
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for o in page.get("Contents", [])
-    ]
-    for k in keys:
-        s3.delete_object(Bucket=bucket, Key=k)
-    return len(keys)
+    from kubetune.api.storage import split_s3_uri
+    from kubetune.api.validation import parse_spec
+    from kubetune.controller import manifests, sources
+
+    prefix = manifests.job_prefix(parse_spec(job["spec"]), namespace, job["metadata"]["name"])
+    return sources.delete_under(s3, *split_s3_uri(prefix))
 
 
 def quickstart_for_node(endpoint: str, node_name: str) -> dict:

@@ -207,7 +207,12 @@ def delete_prefix(
 ) -> int:
     """Delete every object under an S3 prefix (checkpoints.deletionPolicy: Delete). Returns how many."""
     bucket, prefix = split_s3_uri(uri)
-    s3 = s3_client(spec, creds, ca_pem, egress, clients)
+    return delete_under(s3_client(spec, creds, ca_pem, egress, clients), bucket, prefix)
+
+
+def delete_under(s3, bucket: str, prefix: str) -> int:
+    """Delete every object under ``prefix`` with an S3 client: one request per listed page (up to 1000
+    keys, DeleteObjects' limit too). Returns how many."""
     n = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys = [{"Key": o["Key"]} for o in page.get("Contents") or []]
