@@ -9,15 +9,13 @@ interrupted build never looks cached. Builds run one after another (2 cores here
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,15 +327,6 @@ def components(kube_version: str) -> list[Component]:
 # --- orchestration ------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    lock = paths.cache_root() / "build.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
-
-
 def build_one(c: Component, log: Log = _stderr) -> float:
     """Build one component unless cached; returns the seconds spent (0 when cached)."""
     if c.cached():
@@ -392,7 +381,7 @@ def _kube_component(log: Log) -> Component:
 
 def ensure_all(log: Log = _stderr) -> dict[str, Component]:
     """Every component, built if missing; keyed by component name."""
-    with _build_lock():
+    with paths.file_lock(paths.cache_root() / "build.lock"):
         kube = _kube_component(log)
         out = {}
         for c in components(kube.version):
@@ -443,7 +432,7 @@ def ensure_packages(log: Log = _stderr) -> None:
 def ensure_real_node(kube_version: str, log: Log = _stderr) -> dict[str, Component]:
     """The real-node components for this Kubernetes version, built if missing; keyed by name."""
     ensure_packages(log)
-    with _build_lock():
+    with paths.file_lock(paths.cache_root() / "build.lock"):
         out = {}
         for c in real_node_components(kube_version):
             build_one(c, log)

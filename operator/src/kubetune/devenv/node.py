@@ -21,7 +21,6 @@ by chance (their images exist only as imports here); a pod that means to run her
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -30,7 +29,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -703,12 +702,8 @@ def restore_sysctls(before: dict[str, str]) -> list[str]:
     return changed
 
 
-@contextlib.contextmanager
-def _host_lock() -> Iterator[None]:
-    HOST_DIR.mkdir(parents=True, exist_ok=True)
-    with open(HOST_DIR / "host.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def _host_lock() -> contextlib.AbstractContextManager[None]:
+    return paths.file_lock(HOST_DIR / "host.lock")
 
 
 def _host_record() -> dict:

@@ -10,7 +10,6 @@ in the Dockerfiles.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import io
@@ -173,9 +172,7 @@ def _add_blob_named(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 @contextlib.contextmanager
 def lock(name: str) -> Iterator[None]:
     """One process at a time for `name` (a build, an export): the next one waits, then finds it cached."""
-    images_dir().mkdir(parents=True, exist_ok=True)
-    with open(images_dir() / f".{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with paths.file_lock(images_dir() / f".{name}.lock"):
         yield
 
 

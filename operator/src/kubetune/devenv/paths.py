@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # One Kubernetes version for apiserver, controller-manager, scheduler and kubectl. The fallback is used
@@ -51,3 +54,13 @@ def bin_cache(component: str, version: str) -> Path:
 def dev_dir() -> Path:
     """The ground's state: data, logs, pids, kubeconfig and tokens, all under one directory."""
     return Path(os.environ.get("KUBETUNE_DEV_DIR") or cache_root() / "dev")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """One process at a time (flock on ``path``, made with its folder): the next waits, then usually
+    finds the work done. The kernel drops the lock when a holder dies, so a killed build never wedges it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
