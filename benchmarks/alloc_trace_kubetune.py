@@ -7,9 +7,10 @@ driving the trainer's own code: kubetune_trainer.model.build_model (the plan's d
 checkpointing, peft), its LossHead (the fused cross-entropy is model.chunked_linear_ce on CPU: chunked,
 logits never whole) and loop.build_optimizer (AdamW); the step is loop.py's: loss from head.loss_from,
 backward, clip_grad_norm_, step, zero_grad(set_to_none). KUBETUNE_DEBUG_PRECISION_ON_CPU=1 keeps a GPU's
-dtypes (bf16 weights, bf16 autocast as accelerate applies it). Liger and bitsandbytes are GPU-only and
-have no fake-tensor kernels: not traced. On a GPU the trainer fuses AdamW (fused=True); on CPU it is the
-foreach one, whose per-step temporaries are the states' size: a little more than on a GPU.
+dtypes (bf16 weights, bf16 autocast as accelerate applies it). Liger is GPU-only: not traced. bitsandbytes
+has no fake-tensor kernels but has CPU ones: QLoRA and 8-bit AdamW are recorded with ``fake=False`` under
+KUBETUNE_DEBUG_BNB_ON_CPU=1 (real tensors: small dims only). On a GPU the trainer fuses AdamW (fused=True);
+on CPU it is the foreach one, whose per-step temporaries are the states' size: a little more than on a GPU.
 """
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ GIB = 1 << 30
 
 
 def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True, lora_rank: int = 16,
-             objective: dict | None = None):
+             objective: dict | None = None, optimizer: str = "adamw"):
     from kubetune.api.v1alpha1 import FineTuneJobSpec
 
     m: dict = {"type": method}
-    if method == "lora":
+    if method in ("lora", "qlora"):
         m["lora"] = {"rank": lora_rank, "alpha": 2 * lora_rank, "targetModules": ["all-linear"]}
     return FineTuneJobSpec.model_validate({
         "model": {"uri": "s3://models/m/"},
@@ -47,7 +48,7 @@ def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True,
         # plan must price those (with it on, the estimate priced Liger's smaller saved set: the -4 %/-6 %
         # once seen without checkpointing, where the blocks' activations are all alive at the loss)
         "training": {"maxSteps": 2, "microBatchSize": batch, "gradientCheckpointing": gc_on,
-                     "fusedCrossEntropy": fused, "fusedKernels": False, "precision": "bf16"},
+                     "fusedCrossEntropy": fused, "fusedKernels": False, "precision": "bf16", "optimizer": optimizer},
         "checkpoints": {"uri": "s3://ckpt/"},
     })
 
@@ -70,14 +71,14 @@ _KNOBS = {"KUBETUNE_DEBUG_PRECISION_ON_CPU": "1", "KUBETUNE_ALLOW_RANDOM_INIT": 
 
 
 def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: bool = True, steps: int = 2,
-           fused: bool = True, objective: dict | None = None) -> dict:
+           fused: bool = True, objective: dict | None = None, optimizer: str = "adamw") -> dict:
     """``objective``: spec.objective (sft when None). A preference objective's step is its own loss
     (kubetune_trainer.objectives: the reference's no-grad forward, then chosen and rejected in one
     forward), on a batch of ``batch`` pairs, each response ``seq`` tokens."""
     old = {k: os.environ.get(k) for k in _KNOBS}
     os.environ.update(_KNOBS)
     try:
-        return _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective)
+        return _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer)
     finally:
         for k, v in old.items():
             if v is None:
@@ -86,7 +87,7 @@ def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: 
                 os.environ[k] = v
 
 
-def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective) -> dict:
+def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer) -> dict:
     from contextlib import nullcontext
 
     import transformers
@@ -98,7 +99,7 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective) -> d
     from kubetune_trainer.model import LossHead, build_model
 
     transformers.logging.set_verbosity_error()
-    spec = job_spec(method, batch, seq, gc_on, fused, objective=objective)
+    spec = job_spec(method, batch, seq, gc_on, fused, objective=objective, optimizer=optimizer)
     plan = plan_from_spec(spec)
     cpu = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else nullcontext()
@@ -109,8 +110,13 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective) -> d
         mu.find_packed_sequence_indices = lambda position_ids: None  # as in alloc_trace.record
     try:
         with tempfile.TemporaryDirectory() as d:
-            transformers.AutoConfig.for_model(**arch).save_pretrained(d)
+            cfg = transformers.AutoConfig.for_model(**arch)
+            cfg.save_pretrained(d)
             torch.manual_seed(0)
+            if plan.quant_bits and not fake:
+                # bitsandbytes quantizes only what from_pretrained loads (random init skips it): random weights
+                # on disk, loaded through its CPU kernels (KUBETUNE_DEBUG_BNB_ON_CPU)
+                transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(d)
             model, base = build_model(plan, spec, Path(d), cpu, log=lambda s: None, place="meta" if fake else "cpu")
         if fake:
             T.to_fake(model, mode)
