@@ -33,7 +33,7 @@ GIB = 1 << 30
 
 
 def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True, lora_rank: int = 16,
-             objective: dict | None = None, optimizer: str = "adamw"):
+             objective: dict | None = None, optimizer: str = "adamw", liger: bool = False):
     from kubetune.api.v1alpha1 import FineTuneJobSpec
 
     m: dict = {"type": method}
@@ -44,11 +44,11 @@ def job_spec(method: str, batch: int, seq: int, gc_on: bool, fused: bool = True,
         "dataset": {"uri": "s3://data/train.jsonl", "maxSeqLength": seq},
         "method": m,
         "objective": objective or {"type": "sft"},
-        # fusedKernels off: Liger is GPU-only, so the CPU step runs transformers' RMSNorm and MLP, and the
-        # plan must price those (with it on, the estimate priced Liger's smaller saved set: the -4 %/-6 %
-        # once seen without checkpointing, where the blocks' activations are all alive at the loss)
+        # fusedKernels only with ``liger`` (Triton's interpreter): otherwise the CPU step runs transformers'
+        # RMSNorm and MLP, and the plan must price those (with it on, the estimate priced Liger's smaller
+        # saved set: the -4 %/-6 % once seen without checkpointing, every block's activations alive at the loss)
         "training": {"maxSteps": 2, "microBatchSize": batch, "gradientCheckpointing": gc_on,
-                     "fusedCrossEntropy": fused, "fusedKernels": False, "precision": "bf16", "optimizer": optimizer},
+                     "fusedCrossEntropy": fused, "fusedKernels": liger, "precision": "bf16", "optimizer": optimizer},
         "checkpoints": {"uri": "s3://ckpt/"},
     })
 
@@ -71,14 +71,14 @@ _KNOBS = {"KUBETUNE_DEBUG_PRECISION_ON_CPU": "1", "KUBETUNE_ALLOW_RANDOM_INIT": 
 
 
 def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: bool = True, steps: int = 2,
-           fused: bool = True, objective: dict | None = None, optimizer: str = "adamw") -> dict:
+           fused: bool = True, objective: dict | None = None, optimizer: str = "adamw", liger: bool = False) -> dict:
     """``objective``: spec.objective (sft when None). A preference objective's step is its own loss
     (kubetune_trainer.objectives: the reference's no-grad forward, then chosen and rejected in one
     forward), on a batch of ``batch`` pairs, each response ``seq`` tokens."""
     old = {k: os.environ.get(k) for k in _KNOBS}
     os.environ.update(_KNOBS)
     try:
-        return _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer)
+        return _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer, liger)
     finally:
         for k, v in old.items():
             if v is None:
@@ -87,7 +87,7 @@ def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: 
                 os.environ[k] = v
 
 
-def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer) -> dict:
+def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, optimizer, liger) -> dict:
     from contextlib import nullcontext
 
     import transformers
@@ -99,7 +99,7 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, opti
     from kubetune_trainer.model import LossHead, build_model
 
     transformers.logging.set_verbosity_error()
-    spec = job_spec(method, batch, seq, gc_on, fused, objective=objective, optimizer=optimizer)
+    spec = job_spec(method, batch, seq, gc_on, fused, objective=objective, optimizer=optimizer, liger=liger)
     plan = plan_from_spec(spec)
     cpu = torch.device("cpu")
     mode = FakeTensorMode(allow_non_fake_inputs=False) if fake else nullcontext()
@@ -121,7 +121,8 @@ def _record(arch, method, batch, seq, gc_on, fake, steps, fused, objective, opti
         if fake:
             T.to_fake(model, mode)
         with mode:
-            head = LossHead(model, base, fused=plan.fused_cross_entropy, device=cpu, impl="torch")
+            # Liger's fused loss where its kernels run (liger: Triton's interpreter), else chunked_linear_ce
+            head = LossHead(model, base, fused=plan.fused_cross_entropy, device=cpu, impl=None if liger else "torch")
             obj = objectives.get(plan.objective)(spec, plan, log=lambda s: None)
             obj.prepare(model, head, None)  # the reference: a frozen copy's weights for reference copy
             ref_model = getattr(getattr(obj, "reference", None), "model", None)

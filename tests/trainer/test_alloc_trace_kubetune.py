@@ -80,6 +80,45 @@ def test_estimate_for_kubetunes_bitsandbytes_plans_is_their_recorded_peak(method
     assert 0.98 <= ratio <= 1.03, (ratio, T.alive_at(t["events"], at))
 
 
+# Liger's kernels (fusedKernels: RMSNorm, RoPE, SwiGLU) and its fused loss have no fake-tensor kernels either;
+# Triton's interpreter runs them on CPU (test_liger.py), so a real CPU step is recorded, in a process of its own
+# (TRITON_INTERPRET is read when Triton loads). Without checkpointing, the blocks' saved sets are Liger's (the
+# estimate prices them only there). Measured: full, unfused loss +0.45 %; LoRA with Liger's loss +0.05 %, its
+# peak in the last block's forward (peft's fp32 copy of down_proj's input): -2.2 % before the estimate had that
+# moment. Not compared: a trained head under Liger's loss, whose CPU path adds a [V, h] bf16 product and its
+# fp32 copy per chunk that an Ampere-or-newer GPU accumulates in place (addmm into grad_weight).
+_LIGER_ROW = """
+import json, sys
+import alloc_trace as T, alloc_trace_kubetune as K
+from kubetune.estimator import estimate, from_config
+from kubetune.estimator import memory as M
+method, fused = sys.argv[1], sys.argv[2] == "1"
+t = K.record(T.SMALL, method, 2, 256, False, fake=False, fused=fused, liger=True)
+peak, at = T.live_peak(t["events"])
+est = estimate(from_config(T.SMALL), t["plan"])
+print(json.dumps({"ratio": (est.allocated_bytes - M.MISC) / peak, "phase": est.phase,
+                  "kernels": t["plan"].fused_kernels, "alive": T.alive_at(t["events"], at)}))
+"""
+
+
+@pytest.mark.parametrize("method,fused,phase", [("full", False, "loss"), ("lora", True, "forward")])
+def test_estimate_for_kubetunes_plan_with_liger_is_its_recorded_peak(method, fused, phase):
+    import json
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    path = [Path(__file__).parent / "triton_cpu", repo / "operator/src", repo / "trainer-image/src", repo / "benchmarks"]
+    env = {**os.environ, "KUBETUNE_DEBUG_LIGER_ON_CPU": "1", "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(map(str, path))}
+    p = subprocess.run([sys.executable, "-c", _LIGER_ROW, method, "1" if fused else "0"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["kernels"] and got["phase"] == phase, got
+    assert 0.98 <= got["ratio"] <= 1.03, got
+
+
 # The end-of-run evaluation (kubetune_trainer.evaluation: token_accuracy scores one test sequence, generate
 # answers with a KV cache) traced on CPU under bf16 autocast at SMALL dims, real tensors: the estimator's
 # evaluation moment (memory.evaluation_moment, less what the trace counts as alive before it) matches

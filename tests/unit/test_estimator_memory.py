@@ -253,3 +253,22 @@ def test_estimate_spec_resources_and_auto():
 def test_kubetune_trainer_beats_the_plain_hf_stack_on_memory():
     # same job: kubetune's plan (fused CE, GC) vs the HF Trainer + PEFT flag form of it
     assert estimate_spec(spec()).total_bytes < estimate(L8, lora()).total_bytes
+
+
+def test_without_checkpointing_the_last_blocks_forward_can_be_the_peak():
+    """LoRA on down_proj under autocast: peft's fp32 copy of its input (i wide), the MLP product it is cast from
+    and the MLP's input (h wide) sit on top of every block's saved set. With the fused loss that is the step's
+    peak (traced on kubetune's step with Liger: tests/trainer/test_alloc_trace_kubetune.py)."""
+    p = lora(gradient_checkpointing=False, fused_cross_entropy=True)
+    assert M._prepare(L8, p, True).fwd_transient == (4 + 2) * 14336 + 2 * 2 * 4096
+    e = estimate(L8, p)
+    assert e.phase == "forward"
+    backward = [m for m in M._moments(L8, p, M._prepare(L8, p, True), 4, 2048) if m.name == "backward"][0]
+    assert e.breakdown["activations"] > backward.activations
+    # checkpointing, a full fine-tune (down_proj saves the product), LoRA without down_proj: no such moment
+    for other in (p.with_(gradient_checkpointing=True),
+                  plan_from_flags(method="full", micro_batch_size=4, seq_len=2048, fused_cross_entropy=True),
+                  lora(gradient_checkpointing=False, fused_cross_entropy=True, lora_targets=("q_proj", "v_proj"))):
+        assert M._prepare(L8, other, True).fwd_transient == 0
+    # the unfused loss's logits stay the peak
+    assert estimate(L8, p.with_(fused_cross_entropy=False)).phase == "loss"

@@ -628,6 +628,7 @@ class _Prepared:
     ckpt_one: int
     head: int
     bwd_transient: int
+    fwd_transient: int
     logits_per_token: int  # unfused: k*V; fused: the grad of the hidden state
     fused: bool
     extra_tokens: int  # prompt tuning: virtual tokens join the sequence
@@ -859,6 +860,7 @@ class _Activations(NamedTuple):
     checkpoint: int  # one block's checkpoint (0 without checkpointing)
     head: int
     backward_transient: int
+    forward_transient: int  # the last block's forward beyond the saved sets, without checkpointing
     logits: int  # unfused: k*V; fused: the grad of the hidden state
     extra_tokens: int  # prompt tuning: virtual tokens join the sequence
     mask_per_s2: int  # explicit attention mask bytes per (b * s * s_kv)
@@ -884,10 +886,28 @@ def activation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Acti
         checkpoint=ckpt if plan.gradient_checkpointing else 0,
         head=head,
         backward_transient=bwd,
+        forward_transient=0 if plan.gradient_checkpointing else _forward_transient(arch, plan, s),
         logits=logits,
         extra_tokens=_virtual_tokens(plan, "input"),
         mask_per_s2=1 if _explicit_mask(arch, plan) else 0,  # bool: one byte per (query, key) pair
     )
+
+
+def _forward_transient(arch: Architecture, plan: TrainingPlan, s: _Setup) -> int:
+    """Per token: what the last block's forward holds beyond every block's saved set, at its largest. LoRA on
+    the MLP's down projection under autocast: peft casts its input (the MLP product, intermediate wide) to the
+    adapters' fp32 before lora_A's autocast copy (the saved one), while the product and the MLP's input (the
+    norm output) are alive too; the frozen base saves none of them. Where the loss is small (fused, or no
+    checkpointing with few tokens' logits) that is the step's peak: kubetune's step with Liger's kernels and
+    loss, no checkpointing, traced at small dims (tests/trainer/test_alloc_trace_kubetune.py), peaked there,
+    2.2 % above the loss moments."""
+    blk = arch.blocks[-1][1]
+    if blk.moe is not None:
+        return 0
+    x = _ctx_for(arch, plan, blk, s.full, s.autocast)
+    if x.trainable or not dict(x.adapted).get(MLP_MID) or not x.autocast or x.a == x.c:
+        return 0
+    return (x.a + x.c) * arch.intermediate_size + 2 * x.c * arch.hidden_size
 
 
 def _saved_block_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> tuple[int, int, int]:
@@ -1044,6 +1064,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         ckpt_one=acts.checkpoint,
         head=acts.head,
         bwd_transient=acts.backward_transient,
+        fwd_transient=acts.forward_transient,
         logits_per_token=acts.logits,
         fused=plan.fused_cross_entropy,
         extra_tokens=acts.extra_tokens,
@@ -1149,6 +1170,11 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
         # end of the backward with tied embeddings (see tied_accum)
         _Moment("backward", p.grads + p.tied_accum, 0, 0, 0),
     ]
+    if p.fwd_transient:
+        # the last block's forward (no checkpointing): every block's saved set and its own transients
+        moments.append(
+            _Moment("forward", p.grads_early, p.act_all * tok + mask + p.fwd_transient * tok, p.copies_loss, 0)
+        )
     if p.ref_forward:
         # the no-grad reference forward before the policy's: a block's input and output and one block's activations
         # at a time, then the log-probs of the logits (all of them unfused, a chunk of them fused); all freed before
