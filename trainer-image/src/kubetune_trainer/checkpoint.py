@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from kubetune.api.storage import written_by_another
 from kubetune_trainer.storage import Location, MANIFEST, download_tree, sha256_file, short_error
 
 NAME_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -250,7 +251,7 @@ def foreign_owner(c: Committed, uid: str | None) -> str | None:
     the same name and prefix. None when it is this object's, or when either side does not say (a
     checkpoint from before manifests named their job, a config without a UID)."""
     theirs = c.manifest.get("jobUid")
-    return theirs if uid and theirs and theirs != uid else None
+    return theirs if written_by_another(theirs, uid) else None
 
 
 def fetch_latest(loc: Location, dest_root: Path, log: Callable[[str], None] = print,

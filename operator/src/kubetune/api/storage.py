@@ -12,6 +12,13 @@ T = TypeVar("T")
 S3_SCHEME = "s3://"
 
 
+def written_by_another(writer_uid: str | None, uid: str | None) -> bool:
+    """Whether an object in a run's prefix (a checkpoint's manifest, the progress object) was written for
+    another FineTuneJob than ``uid``: a deleted one of the same name whose prefix deletionPolicy Retain kept.
+    Not when either side does not say (written before objects named their job, a config without a UID)."""
+    return bool(uid and writer_uid and writer_uid != uid)
+
+
 def split_s3_uri(uri: str) -> tuple[str, str]:
     """(bucket, key) of ``s3://bucket/key``. The key is everything after the bucket's slash, as S3 reads it
     ('?', '#' and ';' are key characters, not URL syntax), without leading slashes. ValueError when the URI

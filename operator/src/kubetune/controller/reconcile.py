@@ -32,6 +32,7 @@ from kubetune.api.constants import (
     UNSCHEDULABLE,
     VALIDATED,
 )
+from kubetune.api.storage import written_by_another
 from kubetune.api.v1alpha1 import (
     FineTuneJobSpec,
     FineTuneJobStatus,
@@ -237,7 +238,7 @@ class _Builder:
 
 
 def reconcile(obs: Observed, now: datetime, defaults: manifests.PodDefaults = manifests.PodDefaults()) -> Outcome:
-    if obs.progress is not None and obs.progress.job_uid not in (None, obs.uid):
+    if obs.progress is not None and written_by_another(obs.progress.job_uid, obs.uid):
         # a deleted FineTuneJob of this name wrote it (deletionPolicy Retain): not this run's, so as if
         # not written yet, until this object's trainer writes its own
         obs = replace(obs, progress=None)
