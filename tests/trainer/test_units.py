@@ -1,5 +1,6 @@
 """Fast checks of the trainer's parts (no training)."""
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from kubetune_trainer.cli import launch_command
 from kubetune_trainer.config import load_config, parse_config, plan_for
 from kubetune_trainer.errors import BadConfig, BadData, ModelLoadFailed, StorageFailed
 from kubetune_trainer.model import build_model, chunked_linear_ce, loading_place, materialized_bytes
-from kubetune_trainer.progress import write_termination
+from kubetune_trainer.progress import ProgressReporter, write_termination
 
 
 def test_chunked_linear_ce_matches_torch():
@@ -366,6 +367,60 @@ def test_a_meta_rank_builds_the_same_model_without_holding_a_byte_of_it(tmp_path
     assert materialized_bytes(meta) == 0
     assert materialized_bytes(real) == sum(p.numel() * 4 for p in real.parameters()) + sum(
         b.numel() * b.element_size() for b in real.buffers())
+
+
+def test_writers_of_one_key_each_publish_a_whole_document(tmp_path):
+    """The progress thread and a checkpoint commit write progress.json at once. Through one shared
+    temporary their bytes interleaved: a CI run read a document with another's tail after it."""
+    loc = st.LocalLocation(tmp_path)
+    docs = [json.dumps({"writer": i, "pad": "x" * (40 * i)}).encode() for i in range(8)]
+    errors: list[BaseException] = []
+
+    def write(body):
+        try:
+            for _ in range(150):
+                loc.put_bytes("progress.json", body)
+                assert json.loads(loc.get_bytes("progress.json"))["writer"] in range(8)
+        except BaseException as e:  # noqa: BLE001 -- reported below, with the thread's failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(d,)) for d in docs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"{len(errors)} writers failed, the first: {errors[0]!r}"
+    assert loc.get_bytes("progress.json") in docs
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"], "a temporary was left behind"
+
+
+def test_progress_writes_never_overlap_so_the_newest_snapshot_lands_last(tmp_path):
+    class Slow(st.LocalLocation):
+        active = peak = 0
+
+        def put_bytes(self, key, data):
+            Slow.active += 1
+            Slow.peak = max(Slow.peak, Slow.active)
+            time.sleep(0.002)
+            super().put_bytes(key, data)
+            Slow.active -= 1
+
+    rep = ProgressReporter(Slow(tmp_path), "progress.json", interval=0.001)
+
+    def step(base):
+        for s in range(base, base + 50):
+            rep.update(step=s, total_steps=400)
+            rep.flush()
+
+    threads = [threading.Thread(target=step, args=(50 * i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rep.update(step=999, total_steps=999)
+    rep.close()
+    assert Slow.peak == 1
+    assert json.loads((tmp_path / "progress.json").read_text())["progress"]["step"] == 999
 
 
 def test_retention_keeps_the_newest_and_the_best():

@@ -58,6 +58,7 @@ class ProgressReporter:
         self.log = log
         self.doc = TrainerProgress(state="starting", job_uid=job_uid)
         self._lock = threading.Lock()
+        self._write = threading.Lock()  # one write at a time, so an older snapshot never lands last
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._started = time.time()
@@ -110,9 +111,9 @@ class ProgressReporter:
     def flush(self) -> bool:
         if self.loc is None:
             return True
-        body = json.dumps(self.snapshot()).encode()
         try:
-            self.loc.put_bytes(self.key, body)
+            with self._write:
+                self.loc.put_bytes(self.key, json.dumps(self.snapshot()).encode())
             return True
         except Exception as e:
             from kubetune_trainer.storage import short_error

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -130,17 +131,21 @@ class LocalLocation(Location):
     def _p(self, key: str) -> Path:
         return self.root / key if key else self.root
 
-    def put_file(self, key, local, sha256=None):
+    def _tmp(self, key: str) -> tuple[Path, Path]:
+        """The destination and a temporary beside it that no other writer shares: two threads writing
+        one key (the progress thread and a checkpoint commit) through one shared temporary interleave
+        their bytes, and the rename then publishes one document with the other's tail."""
         dst = self._p(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
+        return dst, dst.with_name(f"{dst.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+    def put_file(self, key, local, sha256=None):
+        dst, tmp = self._tmp(key)
         shutil.copyfile(local, tmp)
         os.replace(tmp, dst)
 
     def put_bytes(self, key, data):
-        dst = self._p(key)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
+        dst, tmp = self._tmp(key)
         tmp.write_bytes(data)
         os.replace(tmp, dst)
 
