@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +104,21 @@ def test_the_trainer_image_trains_on_cpu_as_uid_1000_with_tmp_an_empty_dir(built
     # everything written is the image user's: nothing needed root
     owners = {p.stat().st_uid for p in (empty_dir / "kubetune").rglob("*")}
     assert owners == {1000}, owners
+
+
+def test_a_working_container_left_by_a_killed_build_is_found_by_its_age(built):
+    """What a build killed mid-step leaves: a working container with its overlay mounted. The next
+    build's prune finds it in the storage's containers.json by its creation time (it removes those
+    older than IN_USE_GRACE; removing it here would race a test beside this one)."""
+    ctr_id = subprocess.run(images.buildah_argv("from", "--pull=never", "-q", images.IMAGES["operator"].ref()),
+                            capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        subprocess.run(images.buildah_argv("mount", ctr_id), capture_output=True, check=True)
+        ids = {r["id"]: r for r in images.working_containers()}
+        full = next((i for i in ids if i.startswith(ctr_id) or ids[i].get("names") == [ctr_id]), None)
+        assert full is not None, f"{ctr_id} not in containers.json: {list(ids)}"
+        now = time.time()
+        assert full not in images.stale_containers(list(ids.values()), now, images.IN_USE_GRACE)
+        assert full in images.stale_containers(list(ids.values()), now + images.IN_USE_GRACE + 5, images.IN_USE_GRACE)
+    finally:
+        subprocess.run(images.buildah_argv("rm", ctr_id), capture_output=True)

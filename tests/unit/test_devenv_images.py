@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -142,17 +143,40 @@ def test_only_superseded_builds_older_than_the_grace_are_pruned():
     assert images.stale_dangling([], now) == []
 
 
-def test_a_failed_prune_is_logged_not_raised(monkeypatch):
+def test_a_killed_builds_working_containers_go_once_older_than_the_grace():
+    """containers/storage writes `created` as Go's RFC 3339 with nanoseconds, in UTC or with an offset."""
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc).timestamp()
+    records = [
+        {"id": "killed", "names": ["a-working-container"], "created": "2026-12-03T11:40:00.123456789Z"},
+        {"id": "offset", "created": "2026-12-03T12:40:00.5+01:00"},  # 11:40 UTC
+        {"id": "running", "created": "2026-12-03T11:59:00.000000001Z"},
+        {"id": "unreadable", "created": "yesterday"},
+        {"id": "no-stamp"},
+        {"created": "2026-12-03T11:00:00Z"},  # no id: nothing to remove
+    ]
+    assert images.stale_containers(records, now) == ["killed", "offset"]
+    assert images.stale_containers(records, now, grace=30) == ["killed", "offset", "running"]
+
+
+def test_a_failed_prune_is_logged_not_raised(monkeypatch, tmp_path):
     ran, logged = [], []
+    store = tmp_path / "root" / "overlay-containers"
+    store.mkdir(parents=True)
+    (store / "containers.json").write_text('[{"id": "c1", "created": "2020-01-01T00:00:00Z"}]')
+    monkeypatch.setattr(images, "storage_dir", lambda: tmp_path)
 
     def run(argv, **kw):
         ran.append(argv)
         if "images" in argv:
             return images.subprocess.CompletedProcess(argv, 0, '[{"id": "sha256:ab", "names": [], "created": 1}]', "")
-        return images.subprocess.CompletedProcess(argv, 125, "", "image in use")
+        return images.subprocess.CompletedProcess(argv, 125, "", "in use")
 
     monkeypatch.setattr(images.subprocess, "run", run)
     images.prune(logged.append)
-    assert ran[0][-5:] == ["images", "--json", "--no-trunc", "--filter", "dangling=true"]
-    assert ran[1][-2:] == ["rmi", "sha256:ab"] and "--all" not in ran[1] and "--root" in ran[1]
-    assert logged == ["pruning superseded image layers failed (kept): image in use"]
+    assert ran[0][-2:] == ["rm", "c1"] and "--root" in ran[0]
+    assert ran[1][-5:] == ["images", "--json", "--no-trunc", "--filter", "dangling=true"]
+    assert ran[2][-2:] == ["rmi", "sha256:ab"] and "--all" not in ran[2] and "--root" in ran[2]
+    assert logged == [
+        "removing killed builds' working containers failed (kept): in use",
+        "pruning superseded image layers failed (kept): in use",
+    ]

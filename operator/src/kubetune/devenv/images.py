@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import tarfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -186,16 +188,55 @@ def stale_dangling(listing: list[dict], now: float, grace: float = IN_USE_GRACE)
     return [i["id"] for i in listing if not i.get("names") and now - float(i.get("created", now)) > grace]
 
 
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)")
+
+
+def _created(stamp: object) -> float | None:
+    """containers/storage's `created` (Go's RFC 3339 with nanoseconds) as epoch seconds; None if unreadable."""
+    m = _RFC3339.fullmatch(stamp) if isinstance(stamp, str) else None
+    if m is None:
+        return None
+    frac = (m[2] or ".0")[:7]  # Python reads microseconds at most
+    return datetime.fromisoformat(m[1] + frac + ("+00:00" if m[3] == "Z" else m[3])).timestamp()
+
+
+def stale_containers(records: list[dict], now: float, grace: float = IN_USE_GRACE) -> list[str]:
+    """Of the storage's containers.json, the IDs created more than `grace` seconds before `now`. Only
+    builds make containers in this storage, one per RUN step, and `--force-rm` removes a failed step's;
+    a build killed outright (SIGKILL, a CI timeout) leaves its step's container and overlay mount."""
+    out = []
+    for c in records:
+        t = _created(c.get("created"))
+        if t is not None and now - t > grace and isinstance(c.get("id"), str):
+            out.append(c["id"])
+    return out
+
+
+def working_containers() -> list[dict]:
+    """The storage's own record of its containers: `buildah containers --json` has no creation time."""
+    try:
+        records = json.loads((storage_dir() / "root" / "overlay-containers" / "containers.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+
+
 def prune(log: Log = _stderr) -> None:
-    """Remove superseded builds: every code change leaves the previous build's code layers behind (the
-    storage grew to 19 GB in one session). Only dangling images older than IN_USE_GRACE go, so the
-    current builds, their layer cache and another session's fresh build stay; a chain goes one image
-    per prune. A failure costs disk, not the build: it is logged."""
+    """Remove what killed and superseded builds left: a killed build's working containers, then the
+    dangling images. Every code change leaves the previous build's code layers behind (the storage grew
+    to 19 GB in one session). Only what is older than IN_USE_GRACE goes, so the current builds, their
+    layer cache and another session's fresh build stay; a chain goes one image per prune. A failure
+    costs disk, not the build: it is logged."""
+    left = stale_containers(working_containers(), time.time(), IN_USE_GRACE)
+    if left:
+        p = subprocess.run(buildah_argv("rm", *left), capture_output=True, text=True)
+        if p.returncode != 0:
+            log(f"removing killed builds' working containers failed (kept): {p.stderr.strip()[-300:]}")
     p = subprocess.run(
         buildah_argv("images", "--json", "--no-trunc", "--filter", "dangling=true"), capture_output=True, text=True
     )
     try:
-        stale = stale_dangling(json.loads(p.stdout or "[]"), time.time()) if p.returncode == 0 else []
+        stale = stale_dangling(json.loads(p.stdout or "[]"), time.time(), IN_USE_GRACE) if p.returncode == 0 else []
     except ValueError:
         stale = []
     if stale:
