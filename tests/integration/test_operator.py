@@ -101,9 +101,14 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
               if p["metadata"].get("labels", {}).get("kubetune.io/job") != "lora-8b"]
     fleet = read_fleet(nodes, others)
     need_mib = got["status"]["estimate"]["perGpuBytes"] / 0.95 / 2**20
-    # Best fit: no GPU or MIG slice that holds the job and had a free unit is smaller than the one chosen.
-    sizes = sorted({s.memory_mib for n in fleet if n.schedulable for s in n.slots
-                    if s.memory_mib >= need_mib and s.free >= 1})
+    # Best fit: no GPU or MIG slice that holds the job (in bf16: of compute capability 8.0+) and had a free
+    # unit is smaller than the one chosen.
+    from kubetune.api.constants import bf16_refused
+
+    def holds(s) -> bool:
+        return s.memory_mib >= need_mib and bf16_refused(spec.training.precision, s.compute) is None
+
+    sizes = sorted({s.memory_mib for n in fleet if n.schedulable for s in n.slots if holds(s) and s.free >= 1})
     assert placement["gpuMemoryMiB"] == sizes[0], (placement, sizes)
     assert placement["minGpuMemoryMiB"] >= need_mib
     # and kube-scheduler put the pod where that GPU is, requesting that resource
@@ -116,7 +121,7 @@ def test_lora_8b_lands_on_the_smallest_gpu_that_fits(ground, operator, ns):
     d = decide(spec, resolve_architecture(spec.model), fleet)
     assert d.placement.gpu_memory_mib == sizes[0] and d.placement.resource == slot.resource
     # with the whole fleet free, the smallest size of all wins (a MIG slice here, the smallest that fits)
-    everything = sorted({s.memory_mib for n in read_fleet(nodes, []) for s in n.slots if s.memory_mib >= need_mib})
+    everything = sorted({s.memory_mib for n in read_fleet(nodes, []) for s in n.slots if holds(s)})
     whole_fleet = decide(spec, resolve_architecture(spec.model), read_fleet(nodes, []))
     assert whole_fleet.placement.gpu_memory_mib == everything[0]
 

@@ -1037,3 +1037,24 @@ def test_the_progress_object_names_the_job_that_wrote_it(tmp_path):
     doc = json.loads((tmp_path / "progress.json").read_text())
     assert doc["jobUid"] == "uid-new" and doc["progress"]["step"] == 3
     assert TrainerProgress.model_validate(doc).job_uid == "uid-new"
+
+
+def test_bf16_on_a_gpu_older_than_ampere_is_a_bad_config_naming_the_field(monkeypatch):
+    """No GPU here: torch.cuda's answers for a T4 are stood in. The rule itself is kubetune.api's, the one
+    placement uses; what this checks is that the trainer asks it about the GPU it got, before accelerate."""
+    from kubetune_trainer import loop
+
+    monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loop.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(loop.torch.cuda, "get_device_capability", lambda i: (7, 5))
+    monkeypatch.setattr(loop.torch.cuda, "get_device_name", lambda i: "Tesla T4")
+    with pytest.raises(BadConfig, match=r"training.precision bf16 needs a GPU of compute capability 8.0 or newer "
+                                        r"\(Ampere, Ada, Hopper, Blackwell\); Tesla T4 is 7.5: set training.precision "
+                                        r"to fp16 \(or fp32\) to train there"):
+        loop.check_precision_fits_gpu("bf16")
+    with pytest.raises(BadConfig, match="bf16-mixed"):
+        loop.check_precision_fits_gpu("bf16-mixed")
+    for precision in ("fp16", "fp32"):
+        loop.check_precision_fits_gpu(precision)
+    monkeypatch.setattr(loop.torch.cuda, "get_device_capability", lambda i: (8, 0))
+    loop.check_precision_fits_gpu("bf16")

@@ -71,7 +71,15 @@ def test_job_gpu_affinity_and_scheduling_fields():
     c = pod["containers"][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1" and c["resources"]["requests"]["nvidia.com/gpu"] == "1"
     req = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-    assert req == [{"matchExpressions": [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["21504"]}]}]
+    # bf16 (the default precision) keeps off GPUs older than Ampere; a node without GFD's label still matches
+    assert req == [{"matchExpressions": [
+        {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["21504"]},
+        {"key": "nvidia.com/gpu.compute.major", "operator": "NotIn", "values": ["1", "2", "3", "4", "5", "6", "7"]},
+    ]}]
+    for precision in ("fp16", "fp32"):
+        pod = kids(spec(training={"precision": precision}))["Job"]["spec"]["template"]["spec"]
+        req = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert req == [{"matchExpressions": [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["21504"]}]}]
     prefs = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert [p["preference"]["matchExpressions"][0]["values"] for p in prefs] == [["kwok-l4-0"], ["kwok-l4-1"]]
     assert prefs[0]["weight"] > prefs[1]["weight"]
@@ -193,7 +201,7 @@ def test_mig_slice_requests_the_mig_resource_without_memory_affinity():
     mig = Placement(True, "Placed", "mig", micro_batch_size=1, estimate_bytes=1, resource="nvidia.com/mig-1g.10gb",
                     gpu_product="A100-MIG-1g.10gb", gpu_memory_mib=9728, min_gpu_memory_mib=8000,
                     preferred_nodes=("kwok-a100-mig-0",))
-    pod = kids(spec(), mig)["Job"]["spec"]["template"]["spec"]
+    pod = kids(spec(training={"precision": "fp16"}), mig)["Job"]["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/mig-1g.10gb"] == "1"
     assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["nodeAffinity"]
 

@@ -75,24 +75,63 @@ def test_unready_nodes_are_not_used():
     assert not p.fits and p.reason == "NoMatchingNodes"
 
 
+T4, L4, A100_40, H100 = "Tesla-T4", "NVIDIA-L4", "NVIDIA-A100-SXM4-40GB", "NVIDIA-H100-80GB-HBM3"
+
+
 @pytest.mark.parametrize(
-    "need_gib, product",
-    [(7.0, "NVIDIA-H100-80GB-HBM3"), (12.0, "Tesla-T4"), (20.0, "NVIDIA-L4"), (30.0, "NVIDIA-A100-SXM4-40GB"),
-     (60.0, "NVIDIA-H100-80GB-HBM3")],
+    "need_gib, fp16_product, bf16_product",
+    [(7.0, T4, L4), (12.0, T4, L4), (20.0, L4, L4), (30.0, A100_40, A100_40), (60.0, H100, H100)],
 )
-def test_smallest_sufficient_size(need_gib, product):
-    # multi-GPU so MIG slices (single-GPU only) are out of the picture, except the 7 GiB case below
+def test_smallest_sufficient_size(need_gib, fp16_product, bf16_product):
+    """The smallest GPU that holds the job; in bf16 (the default) only of compute capability 8.0+, so not
+    the T4 (7.5). Multi-GPU, so MIG slices (single-GPU only) are out of the picture."""
     fleet = read_fleet(FLEET_NODES, [])
-    s = spec(resources={"gpusPerNode": 2}) if need_gib > 7 else spec(resources={"gpusPerNode": 2})
-    p = place(s, fleet, lambda mbs: int(need_gib * GiB), lambda cap: 4)
-    assert p.fits and p.reason == "Placed"
     # H100 (81559 MiB) is smaller than A100-80GB (81920 MiB): best fit picks it for the 60 GiB job
-    expected = {"Tesla-T4": 15360, "NVIDIA-L4": 23034, "NVIDIA-A100-SXM4-40GB": 40960, "NVIDIA-H100-80GB-HBM3": 81559}
-    if need_gib == 7.0:
-        product = "Tesla-T4"
-    assert p.gpu_product == product and p.gpu_memory_mib == expected[product]
-    assert p.min_gpu_memory_mib * MiB >= required_bytes(int(need_gib * GiB))
-    assert p.min_gpu_memory_mib <= p.gpu_memory_mib
+    expected = {T4: 15360, L4: 23034, A100_40: 40960, H100: 81559}
+    for precision, product in (("fp16", fp16_product), ("bf16", bf16_product)):
+        s = spec(resources={"gpusPerNode": 2}, training={"precision": precision})
+        p = place(s, fleet, lambda mbs: int(need_gib * GiB), lambda cap: 4)
+        assert p.fits and p.reason == "Placed"
+        assert (p.gpu_product, p.gpu_memory_mib) == (product, expected[product]), precision
+        assert p.min_gpu_memory_mib * MiB >= required_bytes(int(need_gib * GiB))
+        assert p.min_gpu_memory_mib <= p.gpu_memory_mib
+        passed_over = "Tesla-T4 would hold it but not in bf16: it needs compute capability 8.0+"
+        assert (passed_over in p.message) == (product != fp16_product), p.message
+
+
+def test_bf16_keeps_off_gpus_older_than_ampere_and_says_so():
+    fleet = read_fleet(FLEET_NODES, [])
+    t4 = next(s for n in fleet for s in n.slots if s.product == T4)
+    assert t4.compute == (7, 5)
+    pinned = spec(resources={"gpusPerNode": 1, "gpuProduct": T4})
+    p = place(pinned, fleet, lambda m: 4 * GiB, lambda c: 4)
+    assert not p.fits and p.reason == "NoMatchingNodes"
+    assert ("training.precision bf16 needs a GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, "
+            "Blackwell); Tesla-T4 is 7.5: set training.precision to fp16 (or fp32) to train there") in p.message
+    for precision in ("fp16", "fp32"):
+        p = place(spec(resources={"gpusPerNode": 1, "gpuProduct": T4}, training={"precision": precision}), fleet,
+                  lambda m: 4 * GiB, lambda c: 4)
+        assert p.fits and p.gpu_product == T4
+    mixed = spec(resources={"gpusPerNode": 1, "gpuProduct": T4}, training={"precision": "bf16-mixed"})
+    assert place(mixed, fleet, lambda m: 4 * GiB, lambda c: 4).reason == "NoMatchingNodes"
+
+
+def test_a_gpu_without_a_compute_capability_label_is_not_turned_away():
+    """A node labelled by hand (memory and product, no GFD compute labels) may take a bf16 job: the
+    required affinity (NotIn 1..7) matches it too, so placement and the scheduler agree."""
+    nodes = copy.deepcopy([n for n in FLEET_NODES if n["metadata"]["name"] == "kwok-t4-0"])
+    for label in ("nvidia.com/gpu.compute.major", "nvidia.com/gpu.compute.minor"):
+        del nodes[0]["metadata"]["labels"][label]
+    (t4,) = read_fleet(nodes, [])[0].slots
+    assert t4.compute is None
+    assert place(spec(resources={"gpusPerNode": 1}), read_fleet(nodes, []), lambda m: 4 * GiB, lambda c: 4).fits
+
+
+@pytest.mark.parametrize("major, minor", [("8a", "0"), ("", "0"), ("9" * 60, "0"), ("8", "x"), ("٨", "0")])
+def test_a_malformed_compute_capability_label_reads_as_unknown(major, minor):
+    nodes = copy.deepcopy([n for n in FLEET_NODES if n["metadata"]["name"] == "kwok-t4-0"])
+    nodes[0]["metadata"]["labels"] |= {"nvidia.com/gpu.compute.major": major, "nvidia.com/gpu.compute.minor": minor}
+    assert read_fleet(nodes, [])[0].slots[0].compute is None
 
 
 def test_single_gpu_small_job_takes_a_mig_slice():
@@ -132,7 +171,7 @@ def test_too_big_is_insufficient_memory():
 
 
 def test_auto_batch_takes_largest_that_fits_the_chosen_size():
-    s = spec(training={"microBatchSize": "auto", "maxSteps": 10}, resources={"gpusPerNode": 2})
+    s = spec(training={"microBatchSize": "auto", "maxSteps": 10, "precision": "fp16"}, resources={"gpusPerNode": 2})
     p = place(s, read_fleet(FLEET_NODES, []), linear(6, 2), max_batch_for(6, 2))
     # T4 (15 GiB) holds 6+2b within 95%: b=3 -> 12 GiB / 0.95 = 12.6 <= 15; b=4 -> 14 / 0.95 = 14.7 <= 15
     assert p.gpu_product == "Tesla-T4" and p.micro_batch_size == 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 
 from kubetune.api import registry
+from kubetune.api.constants import bf16_refused
 from kubetune.api.v1alpha1 import ResultStatus, TrainerConfig
 from kubetune_trainer import checkpoint as ck
 from kubetune_trainer import knobs as kn
@@ -84,6 +86,17 @@ class Preemption:
     def restore(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_precision_fits_gpu(precision: str) -> None:
+    """bf16 on a GPU older than Ampere: a clear BadConfig here, not accelerate's refusal or a Triton
+    compile error mid-step. The operator keeps such jobs off those GPUs; this covers a pinned node."""
+    if not torch.cuda.is_available():
+        return
+    i = int(os.environ.get("LOCAL_RANK", "0") or 0) % torch.cuda.device_count()
+    why = bf16_refused(precision, torch.cuda.get_device_capability(i), torch.cuda.get_device_name(i))
+    if why is not None:
+        raise BadConfig(why)
 
 
 def make_accelerator(plan, knobs: Knobs | None = None):

@@ -35,10 +35,10 @@ from kubetune_trainer.config import plan_for
 from kubetune_trainer.errors import BadConfig, BadData
 from kubetune_trainer.evaluation import EndOfRunEvaluation
 from kubetune_trainer.knobs import Knobs
-from kubetune_trainer.loop import (EvalStopped, Outcome, Preemption, all_sum, build_optimizer, eval_pass,
-                                   fetch_resume_point, follow_schedule, fsdp_wrap_policy, make_accelerator,
-                                   model_place, on_local_main, peak_device_memory, peak_rss_mib, ppl, to_device,
-                                   write_outputs)
+from kubetune_trainer.loop import (EvalStopped, Outcome, Preemption, all_sum, build_optimizer,
+                                   check_precision_fits_gpu, eval_pass, fetch_resume_point, follow_schedule,
+                                   fsdp_wrap_policy, make_accelerator, model_place, on_local_main,
+                                   peak_device_memory, peak_rss_mib, ppl, to_device, write_outputs)
 from kubetune_trainer.model import (LossHead, build_model, check_model_dir, count_params, load_tokenizer,
                                     materialized_bytes, resolve_model_dir)
 from kubetune_trainer.progress import Metrics, ProgressReporter, log_event
@@ -133,6 +133,7 @@ class FineTuneRecipe:
             self.objective = objectives.get(objective_name(self.spec))(self.spec, self.plan, log)
         except registry.UnknownName as e:
             raise BadConfig(str(e)) from None
+        check_precision_fits_gpu(t.precision)
         acc = self.accelerator = make_accelerator(self.plan, self.knobs)
         self.device, self.main = acc.device, acc.is_main_process
         if self.plan.sharding == "fsdp" and acc.num_processes > 1 and acc.distributed_type.value != "FSDP":

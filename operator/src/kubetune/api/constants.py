@@ -52,3 +52,21 @@ GRACE_SECONDS = 60
 
 # label value that a loss ignores (torch's cross_entropy ignore_index): prompt tokens, padding
 IGNORE_INDEX = -100
+
+# bf16 arithmetic needs compute capability 8.0 (Ampere) or newer: older GPUs (T4, V100) have no bf16
+# tensor cores, and Triton (Liger's kernels and fused loss) refuses bf16 there. The operator keeps such
+# jobs off them (GFD's nvidia.com/gpu.compute.major); the trainer names the field if one gets there anyway.
+BF16_PRECISIONS = ("bf16", "bf16-mixed")
+BF16_MIN_COMPUTE_MAJOR = 8
+
+
+def bf16_refused(precision: str, capability: tuple[int, int] | None, gpu: str = "this GPU") -> str | None:
+    """Why training.precision cannot run on a GPU of this compute capability, or None when it can (or
+    when the capability is unknown: a node without GFD's labels is not turned away on a guess)."""
+    if precision not in BF16_PRECISIONS or capability is None or capability[0] >= BF16_MIN_COMPUTE_MAJOR:
+        return None
+    return (
+        f"training.precision {precision} needs a GPU of compute capability {BF16_MIN_COMPUTE_MAJOR}.0 or newer "
+        f"(Ampere, Ada, Hopper, Blackwell); {gpu} is {capability[0]}.{capability[1]}: set training.precision "
+        "to fp16 (or fp32) to train there"
+    )

@@ -16,6 +16,9 @@ MIG_RESOURCE = re.compile(r"^nvidia\.com/mig-(\d+g\.\d+gb)$")
 LABEL_MEMORY = "nvidia.com/gpu.memory"
 LABEL_PRODUCT = "nvidia.com/gpu.product"
 LABEL_COUNT = "nvidia.com/gpu.count"
+LABEL_COMPUTE_MAJOR = "nvidia.com/gpu.compute.major"
+LABEL_COMPUTE_MINOR = "nvidia.com/gpu.compute.minor"
+_VERSION_PART = re.compile(r"[0-9]{1,3}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class GpuSlot:
     memory_mib: int
     allocatable: int
     free: int
+    compute: tuple[int, int] | None = None  # GFD's compute capability; None when the node has no such label
 
     @property
     def is_mig(self) -> bool:
@@ -105,6 +109,12 @@ def expected_pods(job: dict, nodes: list[str]) -> list[dict]:
     ]
 
 
+def _compute(labels: dict[str, str]) -> tuple[int, int] | None:
+    major, minor = labels.get(LABEL_COMPUTE_MAJOR, ""), labels.get(LABEL_COMPUTE_MINOR, "0")
+    ok = _VERSION_PART.fullmatch(major) and _VERSION_PART.fullmatch(minor)
+    return (int(major), int(minor)) if ok else None
+
+
 def read_fleet(nodes: Iterable[dict], pods: Iterable[dict]) -> list[FleetNode]:
     used = _requested(pods)
     fleet = []
@@ -120,15 +130,17 @@ def read_fleet(nodes: Iterable[dict], pods: Iterable[dict]) -> list[FleetNode]:
         slots = []
         product = labels.get(LABEL_PRODUCT, "unknown")
         mem = _int(labels.get(LABEL_MEMORY))
+        compute = _compute(labels)
         for res, q in alloc.items():
             total = _int(q)
             if total <= 0:
                 continue
             free = max(0, total - used.get(name, {}).get(res, 0))
             if res == GPU_RESOURCE and mem > 0:
-                slots.append(GpuSlot(res, product, mem, total, free))
+                slots.append(GpuSlot(res, product, mem, total, free, compute))
             elif m := MIG_RESOURCE.match(res):
                 profile = m.group(1)
-                slots.append(GpuSlot(res, f"{product}-MIG-{profile}", _mig_memory(labels, profile), total, free))
+                mib = _mig_memory(labels, profile)
+                slots.append(GpuSlot(res, f"{product}-MIG-{profile}", mib, total, free, compute))
         fleet.append(FleetNode(name, labels, taints, schedulable, tuple(sorted(slots, key=lambda s: s.memory_mib))))
     return fleet

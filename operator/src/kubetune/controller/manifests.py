@@ -13,7 +13,13 @@ from typing import Any
 import yaml
 
 # exit codes the Job fails on at once, and the SIGTERM grace: facts shared with the trainer
-from kubetune.api.constants import GRACE_SECONDS, NON_RETRYABLE_EXIT_CODES, OOM_EXIT_CODES
+from kubetune.api.constants import (
+    BF16_MIN_COMPUTE_MAJOR,
+    BF16_PRECISIONS,
+    GRACE_SECONDS,
+    NON_RETRYABLE_EXIT_CODES,
+    OOM_EXIT_CODES,
+)
 from kubetune.api.v1alpha1 import (
     API_VERSION,
     KIND,
@@ -23,7 +29,7 @@ from kubetune.api.v1alpha1 import (
     TrainerConfig,
     TrainerPaths,
 )
-from kubetune.controller.fleet import GPU_RESOURCE, LABEL_MEMORY, LABEL_PRODUCT
+from kubetune.controller.fleet import GPU_RESOURCE, LABEL_COMPUTE_MAJOR, LABEL_MEMORY, LABEL_PRODUCT
 from kubetune.controller.placement import Placement
 
 LABEL_JOB = "kubetune.io/job"
@@ -187,6 +193,10 @@ def _affinity(spec: FineTuneJobSpec, placement: Placement) -> dict[str, Any] | N
         required.append({"key": LABEL_MEMORY, "operator": "Gt", "values": [str(placement.min_gpu_memory_mib - 1)]})
     if spec.resources.gpu_product:
         required.append({"key": LABEL_PRODUCT, "operator": "In", "values": [spec.resources.gpu_product]})
+    if spec.training.precision in BF16_PRECISIONS:
+        # NotIn, not Gt 7: a node without GFD's label still matches, as placement lets it (bf16_refused)
+        older = [str(major) for major in range(1, BF16_MIN_COMPUTE_MAJOR)]
+        required.append({"key": LABEL_COMPUTE_MAJOR, "operator": "NotIn", "values": older})
     affinity: dict[str, Any] = {"nodeAffinity": {}}
     if required:
         affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"] = {

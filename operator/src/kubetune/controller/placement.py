@@ -5,12 +5,13 @@ Pure. The estimator is passed in as two functions so that this module only reaso
 
 Rules (issue "The operator", placement):
 - keep only GPUs whose memory >= estimate / 0.95 (and any product/min-memory/nodeSelector/taint
-  constraints of the spec);
+  constraints of the spec), and for bf16 only GPUs of compute capability 8.0+ (GFD's compute.major);
 - choose the smallest sufficient GPU size that has free GPUs now (else the smallest whole-GPU size,
   where the pod waits); among nodes of that size, prefer the one with the fewest free GPUs that
   still fit (packs jobs, leaves whole nodes for big ones);
-- express it as a required nodeAffinity ``nvidia.com/gpu.memory Gt <MiB>`` (kube-scheduler enforces
-  it too) plus preferred affinity for the best-fit nodes;
+- express it as a required nodeAffinity ``nvidia.com/gpu.memory Gt <MiB>`` (and for bf16
+  ``nvidia.com/gpu.compute.major NotIn 1..7``; kube-scheduler enforces both) plus preferred affinity for
+  the best-fit nodes;
 - microBatchSize auto: the largest micro batch that fits the chosen size.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from kubetune.api.base import quantity_to_float
+from kubetune.api.constants import bf16_refused
 from kubetune.api.v1alpha1 import FineTuneJobSpec, Toleration
 from kubetune.controller.fleet import GPU_RESOURCE, FleetNode, GpuSlot, Taint
 from kubetune.estimator.advice import DEFAULT_MARGIN
@@ -82,7 +84,7 @@ def _slot_ok(slot: GpuSlot, spec: FineTuneJobSpec, gpus: int, single: bool) -> b
         return False
     if r.min_gpu_memory and slot.memory_mib * MiB < quantity_to_float(r.min_gpu_memory):
         return False
-    return True
+    return bf16_refused(spec.training.precision, slot.compute) is None
 
 
 class SizeOption(NamedTuple):
@@ -129,7 +131,7 @@ def place(
         )
     options = size_options(spec, usable, price, max_batch)
     if options:
-        return _placed(spec, usable, options, largest)
+        return _placed(spec, usable, options, largest, _older_gpus(spec, all_slots))
     return _too_small(spec, usable, price(min_mbs), min_mbs, largest)
 
 
@@ -161,8 +163,21 @@ def size_options(
     return options
 
 
+def _older_gpus(spec: FineTuneJobSpec, all_slots: list[tuple[FleetNode, GpuSlot]]) -> dict[str, int]:
+    """The whole-GPU products the job's precision rules out, with their memory (MiB)."""
+    return {
+        s.product: s.memory_mib
+        for _, s in all_slots
+        if not s.is_mig and bf16_refused(spec.training.precision, s.compute) is not None
+    }
+
+
 def _placed(
-    spec: FineTuneJobSpec, usable: list[tuple[FleetNode, GpuSlot]], options: list[SizeOption], largest: int | None
+    spec: FineTuneJobSpec,
+    usable: list[tuple[FleetNode, GpuSlot]],
+    options: list[SizeOption],
+    largest: int | None,
+    older: dict[str, int],
 ) -> Placement:
     # The smallest size that can start now; if none can, the smallest whole-GPU size, whose
     # required affinity (Gt) still lets the scheduler use any larger GPU that frees up. A MIG
@@ -188,6 +203,13 @@ def _placed(
     )
     if not preferred:
         msg += f"; no {slot.product} has {r.gpus_per_node} free GPU(s) now, so the pod waits or runs on a larger GPU"
+    # Say why a smaller GPU that holds the job was passed over: the user may prefer fp16 there.
+    passed = sorted(p for p, mib in older.items() if need_mib <= mib < o.memory_mib)
+    if passed:
+        msg += (
+            f"; {', '.join(passed)} would hold it but not in {spec.training.precision}: it needs compute "
+            "capability 8.0+ (training.precision fp16 runs there)"
+        )
     return Placement(
         True,
         "Placed",
@@ -249,4 +271,10 @@ def _why_nothing_usable(spec: FineTuneJobSpec, fleet: list[FleetNode], all_slots
         parts.append("every GPU node has a taint the job does not tolerate (add resources.tolerations)")
     if r.min_gpu_memory:
         parts.append(f"resources.minGpuMemory {r.min_gpu_memory} may rule out the free GPUs")
+    refused = {(s.product, s.compute) for _, s in all_slots if bf16_refused(spec.training.precision, s.compute)}
+    if refused:
+        product, compute = min(refused)
+        why = bf16_refused(spec.training.precision, compute, product)
+        others = sorted({p for p, _ in refused} - {product})
+        parts.append(f"{why}{' (also: ' + ', '.join(others) + ')' if others else ''}")
     return "; ".join(parts) or "no schedulable GPU node matches the job's constraints"

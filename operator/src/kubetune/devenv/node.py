@@ -42,8 +42,9 @@ LABEL = "kubetune.io/real-node"
 # Pod subnets come from here, one /24 per ground; chosen apart from the ground's service CIDR (10.0.0.0/24),
 # KWOK's pod CIDR (10.244.0.0/16) and whatever the host routes (192.0.2.0/24 on eth0 here).
 POD_NET_POOL = "10.89.0.0/16"
-# The fake GPUs of the real GPU node: GFD labels as on a real T4 node, so placement works as on KWOK's.
-GPU_SPEC = fleet.NodeSpec("real-0", "real", "2", "4Gi", fleet.T4, 1)
+# The fake GPUs of the real GPU node: GFD labels as on a real L4 node (compute capability 8.9, so bf16, the
+# default precision, may land there), so placement works as on KWOK's.
+GPU_SPEC = fleet.NodeSpec("real-0", "real", "2", "4Gi", fleet.L4, 1)
 # What the kubelet sets when protectKernelDefaults is false, plus the forwarding switch CNI may flip.
 WATCHED_SYSCTLS = ("vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops", "net.ipv4.ip_forward")
 # Chains that the kubelet or the CNI plugins may add (the kubelet's are switched off, see kubelet_config).

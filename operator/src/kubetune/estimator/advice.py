@@ -44,7 +44,7 @@ class GpuSize:
 
 
 GPU_SIZES: tuple[GpuSize, ...] = (
-    GpuSize("16GB", 15360, "T4, V100-16GB, RTX A4000"),
+    GpuSize("16GB", 15360, "RTX A4000; T4, V100-16GB in fp16 only"),
     GpuSize("24GB", 23028, "A10G, L4, RTX 4090, RTX A5000"),
     GpuSize("40GB", 40536, "A100-40GB"),
     GpuSize("48GB", 46068, "L40S, L40, RTX A6000"),
