@@ -54,7 +54,8 @@ GRACE_SECONDS = 60
 IGNORE_INDEX = -100
 
 # bf16 arithmetic needs compute capability 8.0 (Ampere) or newer: older GPUs (T4, V100) have no bf16
-# tensor cores, and Triton (Liger's kernels and fused loss) refuses bf16 there. The operator keeps such
+# tensor cores, and Triton (Liger's kernels and fused loss) refuses bf16 there (linkedin/Liger-Kernel#51:
+# sm_75 has no .bf16 instructions; Liger skips its bf16 tests below sm_80). The operator keeps such
 # jobs off them (GFD's nvidia.com/gpu.compute.major); the trainer names the field if one gets there anyway.
 BF16_PRECISIONS = ("bf16", "bf16-mixed")
 BF16_MIN_COMPUTE_MAJOR = 8
