@@ -255,6 +255,33 @@ def test_kubetune_trainer_beats_the_plain_hf_stack_on_memory():
     assert estimate_spec(spec()).total_bytes < estimate(L8, lora()).total_bytes
 
 
+def test_a_trained_head_under_ligers_loss_has_its_gradient_from_the_loss_on_and_the_fallbacks_product():
+    """Liger's fused loss makes the head's gradient in the forward; with accumulation it sits beside the
+    accumulated .grad at the loss. bf16 (Ampere+, as placed) accumulates each chunk in place; fp16 (maybe a T4)
+    and fp32 take the fallback: the chunk's [V, h] product in the compute dtype and its fp32 copy. Traced on
+    kubetune's step with Liger on CPU, which takes the fallback (tests/trainer/test_alloc_trace_kubetune.py)."""
+    vh = L1.vocab_size * L1.hidden_size  # tied: the embedding is the head
+    full = plan_from_flags(method="full", micro_batch_size=4, seq_len=2048, fused_cross_entropy=True,
+                           gradient_accumulation_steps=4)
+    dtypes = {"bf16": ("bf16", "bf16", "bf16"), "bf16-mixed": ("fp32", "fp32", "bf16"),
+              "fp16": ("fp32", "fp32", "fp16"), "fp32": ("fp32", "fp32", "fp32")}  # (weights, trainable, compute)
+    for precision, grad, transient in (("bf16", 2, 0), ("bf16-mixed", 4, 0), ("fp16", 4, 2 + 4), ("fp32", 4, 4)):
+        w, t, c = dtypes[precision]
+        p = full.with_(weight_dtype=w, trainable_dtype=t, compute_dtype=c)
+        got = M._prepare(L1, p, p.compute_dtype != "fp32")
+        assert (got.fused_head_grad, got.fused_head_transient) == (grad * vh, transient * vh), precision
+        loss = M._moments(L1, p, got, 4, 2048)[0]
+        assert loss.name == "loss" and loss.grads == got.grads_early + grad * vh
+    # no trained head (LoRA), or the unfused loss (its head gradient comes in the backward): none of it
+    for other in (lora(fused_cross_entropy=True),
+                  plan_from_flags(method="full", micro_batch_size=4, seq_len=2048, fused_cross_entropy=False)):
+        got = M._prepare(L8, other, True)
+        assert (got.fused_head_grad, got.fused_head_transient) == (0, 0)
+    # with accumulation the loss is the peak of an fp16 1B full fine-tune
+    fp16 = full.with_(weight_dtype="fp32", trainable_dtype="fp32", compute_dtype="fp16")
+    assert estimate(L1, fp16).phase == "loss"
+
+
 def test_without_checkpointing_the_last_blocks_forward_can_be_the_peak():
     """LoRA on down_proj under autocast: peft's fp32 copy of its input (i wide), the MLP product it is cast from
     and the MLP's input (h wide) sit on top of every block's saved set. With the fused loss that is the step's

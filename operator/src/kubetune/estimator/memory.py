@@ -48,6 +48,13 @@ MISC = 64 * MIB
 # 12.0 B in peak_allocated). Gemma 2's final-logit soft-capping keeps its tanh output too: +2 (bf16).
 UNFUSED_CE_BYTES = 12
 SOFTCAP_EXTRA_BYTES = 2
+# Liger's fused loss with a trained head allocates the head's gradient (grad_weight, the weight's dtype) in the
+# forward and adds each chunk's [V, h] product into it. On compute capability 8.0+ it accumulates in place
+# (addmm(out=grad_weight)) when the chunk's gradient is bf16/fp16; otherwise (fp32 compute, GPUs before Ampere,
+# CPU) its fallback allocates the product in the compute dtype and an fp32 copy of it per chunk
+# (liger_kernel/ops/fused_linear_cross_entropy.py). bf16 jobs are placed on Ampere or newer only
+# (kubetune.api.constants.bf16_refused); an fp16 one may get a T4 or V100, so its fallback is priced.
+LIGER_HEAD_GRAD_IN_PLACE = frozenset({"bf16"})  # compute dtypes whose head gradient Liger accumulates in place
 # Transients of a block's backward beyond its saved activations, per token: the gradient of the MLP
 # intermediate and of the residual stream. Calibrated on the liger rows, whose peak is inside the block
 # backward (1B and 8B: 0.09 and 0.2 GiB above the saved activations at b4 x 2048).
@@ -634,6 +641,8 @@ class _Prepared:
     extra_tokens: int  # prompt tuning: virtual tokens join the sequence
     mask_per_s2: int  # explicit attention mask bytes per (b * s * s_kv)
     trainable_params: int
+    fused_head_grad: int  # Liger's head gradient, alive from the fused loss on (0: no trained head, or unfused)
+    fused_head_transient: int  # its fallback's [V, h] product and fp32 copy, per chunk (0: in place)
     notes: tuple[str, ...]
     # QLoRA under FSDP: what a GPU holds while loading, before FSDP shards the model (0: no such peak)
     load_weights: int = 0
@@ -1035,6 +1044,22 @@ def _notes(arch: Architecture, plan: TrainingPlan, ref: _Reference) -> tuple[str
     return tuple(notes)
 
 
+class _FusedHead(NamedTuple):
+    grad: int
+    transient: int
+
+
+def fused_head_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _FusedHead:
+    """A trained head under Liger's fused loss (see LIGER_HEAD_GRAD_IN_PLACE): its gradient, made in the forward
+    (the weight's dtype, the whole unsharded head), and the fallback's product plus its fp32 copy."""
+    if not (plan.fused_cross_entropy and s.head_trained):
+        return _FusedHead(0, 0)
+    head = arch.lm_head_params or arch.embed_params
+    if plan.compute_dtype in LIGER_HEAD_GRAD_IN_PLACE:
+        return _FusedHead(head * s.trainable, 0)
+    return _FusedHead(head * s.trainable, head * (s.compute + (4 if s.compute != 4 else 0)))
+
+
 def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:
     s = _setup(arch, plan, autocast)
     weights = weight_bytes(arch, plan, s)
@@ -1045,6 +1070,7 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
     copies = weight_copy_bytes(arch, plan, s)
     acts = activation_bytes(arch, plan, s)
     ref = reference_bytes(arch, plan, s, weights.per_gpu)
+    fused_head = fused_head_bytes(arch, plan, s)
     return _Prepared(
         weights=weights.per_gpu,
         adapters=states.adapters,
@@ -1070,6 +1096,8 @@ def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepare
         extra_tokens=acts.extra_tokens,
         mask_per_s2=acts.mask_per_s2,
         trainable_params=s.reported,
+        fused_head_grad=fused_head.grad,
+        fused_head_transient=fused_head.transient,
         notes=_notes(arch, plan, ref),
         load_weights=load.weights,
         load_adapters=load.adapters,
@@ -1147,13 +1175,13 @@ def _moments(arch: Architecture, plan: TrainingPlan, p: _Prepared, b: int, s: in
     chunk = _logit_chunk(arch, tok)
     ce = p.logits_per_token * tok
     if p.fused:
-        ce += 2 * chunk * arch.vocab_size * BYTES[plan.compute_dtype]
+        ce += 2 * chunk * arch.vocab_size * BYTES[plan.compute_dtype] + p.fused_head_transient
     acts_all = p.act_all * tok + p.head * tok + mask
     block = p.act_block * tok
     bwd = p.bwd_transient * tok
     moments = [
         # the loss: every saved activation (or checkpoint) plus the cross-entropy buffers
-        _Moment("loss", p.grads_early, acts_all + ce, p.copies_loss, ce),
+        _Moment("loss", p.grads_early + p.fused_head_grad, acts_all + ce, p.copies_loss, ce),
         # top of the backward: checkpoints, one recomputed block, its transients
         _Moment(
             "backward",
