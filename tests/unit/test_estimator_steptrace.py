@@ -64,9 +64,13 @@ def test_reserved_is_allocated_plus_the_simulated_gap_and_says_its_setting():
 
 def test_generated_trace_is_balanced_and_its_peak_is_the_physics():
     a = from_config(LLAMA1B)
-    for kw in (dict(method="lora", gradient_checkpointing=True), dict(method="full"), dict(method="qlora"),
-               dict(method="lora", fused_cross_entropy=True)):
-        p = plan_from_flags(micro_batch_size=2, seq_len=1024, **kw)
+    fp32 = dict(weight_dtype="fp32", trainable_dtype="fp32", compute_dtype="fp32")
+    for kw, dtypes in ((dict(method="lora", gradient_checkpointing=True), {}), (dict(method="full"), {}),
+                       (dict(method="qlora"), {}), (dict(method="lora", fused_cross_entropy=True), {}),
+                       # a trained head under Liger's loss, in place (bf16) and by its fallback (fp32)
+                       (dict(method="full", fused_cross_entropy=True), {}),
+                       (dict(method="full", fused_cross_entropy=True), fp32)):
+        p = plan_from_flags(micro_batch_size=2, seq_len=1024, **kw).with_(**dtypes)
         ev = ST.build_trace(a, p, autocast=True, tokens=2048)
         alloc = {e[1] for e in ev if e[0] == "a"}
         freed = [e[1] for e in ev if e[0] == "f"]

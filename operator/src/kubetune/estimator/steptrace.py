@@ -137,6 +137,7 @@ class _StepTrace:
         # trained blocks not replayed
         self.lump = (train_all - self.train_layers) * (sum(self.lin_sizes) + blk.other_params)
         self.head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
+        self.head_fallback = bool(self.head_grad) and plan.compute_dtype not in M.LIGER_HEAD_GRAD_IN_PLACE
         self.embed_grad = arch.embed_params if (head_trained and arch.lm_head_params) else 0
         if self.full:
             self.trainable = (
@@ -296,11 +297,17 @@ class _StepTrace:
         tr, logits, c, vocab, chunk = self.tr, self.logits, self.c, self.arch.vocab_size, self.chunk
         if self.fused:
             grad_hidden = tr.a(self.narrow)
+            # a trained head: Liger's grad_weight, made before the chunks; where it cannot add a chunk's
+            # product in place, the product and its fp32 copy come and go per chunk (memory.fused_head_bytes)
+            head = tr.a(self.head_grad * self.t) if self.head_grad else None
+            fallback = (self.head_grad * c, self.head_grad * 4 if c != 4 else 0) if self.head_fallback else ()
             for _ in range(max(1, -(-self.tok // chunk))):
                 tr.tmp(2 * chunk * vocab * c, chunk * vocab * 4)
+                if fallback:
+                    tr.tmp(*(n for n in fallback if n))
             tr.f(hidden)
-            if self.head_grad:
-                self.grads.append(tr.a(self.head_grad * self.t))
+            if head is not None:
+                self.grads.append(head)
             return grad_hidden
         lg = tr.a(logits * c)
         up = tr.a(logits * 4)
