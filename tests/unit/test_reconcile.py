@@ -625,3 +625,18 @@ def test_the_pure_core_loads_no_client_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_bf16_job_pinned_to_a_gpu_older_than_ampere_waits_with_the_way_out():
+    spec = copy.deepcopy(SPEC)
+    spec["resources"] = {"gpusPerNode": 1, "gpuProduct": "Tesla-T4"}
+    out = reconcile(observe(spec), T0)
+    c = cond(out.status, "Scheduled")
+    assert out.status.phase == "Unschedulable" and c.reason == "NoMatchingNodes", c
+    assert c.message.startswith("training.precision bf16 needs a GPU of compute capability 8.0 or newer"), c.message
+    assert c.message.endswith("Options that fit: as written it fits Tesla-T4 GPUs (15.0 GiB), where "
+                              "training.precision bf16 cannot run (it needs compute capability 8.0+): set "
+                              "training.precision to fp16."), c.message
+    spec["training"] = {**spec["training"], "precision": "fp16"}
+    placed = reconcile(observe(spec), T0).status
+    assert cond(placed, "Scheduled").reason == "Placed" and placed.placement.gpu_product == "Tesla-T4"

@@ -31,6 +31,7 @@ from kubetune.api.constants import (
     TERMINAL_PHASES,
     UNSCHEDULABLE,
     VALIDATED,
+    bf16_refused,
 )
 from kubetune.api.storage import written_by_another
 from kubetune.api.v1alpha1 import (
@@ -138,7 +139,10 @@ def decide(
     plan = plan_for(mbs)
     est = estimate(arch, plan)
     if not p.fits:
-        sizes = sorted({s.memory_mib for n in fleet for s in n.slots if not s.is_mig}) or [81920]
+        # advice for the GPUs the job's precision may use (bf16: compute capability 8.0+), else for any
+        gpus = [s for n in fleet for s in n.slots if not s.is_mig]
+        runnable = [s for s in gpus if bf16_refused(spec.training.precision, s.compute) is None]
+        sizes = sorted({s.memory_mib for s in runnable or gpus}) or [81920]
         advice = [_advice_line(a, spec) for a in fit_advice(arch, plan, [m * 2**20 for m in sizes])][:5]
         return Decision(p, est, None, advice)
     resolved = Resolved(
@@ -154,19 +158,28 @@ def decide(
     return Decision(p, est, resolved, [], *whole_model_in_host(spec, plan, est.total_params))
 
 
-def _without_advice(est: Estimate, fleet: list[FleetNode]) -> str:
+def _size(fit: tuple) -> tuple[int, str]:
+    return fit[0], fit[1]
+
+
+def _without_advice(est: Estimate, fleet: list[FleetNode], precision: str) -> str:
     """fit_advice offers nothing when the job as written fits some GPU of the cluster (only its own
     constraints rule that GPU out), or when no nearby change fits any."""
-    fits = sorted(
-        {(s.memory_mib, s.product) for n in fleet for s in n.slots if not s.is_mig and est.fits(s.memory_mib * 2**20)}
-    )
+    gpus = [s for n in fleet for s in n.slots if not s.is_mig]
+    # by size and name only: one product may carry GFD's compute labels on one node and not on another
+    fits = sorted({(s.memory_mib, s.product, s.compute) for s in gpus if est.fits(s.memory_mib * 2**20)}, key=_size)
     if fits:
-        mib, product = fits[0]
+        mib, product, compute = fits[0]
+        if bf16_refused(precision, compute) is not None:
+            return (
+                f"as written it fits {product} GPUs ({mib / 1024:.1f} GiB), where training.precision {precision} "
+                "cannot run (it needs compute capability 8.0+): set training.precision to fp16"
+            )
         return (
             f"as written it fits {product} GPUs ({mib / 1024:.1f} GiB), which its resources rule out "
             f"(gpuProduct, minGpuMemory, nodeSelector, tolerations or gpusPerNode): relax them"
         )
-    largest = max((s.memory_mib for n in fleet for s in n.slots if not s.is_mig), default=0)
+    largest = max((s.memory_mib for s in gpus), default=0)
     return (
         f"none near this configuration fits the cluster's GPUs (the largest has {largest / 1024:.1f} GiB): "
         f"a smaller model, shorter sequences or more GPUs"
@@ -324,7 +337,7 @@ def _start_run(b: _Builder, obs: Observed, defaults: manifests.PodDefaults, over
         return b.done()  # a spec change re-triggers reconcile
     _valid(b)
     if not d.placement.fits:
-        return _unschedulable(b, d, obs.fleet)
+        return _unschedulable(b, d, obs.fleet, spec.training.precision)
     return _new_run(b, obs, spec, d, defaults, overrides)
 
 
@@ -334,8 +347,8 @@ def _invalid(b: _Builder, error: str) -> Outcome:
     return b.done()
 
 
-def _unschedulable(b: _Builder, d: Decision, fleet: list[FleetNode]) -> Outcome:
-    advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, fleet)
+def _unschedulable(b: _Builder, d: Decision, fleet: list[FleetNode], precision: str) -> Outcome:
+    advice = "; ".join(d.advice) if d.advice else _without_advice(d.estimate, fleet, precision)
     # the estimator's notes say why the peak is what it is (e.g. a load that more GPUs do not shrink)
     why = "".join(f" {n[0].upper()}{n[1:]}." for n in d.estimate.notes)
     msg = f"{d.placement.message}.{why} Options that fit: {advice}."
