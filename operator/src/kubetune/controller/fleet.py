@@ -109,6 +109,11 @@ def expected_pods(job: dict, nodes: list[str]) -> list[dict]:
     ]
 
 
+def whole_gpus(fleet: Iterable[FleetNode]) -> list[GpuSlot]:
+    """Every whole-GPU slot of the fleet (MIG slices left out)."""
+    return [s for n in fleet for s in n.slots if not s.is_mig]
+
+
 def _compute(labels: dict[str, str]) -> tuple[int, int] | None:
     major, minor = labels.get(LABEL_COMPUTE_MAJOR, ""), labels.get(LABEL_COMPUTE_MINOR, "0")
     ok = _VERSION_PART.fullmatch(major) and _VERSION_PART.fullmatch(minor)

@@ -49,7 +49,7 @@ from kubetune.api.v1alpha1 import (
 )
 from kubetune.controller import manifests
 from kubetune.controller.conditions import ConditionStatus, clip, find, is_true, set_condition
-from kubetune.controller.fleet import FleetNode
+from kubetune.controller.fleet import FleetNode, whole_gpus
 from kubetune.controller.placement import GiB, Placement, place
 from kubetune.errors import UsageError
 from kubetune.estimator import Architecture, Estimate, estimate, fit_advice, max_micro_batch
@@ -140,7 +140,7 @@ def decide(
     est = estimate(arch, plan)
     if not p.fits:
         # advice for the GPUs the job's precision may use (bf16: compute capability 8.0+), else for any
-        gpus = [s for n in fleet for s in n.slots if not s.is_mig]
+        gpus = whole_gpus(fleet)
         runnable = [s for s in gpus if bf16_refused(spec.training.precision, s.compute) is None]
         sizes = sorted({s.memory_mib for s in runnable or gpus}) or [81920]
         advice = [_advice_line(a, spec) for a in fit_advice(arch, plan, [m * 2**20 for m in sizes])][:5]
@@ -165,7 +165,7 @@ def _size(fit: tuple) -> tuple[int, str]:
 def _without_advice(est: Estimate, fleet: list[FleetNode], precision: str) -> str:
     """fit_advice offers nothing when the job as written fits some GPU of the cluster (only its own
     constraints rule that GPU out), or when no nearby change fits any."""
-    gpus = [s for n in fleet for s in n.slots if not s.is_mig]
+    gpus = whole_gpus(fleet)
     # by size and name only: one product may carry GFD's compute labels on one node and not on another
     fits = sorted({(s.memory_mib, s.product, s.compute) for s in gpus if est.fits(s.memory_mib * 2**20)}, key=_size)
     if fits:

@@ -1055,9 +1055,16 @@ def fused_head_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Fuse
     if not (plan.fused_cross_entropy and s.head_trained):
         return _FusedHead(0, 0)
     head = arch.lm_head_params or arch.embed_params
+    return _FusedHead(head * s.trainable, head * sum(liger_head_fallback(plan)))
+
+
+def liger_head_fallback(plan: TrainingPlan) -> tuple[int, ...]:
+    """Bytes per head element of what Liger's fallback makes per chunk, in order: the [V, h] product in the
+    compute dtype, then its fp32 copy (none when the product is fp32 already); () where it adds in place."""
     if plan.compute_dtype in LIGER_HEAD_GRAD_IN_PLACE:
-        return _FusedHead(head * s.trainable, 0)
-    return _FusedHead(head * s.trainable, head * (s.compute + (4 if s.compute != 4 else 0)))
+        return ()
+    c = BYTES[plan.compute_dtype]
+    return (c, 4) if c != 4 else (c,)
 
 
 def _prepare(arch: Architecture, plan: TrainingPlan, autocast: bool) -> _Prepared:

@@ -137,7 +137,8 @@ class _StepTrace:
         # trained blocks not replayed
         self.lump = (train_all - self.train_layers) * (sum(self.lin_sizes) + blk.other_params)
         self.head_grad = (arch.lm_head_params or arch.embed_params) if head_trained else 0
-        self.head_fallback = bool(self.head_grad) and plan.compute_dtype not in M.LIGER_HEAD_GRAD_IN_PLACE
+        # Liger's per-chunk fallback for a trained head, bytes per head element (memory.liger_head_fallback)
+        self.head_fallback = tuple(self.head_grad * n for n in M.liger_head_fallback(plan)) if self.head_grad else ()
         self.embed_grad = arch.embed_params if (head_trained and arch.lm_head_params) else 0
         if self.full:
             self.trainable = (
@@ -300,11 +301,10 @@ class _StepTrace:
             # a trained head: Liger's grad_weight, made before the chunks; where it cannot add a chunk's
             # product in place, the product and its fp32 copy come and go per chunk (memory.fused_head_bytes)
             head = tr.a(self.head_grad * self.t) if self.head_grad else None
-            fallback = (self.head_grad * c, self.head_grad * 4 if c != 4 else 0) if self.head_fallback else ()
             for _ in range(max(1, -(-self.tok // chunk))):
                 tr.tmp(2 * chunk * vocab * c, chunk * vocab * 4)
-                if fallback:
-                    tr.tmp(*(n for n in fallback if n))
+                if self.head_fallback:
+                    tr.tmp(*self.head_fallback)
             tr.f(hidden)
             if head is not None:
                 self.grads.append(head)
