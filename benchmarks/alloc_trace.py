@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/alloc_trace.py CONFIG [--real] [--steps 2] [--out trace.json]
     .venv/bin/python benchmarks/alloc_trace.py calibration   # every shared calibration row: trace, replay, compare
+    .venv/bin/python benchmarks/alloc_trace.py sweep         # configs no row measures: the estimate vs their traces
 
 The step is the plain HF Trainer + PEFT stack as ../shared/calibration/measure.py runs it (random weights from
 the architecture's dims, bf16 weights, sdpa, LoRA r16 on q,k,v,o,gate,up,down, bf16 autocast, non-reentrant
@@ -121,9 +122,12 @@ def alive_at(events, index: int) -> dict[str, int]:
 
 
 def build(arch: dict, method: str, *, lora_rank: int = 16, lora_dropout: float = 0.0, dtype=torch.bfloat16,
-          device: str = "meta"):
-    """The model as measure.py builds it (random weights, sdpa, dtype), with peft's LoRA for method lora.
-    On the meta device it costs nothing; :func:`to_fake` then makes its tensors fake CPU tensors."""
+          device: str = "meta", lora_targets: list[str] | str | None = None, trainable_layers: int = 2,
+          virtual_tokens: int = 20):
+    """The model as measure.py builds it (random weights, sdpa, dtype), with peft's LoRA for method lora
+    (measure.py's seven targets unless ``lora_targets``, e.g. "all-linear"), the top ``trainable_layers``
+    blocks trained for freeze, or peft's prompt tuning. On the meta device it costs nothing; :func:`to_fake`
+    then makes its tensors fake CPU tensors."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -137,7 +141,19 @@ def build(arch: dict, method: str, *, lora_rank: int = 16, lora_dropout: float =
 
             m = peft.get_peft_model(m, peft.LoraConfig(
                 r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+                target_modules=lora_targets or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"]))
+        elif method == "freeze":  # LLaMA-Factory's freeze: only the top k blocks train
+            m.requires_grad_(False)
+            for layer in m.model.layers[-trainable_layers:]:
+                layer.requires_grad_(True)
+        elif method == "prompt-tuning":
+            import peft
+
+            m = peft.get_peft_model(m, peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                               num_virtual_tokens=virtual_tokens))
+        elif method != "full":
+            raise ValueError(f"method {method!r}: the recorder builds full, lora, freeze and prompt-tuning")
     return m
 
 
@@ -159,11 +175,16 @@ def to_fake(model, mode) -> None:
                 if id(b) not in made:
                     made[id(b)] = torch.ones(b.shape, dtype=b.dtype)
                 mod._buffers[name] = made[id(b)]
+        # peft's prompt tuning keeps the virtual tokens' ids in a plain dict, neither parameter nor buffer
+        prompt_tokens = getattr(model, "prompt_tokens", None) or {}
+        for name, ids in list(prompt_tokens.items()):
+            prompt_tokens[name] = torch.arange(ids.numel(), dtype=ids.dtype)
 
 
 def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: bool = True, steps: int = 2,
-           lora_rank: int = 16, dtype=torch.bfloat16, autocast: bool = True, vocab_ids: int | None = None) -> dict:
-    """Trace ``steps`` optimizer steps of the plan. Returns {"events", "marks"}: the
+           lora_rank: int = 16, dtype=torch.bfloat16, autocast: bool = True, vocab_ids: int | None = None,
+           **build_kw) -> dict:
+    """Trace ``steps`` optimizer steps of the plan (``build_kw``: :func:`build`'s). Returns {"events", "marks"}: the
     parameters (and LoRA adapters) are the first allocations, as loading makes them."""
     from contextlib import nullcontext
 
@@ -178,15 +199,17 @@ def record(arch: dict, method: str, batch: int, seq: int, gc_on: bool, *, fake: 
         # build a mask the real (unpacked) run never makes: answer as the real run does
         mu.find_packed_sequence_indices = lambda position_ids: None
     try:
-        return _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype, autocast, vocab_ids)
+        return _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype, autocast, vocab_ids,
+                       build_kw)
     finally:
         mu.find_packed_sequence_indices = packed_indices
 
 
-def _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype, autocast, vocab_ids) -> dict:
+def _record(arch, method, batch, seq, gc_on, mode, fake, steps, lora_rank, dtype, autocast, vocab_ids,
+            build_kw) -> dict:
     from contextlib import nullcontext
 
-    model = build(arch, method, lora_rank=lora_rank, dtype=dtype, device="meta" if fake else "cpu")
+    model = build(arch, method, lora_rank=lora_rank, dtype=dtype, device="meta" if fake else "cpu", **build_kw)
     if fake:
         to_fake(model, mode)
     with mode:
@@ -263,9 +286,81 @@ def calibration(rows_filter: str | None = None) -> int:
     return 0
 
 
+# Configs no calibration row measures, as a new user of the flag form would pick them: other vocab sizes and
+# families, full fine-tunes of 1.5-4B tied models, LoRA r64, long and short sequences, freeze, prompt tuning,
+# fp32 master weights. (name, catalog model, method, micro batch, seq len, checkpointing, build keywords)
+SWEEP = [
+    ("llama-1b freeze4 b4 gc", "meta-llama/Llama-3.2-1B", "freeze", 4, 2048, True, dict(trainable_layers=4)),
+    ("llama-1b freeze4 b4", "meta-llama/Llama-3.2-1B", "freeze", 4, 2048, False, dict(trainable_layers=4)),
+    ("qwen2.5-3b freeze2 b2 gc", "Qwen/Qwen2.5-3B", "freeze", 2, 2048, True, dict(trainable_layers=2)),
+    ("llama-1b full fp32-mixed b4 gc", "meta-llama/Llama-3.2-1B", "full", 4, 2048, True, dict(dtype=torch.float32)),
+    ("llama-3b full b2 gc", "meta-llama/Llama-3.2-3B", "full", 2, 2048, True, {}),
+    ("qwen3-4b full b2 gc", "Qwen/Qwen3-4B", "full", 2, 2048, True, {}),
+    ("qwen2.5-1.5b full b4 gc", "Qwen/Qwen2.5-1.5B", "full", 4, 2048, True, {}),
+    ("qwen2.5-0.5b full b16x512", "Qwen/Qwen2.5-0.5B", "full", 16, 512, False, {}),
+    ("smollm2-1.7b full b8 gc", "HuggingFaceTB/SmolLM2-1.7B", "full", 8, 2048, True, {}),
+    ("tinyllama full b4", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "full", 4, 2048, False, {}),
+    ("llama-8b lora r64 b4 gc", "meta-llama/Llama-3.1-8B", "lora", 4, 2048, True, dict(lora_rank=64)),
+    ("mistral-7b lora r64 b2x4096 gc", "mistralai/Mistral-7B-v0.3", "lora", 2, 4096, True, dict(lora_rank=64)),
+    ("qwen2.5-7b lora b2x4096 gc", "Qwen/Qwen2.5-7B", "lora", 2, 4096, True, {}),
+    ("qwen2.5-7b lora b1x8192 gc", "Qwen/Qwen2.5-7B", "lora", 1, 8192, True, {}),
+    ("llama-8b lora b1x8192 gc", "meta-llama/Llama-3.1-8B", "lora", 1, 8192, True, {}),
+    ("llama-8b lora b8x1024 gc", "meta-llama/Llama-3.1-8B", "lora", 8, 1024, True, {}),
+    ("llama-1b lora b8", "meta-llama/Llama-3.2-1B", "lora", 8, 2048, False, {}),
+    ("qwen3-8b lora b4 gc", "Qwen/Qwen3-8B", "lora", 4, 2048, True, {}),
+    ("phi-3.5-mini lora all-linear b4 gc", "microsoft/Phi-3.5-mini-instruct", "lora", 4, 2048, True,
+     dict(lora_targets="all-linear")),
+    ("gemma-3-1b lora b4 gc", "google/gemma-3-1b-pt", "lora", 4, 2048, True, {}),
+    ("llama-2-7b lora b4 gc", "meta-llama/Llama-2-7b-hf", "lora", 4, 2048, True, {}),
+    ("mistral-nemo-12b lora b2 gc", "mistralai/Mistral-Nemo-Base-2407", "lora", 2, 2048, True, {}),
+    ("llama-1b prompt-tuning b4 gc", "meta-llama/Llama-3.2-1B", "prompt-tuning", 4, 2048, True, {}),
+    ("llama-8b prompt-tuning b2", "meta-llama/Llama-3.1-8B", "prompt-tuning", 2, 2048, False, {}),
+]
+
+
+def sweep_row(model: str, method: str, batch: int, seq: int, gc_on: bool, kw: dict) -> dict:
+    """Record one config's step under fake tensors and estimate it with the flag form's plan of the same run.
+    GiB: the recorded peak and its simulated reserved (non-expandable segments, as measure.py ran), and the
+    estimate's allocated and reserved less MISC (workspaces: not tensors, so not in a trace)."""
+    from kubetune.estimator import catalog, estimate, from_config, plan_from_flags
+    from kubetune.estimator import memory as M
+
+    found = catalog.lookup(model)
+    assert found is not None, model
+    arch = dict(found[1])
+    arch["max_position_embeddings"] = max(int(arch.get("max_position_embeddings", 0)), seq)
+    kw = dict(kw)
+    dtype = kw.pop("dtype", torch.bfloat16)
+    t = record(arch, method, batch, seq, gc_on, dtype=dtype, **kw)
+    peak, _ = live_peak(t["events"])
+    sim = simulate_row(t)
+    flags: dict = dict(method=method, micro_batch_size=batch, seq_len=seq, gradient_checkpointing=gc_on,
+                       precision="fp32-mixed" if dtype == torch.float32 else "bf16")
+    if "trainable_layers" in kw:
+        flags["trainable_layers"] = kw["trainable_layers"]
+    if "lora_rank" in kw:
+        flags.update(lora_rank=kw["lora_rank"], lora_alpha=2 * kw["lora_rank"])  # build() sets alpha = 2r
+    e = estimate(from_config(arch), plan_from_flags(**flags))
+    return dict(trace=peak / GIB, sim_reserved=sim.peak_reserved / GIB, allocated=(e.allocated_bytes - M.MISC) / GIB,
+                reserved=(e.reserved_bytes - M.MISC) / GIB, phase=e.phase)
+
+
+def sweep(only: str | None = None) -> int:
+    print(f"{'config':36s} {'trace':>7s} {'est':>7s} {'err':>6s}  {'sim res':>7s} {'est res':>7s} {'err':>6s}"
+          "  (GiB; allocated vs the recorded peak, reserved vs its replay; est less MISC)")
+    for name, model, method, batch, seq, gc_on, kw in SWEEP:
+        if only and only not in name:
+            continue
+        r = sweep_row(model, method, batch, seq, gc_on, kw)
+        print(f"{name:36s} {r['trace']:7.3f} {r['allocated']:7.3f} {r['allocated'] / r['trace'] - 1:+6.1%}  "
+              f"{r['sim_reserved']:7.3f} {r['reserved']:7.3f} {r['reserved'] / r['sim_reserved'] - 1:+6.1%}  "
+              f"{r['phase']}", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("config", help="'calibration' or a calibration config name")
+    ap.add_argument("config", help="'calibration', 'sweep' (configs no row measures) or a calibration config name")
     ap.add_argument("--only", default=None)
     ap.add_argument("--real", action="store_true", help="real CPU tensors (tiny dims only)")
     ap.add_argument("--steps", type=int, default=2)
@@ -273,6 +368,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.config == "calibration":
         return calibration(a.only)
+    if a.config == "sweep":
+        return sweep(a.only)
     rows = {json.loads(x)["config"]: json.loads(x) for x in CALIBRATION.read_text().splitlines() if x.strip()}
     r = rows[a.config]
     t = record(row_config(r), r["method"], r["batch_size"], r["seq_len"], r["gradient_checkpointing"],
