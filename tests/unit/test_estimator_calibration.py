@@ -76,11 +76,12 @@ def test_every_row_within_bounds():
 
 def test_allocated_memory_is_physics_not_fit():
     """Without the two fitted terms (CUDA context, allocator fragmentation) the estimate is what the
-    tensors take: it must match torch's peak_allocated closely on every row."""
+    tensors take: it must match torch's peak_allocated closely on every row (all 12 within 0.1 %: with the
+    adapters' gradients alive at the loss the LoRA rows were up to +0.8 %)."""
     errors = _percent_errors(lambda est: est.allocated_bytes, "peak_allocated_gib")
     print("\nallocated vs peak_allocated (signed %):", {k: round(v, 2) for k, v in errors.items()})
     assert len(errors) >= 12
-    assert all(-1.0 <= e <= 2.0 for e in errors.values()), errors
+    assert all(-0.5 <= e <= 0.5 for e in errors.values()), errors
 
 
 def test_oom_row_predicted_over_79_gib():

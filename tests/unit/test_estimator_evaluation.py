@@ -46,13 +46,14 @@ def test_the_plan_says_what_the_evaluation_runs(changes, fields):
 
 
 @pytest.mark.parametrize("kw,figures", [
-    # (total, allocated, reserved, phase) of the estimator before the evaluation was priced
+    # (total, allocated, reserved, phase) of the estimator without the evaluation's terms (re-pinned when the
+    # adapters' gradients left the forward, their autocast copies came in and the backward transient was refitted, #20)
     (dict(method="lora", micro_batch_size=4, seq_len=2048, gradient_checkpointing=True, fused_cross_entropy=True),
-     (23222414540, 21230854144, 22417108172, "backward")),
+     (23124372684, 21132812288, 22319066316, "backward")),
     (dict(method="qlora", micro_batch_size=1, seq_len=4096, gradient_checkpointing=True),
-     (22290546688, 18111676416, 21485240320, "loss")),
+     (22122774528, 17943904256, 21317468160, "loss")),
     (dict(method="full", micro_batch_size=2, seq_len=1024, gradient_checkpointing=True, fused_cross_entropy=True,
-          gpus=4), (22918532300, 20198014976, 22113225932, "backward")),
+          gpus=4), (22935309516, 20214792192, 22130003148, "backward")),
 ])
 def test_a_plan_without_an_evaluation_is_priced_as_it_was(llama, kw, figures):
     e = estimate(llama, plan_from_flags(**kw))

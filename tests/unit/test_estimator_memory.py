@@ -283,11 +283,12 @@ def test_a_trained_head_under_ligers_loss_has_its_gradient_from_the_loss_on_and_
 
 
 def test_without_checkpointing_the_last_blocks_forward_can_be_the_peak():
-    """LoRA on down_proj under autocast: peft's fp32 copy of its input (i wide), the MLP product it is cast from
-    and the MLP's input (h wide) sit on top of every block's saved set. With the fused loss that is the step's
-    peak (traced on kubetune's step with Liger: tests/trainer/test_alloc_trace_kubetune.py)."""
+    """LoRA on down_proj under autocast: peft's fp32 copy of its input (i wide), the MLP product it is cast from,
+    and four h-wide tensors (the MLP's input, the base output, lora_B's output and its scaled copy) sit on top of
+    every block's saved set. With the fused loss that is the step's peak (traced on kubetune's step with Liger:
+    tests/trainer/test_alloc_trace_kubetune.py)."""
     p = lora(gradient_checkpointing=False, fused_cross_entropy=True)
-    assert M._prepare(L8, p, True).fwd_transient == (4 + 2) * 14336 + 2 * 2 * 4096
+    assert M._prepare(L8, p, True).fwd_transient == (4 + 2) * 14336 + 4 * 2 * 4096
     e = estimate(L8, p)
     assert e.phase == "forward"
     backward = [m for m in M._moments(L8, p, M._prepare(L8, p, True), 4, 2048) if m.name == "backward"][0]

@@ -57,9 +57,11 @@ SOFTCAP_EXTRA_BYTES = 2
 LIGER_HEAD_GRAD_IN_PLACE = frozenset({"bf16"})  # compute dtypes whose head gradient Liger accumulates in place
 # Transients of a block's backward beyond its saved activations, per token: the gradient of the MLP
 # intermediate and of the residual stream. Calibrated on the liger rows, whose peak is inside the block
-# backward (1B and 8B: 0.09 and 0.2 GiB above the saved activations at b4 x 2048).
+# backward (1B and 8B: 0.09 and 0.2 GiB above the saved activations at b4 x 2048). Refitted (2 -> 3 hidden-wide
+# tensors) when the adapters' gradients, which had filled that moment, left it: the Trainer's zero_grad sets them
+# to None after every step. Both rows' peak_allocated are then within 0.1 %.
 BWD_TRANSIENT_MLP = 1.0  # x compute_bytes x intermediate
-BWD_TRANSIENT_HIDDEN = 2.0  # x compute_bytes x hidden
+BWD_TRANSIENT_HIDDEN = 3.0  # x compute_bytes x hidden
 # Caching-allocator fragmentation (reserved - allocated at the peak) is no longer fitted: the allocator
 # simulator (allocator.py) replays the plan's generated step trace (steptrace.py) and says what it reserves.
 # A model load (QLoRA under FSDP) has no step trace: its few large tensors leave one segment's slack.
@@ -765,7 +767,10 @@ def gradient_timeline(arch: Architecture, plan: TrainingPlan, s: _Setup, grads: 
     t, shard = s.trainable, s.shard
     head_grad = (arch.lm_head_params or arch.embed_params) * t // shard if s.head_trained else 0
     accumulating = plan.gradient_accumulation_steps > 1
-    early = grads if accumulating else (grads if s.info.adapter else 0)
+    # both stacks zero_grad(set_to_none) after every optimizer step: without accumulation no gradient exists
+    # before the backward, adapters' neither (the calibration's LoRA rows: +0.3 to +0.8 % allocated when
+    # they were counted, -0.0 % since; r64 in the sweep of benchmarks/alloc_trace.py: +2.0 to +3.0 %)
+    early = grads if accumulating else 0
     emb_grad = arch.embed_params * t // shard if s.full else 0
     bottom = grads if accumulating else max(early, grads - emb_grad)
     # Tied embeddings: the output head's gradient already holds the shared weight's; the embedding's backward
@@ -827,6 +832,14 @@ class _Copies(NamedTuple):
 def weight_copy_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Copies:
     """Weight copies the step makes: autocast's (fp32 weights, bf16 compute) and peft's merged MoE experts."""
     loss, block = _autocast_copies(arch, plan, s) if (s.autocast and s.weight != s.compute) else (0, 0)
+    if s.lora and s.autocast and s.trainable != s.compute:
+        # autocast's compute-dtype copies of the fp32 adapters, saved by their matmuls for the backward: every
+        # block's through the forward without checkpointing, one block's with it (a recorded kubetune LoRA step
+        # with Liger's kernels, no checkpointing: 568 B a token short per block without them, 2.9 %)
+        per_block = s.adapter_params // max(1, arch.num_layers) * s.compute
+        block += per_block
+        if not plan.gradient_checkpointing:
+            loss += s.adapter_params * s.compute
     if s.lora and arch.targets_moe_params(tuple(plan.lora_targets) or ("all-linear",)):
         # peft's ParamWrapper adds B@A to the whole expert tensor every forward: the merged expert weights
         # are saved for the backward (and their gradient materialized there): a per-block constant
@@ -880,6 +893,11 @@ def activation_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Acti
     head = _head_bytes(arch, _ctx_for(arch, plan, arch.blocks[0][1], s.full, s.autocast), s.head_trained)
     if arch.family in ("gpt2", "bert") and arch.hidden_dropout:
         head += arch.hidden_size  # embedding dropout mask
+    if plan.gradient_checkpointing and _virtual_tokens(plan, "input"):
+        # checkpointing makes the embeddings' output a leaf that requires grad (enable_input_require_grads); peft
+        # prepends the virtual tokens to it with a cat, and the graph keeps the leaf alive beside the cat's output
+        # (a recorded 1B prompt-tuning step, b4 x 2048: -0.2 % without it; benchmarks/alloc_trace.py sweep)
+        head += s.weight * arch.hidden_size
     inter = arch.intermediate_size
     moe = arch.blocks[0][1].moe
     if moe:
@@ -916,7 +934,9 @@ def _forward_transient(arch: Architecture, plan: TrainingPlan, s: _Setup) -> int
     x = _ctx_for(arch, plan, blk, s.full, s.autocast)
     if x.trainable or not dict(x.adapted).get(MLP_MID) or not x.autocast or x.a == x.c:
         return 0
-    return (x.a + x.c) * arch.intermediate_size + 2 * x.c * arch.hidden_size
+    # h-wide beside them: the norm output (the MLP's argument, alive until it returns), the base output, lora_B's
+    # output and its scaled copy (the recorded step's peak: 2 of the 4 counted, -1.0 % before)
+    return (x.a + x.c) * arch.intermediate_size + 4 * x.c * arch.hidden_size
 
 
 def _saved_block_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> tuple[int, int, int]:
@@ -926,11 +946,16 @@ def _saved_block_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> tup
         k = min(int(plan.trainable_layers or 1), arch.num_layers)
         blk = arch.blocks[0][1]
         trained = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, True, s.autocast))
-        frozen = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, False, s.autocast)) if plan.train_embeddings else 0
+        # the frozen blocks below are on the gradient path when the embeddings train, and whenever
+        # checkpointing is on: transformers' gradient_checkpointing_enable makes the embeddings' output
+        # require grad (enable_input_require_grads), so every block keeps its checkpoint and is recomputed
+        # (a recorded 1B freeze-top-4 step, b4 x 2048: -2.4 % without this; benchmarks/alloc_trace.py sweep)
+        on_path = plan.train_embeddings or gc
+        frozen = _block_bytes(arch, blk, _ctx_for(arch, plan, blk, False, s.autocast)) if on_path else 0
         n_frozen = arch.num_layers - k
         if gc:
             ckpt = _ckpt_bytes(arch, _ctx_for(arch, plan, blk, True, s.autocast))
-            return ckpt * (k + (n_frozen if plan.train_embeddings else 0)), max(trained, frozen), ckpt
+            return ckpt * (k + n_frozen), max(trained, frozen), ckpt
         return trained * k + frozen * n_frozen, max(trained, frozen), 0
     all_blocks = one_block = ckpt = 0
     for cnt, blk in arch.blocks:
