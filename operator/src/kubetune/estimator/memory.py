@@ -830,7 +830,8 @@ class _Copies(NamedTuple):
 
 
 def weight_copy_bytes(arch: Architecture, plan: TrainingPlan, s: _Setup) -> _Copies:
-    """Weight copies the step makes: autocast's (fp32 weights, bf16 compute) and peft's merged MoE experts."""
+    """Weight copies the step makes: autocast's (fp32 weights or fp32 adapters, bf16 compute) and peft's merged MoE
+    experts."""
     loss, block = _autocast_copies(arch, plan, s) if (s.autocast and s.weight != s.compute) else (0, 0)
     if s.lora and s.autocast and s.trainable != s.compute:
         # autocast's compute-dtype copies of the fp32 adapters, saved by their matmuls for the backward: every
